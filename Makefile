@@ -1,0 +1,49 @@
+# leukofhir: `make demo` and `make test` set everything up themselves (venv, FHIR server build, browser).
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup venv fhir-server browser demo test test-unit bench lock clean
+
+setup: venv fhir-server
+
+# The venv is rebuilt when the dependencies or their lock change.
+$(STAMP): pyproject.toml requirements.lock
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' || \
+	  { echo "Python 3.11 is required (set PYTHON=/path/to/python3.11)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -r requirements.lock
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps -e .
+	touch $@
+
+venv: $(STAMP)
+
+fhir-server:
+	scripts/fhir-server build
+
+# Headless Chromium renders the HTML run report in the browser tests (Debian's package; root installs it).
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	  { if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	    else echo "install Debian's chromium package for the browser tests (sudo apt-get install chromium)"; exit 1; fi; }
+
+demo: setup
+	$(BIN)/leukofhir demo
+
+test: setup browser
+	$(BIN)/pytest -p no:cacheprovider $(PYTEST_ARGS)
+
+test-unit: venv
+	$(BIN)/pytest -p no:cacheprovider -m "not fhir" $(PYTEST_ARGS)
+
+# Regenerate the lock from a fresh resolution of pyproject.toml (with the test extras).
+lock:
+	rm -rf /tmp/leukofhir-lock && $(PYTHON) -m venv /tmp/leukofhir-lock
+	/tmp/leukofhir-lock/bin/pip install -q -e ".[test]"
+	/tmp/leukofhir-lock/bin/pip freeze --exclude-editable | grep -v '^-e' > requirements.lock
+
+clean:
+	-scripts/fhir-server stop
+	rm -rf $(VENV) fhir-server/target build *.egg-info

@@ -1,0 +1,157 @@
+"""Benchmark `leukofhir evaluate`: N realistic Observations (default 1,000,000) vs a plain json.loads loop.
+
+Usage: .venv/bin/python benchmarks/evaluate_bench.py [--observations N] [--dir DIR]
+Prints Observations/s, the ratio to json.loads over the same files in the same run, peak RSS of the evaluate
+process, and the time spent in Great Expectations validation vs the rest. Not a timed test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+# A CBC with differential as a lab reports it: (LOINC, unit, reference low, reference high). About 2 % of WBC
+# results are low, as in a hospital population; ANC and lymphocytes are fractions of the same WBC.
+PANEL = [("6690-2", "10*3/uL", 4.0, 11.0), ("751-8", "10*3/uL", 1.8, 7.7), ("731-0", "10*3/uL", 1.0, 4.8),
+         ("718-7", "g/dL", 12.0, 17.5), ("777-3", "10*3/uL", 150, 400)]
+
+
+def _panel_values(rng: random.Random) -> list[float]:
+    wbc = max(0.1, rng.gauss(7.2, 1.6))
+    return [wbc, wbc * rng.uniform(0.45, 0.7), wbc * rng.uniform(0.22, 0.38), rng.gauss(14.2, 1.3),
+            max(5.0, rng.gauss(260, 55))]
+DRUGS = ["Clozapine 100 MG Oral Tablet", "Valproic Acid 250 MG", "Cisplatin 50 MG Injection", "Simvastatin 20 MG",
+         "Amoxicillin 500 MG"]
+
+
+def generate(folder: Path, observations: int, seed: int = 7) -> None:
+    """Patients, CBC Observations grouped in DiagnosticReports, and MedicationStatements, as NDJSON."""
+    rng = random.Random(seed)
+    panels = observations // len(PANEL)
+    patients = max(1, panels // 10)
+    start = datetime(2020, 1, 1, tzinfo=timezone.utc)
+    with open(folder / "Patient.ndjson", "w") as fh:
+        for p in range(patients):
+            fh.write(json.dumps({"resourceType": "Patient", "id": f"p{p}", "gender": rng.choice(["male", "female"]),
+                                 "birthDate": f"{rng.randint(1930, 2020)}-0{rng.randint(1, 9)}-1{rng.randint(0, 9)}"}))
+            fh.write("\n")
+    with open(folder / "MedicationStatement.ndjson", "w") as fh:
+        for m in range(patients // 4):
+            begin = start + timedelta(days=rng.randint(0, 1000))
+            fh.write(json.dumps({
+                "resourceType": "MedicationStatement", "id": f"m{m}", "status": "active",
+                "medicationCodeableConcept": {"text": rng.choice(DRUGS)},
+                "subject": {"reference": f"Patient/p{rng.randrange(patients)}"},
+                "effectivePeriod": {"start": begin.isoformat(), "end": (begin + timedelta(days=120)).isoformat()}}))
+            fh.write("\n")
+    obs_count = 0
+    with open(folder / "Observation.ndjson", "w") as obs, open(folder / "DiagnosticReport.ndjson", "w") as reports:
+        for panel in range(panels):
+            patient = f"Patient/p{panel % patients}"
+            when = (start + timedelta(minutes=rng.randint(0, 60 * 24 * 1500))).strftime("%Y-%m-%dT%H:%M:%SZ")
+            ids = []
+            for (code, unit, low, high), value in zip(PANEL, _panel_values(rng)):
+                oid = f"o{obs_count}"
+                obs_count += 1
+                ids.append(oid)
+                value = round(value, 2)
+                obs.write(json.dumps({
+                    "resourceType": "Observation", "id": oid, "meta": {"versionId": "1"}, "status": "final",
+                    "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                                              "code": "laboratory"}]}],
+                    "code": {"coding": [{"system": "http://loinc.org", "code": code}]},
+                    "subject": {"reference": patient}, "effectiveDateTime": when, "issued": when,
+                    "valueQuantity": {"value": value, "unit": unit, "system": "http://unitsofmeasure.org", "code": unit},
+                    "referenceRange": [{"low": {"value": low, "unit": unit,
+                                                "system": "http://unitsofmeasure.org", "code": unit},
+                                        "high": {"value": high, "unit": unit,
+                                                 "system": "http://unitsofmeasure.org", "code": unit}}]}))
+                obs.write("\n")
+            reports.write(json.dumps({
+                "resourceType": "DiagnosticReport", "id": f"r{panel}", "status": "final",
+                "code": {"coding": [{"system": "http://loinc.org", "code": "58410-2"}]},
+                "subject": {"reference": patient}, "effectiveDateTime": when,
+                "result": [{"reference": f"Observation/{i}"} for i in ids]}))
+            reports.write("\n")
+
+
+def json_loads_seconds(folder: Path) -> tuple[float, int]:
+    count = 0
+    begin = time.perf_counter()
+    for path in sorted(folder.glob("*.ndjson")):
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                json.loads(line)
+                count += 1
+    return time.perf_counter() - begin, count
+
+
+def child(folder: Path, out: Path) -> None:
+    """Run evaluate in this (fresh) process, timing validation separately; print one JSON line."""
+    import leukofhir.pipeline as pipeline
+    import leukofhir.validate  # noqa: F401  (import cost counted outside the run below)
+
+    spent = {"validate": 0.0}
+    real = pipeline.validate_batch
+
+    def timed(*args, **kwargs):
+        begin = time.perf_counter()
+        try:
+            return real(*args, **kwargs)
+        finally:
+            spent["validate"] += time.perf_counter() - begin
+
+    pipeline.validate_batch = timed
+    begin = time.perf_counter()
+    report = pipeline.evaluate_files([str(folder)], out, progress=False)
+    total = time.perf_counter() - begin
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"seconds": total, "validate_seconds": spent["validate"], "peak_rss_mb": peak_kb / 1024,
+                      "observations": report["read"].get("Observation", 0), "read_total": report["read_total"],
+                      "flags": report["flags"]["total"], "reconciled": report["reconciled"]}))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--observations", type=int, default=1_000_000)
+    parser.add_argument("--dir", help="folder for the generated NDJSON (default: a temporary one)")
+    parser.add_argument("--child", nargs=2, metavar=("IN", "OUT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(Path(args.child[0]), Path(args.child[1]))
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(args.dir) if args.dir else Path(tmp) / "in"
+        folder.mkdir(parents=True, exist_ok=True)
+        if not (folder / "Observation.ndjson").exists():
+            begin = time.perf_counter()
+            generate(folder, args.observations)
+            print(f"generated {args.observations:,} Observations in {time.perf_counter() - begin:.1f} s: {folder}")
+        loads_s, lines = json_loads_seconds(folder)
+        run = subprocess.run([sys.executable, __file__, "--child", str(folder), str(Path(tmp) / "out")],
+                             capture_output=True, text=True, check=True)
+        result = json.loads(run.stdout.strip().splitlines()[-1])
+        obs = result["observations"]
+        evaluate_rate = obs / result["seconds"]
+        loads_rate = obs / (loads_s * obs / lines)  # json.loads time share of the Observation lines
+        print(f"json.loads loop: {lines:,} lines in {loads_s:.1f} s ({lines / loads_s:,.0f} lines/s)")
+        print(f"evaluate: {result['read_total']:,} resources ({obs:,} Observations) in {result['seconds']:.1f} s "
+              f"= {evaluate_rate:,.0f} Observations/s; {result['flags']:,} Flags; reconciled={result['reconciled']}")
+        print(f"ratio evaluate / json.loads (whole input, same run): {loads_s / result['seconds']:.2f}  (target >= 0.3)")
+        print(f"validation (Great Expectations): {result['validate_seconds']:.1f} s; the rest: "
+              f"{result['seconds'] - result['validate_seconds']:.1f} s")
+        print(f"peak RSS of the evaluate process: {result['peak_rss_mb']:,.0f} MB  (target < 1536 MB)")
+        del loads_rate
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+package org.leukofhir.fhirserver;
+
+import ca.uhn.fhir.batch2.jobs.export.BulkDataExportProvider;
+import ca.uhn.fhir.batch2.maintenance.JobMaintenanceServiceImpl;
+import ca.uhn.fhir.context.FhirContext;
+import ca.uhn.fhir.context.support.IValidationSupport;
+import ca.uhn.fhir.jpa.api.config.JpaStorageSettings;
+import ca.uhn.fhir.jpa.api.config.JpaStorageSettings.ClientIdStrategyEnum;
+import ca.uhn.fhir.jpa.api.config.JpaStorageSettings.IdStrategyEnum;
+import ca.uhn.fhir.jpa.api.dao.IFhirSystemDao;
+import ca.uhn.fhir.jpa.config.util.HapiEntityManagerFactoryUtil;
+import ca.uhn.fhir.jpa.model.config.PartitionSettings;
+import ca.uhn.fhir.jpa.provider.IJpaSystemProvider;
+import ca.uhn.fhir.jpa.provider.JpaCapabilityStatementProvider;
+import ca.uhn.fhir.jpa.search.DatabaseBackedPagingProvider;
+import ca.uhn.fhir.rest.server.RestfulServer;
+import ca.uhn.fhir.rest.server.provider.ResourceProviderFactory;
+import ca.uhn.fhir.rest.server.util.ISearchParamRegistry;
+import jakarta.persistence.EntityManagerFactory;
+import org.springframework.beans.factory.annotation.Value;
+import org.springframework.beans.factory.config.BeanPostProcessor;
+import org.springframework.beans.factory.config.ConfigurableListableBeanFactory;
+import org.springframework.boot.autoconfigure.orm.jpa.JpaProperties;
+import org.springframework.boot.web.servlet.ServletRegistrationBean;
+import org.springframework.context.annotation.Bean;
+import org.springframework.context.annotation.Configuration;
+import org.springframework.context.annotation.Primary;
+import org.springframework.orm.jpa.JpaTransactionManager;
+import org.springframework.orm.jpa.LocalContainerEntityManagerFactoryBean;
+
+import javax.sql.DataSource;
+
+@Configuration
+public class FhirServerConfig {
+
+	// Storage behaviour of the server; values come from application.yaml (hapi.fhir.*).
+	@Bean
+	public JpaStorageSettings jpaStorageSettings(
+			@Value("${hapi.fhir.reuse_cached_search_results_millis:0}") long reuseCachedSearchResultsMillis,
+			@Value("${hapi.fhir.enforce_referential_integrity_on_write:true}") boolean referentialIntegrityOnWrite,
+			@Value("${hapi.fhir.bulk_export_enabled:true}") boolean bulkExportEnabled) {
+		JpaStorageSettings settings = new JpaStorageSettings();
+		settings.setReuseCachedSearchResultsForMillis(reuseCachedSearchResultsMillis);
+		settings.setEnforceReferentialIntegrityOnWrite(referentialIntegrityOnWrite);
+		settings.setAutoCreatePlaceholderReferenceTargets(false);
+		// Client ids may be anything (Synthea UUIDs, purely numeric ids); server-assigned ids are
+		// UUIDs so that they can never collide with a client-assigned one.
+		settings.setResourceClientIdStrategy(ClientIdStrategyEnum.ANY);
+		settings.setResourceServerIdStrategy(IdStrategyEnum.UUID);
+		settings.setEnableTaskBulkExportJobExecution(bulkExportEnabled);
+		// Run small batch2 jobs ($export) without waiting for the next maintenance pass.
+		settings.setJobFastTrackingEnabled(true);
+		return settings;
+	}
+
+	// Batch2 maintenance moves $export jobs from step to step. HAPI runs it once a minute, so a small
+	// export took about 3 minutes; every 2 s it takes 2-6 s. Set before the scheduler registers the job.
+	@Bean
+	public static BeanPostProcessor batch2MaintenanceInterval(
+			@Value("${hapi.fhir.batch2_maintenance_interval_millis:2000}") long intervalMillis) {
+		return new BeanPostProcessor() {
+			@Override
+			public Object postProcessBeforeInitialization(Object bean, String beanName) {
+				if (bean instanceof JobMaintenanceServiceImpl maintenance) {
+					maintenance.setScheduledJobFrequencyMillis(intervalMillis);
+				}
+				return bean;
+			}
+		};
+	}
+
+	// No partitioning: JpaConfig still needs the settings bean.
+	@Bean
+	public PartitionSettings partitionSettings() {
+		return new PartitionSettings();
+	}
+
+	// HAPI's persistence unit (its entity classes) on Boot's DataSource, with spring.jpa.properties.*.
+	@Primary
+	@Bean
+	public LocalContainerEntityManagerFactoryBean entityManagerFactory(
+			ConfigurableListableBeanFactory beanFactory,
+			FhirContext fhirContext,
+			JpaStorageSettings storageSettings,
+			DataSource dataSource,
+			JpaProperties jpaProperties) {
+		LocalContainerEntityManagerFactoryBean emf =
+				HapiEntityManagerFactoryUtil.newEntityManagerFactory(beanFactory, fhirContext, storageSettings);
+		emf.setPersistenceUnitName("HAPI_PU");
+		emf.setDataSource(dataSource);
+		emf.setJpaPropertyMap(jpaProperties.getProperties());
+		return emf;
+	}
+
+	// HAPI's services look up "transactionManager"; bind it to HAPI's entity manager factory.
+	@Primary
+	@Bean
+	public JpaTransactionManager transactionManager(EntityManagerFactory entityManagerFactory) {
+		return new JpaTransactionManager(entityManagerFactory);
+	}
+
+	// The FHIR REST servlet at /fhir/*: all R4 resource types, system operations (transaction,
+	// history), $export, paging through stored searches, and a capability statement from the DAOs.
+	@Bean
+	public ServletRegistrationBean<RestfulServer> fhirServlet(
+			IFhirSystemDao<?, ?> systemDao,
+			ResourceProviderFactory resourceProviders,
+			IJpaSystemProvider systemProvider,
+			BulkDataExportProvider bulkDataExportProvider,
+			DatabaseBackedPagingProvider pagingProvider,
+			JpaStorageSettings storageSettings,
+			ISearchParamRegistry searchParamRegistry,
+			IValidationSupport validationSupport,
+			@Value("${hapi.fhir.bulk_export_enabled:true}") boolean bulkExportEnabled,
+			@Value("${hapi.fhir.default_page_size:20}") int defaultPageSize,
+			@Value("${hapi.fhir.max_page_size:500}") int maxPageSize) {
+		RestfulServer server = new RestfulServer(systemDao.getContext());
+		server.registerProviders(resourceProviders.createProviders());
+		server.registerProvider(systemProvider);
+		if (bulkExportEnabled) {
+			server.registerProvider(bulkDataExportProvider);
+		}
+		pagingProvider.setDefaultPageSize(defaultPageSize);
+		pagingProvider.setMaximumPageSize(maxPageSize);
+		server.setPagingProvider(pagingProvider);
+		server.setServerConformanceProvider(new JpaCapabilityStatementProvider(
+				server, systemDao, storageSettings, searchParamRegistry, validationSupport));
+
+		ServletRegistrationBean<RestfulServer> registration = new ServletRegistrationBean<>(server, "/fhir/*");
+		registration.setName("fhir");
+		registration.setLoadOnStartup(1);
+		return registration;
+	}
+}

@@ -1,0 +1,1 @@
+"""leukofhir: FHIR R4 leukopenia surveillance pipeline."""

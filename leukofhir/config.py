@@ -1,0 +1,394 @@
+"""Load and validate the rules configuration (rules.yaml): clinical-rules.md as data, checked on load."""
+
+from __future__ import annotations
+
+import re
+from datetime import date, datetime, timedelta
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from leukofhir.errors import ConfigError
+
+__all__ = ["Rules", "AgeSpan", "load_config", "DEFAULT_PATH"]
+
+DEFAULT_PATH = Path(__file__).with_name("rules.yaml")
+
+_SPAN = re.compile(r"^\s*(\d+)\s*(min|h|d|w|m|y)\s*$")
+
+
+class AgeSpan:
+    """An age or window such as `10min`, `24h`, `7d`, `1m`, `2y`: `m` is a calendar month (age bands, §1.3)."""
+
+    __slots__ = ("amount", "unit")
+
+    def __init__(self, text: str):
+        match = _SPAN.match(str(text))
+        if not match:
+            raise ValueError(f"{text!r} is not a span like 10min, 72h, 7d, 2w, 1m or 18y")
+        self.amount, self.unit = int(match.group(1)), match.group(2)
+
+    def after(self, start: datetime) -> datetime:
+        """The instant this span after `start` (calendar months/years: a birthday, not 365 days)."""
+        if self.unit in ("min", "h", "d", "w"):
+            return start + self.timedelta()
+        months = self.amount * (12 if self.unit == "y" else 1)
+        year, month = divmod(start.month - 1 + months, 12)
+        year += start.year
+        month += 1
+        # 29 Feb / 31st: the birthday falls on the last day of the shorter month.
+        for day in (start.day, 30, 29, 28):
+            try:
+                return start.replace(year=year, month=month, day=day)
+            except ValueError:
+                continue
+        raise ValueError("unreachable")
+
+    def timedelta(self) -> timedelta:
+        if self.unit == "min":
+            return timedelta(minutes=self.amount)
+        if self.unit == "h":
+            return timedelta(hours=self.amount)
+        if self.unit == "d":
+            return timedelta(days=self.amount)
+        if self.unit == "w":
+            return timedelta(weeks=self.amount)
+        raise ValueError(f"{self} is a calendar span, not a fixed duration")
+
+    def __str__(self) -> str:
+        return f"{self.amount}{self.unit}"
+
+    def __repr__(self) -> str:
+        return f"AgeSpan({str(self)!r})"
+
+
+def _span(value) -> AgeSpan:
+    return value if isinstance(value, AgeSpan) else AgeSpan(value)
+
+
+def _duration(value) -> timedelta:
+    span = _span(value)
+    if span.unit not in ("min", "h", "d", "w"):
+        raise ValueError(f"{span} must be in minutes, hours, days or weeks (min, h, d, w)")
+    return span.timedelta()
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+
+class Uris(_Model):
+    identifier_system: str
+    tag_system: str
+    tag_code: str
+    ctcae_grade_extension: str
+    author: str
+
+    @field_validator("ctcae_grade_extension")
+    @classmethod
+    def _ends_in_ctcae(cls, v: str) -> str:
+        if not v.endswith("/StructureDefinition/ctcae-grade"):
+            raise ValueError("must end in /StructureDefinition/ctcae-grade (clinical-rules §5)")
+        return v
+
+    @field_validator("author")
+    @classmethod
+    def _is_device(cls, v: str) -> str:
+        if not v.startswith("Device/"):
+            raise ValueError("must be a Device reference, e.g. Device/leukofhir-rules-engine (clinical-rules §5)")
+        return v
+
+
+ConceptName = Literal[
+    "wbc", "anc", "neutrophils_pct", "bands_pct", "bands_abs", "lymphocytes_abs", "lymphocytes_pct",
+    "monocytes_pct", "monocytes_abs", "eosinophils_abs", "basophils_abs", "hemoglobin", "platelets",
+]
+UnitKind = Literal["count", "percent", "hemoglobin"]
+
+
+class Concept(_Model):
+    codes: list[str] = Field(min_length=1)
+    kind: UnitKind
+
+
+class Statuses(_Model):
+    counted: list[str] = Field(min_length=1)
+    preliminary_counts: bool = False
+    ignored: list[str]
+    retracted: str = "entered-in-error"
+
+
+class Observations(_Model):
+    code_system: str
+    concepts: dict[ConceptName, Concept]
+    statuses: Statuses
+
+    @model_validator(mode="after")
+    def _codes_unique(self):
+        seen: dict[str, str] = {}
+        for name, concept in self.concepts.items():
+            for code in concept.codes:
+                if code in seen:
+                    raise ValueError(f"code {code} is listed under both {seen[code]} and {name}")
+                seen[code] = name
+        missing = {"wbc", "anc", "neutrophils_pct", "lymphocytes_abs", "hemoglobin", "platelets"} - set(self.concepts)
+        if missing:
+            raise ValueError(f"concepts missing: {', '.join(sorted(missing))}")
+        return self
+
+
+class Units(_Model):
+    ucum_system: str
+    count: dict[str, float]
+    hemoglobin: dict[str, float]
+    percent: dict[str, float]
+    range_mismatch_factor: float = Field(gt=1)
+    range_mismatch_low_factor: float = Field(gt=1)
+    range_mismatch_low_concepts: list[ConceptName] = []
+
+    @field_validator("count", "hemoglobin", "percent")
+    @classmethod
+    def _positive(cls, v: dict[str, float]) -> dict[str, float]:
+        for unit, factor in v.items():
+            if not factor > 0:
+                raise ValueError(f"factor for unit {unit!r} must be > 0")
+        return v
+
+
+class AgeBand(_Model):
+    below: AgeSpan | None = None
+    lln: float | None = Field(default=None, gt=0)
+    threshold: float | None = Field(default=None, gt=0)
+
+    _check_below = field_validator("below", mode="before")(lambda cls, v: None if v is None else _span(v))
+
+
+def _check_bands(bands: list[AgeBand], what: str) -> list[AgeBand]:
+    if not bands or bands[-1].below is not None:
+        raise ValueError(f"the last {what} band must have no `below` (it covers older and unknown ages)")
+    if any(b.below is None for b in bands[:-1]):
+        raise ValueError(f"only the last {what} band may omit `below`")
+    ref = datetime(2000, 1, 1)
+    limits = [b.below.after(ref) for b in bands[:-1]]
+    if limits != sorted(limits) or len(set(limits)) != len(limits):
+        raise ValueError(f"{what} bands must be in increasing age order")
+    return bands
+
+
+class Grades(_Model):
+    g2_below: float = Field(gt=0)
+    g3_below: float = Field(gt=0)
+    g4_below: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _decreasing(self):
+        chain = [self.g2_below, self.g3_below] + ([self.g4_below] if self.g4_below is not None else [])
+        if chain != sorted(chain, reverse=True) or len(set(chain)) != len(chain):
+            raise ValueError("grade boundaries must decrease: g2_below > g3_below > g4_below")
+        return self
+
+
+class Leukopenia(_Model):
+    snomed: str
+    display: str
+    grades: Grades
+
+
+class Neutropenia(_Model):
+    snomed: str
+    display: str
+    thresholds: list[AgeBand]
+    lab_range_only_below: AgeSpan
+    grades: Grades
+    severity_words: dict[int, str]
+
+    _check_span = field_validator("lab_range_only_below", mode="before")(lambda cls, v: _span(v))
+
+    @field_validator("thresholds")
+    @classmethod
+    def _bands(cls, v):
+        if any(b.threshold is None for b in v):
+            raise ValueError("every band needs a `threshold`")
+        return _check_bands(v, "neutropenia threshold")
+
+
+class Agranulocytosis(_Model):
+    snomed: str
+    display: str
+    below: float = Field(gt=0)
+
+
+class SystemCode(_Model):
+    system: str
+    code: str
+
+
+class Ben(_Model):
+    threshold: float = Field(gt=0)
+    patients: list[str] = []
+    codes: list[SystemCode] = []
+
+
+class Lymphopenia(_Model):
+    snomed: str
+    display: str
+    lln: list[AgeBand]
+    grades: Grades
+
+    @field_validator("lln")
+    @classmethod
+    def _bands(cls, v):
+        if any(b.lln is None for b in v):
+            raise ValueError("every band needs an `lln`")
+        return _check_bands(v, "lymphocyte LLN")
+
+
+class HemoglobinLln(_Model):
+    male: float = Field(gt=0)
+    female: float = Field(gt=0)
+    other: float = Field(gt=0)
+    under_18: float = Field(gt=0)
+
+
+class Pancytopenia(_Model):
+    snomed: str
+    display: str
+    same_count_within: timedelta
+    hemoglobin_lln: HemoglobinLln
+    hemoglobin_grades: Grades
+    platelets_lln: float = Field(gt=0)
+    platelets_grades: Grades
+
+    _check = field_validator("same_count_within", mode="before")(lambda cls, v: _duration(v))
+
+
+class Drug(_Model):
+    label: str
+    rxnorm: list[str] = []
+    atc: list[str] = []
+    names: list[str] = []
+
+    @model_validator(mode="after")
+    def _identifiable(self):
+        if not (self.rxnorm or self.atc or self.names):
+            raise ValueError("a drug needs at least one RxNorm code, ATC prefix or name")
+        return self
+
+
+class Medications(_Model):
+    rxnorm_system: str
+    atc_system: str
+    include_requests: bool
+    include_administrations: bool
+    excluded_statuses: dict[Literal["MedicationStatement", "MedicationRequest", "MedicationAdministration"], list[str]]
+    drugs: dict[str, Drug] = Field(min_length=1)
+
+
+class Windows(_Model):
+    drug_lookback: timedelta
+    history_lookback: timedelta
+    transient_within: timedelta
+    episode_gap: timedelta
+
+    _check = field_validator("drug_lookback", "history_lookback", "transient_within", "episode_gap", mode="before")(
+        lambda cls, v: _duration(v)
+    )
+
+
+class Validation(_Model):
+    """Plausibility after unit conversion, read by the GX step (validate.suite_parameters, §1.2)."""
+
+    min_value: float
+    plausible_max: dict[ConceptName, float]
+    clock_skew: timedelta
+
+    _check = field_validator("clock_skew", mode="before")(lambda cls, v: _duration(v))
+
+
+class Rules(_Model):
+    """The whole rules file; attribute names follow the YAML keys."""
+
+    version: Literal[1]
+    uris: Uris
+    observations: Observations
+    units: Units
+    wbc_lln: list[AgeBand]
+    leukopenia: Leukopenia
+    neutropenia: Neutropenia
+    agranulocytosis: Agranulocytosis
+    derive_anc: bool
+    ben: Ben
+    lymphopenia: Lymphopenia
+    pancytopenia: Pancytopenia
+    medications: Medications
+    windows: Windows
+    priority: dict[Literal[1, 2, 3, 4], Literal["PH", "PM", "PL", "PN"]]
+    validation: Validation
+
+    @field_validator("wbc_lln")
+    @classmethod
+    def _wbc_bands(cls, v):
+        if any(b.lln is None for b in v):
+            raise ValueError("every band needs an `lln`")
+        return _check_bands(v, "WBC LLN")
+
+    @model_validator(mode="after")
+    def _priorities_complete(self):
+        if set(self.priority) != {1, 2, 3, 4}:
+            raise ValueError("priority must map every grade 1-4")
+        return self
+
+    @cached_property
+    def code_to_concept(self) -> dict[str, str]:
+        """LOINC code -> concept name (§1.1)."""
+        return {code: name for name, c in self.observations.concepts.items() for code in c.codes}
+
+    @cached_property
+    def concept_units(self) -> dict[str, dict[str, float]]:
+        """Concept -> accepted unit -> factor to the canonical unit (§1.2)."""
+        by_kind = {"count": self.units.count, "percent": self.units.percent, "hemoglobin": self.units.hemoglobin}
+        return {name: by_kind[c.kind] for name, c in self.observations.concepts.items()}
+
+    @cached_property
+    def accepted_statuses(self) -> set[str]:
+        """Observation statuses that produce rows: counted, preliminary when enabled, and the retracted one (§1.1)."""
+        s = self.observations.statuses
+        return set(s.counted) | ({"preliminary"} if s.preliminary_counts else set()) | {s.retracted}
+
+
+def _format_loc(loc: tuple) -> str:
+    return ".".join(str(part) for part in loc if part not in ("function-before", "function-after")) or "(top level)"
+
+
+def load_config(path: str | Path | None = None) -> Rules:
+    """The rules in `path`, or the shipped default; a wrong file raises ConfigError naming the key and why."""
+    path = Path(path) if path is not None else DEFAULT_PATH
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read rules configuration ({exc.strerror or exc})") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the rules configuration must be a mapping of keys")
+    try:
+        return Rules.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        more = f" (and {exc.error_count() - 1} more problem(s))" if exc.error_count() > 1 else ""
+        msg = first["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"{path}: {_format_loc(first['loc'])}: {msg}{more}") from None
+
+
+def age_band_value(bands: list[AgeBand], birth: date | None, at: datetime, field: str) -> float:
+    """The `field` (lln or threshold) of the band containing the age at `at`; unknown age -> the last band (§1.3)."""
+    if birth is not None:
+        born = datetime(birth.year, birth.month, birth.day, tzinfo=at.tzinfo)
+        for band in bands[:-1]:
+            if at < band.below.after(born):
+                return getattr(band, field)
+    return getattr(bands[-1], field)

@@ -1,0 +1,1 @@
+"""FHIR REST client: session, auth, retries, paging, transactions."""

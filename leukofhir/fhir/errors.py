@@ -1,0 +1,45 @@
+"""Errors from the FHIR server, carrying the status and the server's OperationOutcome text."""
+
+from __future__ import annotations
+
+from leukofhir.errors import LeukofhirError
+
+
+def outcome_text(body: object) -> str:
+    """The human-readable part of an OperationOutcome (diagnostics or details.text of each issue), or ''."""
+    if not isinstance(body, dict) or body.get("resourceType") != "OperationOutcome":
+        return ""
+    texts = []
+    for issue in body.get("issue") or []:
+        if not isinstance(issue, dict):
+            continue
+        text = issue.get("diagnostics") or (issue.get("details") or {}).get("text")
+        if text:
+            texts.append(f"{issue.get('severity', 'error')}: {text}")
+    return "; ".join(texts)
+
+
+class FhirError(LeukofhirError):
+    """A request the server refused or could not answer. `status` is None for network failures."""
+
+    def __init__(self, message: str, *, status: int | None = None, outcome: dict | None = None, url: str = ""):
+        self.status = status
+        self.outcome = outcome
+        self.url = url
+        super().__init__(message)
+
+
+class TemporaryFhirError(FhirError):
+    """Worth retrying later (408, 429, 5xx gateway errors, connection failures): the retry budget ran out."""
+
+
+class FatalFhirError(FhirError):
+    """Retrying will not help (400, 404, 409, 412, 422, ...): the request or the data must change."""
+
+
+class AuthError(FatalFhirError):
+    """401/403 after one re-authorisation: credentials are wrong or lack the scope."""
+
+
+class ForeignLinkError(FatalFhirError):
+    """A paging link pointing at another origin; following it would send our credentials there."""

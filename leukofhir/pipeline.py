@@ -1,0 +1,258 @@
+"""Offline evaluation: FHIR files in; Flag.ndjson, quarantine.ndjson and report.json out (`leukofhir evaluate`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from array import array
+from collections import Counter, defaultdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+
+from leukofhir.config import Rules, load_config
+from leukofhir.errors import UsageError
+from leukofhir.evaluate import evaluate
+from leukofhir.flags import build_flag, flag_row
+from leukofhir.normalise import Normaliser
+from leukofhir.reader import ReadError, iter_resources
+from leukofhir.validate import suite_parameters, validate_batch
+
+__all__ = ["evaluate_files", "evaluate_command"]
+
+log = logging.getLogger(__name__)
+
+SKIP_RETRACTED = "status entered-in-error (used only to retract)"
+SKIP_AFTER_AS_OF = "after the as-of time"
+EXAMPLES = 5
+
+
+def parse_as_of(text: str | datetime | None) -> datetime | None:
+    """`--as-of` as an aware UTC datetime; a date or a time without zone is read as UTC."""
+    if text is None or isinstance(text, datetime):
+        return text if text is None or text.tzinfo else text.replace(tzinfo=timezone.utc)
+    try:
+        moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise UsageError(f"--as-of {text!r} is not an ISO 8601 date or time") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+class _Sources:
+    """Where each resource was read, kept compact (three ints) so quarantined ones can be re-read at the end."""
+
+    def __init__(self):
+        self.paths: list[str] = []
+        self._path_index: dict[str, int] = {}
+        self.file = array("i")
+        self.line = array("q")
+        self.entry = array("q")
+
+    def add(self, source) -> None:
+        index = self._path_index.get(source.path)
+        if index is None:
+            index = self._path_index[source.path] = len(self.paths)
+            self.paths.append(source.path)
+        self.file.append(index)
+        self.line.append(-1 if source.line is None else source.line)
+        self.entry.append(-1 if source.entry is None else source.entry)
+
+    def key(self, index: int) -> tuple[int, int, int]:
+        return self.file[index], self.line[index], self.entry[index]
+
+
+def _progress(items, enabled: bool):
+    if enabled and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        return tqdm(items, unit=" resources", unit_scale=True, file=sys.stderr, desc="reading")
+    return items
+
+
+def _bucket(reason: str) -> str:
+    """The report groups quarantine reasons by kind: a GX reason's value detail (after ': ') is per row."""
+    return reason.split(": ", 1)[0]
+
+
+def evaluate_files(paths, out_dir, as_of=None, config=None, progress: bool = True) -> dict:
+    """Read, normalise, validate and evaluate the files; write the three outputs to `out_dir`; return the report."""
+    rules = config if isinstance(config, Rules) else load_config(config)
+    as_of_given = parse_as_of(as_of)
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create output directory {out}: {exc.strerror or exc}") from None
+    if not os.access(out, os.W_OK):
+        raise UsageError(f"output directory {out} is not writable")
+
+    # 1. read and normalise, streaming: only compact rows and each resource's origin are kept.
+    read_errors: list[ReadError] = []
+    read_counts: Counter = Counter()
+    sources = _Sources()
+    normaliser = Normaliser(rules)
+    for index, item in enumerate(_progress(iter_resources(paths, read_errors.append), progress)):
+        read_counts[item.resource["resourceType"]] += 1
+        sources.add(item.source)
+        normaliser.add(item.resource, index)
+    normalised = normaliser.finish()
+    read_total = sum(read_counts.values())
+    skipped: Counter = Counter(normalised.skipped)
+    quarantined = list(normalised.quarantined)
+    normalised_count = read_total - sum(skipped.values()) - len(quarantined)
+
+    # 2. validate with the Great Expectations suites (value plausibility, units, statuses, duplicates).
+    # GX logs pages of INFO while it imports; keep the CLI's output to our own lines.
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)
+    parameters = suite_parameters(rules)
+    expectations: list[dict] = []
+    observations, exposures = normalised.observations, normalised.exposures
+    gx_failed = 0
+    for suite, frame in (("observations", observations), ("exposures", exposures)):
+        if frame.empty:
+            continue
+        result = validate_batch(suite, frame, parameters)
+        expectations.extend(result.expectations)
+        by_row = frame.set_index("row_id")["resource_id"] if result.reasons else None
+        for row_id, reasons in result.reasons.items():
+            quarantined.append((int(row_id), by_row.get(row_id), reasons))
+        gx_failed += len(result.reasons)
+        if suite == "observations":
+            observations = result.valid
+        else:
+            exposures = result.valid
+
+    # 3. as-of: the latest input time by default; later rows are out of this evaluation, counted as skipped.
+    times = observations["time"]
+    effective_as_of = as_of_given or (times.max().to_pydatetime() if len(times) and times.notna().any() else None)
+    retracted = observations["status"] == rules.observations.statuses.retracted
+    if retracted.any():
+        skipped[SKIP_RETRACTED] += int(retracted.sum())
+    if as_of_given is not None:
+        late = (times > pd.Timestamp(as_of_given)) & ~retracted
+        if late.any():
+            skipped[SKIP_AFTER_AS_OF] += int(late.sum())
+        observations = observations[~late]
+    evaluated_rows = len(observations) - int((observations["status"] == rules.observations.statuses.retracted).sum())
+    evaluated = normalised.evaluated_other + evaluated_rows + len(exposures)
+
+    # 4. evaluate and build the Flags; the GX `flags` suite checks them before they are written.
+    specs = evaluate(observations, normalised.patients, exposures, rules, as_of=effective_as_of)
+    checked_shapes: set = set()
+    flags = [build_flag(spec, rules, checked_shapes) for spec in specs]
+    rejected_flags = 0
+    if specs:
+        rows = pd.DataFrame([flag_row(spec, str(i)) for i, spec in enumerate(specs)])
+        for column in rows.columns:
+            rows[column] = rows[column].astype("str")
+        result = validate_batch("flags", rows, parameters)
+        expectations.extend(result.expectations)
+        if result.reasons:
+            rejected_flags = len(result.reasons)
+            for row_id in result.reasons:
+                log.warning("Flag %s not written: %s", specs[int(row_id)].identifier, result.reasons[row_id])
+            flags = [f for i, f in enumerate(flags) if str(i) not in result.reasons]
+
+    _write_ndjson(out / "Flag.ndjson", flags)
+    _write_quarantine(out / "quarantine.ndjson", quarantined, read_errors, sources)
+
+    quarantined_by: Counter = Counter()
+    examples: dict[str, list[str]] = defaultdict(list)
+    for _, ref, reasons in quarantined:
+        reason = _bucket(reasons[0])
+        quarantined_by[reason] += 1
+        if ref and len(examples[reason]) < EXAMPLES and ref not in examples[reason]:
+            examples[reason].append(ref)
+    report = {
+        "inputs": [str(p) for p in paths],
+        "as_of": effective_as_of.isoformat() if effective_as_of else None,
+        "read": dict(sorted(read_counts.items())),
+        "read_total": read_total,
+        "evaluated": evaluated,
+        "skipped": dict(sorted(skipped.items())),
+        "quarantined": dict(sorted(quarantined_by.items())),
+        "quarantine_examples": dict(sorted(examples.items())),
+        "read_errors": len(read_errors),
+        "stages": {
+            "read": read_total,
+            "normalised": normalised_count,
+            "validated": normalised_count - gx_failed,
+            "evaluated": evaluated,
+        },
+        "expectations": expectations,
+        "flags": _flag_counts(flags),
+        "flags_rejected": rejected_flags,
+    }
+    report["reconciled"] = read_total == evaluated + sum(skipped.values()) + sum(quarantined_by.values())
+    if not report["reconciled"]:
+        log.error("report does not reconcile: %s read, %s evaluated, %s skipped, %s quarantined", read_total,
+                  evaluated, sum(skipped.values()), sum(quarantined_by.values()))
+    with open(out / "report.json", "w", encoding="utf-8") as fh:
+        json.dump(report, fh, indent=2, default=str)
+        fh.write("\n")
+    return report
+
+
+def _flag_counts(flags: list[dict]) -> dict:
+    by_code: Counter = Counter()
+    by_status: Counter = Counter()
+    by_code_status: Counter = Counter()
+    per_day: Counter = Counter()
+    for flag in flags:
+        display = flag["code"]["coding"][0]["display"]
+        by_code[display] += 1
+        by_status[flag["status"]] += 1
+        by_code_status[f"{display}|{flag['status']}"] += 1
+        per_day[flag["period"]["start"][:10]] += 1
+    return {
+        "total": len(flags),
+        "by_code": dict(sorted(by_code.items())),
+        "by_status": dict(sorted(by_status.items())),
+        "by_code_status": dict(sorted(by_code_status.items())),
+        "per_day": dict(sorted(per_day.items())),
+    }
+
+
+def _write_ndjson(path: Path, records) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        for record in records:
+            fh.write(json.dumps(record, ensure_ascii=False, separators=(",", ":")))
+            fh.write("\n")
+
+
+def _write_quarantine(path: Path, quarantined: list, read_errors: list[ReadError], sources: _Sources) -> None:
+    """One line per rejected resource, re-read from its file (the run never held raw resources)."""
+    wanted: dict[int, dict[tuple[int, int], list[str]]] = defaultdict(dict)
+    for index, _, reasons in sorted(quarantined, key=lambda q: q[0]):
+        file, line, entry = sources.key(index)
+        wanted[file].setdefault((line, entry), []).extend(reasons)
+    with open(path, "w", encoding="utf-8") as fh:
+        for file, by_position in sorted(wanted.items()):
+            for item in iter_resources([sources.paths[file]], lambda error: None):
+                key = (-1 if item.source.line is None else item.source.line,
+                       -1 if item.source.entry is None else item.source.entry)
+                reasons = by_position.pop(key, None)
+                if reasons is not None:
+                    fh.write(json.dumps({"resource": item.resource, "reasons": reasons}))  # ASCII: U+2028 etc. never split a line
+                    fh.write("\n")
+                    if not by_position:
+                        break
+        for error in read_errors:
+            fh.write(json.dumps({"source": str(error.source), "reasons": [error.message]}))
+            fh.write("\n")
+
+
+def evaluate_command(args) -> int:
+    """`leukofhir evaluate`: run, print a one-line summary, exit 0 (errors in arguments raise UsageError)."""
+    report = evaluate_files(args.files, args.out, as_of=args.as_of, config=args.config)
+    flags = report["flags"]
+    print(
+        f"read {report['read_total']} resources ({report['read_errors']} read errors): {report['evaluated']} evaluated, "
+        f"{sum(report['skipped'].values())} skipped, {sum(report['quarantined'].values())} quarantined; "
+        f"{flags['total']} Flags written to {args.out}",
+        file=sys.stderr,
+    )
+    return 0

@@ -1,0 +1,322 @@
+"""Render a run's report.json as one self-contained report.html (inline CSS and SVG, nothing from the network)."""
+
+from __future__ import annotations
+
+import os
+from datetime import date, timedelta
+from html import escape
+from pathlib import Path
+from typing import Any, Iterable
+
+# Long tables are cut here; the full data stays in report.json and quarantine.ndjson.
+MAX_ROWS = 50
+MAX_INPUT_FILES = 20
+MAX_BARS = 90
+
+STYLE = """
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif;
+  margin:0;padding:24px 32px;color:#1d2433;background:#f6f7f9}
+h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #d5d9e0;padding-bottom:4px}
+.sub{color:#5a6372;margin:0 0 16px}
+.cards{display:flex;flex-wrap:wrap;gap:12px}
+.card{background:#fff;border:1px solid #d5d9e0;border-radius:6px;padding:10px 16px;min-width:120px}
+.card .n{font-size:24px;font-weight:600;font-variant-numeric:tabular-nums}.card .l{color:#5a6372;font-size:12px}
+table{border-collapse:collapse;background:#fff;border:1px solid #d5d9e0;margin:4px 0 8px}
+th,td{padding:4px 10px;border-bottom:1px solid #e6e9ee;text-align:left;vertical-align:top}
+th{background:#eef1f5;font-weight:600}td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}
+code,.ids{font-family:ui-monospace,"SFMono-Regular",Menlo,Consolas,monospace;font-size:12px}
+.ok{color:#1a7f37;font-weight:600}.bad{color:#c62828;font-weight:600}
+.recon{background:#fff;border:1px solid #d5d9e0;border-left:4px solid #1a7f37;padding:8px 12px;margin:12px 0}
+.recon.bad{border-left-color:#c62828}
+.more,.empty{color:#5a6372;font-style:italic}.why{color:#5a6372;font-size:12px;max-width:420px}
+svg text{font-size:11px;fill:#5a6372}svg .bar{fill:#3b6fb6}
+"""
+
+
+def write_report_html(report: dict, path: str | os.PathLike) -> Path:
+    """Write report.html; through a temporary file, so a reader never sees half a report."""
+    target = Path(path)
+    partial = target.with_name(target.name + ".partial")
+    partial.write_text(render_report(report), encoding="utf-8")
+    partial.replace(target)
+    return target
+
+
+def render_report(report: dict) -> str:
+    """The whole page as a string; every value from the report is escaped."""
+    sections = [
+        _header(report),
+        _counts(report),
+        _stages(report),
+        _table("Read by resource type", ["resource type", "read"], _by_count(report.get("read"))),
+        _table("Skipped, by reason", ["reason", "resources"], _by_count(report.get("skipped"))),
+        _quarantine(report),
+        _expectations(report.get("expectations") or []),
+        _flags(report.get("flags") or {}),
+    ]
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>leukofhir run report</title><style>{STYLE}</style></head>\n<body>\n"
+        + "\n".join(s for s in sections if s)
+        + "\n</body></html>\n"
+    )
+
+
+def _e(value: Any) -> str:
+    return escape(str(value), quote=True)
+
+
+def _n(value: Any) -> str:
+    """A count with thousands separators; anything else shown as given."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return _e("—" if value is None else value)
+    return f"{value:,}" if isinstance(value, int) or float(value).is_integer() else f"{value:,.2f}"
+
+
+def _ids(ids: list | None) -> str:
+    """A few example resource ids (ids only: the report carries no patient data)."""
+    return '<span class="ids">' + ", ".join(_e(i) for i in (ids or [])[:5]) + "</span>"
+
+
+def _total(counts: Any) -> int:
+    if isinstance(counts, dict):
+        return sum(v for v in counts.values() if isinstance(v, (int, float)) and not isinstance(v, bool))
+    return counts if isinstance(counts, int) else 0
+
+
+def _by_count(counts: Any) -> list[list[str]]:
+    if not isinstance(counts, dict):
+        return []
+    items = sorted(counts.items(), key=lambda kv: (-_total(kv[1]), str(kv[0])))
+    return [[_e(k), _n(v)] for k, v in items]
+
+
+def _header(report: dict) -> str:
+    window = report.get("window")
+    if window:
+        field = window.get("field") or "lastUpdated"
+        source = (
+            f"Window <b>{_e(window.get('since', '—'))}</b> to <b>{_e(window.get('until', '—'))}</b> "
+            f"(by {_e(field)})"
+        )
+    else:
+        files = [str(f) for f in report.get("inputs") or []]
+        shown = "".join(f"<li><code>{_e(f)}</code></li>" for f in files[:MAX_INPUT_FILES])
+        more = len(files) - MAX_INPUT_FILES
+        if more > 0:
+            shown += f'<li class="more">and {more:,} more files</li>'
+        source = f"Input files ({len(files):,}):<ul>{shown}</ul>" if files else "Input: none recorded"
+    as_of = report.get("as_of")
+    return (
+        "<h1>leukofhir run report</h1>"
+        f'<p class="sub">{"As of <b>" + _e(as_of) + "</b>. " if as_of else ""}{source}</p>'
+    )
+
+
+def _counts(report: dict) -> str:
+    read = report.get("read_total", _total(report.get("read")))
+    evaluated = report.get("evaluated", 0)
+    skipped = _total(report.get("skipped"))
+    quarantined = _total(report.get("quarantined"))
+    cards = [
+        ("read", read), ("evaluated", evaluated), ("skipped", skipped), ("quarantined", quarantined),
+        ("read errors", report.get("read_errors", 0)), ("Flags", (report.get("flags") or {}).get("total", 0)),
+    ]
+    html = ['<h2>Counts</h2><div class="cards">']
+    html += [
+        f'<div class="card" id="count-{_e(label.replace(" ", "-"))}"><div class="n">{_n(value)}</div>'
+        f'<div class="l">{_e(label)}</div></div>'
+        for label, value in cards
+    ]
+    html.append("</div>")
+    # Nothing read may vanish: the report says so plainly when the sum does not hold.
+    balanced = read == evaluated + skipped + quarantined
+    verdict = '<span class="ok">reconciles</span>' if balanced else '<span class="bad">does NOT reconcile</span>'
+    html.append(
+        f'<div class="recon{"" if balanced else " bad"}" id="reconciliation">read {_n(read)} = '
+        f"evaluated {_n(evaluated)} + skipped {_n(skipped)} + quarantined {_n(quarantined)}: {verdict}"
+        + ("" if balanced else f" (difference {_n(read - evaluated - skipped - quarantined)})")
+        + "</div>"
+    )
+    return "".join(html)
+
+
+def _stages(report: dict) -> str:
+    stages = report.get("stages")
+    if not isinstance(stages, dict) or not stages:
+        return ""
+    # A stage may give its count per resource type; the detail column appears only then.
+    detailed = any(isinstance(v, dict) for v in stages.values())
+    rows = []
+    for name, value in stages.items():
+        row = [_e(name), _n(_total(value) if isinstance(value, dict) else value)]
+        if detailed:
+            row.append(", ".join(f"{_e(k)} {_n(v)}" for k, v in value.items()) if isinstance(value, dict) else "")
+        rows.append(row)
+    header = ["stage", "rows", "detail"] if detailed else ["stage", "rows"]
+    return _table("Counts per stage", header, rows, numeric=(1,))
+
+
+def _quarantine(report: dict) -> str:
+    counts = report.get("quarantined") or {}
+    examples = report.get("quarantine_examples") or {}
+    rows = [
+        [_e(reason), _n(n), _ids(examples.get(reason))]
+        for reason, n in sorted(counts.items(), key=lambda kv: (-_total(kv[1]), str(kv[0])))
+    ]
+    return _table("Quarantine reasons (example resource ids)", ["reason", "resources", "examples"], rows)
+
+
+def _expectations(results: list[dict]) -> str:
+    rows = []
+    for r in results:
+        ok = r.get("success")
+        rows.append([
+            _e(r.get("suite", "")),
+            f"<code>{_e(r.get('name', ''))}</code>"
+            + (f'<div class="why">{_e(r["why"])}</div>' if r.get("why") else ""),
+            f"<code>{_e(r.get('column', ''))}</code>",
+            '<span class="ok">passed</span>' if ok else '<span class="bad">failed</span>',
+            _n(r.get("unexpected_count", 0)),
+            _n(r.get("element_count", 0)),
+            _ids(r.get("examples")),
+        ])
+    return _table(
+        "Data contract (Great Expectations)",
+        ["suite", "expectation", "column", "result", "failing rows", "rows checked", "examples"],
+        rows,
+        numeric=(4, 5),
+        limit=None,
+    )
+
+
+def _flags(flags: dict) -> str:
+    html = [f"<h2>Flags</h2><p>Total Flags: <b id=\"flags-total\">{_n(flags.get('total', 0))}</b></p>"]
+    by_code_status = flags.get("by_code_status") or {}
+    statuses = sorted({key.rsplit("|", 1)[-1] for key in by_code_status} | set(flags.get("by_status") or {}))
+    conditions = sorted(
+        {key.rsplit("|", 1)[0] for key in by_code_status} | set(flags.get("by_code") or {}),
+        key=lambda c: (-_total((flags.get("by_code") or {}).get(c, 0)), c),
+    )
+    rows = []
+    for condition in conditions:
+        cells = [_n(by_code_status.get(f"{condition}|{status}", 0)) for status in statuses]
+        rows.append([_e(condition), *cells, _n((flags.get("by_code") or {}).get(condition, 0))])
+    if rows:
+        totals = [_n((flags.get("by_status") or {}).get(s, 0)) for s in statuses]
+        rows.append(["<b>all conditions</b>", *totals, _n(flags.get("total", 0))])
+    numeric = tuple(range(1, len(statuses) + 2))
+    html.append(_table(None, ["condition", *statuses, "total"], rows, numeric=numeric, empty="No Flags."))
+    html.append(_chart(flags.get("per_day") or {}))
+    return "".join(html)
+
+
+def _table(
+    title: str | None,
+    header: list[str],
+    rows: list[list[str]],
+    numeric: Iterable[int] = (1,),
+    limit: int | None = MAX_ROWS,
+    empty: str = "None.",
+) -> str:
+    """A table of already-escaped cells; header cells are escaped here."""
+    numeric = set(numeric)
+    heading = f"<h2>{_e(title)}</h2>" if title else ""
+    if not rows:
+        return f'{heading}<p class="empty">{_e(empty)}</p>'
+    shown = rows if limit is None else rows[:limit]
+    th = "".join(f'<th{" class=num" if i in numeric else ""}>{_e(h)}</th>' for i, h in enumerate(header))
+    body = "".join(
+        "<tr>" + "".join(f'<td{" class=num" if i in numeric else ""}>{c}</td>' for i, c in enumerate(r)) + "</tr>"
+        for r in shown
+    )
+    more = ""
+    if len(rows) > len(shown):
+        more = f'<p class="more">and {len(rows) - len(shown):,} more rows in report.json</p>'
+    return f"{heading}<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>{more}"
+
+
+def bin_per_day(per_day: dict[str, int], max_bars: int = MAX_BARS) -> tuple[str, list[tuple[str, int]]]:
+    """Flags per day grouped into days, ISO weeks, months or years: the finest that fits in `max_bars` bars.
+
+    Empty periods are kept, so the bars sit on a true time axis."""
+    days = {}
+    for key, n in per_day.items():
+        try:
+            days[date.fromisoformat(str(key)[:10])] = days.get(date.fromisoformat(str(key)[:10]), 0) + int(n)
+        except (TypeError, ValueError):
+            continue  # a malformed key is not worth failing the report for
+    if not days:
+        return "day", []
+    first, last = min(days), max(days)
+    starts = {
+        "day": lambda d: d,
+        "week": lambda d: d - timedelta(days=d.weekday()),
+        "month": lambda d: d.replace(day=1),
+        "year": lambda d: d.replace(month=1, day=1),
+    }
+    for unit, start_of in starts.items():
+        if _period_count(start_of(first), last, unit) <= max_bars or unit == "year":
+            break
+    totals = dict.fromkeys(_periods(start_of(first), last, unit), 0)
+    for d, n in days.items():
+        totals[start_of(d)] += n
+    labels = {"day": "%Y-%m-%d", "week": "week of %Y-%m-%d", "month": "%Y-%m", "year": "%Y"}
+    return unit, [(p.strftime(labels[unit]), n) for p, n in totals.items()]
+
+
+def _period_count(start: date, last: date, unit: str) -> int:
+    if unit == "day":
+        return (last - start).days + 1
+    if unit == "week":
+        return (last - start).days // 7 + 1
+    if unit == "month":
+        return (last.year - start.year) * 12 + last.month - start.month + 1
+    return last.year - start.year + 1
+
+
+def _periods(start: date, last: date, unit: str) -> list[date]:
+    out, current = [], start
+    while current <= last:
+        out.append(current)
+        if unit == "day":
+            current += timedelta(days=1)
+        elif unit == "week":
+            current += timedelta(days=7)
+        elif unit == "month":
+            current = date(current.year + current.month // 12, current.month % 12 + 1, 1)
+        else:
+            current = date(current.year + 1, 1, 1)
+    return out
+
+
+def _chart(per_day: dict[str, int]) -> str:
+    unit, bars = bin_per_day(per_day)
+    if not bars:
+        return '<h2>Flags per day</h2><p class="empty">No Flags with a date.</p>'
+    width, height, left, bottom, top = 760, 220, 44, 34, 12
+    plot_w, plot_h = width - left - 8, height - bottom - top
+    peak = max(n for _, n in bars) or 1
+    step = plot_w / len(bars)
+    parts = [
+        f'<svg role="img" aria-label="Flags per {unit}" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}">',
+        f'<line x1="{left}" y1="{top + plot_h}" x2="{width - 8}" y2="{top + plot_h}" stroke="#8a93a3"/>',
+        f'<text x="{left - 6}" y="{top + 4}" text-anchor="end">{peak:,}</text>',
+        f'<text x="{left - 6}" y="{top + plot_h}" text-anchor="end">0</text>',
+    ]
+    for i, (label, n) in enumerate(bars):
+        h = plot_h * n / peak
+        x = left + i * step
+        parts.append(
+            f'<rect class="bar" x="{x + step * 0.1:.1f}" y="{top + plot_h - h:.1f}" width="{max(step * 0.8, 1):.1f}" '
+            f'height="{h:.1f}"><title>{_e(label)}: {n:,}</title></rect>'
+        )
+    # A few axis labels: first, middle and last period, so long ranges stay legible.
+    for i in sorted({0, len(bars) // 2, len(bars) - 1}):
+        anchor = "start" if i == 0 else "end" if i == len(bars) - 1 else "middle"
+        x = left + i * step + (0 if anchor == "start" else step if anchor == "end" else step / 2)
+        parts.append(f'<text x="{x:.1f}" y="{height - 12}" text-anchor="{anchor}">{_e(bars[i][0])}</text>')
+    parts.append("</svg>")
+    return f"<h2>Flags per {unit}</h2>" + "".join(parts)

@@ -1,0 +1,274 @@
+"""Validate tidy rows against the GX suites in expectations/ and split them into valid and quarantined rows."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from leukofhir.config import Rules
+from leukofhir.errors import ConfigError, LeukofhirError
+
+# The suites live at the top of the repository, beside the package (the design card fixes the layout). An install
+# that is not a checkout (a wheel in an Airflow image) points LEUKOFHIR_EXPECTATIONS_DIR at its copy.
+EXPECTATIONS_DIR = Path(
+    os.environ.get("LEUKOFHIR_EXPECTATIONS_DIR") or Path(__file__).resolve().parent.parent / "expectations"
+)
+
+# Which column names a row in messages and examples; ids only, never patient data.
+ID_COLUMN = {"observations": "resource_id", "exposures": "resource_id", "flags": "identifier"}
+
+EXAMPLES_PER_EXPECTATION = 5
+
+
+class ValidationThresholdError(LeukofhirError):
+    """A batch whose share of failing rows passes the configured threshold: the task must fail loudly."""
+
+
+@dataclass
+class ValidationResult:
+    valid: pd.DataFrame
+    reasons: dict[str, list[str]]  # row_id -> one reason per failed expectation
+    expectations: list[dict]  # one summary per expectation, for the run report
+
+
+# FHIR R4 Flag.status (required binding): the statuses the engine may write.
+FLAG_STATUSES = ["active", "inactive", "entered-in-error"]
+
+
+def suite_parameters(config: Rules, now: datetime | None = None) -> dict:
+    """The values the suites take as `$PARAMETER`s, from the rules configuration (never duplicated in the JSON).
+
+    `now` is the instant "the future" starts at, plus the clock skew; tests and re-runs pass it, the default is
+    the wall clock (a result dated after the moment we read it is wrong whatever window is being evaluated)."""
+    settings = config.validation
+    concepts = config.observations.concepts
+    counts = {name for name, concept in concepts.items() if concept.kind == "count"}
+    latest = pd.Timestamp(now or datetime.now(timezone.utc))
+    latest = latest.tz_localize("UTC") if latest.tzinfo is None else latest.tz_convert("UTC")
+    return {
+        "accepted_units": sorted({*config.units.count, *config.units.hemoglobin, *config.units.percent}),
+        "accepted_statuses": sorted(config.accepted_statuses),
+        "min_value": settings.min_value,
+        # Lab and server clocks drift; a result stamped a few minutes ahead is not a wrong date.
+        "latest_time": latest + pd.Timedelta(settings.clock_skew),
+        "flag_statuses": FLAG_STATUSES,
+        "flag_codes": sorted(
+            condition.snomed
+            for condition in (
+                config.leukopenia, config.neutropenia, config.agranulocytosis, config.lymphopenia, config.pancytopenia
+            )
+        ),
+        # Not GX parameters: validate_batch turns these into the helper columns plausible_max and panel_wbc.
+        "plausible_max": dict(settings.plausible_max),
+        # A differential count is a part of the WBC: every count concept except the WBC itself and platelets.
+        "differential_concepts": sorted(counts - {"wbc", "platelets"}),
+    }
+
+
+def validate_batch(
+    suite: str, rows: pd.DataFrame, parameters: dict, max_failure_rate: float | None = None
+) -> ValidationResult:
+    """Run one suite on a batch of tidy rows: the rows that pass, reasons for those that fail, and GX's results.
+
+    `rows` needs a unique str column `row_id`. With `max_failure_rate` set, a batch whose share of failing rows
+    is above it raises ValidationThresholdError naming the worst expectations and a few resource ids."""
+    if suite not in ID_COLUMN:
+        raise ConfigError(f"unknown expectation suite {suite!r}; known: {', '.join(ID_COLUMN)}")
+    suites, batches = _context()
+    id_column = ID_COLUMN[suite]
+    frame = _with_helper_columns(rows, parameters) if suite == "observations" else rows
+    batch = batches[suite].get_batch(batch_parameters={"dataframe": frame})
+    run = batch.validate(
+        suites[suite],
+        expectation_parameters=parameters,
+        result_format={
+            # COMPLETE: every failing row id, not a sample, or quarantine would lose rows.
+            "result_format": "COMPLETE",
+            "unexpected_index_column_names": ["row_id", id_column],
+            # The pandas index query lists every failing index as text: costly and unused.
+            "return_unexpected_index_query": False,
+            "include_unexpected_rows": False,
+        },
+    )
+    reasons: dict[str, list[str]] = defaultdict(list)
+    summaries = [_collect(suite, result, id_column, reasons) for result in run.results]
+    failed = len(reasons)
+    if max_failure_rate is not None and len(rows) and failed / len(rows) > max_failure_rate:
+        raise ValidationThresholdError(_threshold_message(suite, failed, len(rows), max_failure_rate, summaries))
+    valid = rows[~rows["row_id"].isin(list(reasons))] if failed else rows
+    return ValidationResult(valid=valid, reasons=dict(reasons), expectations=summaries)
+
+
+def _with_helper_columns(rows: pd.DataFrame, parameters: dict) -> pd.DataFrame:
+    """Add the helper columns the Observation suite checks.
+
+    `plausible_max`: the parameter `plausible_max` looked up by concept. A column-pair expectation on it costs one
+    pass, where one row-conditioned expectation per concept cost GX about 3 s per million rows.
+    `panel_wbc`: on a differential count, the highest WBC of the same panel (DiagnosticReport); else NaN.
+    `earlier_copies`: rows before this one with the same (resource_id, version). GX's compound-unique check would
+    quarantine every copy, so a resource read twice (a Bundle and an NDJSON export of it) would never be evaluated;
+    this way the first copy goes on and the repeats are quarantined."""
+    maxima = parameters["plausible_max"]
+    unbounded = set(rows["concept"].dropna().unique()) - set(maxima)
+    if unbounded:
+        # Without a bound the check would pass silently; a site adding a concept must give its range.
+        raise ConfigError(f"no plausible_max configured for concept(s): {', '.join(sorted(unbounded))}")
+    wbc = rows.loc[(rows["concept"] == "wbc") & rows["panel"].notna(), ["panel", "value"]]
+    highest = wbc.groupby("panel")["value"].max()
+    is_differential = rows["concept"].isin(parameters["differential_concepts"])
+    return rows.assign(
+        plausible_max=rows["concept"].map(maxima).astype("float64"),
+        panel_wbc=rows["panel"].map(highest).where(is_differential).astype("float64"),
+        earlier_copies=rows.groupby(["resource_id", "version"], dropna=False, sort=False).cumcount(),
+    )
+
+
+def _collect(suite: str, result: Any, id_column: str, reasons: dict[str, list[str]]) -> dict:
+    """Turn one GX expectation result into reasons per failing row and a summary for the report."""
+    config = result.expectation_config
+    kwargs = config.kwargs
+    name = config.type
+    if _raised(result):
+        # An expectation that could not run has checked nothing: a broken contract, not bad data.
+        raise ConfigError(f"{suite}: {name}({_columns(kwargs)}) could not run: {_exception_text(result)}")
+    label = f"{name}({_columns(kwargs)})"
+    failing = result.result.get("unexpected_index_list") or []
+    examples: list[str] = []
+    for entry in failing:
+        reasons[entry["row_id"]].append(f"{label}: {_explain(name, kwargs, entry)}")
+        if len(examples) < EXAMPLES_PER_EXPECTATION:
+            # A row without its resource id is still named, by its row id.
+            example = entry.get(id_column)
+            example = example if isinstance(example, str) else f"row {entry['row_id']}"
+            if example not in examples:
+                examples.append(example)
+    return {
+        "suite": suite,
+        "name": name,
+        "column": _columns(kwargs),
+        "why": (config.meta or {}).get("why"),
+        "success": bool(result.success),
+        "unexpected_count": int(result.result.get("unexpected_count") or 0),
+        "element_count": int(result.result.get("element_count") or 0),
+        "examples": examples,
+    }
+
+
+def _raised(result: Any) -> bool:
+    info = result.exception_info or {}
+    if "raised_exception" in info:
+        return bool(info["raised_exception"])
+    # With several metrics GX keys the exception info by metric id.
+    return any(isinstance(v, dict) and v.get("raised_exception") for v in info.values())
+
+
+def _exception_text(result: Any) -> str:
+    info = result.exception_info or {}
+    if "exception_message" in info:
+        return str(info["exception_message"])
+    return "; ".join(str(v.get("exception_message")) for v in info.values() if isinstance(v, dict))
+
+
+def _columns(kwargs: dict) -> str:
+    if "column_A" in kwargs:
+        return f"{kwargs['column_A']}, {kwargs['column_B']}"
+    return kwargs["column"]
+
+
+def _explain(name: str, kwargs: dict, entry: dict) -> str:
+    """Say what was wrong with the row's value, in words a data engineer can act on."""
+    if "column_A" in kwargs:
+        a, b = kwargs["column_A"], kwargs["column_B"]
+        word = "after" if isinstance(entry.get(b), datetime) else "above"
+        return f"{b} {_show(entry.get(b))} {word} {a} {_show(entry.get(a))}"
+    value = _show(entry.get(kwargs["column"]))
+    if name == "expect_column_values_to_not_be_null":
+        return "value missing"
+    if name == "expect_column_values_to_be_in_set":
+        return f"value {value} not accepted"
+    if name == "expect_column_values_to_be_between":
+        low, high = kwargs.get("min_value"), kwargs.get("max_value")
+        if low is None:
+            return f"value {value} above {_show(high)}"
+        if high is None:
+            return f"value {value} below {_show(low)}"
+        return f"value {value} outside [{_show(low)}, {_show(high)}]"
+    if name == "expect_column_values_to_be_unique":
+        return f"value {value} occurs more than once"
+    return f"value {value} unexpected"
+
+
+def _show(value: Any) -> str:
+    if value is None or (isinstance(value, float) and value != value) or value is pd.NaT:
+        return "missing"
+    if isinstance(value, (pd.Timestamp, datetime)):
+        return value.isoformat()
+    if isinstance(value, str):
+        return repr(value)
+    if hasattr(value, "item"):  # numpy scalar: show it as the plain Python number
+        value = value.item()
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def _threshold_message(suite: str, failed: int, total: int, limit: float, summaries: list[dict]) -> str:
+    worst = sorted((s for s in summaries if s["unexpected_count"]), key=lambda s: -s["unexpected_count"])[:3]
+    named = "; ".join(
+        f"{s['name']}({s['column']}): "
+        f"{s['unexpected_count']} rows, e.g. {', '.join(s['examples'][:3]) or 'no id'}"
+        for s in worst
+    )
+    return (
+        f"{suite}: {failed} of {total} rows ({failed / total:.1%}) fail validation, "
+        f"above the threshold {limit:.1%}: {named}"
+    )
+
+
+def load_suite(path: Path):
+    """One GX ExpectationSuite from its JSON file (the format `suite.to_json_dict()` writes)."""
+    from great_expectations.core import ExpectationSuite
+
+    try:
+        spec = json.loads(Path(path).read_text(encoding="utf-8"))
+        suite = ExpectationSuite(**spec)
+    except FileNotFoundError:
+        raise ConfigError(f"expectation suite {path} not found (set LEUKOFHIR_EXPECTATIONS_DIR)") from None
+    except (OSError, ValueError, TypeError) as exc:
+        raise ConfigError(f"expectation suite {path}: {exc}") from exc
+    # GX logs and drops an expectation it cannot build; a data contract must not lose a check silently.
+    if len(suite.expectations) != len(spec.get("expectations", [])):
+        raise ConfigError(f"expectation suite {path}: some expectations are not valid GX 1.x configurations")
+    return suite
+
+
+@functools.cache
+def _context():
+    """One ephemeral GX context, data source and suite set per process: building them costs far more than a batch."""
+    # GX takes seconds to import: only code that validates pays for it.
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+    from great_expectations.execution_engine import pandas_execution_engine
+
+    # Quiet task logs; GX pins one module of its own at INFO, so that one is named too.
+    for name in ("great_expectations", "great_expectations.data_context.types.base"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # GX fingerprints every pandas batch by hashing all of it (twice per validate): about 3 s per million rows,
+    # for a marker we never read. GX already skips it above this size; skipping it always keeps validation cheap.
+    pandas_execution_engine.HASH_THRESHOLD = 0
+    context = gx.get_context(mode="ephemeral")
+    # tqdm bars would flood Airflow task logs and the CLI's own progress bar.
+    context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
+    source = context.data_sources.add_pandas("leukofhir")
+    suites, batches = {}, {}
+    for name in ID_COLUMN:
+        suites[name] = context.suites.add(load_suite(EXPECTATIONS_DIR / f"{name}.json"))
+        batches[name] = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe(name)
+    return suites, batches

@@ -1,0 +1,55 @@
+"""Shared fixtures: one real HAPI FHIR server per test session (or FHIR_BASE_URL), and a FHIR client on it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "tests" / "data"
+EXTERNAL = DATA / "external"
+sys.path.insert(0, str(ROOT / "tests"))
+
+
+@pytest.fixture(scope="session")
+def fhir_base_url(tmp_path_factory):
+    """The real HAPI FHIR JPA server the tests talk to.
+
+    FHIR_BASE_URL reuses a running server; otherwise the project's launcher starts a fresh one on its own
+    port and data directory (so a `make demo` server is never touched) and stops it after the session."""
+    given = os.environ.get("FHIR_BASE_URL")
+    if given:
+        yield given.rstrip("/")
+        return
+    env = dict(
+        os.environ,
+        FHIR_PORT=os.environ.get("FHIR_TEST_PORT", "8181"),
+        FHIR_DATA_DIR=str(tmp_path_factory.mktemp("hapi-data")),
+    )
+    script = str(ROOT / "scripts" / "fhir-server")
+    started = subprocess.run([script, "start"], env=env, capture_output=True, text=True, timeout=900)
+    if started.returncode != 0:
+        pytest.fail(f"FHIR server did not start:\n{started.stdout[-3000:]}\n{started.stderr[-3000:]}")
+    try:
+        yield started.stdout.strip().splitlines()[-1].rstrip("/")
+    finally:
+        subprocess.run([script, "stop"], env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture
+def fhir_client(fhir_base_url):
+    from leukofhir.fhir.client import FhirClient
+
+    with FhirClient(fhir_base_url, timeout=120, backoff=0.01) as client:
+        yield client
+
+
+@pytest.fixture
+def unique():
+    """A fresh token per test, so tests sharing the session's server never see each other's resources."""
+    return uuid.uuid4().hex[:12]

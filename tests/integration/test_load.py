@@ -1,0 +1,102 @@
+"""`leukofhir load` against the real server: sample data twice changes nothing; refusals are reported, not fatal."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import EXTERNAL
+from leukofhir.load import load_files
+
+pytestmark = pytest.mark.fhir
+
+SYNTHEA_BUNDLES = sorted((EXTERNAL / "smart-generated-sample-data-R4-synthea" / "bundles").glob("*.json.gz"))
+
+
+def _bundle_counts() -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for path in SYNTHEA_BUNDLES:
+        with gzip.open(path, "rt") as fh:
+            for entry in json.load(fh)["entry"]:
+                rtype = entry["resource"]["resourceType"]
+                counts[rtype] = counts.get(rtype, 0) + 1
+    return counts
+
+
+def _server_counts(client, patient_ids) -> dict[str, int]:
+    ids = ",".join(patient_ids)
+    return {
+        "Patient": client.count("Patient", {"_id": ids}),
+        "Observation": client.count("Observation", {"subject": ",".join(f"Patient/{i}" for i in patient_ids)}),
+        "Encounter": client.count("Encounter", {"subject": ",".join(f"Patient/{i}" for i in patient_ids)}),
+    }
+
+
+def test_synthea_bundles_load_twice_with_the_same_counts_and_versions(fhir_client):
+    expected = _bundle_counts()
+    first = load_files(fhir_client, SYNTHEA_BUNDLES, batch_size=250)
+    assert first.ok, first.rejected[:3]
+    assert dict(first.read) == expected and dict(first.written) == expected
+    patient_ids = sorted(
+        json.load(gzip.open(p, "rt"))["entry"][0]["resource"]["id"] for p in SYNTHEA_BUNDLES
+    )
+    counts = _server_counts(fhir_client, patient_ids)
+    assert counts == {k: expected[k] for k in counts}
+    sample = next(iter(fhir_client.search("Observation", {"subject": f"Patient/{patient_ids[0]}", "_count": 1})))
+
+    second = load_files(fhir_client, SYNTHEA_BUNDLES, batch_size=250)
+    assert second.ok and dict(second.written) == expected
+    assert _server_counts(fhir_client, patient_ids) == counts
+    again = fhir_client.read("Observation", sample["id"])
+    # HAPI suppresses no-op updates: the same content keeps the same version, so nothing changed.
+    assert again["meta"]["versionId"] == sample["meta"]["versionId"]
+
+
+def _ndjson(path, resources):
+    path.write_text("".join(json.dumps(r) + "\n" for r in resources))
+    return path
+
+
+def _obs(oid, subject):
+    return {
+        "resourceType": "Observation", "id": oid, "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "6690-2"}]},
+        "subject": {"reference": subject}, "effectiveDateTime": "2024-05-01T08:00:00Z",
+        "valueQuantity": {"value": 2.5, "unit": "10*3/uL"},
+    }
+
+
+def test_rejected_resource_is_reported_and_the_rest_is_loaded(fhir_client, unique, tmp_path):
+    pid = f"ld-{unique}"
+    path = _ndjson(tmp_path / "mixed.ndjson", [
+        _obs(f"ok1-{unique}", f"urn:uuid:{pid}"),      # Synthea-style reference, rewritten to Patient/<id>
+        _obs(f"bad-{unique}", f"Patient/nobody-{unique}"),  # referential integrity: no such patient
+        {"resourceType": "Patient", "id": pid},
+        _obs(f"ok2-{unique}", f"Patient/{pid}"),
+    ])
+    (tmp_path / "broken.ndjson").write_text('{"resourceType": "Patient", "id": "x"\n')
+    report = load_files(fhir_client, [path, tmp_path / "broken.ndjson"], batch_size=10)
+    rejected = dict(report.rejected)
+    assert set(rejected) == {f"Observation/bad-{unique}", f"{tmp_path / 'broken.ndjson'}:1"}
+    assert f"nobody-{unique}" in rejected[f"Observation/bad-{unique}"]  # the server's own reason
+    assert report.written["Observation"] == 2 and report.written["Patient"] == 1
+    ok1 = fhir_client.read("Observation", f"ok1-{unique}")
+    assert ok1["subject"]["reference"] == f"Patient/{pid}"
+    assert fhir_client.read("Observation", f"bad-{unique}") is None
+
+
+def test_load_command_exit_code_and_summary(fhir_base_url, unique, tmp_path):
+    path = _ndjson(tmp_path / "one.ndjson", [{"resourceType": "Patient", "id": f"cli-{unique}"}])
+    ok = subprocess.run([sys.executable, "-m", "leukofhir.cli", "load", "--fhir-url", fhir_base_url, str(path)],
+                        capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    assert "read 1 resources, wrote 1, rejected 0" in ok.stdout
+    bad = _ndjson(tmp_path / "bad.ndjson", [_obs(f"o-{unique}", f"Patient/none-{unique}")])
+    refused = subprocess.run([sys.executable, "-m", "leukofhir.cli", "load", "--fhir-url", fhir_base_url, str(bad)],
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 1
+    assert f"REJECTED Observation/o-{unique}" in refused.stdout

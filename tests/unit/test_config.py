@@ -1,0 +1,77 @@
+"""The rules configuration: the shipped file loads; a wrong file names the key and why (issue 3, item 1)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from leukofhir.config import DEFAULT_PATH, AgeSpan, load_config
+from leukofhir.errors import ConfigError
+
+
+def test_default_file_loads_with_the_contract_values():
+    rules = load_config()
+    assert rules.code_to_concept["6690-2"] == "wbc" and "30405-5" not in rules.code_to_concept
+    assert rules.units.count["K/uL"] == 1 and rules.units.count["/uL"] == 0.001
+    assert rules.windows.drug_lookback.days == 90 and rules.windows.transient_within.total_seconds() == 72 * 3600
+    assert rules.priority == {1: "PN", 2: "PL", 3: "PM", 4: "PH"}
+    assert rules.uris.identifier_system == "https://leukofhir.org/fhir/flag-episode"
+    assert not rules.observations.statuses.preliminary_counts
+
+
+def _write(tmp_path: Path, change) -> Path:
+    data = yaml.safe_load(DEFAULT_PATH.read_text())
+    change(data)
+    path = tmp_path / "rules.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize(
+    "change, key",
+    [
+        (lambda d: d["leukopenia"]["grades"].update(g2_below="three"), "leukopenia.grades.g2_below"),
+        (lambda d: d["leukopenia"]["grades"].update(g3_below=5.0), "leukopenia.grades"),
+        (lambda d: d["windows"].update(drug_lookback="3m"), "windows.drug_lookback"),
+        (lambda d: d["windows"].update(transient_within="soon"), "windows.transient_within"),
+        (lambda d: d.update(surprise=1), "surprise"),
+        (lambda d: d["units"]["count"].update({"/L": -1}), "units.count"),
+        (lambda d: d["wbc_lln"].append({"below": "30y", "lln": 4.0}), "wbc_lln"),
+        (lambda d: d["observations"]["concepts"]["anc"].update(codes=["6690-2"]), "observations"),
+        (lambda d: d["uris"].update(author="Organization/x"), "uris.author"),
+        (lambda d: d["priority"].pop(4), "priority"),
+        (lambda d: d["medications"]["drugs"].update(x={"label": "x"}), "medications.drugs.x"),
+    ],
+)
+def test_wrong_file_names_the_key(tmp_path, change, key):
+    with pytest.raises(ConfigError) as caught:
+        load_config(_write(tmp_path, change))
+    assert f": {key}" in str(caught.value)
+
+
+def test_unreadable_and_not_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    bad.write_text("- 1\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(bad)
+
+
+def test_site_can_change_a_threshold(tmp_path):
+    rules = load_config(_write(tmp_path, lambda d: d["agranulocytosis"].update(below=0.2)))
+    assert rules.agranulocytosis.below == 0.2
+
+
+def test_age_span_calendar_arithmetic():
+    from datetime import datetime
+
+    assert AgeSpan("1m").after(datetime(2024, 1, 31)) == datetime(2024, 2, 29)
+    assert AgeSpan("18y").after(datetime(2004, 2, 29)) == datetime(2022, 2, 28)
+    with pytest.raises(ValueError):
+        AgeSpan("1 fortnight")

@@ -1,0 +1,339 @@
+"""Table-driven tests of every rule of clinical-rules.md §2-§4 (thresholds strict `<`, grades CTCAE v5.0)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from leukofhir.config import load_config
+from support.fhir_builders import at, flags_for, observation, patient, report, statement
+
+RULES = load_config()
+ADULT = patient("p1", "1970-05-05", "female")
+
+
+def one(resources, family=None):
+    specs = [s for s in flags_for(resources) if family is None or s.family == family]
+    return specs
+
+
+# -- §2 leukopenia: WBC < LLN, grades G1 < LLN–3.0, G2 < 3.0–2.0, G3 < 2.0–1.0, G4 < 1.0 -------------------------
+@pytest.mark.parametrize(
+    "value, grade",
+    [(4.0, None), (3.99, 1), (3.0, 1), (2.99, 2), (2.0, 2), (1.99, 3), (1.0, 3), (0.99, 4), (0.0, 4)],
+)
+def test_leukopenia_grade_boundaries_adult(value, grade):
+    specs = one([ADULT, observation("w", "wbc", value)], "leukocytes")
+    if grade is None:
+        assert specs == []
+    else:
+        (spec,) = specs
+        assert (spec.code, spec.grade, spec.status) == ("84828003", grade, "active")
+        assert f"CTCAE v5.0 grade {grade}" in spec.text
+
+
+# §1.3 age bands of the WBC LLN (default when the lab gives no range); value just below / at the LLN.
+@pytest.mark.parametrize(
+    "birth, lln",
+    [
+        ("2024-02-27", 9.0),   # 3 days old: < 7 days
+        ("2024-02-20", 5.0),   # 10 days: 7 days – < 1 month
+        ("2023-01-01", 6.0),   # 14 months: 1 month – < 2 years
+        ("2020-01-01", 5.0),   # 4 years: 2 – < 7 years
+        ("2010-01-01", 4.5),   # 14 years: 7 – < 18 years
+        ("1990-01-01", 4.0),   # adult
+        (None, 4.0),           # unknown age: adult default
+    ],
+)
+def test_wbc_lln_age_bands(birth, lln):
+    pat = patient("p1", birth, "male")
+    assert one([pat, observation("w", "wbc", lln)], "leukocytes") == []
+    (spec,) = one([pat, observation("w", "wbc", round(lln - 0.01, 2))], "leukocytes")
+    assert spec.grade == 1 or lln - 0.01 < 3.0
+
+
+def test_age_band_boundary_is_the_birthday():
+    # Born 2022-03-01 08:00 is 2 years old from 2024-03-01 00:00 UTC: LLN 5.0, not 6.0.
+    pat = patient("p1", "2022-03-01", "male")
+    assert one([pat, observation("w", "wbc", 5.5)], "leukocytes") == []
+    pat = patient("p1", "2022-03-02", "male")  # one day short of 2 years: LLN 6.0
+    assert len(one([pat, observation("w", "wbc", 5.5)], "leukocytes")) == 1
+
+
+def test_lab_reference_range_replaces_the_default_lln():
+    assert len(one([ADULT, observation("w", "wbc", 4.2, low=4.5)], "leukocytes")) == 1
+    assert one([ADULT, observation("w", "wbc", 3.8, low=3.5)], "leukocytes") == []
+
+
+@pytest.mark.parametrize(
+    "gender, applies, expect_flag",
+    [("male", "male", True), ("female", "male", False)],
+)
+def test_reference_range_applies_to_sex(gender, applies, expect_flag):
+    obs = observation("w", "wbc", 4.2)
+    obs["referenceRange"] = [{"low": {"value": 4.5, "unit": "10*9/L"}, "appliesTo": [{"text": applies}]}]
+    assert bool(one([patient("p1", "1980-01-01", gender), obs], "leukocytes")) is expect_flag
+
+
+# §1.2 units: each accepted unit converts to 10^9/L.
+@pytest.mark.parametrize(
+    "unit, value",
+    [("10*9/L", 2.5), ("10^9/L", 2.5), ("x10*9/L", 2.5), ("G/L", 2.5), ("/nL", 2.5), ("10*3/uL", 2.5),
+     ("10^3/uL", 2.5), ("x10E3/uL", 2.5), ("10*3/mm3", 2.5), ("10*6/mL", 2.5), ("K/uL", 2.5), ("K/ul", 2.5),
+     ("k/uL", 2.5), ("Tsd/uL", 2.5), ("thou/uL", 2.5), ("/uL", 2500), ("/mm3", 2500), ("{cells}/uL", 2500),
+     ("cells/uL", 2500), ("/µL", 2500), ("/mm^3", 2500)],
+)
+def test_every_count_unit_converts(unit, value):
+    (spec,) = one([ADULT, observation("w", "wbc", value, unit=unit)], "leukocytes")
+    assert spec.grade == 2 and "WBC 2.5 ×10^9/L" in spec.text
+
+
+# -- §2 neutropenia / agranulocytosis ------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "anc, condition, grade, word",
+    [(1.5, None, None, None), (1.49, "neutropenia", 2, "mild"), (1.0, "neutropenia", 2, "mild"),
+     (0.99, "neutropenia", 3, "moderate"), (0.5, "neutropenia", 3, "moderate"), (0.49, "agranulocytosis", 4, None),
+     (0.0, "agranulocytosis", 4, None)],
+)
+def test_neutropenia_bands_adult(anc, condition, grade, word):
+    specs = one([ADULT, observation("a", "anc", anc)], "granulocytes")
+    if condition is None:
+        assert specs == []
+        return
+    (spec,) = specs
+    assert (spec.condition, spec.grade) == (condition, grade)
+    assert spec.code == {"neutropenia": "165517008", "agranulocytosis": "17182001"}[condition]
+    if word:
+        assert spec.text.startswith(f"Neutropenia, {word} — ANC")
+
+
+@pytest.mark.parametrize(
+    "birth, anc, low",
+    [("2023-09-01", 1.2, False),   # 6 months: threshold 1.0
+     ("2023-09-01", 0.99, True),
+     ("2023-01-01", 1.49, True),   # 14 months: 1.5
+     ("2024-02-25", 0.3, False),   # 5 days, no lab range: not judged
+     ],
+)
+def test_neutropenia_age_thresholds(birth, anc, low):
+    specs = one([patient("p1", birth, "male"), observation("a", "anc", anc)], "granulocytes")
+    assert bool(specs) is low
+
+
+def test_neonate_judged_only_against_the_lab_range():
+    pat = patient("p1", "2024-02-25", "male")  # 5 days old at T0
+    assert len(one([pat, observation("a", "anc", 2.5, low=3.0)], "granulocytes")) == 1
+    assert one([pat, observation("a", "anc", 3.2, low=3.0)], "granulocytes") == []
+
+
+def test_benign_ethnic_neutropenia_uses_threshold_1_0():
+    rules = RULES.model_copy(update={"ben": RULES.ben.model_copy(update={"patients": ["p1"]})})
+    assert flags_for([ADULT, observation("a", "anc", 1.2)], rules=rules) == []
+    (spec,) = flags_for([ADULT, observation("a", "anc", 0.9)], rules=rules)
+    assert spec.grade == 3
+
+
+def test_comparator_less_than_counts_as_low_and_greater_never():
+    (spec,) = one([ADULT, observation("a", "anc", 0.5, comparator="<")], "granulocytes")
+    assert spec.condition == "agranulocytosis" and "ANC <0.5" in spec.text
+    assert one([ADULT, observation("w", "wbc", 1.0, comparator=">")], "leukocytes") == []
+
+
+def test_derived_anc_from_wbc_and_differential_same_panel():
+    # ANC = 2.0 × (20 + 5) / 100 = 0.5 -> not < 0.5, so neutropenia G3 (moderate), marked derived.
+    res = [ADULT, observation("w", "wbc", 2.0, time=False), observation("n", "neutrophils_pct", 20, time=False),
+           observation("b", "bands_pct", 5, time=False), report("r1", ["w", "n", "b"], time=at())]
+    (spec,) = one(res, "granulocytes")
+    assert spec.derived and spec.condition == "neutropenia" and spec.grade == 3
+    assert "(derived" in spec.text and set(spec.evidence) == {"Observation/w", "Observation/n", "Observation/b"}
+
+
+def test_reported_anc_wins_over_derived():
+    res = [ADULT, observation("w", "wbc", 2.0), observation("n", "neutrophils_pct", 10), observation("a", "anc", 1.6)]
+    assert one(res, "granulocytes") == []
+
+
+def test_agranulocytosis_replaces_neutropenia_in_one_episode():
+    res = [ADULT, observation("a1", "anc", 1.2, time=at(0)), observation("a2", "anc", 0.3, time=at(days=2)),
+           observation("a3", "anc", 0.8, time=at(days=4))]
+    (spec,) = one(res, "granulocytes")
+    assert spec.condition == "agranulocytosis" and spec.grade == 4 and spec.status == "active"
+    assert spec.start.isoformat().startswith("2024-03-01T08:00")
+
+
+# -- §2 lymphopenia: < 1.0 adults / unknown age, < 1.5 (2 – < 18 y), < 3.0 (< 2 y); grades 0.8 / 0.5 / 0.2 -----
+@pytest.mark.parametrize(
+    "birth, value, grade",
+    [("1970-01-01", 1.0, None), ("1970-01-01", 0.99, 1), ("1970-01-01", 0.8, 1), ("1970-01-01", 0.79, 2),
+     ("1970-01-01", 0.5, 2), ("1970-01-01", 0.49, 3), ("1970-01-01", 0.2, 3), ("1970-01-01", 0.19, 4),
+     (None, 0.99, 1), ("2015-01-01", 1.49, 1), ("2015-01-01", 1.5, None), ("2023-01-01", 2.99, 1),
+     ("2023-01-01", 3.0, None)],
+)
+def test_lymphopenia_age_thresholds_and_grades(birth, value, grade):
+    specs = one([patient("p1", birth, "male"), observation("l", "lymphocytes_abs", value)], "lymphocytes")
+    if grade is None:
+        assert specs == []
+    else:
+        (spec,) = specs
+        assert spec.code == "1156294003" and spec.grade == grade and spec.drugs == []
+
+
+# -- §2 pancytopenia -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "gender, hb, plt, expect, grade",
+    [("male", 12.9, 149, True, 2), ("male", 13.0, 149, False, None), ("female", 11.9, 149, True, 2),
+     ("female", 12.0, 100, False, None), ("male", 12.0, 150, False, None), ("male", 7.9, 20, True, 4)],
+)
+def test_pancytopenia_one_blood_count(gender, hb, plt, expect, grade):
+    res = [patient("p1", "1970-01-01", gender), observation("w", "wbc", 2.5),
+           observation("h", "hemoglobin", hb, time=at(hours=3)), observation("p", "platelets", plt, time=at(hours=-3))]
+    specs = one(res, "pancytopenia")
+    assert bool(specs) is expect
+    if expect:
+        assert specs[0].code == "127034005" and specs[0].grade == grade
+
+
+def test_pancytopenia_needs_values_within_24h():
+    res = [ADULT, observation("w", "wbc", 2.5), observation("h", "hemoglobin", 9.0, time=at(hours=25)),
+           observation("p", "platelets", 90)]
+    assert one(res, "pancytopenia") == []
+
+
+def test_pancytopenia_child_hemoglobin_lln_11():
+    child = patient("p1", "2014-01-01", "male")
+    res = [child, observation("w", "wbc", 2.5), observation("h", "hemoglobin", 11.5), observation("p", "platelets", 90)]
+    assert one(res, "pancytopenia") == []
+
+
+# -- §3 drug association ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "start, end, associated",
+    [(at(days=-100), None, True),            # ongoing since before the look-back
+     (at(days=-120), at(days=-89), True),    # ended inside [t-90 d, t]
+     (at(days=-120), at(days=-91), False),   # ended before the look-back
+     (at(days=1), None, False)],             # started after the finding
+)
+def test_drug_association_lookback(start, end, associated):
+    res = [ADULT, observation("w", "wbc", 2.5), statement("m", "Clozapine 100 MG Oral Tablet", start=start, end=end)]
+    (spec,) = one(res, "leukocytes")
+    assert bool(spec.drugs) is associated
+    assert ("possibly drug-associated: clozapine" in spec.text) is associated
+
+
+@pytest.mark.parametrize(
+    "coding, text",
+    [([{"system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": "11118"}], "x"),
+     ([{"system": "http://www.whocc.no/atc", "code": "L01XA01"}], "y"),
+     (None, "DIVALPROEX sodium 250 mg"), (None, "Interferon beta-1a")],
+)
+def test_drug_identified_by_rxnorm_atc_or_name(coding, text):
+    res = [ADULT, observation("w", "wbc", 2.5), statement("m", text, point=at(days=-5), coding=coding)]
+    (spec,) = one(res, "leukocytes")
+    assert spec.drugs == [(spec.drugs[0][0], "MedicationStatement/m")]
+
+
+def test_name_must_be_a_whole_word():
+    res = [ADULT, observation("w", "wbc", 2.5), statement("m", "Antimetronidazolex", point=at(days=-5))]
+    assert one(res, "leukocytes")[0].drugs == []
+
+
+def test_lymphopenia_is_never_drug_associated():
+    res = [ADULT, observation("l", "lymphocytes_abs", 0.5), statement("m", "clozapine", point=at(days=-5))]
+    assert one(res, "lymphocytes")[0].drugs == []
+
+
+def test_medication_request_counts_and_cancelled_does_not():
+    res = [ADULT, observation("w", "wbc", 2.5),
+           statement("m1", "cisplatin 50 MG Injection", point=at(days=-10), kind="MedicationRequest"),
+           statement("m2", "clozapine", point=at(days=-10), kind="MedicationRequest", status="cancelled")]
+    (spec,) = one(res, "leukocytes")
+    assert spec.drugs == [("antineoplastic chemotherapy", "MedicationRequest/m1")]
+
+
+# -- §4 episodes, transient lows, resolution, escalation, retraction, identity -------------------------------------
+def test_transient_low_within_72h_is_inactive_pseudoleukopenia():
+    res = [ADULT, observation("w1", "wbc", 3.0, time=at(0)), observation("w2", "wbc", 5.0, time=at(hours=72))]
+    (spec,) = one(res, "leukocytes")
+    assert spec.status == "inactive" and spec.transient and spec.end is not None
+    assert "transient low count, normal again within 72 h — consistent with pseudoleukopenia" in spec.text
+    assert spec.evidence == ["Observation/w1", "Observation/w2"]
+
+
+def test_resolution_after_72h_is_inactive_with_period_end():
+    res = [ADULT, observation("w1", "wbc", 3.0, time=at(0)), observation("w2", "wbc", 2.2, time=at(days=3)),
+           observation("w3", "wbc", 4.0, time=at(hours=73))]
+    (spec,) = one(res, "leukocytes")
+    assert spec.status == "inactive" and not spec.transient
+    assert spec.end.isoformat() == "2024-03-04T09:00:00+00:00" and spec.grade == 2
+
+
+def test_open_episode_is_active_without_end_and_escalates():
+    res = [ADULT, observation("w1", "wbc", 3.5, time=at(0)), observation("w2", "wbc", 0.9, time=at(days=5)),
+           observation("w3", "wbc", 2.5, time=at(days=10))]
+    (spec,) = one(res, "leukocytes")
+    assert spec.status == "active" and spec.end is None and spec.grade == 4 and "WBC 0.9" in spec.text
+
+
+def test_new_episode_after_recovery_has_new_identifier():
+    res = [ADULT, observation("w1", "wbc", 3.5, time=at(0)), observation("w2", "wbc", 5.0, time=at(days=5)),
+           observation("w3", "wbc", 3.0, time=at(days=10))]
+    first, second = one(res, "leukocytes")
+    assert first.status == "inactive" and second.status == "active" and first.identifier != second.identifier
+
+
+def test_gap_longer_than_episode_gap_starts_a_new_episode():
+    res = [ADULT, observation("w1", "wbc", 3.5, time=at(0)), observation("w2", "wbc", 3.0, time=at(days=91))]
+    first, second = one(res, "leukocytes")
+    assert first.status == "inactive" and second.status == "active"
+    assert "no follow-up count for too long" in first.text
+
+
+def test_monthly_low_counts_stay_one_episode():
+    res = [ADULT] + [observation(f"w{i}", "wbc", 2.5, time=at(days=32 * i)) for i in range(4)]
+    (spec,) = one(res, "leukocytes")
+    assert spec.status == "active" and len(spec.evidence) == 4
+
+
+def test_entered_in_error_only_evidence_retracts_the_flag():
+    res = [ADULT, observation("w1", "wbc", 2.0, status="entered-in-error")]
+    (spec,) = one(res, "leukocytes")
+    assert spec.status == "entered-in-error"
+    # The identifier is the one the Flag had while the Observation was final: the earlier Flag is withdrawn.
+    (was,) = one([ADULT, observation("w1", "wbc", 2.0)], "leukocytes")
+    assert spec.identifier == was.identifier
+
+
+def test_entered_in_error_does_not_retract_real_evidence():
+    res = [ADULT, observation("w0", "wbc", 2.0, time=at(-1), status="entered-in-error"), observation("w1", "wbc", 2.0)]
+    specs = one(res, "leukocytes")
+    assert sorted(s.status for s in specs) == ["active", "entered-in-error"]
+
+
+def test_preliminary_ignored_by_default():
+    assert one([ADULT, observation("w", "wbc", 2.0, status="preliminary")]) == []
+
+
+def test_identifiers_stable_across_runs_and_input_order():
+    res = [ADULT, observation("w1", "wbc", 3.5, time=at(0)), observation("w2", "wbc", 5.0, time=at(days=5)),
+           observation("a1", "anc", 0.4, time=at(days=7)), observation("l", "lymphocytes_abs", 0.3, time=at(days=8))]
+    expected = [(s.identifier, s.status, s.code) for s in flags_for(res)]
+    for seed in range(5):
+        shuffled = res[:]
+        random.Random(seed).shuffle(shuffled)
+        assert [(s.identifier, s.status, s.code) for s in flags_for(shuffled)] == expected
+
+
+def test_patients_do_not_mix():
+    res = [ADULT, patient("p2"), observation("w1", "wbc", 3.0), observation("w2", "wbc", 5.0, patient="Patient/p2",
+                                                                              time=at(hours=1))]
+    (spec,) = one(res, "leukocytes")
+    assert spec.patient_id == "Patient/p1" and spec.status == "active"
+
+
+def test_as_of_ignores_later_values():
+    from datetime import datetime, timezone
+
+    res = [ADULT, observation("w1", "wbc", 3.0, time=at(0)), observation("w2", "wbc", 5.0, time=at(days=5))]
+    (spec,) = flags_for(res, as_of=datetime(2024, 3, 2, tzinfo=timezone.utc))
+    assert spec.status == "active"
