@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -14,6 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"
 EXTERNAL = DATA / "external"
 sys.path.insert(0, str(ROOT / "tests"))
+# Airflow reads its home on import; tests must never write into the user's ~/airflow.
+os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="leukofhir-airflow-"))
 
 
 @pytest.fixture(scope="session")
