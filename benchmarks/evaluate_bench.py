@@ -97,10 +97,22 @@ def json_loads_seconds(folder: Path) -> tuple[float, int]:
 def child(folder: Path, out: Path) -> None:
     """Run evaluate in this (fresh) process, timing validation separately; print one JSON line."""
     import leukofhir.pipeline as pipeline
-    import leukofhir.validate  # noqa: F401  (import cost counted outside the run below)
+    import leukofhir.validate as validate
 
-    spent = {"validate": 0.0}
+    # leukofhir is imported outside the timed run; Great Expectations is not: validate.py imports it on the first
+    # validation, inside the run, and that cost is counted as validation (and reported apart as "GX setup").
+    spent = {"validate": 0.0, "gx_setup": 0.0}
     real = pipeline.validate_batch
+    real_context = validate._context
+
+    def timed_context():
+        begin = time.perf_counter()
+        try:
+            return real_context()
+        finally:
+            spent["gx_setup"] += time.perf_counter() - begin
+
+    validate._context = timed_context
 
     def timed(*args, **kwargs):
         begin = time.perf_counter()
@@ -114,7 +126,8 @@ def child(folder: Path, out: Path) -> None:
     report = pipeline.evaluate_files([str(folder)], out, progress=False)
     total = time.perf_counter() - begin
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"seconds": total, "validate_seconds": spent["validate"], "peak_rss_mb": peak_kb / 1024,
+    print(json.dumps({"seconds": total, "validate_seconds": spent["validate"], "gx_setup_seconds": spent["gx_setup"],
+                      "peak_rss_mb": peak_kb / 1024,
                       "observations": report["read"].get("Observation", 0), "read_total": report["read_total"],
                       "flags": report["flags"]["total"], "reconciled": report["reconciled"]}))
 
@@ -146,7 +159,9 @@ def main() -> int:
         print(f"evaluate: {result['read_total']:,} resources ({obs:,} Observations) in {result['seconds']:.1f} s "
               f"= {evaluate_rate:,.0f} Observations/s; {result['flags']:,} Flags; reconciled={result['reconciled']}")
         print(f"ratio evaluate / json.loads (whole input, same run): {loads_s / result['seconds']:.2f}  (target >= 0.3)")
-        print(f"validation (Great Expectations): {result['validate_seconds']:.1f} s; the rest: "
+        print(f"validation (Great Expectations): {result['validate_seconds']:.1f} s "
+              f"= {result['validate_seconds'] / result['seconds']:.0%} of the run (target <= 25%), of which importing "
+              f"GX and building its context {result['gx_setup_seconds']:.1f} s; the rest: "
               f"{result['seconds'] - result['validate_seconds']:.1f} s")
         print(f"peak RSS of the evaluate process: {result['peak_rss_mb']:,.0f} MB  (target < 1536 MB)")
         del loads_rate

@@ -304,6 +304,9 @@ class Validation(_Model):
     min_value: float
     plausible_max: dict[ConceptName, float]
     clock_skew: timedelta
+    # Share of a batch's rows that may fail validation before a run against a server fails loudly
+    # (pipeline.evaluate_files(fail_on_threshold=True)); null: never. Offline `evaluate` only reports.
+    max_failure_rate: float | None = Field(default=0.2, ge=0.0, le=1.0)
 
     _check = field_validator("clock_skew", mode="before")(lambda cls, v: _duration(v))
 

@@ -30,10 +30,17 @@ class Point:
     low: bool
     grade: int  # CTCAE v5.0 grade, 0 when not low
     condition: str  # leukopenia | neutropenia | agranulocytosis | lymphopenia | pancytopenia | normal
-    summary: str  # "ANC 0.9 ×10^9/L" for the Flag text
+    # What `summary` shows: (label, value, comparator, unit) per value; text only for the few Points a Flag quotes.
+    shown: tuple[tuple, ...]
     refs: tuple[str, ...]  # evidence: "Observation/id"
     retracted: bool = False  # made (partly) of entered-in-error Observations
     derived: bool = False  # ANC computed from WBC and the differential (§2)
+
+    @property
+    def summary(self) -> str:
+        """"ANC 0.9 ×10^9/L" for the Flag text."""
+        text = ", ".join(_shown(*value) for value in self.shown)
+        return text + _DERIVED if self.derived else text
 
 
 @dataclass
@@ -136,36 +143,44 @@ class _Value:
 
 
 _UNIT = "×10^9/L"
+_DERIVED = " (derived: WBC × (neutrophils % + bands %) / 100)"
 
 
 class _PatientRules:
     """Turns one patient's values into Points per family; holds the rules and the patient's age bands."""
 
-    def __init__(self, rules: Rules, info: PatientInfo | None):
+    def __init__(self, rules: Rules, info: PatientInfo | None, ages: dict | None = None):
         self.rules = rules
         birth = info.birth_date if info else None
-        self.birth_ns = (
-            int(datetime(birth.year, birth.month, birth.day, tzinfo=timezone.utc).timestamp()) * _NS_PER_S
-            if birth else None
-        )
         self.gender = info.gender if info else None
         self.ben = bool(info and info.ben)
-        self.wbc_lln = _Bands(rules.wbc_lln, birth, "lln")
-        self.anc_threshold = _Bands(rules.neutropenia.thresholds, birth, "threshold")
-        self.lymph_lln = _Bands(rules.lymphopenia.lln, birth, "lln")
+        # What depends on the birth date only, shared by the patients born that day (`ages`: one run's cache).
+        known = ages.get(birth) if ages is not None else None
+        if known is None:
+            known = self._ages(rules, birth)
+            if ages is not None:
+                ages[birth] = known
+        (self.birth_ns, self.wbc_lln, self.anc_threshold, self.lymph_lln, self.lab_only_until,
+         self.adult_from) = known
+
+    @staticmethod
+    def _ages(rules: Rules, birth: date | None) -> tuple:
+        wbc_lln = _Bands(rules.wbc_lln, birth, "lln")
+        anc_threshold = _Bands(rules.neutropenia.thresholds, birth, "threshold")
+        lymph_lln = _Bands(rules.lymphopenia.lln, birth, "lln")
         if birth is None:
-            self.lab_only_until = None
-            self.adult_from = None
-        else:
-            born = datetime(birth.year, birth.month, birth.day, tzinfo=timezone.utc)
-            self.lab_only_until = int(rules.neutropenia.lab_range_only_below.after(born).timestamp()) * _NS_PER_S
-            self.adult_from = int(born.replace(year=born.year + 18).timestamp()) * _NS_PER_S if not (
-                born.month == 2 and born.day == 29) else int(born.replace(year=born.year + 18, day=28).timestamp()) * _NS_PER_S
+            return None, wbc_lln, anc_threshold, lymph_lln, None, None
+        born = datetime(birth.year, birth.month, birth.day, tzinfo=timezone.utc)
+        birth_ns = int(born.timestamp()) * _NS_PER_S
+        lab_only_until = int(rules.neutropenia.lab_range_only_below.after(born).timestamp()) * _NS_PER_S
+        adult_from = int(born.replace(year=born.year + 18).timestamp()) * _NS_PER_S if not (
+            born.month == 2 and born.day == 29) else int(born.replace(year=born.year + 18, day=28).timestamp()) * _NS_PER_S
+        return birth_ns, wbc_lln, anc_threshold, lymph_lln, lab_only_until, adult_from
 
     # leukocytes (§2 leukopenia, §1.3 LLN)
     def wbc_point(self, v: _Value) -> Point:
         lln = v.lln if v.lln == v.lln else self.wbc_lln.at(v.time)
-        summary = _shown("WBC", v.value, v.comparator, _UNIT)
+        summary = (("WBC", v.value, v.comparator, _UNIT),)
         if not _below(v.value, v.comparator, lln):
             return Point(v.time, False, 0, "normal", summary, (v.ref,), v.retracted)
         grade = _grade(v.value, v.comparator, self.rules.leukopenia.grades)
@@ -181,9 +196,7 @@ class _PatientRules:
             threshold = self.anc_threshold.at(v.time)
             if self.ben:
                 threshold = min(threshold, self.rules.ben.threshold)
-        summary = _shown("ANC", v.value, v.comparator, _UNIT)
-        if derived:
-            summary += " (derived: WBC × (neutrophils % + bands %) / 100)"
+        summary = (("ANC", v.value, v.comparator, _UNIT),)
         if not _below(v.value, v.comparator, threshold):
             return Point(v.time, False, 0, "normal", summary, refs, v.retracted, derived)
         if _below(v.value, v.comparator, self.rules.agranulocytosis.below):
@@ -194,7 +207,7 @@ class _PatientRules:
     # lymphocytes (§2 lymphopenia; LLN = the lab's range when present, else the age default)
     def lymph_point(self, v: _Value) -> Point:
         lln = v.lln if v.lln == v.lln else self.lymph_lln.at(v.time)
-        summary = _shown("lymphocytes", v.value, v.comparator, _UNIT)
+        summary = (("lymphocytes", v.value, v.comparator, _UNIT),)
         if not _below(v.value, v.comparator, lln):
             return Point(v.time, False, 0, "normal", summary, (v.ref,), v.retracted)
         grade = _grade(v.value, v.comparator, self.rules.lymphopenia.grades)
@@ -214,10 +227,8 @@ class _PatientRules:
         hb_low = _below(hb.value, hb.comparator, self.hemoglobin_lln(hb))
         plt_lln = plt.lln if plt.lln == plt.lln else p.platelets_lln
         plt_low = _below(plt.value, plt.comparator, plt_lln)
-        summary = (
-            f"{wbc.summary}, {_shown('hemoglobin', hb.value, hb.comparator, 'g/dL')}, "
-            f"{_shown('platelets', plt.value, plt.comparator, _UNIT)}"
-        )
+        summary = wbc.shown + (("hemoglobin", hb.value, hb.comparator, "g/dL"),
+                               ("platelets", plt.value, plt.comparator, _UNIT))
         refs = (w.ref, hb.ref, plt.ref)
         retracted = w.retracted or hb.retracted or plt.retracted
         if not (wbc.low and hb_low and plt_low):
@@ -427,10 +438,14 @@ def evaluate(
         return []
     statuses = rules.observations.statuses
     counted = set(statuses.counted) | ({"preliminary"} if statuses.preliminary_counts else set())
-    frame = observations[observations["status"].isin(counted | {statuses.retracted})]
-    frame = frame[frame["value"].notna() & frame["time"].notna() & frame["patient_id"].notna()]
+    wanted = (
+        observations["status"].isin(counted | {statuses.retracted})
+        & observations["value"].notna() & observations["time"].notna() & observations["patient_id"].notna()
+    )
     if as_of is not None:
-        frame = frame[frame["time"] <= pd.Timestamp(as_of)]
+        wanted &= observations["time"] <= pd.Timestamp(as_of)
+    wanted &= observations["patient_id"].isin(_patients_with_low_values(observations[wanted], patients, rules))
+    frame = observations[wanted]  # one filtered copy, of only the columns used below
     if frame.empty:
         return []
     frame = frame.sort_values(["patient_id", "time", "resource_id"], kind="mergesort")
@@ -447,6 +462,7 @@ def evaluate(
     exposures_by_patient = _exposures_by_patient(exposures, rules)
     history = int(rules.windows.episode_gap.total_seconds()) * _NS_PER_S
     specs: list[FlagSpec] = []
+    ages: dict = {}
     n = len(patient_col)
     start = 0
     while start < n:
@@ -467,14 +483,74 @@ def evaluate(
             else:
                 counted_values[concept_col[i]].append(v)
         specs.extend(_patient_flags(rules, pid, patients.get(pid), counted_values, all_values if any_retracted else None,
-                                    exposures_by_patient.get(pid, []), history))
+                                    exposures_by_patient.get(pid, []), history, ages))
         start = stop
     specs.sort(key=lambda s: (s.patient_id, s.family, s.start))
     return specs
 
 
-def _patient_flags(rules, pid, info, counted_values, all_values, exposures, history) -> list[FlagSpec]:
-    patient = _PatientRules(rules, info)
+def _patients_with_low_values(frame: pd.DataFrame, patients: dict[str, PatientInfo], rules: Rules) -> np.ndarray:
+    """The patients with at least one value that may be low; the others cannot have a Flag (§4: every episode,
+    retracted ones too, opens at a low value). Vectorised and conservative, so that the per-patient rules run
+    only where they can find something: each bound is at least the threshold the value is judged against.
+    - WBC and lymphocytes: the row's LLN (lab range), else the age band's LLN: the adult band's once the patient
+      is surely in it, else the highest band's;
+    - ANC: the higher of the row's LLN (under 14 days only the lab's range counts) and that age band threshold
+      (benign ethnic neutropenia only lowers it);
+    - a neutrophil % may give a derived ANC: its patient is always kept (when derive_anc is on);
+    - pancytopenia needs a low WBC; hemoglobin and platelets alone raise nothing.
+    A value with comparator `>` or `>=` is never low; `<x` is low when x <= threshold, hence `<=` below."""
+    if frame.empty:
+        return np.empty(0, dtype=object)
+    concept = frame["concept"].to_numpy(dtype=object)
+    value = frame["value"].to_numpy(dtype="float64")
+    lln = frame["lln"].to_numpy(dtype="float64")
+    time = frame["time"].dt.as_unit("ns").astype("int64").to_numpy()
+    codes, uniques = pd.factorize(frame["patient_id"])
+    adult = time >= _adult_from(uniques, patients, rules)[codes]
+    bound = np.full(len(frame), -np.inf)
+    bands = {
+        "wbc": [b.lln for b in rules.wbc_lln],
+        "lymphocytes_abs": [b.lln for b in rules.lymphopenia.lln],
+        "anc": [b.threshold for b in rules.neutropenia.thresholds],
+    }
+    for name, values in bands.items():
+        rows = concept == name
+        if rows.any():
+            band = np.where(adult[rows], values[-1], max(values))
+            # Lab LLN when present, else the band; for ANC the higher of the two (NaN ignored by fmax).
+            bound[rows] = np.fmax(lln[rows], band) if name == "anc" else np.where(np.isnan(lln[rows]), band, lln[rows])
+    maybe = (value <= bound) & ~frame["comparator"].isin([">", ">="]).to_numpy()
+    if rules.derive_anc:
+        maybe |= concept == "neutrophils_pct"
+    return uniques.to_numpy(dtype=object)[np.unique(codes[maybe])]
+
+
+def _adult_from(patient_ids, patients: dict[str, PatientInfo], rules: Rules) -> np.ndarray:
+    """Per patient, the instant (ns) from which every age-banded threshold is its last (adult) band; the smallest
+    int64 when the birth date is unknown (adult thresholds then, §1.3), the largest when there is only one band."""
+    lists = [rules.wbc_lln, rules.lymphopenia.lln, rules.neutropenia.thresholds]
+    last_starts = [bands[-2].below for bands in lists if len(bands) > 1]
+    low, high = np.iinfo(np.int64).min, np.iinfo(np.int64).max
+    by_birth: dict = {}
+    out = np.empty(len(patient_ids), dtype=np.int64)
+    for i, pid in enumerate(patient_ids):
+        info = patients.get(pid)
+        birth = info.birth_date if info else None
+        if birth is None:
+            out[i] = low
+            continue
+        start = by_birth.get(birth)
+        if start is None:
+            born = datetime(birth.year, birth.month, birth.day, tzinfo=timezone.utc)
+            start = by_birth[birth] = max(
+                (int(span.after(born).timestamp()) * _NS_PER_S for span in last_starts), default=low)
+        out[i] = start
+    return out
+
+
+def _patient_flags(rules, pid, info, counted_values, all_values, exposures, history, ages=None) -> list[FlagSpec]:
+    patient = _PatientRules(rules, info, ages)
     specs = []
     real = _points(rules, patient, counted_values)
     real_ids: set[str] = set()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from array import array
+from itertools import compress
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
@@ -19,6 +21,10 @@ __all__ = ["Normaliser", "Normalised", "PatientInfo", "parse_time_ns", "NAT", "O
 
 NAT = np.iinfo(np.int64).min  # NaT as int64 nanoseconds: the "no time yet" marker of a compact row
 _NAN = math.nan
+_FLOAT_MAX = sys.float_info.max
+_MISS = object()
+# Per-run caches of repeated strings (subject references, effective times) are cleared past this many entries.
+_CACHE_LIMIT = 65536
 
 OBSERVATION_COLUMNS = [
     "row_id", "resource_id", "version", "patient_id", "concept", "code", "value", "comparator",
@@ -104,7 +110,15 @@ def _list(value) -> list:
 
 
 def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite JSON number (not a bool); an int too large for a float is not one (it cannot be converted)."""
+    kind = type(value)
+    if kind is float:
+        return value - value == 0.0  # False for inf and nan
+    if kind is int:
+        return -_FLOAT_MAX <= value <= _FLOAT_MAX
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return -_FLOAT_MAX <= value <= _FLOAT_MAX if isinstance(value, int) else math.isfinite(value)
 
 
 def _ref(resource: dict) -> str | None:
@@ -112,16 +126,28 @@ def _ref(resource: dict) -> str | None:
     return f"{resource.get('resourceType')}/{rid}" if isinstance(rid, str) and rid else None
 
 
-def _effective_ns(resource: dict) -> tuple[int | None, bool]:
-    """(time, present): the clinically relevant time of §1.1 and whether one was given at all."""
-    for key in ("effectiveDateTime", "effectiveInstant"):
-        value = resource.get(key)
-        if value is not None:
-            return parse_time_ns(value), True
-    period = resource.get("effectivePeriod")
-    if isinstance(period, dict) and period.get("start") is not None:
-        return parse_time_ns(period["start"]), True
-    return None, False
+def _observation_key(reference) -> str | None:
+    """`Observation/<id>` for a reference to an Observation (or to an untyped id), else None."""
+    if type(reference) is str and len(reference) > 12 and reference.startswith("Observation/") \
+            and reference.find("/", 12) < 0:
+        return reference  # already the key: no new string (a report lists every result of a run)
+    kind, rid = reference_target(reference)
+    return f"Observation/{rid}" if rid and kind in (None, "Observation") else None
+
+
+def _range_value(q, factors: dict) -> float | None:
+    """A referenceRange low/high in the concept's canonical unit, or None."""
+    if not isinstance(q, dict):
+        return None
+    value = q.get("value")
+    if not _number(value):
+        return None
+    code = q.get("code")
+    factor = factors.get(code) if isinstance(code, str) else None
+    if factor is None:
+        unit = q.get("unit")
+        factor = factors.get(unit) if isinstance(unit, str) else None
+    return value * factor if factor is not None else None
 
 
 @dataclass
@@ -186,6 +212,8 @@ class Normaliser:
 
         self.rows = _Rows()
         self._strings: dict[str, str] = {}
+        self._subjects: dict[str, str | None] = {}  # subject reference -> _patient_of's answer
+        self._times: dict[str, int | None] = {}  # dateTime text -> ns (results of one panel share a time)
         self._ranges: dict[int, list[_Range]] = {}  # row position -> patient-specific ranges
         self._range_values: dict[int, tuple[float, float]] = {}  # row position -> (low, high) converted, if any
         self.report_of: dict[str, tuple[int | None, str]] = {}  # "Observation/x" -> (report time, report ref)
@@ -212,10 +240,21 @@ class Normaliser:
     def _quarantine(self, index: int, resource: dict, *reasons: str) -> None:
         self.quarantined.append((index, _ref(resource), list(reasons)))
 
-    def _patient_of(self, resource: dict) -> str | None | bool:
+    def _patient_of(self, resource: dict) -> str | None:
         """'Patient/id', or '?id' when the reference has no type (urn:uuid), or None when not a Patient."""
         subject = resource.get("subject")
         reference = subject.get("reference") if isinstance(subject, dict) else None
+        if type(reference) is str:
+            patient = self._subjects.get(reference, _MISS)
+            if patient is _MISS:
+                patient = self._patient_of_reference(reference)
+                if len(self._subjects) >= _CACHE_LIMIT:
+                    self._subjects.clear()
+                self._subjects[reference] = patient
+            return patient
+        return self._patient_of_reference(reference)
+
+    def _patient_of_reference(self, reference) -> str | None:
         kind, rid = reference_target(reference)
         if not rid or rid.startswith("#"):
             return None
@@ -224,6 +263,30 @@ class Normaliser:
         if kind is None:
             return self._intern(f"?{rid}")
         return None
+
+    def _time(self, text) -> int | None:
+        """parse_time_ns, remembered: the results of one panel (and its report) carry the same text."""
+        if type(text) is not str:
+            return parse_time_ns(text)
+        ns = self._times.get(text, _MISS)
+        if ns is _MISS:
+            ns = parse_time_ns(text)
+            if len(self._times) >= _CACHE_LIMIT:
+                self._times.clear()
+            self._times[text] = ns
+        return ns
+
+    def _effective_ns(self, resource: dict) -> tuple[int | None, bool]:
+        """(time, present): the clinically relevant time of §1.1 and whether one was given at all."""
+        value = resource.get("effectiveDateTime")
+        if value is None:
+            value = resource.get("effectiveInstant")
+            if value is None:
+                period = resource.get("effectivePeriod")
+                if isinstance(period, dict) and period.get("start") is not None:
+                    return self._time(period["start"]), True
+                return None, False
+        return self._time(value), True
 
     # -- entry point ---------------------------------------------------------------------------------------------
     def add(self, resource: dict, index: int) -> None:
@@ -255,15 +318,17 @@ class Normaliser:
 
     # -- Observation (§1.1, §1.2, §1.3) --------------------------------------------------------------------------
     def _observation(self, r: dict, index: int) -> None:
+        # The hot path (one call per Observation): helpers inlined, strings interned, nothing formatted but the id.
         concept = code = None
         code_block = r.get("code")
         codings = code_block.get("coding") if isinstance(code_block, dict) else None
         if isinstance(codings, list):
+            loinc, to_concept = self._loinc, self._code_to_concept
             for coding in codings:
-                if isinstance(coding, dict) and coding.get("system") == self._loinc:
-                    concept = self._code_to_concept.get(_text(coding.get("code")))
+                if isinstance(coding, dict) and coding.get("system") == loinc:
+                    code = coding.get("code")
+                    concept = to_concept.get(code) if isinstance(code, str) else None
                     if concept is not None:
-                        code = coding["code"]
                         break
         if concept is None:
             # A panel Observation (e.g. CBC 58410-2) is out of scope, but its members take its time and panel.
@@ -275,7 +340,9 @@ class Normaliser:
                 return
             self._skip(SKIP_OUT_OF_SCOPE)
             return
-        status = _text(r.get("status"))
+        status = r.get("status")
+        if not isinstance(status, str):
+            status = None
         if status in self._ignored:
             self._skip(_status_skip(status))
             return
@@ -293,38 +360,43 @@ class Normaliser:
         if not isinstance(quantity, dict) or not _number(quantity.get("value")):
             self._quarantine(index, r, Q_NOT_NUMERIC)
             return
-        time, present = _effective_ns(r)
+        time, present = self._effective_ns(r)
         if present and time is None:
             self._quarantine(index, r, Q_BAD_TIME)
             return
         factors = self._units[concept]
-        unit = _text(quantity.get("code")) if quantity.get("system") == self._ucum else None
-        if not unit:
-            unit = _text(quantity.get("unit")) or _text(quantity.get("code"))
+        unit = quantity.get("code") if quantity.get("system") == self._ucum else None
+        if not unit or not isinstance(unit, str):
+            unit = quantity.get("unit")
+            if not unit or not isinstance(unit, str):
+                unit = quantity.get("code")
+                if not isinstance(unit, str):
+                    unit = None
         factor = factors.get(unit)
         value = quantity["value"] * factor if factor is not None else _NAN
         lln = _NAN
         ranges = r.get("referenceRange")
-        position = len(self.rows.index)
+        rows = self.rows
         if isinstance(ranges, list) and ranges:
-            lln, problem = self._reference(ranges, factors, value, position, concept in self._low_check)
+            lln, problem = self._reference(ranges, factors, value, len(rows.index), concept in self._low_check)
             if problem:
                 self._quarantine(index, r, problem)
                 return
         comparator = quantity.get("comparator")
         meta = r.get("meta")
         version = meta.get("versionId") if isinstance(meta, dict) else None
-        rows = self.rows
+        rid = r.get("id")
+        intern = self._strings.setdefault
         rows.index.append(index)
-        rows.resource_id.append(_ref(r))
+        rows.resource_id.append("Observation/" + rid if isinstance(rid, str) and rid else None)
         rows.version.append(version if isinstance(version, str) else None)
         rows.patient.append(patient)
         rows.concept.append(concept)
-        rows.code.append(self._intern(code))
+        rows.code.append(intern(code, code))
         rows.value.append(value)
-        rows.comparator.append(self._intern(comparator) if isinstance(comparator, str) else None)
-        rows.unit.append(self._intern(unit) if isinstance(unit, str) else None)
-        rows.status.append(self._intern(status) if isinstance(status, str) else None)
+        rows.comparator.append(intern(comparator, comparator) if isinstance(comparator, str) else None)
+        rows.unit.append(intern(unit, unit) if unit is not None else None)
+        rows.status.append(intern(status, status) if status is not None else None)
         rows.time.append(NAT if time is None else time)
         rows.lln.append(lln)
 
@@ -335,8 +407,8 @@ class Normaliser:
         for rr in ranges:
             if not isinstance(rr, dict):
                 continue
-            low = self._quantity(rr.get("low"), factors)
-            high = self._quantity(rr.get("high"), factors)
+            low = _range_value(rr.get("low"), factors)
+            high = _range_value(rr.get("high"), factors)
             if value == value and value > 0:
                 # §1.2: a value ~1000x above the range's high means a wrong unit. Below the low only for
                 # concepts that cannot truly be ~0 (a true ANC of 0.01 must never be quarantined).
@@ -374,20 +446,6 @@ class Normaliser:
         return lln, None
 
     @staticmethod
-    def _quantity(q, factors: dict) -> float | None:
-        if not isinstance(q, dict):
-            return None
-        value = q.get("value")
-        if not _number(value):
-            return None
-        code = q.get("code")
-        factor = factors.get(code) if isinstance(code, str) else None
-        if factor is None:
-            unit = q.get("unit")
-            factor = factors.get(unit) if isinstance(unit, str) else None
-        return value * factor if factor is not None else None
-
-    @staticmethod
     def _years(q) -> float | None:
         if not isinstance(q, dict) or not _number(q.get("value")):
             return None
@@ -400,13 +458,13 @@ class Normaliser:
         ref = _ref(panel)
         if ref is None:
             return
-        time, _ = _effective_ns(panel)
-        ref = self._intern(ref)
+        time, _ = self._effective_ns(panel)
+        entry = (time, self._intern(ref))  # one tuple shared by every member
         for member in members:
             if isinstance(member, dict):
-                kind, rid = reference_target(member.get("reference"))
-                if rid and kind in (None, "Observation"):
-                    self.parent_of[f"Observation/{rid}"] = (time, ref)
+                key = _observation_key(member.get("reference"))
+                if key is not None:
+                    self.parent_of[key] = entry
 
     # -- DiagnosticReport: time fallback and panel grouping (§1.1, §2 ANC from the same panel) ------------------
     def _report(self, r: dict) -> None:
@@ -415,13 +473,14 @@ class Normaliser:
         results = r.get("result")
         if ref is None or not isinstance(results, list):
             return
-        time, _ = _effective_ns(r)
-        ref = self._intern(ref)
+        time, _ = self._effective_ns(r)
+        entry = (time, self._intern(ref))  # one tuple shared by every result
+        report_of = self.report_of
         for result in results:
             if isinstance(result, dict):
-                kind, rid = reference_target(result.get("reference"))
-                if rid and kind in (None, "Observation"):
-                    self.report_of[f"Observation/{rid}"] = (time, ref)
+                key = _observation_key(result.get("reference"))
+                if key is not None:
+                    report_of[key] = entry
 
     # -- Patient (§1.3) ------------------------------------------------------------------------------------------
     def _patient(self, r: dict, index: int) -> None:
@@ -546,62 +605,72 @@ class Normaliser:
         keep = np.ones(n, dtype=bool)
         times = np.frombuffer(rows.time, dtype=np.int64).copy() if n else np.empty(0, dtype=np.int64)
         llns = np.frombuffer(rows.lln, dtype=np.float64).copy() if n else np.empty(0, dtype=np.float64)
-        panels: list = [None] * n
+        rids = rows.resource_id
         patients = rows.patient
-        quarantined = self.quarantined
-        for i in range(n):
-            rid = rows.resource_id[i]
-            report = self.report_of.get(rid)
-            parent = self.parent_of.get(rid)
-            if report is None and parent is not None:
-                report = self.report_of.get(parent[1])
-            if report is not None:
-                panels[i] = report[1]
-            elif parent is not None:
-                panels[i] = parent[1]
-            if times[i] == NAT:
-                for source in (report, parent):
-                    if source is not None and source[0] is not None:
-                        times[i] = source[0]
-                        break
-                else:
-                    if parent is not None and report is None:
-                        pass
-                    quarantined.append((int(rows.index[i]), rid, [Q_NO_TIME]))
-                    keep[i] = False
-                    continue
-            patient = patients[i]
-            if patient.startswith("?"):
-                resolved = f"Patient/{patient[1:]}"
-                if resolved in self.patients:
-                    patients[i] = self._intern(resolved)
-                else:
-                    quarantined.append((int(rows.index[i]), rid, [Q_SUBJECT_UNRESOLVED]))
-                    keep[i] = False
-                    continue
-            if i in self._ranges:
-                llns[i] = self._specific_lln(self._ranges[i], patients[i], times[i], llns[i])
+        found: list[tuple[int, str | None, list[str]]] = []  # quarantined here, put in row order below
+        # The report (or the panel's report) and the panel Observation of each row: its panel, and its time when
+        # it has none of its own. Comprehensions over the whole column; Python loops only over the exceptions.
+        report_get = self.report_of.get
+        reports = [report_get(rid) for rid in rids]
+        if self.parent_of:
+            parent_get = self.parent_of.get
+            parents = [parent_get(rid) for rid in rids]
+            for i, parent in enumerate(parents):
+                if parent is not None and reports[i] is None:
+                    reports[i] = report_get(parent[1])
+            panels = [r[1] if r is not None else (p[1] if p is not None else None) for r, p in zip(reports, parents)]
+        else:
+            parents = None
+            panels = [None if r is None else r[1] for r in reports]
+        for i in np.flatnonzero(times == NAT).tolist():
+            for source in (reports[i], parents[i] if parents is not None else None):
+                if source is not None and source[0] is not None:
+                    times[i] = source[0]
+                    break
+            else:
+                found.append((int(rows.index[i]), rids[i], [Q_NO_TIME]))
+                keep[i] = False
+        del reports, parents
+        typeless = {p for p in set(patients) if p.startswith("?")}
+        if typeless:
+            for i, patient in enumerate(patients):
+                if patient in typeless and keep[i]:
+                    resolved = f"Patient/{patient[1:]}"
+                    if resolved in self.patients:
+                        patients[i] = self._intern(resolved)
+                    else:
+                        found.append((int(rows.index[i]), rids[i], [Q_SUBJECT_UNRESOLVED]))
+                        keep[i] = False
+        self.quarantined.extend(sorted(found, key=lambda q: q[0]))
+        for i, ranges in self._ranges.items():
+            if keep[i]:
+                llns[i] = self._specific_lln(ranges, patients[i], int(times[i]), llns[i])
         self._drop_superseded(keep)
-        frame = pd.DataFrame(
-            {
-                "row_id": pd.array([str(x) for x in rows.index], dtype="str"),
-                "resource_id": rows.resource_id,
-                "version": rows.version,
-                "patient_id": patients,
-                "concept": rows.concept,
-                "code": rows.code,
-                "value": np.frombuffer(rows.value, dtype=np.float64) if n else np.empty(0),
-                "comparator": rows.comparator,
-                "unit": rows.unit,
-                "status": rows.status,
-                "time": _timestamps(times),
-                "lln": llns,
-                "panel": panels,
-            },
-            columns=OBSERVATION_COLUMNS,
-        )
-        frame = frame[keep].reset_index(drop=True)
+        columns = {
+            "row_id": [str(x) for x in rows.index],
+            "resource_id": rids,
+            "version": rows.version,
+            "patient_id": patients,
+            "concept": rows.concept,
+            "code": rows.code,
+            "value": np.frombuffer(rows.value, dtype=np.float64) if n else np.empty(0),
+            "comparator": rows.comparator,
+            "unit": rows.unit,
+            "status": rows.status,
+            "time": times,
+            "lln": llns,
+            "panel": panels,
+        }
         self.rows = _Rows()  # release the compact copy
+        del rows, rids, patients, panels
+        if not keep.all():
+            # Filter before the frame is built: one DataFrame, never a second filtered copy of it.
+            for name, column in columns.items():
+                columns[name] = column[keep] if isinstance(column, np.ndarray) else list(compress(column, keep))
+        columns["row_id"] = pd.array(columns["row_id"], dtype="str")
+        columns["time"] = _timestamps(columns["time"])
+        frame = pd.DataFrame(columns, columns=OBSERVATION_COLUMNS)
+        del columns
         patients_out = {
             ref: PatientInfo(info.birth_date, info.gender, ref in self._ben_marked or ref in self._ben_patients)
             for ref, info in self.patients.items()
@@ -612,17 +681,22 @@ class Normaliser:
             patients=patients_out,
             existing_flags=self.existing_flags,
             skipped=self.skipped,
-            quarantined=quarantined,
+            quarantined=self.quarantined,
             evaluated_other=self.evaluated_other,
         )
 
     def _drop_superseded(self, keep: np.ndarray) -> None:
         """Two versions of one Observation in the input: only the latest counts (§4, a correction replaces)."""
         rows = self.rows
+        if not rows.resource_id:
+            return
+        # Only resource ids that occur more than once need a look (a hash pass in C finds them).
+        repeated = pd.Series(rows.resource_id, dtype=object).duplicated(keep=False).to_numpy() & keep
         latest: dict[str, int] = {}
         dropped = 0
-        for i, rid in enumerate(rows.resource_id):
-            if rid is None or not keep[i]:
+        for i in np.flatnonzero(repeated).tolist():
+            rid = rows.resource_id[i]
+            if rid is None:
                 continue
             previous = latest.get(rid)
             if previous is None:

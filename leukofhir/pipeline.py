@@ -18,7 +18,8 @@ from leukofhir.errors import UsageError
 from leukofhir.evaluate import evaluate
 from leukofhir.flags import build_flag, flag_row
 from leukofhir.normalise import Normaliser
-from leukofhir.reader import ReadError, iter_resources
+from leukofhir.reader import ReadError, iter_located, iter_resources
+from leukofhir.report_html import write_report_html
 from leukofhir.validate import suite_parameters, validate_batch
 
 __all__ = ["evaluate_files", "evaluate_command"]
@@ -51,17 +52,33 @@ class _Sources:
         self.line = array("q")
         self.entry = array("q")
 
-    def add(self, source) -> None:
-        index = self._path_index.get(source.path)
+    def path_index(self, path: str) -> int:
+        index = self._path_index.get(path)
         if index is None:
-            index = self._path_index[source.path] = len(self.paths)
-            self.paths.append(source.path)
-        self.file.append(index)
-        self.line.append(-1 if source.line is None else source.line)
-        self.entry.append(-1 if source.entry is None else source.entry)
+            index = self._path_index[path] = len(self.paths)
+            self.paths.append(path)
+        return index
 
     def key(self, index: int) -> tuple[int, int, int]:
         return self.file[index], self.line[index], self.entry[index]
+
+
+def _read(paths, normaliser: Normaliser, sources: _Sources, on_error, progress: bool) -> Counter:
+    """Feed every resource to the normaliser, noting where it was read; the per-resource hot loop of a run."""
+    counts: dict[str, int] = {}
+    add = normaliser.add
+    add_file, add_line, add_entry = sources.file.append, sources.line.append, sources.entry.append
+    last_path, file_index = None, -1
+    for index, (resource, path, line, entry) in enumerate(_progress(iter_located(paths, on_error), progress)):
+        if path is not last_path:  # one str object per file: an identity check, not a lookup per resource
+            last_path, file_index = path, sources.path_index(path)
+        add_file(file_index)
+        add_line(-1 if line is None else line)
+        add_entry(-1 if entry is None else entry)
+        kind = resource["resourceType"]
+        counts[kind] = counts.get(kind, 0) + 1
+        add(resource, index)
+    return Counter(counts)
 
 
 def _progress(items, enabled: bool):
@@ -77,9 +94,19 @@ def _bucket(reason: str) -> str:
     return reason.split(": ", 1)[0]
 
 
-def evaluate_files(paths, out_dir, as_of=None, config=None, progress: bool = True) -> dict:
-    """Read, normalise, validate and evaluate the files; write the three outputs to `out_dir`; return the report."""
+def evaluate_files(
+    paths, out_dir, as_of=None, config=None, progress: bool = True, *, fail_on_threshold: bool = False
+) -> dict:
+    """Read, normalise, validate and evaluate the files; write Flag.ndjson, quarantine.ndjson, report.json and
+    report.html to `out_dir`; return the report.
+
+    `fail_on_threshold`: whether a batch whose share of rows failing validation is above the rules'
+    `validation.max_failure_rate` raises ValidationThresholdError (naming the expectations and a few resource ids)
+    instead of being quarantined and reported. Off for offline `leukofhir evaluate`, which must never fail on data
+    quality: it reports. On for the pipeline step run against a server (`leukofhir run`, the DAGs), where a window
+    that is mostly bad data must fail the task loudly."""
     rules = config if isinstance(config, Rules) else load_config(config)
+    max_failure_rate = rules.validation.max_failure_rate if fail_on_threshold else None
     as_of_given = parse_as_of(as_of)
     out = Path(out_dir)
     try:
@@ -91,13 +118,9 @@ def evaluate_files(paths, out_dir, as_of=None, config=None, progress: bool = Tru
 
     # 1. read and normalise, streaming: only compact rows and each resource's origin are kept.
     read_errors: list[ReadError] = []
-    read_counts: Counter = Counter()
     sources = _Sources()
     normaliser = Normaliser(rules)
-    for index, item in enumerate(_progress(iter_resources(paths, read_errors.append), progress)):
-        read_counts[item.resource["resourceType"]] += 1
-        sources.add(item.source)
-        normaliser.add(item.resource, index)
+    read_counts = _read(paths, normaliser, sources, read_errors.append, progress)
     normalised = normaliser.finish()
     read_total = sum(read_counts.values())
     skipped: Counter = Counter(normalised.skipped)
@@ -105,8 +128,6 @@ def evaluate_files(paths, out_dir, as_of=None, config=None, progress: bool = Tru
     normalised_count = read_total - sum(skipped.values()) - len(quarantined)
 
     # 2. validate with the Great Expectations suites (value plausibility, units, statuses, duplicates).
-    # GX logs pages of INFO while it imports; keep the CLI's output to our own lines.
-    logging.getLogger("great_expectations").setLevel(logging.WARNING)
     parameters = suite_parameters(rules)
     expectations: list[dict] = []
     observations, exposures = normalised.observations, normalised.exposures
@@ -114,7 +135,7 @@ def evaluate_files(paths, out_dir, as_of=None, config=None, progress: bool = Tru
     for suite, frame in (("observations", observations), ("exposures", exposures)):
         if frame.empty:
             continue
-        result = validate_batch(suite, frame, parameters)
+        result = validate_batch(suite, frame, parameters, max_failure_rate=max_failure_rate)
         expectations.extend(result.expectations)
         by_row = frame.set_index("row_id")["resource_id"] if result.reasons else None
         for row_id, reasons in result.reasons.items():
@@ -145,10 +166,7 @@ def evaluate_files(paths, out_dir, as_of=None, config=None, progress: bool = Tru
     flags = [build_flag(spec, rules, checked_shapes) for spec in specs]
     rejected_flags = 0
     if specs:
-        rows = pd.DataFrame([flag_row(spec, str(i)) for i, spec in enumerate(specs)])
-        for column in rows.columns:
-            rows[column] = rows[column].astype("str")
-        result = validate_batch("flags", rows, parameters)
+        result = validate_batch("flags", flag_frame(specs), parameters, max_failure_rate=max_failure_rate)
         expectations.extend(result.expectations)
         if result.reasons:
             rejected_flags = len(result.reasons)
@@ -193,7 +211,16 @@ def evaluate_files(paths, out_dir, as_of=None, config=None, progress: bool = Tru
     with open(out / "report.json", "w", encoding="utf-8") as fh:
         json.dump(report, fh, indent=2, default=str)
         fh.write("\n")
+    write_report_html(report, out / "report.html")
     return report
+
+
+def flag_frame(specs) -> pd.DataFrame:
+    """The rows the GX `flags` suite checks, one per FlagSpec (row_id = its position), as str columns in which a
+    missing value stays missing: a Flag without a subject must fail "subject present", not pass as "None"."""
+    rows = [flag_row(spec, str(i)) for i, spec in enumerate(specs)]
+    columns = list(rows[0]) if rows else ["row_id", "identifier", "status", "code", "subject"]
+    return pd.DataFrame({c: pd.array([row[c] for row in rows], dtype="str") for c in columns}, columns=columns)
 
 
 def _flag_counts(flags: list[dict]) -> dict:

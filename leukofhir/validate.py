@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from leukofhir.config import Rules
@@ -86,6 +87,10 @@ def validate_batch(
     suites, batches = _context()
     id_column = ID_COLUMN[suite]
     frame = _with_helper_columns(rows, parameters) if suite == "observations" else rows
+    # GX filters and copies whole batches per expectation: give it only the columns the suite reads.
+    needed = _suite_columns(suite) | {"row_id", id_column}
+    frame = frame[[c for c in frame.columns if c in needed]]
+    frame, naive = _naive_pair_columns(suite, frame)
     batch = batches[suite].get_batch(batch_parameters={"dataframe": frame})
     run = batch.validate(
         suites[suite],
@@ -100,7 +105,7 @@ def validate_batch(
         },
     )
     reasons: dict[str, list[str]] = defaultdict(list)
-    summaries = [_collect(suite, result, id_column, reasons) for result in run.results]
+    summaries = [_collect(suite, result, id_column, reasons, naive) for result in run.results]
     failed = len(reasons)
     if max_failure_rate is not None and len(rows) and failed / len(rows) > max_failure_rate:
         raise ValidationThresholdError(_threshold_message(suite, failed, len(rows), max_failure_rate, summaries))
@@ -118,21 +123,63 @@ def _with_helper_columns(rows: pd.DataFrame, parameters: dict) -> pd.DataFrame:
     quarantine every copy, so a resource read twice (a Bundle and an NDJSON export of it) would never be evaluated;
     this way the first copy goes on and the repeats are quarantined."""
     maxima = parameters["plausible_max"]
-    unbounded = set(rows["concept"].dropna().unique()) - set(maxima)
+    concept = rows["concept"]
+    # Few distinct concepts and panels: look values up per distinct value (a hash pass in C), not per row.
+    codes, concepts = pd.factorize(concept)
+    unbounded = {c for c in concepts if isinstance(c, str)} - set(maxima)
     if unbounded:
         # Without a bound the check would pass silently; a site adding a concept must give its range.
         raise ConfigError(f"no plausible_max configured for concept(s): {', '.join(sorted(unbounded))}")
-    wbc = rows.loc[(rows["concept"] == "wbc") & rows["panel"].notna(), ["panel", "value"]]
-    highest = wbc.groupby("panel")["value"].max()
-    is_differential = rows["concept"].isin(parameters["differential_concepts"])
-    return rows.assign(
-        plausible_max=rows["concept"].map(maxima).astype("float64"),
-        panel_wbc=rows["panel"].map(highest).where(is_differential).astype("float64"),
-        earlier_copies=rows.groupby(["resource_id", "version"], dropna=False, sort=False).cumcount(),
-    )
+    n = len(rows)
+    per_concept = np.array([maxima[c] if isinstance(c, str) else np.nan for c in concepts] + [np.nan], dtype="float64")
+    plausible_max = per_concept[codes]  # code -1 (no concept) takes the NaN at the end
+    panel_wbc = np.full(n, np.nan)
+    differential = np.flatnonzero(concept.isin(parameters["differential_concepts"]).to_numpy())
+    if len(differential):
+        wbc = rows.loc[(concept == "wbc") & rows["panel"].notna(), ["panel", "value"]]
+        if len(wbc):
+            highest = wbc.groupby("panel", sort=False)["value"].max()
+            where = highest.index.get_indexer(rows["panel"].to_numpy()[differential])
+            found = where >= 0
+            panel_wbc[differential[found]] = highest.to_numpy()[where[found]]
+    earlier_copies = np.zeros(n, dtype="int64")
+    # Copies are rare: find the repeated resource ids with one hash pass, count copies only among them.
+    repeated = rows["resource_id"].duplicated(keep=False).to_numpy()
+    if repeated.any():
+        subset = rows.loc[repeated, ["resource_id", "version"]]
+        earlier_copies[repeated] = subset.groupby(["resource_id", "version"], dropna=False, sort=False).cumcount()
+    return rows.assign(plausible_max=plausible_max, panel_wbc=panel_wbc, earlier_copies=earlier_copies)
 
 
-def _collect(suite: str, result: Any, id_column: str, reasons: dict[str, list[str]]) -> dict:
+@functools.cache
+def _suite_columns(suite: str, keys: tuple[str, ...] = ("column", "column_A", "column_B")) -> frozenset[str]:
+    """The columns the suite's expectations read (through the given kwargs)."""
+    suites, _ = _context()
+    columns = set()
+    for expectation in suites[suite].expectations:
+        kwargs = expectation.configuration.kwargs
+        columns.update(kwargs[k] for k in keys if isinstance(kwargs.get(k), str))
+    return frozenset(columns)
+
+
+def _naive_pair_columns(suite: str, frame: pd.DataFrame) -> tuple[pd.DataFrame, frozenset[str]]:
+    """Column-pair expectations get tz-aware datetime columns as naive UTC.
+
+    GX lists a pair's failing values through `Series.values`, which pandas 3.1 deprecates for tz-aware columns
+    (Pandas4Warning: it drops the zone). Naive UTC compares exactly the same; `_collect` puts the zone back on the
+    values it reports, so reasons still read `2025-01-01T00:00:00+00:00`."""
+    columns = [
+        c for c in _suite_columns(suite, ("column_A", "column_B"))
+        if c in frame.columns and isinstance(frame[c].dtype, pd.DatetimeTZDtype)
+    ]
+    if not columns:
+        return frame, frozenset()
+    return frame.assign(**{c: frame[c].dt.tz_convert("UTC").dt.tz_localize(None) for c in columns}), frozenset(columns)
+
+
+def _collect(
+    suite: str, result: Any, id_column: str, reasons: dict[str, list[str]], naive_utc: frozenset[str] = frozenset()
+) -> dict:
     """Turn one GX expectation result into reasons per failing row and a summary for the report."""
     config = result.expectation_config
     kwargs = config.kwargs
@@ -144,6 +191,9 @@ def _collect(suite: str, result: Any, id_column: str, reasons: dict[str, list[st
     failing = result.result.get("unexpected_index_list") or []
     examples: list[str] = []
     for entry in failing:
+        for column in naive_utc.intersection(entry):
+            if isinstance(entry[column], pd.Timestamp) and entry[column] is not pd.NaT:
+                entry[column] = entry[column].tz_localize("UTC")
         reasons[entry["row_id"]].append(f"{label}: {_explain(name, kwargs, entry)}")
         if len(examples) < EXAMPLES_PER_EXPECTATION:
             # A row without its resource id is still named, by its row id.
@@ -252,13 +302,18 @@ def load_suite(path: Path):
 @functools.cache
 def _context():
     """One ephemeral GX context, data source and suite set per process: building them costs far more than a batch."""
+    # GX logs pages of INFO while it imports and builds a context: quiet task logs and the CLI's output before the
+    # import (this module owns GX's logging; callers set none). GX pins one module of its own at INFO when it
+    # imports, so that one is set again after the import.
+    quiet = ("great_expectations", "great_expectations.data_context.types.base")
+    for name in quiet:
+        logging.getLogger(name).setLevel(logging.WARNING)
     # GX takes seconds to import: only code that validates pays for it.
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
     from great_expectations.execution_engine import pandas_execution_engine
 
-    # Quiet task logs; GX pins one module of its own at INFO, so that one is named too.
-    for name in ("great_expectations", "great_expectations.data_context.types.base"):
+    for name in quiet:
         logging.getLogger(name).setLevel(logging.WARNING)
     # GX fingerprints every pandas batch by hashing all of it (twice per validate): about 3 s per million rows,
     # for a marker we never read. GX already skips it above this size; skipping it always keeps validation cheap.

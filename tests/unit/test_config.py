@@ -43,6 +43,7 @@ def _write(tmp_path: Path, change) -> Path:
         (lambda d: d["uris"].update(author="Organization/x"), "uris.author"),
         (lambda d: d["priority"].pop(4), "priority"),
         (lambda d: d["medications"]["drugs"].update(x={"label": "x"}), "medications.drugs.x"),
+        (lambda d: d["validation"].update(max_failure_rate=1.5), "validation.max_failure_rate"),
     ],
 )
 def test_wrong_file_names_the_key(tmp_path, change, key):
@@ -66,6 +67,14 @@ def test_unreadable_and_not_yaml(tmp_path):
 def test_site_can_change_a_threshold(tmp_path):
     rules = load_config(_write(tmp_path, lambda d: d["agranulocytosis"].update(below=0.2)))
     assert rules.agranulocytosis.below == 0.2
+
+
+def test_validation_failure_threshold_defaults_and_can_be_switched_off(tmp_path):
+    assert load_config().validation.max_failure_rate == 0.2
+    rules = load_config(_write(tmp_path, lambda d: d["validation"].update(max_failure_rate=None)))
+    assert rules.validation.max_failure_rate is None
+    rules = load_config(_write(tmp_path, lambda d: d["validation"].pop("max_failure_rate")))
+    assert rules.validation.max_failure_rate == 0.2
 
 
 def test_age_span_calendar_arithmetic():

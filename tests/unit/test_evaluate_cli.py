@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import gzip
 import json
+from datetime import datetime, timezone
 
 import pytest
 
+import leukofhir.pipeline as pipeline
 from leukofhir.cli import main
+from leukofhir.config import DEFAULT_PATH
+from leukofhir.evaluate import FlagSpec, evaluate
+from leukofhir.validate import ValidationThresholdError
 from support.fhir_builders import at, observation, patient, report, statement
 
 
@@ -66,6 +71,9 @@ def test_evaluate_writes_outputs_that_add_up(inputs, tmp_path, capsys):
     assert any(q.get("source", "").endswith("Observation.ndjson:8") for q in lines)
     assert all(q["reasons"] for q in lines)
     assert "Flags written" in capsys.readouterr().err
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert html.lstrip().lower().startswith("<!doctype html") and "Agranulocytosis" in html
+    assert not (out / "report.html.partial").exists()
 
 
 def test_identifiers_stable_across_runs(inputs, tmp_path):
@@ -102,3 +110,46 @@ def test_as_of_skips_later_values(inputs, tmp_path):
     assert report_["skipped"]["after the as-of time"] == 2 and report_["reconciled"]
     (flag,) = [json.loads(x) for x in (out / "Flag.ndjson").open()]
     assert flag["status"] == "active"
+
+
+def test_failure_threshold_fails_a_server_run_but_never_offline_evaluate(inputs, tmp_path):
+    """2 of the 5 Observation rows GX checks fail (unknown unit, negative): 40 % is above the default 20 %."""
+    with pytest.raises(ValidationThresholdError) as caught:
+        pipeline.evaluate_files([inputs], tmp_path / "run", progress=False, fail_on_threshold=True)
+    message = str(caught.value)
+    assert message.startswith("observations: 2 of 5 rows (40.0%) fail validation, above the threshold 20.0%")
+    assert "expect_column_values_to_be_in_set(unit): 1 rows, e.g. Observation/u" in message
+    assert "expect_column_values_to_be_between(value): 1 rows, e.g. Observation/neg" in message
+    # Offline (the default, and `leukofhir evaluate`): the same input is quarantined and reported.
+    report_ = pipeline.evaluate_files([inputs], tmp_path / "offline", progress=False)
+    assert sum(report_["quarantined"].values()) == 3 and report_["reconciled"]
+    # The site sets the threshold in the rules file.
+    site = tmp_path / "rules.yaml"
+    site.write_text(DEFAULT_PATH.read_text().replace("max_failure_rate: 0.2", "max_failure_rate: 0.5"))
+    report_ = pipeline.evaluate_files([inputs], tmp_path / "site", config=site, progress=False,
+                                      fail_on_threshold=True)
+    assert report_["flags"]["total"] == 2
+
+
+def test_a_flag_without_subject_fails_validation_and_is_not_written(inputs, tmp_path, monkeypatch):
+    def without_subject(*args, **kwargs):
+        specs = evaluate(*args, **kwargs)
+        specs[0].patient_id = None
+        return specs
+
+    monkeypatch.setattr(pipeline, "evaluate", without_subject)
+    report_ = pipeline.evaluate_files([inputs], tmp_path / "out", progress=False)
+    assert report_["flags_rejected"] == 1 and report_["flags"]["total"] == 1
+    flags = [json.loads(x) for x in (tmp_path / "out" / "Flag.ndjson").read_text().splitlines()]
+    assert [f["subject"]["reference"] for f in flags] == ["Patient/p1"]
+    subject = next(e for e in report_["expectations"] if e["suite"] == "flags" and e["column"] == "subject")
+    assert subject["unexpected_count"] == 1 and not subject["success"]
+
+
+def test_flag_rows_keep_a_missing_value_missing():
+    spec = FlagSpec(identifier="a" * 40, patient_id=None, family="leukocytes", condition="leukopenia",
+                    code="84828003", display="Leukopenia", grade=2, status="active",
+                    start=datetime(2024, 1, 1, tzinfo=timezone.utc), end=None, text="", evidence=[])
+    rows = pipeline.flag_frame([spec])
+    assert rows["subject"].isna().all() and rows["subject"].tolist() != ["None"]
+    assert rows["row_id"].tolist() == ["0"] and rows["identifier"].tolist() == ["a" * 40]

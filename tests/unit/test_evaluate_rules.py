@@ -337,3 +337,70 @@ def test_as_of_ignores_later_values():
     res = [ADULT, observation("w1", "wbc", 3.0, time=at(0)), observation("w2", "wbc", 5.0, time=at(days=5))]
     (spec,) = flags_for(res, as_of=datetime(2024, 3, 2, tzinfo=timezone.utc))
     assert spec.status == "active"
+
+
+# -- the vectorised pre-selection of patients (evaluate._patients_with_low_values) never changes a Flag ---------------
+def _random_cohort(rng: random.Random, patients: int = 60) -> list[dict]:
+    """Patients of every age band (neonates included), BEN, lab ranges or none, comparators, bands, derived ANC,
+    retractions, values on both sides of every threshold, grouped in reports or not."""
+    resources = []
+    births = ["2024-02-25", "2024-01-20", "2023-06-01", "2019-03-03", "2012-07-07", "1950-01-01", None]
+    concepts = ["wbc", "anc", "neutrophils_pct", "bands_pct", "lymphocytes_abs", "hemoglobin", "platelets"]
+    scale = {"wbc": 6.0, "anc": 2.0, "neutrophils_pct": 60.0, "bands_pct": 5.0, "lymphocytes_abs": 1.6,
+             "hemoglobin": 13.0, "platelets": 200.0}
+    for p in range(patients):
+        pid = f"p{p}"
+        resources.append(patient(pid, rng.choice(births), rng.choice(["male", "female", None])))
+        for panel in range(rng.randint(1, 6)):
+            when = at(hours=rng.randint(0, 24 * 200))
+            ids = []
+            for concept in rng.sample(concepts, rng.randint(1, len(concepts))):
+                oid = f"o{p}-{panel}-{concept}"
+                value = round(scale[concept] * rng.choice([0.05, 0.3, 0.6, 0.8, 0.95, 1.0, 1.2, 2.0]), 2)
+                low = rng.choice([None, None, round(scale[concept] * rng.uniform(0.3, 1.5), 2)])
+                resources.append(observation(
+                    oid, concept, value, time=when, patient=f"Patient/{pid}", low=low,
+                    comparator=rng.choice([None, None, None, "<", ">", ">=", "<="]),
+                    status=rng.choice(["final"] * 8 + ["amended", "entered-in-error"])))
+                ids.append(oid)
+            if rng.random() < 0.7:
+                resources.append(report(f"r{p}-{panel}", ids, when, f"Patient/{pid}"))
+    return resources
+
+
+def _edge_patients() -> list[dict]:
+    """One patient per way a value is low near a bound of the pre-selection, everything else normal."""
+    out = []
+
+    def add(pid, birth, *observations):
+        out.append(patient(pid, birth, "female"))
+        out.extend(o | {"subject": {"reference": f"Patient/{pid}"}} for o in observations)
+
+    # Derived ANC only: WBC normal, 20 % neutrophils -> ANC 1.0 (§2 derived).
+    add("e-derived", "1970-01-01", observation("ed-w", "wbc", 5.0), observation("ed-n", "neutrophils_pct", 20.0),
+        observation("ed-l", "lymphocytes_abs", 2.0))
+    # Adult ANC 1.2 with a lab range low of 1.0: judged against 1.5 (the lab range does not lower it).
+    add("e-anc", "1970-01-01", observation("ea-a", "anc", 1.2, low=1.0))
+    # Neonate (5 days): only the lab's range, 1.8 < 2.0.
+    add("e-neonate", "2024-02-25", observation("en-a", "anc", 1.8, low=2.0))
+    # `<4.0` against a lab LLN of 4.0: below it.
+    add("e-less", "1970-01-01", observation("el-w", "wbc", 4.0, low=4.0, comparator="<"))
+    # A child of 1 month, no lab range: WBC 5.5 < 6.0.
+    add("e-child", "2024-01-20", observation("ec-w", "wbc", 5.5))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_patient_preselection_changes_no_flag(seed, monkeypatch):
+    from leukofhir import evaluate as engine
+    from support.fhir_builders import normalise_all
+
+    done = normalise_all(_random_cohort(random.Random(seed)) + _edge_patients(), RULES)
+    kept = engine._patients_with_low_values(done.observations, done.patients, RULES)
+    assert 0 < len(set(kept)) < done.observations["patient_id"].nunique()  # it does leave patients out
+    fast = engine.evaluate(done.observations, done.patients, done.exposures, RULES)
+    monkeypatch.setattr(engine, "_patients_with_low_values", lambda frame, patients, rules: frame["patient_id"].to_numpy())
+    every = engine.evaluate(done.observations, done.patients, done.exposures, RULES)
+    assert fast == every and fast
+    flagged = {spec.patient_id for spec in fast}
+    assert {f"Patient/e-{name}" for name in ("derived", "anc", "neonate", "less", "child")} <= flagged

@@ -145,3 +145,8 @@ def test_hot_path_speed_per_observation():
         normaliser.add(obs, i)
     per = (time.perf_counter() - start) / 20000
     assert per < 20e-6  # well under 10 µs on a normal machine; generous here so CI noise never fails it
+
+
+def test_an_integer_too_large_for_a_float_is_not_a_number():
+    done = normalise_all([observation("x", "wbc", 10**400)])
+    assert done.quarantined == [(0, "Observation/x", ["value is not a Quantity with a numeric value"])]

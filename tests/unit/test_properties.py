@@ -66,5 +66,7 @@ def test_pipeline_report_always_reconciles(tmp_path_factory, items, junk_lines):
             fh.write(line.replace("\n", " ") + "\n")
     report = evaluate_files([str(folder / "in.ndjson")], folder / "out", progress=False)
     assert report["reconciled"] and report["read_total"] == len(items)
-    lines = (folder / "out" / "quarantine.ndjson").read_text().splitlines()
+    # NDJSON lines end at "\n" only: str.splitlines() would also split at U+0085, U+2028 etc. inside a line.
+    lines = (folder / "out" / "quarantine.ndjson").read_text(encoding="utf-8").split("\n")
+    assert lines.pop() == ""  # every line ends with "\n", the empty file included
     assert len(lines) == sum(report["quarantined"].values()) + report["read_errors"]

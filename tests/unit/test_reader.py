@@ -80,3 +80,26 @@ def test_reference_target(reference, expected):
 def test_source_strings():
     assert str(Source("f.ndjson", line=3)) == "f.ndjson:3"
     assert str(Source("b.json", entry=0)) == "b.json#entry[0]"
+
+
+def test_ndjson_lines_split_at_newline_only_and_bad_utf8_is_one_bad_line(tmp_path):
+    path = tmp_path / "x.ndjson"
+    odd = "a\u2028b\u0085c\u000bd"
+    with open(path, "wb") as fh:
+        fh.write((json.dumps({"resourceType": "Patient", "id": "a", "name": [{"text": odd}]}, ensure_ascii=False)
+                  + "\n").encode("utf-8"))
+        fh.write(b'{"resourceType":"Patient","id":"\xff"}\n')
+        fh.write(b'{"resourceType":"Observation","id":"o","valueQuantity":{"value":Infinity}}\r\n')
+        fh.write(b'   \n')
+    items, errors = _read([path])
+    assert [(i.resource["id"], i.source.line) for i in items] == [("a", 1), ("o", 3)]
+    assert items[0].resource["name"][0]["text"] == odd
+    assert items[1].resource["valueQuantity"]["value"] == float("inf")  # json.loads accepts it, as before
+    assert [str(e.source) for e in errors] == [f"{path}:2"] and "not valid UTF-8" in errors[0].message
+
+
+def test_a_bad_line_names_json_column(tmp_path):
+    path = tmp_path / "x.ndjson"
+    path.write_text('{"resourceType": "Patient", "id": }\n')
+    _, errors = _read([path])
+    assert errors[0].message == "not valid JSON (Expecting value at column 35)"

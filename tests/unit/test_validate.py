@@ -217,6 +217,29 @@ def test_validation_prints_no_progress_bars(parameters, capfd):
     assert "Calculating Metrics" not in out + err
 
 
+def test_tz_aware_period_check_raises_no_pandas_warning(parameters):
+    """GX reads a failing column pair through Series.values (deprecated for tz-aware columns in pandas 3.1)."""
+    import warnings
+
+    from pandas.errors import Pandas4Warning
+
+    bad = exposures(end=pd.Timestamp("2024-12-31T00:00:00Z"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Pandas4Warning)
+        result = validate_batch("exposures", bad, parameters)
+    assert result.reasons == {"t": [
+        "expect_column_pair_values_a_to_be_greater_than_b(end, start): "
+        "start 2025-01-01T00:00:00+00:00 after end 2024-12-31T00:00:00+00:00"]}
+    assert str(result.valid["start"].dtype) == str(bad["start"].dtype)  # the caller's rows keep their zone
+
+
+def test_validation_owns_the_gx_loggers(parameters):
+    import logging
+
+    validate_batch("observations", observations(), parameters)
+    assert logging.getLogger("great_expectations").level == logging.WARNING
+
+
 def test_a_missing_suite_file_says_where_to_point(tmp_path):
     with pytest.raises(ConfigError, match="LEUKOFHIR_EXPECTATIONS_DIR"):
         load_suite(tmp_path / "observations.json")
