@@ -584,7 +584,10 @@ def _exposures_by_patient(exposures: pd.DataFrame | None, rules: Rules) -> dict[
     starts = frame["start"].dt.as_unit("ns").astype("int64").tolist()
     ends = frame["end"].dt.as_unit("ns")
     ends = [None if pd.isna(e) else int(e.value) for e in ends]
-    for pid, drug, ref, s, e in zip(frame["patient_id"], frame["drug"], frame["resource_id"], starts, ends):
+    agents = frame["agent"] if "agent" in frame else [None] * len(frame)
+    for pid, drug, agent, ref, s, e in zip(frame["patient_id"], frame["drug"], agents, frame["resource_id"], starts, ends):
         label = drugs[drug].label if drug in drugs else str(drug)
+        if isinstance(agent, str) and agent and agent.lower() != label.lower():
+            label = f"{label} ({agent})"  # the class and the agent: "antineoplastic chemotherapy (oxaliplatin)"
         out[pid].append((label, ref, s, e))
     return out

@@ -30,7 +30,9 @@ OBSERVATION_COLUMNS = [
     "row_id", "resource_id", "version", "patient_id", "concept", "code", "value", "comparator",
     "unit", "status", "time", "lln", "panel",
 ]
-EXPOSURE_COLUMNS = ["row_id", "resource_id", "patient_id", "drug", "start", "end", "status"]
+# `agent`: the medication as the source names it (the matched ingredient, else its display), so a Flag can
+# say "oxaliplatin", not only "antineoplastic chemotherapy" (clinical-rules §3: the text names the drug).
+EXPOSURE_COLUMNS = ["row_id", "resource_id", "patient_id", "drug", "agent", "start", "end", "status"]
 
 # Skip reasons (counted, never quarantined: clinical-rules §1.1 "ignored, not quarantined").
 SKIP_OUT_OF_SCOPE = "code out of scope"
@@ -75,7 +77,13 @@ def parse_time_ns(text) -> int | None:
                 moment = moment.replace(tzinfo=timezone.utc)
     except (ValueError, IndexError):
         return None
+    if not _EARLIEST <= moment <= _LATEST:
+        return None  # outside int64 nanoseconds (years 1678-2261): no real clinical time, and would overflow
     return int(moment.timestamp()) * 1_000_000_000 + moment.microsecond * 1000
+
+
+_EARLIEST = datetime(1678, 1, 1, tzinfo=timezone.utc)
+_LATEST = datetime(2261, 12, 31, tzinfo=timezone.utc)
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,9 +227,10 @@ class Normaliser:
         self.report_of: dict[str, tuple[int | None, str]] = {}  # "Observation/x" -> (report time, report ref)
         self.parent_of: dict[str, tuple[int | None, str]] = {}  # member -> (panel Observation time, its ref)
         self.patients: dict[str, PatientInfo] = {}
-        self.medications: dict[str, str | None] = {}  # "Medication/x" -> drug key
+        self.medications: dict[str, tuple[str, str | None] | None] = {}  # "Medication/x" -> (drug key, agent)
         self._ben_marked: set[str] = set()
-        self._exposures: list[tuple] = []  # (index, ref, patient, drug|("?", "Medication/x"), start, end, status)
+        # (index, ref, patient, (drug key, agent) | "Medication/x" still to resolve, start, end, status)
+        self._exposures: list[tuple] = []
         self.existing_flags: list[dict] = []
         self.skipped: Counter = Counter()
         self.quarantined: list[tuple[int, str | None, list[str]]] = []
@@ -517,35 +526,39 @@ class Normaliser:
         return True
 
     # -- medication exposure (§1.4) ------------------------------------------------------------------------------
-    def _drug_of_concept(self, concept) -> str | None:
+    def _drug_of_concept(self, concept) -> tuple[str, str | None] | None:
+        """(drug key, agent) by RxNorm ingredient, then ATC prefix, then ingredient name as a word (§1.4)."""
         if not isinstance(concept, dict):
             return None
-        texts = []
-        rx_system = self.rules.medications.rxnorm_system
-        for coding in _list(concept.get("coding")):
-            if not isinstance(coding, dict):
-                continue
-            system, code = coding.get("system"), coding.get("code")
-            if isinstance(code, str):
-                if system == rx_system and code in self._rxnorm:
-                    return self._rxnorm[code]
-                if isinstance(system, str) and "atc" in system.lower():
-                    upper = code.upper()
-                    for prefix, key in self._atc:
-                        if upper.startswith(prefix):
-                            return key
-            if isinstance(coding.get("display"), str):
-                texts.append(coding["display"])
+        codings = [c for c in _list(concept.get("coding")) if isinstance(c, dict)]
+        texts = [c["display"] for c in codings if isinstance(c.get("display"), str)]
         if isinstance(concept.get("text"), str):
             texts.append(concept["text"])
+        named = None
         if self._drug_pattern is not None:
             for text in texts:
                 match = self._drug_pattern.search(text)
                 if match:
-                    return self._drug_names[match.group(1).lower()]
+                    named = match.group(1).lower()
+                    break
+        # The agent shown in the Flag: the ingredient name when one is recognised, else the source's wording.
+        agent = named or (texts[0] if texts else None)
+        rx_system = self.rules.medications.rxnorm_system
+        for coding in codings:
+            system, code = coding.get("system"), coding.get("code")
+            if isinstance(code, str):
+                if system == rx_system and code in self._rxnorm:
+                    return self._rxnorm[code], agent
+                if isinstance(system, str) and "atc" in system.lower():
+                    upper = code.upper()
+                    for prefix, key in self._atc:
+                        if upper.startswith(prefix):
+                            return key, agent
+        if named is not None:
+            return self._drug_names[named], agent
         return None
 
-    def _drug_of_medication(self, medication: dict) -> str | None:
+    def _drug_of_medication(self, medication: dict) -> tuple[str, str | None] | None:
         key = self._drug_of_concept(medication.get("code"))
         if key is None:
             for ingredient in _list(medication.get("ingredient")):
@@ -573,7 +586,7 @@ class Normaliser:
             elif isinstance(reference, str):
                 kind_, rid = reference_target(reference)
                 if rid:
-                    drug = ("?", f"Medication/{rid}")  # resolved in finish(): the Medication may come later
+                    drug = f"Medication/{rid}"  # resolved in finish(): the Medication may come later
         if drug is None:
             self._skip(SKIP_DRUG)
             return
@@ -732,8 +745,8 @@ class Normaliser:
     def _exposure_frame(self) -> pd.DataFrame:
         records = []
         for index, ref, patient, drug, start, end, status in self._exposures:
-            if isinstance(drug, tuple):
-                drug = self.medications.get(drug[1])
+            if isinstance(drug, str):
+                drug = self.medications.get(drug)
                 if drug is None:
                     self._skip(SKIP_DRUG)
                     continue
@@ -743,7 +756,7 @@ class Normaliser:
                     self.quarantined.append((index, ref, [Q_SUBJECT_UNRESOLVED]))
                     continue
                 patient = resolved
-            records.append((str(index), ref, patient, drug, start, end, status))
+            records.append((str(index), ref, patient, drug[0], drug[1], start, end, status))
         columns = list(zip(*records)) if records else [()] * len(EXPOSURE_COLUMNS)
         data = dict(zip(EXPOSURE_COLUMNS, map(list, columns)))
         for column in ("start", "end"):

@@ -248,7 +248,17 @@ def test_medication_request_counts_and_cancelled_does_not():
            statement("m1", "cisplatin 50 MG Injection", point=at(days=-10), kind="MedicationRequest"),
            statement("m2", "clozapine", point=at(days=-10), kind="MedicationRequest", status="cancelled")]
     (spec,) = one(res, "leukocytes")
-    assert spec.drugs == [("antineoplastic chemotherapy", "MedicationRequest/m1")]
+    assert spec.drugs == [("antineoplastic chemotherapy (cisplatin)", "MedicationRequest/m1")]
+
+
+def test_flag_text_names_the_agent_of_a_drug_class():
+    # §3: the text names the drug(s); for a class (chemotherapy) the agent is named beside the class.
+    res = [ADULT, observation("w", "wbc", 2.5),
+           statement("m1", "Oxaliplatin 5 MG/ML Injectable Solution", point=at(days=-20)),
+           statement("m2", "clozapine 25 MG Oral Tablet", point=at(days=-20))]
+    (spec,) = one(res, "leukocytes")
+    assert sorted(label for label, _ in spec.drugs) == ["antineoplastic chemotherapy (oxaliplatin)", "clozapine"]
+    assert "possibly drug-associated: antineoplastic chemotherapy (oxaliplatin), clozapine" in spec.text
 
 
 # -- §4 episodes, transient lows, resolution, escalation, retraction, identity -------------------------------------
