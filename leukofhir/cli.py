@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="start the local HAPI server, load the sample data, print a summary")
     p.add_argument("--fhir-url", default=None, help="use this server instead of starting the local one")
+    p.add_argument("--out", default="out/demo", metavar="DIR", help="where the demo's Flags and report go")
     return parser
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
 from leukofhir.errors import UsageError
 from leukofhir.fhir.client import FhirClient
 from leukofhir.load import load_files, print_report
+from leukofhir.pipeline import evaluate_files
 from leukofhir.reader import iter_resources
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +49,25 @@ def demo_command(args) -> int:
         print_report(report)
         patient_ids = _patient_ids(bundles)
         print("\n".join(summarise(client, patient_ids)))
+    # The rules on the same patients, offline (reading them back from the server is the pipeline's job).
+    out_dir = Path(args.out)
+    run = evaluate_files(bundles, out_dir, progress=False)
+    print(f"\nleukopenia rules on the same patients ({out_dir}/Flag.ndjson, report: {out_dir}/report.html):")
+    for line in flag_lines(out_dir / "Flag.ndjson"):
+        print(f"  {line}")
+    print(f"  counts: read {run['read_total']}, evaluated {run['evaluated']}, "
+          f"skipped {sum(run['skipped'].values())}, quarantined {sum(run['quarantined'].values())}")
     return 0 if report.ok else 1
+
+
+def flag_lines(path: Path) -> list[str]:
+    """One line per Flag: status and text (no names or birth dates: the text holds values, dates and grades)."""
+    lines = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            flag = json.loads(line)
+            lines.append(f"{flag['status']:<9} {flag['subject']['reference']}: {flag['code']['text']}")
+    return lines
 
 
 def _patient_ids(bundles: list[Path]) -> list[str]:

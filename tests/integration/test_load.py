@@ -100,3 +100,14 @@ def test_load_command_exit_code_and_summary(fhir_base_url, unique, tmp_path):
                              capture_output=True, text=True, timeout=300)
     assert refused.returncode == 1
     assert f"REJECTED Observation/o-{unique}" in refused.stdout
+
+
+def test_demo_loads_the_sample_and_prints_the_summary_and_flags(fhir_base_url, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "leukofhir.cli", "demo", "--fhir-url", fhir_base_url,
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "read 2084 resources, wrote 2084, rejected 0" in done.stdout
+    assert "(FHIR 4.0.1)" in done.stdout
+    assert "sample patients' WBC results: 25, of which below 4.0 ×10^9/L: 17" in done.stdout
+    assert "possibly drug-associated: antineoplastic chemotherapy (oxaliplatin)" in done.stdout
+    assert (tmp_path / "report.html").exists() and (tmp_path / "Flag.ndjson").exists()
