@@ -177,14 +177,17 @@ class _PatientRules:
             born.month == 2 and born.day == 29) else int(born.replace(year=born.year + 18, day=28).timestamp()) * _NS_PER_S
         return birth_ns, wbc_lln, anc_threshold, lymph_lln, lab_only_until, adult_from
 
-    # leukocytes (§2 leukopenia, §1.3 LLN)
-    def wbc_point(self, v: _Value) -> Point:
-        lln = v.lln if v.lln == v.lln else self.wbc_lln.at(v.time)
-        summary = (("WBC", v.value, v.comparator, _UNIT),)
+    def _below_lln_point(self, v: _Value, default_lln, label: str, grades, condition: str) -> Point:
+        """A count judged against its LLN: the lab's own range when the value carries one, else the age default."""
+        lln = v.lln if v.lln == v.lln else default_lln.at(v.time)
+        summary = ((label, v.value, v.comparator, _UNIT),)
         if not _below(v.value, v.comparator, lln):
             return Point(v.time, False, 0, "normal", summary, (v.ref,), v.retracted)
-        grade = _grade(v.value, v.comparator, self.rules.leukopenia.grades)
-        return Point(v.time, True, grade, "leukopenia", summary, (v.ref,), v.retracted)
+        return Point(v.time, True, _grade(v.value, v.comparator, grades), condition, summary, (v.ref,), v.retracted)
+
+    # leukocytes (§2 leukopenia, §1.3 LLN)
+    def wbc_point(self, v: _Value) -> Point:
+        return self._below_lln_point(v, self.wbc_lln, "WBC", self.rules.leukopenia.grades, "leukopenia")
 
     # granulocytes (§2 neutropenia / agranulocytosis, BEN)
     def anc_point(self, v: _Value, refs: tuple[str, ...], derived: bool) -> Point | None:
@@ -206,12 +209,7 @@ class _PatientRules:
 
     # lymphocytes (§2 lymphopenia; LLN = the lab's range when present, else the age default)
     def lymph_point(self, v: _Value) -> Point:
-        lln = v.lln if v.lln == v.lln else self.lymph_lln.at(v.time)
-        summary = (("lymphocytes", v.value, v.comparator, _UNIT),)
-        if not _below(v.value, v.comparator, lln):
-            return Point(v.time, False, 0, "normal", summary, (v.ref,), v.retracted)
-        grade = _grade(v.value, v.comparator, self.rules.lymphopenia.grades)
-        return Point(v.time, True, grade, "lymphopenia", summary, (v.ref,), v.retracted)
+        return self._below_lln_point(v, self.lymph_lln, "lymphocytes", self.rules.lymphopenia.grades, "lymphopenia")
 
     def hemoglobin_lln(self, v: _Value) -> float:
         if v.lln == v.lln:
