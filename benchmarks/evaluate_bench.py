@@ -154,17 +154,18 @@ def main() -> int:
         result = json.loads(run.stdout.strip().splitlines()[-1])
         obs = result["observations"]
         evaluate_rate = obs / result["seconds"]
-        loads_rate = obs / (loads_s * obs / lines)  # json.loads time share of the Observation lines
         print(f"json.loads loop: {lines:,} lines in {loads_s:.1f} s ({lines / loads_s:,.0f} lines/s)")
         print(f"evaluate: {result['read_total']:,} resources ({obs:,} Observations) in {result['seconds']:.1f} s "
               f"= {evaluate_rate:,.0f} Observations/s; {result['flags']:,} Flags; reconciled={result['reconciled']}")
         print(f"ratio evaluate / json.loads (whole input, same run): {loads_s / result['seconds']:.2f}  (target >= 0.3)")
-        print(f"validation (Great Expectations): {result['validate_seconds']:.1f} s "
-              f"= {result['validate_seconds'] / result['seconds']:.0%} of the run (target <= 25%), of which importing "
-              f"GX and building its context {result['gx_setup_seconds']:.1f} s; the rest: "
-              f"{result['seconds'] - result['validate_seconds']:.1f} s")
+        gx, setup = result["validate_seconds"], result["gx_setup_seconds"]
+        rest = result["seconds"] - gx
+        # "Adds at most 25 % to the run time": GX's time over the time of everything else, shown with and
+        # without GX's one-time import (a fixed cost per process, whatever the input size).
+        print(f"validation (Great Expectations): {gx:.1f} s = {gx / result['seconds']:.0%} of the run; adds "
+              f"{gx / rest:.0%} to the rest ({rest:.1f} s) (target <= 25%); of it, importing GX and building its "
+              f"context {setup:.1f} s, validating {gx - setup:.1f} s (adds {(gx - setup) / rest:.0%})")
         print(f"peak RSS of the evaluate process: {result['peak_rss_mb']:,.0f} MB  (target < 1536 MB)")
-        del loads_rate
     return 0
 
 

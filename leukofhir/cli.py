@@ -38,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--as-of", metavar="TIME", help="evaluate as of this instant (ISO 8601); default: latest input")
     p.add_argument("--config", metavar="FILE", help="site rules configuration (YAML), replacing the default")
+    p.add_argument(
+        "--data-docs", action="store_true",
+        help="also write GX's own Data Docs site to DIR/gx-data-docs/ (its pages load styles from public CDNs)",
+    )
 
     p = sub.add_parser("demo", help="start the local HAPI server, load the sample data, print a summary")
     p.add_argument("--fhir-url", default=None, help="use this server instead of starting the local one")

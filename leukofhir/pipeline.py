@@ -95,7 +95,8 @@ def _bucket(reason: str) -> str:
 
 
 def evaluate_files(
-    paths, out_dir, as_of=None, config=None, progress: bool = True, *, fail_on_threshold: bool = False
+    paths, out_dir, as_of=None, config=None, progress: bool = True, *, fail_on_threshold: bool = False,
+    data_docs: bool = False,
 ) -> dict:
     """Read, normalise, validate and evaluate the files; write Flag.ndjson, quarantine.ndjson, report.json and
     report.html to `out_dir`; return the report.
@@ -104,7 +105,10 @@ def evaluate_files(
     `validation.max_failure_rate` raises ValidationThresholdError (naming the expectations and a few resource ids)
     instead of being quarantined and reported. Off for offline `leukofhir evaluate`, which must never fail on data
     quality: it reports. On for the pipeline step run against a server (`leukofhir run`, the DAGs), where a window
-    that is mostly bad data must fail the task loudly."""
+    that is mostly bad data must fail the task loudly.
+
+    `data_docs`: also write GX's own Data Docs site for the run's validations to `out_dir/gx-data-docs/` (an
+    optional extra: its pages load styles from public CDNs; see leukofhir.data_docs). Off, it costs nothing."""
     rules = config if isinstance(config, Rules) else load_config(config)
     max_failure_rate = rules.validation.max_failure_rate if fail_on_threshold else None
     as_of_given = parse_as_of(as_of)
@@ -132,10 +136,13 @@ def evaluate_files(
     expectations: list[dict] = []
     observations, exposures = normalised.observations, normalised.exposures
     gx_failed = 0
+    validated: list[tuple[str, pd.DataFrame]] = []  # kept only for data_docs
     for suite, frame in (("observations", observations), ("exposures", exposures)):
         if frame.empty:
             continue
         result = validate_batch(suite, frame, parameters, max_failure_rate=max_failure_rate)
+        if data_docs:
+            validated.append((suite, frame))
         expectations.extend(result.expectations)
         by_row = frame.set_index("row_id")["resource_id"] if result.reasons else None
         for row_id, reasons in result.reasons.items():
@@ -166,7 +173,10 @@ def evaluate_files(
     flags = [build_flag(spec, rules, checked_shapes) for spec in specs]
     rejected_flags = 0
     if specs:
-        result = validate_batch("flags", flag_frame(specs), parameters, max_failure_rate=max_failure_rate)
+        flag_rows = flag_frame(specs)
+        result = validate_batch("flags", flag_rows, parameters, max_failure_rate=max_failure_rate)
+        if data_docs:
+            validated.append(("flags", flag_rows))
         expectations.extend(result.expectations)
         if result.reasons:
             rejected_flags = len(result.reasons)
@@ -204,6 +214,11 @@ def evaluate_files(
         "flags": _flag_counts(flags),
         "flags_rejected": rejected_flags,
     }
+    if data_docs:
+        from leukofhir.data_docs import DATA_DOCS_DIR, write_data_docs
+
+        write_data_docs(out / DATA_DOCS_DIR, validated, parameters)
+        report["data_docs"] = f"{DATA_DOCS_DIR}/index.html"
     report["reconciled"] = read_total == evaluated + sum(skipped.values()) + sum(quarantined_by.values())
     if not report["reconciled"]:
         log.error("report does not reconcile: %s read, %s evaluated, %s skipped, %s quarantined", read_total,
@@ -274,7 +289,9 @@ def _write_quarantine(path: Path, quarantined: list, read_errors: list[ReadError
 
 def evaluate_command(args) -> int:
     """`leukofhir evaluate`: run, print a one-line summary, exit 0 (errors in arguments raise UsageError)."""
-    report = evaluate_files(args.files, args.out, as_of=args.as_of, config=args.config)
+    report = evaluate_files(
+        args.files, args.out, as_of=args.as_of, config=args.config, data_docs=getattr(args, "data_docs", False)
+    )
     flags = report["flags"]
     print(
         f"read {report['read_total']} resources ({report['read_errors']} read errors): {report['evaluated']} evaluated, "

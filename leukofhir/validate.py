@@ -86,11 +86,7 @@ def validate_batch(
         raise ConfigError(f"unknown expectation suite {suite!r}; known: {', '.join(ID_COLUMN)}")
     suites, batches = _context()
     id_column = ID_COLUMN[suite]
-    frame = _with_helper_columns(rows, parameters) if suite == "observations" else rows
-    # GX filters and copies whole batches per expectation: give it only the columns the suite reads.
-    needed = _suite_columns(suite) | {"row_id", id_column}
-    frame = frame[[c for c in frame.columns if c in needed]]
-    frame, naive = _naive_pair_columns(suite, frame)
+    frame, naive = prepare_frame(suite, rows, parameters)
     batch = batches[suite].get_batch(batch_parameters={"dataframe": frame})
     run = batch.validate(
         suites[suite],
@@ -111,6 +107,15 @@ def validate_batch(
         raise ValidationThresholdError(_threshold_message(suite, failed, len(rows), max_failure_rate, summaries))
     valid = rows[~rows["row_id"].isin(list(reasons))] if failed else rows
     return ValidationResult(valid=valid, reasons=dict(reasons), expectations=summaries)
+
+
+def prepare_frame(suite: str, rows: pd.DataFrame, parameters: dict) -> tuple[pd.DataFrame, frozenset[str]]:
+    """The frame GX validates for `suite`: helper columns added, only the columns the suite reads, tz-aware
+    column pairs made naive UTC (returned as the set of such columns, to put the zone back on reported values)."""
+    frame = _with_helper_columns(rows, parameters) if suite == "observations" else rows
+    # GX filters and copies whole batches per expectation: give it only the columns the suite reads.
+    needed = _suite_columns(suite) | {"row_id", ID_COLUMN[suite]}
+    return _naive_pair_columns(suite, frame[[c for c in frame.columns if c in needed]])
 
 
 def _with_helper_columns(rows: pd.DataFrame, parameters: dict) -> pd.DataFrame:
