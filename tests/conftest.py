@@ -14,34 +14,40 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"
 EXTERNAL = DATA / "external"
+LAUNCHER = str(ROOT / "scripts" / "fhir-server")
 sys.path.insert(0, str(ROOT / "tests"))
 # Airflow reads its home on import; tests must never write into the user's ~/airflow.
 os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="leukofhir-airflow-"))
 
 
 @pytest.fixture(scope="session")
-def fhir_base_url(tmp_path_factory):
-    """The real HAPI FHIR JPA server the tests talk to.
-
-    FHIR_BASE_URL reuses a running server; otherwise the project's launcher starts a fresh one on its own
-    port and data directory (so a `make demo` server is never touched) and stops it after the session."""
-    given = os.environ.get("FHIR_BASE_URL")
-    if given:
-        yield given.rstrip("/")
-        return
-    env = dict(
+def fhir_server_env(tmp_path_factory):
+    """The environment the project's launcher runs the test server with; None when FHIR_BASE_URL names a server."""
+    if os.environ.get("FHIR_BASE_URL"):
+        return None
+    return dict(
         os.environ,
         FHIR_PORT=os.environ.get("FHIR_TEST_PORT", "8181"),
         FHIR_DATA_DIR=str(tmp_path_factory.mktemp("hapi-data")),
     )
-    script = str(ROOT / "scripts" / "fhir-server")
-    started = subprocess.run([script, "start"], env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="session")
+def fhir_base_url(fhir_server_env):
+    """The real HAPI FHIR JPA server the tests talk to.
+
+    FHIR_BASE_URL reuses a running server; otherwise the project's launcher starts a fresh one on its own
+    port and data directory (so a `make demo` server is never touched) and stops it after the session."""
+    if fhir_server_env is None:
+        yield os.environ["FHIR_BASE_URL"].rstrip("/")
+        return
+    started = subprocess.run([LAUNCHER, "start"], env=fhir_server_env, capture_output=True, text=True, timeout=900)
     if started.returncode != 0:
         pytest.fail(f"FHIR server did not start:\n{started.stdout[-3000:]}\n{started.stderr[-3000:]}")
     try:
         yield started.stdout.strip().splitlines()[-1].rstrip("/")
     finally:
-        subprocess.run([script, "stop"], env=env, capture_output=True, text=True, timeout=120)
+        subprocess.run([LAUNCHER, "stop"], env=fhir_server_env, capture_output=True, text=True, timeout=120)
 
 
 @pytest.fixture
