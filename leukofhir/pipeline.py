@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 SKIP_RETRACTED = "status entered-in-error (used only to retract)"
 SKIP_AFTER_AS_OF = "after the as-of time"
 EXAMPLES = 5
+SHOWN_READ_ERRORS = 20
 
 
 def parse_as_of(text: str | datetime | None) -> datetime | None:
@@ -124,7 +125,16 @@ def evaluate_files(
     read_errors: list[ReadError] = []
     sources = _Sources()
     normaliser = Normaliser(rules)
-    read_counts = _read(paths, normaliser, sources, read_errors.append, progress)
+
+    def on_read_error(error: ReadError) -> None:
+        # Shown as they happen (file, line and why, never content); all of them also go to quarantine.ndjson.
+        if len(read_errors) < SHOWN_READ_ERRORS:
+            log.warning("%s", error)
+        elif len(read_errors) == SHOWN_READ_ERRORS:
+            log.warning("more read errors: see quarantine.ndjson")
+        read_errors.append(error)
+
+    read_counts = _read(paths, normaliser, sources, on_read_error, progress)
     normalised = normaliser.finish()
     read_total = sum(read_counts.values())
     skipped: Counter = Counter(normalised.skipped)

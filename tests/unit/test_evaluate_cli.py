@@ -84,11 +84,13 @@ def test_identifiers_stable_across_runs(inputs, tmp_path):
     assert read("a") == read("b") and len(read("a")) == 2
 
 
-def test_missing_file_is_reported_and_run_goes_on(tmp_path):
+def test_missing_file_is_reported_and_run_goes_on(tmp_path, caplog):
     out = tmp_path / "out"
     assert main(["evaluate", str(tmp_path / "nope.ndjson"), "--out", str(out)]) == 0
     report_ = json.loads((out / "report.json").read_text())
     assert report_["read_errors"] == 1 and report_["read_total"] == 0
+    # The user sees which file and why at once, not only a count.
+    assert any("nope.ndjson: unreadable file" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
 
 
 def test_unusable_arguments_exit_non_zero(tmp_path, inputs, capsys):
