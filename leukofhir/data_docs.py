@@ -22,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from leukofhir.errors import ConfigError
-from leukofhir.validate import EXPECTATIONS_DIR, ID_COLUMN, load_suite, prepare_frame
+from leukofhir.validate import ID_COLUMN, new_context, prepare_frame
 
 DATA_DOCS_DIR = "gx-data-docs"
 SITE_NAME = "leukofhir"
@@ -73,20 +73,8 @@ def write_data_docs(site_dir: Path | str, batches: list[tuple[str, pd.DataFrame]
 
 
 def _context(site_dir: Path):
-    """An ephemeral GX context with the suites from expectations/ and one local-folder Data Docs site."""
-    # Quiet GX's INFO pages before it is imported (validate.py does the same for the validation context).
-    quiet = ("great_expectations", "great_expectations.data_context.types.base")
-    for name in quiet:
-        logging.getLogger(name).setLevel(logging.WARNING)
-    import great_expectations as gx
-    from great_expectations.data_context.types.base import ProgressBarsConfig
-
-    for name in quiet:
-        logging.getLogger(name).setLevel(logging.WARNING)
-    context = gx.get_context(mode="ephemeral")
-    context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
-    for name in ID_COLUMN:
-        context.suites.add(load_suite(EXPECTATIONS_DIR / f"{name}.json"))
+    """A context of its own (see validate.new_context) with one local-folder Data Docs site."""
+    context = new_context()
     context.add_data_docs_site(
         site_name=SITE_NAME,
         site_config={

@@ -304,9 +304,8 @@ def load_suite(path: Path):
     return suite
 
 
-@functools.cache
-def _context():
-    """One ephemeral GX context, data source and suite set per process: building them costs far more than a batch."""
+def new_context():
+    """A quiet ephemeral GX context (no INFO pages, no progress bars) holding the suites of expectations/."""
     # GX logs pages of INFO while it imports and builds a context: quiet task logs and the CLI's output before the
     # import (this module owns GX's logging; callers set none). GX pins one module of its own at INFO when it
     # imports, so that one is set again after the import.
@@ -326,9 +325,18 @@ def _context():
     context = gx.get_context(mode="ephemeral")
     # tqdm bars would flood Airflow task logs and the CLI's own progress bar.
     context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
+    for name in ID_COLUMN:
+        context.suites.add(load_suite(EXPECTATIONS_DIR / f"{name}.json"))
+    return context
+
+
+@functools.cache
+def _context():
+    """One ephemeral GX context, data source and suite set per process: building them costs far more than a batch."""
+    context = new_context()
     source = context.data_sources.add_pandas("leukofhir")
     suites, batches = {}, {}
     for name in ID_COLUMN:
-        suites[name] = context.suites.add(load_suite(EXPECTATIONS_DIR / f"{name}.json"))
+        suites[name] = context.suites.get(name)
         batches[name] = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe(name)
     return suites, batches
