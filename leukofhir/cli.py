@@ -43,6 +43,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write GX's own Data Docs site to DIR/gx-data-docs/ (its pages load styles from public CDNs)",
     )
 
+    p = sub.add_parser("run", help="the pipeline against a FHIR server: read, validate, evaluate, write Flags back")
+    _add_server_args(p)
+    p.add_argument("--since", metavar="TIME", help="window start (ISO 8601 date or date-time; UTC if no zone)")
+    p.add_argument("--until", metavar="TIME", help="window end, exclusive")
+    p.add_argument("--window-field", choices=["lastUpdated", "effective"], default="lastUpdated",
+                   help="what the window selects on: the server's _lastUpdated (default) or the clinical date")
+    p.add_argument("--patients", metavar="ID,...", help="evaluate exactly these patients instead of a window")
+    p.add_argument("--dry-run", action="store_true", help="write nothing to the server; report what would be written")
+    p.add_argument("--out", metavar="DIR", help="run folder for the reports (default: a fresh out/run-<time>)")
+    p.add_argument("--config", metavar="FILE", help="site rules configuration (YAML), replacing the default")
+    p.add_argument("--batch-size", type=int, default=100, help="patients read per set of searches (default 100)")
+    p.add_argument("--keep-staged", action="store_true",
+                   help="keep the staged server pages (NDJSON) in the run folder after evaluation")
+
     p = sub.add_parser("demo", help="start the local HAPI server, load the sample data, print a summary")
     p.add_argument("--fhir-url", default=None, help="use this server instead of starting the local one")
     p.add_argument("--out", default="out/demo", metavar="DIR", help="where the demo's Flags and report go")
@@ -65,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
             from leukofhir.pipeline import evaluate_command
 
             return evaluate_command(args)
+        if args.command == "run":
+            from leukofhir.run import run_command
+
+            return run_command(args)
         if args.command == "demo":
             from leukofhir.demo import demo_command
 

@@ -182,6 +182,7 @@ def evaluate_files(
     checked_shapes: set = set()
     flags = [build_flag(spec, rules, checked_shapes) for spec in specs]
     rejected_flags = 0
+    rejected_identifiers: list[str] = []
     if specs:
         flag_rows = flag_frame(specs)
         result = validate_batch("flags", flag_rows, parameters, max_failure_rate=max_failure_rate)
@@ -190,6 +191,7 @@ def evaluate_files(
         expectations.extend(result.expectations)
         if result.reasons:
             rejected_flags = len(result.reasons)
+            rejected_identifiers = sorted({specs[int(row_id)].identifier for row_id in result.reasons})
             for row_id in result.reasons:
                 log.warning("Flag %s not written: %s", specs[int(row_id)].identifier, result.reasons[row_id])
             flags = [f for i, f in enumerate(flags) if str(i) not in result.reasons]
@@ -223,6 +225,8 @@ def evaluate_files(
         "expectations": expectations,
         "flags": _flag_counts(flags),
         "flags_rejected": rejected_flags,
+        # A server run leaves the Flags of these identifiers as they are on the server (never withdrawn for it).
+        "flags_rejected_identifiers": rejected_identifiers,
     }
     if data_docs:
         from leukofhir.data_docs import DATA_DOCS_DIR, write_data_docs

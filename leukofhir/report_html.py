@@ -47,6 +47,7 @@ def render_report(report: dict) -> str:
     sections = [
         _header(report),
         _counts(report),
+        _writes(report),
         _stages(report),
         _table("Read by resource type", ["resource type", "read"], _by_count(report.get("read"))),
         _table("Skipped, by reason", ["reason", "resources"], _by_count(report.get("skipped"))),
@@ -140,6 +141,28 @@ def _counts(report: dict) -> str:
         + "</div>"
     )
     return "".join(html)
+
+
+_WRITE_LABELS = [
+    ("create", "created"), ("update", "updated"), ("withdraw", "withdrawn"), ("unchanged", "unchanged"),
+    ("refused", "refused by the server"), ("delete", "duplicates deleted"),
+    ("not_created", "withdrawn before ever written (not created)"),
+]
+
+
+def _writes(report: dict) -> str:
+    """What a run against a server did to its Flags (absent from offline `evaluate` reports)."""
+    writes = report.get("writes")
+    if not isinstance(writes, dict):
+        return ""
+    dry = bool(report.get("dry_run"))
+    title = "Flags on the server (dry run: nothing was written)" if dry else "Flags on the server"
+    intro = (f'<p>Patients touched: <b id="patients-touched">{_n(report.get("patients_touched", 0))}</b>'
+             f'{" &middot; server <code>" + _e(report["server"]) + "</code>" if report.get("server") else ""}</p>')
+    rows = [[_e(("would be " if dry and key in ("create", "update", "withdraw", "delete") else "") + label),
+             f'<span id="writes-{key}">{_n(writes.get(key, 0))}</span>']
+            for key, label in _WRITE_LABELS if key in writes]
+    return _table(title, ["Flags", "count"], rows).replace("<table>", intro + "<table>", 1)
 
 
 def _stages(report: dict) -> str:

@@ -18,6 +18,8 @@ LAUNCHER = str(ROOT / "scripts" / "fhir-server")
 sys.path.insert(0, str(ROOT / "tests"))
 # Airflow reads its home on import; tests must never write into the user's ~/airflow.
 os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="leukofhir-airflow-"))
+os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+os.environ.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(ROOT / "dags"))
 
 
 @pytest.fixture(scope="session")
@@ -62,3 +64,22 @@ def fhir_client(fhir_base_url):
 def unique():
     """A fresh token per test, so tests sharing the session's server never see each other's resources."""
     return uuid.uuid4().hex[:12]
+
+
+@pytest.fixture(scope="session")
+def airflow_db():
+    """Airflow's metadata database (SQLite in the session's AIRFLOW_HOME), migrated once: dag.test() needs it."""
+    done = subprocess.run([str(Path(sys.executable).with_name("airflow")), "db", "migrate"], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return os.environ["AIRFLOW_HOME"]
+
+
+@pytest.fixture(scope="session")
+def fhir_connection(fhir_base_url):
+    """The `fhir_default` Airflow connection, from the environment only (JSON form), on the test server."""
+    import json
+
+    os.environ["AIRFLOW_CONN_FHIR_DEFAULT"] = json.dumps({"conn_type": "fhir", "host": fhir_base_url})
+    yield fhir_base_url
+    os.environ.pop("AIRFLOW_CONN_FHIR_DEFAULT", None)

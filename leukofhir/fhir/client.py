@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from typing import Callable, Iterator
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urlencode, urljoin, urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -22,6 +22,9 @@ from leukofhir.fhir.http import is_temporary, retry_delay
 log = logging.getLogger(__name__)
 
 FHIR_JSON = "application/fhir+json"
+# A search whose query would make a longer URL goes as POST [type]/_search with a form body (FHIR R4 §3.1.0.1.3):
+# servers and proxies commonly refuse request lines above 4-8 KB, and a batch of patients makes long queries.
+MAX_GET_QUERY = 2000
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:
@@ -68,7 +71,7 @@ class FhirClient:
     def url(self, path: str) -> str:
         return path if path.startswith(("http://", "https://")) else urljoin(self.base_url, path.lstrip("/"))
 
-    def request(self, method: str, path: str, *, params=None, json=None, headers=None) -> requests.Response:
+    def request(self, method: str, path: str, *, params=None, json=None, data=None, headers=None) -> requests.Response:
         """Send one request with the retry policy of `leukofhir.fhir.http`; raise a typed error on failure.
 
         A 401 triggers one re-authorisation (a refreshed token) that does not count as a retry."""
@@ -81,7 +84,7 @@ class FhirClient:
         while True:
             try:
                 response = self.session.request(
-                    method, url, params=params, json=json, headers=send_headers, timeout=(10, self.timeout)
+                    method, url, params=params, json=json, data=data, headers=send_headers, timeout=(10, self.timeout)
                 )
             except (requests.ConnectionError, requests.Timeout) as exc:
                 attempt += 1
@@ -149,8 +152,16 @@ class FhirClient:
         url, page_params = self.url(resource_type), dict(params or {})
         origin = _origin(self.base_url)
         page = 0
+        form = None
+        if len(urlencode(page_params, doseq=True)) > MAX_GET_QUERY:
+            # Same search, same paging links: only the first request carries the query in its body.
+            url, form, page_params = self.url(f"{resource_type}/_search"), page_params, None
         while url:
-            bundle = self.request("GET", url, params=page_params, headers=headers).json()
+            if form is not None:
+                bundle = self.request("POST", url, data=form, headers=headers).json()
+                form = None
+            else:
+                bundle = self.request("GET", url, params=page_params, headers=headers).json()
             page += 1
             log.info("%s search: page %d, %d entries", resource_type, page, len(bundle.get("entry") or []))
             yield bundle

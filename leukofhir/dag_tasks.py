@@ -1,0 +1,205 @@
+"""The Airflow tasks of the pipeline DAGs: each runs one step of leukofhir.run on a run folder in object storage.
+
+Importing this module costs only Airflow's task SDK: the pipeline (pandas, Great Expectations, the FHIR client) is
+imported inside the tasks, at run time, so DAG files that use it parse fast and touch nothing. XCom carries the
+run folder's chunk URLs and counts, never data."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import tempfile
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import Iterator
+
+from airflow.sdk import ObjectStoragePath, Variable, get_current_context, task
+from airflow.sdk.exceptions import AirflowException
+
+__all__ = ["find_patients", "extract", "evaluate", "write_flags", "report", "DEFAULT_ARGS", "FHIR_POOL"]
+
+log = logging.getLogger(__name__)
+
+FHIR_CONN_ID = "fhir_default"
+FHIR_POOL = "fhir_server"  # bounds how many tasks talk to the FHIR server at once (README: create it)
+# Where run folders go: Airflow Variable `leukofhir_runs` (or AIRFLOW_VAR_LEUKOFHIR_RUNS), e.g. s3://bucket/leukofhir
+# with an Airflow connection; by default a folder beside AIRFLOW_HOME, for a single machine.
+RUNS_VARIABLE = "leukofhir_runs"
+
+DEFAULT_ARGS = {
+    # A FHIR server restarting or a network blip must not lose an hour: retry, waiting longer each time.
+    "retries": 3,
+    "retry_delay": timedelta(minutes=1),
+    "retry_exponential_backoff": True,
+    "max_retry_delay": timedelta(minutes=15),
+    "execution_timeout": timedelta(hours=2),
+}
+
+
+def _runs_root() -> ObjectStoragePath:
+    default = f"file://{Path(os.environ.get('AIRFLOW_HOME', '~/airflow')).expanduser()}/leukofhir-runs"
+    return ObjectStoragePath(Variable.get(RUNS_VARIABLE, default=default))
+
+
+def _is_local(path: ObjectStoragePath) -> bool:
+    return path.protocol in ("file", "local", "")
+
+
+def _copy_tree(source, target) -> None:
+    """Copy a folder between a local Path and an ObjectStoragePath (either way), file by file, streaming."""
+    target.mkdir(parents=True, exist_ok=True)
+    for item in source.iterdir():
+        if item.is_dir():
+            _copy_tree(item, target / item.name)
+        else:
+            with item.open("rb") as src, (target / item.name).open("wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+
+
+@contextmanager
+def _local(url: str, *, pull: bool = True, push: bool = True) -> Iterator[Path]:
+    """A local folder for a run (or chunk) folder in object storage: the folder itself when storage is local;
+    otherwise a temporary copy, pulled before and pushed after (so s3://... works unchanged)."""
+    remote = ObjectStoragePath(url)
+    if _is_local(remote):
+        path = Path(remote.path)
+        path.mkdir(parents=True, exist_ok=True)
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="leukofhir-") as tmp:
+        local = Path(tmp)
+        if pull and remote.exists():
+            _copy_tree(remote, local)
+        yield local
+        if push:
+            _copy_tree(local, remote)
+
+
+def _client():
+    from leukofhir.airflow_hook import FhirHook
+
+    return FhirHook(FHIR_CONN_ID).get_client()
+
+
+def _rules():
+    from leukofhir.config import load_config
+
+    return load_config(os.environ.get("LEUKOFHIR_RULES") or None)
+
+
+def _run_url(context) -> str:
+    run_id = re.sub(r"[^A-Za-z0-9._-]+", "_", context["run_id"])
+    return str(_runs_root() / context["dag"].dag_id / run_id)
+
+
+def _window(context, window_field: str | None):
+    """The window of this run: the data interval (scheduled runs and backfills of the surveillance DAG), else the
+    Params `start` and `end` (manual runs, the backfill DAG); None when the Params name patients instead."""
+    from leukofhir.errors import UsageError
+    from leukofhir.extract import Window
+
+    params = context["params"]
+    field = params.get("window_field") or window_field or "lastUpdated"
+    start, end = params.get("start"), params.get("end")
+    if window_field == "lastUpdated" and not (start or end) and context.get("data_interval_start") is not None:
+        return Window.parse(context["data_interval_start"], context["data_interval_end"], field)
+    if params.get("patients"):
+        return None
+    if not (start and end):
+        raise UsageError("no window: this run has no data interval; give the Params start and end (or patients)")
+    return Window.parse(start, end, field)
+
+
+def _fail(exc: Exception):
+    # A one-line reason in the task log instead of a traceback through the library.
+    raise AirflowException(f"{type(exc).__name__}: {exc}") from None
+
+
+@task(pool=FHIR_POOL)
+def find_patients(window_field: str | None = None) -> list[str]:
+    """The touched patients of the window (or the Params' patients), cut into `chunks` folders: their URLs."""
+    from leukofhir.errors import LeukofhirError
+    from leukofhir.run import check_server, find_patients as find
+
+    context = get_current_context()
+    params = context["params"]
+    url = _run_url(context)
+    try:
+        window = _window(context, window_field)
+        patients = None if window is not None else list(params["patients"])
+        with _client() as client, _local(url, pull=False) as run_dir:
+            check_server(client)
+            chunks = find(client, _rules(), run_dir, window=window, patients=patients,
+                          chunks=int(params.get("chunks") or 1), dry_run=bool(params.get("dry_run")))
+    except LeukofhirError as exc:
+        _fail(exc)
+    log.info("run folder %s: %d chunk(s)", url, len(chunks))
+    return [f"{url}/chunks/{chunk.name}" for chunk in chunks]
+
+
+@task(pool=FHIR_POOL)
+def extract(chunk: str) -> str:
+    """Stage each batch of the chunk's patients (whole history) as NDJSON."""
+    from leukofhir.errors import LeukofhirError
+    from leukofhir.run import extract_chunk
+
+    try:
+        with _client() as client, _local(chunk) as chunk_dir:
+            counts = extract_chunk(client, _rules(), chunk_dir)
+    except LeukofhirError as exc:
+        _fail(exc)
+    log.info("staged: %s", ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "nothing")
+    return chunk
+
+
+@task
+def evaluate(chunk: str) -> str:
+    """Normalise, validate (Great Expectations, failure-rate threshold on) and evaluate each staged batch."""
+    from leukofhir.errors import LeukofhirError
+    from leukofhir.run import evaluate_chunk
+
+    try:
+        with _local(chunk) as chunk_dir:
+            counts = evaluate_chunk(_rules(), chunk_dir)
+    except LeukofhirError as exc:
+        _fail(exc)
+    log.info("Flags wanted: %d; resources quarantined: %d", counts["flags_desired"], counts["quarantined"])
+    return chunk
+
+
+@task(pool=FHIR_POOL)
+def write_flags(chunk: str) -> str:
+    """Diff the wanted Flags with the project's Flags on the server; write what changed (nothing in a dry run)."""
+    from leukofhir.errors import LeukofhirError
+    from leukofhir.run import write_chunk
+
+    dry_run = bool(get_current_context()["params"].get("dry_run"))
+    try:
+        with _client() as client, _local(chunk) as chunk_dir:
+            counts = write_chunk(client, _rules(), chunk_dir, dry_run=dry_run)
+    except LeukofhirError as exc:
+        _fail(exc)
+    staged = ObjectStoragePath(chunk) / "staged"
+    if not _is_local(staged) and staged.exists():
+        staged.fs.rm(staged.path, recursive=True)  # the local copy is gone already; the pushed one goes too
+    log.info("Flags%s: %s", " (dry run)" if dry_run else "", ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    return chunk
+
+
+@task(trigger_rule="all_done")
+def report() -> dict:
+    """One report for the whole run (report.json, report.html, quarantine.ndjson, rejects.ndjson), written even
+    when a chunk failed, so the run folder says how far it got; the task then fails for that chunk."""
+    from leukofhir.run import finish_run, summary_line
+
+    url = _run_url(get_current_context())
+    with _local(url) as run_dir:
+        done = finish_run(run_dir)
+    log.info("%s", summary_line(done, Path(url)))
+    missing = done["chunks"] - done["chunks_written"]
+    if missing:
+        raise AirflowException(f"{missing} of {done['chunks']} chunk(s) were not written; see {url}/report.html")
+    return {"patients_touched": done["patients_touched"], **done["writes"]}

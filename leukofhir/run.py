@@ -1,0 +1,306 @@
+"""The online pipeline: a window (or a list of patients) on a FHIR server → Flags written back (`leukofhir run`).
+
+Every step works in a run folder, so the Airflow tasks can run them one by one, and on other machines:
+
+    find_patients  → run.json, chunks/NNNN/patients.json
+    extract_chunk  → chunks/NNNN/staged/batch-NNNNN.ndjson         (extract.py: the server's pages, as they came)
+    evaluate_chunk → chunks/NNNN/evaluated/batch-NNNNN/             (pipeline.evaluate_files: the offline stages)
+    write_chunk    → chunks/NNNN/writes.json, rejects.ndjson        (write.py: diff, then conditional upserts)
+    finish_run     → report.json, report.html, quarantine.ndjson, rejects.ndjson
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+
+from leukofhir.config import Rules
+from leukofhir.errors import UsageError
+from leukofhir.extract import (
+    Window, is_fhir_id, patient_batches, read_patient_list, stage_batch, touched_patients, write_patient_list,
+)
+from leukofhir.fhir.client import FhirClient
+from leukofhir.pipeline import evaluate_files
+from leukofhir.reader import iter_resources
+from leukofhir.report import merge_reports, write_counts
+from leukofhir.report_html import write_report_html
+from leukofhir.write import apply_plan, ensure_author, plan_writes, write_rejects
+
+__all__ = [
+    "BATCH_SIZE", "find_patients", "extract_chunk", "evaluate_chunk", "write_chunk", "finish_run", "run_pipeline",
+    "chunk_dirs", "default_run_dir",
+]
+
+log = logging.getLogger(__name__)
+
+BATCH_SIZE = 100  # patients per set of searches: a bounded page of history in memory, queries of a few KB
+
+
+def default_run_dir(root: str | Path = "out") -> Path:
+    """A fresh folder for a run's outputs: out/run-<UTC time>, numbered if that exists already."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    base = Path(root) / f"run-{stamp}"
+    candidate, n = base, 1
+    while candidate.exists():
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    return candidate
+
+
+def chunk_dirs(run_dir: Path) -> list[Path]:
+    return sorted(p for p in (Path(run_dir) / "chunks").iterdir() if p.is_dir())
+
+
+def _check_patient_ids(patients: list[str]) -> list[str]:
+    ids = [p.removeprefix("Patient/") for p in patients]
+    bad = [p for p in ids if not is_fhir_id(p)]
+    if bad:
+        raise UsageError(f"not FHIR patient ids: {', '.join(repr(b[:80]) for b in bad[:5])}")
+    return sorted(set(ids))
+
+
+def find_patients(
+    client: FhirClient, rules: Rules, run_dir: Path, *, window: Window | None = None,
+    patients: list[str] | None = None, chunks: int = 1, chunk_size: int | None = None, dry_run: bool = False,
+) -> list[Path]:
+    """Step 1: the touched patients (of the window, or the list given), split into `chunks` folders (or into
+    folders of `chunk_size` patients)."""
+    if (window is None) == (patients is None):
+        raise UsageError("give either a window or a list of patients")
+    if chunks < 1 or (chunk_size is not None and chunk_size < 1):
+        raise UsageError("chunks and the chunk size must be at least 1")
+    run_dir = Path(run_dir)
+    if (run_dir / "chunks").exists():
+        shutil.rmtree(run_dir / "chunks")  # a retried task starts its run folder over
+    ids = _check_patient_ids(patients) if patients is not None else touched_patients(client, window, rules)
+    log.info("%d patients touched", len(ids))
+    meta = {"server": client.base_url, "dry_run": dry_run,
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "window": window.as_dict() if window else None, "patients_given": patients is not None,
+            "patients_touched": len(ids)}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "run.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+    # Contiguous slices of the sorted ids.
+    size = chunk_size or max(1, math.ceil(len(ids) / chunks))
+    out = []
+    for number, start in enumerate(range(0, len(ids), size), start=1):
+        folder = run_dir / "chunks" / f"{number:05d}"
+        write_patient_list(folder / "patients.json", ids[start:start + size])
+        out.append(folder)
+    return out
+
+
+def _staged(chunk_dir: Path) -> list[Path]:
+    folder = chunk_dir / "staged"
+    return sorted(folder.glob("batch-*.ndjson")) if folder.exists() else []
+
+
+def extract_chunk(client: FhirClient, rules: Rules, chunk_dir: Path, batch_size: int = BATCH_SIZE) -> dict:
+    """Step 2: each batch of the chunk's patients, whole history, staged as NDJSON. Returns counts by type."""
+    chunk_dir = Path(chunk_dir)
+    patients = read_patient_list(chunk_dir / "patients.json")
+    totals: dict[str, int] = {}
+    for number, batch in enumerate(patient_batches(patients, batch_size), start=1):
+        counts = stage_batch(client, batch, rules, chunk_dir / "staged" / f"batch-{number:05d}.ndjson")
+        log.info("chunk %s batch %d: %d patients, staged %s", chunk_dir.name, number, len(batch),
+                 ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "nothing")
+        for kind, n in counts.items():
+            totals[kind] = totals.get(kind, 0) + n
+    return totals
+
+
+def _evaluated(chunk_dir: Path, staged: Path) -> Path:
+    return chunk_dir / "evaluated" / staged.name.removesuffix(".ndjson")
+
+
+def evaluate_chunk(rules: Rules, chunk_dir: Path) -> dict:
+    """Step 3: the offline stages (normalise → validate with the failure-rate threshold on → evaluate → Flags) on
+    each staged batch. Returns the desired Flag count and the quarantined count."""
+    chunk_dir = Path(chunk_dir)
+    desired = quarantined = 0
+    for staged in _staged(chunk_dir):
+        report = evaluate_files([staged], _evaluated(chunk_dir, staged), config=rules, progress=False,
+                                fail_on_threshold=True)
+        desired += report["flags"]["total"]
+        quarantined += sum(report["quarantined"].values())
+    return {"flags_desired": desired, "quarantined": quarantined}
+
+
+def _flags_in(path: Path) -> Iterator[dict]:
+    for item in iter_resources([path], lambda error: None):
+        if item.resource.get("resourceType") == "Flag":
+            yield item.resource
+
+
+def write_chunk(
+    client: FhirClient, rules: Rules, chunk_dir: Path, *, dry_run: bool = False, keep_staged: bool = False
+) -> dict:
+    """Step 4: per batch, the desired Flags against the project's Flags on the server, then the writes (none in a
+    dry run). Returns the counts by action; refused writes go to the chunk's rejects.ndjson. The staged pages are
+    removed once written (they are a copy of the server's data, every resource read) unless `keep_staged`."""
+    chunk_dir = Path(chunk_dir)
+    rejects = chunk_dir / "rejects.ndjson"
+    rejects.unlink(missing_ok=True)
+    counts: dict[str, int] = {}
+    author_ready = dry_run
+    for staged in _staged(chunk_dir):
+        evaluated = _evaluated(chunk_dir, staged)
+        desired = list(_flags_in(evaluated / "Flag.ndjson"))
+        report = json.loads((evaluated / "report.json").read_text(encoding="utf-8"))
+        # A Flag the Flag suite refused is not "no longer wanted": its Flag on the server stays as it is.
+        keep = set(report.get("flags_rejected_identifiers") or [])
+        existing = [f for f in _flags_in(staged) if not _identifier_in(f, keep)]
+        plan = plan_writes(desired, existing, rules)
+        for action, n in plan.counts().items():
+            counts[action] = counts.get(action, 0) + n
+        if dry_run or not plan.changes:
+            continue
+        if not author_ready:
+            ensure_author(client, rules)
+            author_ready = True
+        result = apply_plan(client, plan.changes, rules)
+        if result.refused:
+            write_rejects(rejects, result.refused)
+            counts["refused"] = counts.get("refused", 0) + len(result.refused)
+            for item in result.refused:  # not written after all
+                counts[item["action"]] -= 1
+    (chunk_dir / "writes.json").write_text(json.dumps(counts, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    if not keep_staged:
+        shutil.rmtree(chunk_dir / "staged", ignore_errors=True)
+    return counts
+
+
+def _identifier_in(flag: dict, values: set[str]) -> bool:
+    return bool(values) and any(isinstance(i, dict) and i.get("value") in values for i in flag.get("identifier") or [])
+
+
+def finish_run(run_dir: Path) -> dict:
+    """Step 5: one report.json / report.html / quarantine.ndjson / rejects.ndjson for the whole run."""
+    run_dir = Path(run_dir)
+    meta = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+    chunks = chunk_dirs(run_dir) if (run_dir / "chunks").exists() else []
+    evaluated = [d for chunk in chunks for d in sorted((chunk / "evaluated").glob("batch-*"))]
+    report = merge_reports(json.loads((d / "report.json").read_text(encoding="utf-8")) for d in evaluated)
+    writes = [json.loads((c / "writes.json").read_text(encoding="utf-8")) for c in chunks
+              if (c / "writes.json").exists()]
+    report = {
+        "server": meta["server"], "window": meta["window"], "as_of": meta["started"], "dry_run": meta["dry_run"],
+        "patients_touched": meta["patients_touched"], "chunks": len(chunks),
+        **report,
+        "writes": write_counts(writes),
+        "chunks_written": len(writes),
+    }
+    _concatenate(run_dir / "quarantine.ndjson", [d / "quarantine.ndjson" for d in evaluated])
+    _concatenate(run_dir / "rejects.ndjson", [c / "rejects.ndjson" for c in chunks])
+    with open(run_dir / "report.json", "w", encoding="utf-8") as fh:
+        json.dump(report, fh, indent=2, default=str)
+        fh.write("\n")
+    write_report_html(report, run_dir / "report.html")
+    return report
+
+
+def _concatenate(target: Path, parts: list[Path]) -> None:
+    with open(target, "wb") as out:
+        for part in parts:
+            if part.exists():
+                with open(part, "rb") as fh:
+                    shutil.copyfileobj(fh, out)
+
+
+def run_pipeline(
+    client: FhirClient, rules: Rules, run_dir: Path, *, window: Window | None = None,
+    patients: list[str] | None = None, dry_run: bool = False, batch_size: int = BATCH_SIZE,
+    progress: bool = False, keep_staged: bool = False,
+) -> dict:
+    """The whole run in this process, one batch at a time (a chunk per batch): what `leukofhir run` does, with the
+    step functions the DAG tasks call."""
+    run_dir = Path(run_dir)
+    if batch_size < 1:
+        raise UsageError("the batch size must be at least 1")
+    # One chunk per batch: each batch is extracted, evaluated and written before the next is read.
+    chunks = find_patients(client, rules, run_dir, window=window, patients=patients, chunk_size=batch_size,
+                           dry_run=dry_run)
+    total = sum(len(read_patient_list(c / "patients.json")) for c in chunks)
+    bar = _progress(total, progress)
+    try:
+        for chunk in chunks:
+            extract_chunk(client, rules, chunk, batch_size)
+            evaluate_chunk(rules, chunk)
+            write_chunk(client, rules, chunk, dry_run=dry_run, keep_staged=keep_staged)
+            if bar is not None:
+                bar.update(len(read_patient_list(chunk / "patients.json")))
+    finally:
+        if bar is not None:
+            bar.close()
+    return finish_run(run_dir)
+
+
+def _progress(total: int, enabled: bool):
+    if enabled and total and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        return tqdm(total=total, unit=" patients", file=sys.stderr, desc="run")
+    return None
+
+
+
+# Exit codes of `leukofhir run` (README "Running it"): 2 is the CLI's for unusable arguments.
+EXIT_DONE, EXIT_REFUSED, EXIT_SERVER, EXIT_DATA = 0, 1, 3, 4
+
+
+def check_server(client: FhirClient) -> None:
+    """Before anything is read or written: the server answers and speaks FHIR R4 (4.0.x)."""
+    version = str(client.capabilities().get("fhirVersion") or "")
+    if not version.startswith("4.0"):
+        raise UsageError(f"the server at {client.base_url} speaks FHIR {version or '(no fhirVersion)'}, not R4 (4.0.x)")
+
+
+def summary_line(report: dict, run_dir: Path) -> str:
+    writes = report["writes"]
+    verb = "would be " if report["dry_run"] else ""
+    return (
+        f"{report['patients_touched']} patients touched; Flags {verb}created {writes['create']}, "
+        f"{verb}updated {writes['update']}, {verb}withdrawn {writes['withdraw']}, unchanged {writes['unchanged']}"
+        + (f", refused {writes['refused']}" if writes["refused"] else "")
+        + f"; {sum(report['quarantined'].values())} resources quarantined; report: {run_dir / 'report.html'}"
+    )
+
+
+def run_command(args) -> int:
+    """`leukofhir run`: the whole pipeline against a server; prints one summary line; exit codes above."""
+    from leukofhir.config import load_config
+    from leukofhir.fhir.auth import make_auth
+    from leukofhir.fhir.errors import FhirError
+    from leukofhir.validate import ValidationThresholdError
+
+    rules = load_config(args.config)
+    patients = [p.strip() for p in args.patients.split(",") if p.strip()] if args.patients else None
+    if patients is not None and (args.since or args.until):
+        raise UsageError("give either --since/--until or --patients, not both")
+    window = None if patients is not None else Window.parse(
+        args.since or _missing("--since"), args.until or _missing("--until"), args.window_field)
+    run_dir = Path(args.out) if args.out else default_run_dir()
+    try:
+        with FhirClient(args.fhir_url, make_auth(args.auth), timeout=args.timeout) as client:
+            check_server(client)
+            report = run_pipeline(client, rules, run_dir, window=window, patients=patients, dry_run=args.dry_run,
+                                  batch_size=args.batch_size, progress=True, keep_staged=args.keep_staged)
+    except ValidationThresholdError as exc:
+        print(f"leukofhir run: data failed its contract, nothing more written: {exc} (run folder {run_dir})",
+              file=sys.stderr)
+        return EXIT_DATA
+    except FhirError as exc:
+        print(f"leukofhir run: the FHIR server cannot be used: {exc} (run folder {run_dir})", file=sys.stderr)
+        return EXIT_SERVER
+    print(summary_line(report, run_dir))
+    return EXIT_REFUSED if report["writes"]["refused"] else EXIT_DONE
+
+
+def _missing(flag: str):
+    raise UsageError(f"{flag} is required (or give --patients)")

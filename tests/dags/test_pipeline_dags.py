@@ -1,0 +1,212 @@
+"""Both DAGs with dag.test() against the real HAPI server: Flags converge per patient, whatever the windows.
+
+Each test makes its own patients (unique ids) and reads back only their Flags; the windows are real `_lastUpdated`
+windows in the server's clock, or clinical-date windows, as the DAGs' users would give them."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import re
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from conftest import EXTERNAL, ROOT
+
+from leukofhir.load import load_files
+from leukofhir.pipeline import evaluate_files
+from support.fhir_builders import at, observation, patient, statement
+from support.server_data import (
+    flags_by_identifier, pause, project_flags, put, server_now, versions, without_patient,
+)
+
+pytestmark = pytest.mark.fhir
+
+SYNTHEA_BUNDLES = sorted((EXTERNAL / "smart-generated-sample-data-R4-synthea" / "bundles").glob("*.json.gz"))
+NOTHING_WRITTEN = {"create": 0, "update": 0, "withdraw": 0, "delete": 0, "refused": 0}
+
+
+def _parse():
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(str(ROOT / "dags"))
+    assert bag.import_errors == {}
+    return bag.dags
+
+
+@pytest.fixture(scope="module")
+def dags(airflow_db, fhir_connection):
+    dags = _parse()
+    assert {"leukopenia_surveillance", "leukopenia_backfill"} <= set(dags)
+    return dags
+
+
+def run_dag(dags, dag_id: str, **conf) -> dict:
+    """One dag.test() run, of freshly parsed DAGs (in one process, a run's Params otherwise leak into the next, as
+    they never would between scheduled runs); its report.json, read from the run folder the tasks wrote."""
+    run = _parse()[dag_id].test(run_conf=conf)
+    assert run.state == "success", f"{dag_id} run {run.run_id} ended {run.state}"
+    folder = re.sub(r"[^A-Za-z0-9._-]+", "_", run.run_id)
+    path = Path(os.environ["AIRFLOW_HOME"]) / "leukofhir-runs" / dag_id / folder / "report.json"
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def surveillance(dags, since, until) -> dict:
+    """The surveillance DAG over one `_lastUpdated` window (a manual run gives it as Params)."""
+    return run_dag(dags, "leukopenia_surveillance", start=since.isoformat(), end=until.isoformat())
+
+
+def writes(report: dict) -> dict:
+    return {k: report["writes"][k] for k in NOTHING_WRITTEN}
+
+
+def standing(flags: list[dict]) -> set:
+    """The Flags a chart shows (active or inactive), by clinical content."""
+    return {without_patient(f) for f in flags if f["status"] != "entered-in-error"}
+
+
+def test_backfill_dag_on_the_sample_data_writes_the_flags_of_the_rules_and_a_rerun_writes_nothing(dags, fhir_client,
+                                                                                                  tmp_path):
+    assert load_files(fhir_client, SYNTHEA_BUNDLES, batch_size=250).ok
+    ids = sorted(json.load(gzip.open(p, "rt"))["entry"][0]["resource"]["id"]
+                 for p in SYNTHEA_BUNDLES)
+    offline = evaluate_files(SYNTHEA_BUNDLES, tmp_path, progress=False)
+    expected = flags_by_identifier([json.loads(line) for line in (tmp_path / "Flag.ndjson").open()])
+    assert offline["flags"]["total"] == len(expected) > 0
+
+    until = server_now(fhir_client) + timedelta(days=1)
+    report = run_dag(dags, "leukopenia_backfill", start="1900-01-01", end=until.date().isoformat(), chunks=3)
+    assert report["reconciled"] and report["patients_touched"] >= len(ids)
+    on_server = project_flags(fhir_client, ids)
+    assert flags_by_identifier(on_server) == expected
+
+    again = run_dag(dags, "leukopenia_backfill", start="1900-01-01", end=until.date().isoformat(), chunks=2)
+    assert writes(again) == NOTHING_WRITTEN
+    assert again["writes"]["unchanged"] >= len(expected)
+    assert versions(project_flags(fhir_client, ids)) == versions(on_server)
+
+
+def test_backfill_dag_dry_run_writes_nothing_and_reports_what_it_would(dags, fhir_client, unique):
+    pid = f"dry-{unique}"
+    put(fhir_client, patient(pid), observation(f"{pid}-w1", "wbc", 1.5, time=at(), patient=f"Patient/{pid}"))
+    report = run_dag(dags, "leukopenia_backfill", patients=[pid], dry_run=True)
+    assert report["dry_run"] is True and report["patients_touched"] == 1
+    assert report["writes"]["create"] == 1
+    assert project_flags(fhir_client, [pid]) == []
+    report = run_dag(dags, "leukopenia_backfill", patients=[pid])
+    assert report["writes"]["create"] == 1 and len(project_flags(fhir_client, [pid])) == 1
+
+
+def _history(pid: str, part: int) -> list[dict]:
+    """Two deliveries of one patient's results: first a low WBC; then a lower one, a recovery and a later low."""
+    ref = f"Patient/{pid}"
+    if part == 1:
+        return [observation(f"{pid}-a", "wbc", 3.1, time=at(days=0), patient=ref)]
+    return [observation(f"{pid}-b", "wbc", 1.8, time=at(days=2), patient=ref),
+            observation(f"{pid}-c", "wbc", 6.5, time=at(days=9), patient=ref),
+            observation(f"{pid}-d", "wbc", 2.6, time=at(days=40), patient=ref)]
+
+
+def test_surveillance_windows_in_any_order_give_the_same_flags(dags, fhir_client, unique):
+    a, b = f"ord-a-{unique}", f"ord-b-{unique}"
+    put(fhir_client, patient(a), patient(b))
+    marks = [server_now(fhir_client)]
+    for pid, part in ((a, 1), (a, 2), (b, 1), (b, 2)):
+        pause()
+        put(fhir_client, *_history(pid, part))
+        pause()
+        marks.append(server_now(fhir_client))
+    # Patient a: its two windows in order; patient b: its two windows in reverse order.
+    surveillance(dags, marks[0], marks[1])
+    surveillance(dags, marks[1], marks[2])
+    surveillance(dags, marks[3], marks[4])
+    surveillance(dags, marks[2], marks[3])
+    flags_a, flags_b = project_flags(fhir_client, [a]), project_flags(fhir_client, [b])
+    assert standing(flags_a) == standing(flags_b) and len(standing(flags_a)) == 2
+    assert {f["status"] for f in flags_a} == {"inactive", "active"}
+    # Every window again, in reverse: nothing to write.
+    for since, until in reversed(list(zip(marks, marks[1:]))):
+        assert writes(surveillance(dags, since, until)) == NOTHING_WRITTEN
+
+
+def test_a_recovery_in_a_later_window_closes_the_flag_an_earlier_window_opened(dags, fhir_client, unique):
+    pid = f"rec-{unique}"
+    put(fhir_client, patient(pid))
+    t0 = server_now(fhir_client)
+    put(fhir_client, observation(f"{pid}-low", "anc", 0.8, time=at(), patient=f"Patient/{pid}"))
+    pause()
+    t1 = server_now(fhir_client)
+    surveillance(dags, t0, t1)
+    (opened,) = project_flags(fhir_client, [pid])
+    assert opened["status"] == "active" and "end" not in opened["period"]
+    assert opened["code"]["coding"][0]["code"] == "165517008"  # neutropenia
+
+    put(fhir_client, observation(f"{pid}-ok", "anc", 2.4, time=at(days=3), patient=f"Patient/{pid}"))
+    pause()
+    t2 = server_now(fhir_client)
+    surveillance(dags, t1, t2)
+    (closed,) = project_flags(fhir_client, [pid])
+    assert closed["id"] == opened["id"] and closed["identifier"] == opened["identifier"]
+    assert closed["status"] == "inactive" and closed["period"]["end"] == at(days=3)
+    assert "normal again" in closed["code"]["text"]
+
+
+def test_amended_deleted_and_retracted_results_withdraw_their_flags(dags, fhir_client, unique):
+    amended, deleted, retracted = (f"{kind}-{unique}" for kind in ("amd", "del", "eie"))
+    low = {pid: observation(f"{pid}-low", "wbc", 1.2, time=at(), patient=f"Patient/{pid}")
+           for pid in (amended, deleted, retracted)}
+    put(fhir_client, *(patient(p) for p in low))
+    t0 = server_now(fhir_client)
+    put(fhir_client, *low.values())
+    pause()
+    t1 = server_now(fhir_client)
+    surveillance(dags, t0, t1)
+    before = {pid: project_flags(fhir_client, [pid]) for pid in low}
+    assert all(len(flags) == 1 and flags[0]["status"] == "active" for flags in before.values())
+
+    put(fhir_client, {**low[amended], "status": "amended", "valueQuantity": {**low[amended]["valueQuantity"],
+                                                                             "value": 6.1}})
+    put(fhir_client, {**low[retracted], "status": "entered-in-error"})
+    fhir_client.request("DELETE", f"Observation/{deleted}-low")
+    pause()
+    report = surveillance(dags, t1, server_now(fhir_client))
+    assert report["writes"]["withdraw"] + report["writes"]["update"] >= 3
+    for pid in low:
+        (flag,) = project_flags(fhir_client, [pid])
+        assert flag["id"] == before[pid][0]["id"]
+        assert flag["status"] == "entered-in-error", pid
+
+
+def _ten_years(pid: str) -> list[list[dict]]:
+    """A patient's ten years of counts and a chemotherapy course, in five two-year deliveries: episodes that
+    recover, one closed by the episode gap, one drug-associated, one still open at the end."""
+    ref = f"Patient/{pid}"
+    values = [(0, 6.2), (30, 3.4), (33, 5.5), (400, 2.9), (700, 1.4), (705, 0.8), (720, 4.6), (1100, 3.7),
+              (1500, 7.0), (1800, 2.2), (2200, 3.9), (2600, 6.1), (2900, 0.9), (3300, 1.9), (3600, 2.5)]
+    deliveries: list[list[dict]] = [[] for _ in range(5)]
+    for n, (day, wbc) in enumerate(values):
+        deliveries[min(day // 730, 4)].append(
+            observation(f"{pid}-w{n}", "wbc", wbc, time=at(days=day - 3650), patient=ref))
+    deliveries[3].append(statement(f"{pid}-chemo", "Oxaliplatin 100 MG Injection", start=at(days=2850 - 3650),
+                                   end=at(days=2880 - 3650), patient_ref=ref))
+    return deliveries
+
+
+def test_a_ten_year_backfill_and_ten_years_of_incremental_runs_give_the_same_flags(dags, fhir_client, unique):
+    once, stepwise = f"ten-once-{unique}", f"ten-step-{unique}"
+    put(fhir_client, patient(once), patient(stepwise))
+    put(fhir_client, *[r for delivery in _ten_years(once) for r in delivery])
+    run_dag(dags, "leukopenia_backfill", patients=[once])
+
+    for delivery in _ten_years(stepwise):
+        since = server_now(fhir_client)
+        put(fhir_client, *delivery)
+        pause()
+        surveillance(dags, since, server_now(fhir_client))
+    flags_once, flags_step = project_flags(fhir_client, [once]), project_flags(fhir_client, [stepwise])
+    assert standing(flags_once) == standing(flags_step)
+    assert len(standing(flags_once)) >= 4
+    assert any("possibly drug-associated: antineoplastic chemotherapy (oxaliplatin)" in f[2]
+               for f in standing(flags_once))
