@@ -1,0 +1,127 @@
+"""`leukofhir run` and its write step against the real server: refusals isolated, concurrent runs, long queries."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from leukofhir.config import load_config
+from leukofhir.run import run_pipeline
+from leukofhir.write import Change, apply_plan, ensure_author, plan_writes
+from support.faultproxy import FaultProxy
+from support.fhir_builders import at, observation, patient
+from support.server_data import flags_by_identifier, project_flags, put
+
+pytestmark = pytest.mark.fhir
+
+RULES = load_config()
+CLI = [sys.executable, "-m", "leukofhir.cli"]
+
+
+def _flag(pid: str, value: str) -> dict:
+    return {
+        "resourceType": "Flag", "meta": {"tag": [{"system": RULES.uris.tag_system, "code": RULES.uris.tag_code}]},
+        "identifier": [{"system": RULES.uris.identifier_system, "value": value}], "status": "active",
+        "code": {"text": "test"}, "subject": {"reference": f"Patient/{pid}"}, "author": {"reference": RULES.uris.author},
+    }
+
+
+def test_a_refused_write_is_isolated_and_reported_and_the_rest_is_written(fhir_client, unique):
+    pids = [f"w{n}-{unique}" for n in range(5)]
+    put(fhir_client, *(patient(p) for p in pids))
+    ensure_author(fhir_client, RULES)
+    good = [Change("create", f"ok{n}-{unique}", _flag(p, f"ok{n}-{unique}")) for n, p in enumerate(pids)]
+    # Referential integrity: a Flag about a Patient the server does not have is refused, and the whole transaction
+    # with it; the writer must find it and still write the five others.
+    bad = Change("create", f"bad-{unique}", _flag(f"nobody-{unique}", f"bad-{unique}"))
+    result = apply_plan(fhir_client, good[:2] + [bad] + good[2:], RULES)
+    assert result.written["create"] == 5
+    (refused,) = result.refused
+    assert refused["identifier"] == f"bad-{unique}" and refused["status"] in (400, 404, 409, 412, 422)
+    assert f"nobody-{unique}" in json.dumps(refused["outcome"])  # the server's own words, for the rejects file
+    assert set(flags_by_identifier(project_flags(fhir_client, pids))) == {c.identifier for c in good}
+
+
+def test_plan_writes_creates_updates_withdraws_and_leaves_alone():
+    def flag(value, status="active", text="t"):
+        return {**_flag("p", value), "status": status, "code": {"text": text}}
+
+    existing = [{**flag("same"), "id": "1", "meta": {"versionId": "3", "tag": flag("x")["meta"]["tag"]}},
+                {**flag("changed"), "id": "2"}, {**flag("gone"), "id": "3"},
+                {**flag("gone-before", "entered-in-error"), "id": "4"}, {**flag("dup"), "id": "5"},
+                {**flag("dup"), "id": "6"}]
+    desired = [flag("same"), flag("changed", "inactive"), flag("new"), flag("retracted", "entered-in-error"),
+               flag("dup")]
+    plan = plan_writes(desired, existing, RULES)
+    assert {(c.action, c.identifier) for c in plan.changes} == {
+        ("update", "changed"), ("create", "new"), ("withdraw", "gone"), ("delete", "dup")}
+    assert plan.unchanged == 3 and plan.not_created == 1  # same, gone-before, dup (kept one); retracted
+    (withdrawn,) = [c.flag for c in plan.changes if c.action == "withdraw"]
+    assert withdrawn["status"] == "entered-in-error" and "withdrawn" in withdrawn["code"]["text"]
+    assert "id" not in withdrawn
+    assert [c.flag_id for c in plan.changes if c.action == "delete"] == ["6"]  # the first by id is kept
+
+
+def test_two_runs_at_once_on_the_same_patients_leave_one_flag_per_identifier(fhir_base_url, fhir_client, unique,
+                                                                           tmp_path):
+    pids = [f"race{n}-{unique}" for n in range(30)]
+    put(fhir_client, *(patient(p) for p in pids),
+        *(observation(f"{p}-w", "wbc", 1.1 + n / 100, time=at(), patient=f"Patient/{p}") for n, p in enumerate(pids)))
+    runs = [subprocess.Popen([*CLI, "run", "--fhir-url", fhir_base_url, "--patients", ",".join(pids),
+                              "--batch-size", "10", "--out", str(tmp_path / f"run{n}")],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n in range(2)]
+    outputs = [run.communicate(timeout=600) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], [err[-2000:] for _, err in outputs]
+    flags = project_flags(fhir_client, pids)
+    assert len(flags) == len(pids) and len(flags_by_identifier(flags)) == len(pids)
+    reports = [json.loads((tmp_path / f"run{n}" / "report.json").read_text()) for n in range(2)]
+    # Between them the two runs wrote each Flag (a run that lost a race found the Flag there and left it).
+    assert all(r["writes"]["refused"] == 0 for r in reports)
+
+
+def test_run_reads_long_patient_lists_with_post_search_and_a_rerun_writes_nothing(fhir_base_url, fhir_client, unique,
+                                                                                tmp_path):
+    # 60 patients with 64-character ids: one batch's query is far above what a URL should carry.
+    pids = [f"{n:02d}-{unique}".ljust(64, "x") for n in range(60)]
+    put(fhir_client, *(patient(p) for p in pids),
+        *(observation(f"{p[:50]}-a", "anc", 0.4, time=at(), patient=f"Patient/{p}") for p in pids[:3]))
+    with FaultProxy(fhir_base_url) as proxy:
+        from leukofhir.fhir.client import FhirClient
+
+        with FhirClient(proxy.base_url, backoff=0.01) as client:
+            report = run_pipeline(client, RULES, tmp_path / "one", patients=pids, batch_size=60)
+        assert report["patients_touched"] == 60 and report["writes"]["create"] == 3
+        assert any(method == "POST" and path.endswith("/Observation/_search") for method, path, _ in proxy.requests)
+        assert all(len(path) < 4096 for _, path, _ in proxy.requests)
+    flags = project_flags(fhir_client, pids[:3])
+    assert {f["code"]["coding"][0]["code"] for f in flags} == {"17182001"}  # agranulocytosis
+    with FhirClient(fhir_base_url) as client:
+        again = run_pipeline(client, RULES, tmp_path / "two", patients=pids, batch_size=60)
+    assert again["writes"]["create"] == again["writes"]["update"] == again["writes"]["withdraw"] == 0
+    assert again["writes"]["unchanged"] == 3
+
+
+def test_run_command_summary_outputs_and_exit_codes(fhir_base_url, fhir_client, unique, tmp_path):
+    pid = f"cli-{unique}"
+    put(fhir_client, patient(pid), observation(f"{pid}-w", "wbc", 2.5, time=at(), patient=f"Patient/{pid}"))
+    out = tmp_path / "dry"
+    done = subprocess.run([*CLI, "run", "--fhir-url", fhir_base_url, "--patients", pid, "--dry-run", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "1 patients touched; Flags would be created 1" in done.stdout
+    assert {p.name for p in out.iterdir()} >= {"report.json", "report.html", "quarantine.ndjson", "rejects.ndjson"}
+    assert project_flags(fhir_client, [pid]) == []
+
+    usage = subprocess.run([*CLI, "run", "--fhir-url", fhir_base_url, "--since", "2024-01-01"], capture_output=True,
+                           text=True, timeout=120)
+    assert usage.returncode == 2 and "--until is required" in usage.stderr
+    empty = subprocess.run([*CLI, "run", "--fhir-url", fhir_base_url, "--since", "2024-02-01", "--until", "2024-01-01"],
+                           capture_output=True, text=True, timeout=120)
+    assert empty.returncode == 2 and "window is empty" in empty.stderr
+    down = subprocess.run([*CLI, "run", "--fhir-url", "http://127.0.0.1:9/fhir", "--patients", pid, "--timeout", "2",
+                           "--out", str(tmp_path / "down")], capture_output=True, text=True, timeout=300)
+    assert down.returncode == 3 and "cannot be used" in down.stderr and "Traceback" not in down.stderr
