@@ -1,21 +1,25 @@
-"""`leukofhir demo`: start the local HAPI server, load the sample patients, print what the server now holds."""
+"""`leukofhir demo`: the local HAPI server, the sample patients loaded, the backfill DAG run by Airflow, the Flags
+read back from the server."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from leukofhir.errors import UsageError
 from leukofhir.fhir.client import FhirClient
 from leukofhir.load import load_files, print_report
-from leukofhir.pipeline import evaluate_files
 from leukofhir.reader import iter_resources
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_BUNDLES = ROOT / "tests" / "data" / "external" / "smart-generated-sample-data-R4-synthea" / "bundles"
 SUMMARY_TYPES = ["Patient", "Encounter", "Observation", "DiagnosticReport", "MedicationRequest", "Flag"]
 WBC = "http://loinc.org|6690-2"
+DAG_ID = "leukopenia_backfill"
 
 
 def start_local_server() -> str:
@@ -40,34 +44,73 @@ def summarise(client: FhirClient, patient_ids: list[str]) -> list[str]:
     return lines
 
 
+def run_backfill_dag(base_url: str, out_dir: Path, until: datetime) -> Path:
+    """`airflow dags test leukopenia_backfill` over all the sample data's dates, with a project-local AIRFLOW_HOME
+    (SQLite) and the `fhir_default` connection from the environment; returns the run folder."""
+    home = out_dir / "airflow"
+    runs = out_dir / "runs"
+    env = {
+        **os.environ,
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW_CONN_FHIR_DEFAULT": json.dumps({"conn_type": "fhir", "host": base_url}),
+        "AIRFLOW_VAR_LEUKOFHIR_RUNS": f"file://{runs.resolve()}",
+    }
+    airflow = str(Path(sys.executable).with_name("airflow"))
+    conf = {"start": "1900-01-01", "end": until.date().isoformat(), "window_field": "effective", "chunks": 2}
+    home.mkdir(parents=True, exist_ok=True)
+    log_path = out_dir / "airflow-dags-test.log"
+    with open(log_path, "w") as log:
+        for args in (["db", "migrate"], ["dags", "test", DAG_ID, "--conf", json.dumps(conf)]):
+            done = subprocess.run([airflow, *args], env=env, stdout=log, stderr=subprocess.STDOUT)
+            if done.returncode != 0:
+                raise UsageError(f"airflow {args[0]} {args[1]} failed (exit {done.returncode}); see {log_path}")
+    folders = sorted((runs / DAG_ID).iterdir(), key=lambda p: p.stat().st_mtime)
+    if not folders or not (folders[-1] / "report.json").exists():
+        raise UsageError(f"the DAG run wrote no report; see {log_path}")
+    return folders[-1]
+
+
 def demo_command(args) -> int:
     base_url = args.fhir_url or start_local_server()
     bundles = sorted(SAMPLE_BUNDLES.glob("*.json.gz"))
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    patient_ids = _patient_ids(bundles)
     with FhirClient(base_url, timeout=300) as client:
         print(f"loading {len(bundles)} Synthea patient bundles into {base_url} ...", flush=True)
         report = load_files(client, [str(b) for b in bundles], batch_size=250)
         print_report(report)
-        patient_ids = _patient_ids(bundles)
         print("\n".join(summarise(client, patient_ids)))
-    # The rules on the same patients, offline (reading them back from the server is the pipeline's job).
-    out_dir = Path(args.out)
-    run = evaluate_files(bundles, out_dir, progress=False)
-    print(f"\nleukopenia rules on the same patients ({out_dir}/Flag.ndjson, report: {out_dir}/report.html):")
-    for line in flag_lines(out_dir / "Flag.ndjson"):
+        print(f"\nrunning the Airflow DAG {DAG_ID} (airflow dags test; log: {out_dir / 'airflow-dags-test.log'}) ...",
+              flush=True)
+        run_dir = run_backfill_dag(base_url, out_dir, datetime.now(timezone.utc) + timedelta(days=1))
+        run = json.loads((run_dir / "report.json").read_text(encoding="utf-8"))
+        writes = run["writes"]
+        print(f"  {run['patients_touched']} patients evaluated; Flags created {writes['create']}, updated "
+              f"{writes['update']}, withdrawn {writes['withdraw']}, unchanged {writes['unchanged']}")
+        flags = _server_flags(client, patient_ids)
+    print(f"\nthe sample patients' Flags, read back from {base_url}:")
+    for line in flag_lines(flags):
         print(f"  {line}")
-    print(f"  counts: read {run['read_total']}, evaluated {run['evaluated']}, "
-          f"skipped {sum(run['skipped'].values())}, quarantined {sum(run['quarantined'].values())}")
+    print(f"\nrun report: {run_dir / 'report.html'}")
     return 0 if report.ok else 1
 
 
-def flag_lines(path: Path) -> list[str]:
-    """One line per Flag: status and text (no names or birth dates: the text holds values, dates and grades)."""
-    lines = []
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            flag = json.loads(line)
-            lines.append(f"{flag['status']:<9} {flag['subject']['reference']}: {flag['code']['text']}")
-    return lines
+def _server_flags(client: FhirClient, patient_ids: list[str]) -> list[dict]:
+    from leukofhir.config import load_config
+
+    uris = load_config().uris
+    refs = ",".join(f"Patient/{p}" for p in patient_ids)
+    flags = client.search("Flag", {"subject": refs, "_tag": f"{uris.tag_system}|{uris.tag_code}", "_count": 500})
+    return sorted(flags, key=lambda f: (f["subject"]["reference"], f["period"]["start"]))
+
+
+def flag_lines(flags: list[dict]) -> list[str]:
+    """One line per Flag: its id, status, patient and text (the text holds values, dates and grades, no names)."""
+    return [f"{flag['status']:<9} {flag['subject']['reference']}: {flag['code']['text']}  (Flag/{flag['id']})"
+            for flag in flags]
 
 
 def _patient_ids(bundles: list[Path]) -> list[str]:

@@ -6,6 +6,7 @@ import gzip
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -102,12 +103,17 @@ def test_load_command_exit_code_and_summary(fhir_base_url, unique, tmp_path):
     assert f"REJECTED Observation/o-{unique}" in refused.stdout
 
 
-def test_demo_loads_the_sample_and_prints_the_summary_and_flags(fhir_base_url, tmp_path):
+def test_demo_loads_the_sample_runs_the_backfill_dag_and_prints_the_flags_read_back(fhir_base_url, tmp_path):
     done = subprocess.run([sys.executable, "-m", "leukofhir.cli", "demo", "--fhir-url", fhir_base_url,
-                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:] + done.stdout[-2000:]
     assert "read 2084 resources, wrote 2084, rejected 0" in done.stdout
     assert "(FHIR 4.0.1)" in done.stdout
     assert "sample patients' WBC results: 25, of which below 4.0 ×10^9/L: 17" in done.stdout
-    assert "possibly drug-associated: antineoplastic chemotherapy (oxaliplatin)" in done.stdout
-    assert (tmp_path / "report.html").exists() and (tmp_path / "Flag.ndjson").exists()
+    assert "running the Airflow DAG leukopenia_backfill" in done.stdout
+    # The Flags are printed from the server's answer: each line names its Flag/<id> there.
+    shown = done.stdout.split("read back from", 1)[1]
+    assert shown.count("(Flag/") == 7
+    assert "possibly drug-associated: antineoplastic chemotherapy (oxaliplatin)" in shown
+    report = shown.rsplit("run report: ", 1)[1].strip()
+    assert report.endswith("report.html") and Path(report).exists()

@@ -1,0 +1,65 @@
+"""End to end with a real scheduler: a CLI backfill of the surveillance DAG over three hourly intervals, and the
+backfill DAG triggered through the REST API with conf; both reach success and their Flags are on the server.
+(The surveillance DAG runs on minute intervals here; hourly is its default.)"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from conftest import ROOT
+
+from support.airflow_stack import LocalAirflow
+from support.fhir_builders import at, observation, patient
+from support.server_data import project_flags, put, server_now
+
+pytestmark = pytest.mark.fhir
+
+
+@pytest.fixture(scope="module")
+def airflow(fhir_base_url, tmp_path_factory):
+    conn = json.dumps({"conn_type": "fhir", "host": fhir_base_url})
+    # Minute intervals instead of hours: a backfill only covers complete intervals, and this test must not wait for
+    # the hour to end to cover the data it has just written.
+    env = {"AIRFLOW_CONN_FHIR_DEFAULT": conn, "LEUKOFHIR_SURVEILLANCE_CRON": "* * * * *"}
+    with LocalAirflow(tmp_path_factory.mktemp("airflow-e2e"), ROOT / "dags", env) as stack:
+        for dag_id in ("leukopenia_surveillance", "leukopenia_backfill"):
+            stack.wait_for_dag(dag_id)
+            assert stack.api("PATCH", f"dags/{dag_id}", json={"is_paused": False}).ok
+        yield stack
+
+
+def test_cli_backfill_of_the_surveillance_dag_over_three_intervals(airflow, fhir_client, unique):
+    pid = f"e2e-s-{unique}"
+    put(fhir_client, patient(pid), observation(f"{pid}-w", "wbc", 2.2, time=at(), patient=f"Patient/{pid}"))
+    minute = server_now(fhir_client).replace(second=0, microsecond=0)
+    # Three complete data intervals, the last one holding the write above: wait for it to end.
+    time.sleep(max(0.0, (minute + timedelta(minutes=1, seconds=2) - datetime.now(timezone.utc)).total_seconds()))
+    done = airflow.cli("backfill", "create", "--dag-id", "leukopenia_surveillance",
+                       "--from-date", (minute - timedelta(minutes=2)).isoformat(), "--to-date", minute.isoformat())
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    runs = airflow.wait_for_runs("leukopenia_surveillance", 3, run_type="backfill")
+    assert len(runs) == 3 and {r["state"] for r in runs} == {"success"}
+    starts = sorted(r["data_interval_start"] for r in runs)
+    assert starts[-1].startswith(minute.strftime("%Y-%m-%dT%H:%M:00"))
+    (flag,) = project_flags(fhir_client, [pid])
+    assert flag["status"] == "active" and flag["code"]["coding"][0]["code"] == "84828003"
+
+
+def test_backfill_dag_triggered_through_the_rest_api_with_conf(airflow, fhir_client, unique):
+    pids = [f"e2e-b{n}-{unique}" for n in range(3)]
+    put(fhir_client, *(patient(p) for p in pids),
+        *(observation(f"{p}-a", "anc", 0.3, time=at(days=-400), patient=f"Patient/{p}") for p in pids))
+    run_id = f"e2e-{unique}"
+    answer = airflow.api("POST", "dags/leukopenia_backfill/dagRuns", json={
+        "dag_run_id": run_id, "logical_date": None,
+        "conf": {"start": at(days=-401)[:10], "end": at(days=-399)[:10], "window_field": "effective", "chunks": 2}})
+    assert answer.status_code in (200, 201), answer.text
+    (run,) = airflow.wait_for_runs("leukopenia_backfill", 1, dag_run_id=run_id)
+    assert run["state"] == "success"
+    tasks = airflow.api("GET", f"dags/leukopenia_backfill/dagRuns/{run_id}/taskInstances").json()["task_instances"]
+    assert {t["state"] for t in tasks} == {"success"}
+    flags = project_flags(fhir_client, pids)
+    assert len(flags) == 3 and {f["code"]["coding"][0]["code"] for f in flags} == {"17182001"}
