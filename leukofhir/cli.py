@@ -11,8 +11,18 @@ from leukofhir.errors import LeukofhirError
 log = logging.getLogger("leukofhir")
 
 
+def _fhir_url(value: str) -> str:
+    """--fhir-url checked (no credentials on the command line); argparse shows only our redacted message."""
+    from leukofhir.fhir.urls import check_base_url
+
+    try:
+        return check_base_url(value)
+    except LeukofhirError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _add_server_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--fhir-url", required=True, help="FHIR base URL, e.g. http://127.0.0.1:8080/fhir")
+    p.add_argument("--fhir-url", required=True, type=_fhir_url, help="FHIR base URL, e.g. http://127.0.0.1:8080/fhir")
     p.add_argument(
         "--auth",
         choices=["none", "basic", "bearer"],
@@ -44,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = sub.add_parser("demo", help="start the local HAPI server, load the sample data, print a summary")
-    p.add_argument("--fhir-url", default=None, help="use this server instead of starting the local one")
+    p.add_argument("--fhir-url", default=None, type=_fhir_url, help="use this server instead of starting the local one")
     p.add_argument("--out", default="out/demo", metavar="DIR", help="where the demo's Flags and report go")
     return parser
 
