@@ -42,15 +42,17 @@ class FaultProxy:
     """`with FaultProxy(upstream_base) as proxy:` then talk to `proxy.base_url`; queue faults with `add()`.
 
     Every request seen is recorded in `requests` as (method, path, headers) so tests can check what the
-    client sent (retries, auth, cache headers)."""
+    client sent (retries, auth, cache headers). A `gate(method, path, headers)` sees each request first and may
+    answer it itself with (status, headers, body) instead of forwarding it (a bearer-token check, say)."""
 
-    def __init__(self, upstream_base: str):
+    def __init__(self, upstream_base: str, gate=None):
         parts = urlsplit(upstream_base)
         self.upstream = (parts.hostname, parts.port or 80)
         self.prefix = parts.path.rstrip("/")
         self.faults: deque[Fault] = deque()
         self.requests: list[tuple[str, str, dict]] = []
         self.lock = threading.Lock()
+        self.gate = gate
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -62,9 +64,13 @@ class FaultProxy:
             def _handle(self):
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
-                fault = proxy._take(self.command, self.path)
                 with proxy.lock:
                     proxy.requests.append((self.command, self.path, dict(self.headers)))
+                answer = proxy.gate(self.command, self.path, dict(self.headers)) if proxy.gate else None
+                if answer is not None:
+                    fault = Fault("status", status=answer[0], headers=answer[1], body=answer[2])
+                else:
+                    fault = proxy._take(self.command, self.path)
                 if fault and fault.kind == "reset":
                     self.close_connection = True
                     self.connection.shutdown(2)
