@@ -21,8 +21,9 @@ class Fault:
     """What to do to the next request whose method and path match.
 
     kind: "status" (answer `status` with `headers`/`body` instead of forwarding), "reset" (close the
-    connection without answering), "delay" (wait `seconds`, then forward), "rewrite" (forward, then replace
-    `pattern` with `replacement` in the response body)."""
+    connection without answering), "delay" (wait `seconds`, then forward), "late" (forward at once, then wait
+    `seconds` before answering: the server has acted, the client may give up first), "rewrite" (forward, then
+    replace `pattern` with `replacement` in the response body)."""
 
     kind: str
     status: int = 503
@@ -93,6 +94,8 @@ class FaultProxy:
                 conn.request(self.command, self.path, body=body, headers=headers)
                 upstream = conn.getresponse()
                 data = upstream.read()
+                if fault and fault.kind == "late":
+                    time.sleep(fault.seconds)
                 if fault and fault.kind == "rewrite":
                     data = re.sub(fault.pattern.encode(), fault.replacement.encode(), data)
                 self.send_response(upstream.status)
