@@ -6,7 +6,6 @@ from typing import Any
 
 from airflow.sdk import BaseHook
 
-from leukofhir.airflow_provider import UI_FIELD_BEHAVIOUR
 from leukofhir.errors import LeukofhirError, UsageError
 from leukofhir.fhir.auth import make_auth
 from leukofhir.fhir.capabilities import check_capabilities
@@ -26,7 +25,8 @@ class FhirHook(BaseHook):
     `max_retries`; basic auth from login/password; a bearer token in password or extra `token`; SMART Backend
     Services from extra `smart_client_id`, `smart_key_id`, `smart_scopes`, `smart_token_url` (discovered when
     absent) and the private key from extra `smart_private_key_path` or the password field (so a secrets backend
-    can hold it). Resolved lazily, inside the task, never at DAG parse time."""
+    can hold it). Resolved lazily, inside the task, never at DAG parse time. The connection form (labels, extra
+    fields) is described in airflow_provider.get_provider_info, where Airflow ≥ 3.2 reads it."""
 
     conn_name_attr = "fhir_conn_id"
     default_conn_name = "fhir_default"
@@ -36,12 +36,6 @@ class FhirHook(BaseHook):
     def __init__(self, fhir_conn_id: str = default_conn_name, **kwargs: Any):
         super().__init__(**kwargs)
         self.fhir_conn_id = fhir_conn_id
-
-    @classmethod
-    def get_ui_field_behaviour(cls) -> dict[str, Any]:
-        """The form for Airflow before 3.2 (later versions read it from get_provider_info)."""
-        return {"hidden_fields": UI_FIELD_BEHAVIOUR["hidden-fields"], "relabeling": UI_FIELD_BEHAVIOUR["relabeling"],
-                "placeholders": UI_FIELD_BEHAVIOUR["placeholders"]}
 
     def get_client(self) -> FhirClient:
         conn = self.get_connection(self.fhir_conn_id)

@@ -119,3 +119,22 @@ def test_test_connection_says_what_failed(monkeypatch, fhir_base_url, fhir_clien
         monkeypatch.setenv("AIRFLOW_CONN_FHIR_LACKING", json.dumps({"conn_type": "fhir", "host": proxy.base_url}))
         ok, message = FhirHook("fhir_lacking").test_connection()
     assert not ok and message.startswith("capabilities:") and "conditional update of Flag" in message
+
+
+def test_uri_form_carries_the_smart_settings(monkeypatch, tmp_path):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from leukofhir.fhir.smart import SmartBackendAuth
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    path = tmp_path / "smart.pem"
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+    monkeypatch.setenv("AIRFLOW_CONN_FHIR_DEFAULT", "fhir://fhir.hospital.example:443/r4?auth=smart&smart_client_id="
+                       f"leukopenia&smart_private_key_path={quote(str(path), safe='')}&smart_scopes=system%2F*.read")
+    with FhirHook().get_client() as client:
+        auth = client.session.auth
+        assert client.base_url == "https://fhir.hospital.example:443/r4/"
+        assert isinstance(auth, SmartBackendAuth) and auth.client_id == "leukopenia"
+        assert auth.scopes == "system/*.read" and auth.base_url == client.base_url

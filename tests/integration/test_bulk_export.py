@@ -110,6 +110,16 @@ def test_export_then_evaluate_gives_the_same_flags_as_evaluate_on_the_files(fhir
     assert len(flags("from-files")) >= 5  # the sample has low counts: the comparison is not of two empty files
 
 
+def test_a_gzip_encoded_download_is_written_as_plain_ndjson(proxy, fhir_client, unique, tmp_path, waits, caplog):
+    caplog.set_level(logging.INFO)
+    ids = _tagged_patients(fhir_client, unique)
+    proxy.add(Fault("gzip", method="GET", path_regex="/Binary/"))
+    with _client(proxy.base_url, waits) as client:
+        export(client, tmp_path, _tagged(unique))
+    assert _ids(tmp_path) == ids and "(gzip)" in caplog.text
+    assert any("gzip" in h.get("Accept-Encoding", "") for _, p, h in proxy.requests if "/Binary/" in p)
+
+
 def test_a_crash_while_polling_resumes_from_the_status_url(proxy, fhir_client, unique, tmp_path, waits):
     ids = _tagged_patients(fhir_client, unique)
     proxy.add(Fault("reset", method="GET", path_regex=POLL))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import http.client
 import re
 import threading
@@ -23,7 +24,8 @@ class Fault:
     kind: "status" (answer `status` with `headers`/`body` instead of forwarding), "reset" (close the
     connection without answering), "delay" (wait `seconds`, then forward), "late" (forward at once, then wait
     `seconds` before answering: the server has acted, the client may give up first), "rewrite" (forward, then
-    replace `pattern` with `replacement` in the response body)."""
+    replace `pattern` with `replacement` in the response body), "gzip" (forward, then send the body gzip-encoded,
+    as a server offering compression does)."""
 
     kind: str
     status: int = 503
@@ -89,7 +91,7 @@ class FaultProxy:
                     time.sleep(fault.seconds)
                 conn = http.client.HTTPConnection(*proxy.upstream, timeout=120)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
-                if fault and fault.kind == "rewrite":
+                if fault and fault.kind in ("rewrite", "gzip"):
                     headers.pop("Accept-Encoding", None)  # a gzipped body could not be rewritten
                 conn.request(self.command, self.path, body=body, headers=headers)
                 upstream = conn.getresponse()
@@ -98,10 +100,14 @@ class FaultProxy:
                     time.sleep(fault.seconds)
                 if fault and fault.kind == "rewrite":
                     data = re.sub(fault.pattern.encode(), fault.replacement.encode(), data)
+                if fault and fault.kind == "gzip":
+                    data = gzip.compress(data)
                 self.send_response(upstream.status)
                 for k, v in upstream.getheaders():
                     if k.lower() not in _HOP_BY_HOP and k.lower() != "content-length":
                         self.send_header(k, v)
+                if fault and fault.kind == "gzip":
+                    self.send_header("Content-Encoding", "gzip")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
