@@ -301,7 +301,9 @@ class BulkExport:
             self.client.request("DELETE", status_url).close()
             log.info("export job deleted: %s", redact_url(status_url))
         except FatalFhirError as exc:
-            if exc.status not in (404, 410):
+            if exc.status in (404, 410):
+                log.info("export job %s: already released by the server", redact_url(status_url))
+            else:
                 log.warning("could not delete the export job %s: %s", redact_url(status_url), exc)
 
     # --- state, for resuming --------------------------------------------------------------------------
