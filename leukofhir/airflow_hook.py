@@ -6,14 +6,27 @@ from typing import Any
 
 from airflow.sdk import BaseHook
 
+from leukofhir.errors import LeukofhirError, UsageError
 from leukofhir.fhir.auth import make_auth
+from leukofhir.fhir.capabilities import check_capabilities
 from leukofhir.fhir.client import FhirClient
+from leukofhir.fhir.errors import CapabilityError, FhirError, SmartAuthError
+from leukofhir.fhir.urls import base_url_from_parts, redact_url
+
+def _extra(extra: dict, name: str):
+    """An extra field as the connection form stores it (plain, or `extra__fhir__` prefixed by older UIs)."""
+    value = extra.get(name)
+    return value if value not in (None, "") else extra.get(f"extra__fhir__{name}") or None
 
 
 class FhirHook(BaseHook):
-    """Connection fields: host = FHIR base URL (https://… in production); login/password for basic auth;
-    extra `{"auth": "none|basic|bearer", "token": "…", "timeout": 60, "max_retries": 4}`. Resolved lazily,
-    inside the task, never at DAG parse time."""
+    """Connection fields: host (a host name, or the whole base URL), port, schema (the path, e.g. `fhir`);
+    extra `scheme` (https unless it says http), `auth` (none | basic | bearer | smart), `timeout`,
+    `max_retries`; basic auth from login/password; a bearer token in password or extra `token`; SMART Backend
+    Services from extra `smart_client_id`, `smart_key_id`, `smart_scopes`, `smart_token_url` (discovered when
+    absent) and the private key from extra `smart_private_key_path` or the password field (so a secrets backend
+    can hold it). Resolved lazily, inside the task, never at DAG parse time. The connection form (labels, extra
+    fields) is described in airflow_provider.get_provider_info, where Airflow ≥ 3.2 reads it."""
 
     conn_name_attr = "fhir_conn_id"
     default_conn_name = "fhir_default"
@@ -24,32 +37,50 @@ class FhirHook(BaseHook):
         super().__init__(**kwargs)
         self.fhir_conn_id = fhir_conn_id
 
-    @classmethod
-    def get_ui_field_behaviour(cls) -> dict[str, Any]:
-        return {
-            "hidden_fields": ["schema", "port"],
-            "relabeling": {"host": "FHIR base URL", "login": "User (basic auth)", "password": "Password or token"},
-            "placeholders": {"host": "https://fhir.hospital.example/fhir", "extra": '{"auth": "bearer"}'},
-        }
-
     def get_client(self) -> FhirClient:
         conn = self.get_connection(self.fhir_conn_id)
         extra = conn.extra_dejson
-        base_url = conn.host or ""
-        if "://" not in base_url:
-            base_url = f"https://{base_url}"  # a bare host name means TLS, never plain HTTP by accident
-        kind = extra.get("auth")
+        base_url = base_url_from_parts(conn.host, conn.port, conn.schema, _extra(extra, "scheme"))
+        kind = _extra(extra, "auth")
+        if kind is None and _extra(extra, "smart_client_id"):
+            kind = "smart"
+        smart = {"client_id": _extra(extra, "smart_client_id"), "key_id": _extra(extra, "smart_key_id"),
+                 "scopes": _extra(extra, "smart_scopes"), "token_url": _extra(extra, "smart_token_url"),
+                 "private_key_path": _extra(extra, "smart_private_key_path")}
+        if kind == "smart" and not smart["private_key_path"]:
+            smart["private_key"] = conn.password
         # A bearer token may sit in the password field (masked in the UI) or in extra.
-        token = extra.get("token") or (conn.password if kind == "bearer" else None)
-        auth = make_auth(kind, token=token, user=conn.login, password=conn.password if kind != "bearer" else None)
-        return FhirClient(base_url, auth, timeout=float(extra.get("timeout", 60)),
-                          max_retries=int(extra.get("max_retries", 4)))
+        token = _extra(extra, "token") or (conn.password if kind == "bearer" else None)
+        password = conn.password if kind in (None, "basic") else None
+        # Only the connection counts here: environ={} keeps the worker's environment out of it.
+        auth = make_auth(kind, token=token, user=conn.login if kind in (None, "basic") else None,
+                         password=password, smart=smart, base_url=base_url, environ={})
+        try:
+            timeout = float(_extra(extra, "timeout") or 60)
+            max_retries = int(_extra(extra, "max_retries") if _extra(extra, "max_retries") is not None else 4)
+        except (TypeError, ValueError):
+            raise UsageError(f"connection {self.fhir_conn_id}: timeout and max_retries must be numbers") from None
+        return FhirClient(base_url, auth, timeout=timeout, max_retries=max_retries)
 
     def test_connection(self) -> tuple[bool, str]:
-        """The UI's Test button: GET /metadata and check it is FHIR R4."""
+        """The UI's Test button: build the client, read /metadata, check it declares what leukofhir needs; the
+        message says which step failed."""
         try:
-            with self.get_client() as client:
-                version = client.capabilities().get("fhirVersion")
-        except Exception as exc:  # the UI shows the message; any failure is a failed test
-            return False, str(exc)
-        return (version or "").startswith("4.0"), f"FHIR server answered, fhirVersion {version}"
+            client = self.get_client()
+        except LeukofhirError as exc:
+            return False, f"connection settings: {exc}"
+        with client:
+            try:
+                statement = check_capabilities(client)
+            except SmartAuthError as exc:
+                return False, f"SMART authorization: {exc}"
+            except CapabilityError as exc:
+                return False, f"capabilities: {exc}"
+            except FhirError as exc:
+                return False, f"FHIR server: {exc}"
+            except LeukofhirError as exc:
+                return False, f"connection settings: {exc}"
+            except Exception as exc:  # the UI shows the message; never str(exc), which may quote a setting
+                return False, f"unexpected {type(exc).__name__} talking to {redact_url(client.base_url)}"
+        return True, (f"FHIR server {redact_url(client.base_url)} answers (fhirVersion "
+                      f"{statement.get('fhirVersion')}) and declares everything leukofhir needs")

@@ -11,14 +11,25 @@ from leukofhir.errors import LeukofhirError
 log = logging.getLogger("leukofhir")
 
 
+def _fhir_url(value: str) -> str:
+    """--fhir-url checked (no credentials on the command line); argparse shows only our redacted message."""
+    from leukofhir.fhir.urls import check_base_url
+
+    try:
+        return check_base_url(value)
+    except LeukofhirError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _add_server_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--fhir-url", required=True, help="FHIR base URL, e.g. http://127.0.0.1:8080/fhir")
+    p.add_argument("--fhir-url", required=True, type=_fhir_url, help="FHIR base URL, e.g. http://127.0.0.1:8080/fhir")
     p.add_argument(
         "--auth",
-        choices=["none", "basic", "bearer"],
+        choices=["none", "basic", "bearer", "smart"],
         default=None,
         help="authentication; secrets come from LEUKOFHIR_FHIR_TOKEN / LEUKOFHIR_FHIR_USER + "
-        "LEUKOFHIR_FHIR_PASSWORD (or *_FILE), never from the command line",
+        "LEUKOFHIR_FHIR_PASSWORD / LEUKOFHIR_SMART_CLIENT_ID + LEUKOFHIR_SMART_PRIVATE_KEY (or *_FILE), "
+        "never from the command line",
     )
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per HTTP request (default 60)")
 
@@ -57,8 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-staged", action="store_true",
                    help="keep the staged server pages (NDJSON) in the run folder after evaluation")
 
+    p = sub.add_parser("export", help="Bulk Data $export from a server to NDJSON that `evaluate` reads")
+    _add_server_args(p)
+    from leukofhir.export import add_arguments as add_export_arguments
+
+    add_export_arguments(p)
+
     p = sub.add_parser("demo", help="start the local HAPI server, load the sample data, print a summary")
-    p.add_argument("--fhir-url", default=None, help="use this server instead of starting the local one")
+    p.add_argument("--fhir-url", default=None, type=_fhir_url, help="use this server instead of starting the local one")
     p.add_argument("--out", default="out/demo", metavar="DIR", help="where the demo's Flags and report go")
     return parser
 
@@ -83,6 +100,11 @@ def main(argv: list[str] | None = None) -> int:
             from leukofhir.run import run_command
 
             return run_command(args)
+
+        if args.command == "export":
+            from leukofhir.export import export_command
+
+            return export_command(args)
         if args.command == "demo":
             from leukofhir.demo import demo_command
 

@@ -130,10 +130,11 @@ def find_patients(window_field: str | None = None) -> list[str]:
     try:
         window = _window(context, window_field)
         patients = None if window is not None else list(params["patients"])
+        rules, dry_run = _rules(), bool(params.get("dry_run"))
         with _client() as client, _local(url, pull=False) as run_dir:
-            check_server(client)
-            chunks = find(client, _rules(), run_dir, window=window, patients=patients,
-                          chunks=int(params.get("chunks") or 1), dry_run=bool(params.get("dry_run")))
+            check_server(client, rules, window=window, dry_run=dry_run)
+            chunks = find(client, rules, run_dir, window=window, patients=patients,
+                          chunks=int(params.get("chunks") or 1), dry_run=dry_run)
     except LeukofhirError as exc:
         _fail(exc)
     log.info("run folder %s: %d chunk(s)", url, len(chunks))

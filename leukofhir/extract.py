@@ -190,7 +190,7 @@ def deleted_subjects(client: FhirClient, resource_type: str, since: datetime) ->
             if version < 1:
                 continue
             try:
-                before = client.request("GET", f"{resource_type}/{parts[1]}/_history/{version}").json()
+                before = client.request_json("GET", f"{resource_type}/{parts[1]}/_history/{version}")
             except FatalFhirError as exc:
                 if exc.status in (404, 410):  # that version was itself a delete, or has been expunged
                     continue

@@ -194,9 +194,9 @@ def print_report(report: LoadReport, out=sys.stdout) -> None:
 
 
 def load_command(args) -> int:
-    from leukofhir.fhir.auth import make_auth
+    from leukofhir.fhir.client import connect
 
-    with FhirClient(args.fhir_url, make_auth(args.auth), timeout=args.timeout) as client:
+    with connect(args.fhir_url, args.auth, timeout=args.timeout) as client:
         report = load_files(client, args.files, args.batch_size)
     print_report(report)
     # Partial success is still worth a non-zero exit: a script loading test data must notice a refusal.

@@ -23,7 +23,8 @@ from typing import Iterator
 from leukofhir.config import Rules
 from leukofhir.errors import UsageError
 from leukofhir.extract import (
-    Window, is_fhir_id, patient_batches, read_patient_list, stage_batch, touched_patients, write_patient_list,
+    Window, is_fhir_id, medication_types, patient_batches, read_patient_list, stage_batch, touched_patients,
+    write_patient_list,
 )
 from leukofhir.fhir.client import FhirClient
 from leukofhir.pipeline import evaluate_files
@@ -164,7 +165,7 @@ def write_chunk(
         if not author_ready:
             ensure_author(client, rules)
             author_ready = True
-        result = apply_plan(client, plan.changes, rules)
+        result = apply_plan(client, plan.changes)
         if result.refused:
             write_rejects(rejects, result.refused)
             counts["refused"] = counts.get("refused", 0) + len(result.refused)
@@ -254,11 +255,13 @@ def _progress(total: int, enabled: bool):
 EXIT_DONE, EXIT_REFUSED, EXIT_SERVER, EXIT_DATA = 0, 1, 3, 4
 
 
-def check_server(client: FhirClient) -> None:
-    """Before anything is read or written: the server answers and speaks FHIR R4 (4.0.x)."""
-    version = str(client.capabilities().get("fhirVersion") or "")
-    if not version.startswith("4.0"):
-        raise UsageError(f"the server at {client.base_url} speaks FHIR {version or '(no fhirVersion)'}, not R4 (4.0.x)")
+def check_server(client: FhirClient, rules: Rules, *, window: Window | None = None, dry_run: bool = False) -> None:
+    """Before anything is read or written: the server declares every search, history and write the run needs."""
+    from leukofhir.fhir.capabilities import check_capabilities
+
+    types = ["Observation", "DiagnosticReport", *medication_types(rules), "Patient", "Flag"]
+    history = ["Observation", *medication_types(rules)] if window is not None and window.field == "lastUpdated" else []
+    check_capabilities(client, resource_types=types, write_flags=not dry_run, history_types=history)
 
 
 def summary_line(report: dict, run_dir: Path) -> str:
@@ -275,9 +278,10 @@ def summary_line(report: dict, run_dir: Path) -> str:
 def run_command(args) -> int:
     """`leukofhir run`: the whole pipeline against a server; prints one summary line; exit codes above."""
     from leukofhir.config import load_config
-    from leukofhir.fhir.auth import make_auth
     from leukofhir.fhir.errors import FhirError
     from leukofhir.validate import ValidationThresholdError
+
+    from leukofhir.fhir.client import connect
 
     rules = load_config(args.config)
     patients = [p.strip() for p in args.patients.split(",") if p.strip()] if args.patients else None
@@ -287,8 +291,8 @@ def run_command(args) -> int:
         args.since or _missing("--since"), args.until or _missing("--until"), args.window_field)
     run_dir = Path(args.out) if args.out else default_run_dir()
     try:
-        with FhirClient(args.fhir_url, make_auth(args.auth), timeout=args.timeout) as client:
-            check_server(client)
+        with connect(args.fhir_url, args.auth, timeout=args.timeout) as client:
+            check_server(client, rules, window=window, dry_run=args.dry_run)
             report = run_pipeline(client, rules, run_dir, window=window, patients=patients, dry_run=args.dry_run,
                                   batch_size=args.batch_size, progress=True, keep_staged=args.keep_staged)
     except ValidationThresholdError as exc:

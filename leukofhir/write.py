@@ -1,4 +1,4 @@
-"""Write: desired Flags against the project's Flags on the server → create / update / withdraw, as conditional upserts."""
+"""Write: desired Flags against the project's Flags on the server → create / update / withdraw, as idempotent PUTs."""
 
 from __future__ import annotations
 
@@ -10,27 +10,36 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
-from urllib.parse import quote
 
 from leukofhir.config import Rules
+from leukofhir.extract import is_fhir_id
 from leukofhir.fhir.client import FhirClient
 from leukofhir.fhir.errors import FatalFhirError
 
 __all__ = ["Change", "Plan", "WriteResult", "plan_writes", "apply_plan", "ensure_author", "author_device",
-           "WITHDRAWN_NOTE"]
+           "flag_id", "WITHDRAWN_NOTE"]
 
 log = logging.getLogger(__name__)
 
 WITHDRAWN_NOTE = "; withdrawn: the patient's data no longer supports this Flag"
 ENTRIES_PER_TRANSACTION = 100
-# HAPI answers 409 to one of several simultaneous conditional writes of one identifier (fhir-server.md): the other
-# writer won the race, and the same write a moment later finds its Flag and updates it.
+# Two writers of one Flag at the same instant (two runs touching a patient): the server may answer 409 to one; the
+# same PUT a moment later finds the Flag there and updates it.
 CONFLICT_RETRIES = 5
+ID_PREFIX = "leukofhir-"
+
+
+def flag_id(identifier: str) -> str:
+    """The id a new Flag is written at: derived from its identifier, so any number of writers, at any time, write
+    the same resource. Conditional upserts (`PUT Flag?identifier=…`) were not enough: eight simultaneous ones on
+    HAPI 8.8 left two Flags with one identifier in 3 runs of 5 (answers 201, 200, 409 and 412); eight PUTs at one
+    id never did (README, "How Flags are written"). An identifier is 40 hex digits: the id is a valid FHIR id."""
+    return ID_PREFIX + identifier
 
 
 @dataclass(frozen=True)
 class Change:
-    """One write: `create`, `update` or `withdraw` a Flag (by its identifier), or `delete` a duplicate by id."""
+    """One write of the Flag at `flag_id`: `create`, `update` or `withdraw` it, or `delete` a duplicate."""
 
     action: str
     identifier: str
@@ -92,12 +101,18 @@ def plan_writes(desired: Iterable[dict], existing: Iterable[dict], rules: Rules)
     - wanted, none on the server: create (unless it is `entered-in-error`: nothing to withdraw, nothing written);
     - wanted, on the server with other content: update; with the same content: unchanged;
     - on the server, no longer wanted: withdraw (status `entered-in-error`), once;
-    - several on the server with one identifier (written by another tool, or before conditional writes were
-      unique): the first by id is kept, the others are deleted, so the conditional write has one match."""
+    - several on the server with one identifier (written by another tool, or by conditional writes that raced):
+      the one at the identifier's own id is kept (else the first by id), the others are deleted.
+    A new Flag is written at the id derived from its identifier; one already there keeps its id."""
     system = rules.uris.identifier_system
     on_server: dict[str, dict] = {}
     plan = Plan()
-    for flag in sorted(existing, key=lambda f: str(f.get("id"))):
+
+    def kept_first(flag: dict) -> tuple:
+        key = _identifier(flag, system)
+        return (key is None or flag.get("id") != flag_id(key), str(flag.get("id")))
+
+    for flag in sorted(existing, key=kept_first):
         key = _identifier(flag, system)
         if key is None:
             log.warning("Flag/%s carries the project's tag but no identifier of %s: left alone", flag.get("id"), system)
@@ -113,25 +128,26 @@ def plan_writes(desired: Iterable[dict], existing: Iterable[dict], rules: Rules)
             if flag.get("status") == "entered-in-error":
                 plan.not_created += 1
             else:
-                plan.changes.append(Change("create", key, flag))
+                plan.changes.append(Change("create", key, flag, flag_id(key)))
         elif comparable(current) == comparable(flag):
             plan.unchanged += 1
         else:
-            plan.changes.append(Change("update", key, flag))
+            plan.changes.append(Change("update", key, flag, current["id"]))
     for key, flag in sorted(on_server.items()):
         if flag.get("status") == "entered-in-error":
             plan.unchanged += 1
         else:
-            plan.changes.append(Change("withdraw", key, withdrawn(flag)))
+            plan.changes.append(Change("withdraw", key, withdrawn(flag), flag["id"]))
     return plan
 
 
-def _entry(change: Change, system: str) -> dict:
+def _entry(change: Change) -> dict:
+    if not is_fhir_id(change.flag_id):
+        raise ValueError(f"Flag id {change.flag_id!r} is not a FHIR id")  # never put into a URL
+    url = f"Flag/{change.flag_id}"
     if change.action == "delete":
-        return {"request": {"method": "DELETE", "url": f"Flag/{change.flag_id}"}}
-    # The `|` and the system's own characters encoded: a raw `|` is refused by some servers (fhir-server.md).
-    url = f"Flag?identifier={quote(system, safe='')}%7C{quote(change.identifier, safe='')}"
-    return {"resource": change.flag, "request": {"method": "PUT", "url": url}}
+        return {"request": {"method": "DELETE", "url": url}}
+    return {"resource": {**change.flag, "id": change.flag_id}, "request": {"method": "PUT", "url": url}}
 
 
 def author_device(rules: Rules) -> dict:
@@ -162,20 +178,17 @@ def ensure_author(client: FhirClient, rules: Rules) -> None:
     client.update(author_device(rules))
 
 
-def apply_plan(
-    client: FhirClient, changes: list[Change], rules: Rules, *, sleep: Callable[[float], None] = time.sleep
-) -> WriteResult:
+def apply_plan(client: FhirClient, changes: list[Change], *, sleep: Callable[[float], None] = time.sleep) -> WriteResult:
     """Send the changes in transaction Bundles. A refused transaction is split until the refused entries stand
     alone; each is reported with the server's OperationOutcome and the rest is written."""
-    system = rules.uris.identifier_system
     result = WriteResult()
     for start in range(0, len(changes), ENTRIES_PER_TRANSACTION):
-        _send(client, changes[start:start + ENTRIES_PER_TRANSACTION], system, result, sleep)
+        _send(client, changes[start:start + ENTRIES_PER_TRANSACTION], result, sleep)
     return result
 
 
-def _send(client: FhirClient, changes: list[Change], system: str, result: WriteResult, sleep) -> None:
-    entries = [_entry(c, system) for c in changes]
+def _send(client: FhirClient, changes: list[Change], result: WriteResult, sleep) -> None:
+    entries = [_entry(c) for c in changes]
     for attempt in range(CONFLICT_RETRIES + 1):
         try:
             response = client.transaction(entries)
@@ -189,8 +202,8 @@ def _send(client: FhirClient, changes: list[Change], system: str, result: WriteR
             if len(changes) > 1:
                 # All or nothing: find the refused entries by halving, so every other one is still written.
                 middle = len(changes) // 2
-                _send(client, changes[:middle], system, result, sleep)
-                _send(client, changes[middle:], system, result, sleep)
+                _send(client, changes[:middle], result, sleep)
+                _send(client, changes[middle:], result, sleep)
                 return
             change = changes[0]
             result.refused.append({"action": change.action, "identifier": change.identifier,

@@ -3,38 +3,83 @@
 from __future__ import annotations
 
 import logging
+import os
+import re
 import time
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 from urllib.parse import urlencode, urljoin, urlsplit
 
 import requests
+import urllib3.exceptions
 from requests.adapters import HTTPAdapter
+from requests.auth import HTTPBasicAuth
 
+from leukofhir.fhir.auth import make_auth
 from leukofhir.fhir.errors import (
     AuthError,
     FatalFhirError,
+    FhirError,
     ForeignLinkError,
+    InvalidResponseError,
+    OutcomeUnknownError,
+    RedirectError,
     TemporaryFhirError,
     outcome_text,
 )
-from leukofhir.fhir.http import is_temporary, retry_delay
+from leukofhir.fhir.http import (
+    NOT_APPLIED_STATUSES,
+    is_conditional_write,
+    is_temporary,
+    replay_safe,
+    retry_delay,
+)
+from leukofhir.fhir.urls import redact_url, same_origin, split_userinfo
 
 log = logging.getLogger(__name__)
 
 FHIR_JSON = "application/fhir+json"
+CONNECT_TIMEOUT = 10.0
+MAX_REDIRECTS = 5
 # A search whose query would make a longer URL goes as POST [type]/_search with a form body (FHIR R4 §3.1.0.1.3):
 # servers and proxies commonly refuse request lines above 4-8 KB, and a batch of patients makes long queries.
 MAX_GET_QUERY = 2000
 
 
-def _origin(url: str) -> tuple[str, str, int | None]:
-    parts = urlsplit(url)
-    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
-    return parts.scheme, (parts.hostname or "").lower(), port
+def _no_auth(request: requests.PreparedRequest) -> requests.PreparedRequest:
+    """Overrides the session's auth for one request (a download the server says needs no token)."""
+    return request
+
+
+def _network_failure(exc: requests.RequestException, read_timeout: float) -> tuple[bool, str]:
+    """(was the request sent?, a short reason without any URL). Never-sent failures are safe to retry for any
+    method; after a sent one the server may have acted on the request."""
+    if isinstance(exc, requests.ConnectTimeout):
+        return False, f"no connection within {CONNECT_TIMEOUT:g} s"
+    if isinstance(exc, requests.ReadTimeout):
+        return True, f"no answer within {read_timeout:g} s"
+    if isinstance(exc, requests.exceptions.ChunkedEncodingError):
+        return True, "the answer was cut off"
+    reason = exc.args[0] if exc.args else None
+    reason = getattr(reason, "reason", reason)  # urllib3's MaxRetryError wraps the cause
+    if isinstance(reason, urllib3.exceptions.NameResolutionError):
+        return False, "host name not found"
+    if isinstance(reason, urllib3.exceptions.NewConnectionError):
+        return False, "cannot connect (connection refused or host unreachable)"
+    return True, "the connection dropped before the answer"
+
+
+def _www_authenticate(response: requests.Response) -> str:
+    """RFC 6750 §3: `Bearer error="invalid_token", error_description="…"` says why a token was refused."""
+    header = response.headers.get("WWW-Authenticate", "")
+    fields = dict(re.findall(r'(error|error_description)="([^"]*)"', header))
+    return ": ".join(v for v in (fields.get("error"), fields.get("error_description")) if v)[:200]
 
 
 class FhirClient:
-    """A FHIR R4 server at `base_url`. TLS is always verified (a private CA goes in REQUESTS_CA_BUNDLE)."""
+    """A FHIR R4 server at `base_url`. TLS is always verified (a private CA goes in REQUESTS_CA_BUNDLE).
+
+    Credentials in `base_url` (`https://user:password@host/fhir`) become basic auth and never appear in
+    `base_url`, messages or logs; only the server's own origin ever receives a request."""
 
     def __init__(
         self,
@@ -46,11 +91,14 @@ class FhirClient:
         backoff: float = 1.0,
         sleep: Callable[[float], None] = time.sleep,
     ):
+        base_url, user, password = split_userinfo(base_url.strip())
+        if auth is None and user:
+            auth = HTTPBasicAuth(user, password or "")
         self.base_url = base_url.rstrip("/") + "/"
         self.timeout = timeout
         self.max_retries = max_retries
         self.backoff = backoff
-        self._sleep = sleep
+        self.sleep = sleep  # injectable, so tests see every wait instead of waiting
         self.session = requests.Session()
         self.session.auth = auth
         self.session.headers.update({"Accept": FHIR_JSON, "User-Agent": "leukofhir"})
@@ -71,73 +119,175 @@ class FhirClient:
     def url(self, path: str) -> str:
         return path if path.startswith(("http://", "https://")) else urljoin(self.base_url, path.lstrip("/"))
 
-    def request(self, method: str, path: str, *, params=None, json=None, data=None, headers=None) -> requests.Response:
+    # --- one request ----------------------------------------------------------------------------------
+
+    def request(self, method: str, path: str, *, params=None, json=None, data=None, headers=None,
+                stream: bool = False, authenticate: bool = True) -> requests.Response:
         """Send one request with the retry policy of `leukofhir.fhir.http`; raise a typed error on failure.
 
-        A 401 triggers one re-authorisation (a refreshed token) that does not count as a retry."""
+        Retried: temporary statuses (and 409 on a conditional write) and network failures, within the budget,
+        each retry logged; a request that may already have changed the server (`replay_safe` is False) is not
+        repeated once it was sent. A 401 triggers one re-authorisation (a fresh token) that is not a retry.
+        Redirects are followed only for GET/HEAD on the server's own origin. `authenticate=False` sends no
+        credentials (a bulk file whose manifest says it needs none, possibly on another origin)."""
+        method = method.upper()
         url = self.url(path)
+        if authenticate and not same_origin(url, self.base_url):
+            raise ForeignLinkError(f"refusing to send a request for {self.base_url} to another origin: "
+                                   f"{redact_url(url)}", url=redact_url(url))
         send_headers = dict(headers or {})
         if json is not None:
             send_headers.setdefault("Content-Type", FHIR_JSON)
-        attempt = 0
-        reauthorised = False
+        body = json if json is not None else data
+        safe = replay_safe(method, url, body)
+        conditional = is_conditional_write(method, url, body, send_headers)
+        attempt, redirects, reauthorised = 0, 0, False
+        reasons: list[str] = []
         while True:
+            shown = redact_url(self._with_params(url, params))
             try:
                 response = self.session.request(
-                    method, url, params=params, json=json, data=data, headers=send_headers, timeout=(10, self.timeout)
+                    method, url, params=params, json=json, data=data, headers=send_headers, stream=stream,
+                    timeout=(CONNECT_TIMEOUT, self.timeout), allow_redirects=False,
+                    **({} if authenticate else {"auth": _no_auth}),
                 )
-            except (requests.ConnectionError, requests.Timeout) as exc:
+            except requests.exceptions.SSLError:
+                raise FhirError(f"{method} {shown}: TLS verification failed (the server's certificate is not "
+                                "trusted; a private CA goes in REQUESTS_CA_BUNDLE)", url=shown) from None
+            except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
+                sent, reason = _network_failure(exc, self.timeout)
+                if sent and not safe:
+                    raise OutcomeUnknownError(
+                        f"{method} {shown}: {reason} after the request was sent; it may or may not have been "
+                        "applied, so it is not repeated", url=shown) from None
                 attempt += 1
+                reasons.append(reason)
                 if attempt > self.max_retries:
-                    raise TemporaryFhirError(
-                        f"{method} {url}: no answer after {attempt} tries ({type(exc).__name__})", url=url
-                    ) from exc
-                delay = retry_delay(attempt, None, self.backoff)
-                log.warning("%s %s: %s; retry %d in %.1fs", method, url, type(exc).__name__, attempt, delay)
-                self._sleep(delay)
+                    raise TemporaryFhirError(f"{method} {shown}: no answer after {attempt} tries ({reason})",
+                                             url=shown) from None
+                self._wait(method, shown, reason, attempt, None)
                 continue
+            except requests.RequestException as exc:
+                # InvalidURL, InvalidHeader, ...: their text may quote the URL or a header; say only the kind.
+                raise FhirError(f"{method} {shown}: request not sent ({type(exc).__name__})", url=shown) from None
+
             status = response.status_code
-            if status < 400:
+            if status < 300 or status == 304:
+                if attempt:
+                    log.info("%s %s: answered after %d retries (%s)", method, shown, attempt, "; ".join(reasons))
                 return response
-            if status == 401 and not reauthorised and hasattr(self.session.auth, "refresh"):
+            if status < 400:
+                url, params = self._redirect_target(method, shown, response, redirects), None
+                redirects += 1
+                continue
+            if status == 401 and not reauthorised and hasattr(self.session.auth, "refresh") and authenticate:
                 reauthorised = True
+                response.close()
+                log.info("%s %s: HTTP 401; getting a fresh token (not counted as a retry)", method, shown)
                 self.session.auth.refresh()
                 continue
-            if is_temporary(status):
+            if is_temporary(status, conditional_write=conditional):
+                if status not in NOT_APPLIED_STATUSES and status != 409 and not safe:
+                    raise self._error(method, shown, response, attempt, cls=OutcomeUnknownError,
+                                      note="it may or may not have been applied, so it is not repeated")
                 attempt += 1
+                reasons.append(f"HTTP {status}")
                 if attempt <= self.max_retries:
-                    delay = retry_delay(attempt, response.headers.get("Retry-After"), self.backoff)
-                    log.warning("%s %s: HTTP %d; retry %d in %.1fs", method, url, status, attempt, delay)
-                    self._sleep(delay)
+                    response.close()
+                    self._wait(method, shown, f"HTTP {status}", attempt, response.headers.get("Retry-After"))
                     continue
-            raise self._error(method, url, response, attempt)
+            raise self._error(method, shown, response, attempt, reauthorised=reauthorised)
 
-    @staticmethod
-    def _error(method: str, url: str, response: requests.Response, attempt: int):
+    def request_json(self, method: str, path: str, *, allow_empty: bool = False, **kwargs) -> dict:
+        """`request`, then the body as a JSON object: every JSON answer the client uses is decoded here."""
+        response = self.request(method, path, **kwargs)
+        return self.decode(response, method, allow_empty=allow_empty)
+
+    def decode(self, response: requests.Response, method: str = "GET", *, allow_empty: bool = False) -> dict:
+        """The body of `response` as a JSON object, or InvalidResponseError saying what came instead (a login
+        page, a proxy's error) in one line, without quoting it."""
+        shown = redact_url(response.url or self.base_url)
+        if allow_empty and not response.content:
+            return {}
         try:
             body = response.json()
-        except ValueError:
+        except (ValueError, RecursionError):
+            kind = (response.headers.get("Content-Type") or "no Content-Type").split(";")[0]
+            raise InvalidResponseError(
+                f"{method} {shown}: HTTP {response.status_code} but the body is not JSON ({kind}, "
+                f"{len(response.content)} bytes); is {self.base_url} the FHIR server's base URL?",
+                status=response.status_code, url=shown) from None
+        if not isinstance(body, dict):
+            raise InvalidResponseError(
+                f"{method} {shown}: HTTP {response.status_code} but the body is not a JSON object "
+                f"(a JSON {type(body).__name__})", status=response.status_code, url=shown)
+        return body
+
+    def _wait(self, method: str, shown: str, reason: str, attempt: int, retry_after: str | None) -> None:
+        delay = retry_delay(attempt, retry_after, self.backoff)
+        log.warning("%s %s: %s; retry %d of %d in %.1fs", method, shown, reason, attempt, self.max_retries, delay)
+        self.sleep(delay)
+
+    def _redirect_target(self, method: str, shown: str, response: requests.Response, redirects: int) -> str:
+        """Where a 3xx may be followed: GET/HEAD only, on the server's own origin, a few times at most."""
+        response.close()
+        location = response.headers.get("Location")
+        status = response.status_code
+        if not location:
+            raise InvalidResponseError(f"{method} {shown}: HTTP {status} without a Location", status=status, url=shown)
+        target = urljoin(response.url, location)
+        if not same_origin(target, self.base_url):
+            where = "{}://{}".format(*urlsplit(redact_url(target))[:2])
+            raise RedirectError(f"{method} {shown}: HTTP {status} redirect to another origin ({where}) not followed: "
+                                "it would receive the request", status=status, url=shown)
+        if method not in ("GET", "HEAD"):
+            raise RedirectError(f"{method} {shown}: HTTP {status} redirect to {redact_url(target)} not followed: "
+                                "a write is never redirected (its body would go where the caller did not send it)",
+                                status=status, url=shown)
+        if redirects >= MAX_REDIRECTS:
+            raise RedirectError(f"{method} {shown}: more than {MAX_REDIRECTS} redirects", status=status, url=shown)
+        log.info("%s %s: HTTP %d, following to %s", method, shown, status, redact_url(target))
+        return target
+
+    @staticmethod
+    def _with_params(url: str, params) -> str:
+        if not params:
+            return url
+        return requests.Request("GET", url, params=params).prepare().url or url
+
+    def _error(self, method: str, shown: str, response: requests.Response, attempt: int, *,
+               reauthorised: bool = False, cls: type[FhirError] | None = None, note: str = "") -> FhirError:
+        try:
+            body: Any = response.json()
+        except (ValueError, RecursionError):
             body = None
-        text = outcome_text(body) or (response.text or "")[:300].strip()
-        message = f"{method} {url}: HTTP {response.status_code}" + (f": {text}" if text else "")
-        if response.status_code in (401, 403):
-            cls = AuthError
-        elif is_temporary(response.status_code):
-            cls = TemporaryFhirError
-            message += f" (gave up after {attempt} retries)"
-        else:
-            cls = FatalFhirError
-        return cls(message, status=response.status_code, outcome=body, url=url)
+        body = body if isinstance(body, dict) else None
+        status = response.status_code
+        text = outcome_text(body) or " ".join((response.text or "")[:300].split())
+        message = f"{method} {shown}: HTTP {status}" + (f": {text}" if text else "")
+        if cls is None:
+            if status in (401, 403):
+                cls = AuthError
+                why = _www_authenticate(response)
+                message += (f" ({why})" if why else "") + (" (also with a fresh token)" if reauthorised else "")
+            elif is_temporary(status):
+                cls = TemporaryFhirError
+                message += f" (gave up after {attempt} retries)"
+            else:
+                cls = FatalFhirError
+        if note:
+            message += f"; {note}"
+        return cls(message, status=status, outcome=body, url=shown)
 
     # --- reading --------------------------------------------------------------------------------------
 
     def capabilities(self) -> dict:
-        return self.request("GET", "metadata").json()
+        return self.request_json("GET", "metadata")
 
     def read(self, resource_type: str, resource_id: str) -> dict | None:
         """The current version of a resource, or None when the server has none (404/410)."""
         try:
-            return self.request("GET", f"{resource_type}/{resource_id}").json()
+            return self.request_json("GET", f"{resource_type}/{resource_id}")
         except FatalFhirError as exc:
             if exc.status in (404, 410):
                 return None
@@ -150,28 +300,28 @@ class FhirClient:
         which would hide resources written in between (incremental reads)."""
         headers = {"Cache-Control": "no-cache"}
         url, page_params = self.url(resource_type), dict(params or {})
-        origin = _origin(self.base_url)
-        page = 0
         form = None
         if len(urlencode(page_params, doseq=True)) > MAX_GET_QUERY:
-            # Same search, same paging links: only the first request carries the query in its body.
+            # Same search, same paging links: only the first request carries the query, in its body.
             url, form, page_params = self.url(f"{resource_type}/_search"), page_params, None
+        page = 0
         while url:
             if form is not None:
-                bundle = self.request("POST", url, data=form, headers=headers).json()
+                bundle = self.request_json("POST", url, data=form, headers=headers)
                 form = None
             else:
-                bundle = self.request("GET", url, params=page_params, headers=headers).json()
+                bundle = self.request_json("GET", url, params=page_params, headers=headers)
             page += 1
             log.info("%s search: page %d, %d entries", resource_type, page, len(bundle.get("entry") or []))
             yield bundle
             url, page_params = None, None
             for link in bundle.get("link") or []:
-                if link.get("relation") == "next" and link.get("url"):
+                if isinstance(link, dict) and link.get("relation") == "next" and link.get("url"):
                     url = link["url"]
-            if url and _origin(url) != origin:
+            if url and not same_origin(url, self.base_url):
                 # Following it would send our Authorization header to someone else.
-                raise ForeignLinkError(f"refusing next link to another origin: {urlsplit(url).netloc}", url=url)
+                raise ForeignLinkError(f"refusing next link to another origin: {urlsplit(redact_url(url)).netloc}",
+                                       url=redact_url(url))
 
     def search(self, resource_type: str, params: dict | None = None) -> Iterator[dict]:
         """Yield the matching resources (search.mode `match`; `include`d ones too, `outcome` entries never)."""
@@ -185,7 +335,7 @@ class FhirClient:
     def count(self, resource_type: str, params: dict | None = None) -> int:
         """How many resources match, without fetching them (`_summary=count`)."""
         query = dict(params or {}, _summary="count")
-        bundle = self.request("GET", resource_type, params=query, headers={"Cache-Control": "no-cache"}).json()
+        bundle = self.request_json("GET", resource_type, params=query, headers={"Cache-Control": "no-cache"})
         return int(bundle.get("total", 0))
 
     # --- writing --------------------------------------------------------------------------------------
@@ -193,8 +343,15 @@ class FhirClient:
     def transaction(self, entries: list[dict]) -> dict:
         """POST a transaction Bundle of `entries` (each with `resource` and `request`); all or nothing."""
         bundle = {"resourceType": "Bundle", "type": "transaction", "entry": entries}
-        return self.request("POST", "", json=bundle).json()
+        return self.request_json("POST", "", json=bundle)
 
     def update(self, resource: dict) -> dict:
-        """PUT a resource at its own id (create or update)."""
-        return self.request("PUT", f"{resource['resourceType']}/{resource['id']}", json=resource).json()
+        """PUT a resource at its own id (create or update); {} when the server answers without a body."""
+        return self.request_json("PUT", f"{resource['resourceType']}/{resource['id']}", json=resource,
+                                 allow_empty=True)
+
+
+def connect(base_url: str, auth_kind: str | None = None, *, timeout: float = 60.0, environ=os.environ) -> FhirClient:
+    """A client for a base URL and an auth kind given on the command line; every secret from the environment
+    (`make_auth`), SMART's token endpoint discovered from the base URL when not given."""
+    return FhirClient(base_url, make_auth(auth_kind, base_url=base_url, environ=environ), timeout=timeout)

@@ -43,3 +43,31 @@ class AuthError(FatalFhirError):
 
 class ForeignLinkError(FatalFhirError):
     """A paging link pointing at another origin; following it would send our credentials there."""
+
+
+class InvalidResponseError(FhirError):
+    """An answer the client cannot use whatever it sent (a 200 whose body is not a JSON object, say): the URL is
+    probably not a FHIR server, or something between (a login page, a proxy) answers in its place."""
+
+
+class RedirectError(FhirError):
+    """A redirect the client will not follow: to another origin (it would receive the request and its data), or
+    of a write (a POST or PUT body must never be re-sent somewhere the caller did not name)."""
+
+
+class OutcomeUnknownError(FhirError):
+    """A request that may already have changed the server lost its answer (timeout, dropped connection, a gateway
+    error): repeating it blindly could apply it twice, so the caller decides (a later idempotent run converges)."""
+
+
+class CapabilityError(FhirError):
+    """The server's CapabilityStatement lacks something the pipeline needs; `missing` names each thing."""
+
+    def __init__(self, message: str, *, missing: list[str], url: str = ""):
+        self.missing = missing
+        super().__init__(message, url=url)
+
+
+class SmartAuthError(AuthError):
+    """The SMART token endpoint refused the client (wrong key, expired or replayed assertion, unknown client,
+    scopes not allowed): the message carries the endpoint's own `error` and `error_description`."""

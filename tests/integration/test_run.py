@@ -11,7 +11,7 @@ import pytest
 
 from leukofhir.config import load_config
 from leukofhir.run import run_pipeline
-from leukofhir.write import Change, apply_plan, ensure_author, plan_writes
+from leukofhir.write import Change, apply_plan, ensure_author, flag_id, plan_writes
 from support.faultproxy import FaultProxy
 from support.fhir_builders import at, observation, patient
 from support.server_data import flags_by_identifier, project_flags, put
@@ -34,16 +34,19 @@ def test_a_refused_write_is_isolated_and_reported_and_the_rest_is_written(fhir_c
     pids = [f"w{n}-{unique}" for n in range(5)]
     put(fhir_client, *(patient(p) for p in pids))
     ensure_author(fhir_client, RULES)
-    good = [Change("create", f"ok{n}-{unique}", _flag(p, f"ok{n}-{unique}")) for n, p in enumerate(pids)]
+    good = [Change("create", f"ok{n}-{unique}", _flag(p, f"ok{n}-{unique}"), flag_id(f"ok{n}-{unique}"))
+            for n, p in enumerate(pids)]
     # Referential integrity: a Flag about a Patient the server does not have is refused, and the whole transaction
     # with it; the writer must find it and still write the five others.
-    bad = Change("create", f"bad-{unique}", _flag(f"nobody-{unique}", f"bad-{unique}"))
-    result = apply_plan(fhir_client, good[:2] + [bad] + good[2:], RULES)
+    bad = Change("create", f"bad-{unique}", _flag(f"nobody-{unique}", f"bad-{unique}"), flag_id(f"bad-{unique}"))
+    result = apply_plan(fhir_client, good[:2] + [bad] + good[2:])
     assert result.written["create"] == 5
     (refused,) = result.refused
     assert refused["identifier"] == f"bad-{unique}" and refused["status"] in (400, 404, 409, 412, 422)
     assert f"nobody-{unique}" in json.dumps(refused["outcome"])  # the server's own words, for the rejects file
-    assert set(flags_by_identifier(project_flags(fhir_client, pids))) == {c.identifier for c in good}
+    flags = project_flags(fhir_client, pids)
+    assert set(flags_by_identifier(flags)) == {c.identifier for c in good}
+    assert {f["id"] for f in flags} == {c.flag_id for c in good}  # at the ids derived from their identifiers
 
 
 def test_plan_writes_creates_updates_withdraws_and_leaves_alone():
@@ -57,8 +60,8 @@ def test_plan_writes_creates_updates_withdraws_and_leaves_alone():
     desired = [flag("same"), flag("changed", "inactive"), flag("new"), flag("retracted", "entered-in-error"),
                flag("dup")]
     plan = plan_writes(desired, existing, RULES)
-    assert {(c.action, c.identifier) for c in plan.changes} == {
-        ("update", "changed"), ("create", "new"), ("withdraw", "gone"), ("delete", "dup")}
+    assert {(c.action, c.identifier, c.flag_id) for c in plan.changes} == {
+        ("update", "changed", "2"), ("create", "new", flag_id("new")), ("withdraw", "gone", "3"), ("delete", "dup", "6")}
     assert plan.unchanged == 3 and plan.not_created == 1  # same, gone-before, dup (kept one); retracted
     (withdrawn,) = [c.flag for c in plan.changes if c.action == "withdraw"]
     assert withdrawn["status"] == "entered-in-error" and "withdrawn" in withdrawn["code"]["text"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import http.client
 import re
 import threading
@@ -11,6 +12,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
+from support.ports import bind_loopback
+
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-authorization"}
 
 
@@ -19,8 +22,10 @@ class Fault:
     """What to do to the next request whose method and path match.
 
     kind: "status" (answer `status` with `headers`/`body` instead of forwarding), "reset" (close the
-    connection without answering), "delay" (wait `seconds`, then forward), "rewrite" (forward, then replace
-    `pattern` with `replacement` in the response body)."""
+    connection without answering), "delay" (wait `seconds`, then forward), "late" (forward at once, then wait
+    `seconds` before answering: the server has acted, the client may give up first), "rewrite" (forward, then
+    replace `pattern` with `replacement` in the response body), "gzip" (forward, then send the body gzip-encoded,
+    as a server offering compression does)."""
 
     kind: str
     status: int = 503
@@ -40,15 +45,17 @@ class FaultProxy:
     """`with FaultProxy(upstream_base) as proxy:` then talk to `proxy.base_url`; queue faults with `add()`.
 
     Every request seen is recorded in `requests` as (method, path, headers) so tests can check what the
-    client sent (retries, auth, cache headers)."""
+    client sent (retries, auth, cache headers). A `gate(method, path, headers)` sees each request first and may
+    answer it itself with (status, headers, body) instead of forwarding it (a bearer-token check, say)."""
 
-    def __init__(self, upstream_base: str):
+    def __init__(self, upstream_base: str, gate=None):
         parts = urlsplit(upstream_base)
         self.upstream = (parts.hostname, parts.port or 80)
         self.prefix = parts.path.rstrip("/")
         self.faults: deque[Fault] = deque()
         self.requests: list[tuple[str, str, dict]] = []
         self.lock = threading.Lock()
+        self.gate = gate
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -60,9 +67,13 @@ class FaultProxy:
             def _handle(self):
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
-                fault = proxy._take(self.command, self.path)
                 with proxy.lock:
                     proxy.requests.append((self.command, self.path, dict(self.headers)))
+                answer = proxy.gate(self.command, self.path, dict(self.headers)) if proxy.gate else None
+                if answer is not None:
+                    fault = Fault("status", status=answer[0], headers=answer[1], body=answer[2])
+                else:
+                    fault = proxy._take(self.command, self.path)
                 if fault and fault.kind == "reset":
                     self.close_connection = True
                     self.connection.shutdown(2)
@@ -80,17 +91,23 @@ class FaultProxy:
                     time.sleep(fault.seconds)
                 conn = http.client.HTTPConnection(*proxy.upstream, timeout=120)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
-                if fault and fault.kind == "rewrite":
+                if fault and fault.kind in ("rewrite", "gzip"):
                     headers.pop("Accept-Encoding", None)  # a gzipped body could not be rewritten
                 conn.request(self.command, self.path, body=body, headers=headers)
                 upstream = conn.getresponse()
                 data = upstream.read()
+                if fault and fault.kind == "late":
+                    time.sleep(fault.seconds)
                 if fault and fault.kind == "rewrite":
                     data = re.sub(fault.pattern.encode(), fault.replacement.encode(), data)
+                if fault and fault.kind == "gzip":
+                    data = gzip.compress(data)
                 self.send_response(upstream.status)
                 for k, v in upstream.getheaders():
                     if k.lower() not in _HOP_BY_HOP and k.lower() != "content-length":
                         self.send_header(k, v)
+                if fault and fault.kind == "gzip":
+                    self.send_header("Content-Encoding", "gzip")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
@@ -98,7 +115,7 @@ class FaultProxy:
 
             do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _handle
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = bind_loopback(lambda address: ThreadingHTTPServer(address, Handler))
         self.server.daemon_threads = True
         self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}{self.prefix}"
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)

@@ -21,7 +21,7 @@ def put(client, *resources: dict) -> None:
 
 def server_now(client) -> datetime:
     """The server's own clock (a search Bundle's meta.lastUpdated): windows by _lastUpdated are in its time."""
-    bundle = client.request("GET", "Patient", params={"_count": 0}).json()
+    bundle = client.request_json("GET", "Patient", params={"_count": 0})
     return datetime.fromisoformat(bundle["meta"]["lastUpdated"]).astimezone(timezone.utc)
 
 

@@ -92,3 +92,59 @@ def test_ports_are_published_on_loopback_only():
     for name, service in SERVICES.items():
         for port in service.get("ports", []):
             assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback"
+
+
+# --- secrets (issue 8.7) ----------------------------------------------------------------------------------------
+
+RAW = (ROOT / "docker-compose.yml").read_text()
+SECRETS = ["POSTGRES_PASSWORD", "HAPI_DB_PASSWORD", "AIRFLOW_FERNET_KEY", "AIRFLOW_JWT_SECRET"]
+_INTERPOLATION = re.compile(r"(?<!\$)\$\{([A-Za-z_][A-Za-z0-9_]*)([^}]*)\}")
+
+
+def _env_example() -> dict[str, str]:
+    lines = (ROOT / ".env.example").read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+
+
+def test_every_secret_is_required_with_no_default():
+    uses = _INTERPOLATION.findall(RAW)
+    for name in SECRETS:
+        forms = [rest for var, rest in uses if var == name]
+        assert forms, f"{name} is not used"
+        # `${VAR:?message}`: compose refuses to start when VAR is unset or empty (no `:-default`, no bare ${VAR}).
+        assert all(rest.startswith(":?") for rest in forms), f"{name} has a default or may be empty: {forms}"
+    for var, rest in uses:
+        if re.search("PASSWORD|SECRET|KEY|TOKEN", var):
+            assert var in SECRETS and rest.startswith(":?"), f"{var} is a secret with a default"
+
+
+@pytest.mark.parametrize("service", sorted(SERVICES))
+def test_no_secret_is_written_into_the_file(service):
+    env = SERVICES[service].get("environment") or {}
+    for key, value in env.items():
+        if re.search("PASSWORD|SECRET|FERNET", key):
+            assert re.fullmatch(r"\$\{[A-Z_]+:\?[^}]*\}", str(value)), f"{service}: {key} is not a required variable"
+    for key in ("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "AIRFLOW__CELERY__RESULT_BACKEND"):
+        if key in env:
+            assert "${POSTGRES_PASSWORD:?" in env[key]
+
+
+def test_hapis_database_password_is_one_variable_for_postgres_init_and_hapi():
+    hapi_side = SERVICES["hapi"]["environment"]["SPRING_DATASOURCE_PASSWORD"]
+    init_side = SERVICES["postgres"]["environment"]["HAPI_DB_PASSWORD"]
+    assert hapi_side == init_side and hapi_side.startswith("${HAPI_DB_PASSWORD:?")
+    (mount,) = [v for v in SERVICES["postgres"]["volumes"] if "docker-entrypoint-initdb.d" in v]
+    script = (ROOT / mount.split(":")[0]).read_text()
+    assert '"$HAPI_DB_PASSWORD"' in script and ":'hapi_password'" in script
+    assert not re.search(r"PASSWORD\s+'", script), "a literal password in the init script"
+    assert not (ROOT / "docker" / "postgres-init.sql").exists()
+
+
+def test_env_example_lists_each_secret_empty_with_how_to_generate_it():
+    example = _env_example()
+    assert set(example) == set(SECRETS)
+    assert all(value == "" for value in example.values()), "no sample values: they would end up in use"
+    text = (ROOT / ".env.example").read_text()
+    assert "Fernet.generate_key()" in text and "secrets.token_urlsafe" in text
+    assert ".env" in (ROOT / ".gitignore").read_text().splitlines()
+    assert "cp .env.example .env" in (ROOT / "README.md").read_text()

@@ -1,14 +1,17 @@
-"""Retry policy and auth choice, table-driven; the behaviour on the wire is tested through the fault proxy."""
+"""Retry policy, table-driven; the behaviour on the wire is tested through the fault proxy."""
 
 from __future__ import annotations
 
 import pytest
-from requests.auth import HTTPBasicAuth
-
-from leukofhir.errors import UsageError
-from leukofhir.fhir.auth import BearerAuth, make_auth
 from leukofhir.fhir.errors import outcome_text
-from leukofhir.fhir.http import MAX_RETRY_AFTER, is_temporary, retry_after_seconds, retry_delay
+from leukofhir.fhir.http import (
+    MAX_RETRY_AFTER,
+    is_conditional_write,
+    is_temporary,
+    replay_safe,
+    retry_after_seconds,
+    retry_delay,
+)
 
 
 @pytest.mark.parametrize("status", [408, 429, 500, 502, 503, 504])
@@ -34,27 +37,42 @@ def test_delay_backs_off_and_is_bounded():
     assert retry_delay(1, "100000", 1.0) == MAX_RETRY_AFTER
 
 
-def test_auth_from_environment_and_files(tmp_path):
-    token_file = tmp_path / "token"
-    token_file.write_text("s3cret\n")
-    auth = make_auth(None, environ={"LEUKOFHIR_FHIR_TOKEN_FILE": str(token_file)})
-    assert isinstance(auth, BearerAuth) and auth._token == "s3cret"
-    token_file.write_text("rotated")
-    auth.refresh()
-    assert auth._token == "rotated"
-    basic = make_auth(None, environ={"LEUKOFHIR_FHIR_USER": "u", "LEUKOFHIR_FHIR_PASSWORD": "p"})
-    assert isinstance(basic, HTTPBasicAuth)
-    assert make_auth(None, environ={}) is None
-
-
-@pytest.mark.parametrize("kind, environ", [("bearer", {}), ("basic", {"LEUKOFHIR_FHIR_USER": "u"}), ("kerberos", {})])
-def test_auth_refuses_incomplete_settings(kind, environ):
-    with pytest.raises(UsageError):
-        make_auth(kind, environ=environ)
-
-
 def test_outcome_text():
     body = {"resourceType": "OperationOutcome", "issue": [
         {"severity": "error", "diagnostics": "bad ref"}, {"severity": "warning", "details": {"text": "odd"}}]}
     assert outcome_text(body) == "error: bad ref; warning: odd"
     assert outcome_text({"resourceType": "Patient"}) == "" and outcome_text(None) == ""
+
+
+def _transaction(*methods_urls):
+    return {"resourceType": "Bundle", "type": "transaction",
+            "entry": [{"request": {"method": m, "url": u}} for m, u in methods_urls]}
+
+
+@pytest.mark.parametrize("method, url, body, safe", [
+    ("GET", "https://h/fhir/Observation", None, True),
+    ("PUT", "https://h/fhir/Flag?identifier=s%7Cv", {}, True),
+    ("DELETE", "https://h/fhir/Flag/1", None, True),
+    ("POST", "https://h/fhir/Observation/_search", None, True),
+    ("POST", "https://h/fhir/", _transaction(("PUT", "Flag?identifier=s|v"), ("PUT", "Patient/1")), True),
+    ("POST", "https://h/fhir/", _transaction(("PUT", "Patient/1"), ("POST", "Patient")), False),
+    ("POST", "https://h/fhir/", _transaction(), False),
+    ("POST", "https://h/fhir/Patient", {"resourceType": "Patient"}, False),
+    ("POST", "https://h/fhir/$export", None, False),
+    ("PATCH", "https://h/fhir/Patient/1", None, False),
+])
+def test_replay_safe(method, url, body, safe):
+    assert replay_safe(method, url, body) is safe
+
+
+@pytest.mark.parametrize("method, url, body, headers, conditional", [
+    ("PUT", "https://h/fhir/Flag?identifier=s%7Cv", None, None, True),
+    ("PUT", "https://h/fhir/Flag/1", None, None, False),
+    ("POST", "https://h/fhir/Flag", None, {"If-None-Exist": "identifier=s|v"}, True),
+    ("POST", "https://h/fhir/", _transaction(("PUT", "Flag?identifier=s|v")), None, True),
+    ("POST", "https://h/fhir/", _transaction(("PUT", "Flag/1")), None, False),
+    ("POST", "https://h/fhir/Flag/_search?identifier=x", None, None, False),
+])
+def test_conditional_writes(method, url, body, headers, conditional):
+    assert is_conditional_write(method, url, body, headers) is conditional
+    assert is_temporary(409, conditional_write=conditional) is conditional
