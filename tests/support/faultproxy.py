@@ -25,7 +25,9 @@ class Fault:
     connection without answering), "delay" (wait `seconds`, then forward), "late" (forward at once, then wait
     `seconds` before answering: the server has acted, the client may give up first), "rewrite" (forward, then
     replace `pattern` with `replacement` in the response body), "gzip" (forward, then send the body gzip-encoded,
-    as a server offering compression does)."""
+    as a server offering compression does), "truncate" (forward, then send the headers and only half the body and
+    close: a transfer cut off), "drop" (forward, then close without answering: the server acted, the answer is
+    lost)."""
 
     kind: str
     status: int = 503
@@ -98,6 +100,11 @@ class FaultProxy:
                 data = upstream.read()
                 if fault and fault.kind == "late":
                     time.sleep(fault.seconds)
+                if fault and fault.kind == "drop":
+                    conn.close()
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return
                 if fault and fault.kind == "rewrite":
                     data = re.sub(fault.pattern.encode(), fault.replacement.encode(), data)
                 if fault and fault.kind == "gzip":
@@ -110,7 +117,13 @@ class FaultProxy:
                     self.send_header("Content-Encoding", "gzip")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
-                self.wfile.write(data)
+                if fault and fault.kind == "truncate":
+                    self.wfile.write(data[: len(data) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                else:
+                    self.wfile.write(data)
                 conn.close()
 
             do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _handle
