@@ -32,34 +32,35 @@ DRUGS = ["Clozapine 100 MG Oral Tablet", "Valproic Acid 250 MG", "Cisplatin 50 M
          "Amoxicillin 500 MG"]
 
 
-def generate(folder: Path, observations: int, seed: int = 7) -> None:
-    """Patients, CBC Observations grouped in DiagnosticReports, and MedicationStatements, as NDJSON."""
+def generate(folder: Path, observations: int, seed: int = 7, *, prefix: str = "",
+             start: datetime = datetime(2020, 1, 1, tzinfo=timezone.utc), days: int = 1500) -> None:
+    """Patients, CBC Observations grouped in DiagnosticReports, and MedicationStatements, as NDJSON: ids start with
+    `prefix`, results are dated in the `days` after `start` (benchmarks/pipeline_bench.py loads two such sets)."""
     rng = random.Random(seed)
     panels = observations // len(PANEL)
     patients = max(1, panels // 10)
-    start = datetime(2020, 1, 1, tzinfo=timezone.utc)
     with open(folder / "Patient.ndjson", "w") as fh:
         for p in range(patients):
-            fh.write(json.dumps({"resourceType": "Patient", "id": f"p{p}", "gender": rng.choice(["male", "female"]),
+            fh.write(json.dumps({"resourceType": "Patient", "id": f"{prefix}p{p}", "gender": rng.choice(["male", "female"]),
                                  "birthDate": f"{rng.randint(1930, 2020)}-0{rng.randint(1, 9)}-1{rng.randint(0, 9)}"}))
             fh.write("\n")
     with open(folder / "MedicationStatement.ndjson", "w") as fh:
         for m in range(patients // 4):
-            begin = start + timedelta(days=rng.randint(0, 1000))
+            begin = start + timedelta(days=rng.randint(0, days * 2 // 3))
             fh.write(json.dumps({
-                "resourceType": "MedicationStatement", "id": f"m{m}", "status": "active",
+                "resourceType": "MedicationStatement", "id": f"{prefix}m{m}", "status": "active",
                 "medicationCodeableConcept": {"text": rng.choice(DRUGS)},
-                "subject": {"reference": f"Patient/p{rng.randrange(patients)}"},
+                "subject": {"reference": f"Patient/{prefix}p{rng.randrange(patients)}"},
                 "effectivePeriod": {"start": begin.isoformat(), "end": (begin + timedelta(days=120)).isoformat()}}))
             fh.write("\n")
     obs_count = 0
     with open(folder / "Observation.ndjson", "w") as obs, open(folder / "DiagnosticReport.ndjson", "w") as reports:
         for panel in range(panels):
-            patient = f"Patient/p{panel % patients}"
-            when = (start + timedelta(minutes=rng.randint(0, 60 * 24 * 1500))).strftime("%Y-%m-%dT%H:%M:%SZ")
+            patient = f"Patient/{prefix}p{panel % patients}"
+            when = (start + timedelta(minutes=rng.randint(0, 60 * 24 * days))).strftime("%Y-%m-%dT%H:%M:%SZ")
             ids = []
             for (code, unit, low, high), value in zip(PANEL, _panel_values(rng)):
-                oid = f"o{obs_count}"
+                oid = f"{prefix}o{obs_count}"
                 obs_count += 1
                 ids.append(oid)
                 value = round(value, 2)
@@ -76,7 +77,7 @@ def generate(folder: Path, observations: int, seed: int = 7) -> None:
                                                  "system": "http://unitsofmeasure.org", "code": unit}}]}))
                 obs.write("\n")
             reports.write(json.dumps({
-                "resourceType": "DiagnosticReport", "id": f"r{panel}", "status": "final",
+                "resourceType": "DiagnosticReport", "id": f"{prefix}r{panel}", "status": "final",
                 "code": {"coding": [{"system": "http://loinc.org", "code": "58410-2"}]},
                 "subject": {"reference": patient}, "effectiveDateTime": when,
                 "result": [{"reference": f"Observation/{i}"} for i in ids]}))

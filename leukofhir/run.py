@@ -16,6 +16,7 @@ import logging
 import math
 import shutil
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
@@ -181,8 +182,9 @@ def _identifier_in(flag: dict, values: set[str]) -> bool:
     return bool(values) and any(isinstance(i, dict) and i.get("value") in values for i in flag.get("identifier") or [])
 
 
-def finish_run(run_dir: Path) -> dict:
-    """Step 5: one report.json / report.html / quarantine.ndjson / rejects.ndjson for the whole run."""
+def finish_run(run_dir: Path, seconds: dict | None = None) -> dict:
+    """Step 5: one report.json / report.html / quarantine.ndjson / rejects.ndjson for the whole run; `seconds`,
+    the time each step took, when one process ran them all."""
     run_dir = Path(run_dir)
     meta = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
     chunks = chunk_dirs(run_dir) if (run_dir / "chunks").exists() else []
@@ -196,6 +198,7 @@ def finish_run(run_dir: Path) -> dict:
         **report,
         "writes": write_counts(writes),
         "chunks_written": len(writes),
+        **({"seconds": {k: round(v, 3) for k, v in seconds.items()}} if seconds else {}),
     }
     _concatenate(run_dir / "quarantine.ndjson", [d / "quarantine.ndjson" for d in evaluated])
     _concatenate(run_dir / "rejects.ndjson", [c / "rejects.ndjson" for c in chunks])
@@ -224,22 +227,30 @@ def run_pipeline(
     run_dir = Path(run_dir)
     if batch_size < 1:
         raise UsageError("the batch size must be at least 1")
+    seconds = dict.fromkeys(("find", "extract", "evaluate", "write"), 0.0)
+    started = time.perf_counter()
     # One chunk per batch: each batch is extracted, evaluated and written before the next is read.
     chunks = find_patients(client, rules, run_dir, window=window, patients=patients, chunk_size=batch_size,
                            dry_run=dry_run)
+    seconds["find"] = time.perf_counter() - started
     total = sum(len(read_patient_list(c / "patients.json")) for c in chunks)
     bar = _progress(total, progress)
     try:
         for chunk in chunks:
-            extract_chunk(client, rules, chunk, batch_size)
-            evaluate_chunk(rules, chunk)
-            write_chunk(client, rules, chunk, dry_run=dry_run, keep_staged=keep_staged)
+            for step, work in (("extract", lambda: extract_chunk(client, rules, chunk, batch_size)),
+                               ("evaluate", lambda: evaluate_chunk(rules, chunk)),
+                               ("write", lambda: write_chunk(client, rules, chunk, dry_run=dry_run,
+                                                             keep_staged=keep_staged))):
+                begin = time.perf_counter()
+                work()
+                seconds[step] += time.perf_counter() - begin
             if bar is not None:
                 bar.update(len(read_patient_list(chunk / "patients.json")))
     finally:
         if bar is not None:
             bar.close()
-    return finish_run(run_dir)
+    seconds["total"] = time.perf_counter() - started
+    return finish_run(run_dir, seconds)
 
 
 def _progress(total: int, enabled: bool):
