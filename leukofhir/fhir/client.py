@@ -18,6 +18,7 @@ from leukofhir.fhir.errors import (
     outcome_text,
 )
 from leukofhir.fhir.http import is_temporary, retry_delay
+from leukofhir.fhir.ids import resource_path
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +135,7 @@ class FhirClient:
     def read(self, resource_type: str, resource_id: str) -> dict | None:
         """The current version of a resource, or None when the server has none (404/410)."""
         try:
-            return self.request("GET", f"{resource_type}/{resource_id}").json()
+            return self.request("GET", resource_path(resource_type, resource_id)).json()
         except FatalFhirError as exc:
             if exc.status in (404, 410):
                 return None
@@ -186,4 +187,5 @@ class FhirClient:
 
     def update(self, resource: dict) -> dict:
         """PUT a resource at its own id (create or update)."""
-        return self.request("PUT", f"{resource['resourceType']}/{resource['id']}", json=resource).json()
+        path = resource_path(resource.get("resourceType"), resource.get("id"))
+        return self.request("PUT", path, json=resource).json()
