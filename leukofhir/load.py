@@ -81,8 +81,9 @@ class LoadStopped(LeukofhirError):
 
 def describe(error: FhirError) -> str:
     """An error of the server as it may be shown: status, issue codes and element paths, never the issue text."""
-    if error.status is None or isinstance(error, IncompleteAnswerError):
-        return str(error)  # no answer at all, or our own words: no server text in them
+    if error.status is None or error.status < 400 or isinstance(error, IncompleteAnswerError):
+        # No answer at all, or an answer that is no FHIR answer (a body that is not JSON): the client's own words.
+        return str(error)
     summary = outcome_summary(error.outcome)
     text = f"HTTP {error.status}" + (f": {summary}" if summary else "")
     if isinstance(error, AuthError):
