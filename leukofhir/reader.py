@@ -267,7 +267,7 @@ def _decode_document(data: bytes):
 
 
 def _is_ndjson(path: Path) -> bool:
-    name = path.name.removesuffix(".gz")
+    name = path.name.lower().removesuffix(".gz")
     return name.endswith((".ndjson", ".jsonl"))
 
 

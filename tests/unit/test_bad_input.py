@@ -204,16 +204,16 @@ def test_load_of_an_input_that_does_not_exist_is_an_error_before_any_request(tmp
 
 
 def test_suffixes_in_capitals_are_read_and_skipped_files_are_said(tmp_path, caplog):
-    (tmp_path / "A.NDJSON").write_text(_lines(patient("a")))
+    (tmp_path / "A.NDJSON").write_text(_lines(patient("a1"), patient("a2")))
     (tmp_path / "B.Json").write_text(json.dumps(patient("b")))
     with gzip.open(tmp_path / "C.NDJSON.GZ", "wt") as fh:
-        fh.write(_lines(patient("c")))
+        fh.write(_lines(patient("c1"), patient("c2")))
     (tmp_path / "notes.txt").write_text("x")
     (tmp_path / "export.csv").write_text("x")
     out = tmp_path / "out"
     assert main(["evaluate", str(tmp_path), "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["read"] == {"Patient": 3}
+    assert report["read"] == {"Patient": 5} and report["read_errors"] == 0
     assert report["skipped_files"] == [str(tmp_path / "export.csv"), str(tmp_path / "notes.txt")]
     said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any("skipped 2 files" in m and "notes.txt" in m and "export.csv" in m for m in said)
