@@ -85,6 +85,8 @@ def expand_paths(paths: Iterable[str | os.PathLike], skipped: list[str] | None =
                             "%s%s", p, len(others), names, more)
                 if skipped is not None:
                     skipped.extend(others)
+            elif not files:
+                log.warning("%s: no FHIR data files", p)
         elif p.exists() or p.is_symlink():
             out.append(p)  # a dangling link or an unreadable file is a read error of its own, reported when read
         else:

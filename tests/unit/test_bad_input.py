@@ -258,3 +258,12 @@ def test_a_quarantined_resource_whose_file_changed_since_it_was_read_is_still_li
                      {"source": f"{path}:2", "reasons": ["b", "not found again to copy it here"]}]
     second = [json.loads(x) for x in (tmp_path / "q2.ndjson").read_text().splitlines()]
     assert second == [{"source": f"{path}:1", "reasons": ["a", "not found again to copy it here"]}]
+
+
+def test_a_folder_without_fhir_data_is_said(tmp_path, caplog):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (tmp_path / "data.ndjson").write_text(_lines(patient("p1")))
+    items, errors = _read([empty, tmp_path / "data.ndjson"])
+    assert [i.resource["id"] for i in items] == ["p1"] and not errors
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [f"{empty}: no FHIR data files"]
