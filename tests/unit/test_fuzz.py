@@ -131,7 +131,7 @@ def valid_flags(tmp_path_factory):
     return flags
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                                                    HealthCheck.function_scoped_fixture])
 @given(garbage=st.lists(st.tuples(st.integers(0, len(VALID_LINES)), garbage_lines), min_size=1, max_size=12))
 def test_garbage_beside_valid_data_crashes_nothing_loses_nothing_and_changes_no_valid_flag(
