@@ -6,9 +6,34 @@ import argparse
 import logging
 import sys
 
-from leukofhir.errors import LeukofhirError
+from leukofhir.errors import LeukofhirError, OutputError
 
 log = logging.getLogger("leukofhir")
+
+# Exit codes (README, "Bad input"). 1 is `load`'s "finished, but some input was not loaded".
+EXIT_OK = 0
+EXIT_INCOMPLETE = 1
+EXIT_USAGE = 2  # unusable arguments or settings: a missing input, a bad --as-of or rules file, an unusable --out
+EXIT_AUTH = 3  # the FHIR server refused our credentials (401) or their rights (403)
+EXIT_SERVER = 4  # the FHIR server failed, vanished or answered something unusable
+EXIT_OUTPUT = 5  # an output could not be written
+EXIT_INTERRUPTED = 130
+
+
+def exit_code(error: LeukofhirError) -> int:
+    """The exit code of a typed error that ended a command."""
+    from leukofhir.fhir.errors import AuthError, FhirError
+
+    # An error that wraps another (LoadStopped: the FHIR error that stopped the load) exits as the one it wraps.
+    while not isinstance(error, (FhirError, OutputError)) and isinstance(error.__cause__, LeukofhirError):
+        error = error.__cause__
+    if isinstance(error, AuthError):
+        return EXIT_AUTH
+    if isinstance(error, FhirError):
+        return EXIT_SERVER
+    if isinstance(error, OutputError):
+        return EXIT_OUTPUT
+    return EXIT_USAGE
 
 
 def _fhir_url(value: str) -> str:
@@ -43,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_server_args(p)
     p.add_argument("files", nargs="+", metavar="FILE_OR_DIR")
     p.add_argument("--batch-size", type=int, default=200, help="resources per transaction Bundle (default 200)")
+    p.add_argument("--out", metavar="DIR", help="run folder for rejects.ndjson (the server's full reasons, which "
+                   "may quote patient data); default: a fresh private folder, made only if something is rejected")
 
     p = sub.add_parser("evaluate", help="offline: FHIR files in, Flags + quarantine + report out")
     p.add_argument("files", nargs="+", metavar="FILE_OR_DIR")
@@ -112,9 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     except LeukofhirError as exc:
         # Library code raises typed errors; only here do they become a one-line message and an exit code.
         print(f"leukofhir {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return exit_code(exc)
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
     parser.error(f"unknown command {args.command}")
     return 2
 

@@ -13,3 +13,7 @@ class UsageError(LeukofhirError):
 
 class ConfigError(LeukofhirError):
     """A rules configuration file that is wrong; the message names the key and why."""
+
+
+class OutputError(LeukofhirError):
+    """An output that could not be written (a full disk, a folder that refuses files); the message names it."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -14,11 +13,12 @@ from leukofhir.config import Rules
 from leukofhir.errors import UsageError
 from leukofhir.fhir.client import FhirClient
 from leukofhir.fhir.errors import FatalFhirError
+from leukofhir.fhir.ids import is_valid_id, shown
 from leukofhir.reader import reference_target
 
 __all__ = [
     "Window", "WINDOW_FIELDS", "parse_instant", "touched_patients", "patient_batches", "stage_batch",
-    "medication_types", "is_fhir_id",
+    "medication_types",
 ]
 
 log = logging.getLogger(__name__)
@@ -32,14 +32,6 @@ CLINICAL_DATE = {
     "MedicationAdministration": "effective-time",
 }
 PAGE_SIZE = 500
-# FHIR R4 id datatype (§2.24.0.1): anything else must never be put into a URL.
-_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
-
-
-def is_fhir_id(value: object) -> bool:
-    return isinstance(value, str) and _FHIR_ID.fullmatch(value) is not None
-
-
 def parse_instant(text: str | datetime, what: str = "time") -> datetime:
     """An ISO 8601 date or date-time as an aware UTC datetime (a date, or a time without zone, is read as UTC)."""
     if isinstance(text, datetime):
@@ -114,7 +106,7 @@ class _Subjects:
     def add_reference(self, reference) -> None:
         kind, rid = reference_target(reference)
         absolute = isinstance(reference, str) and "://" in reference
-        if kind == "Patient" and is_fhir_id(rid) and (not absolute or reference.startswith(self._base)):
+        if kind == "Patient" and is_valid_id(rid) and (not absolute or reference.startswith(self._base)):
             self.ids.add(rid)
         elif kind in ("Patient", None):
             # Not a Patient of this server (another server's URL, a urn, an id no URL may carry): the resource is
@@ -162,7 +154,7 @@ def touched_patients(client: FhirClient, window: Window, rules: Rules) -> list[s
     if window.field == "lastUpdated":
         params = {**_window_params(window, "Patient"), "_elements": "id", "_count": PAGE_SIZE}
         for resource in client.search("Patient", params):
-            if is_fhir_id(resource.get("id")):
+            if is_valid_id(resource.get("id")):
                 subjects.ids.add(resource["id"])
         for resource_type in ["Observation", *medication_types(rules)]:
             for reference in deleted_subjects(client, resource_type, window.since):
@@ -184,7 +176,7 @@ def deleted_subjects(client: FhirClient, resource_type: str, since: datetime) ->
             if request.get("method") != "DELETE":
                 continue
             parts = str(request.get("url") or "").split("/")
-            if len(parts) != 4 or parts[2] != "_history" or not parts[3].isdigit() or not is_fhir_id(parts[1]):
+            if len(parts) != 4 or parts[2] != "_history" or not parts[3].isdigit() or not is_valid_id(parts[1]):
                 continue
             version = int(parts[3]) - 1
             if version < 1:
@@ -230,9 +222,9 @@ def stage_batch(client: FhirClient, patients: list[str], rules: Rules, path: Pat
     """Write the batch's resources to one NDJSON file, page by page (never the whole batch in memory); return how
     many resources of each type were staged. A resource brought twice (an included report listed on two pages)
     is staged once."""
-    bad = [p for p in patients if not is_fhir_id(p)]
+    bad = [p for p in patients if not is_valid_id(p)]
     if bad:
-        raise UsageError(f"not FHIR ids, never sent to the server: {', '.join(repr(b[:80]) for b in bad[:5])}")
+        raise UsageError(f"not FHIR ids, never sent to the server: {', '.join(shown(b) for b in bad[:5])}")
     counts: dict[str, int] = {}
     seen: set[tuple[str, str, str]] = set()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -11,8 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from leukofhir.errors import LeukofhirError, OutputError, UsageError
 from leukofhir.fhir.client import FhirClient
-from leukofhir.fhir.errors import FatalFhirError
+from leukofhir.fhir.errors import AuthError, FatalFhirError, FhirError, outcome_summary
+from leukofhir.fhir.ids import InvalidIdError, resource_path, shown
 from leukofhir.reader import ReadError, iter_resources
 
 log = logging.getLogger(__name__)
@@ -36,18 +38,91 @@ def _rank(resource_type: str) -> tuple[int, str]:
         return len(TYPE_ORDER), resource_type
 
 
+REJECTS = "rejects.ndjson"
+SHOWN_REJECTED = 50
+# Refusals of the request itself, not of the resources in it: no FHIR transaction endpoint at this URL (a redirect,
+# which is never followed for a write; Not Found, Method Not Allowed, Not Acceptable, Unsupported Media Type, Not
+# Implemented). Sending each resource on its own would only repeat them, so the load stops.
+_ENDPOINT_REFUSALS = frozenset({301, 302, 303, 307, 308, 404, 405, 406, 415, 501})
+
+
 @dataclass
 class LoadReport:
-    """What a load did: resources read and written per type, and each one refused with the server's reason."""
+    """What a load did: resources read and written per type, and each one refused with the reason.
+
+    `rejected` holds what may be shown (ids, file and line, HTTP status, issue codes and element paths); the
+    server's full OperationOutcome, which may quote patient data, goes only to `rejects_path` (see _Rejects)."""
 
     read: Counter = field(default_factory=Counter)
     written: Counter = field(default_factory=Counter)
     outcomes: Counter = field(default_factory=Counter)  # transaction response statuses, e.g. "201 Created"
     rejected: list[tuple[str, str]] = field(default_factory=list)  # ("Type/id" or file:line, reason)
+    rejects_path: Path | None = None
+    stopped: str | None = None  # why the load ended before every resource was sent
 
     @property
     def ok(self) -> bool:
-        return not self.rejected
+        return not self.rejected and self.stopped is None
+
+
+class IncompleteAnswerError(FhirError):
+    """A transaction answered without a response for every entry sent (FHIR R4 §3.1.0.11.2: one per entry)."""
+
+
+class LoadStopped(LeukofhirError):
+    """The load ended early (credentials refused, the server gone or answering nonsense); `report` says what was
+    written before, `__cause__` is the error."""
+
+    def __init__(self, report: LoadReport, cause: FhirError):
+        self.report = report
+        report.stopped = describe(cause)
+        super().__init__(report.stopped)
+
+
+def describe(error: FhirError) -> str:
+    """An error of the server as it may be shown: status, issue codes and element paths, never the issue text."""
+    if error.status is None or error.status < 400 or isinstance(error, IncompleteAnswerError):
+        # No answer at all, or an answer that is no FHIR answer (a body that is not JSON): the client's own words.
+        return str(error)
+    summary = outcome_summary(error.outcome)
+    text = f"HTTP {error.status}" + (f": {summary}" if summary else "")
+    if isinstance(error, AuthError):
+        what = "credentials" if error.status == 401 else "rights"
+        return f"the server refused our {what} ({text})"
+    return text
+
+
+class _Rejects:
+    """`rejects.ndjson` in the run folder: every resource or line not loaded, one JSON object a line, with the
+    server's full OperationOutcome for its refusals. It may hold patient data (as the quarantine does), so it is
+    written only here, in a folder the user names (`--out`) or a fresh private one (mode 0700, made at the first
+    reject)."""
+
+    def __init__(self, folder: Path | None):
+        self.folder = folder
+        self.path: Path | None = None
+        self._fh = None
+        if folder is not None:
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / REJECTS).unlink(missing_ok=True)  # an earlier load's rejects must not pass for this one's
+            except OSError as exc:
+                raise UsageError(f"cannot use run folder {folder}: {exc.strerror or exc}") from None
+
+    def write(self, record: dict) -> None:
+        try:
+            if self._fh is None:
+                folder = self.folder or Path(tempfile.mkdtemp(prefix="leukofhir-load-"))
+                self.path = folder / REJECTS
+                self._fh = open(self.path, "w", encoding="utf-8")
+            self._fh.write(json.dumps(record) + "\n")  # ASCII: U+2028 and the like never split a line
+            self._fh.flush()
+        except OSError as exc:
+            raise OutputError(f"cannot write {self.path or self.folder}: {exc.strerror or exc}") from None
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
 
 
 def _rewrite_uuid_references(node, index: dict[str, str]) -> None:
@@ -83,31 +158,55 @@ def _batches(items: Iterable[dict], size: int) -> Iterator[list[dict]]:
 
 
 def _entry(resource: dict) -> dict:
-    return {"resource": resource, "request": {"method": "PUT", "url": f"{resource['resourceType']}/{resource['id']}"}}
+    # Type and id were checked when spooled (Loader._spool); resource_path checks again: nothing unchecked goes out.
+    return {"resource": resource,
+            "request": {"method": "PUT", "url": resource_path(resource["resourceType"], resource["id"])}}
 
 
 class Loader:
-    """Loads files into one server; holds the urn:uuid index and the report while it runs."""
+    """Loads files into one server; holds the urn:uuid index and the report while it runs.
 
-    def __init__(self, client: FhirClient, batch_size: int = 200):
+    `run_dir`: the run folder for rejects.ndjson; None for a fresh private folder made at the first reject."""
+
+    def __init__(self, client: FhirClient, batch_size: int = 200, run_dir: str | Path | None = None):
         if batch_size < 1:
-            raise ValueError("batch size must be at least 1")
+            raise UsageError("batch size must be at least 1")
         self.client = client
         self.batch_size = batch_size
         self.report = LoadReport()
+        self.rejects = _Rejects(Path(run_dir) if run_dir is not None else None)
 
     def load(self, paths: Iterable[str]) -> LoadReport:
-        with tempfile.TemporaryDirectory(prefix="leukofhir-load-") as tmp:
-            spool = Path(tmp)
-            index = self._spool(paths, spool)
-            for resource_type in sorted(self.report.read, key=_rank):
-                resources = _spooled(spool, resource_type)
-                for batch in _batches(resources, self.batch_size):
-                    for resource in batch:
-                        _rewrite_uuid_references(resource, index)
-                    self._send([_entry(r) for r in batch])
-                log.info("%s: %d written", resource_type, self.report.written[resource_type])
+        """Send every resource; raise LoadStopped (with the report so far) when the server makes going on pointless:
+        credentials refused (401/403), the server gone, or answers that do not account for what was sent."""
+        try:
+            with tempfile.TemporaryDirectory(prefix="leukofhir-load-") as tmp:
+                spool = Path(tmp)
+                try:
+                    index = self._spool(paths, spool)
+                except OSError as exc:  # a full temporary folder
+                    raise OutputError(f"cannot spool the input to {spool}: {exc.strerror or exc}") from None
+                for resource_type in sorted(self.report.read, key=_rank):
+                    resources = _spooled(spool, resource_type)
+                    for batch in _batches(resources, self.batch_size):
+                        for resource in batch:
+                            _rewrite_uuid_references(resource, index)
+                        self._send([_entry(r) for r in batch])
+                    log.info("%s: %d written", resource_type, self.report.written[resource_type])
+        except FhirError as exc:
+            raise LoadStopped(self.report, exc) from exc
+        finally:
+            self.rejects.close()
+            self.report.rejects_path = self.rejects.path
         return self.report
+
+    def _reject(self, ref: str, reason: str, error: FhirError | None = None) -> None:
+        """Note a resource not loaded: what may be shown in the report, everything in the rejects file."""
+        self.report.rejected.append((ref, reason))
+        record = {"resource": ref, "reason": reason}
+        if error is not None:
+            record.update(status=error.status, outcome=error.outcome, message=str(error))
+        self.rejects.write(record)
 
     def _spool(self, paths: Iterable[str], spool: Path) -> dict[str, str]:
         """Pass 1: read everything once, file it per type on disk, index ids for urn:uuid references."""
@@ -116,15 +215,28 @@ class Loader:
         handles = {}
 
         def on_error(error: ReadError) -> None:
-            self.report.rejected.append((str(error.source), error.message))
+            self._reject(str(error.source), error.message)
 
         try:
             for item in iter_resources(paths, on_error):
                 res = item.resource
                 rtype, rid = res["resourceType"], res.get("id")
-                if not isinstance(rid, str) or not rid:
+                if rid is None:
                     # Without an id there is no idempotent PUT: a second load would duplicate it.
-                    self.report.rejected.append((f"{rtype} at {item.source}", "no id; cannot be loaded idempotently"))
+                    self._reject(f"{shown(rtype)} at {item.source}", "no id; cannot be loaded idempotently")
+                    continue
+                try:
+                    resource_path(rtype, rid)  # checked here, before it can go into any URL
+                except InvalidIdError as exc:
+                    where = rtype if isinstance(rtype, str) and rtype.isalpha() else "resource"
+                    self._reject(f"{where} at {item.source}", f"{exc}; not sent")
+                    continue
+                try:
+                    line = json.dumps(res, separators=(",", ":"), allow_nan=False)
+                except ValueError:
+                    # json.loads reads them, JSON (RFC 8259 §6) and FHIR do not: no request could carry them.
+                    self._reject(f"{rtype} at {item.source}",
+                                 "holds NaN or Infinity, which JSON does not allow; not sent")
                     continue
                 self.report.read[rtype] += 1
                 if rid in index and index[rid] != rtype:
@@ -132,7 +244,7 @@ class Loader:
                 index[rid] = rtype
                 if rtype not in handles:
                     handles[rtype] = open(spool / f"{rtype}.ndjson", "w", encoding="utf-8")
-                handles[rtype].write(json.dumps(res, separators=(",", ":")) + "\n")
+                handles[rtype].write(line + "\n")
         finally:
             for fh in handles.values():
                 fh.close()
@@ -141,14 +253,18 @@ class Loader:
         return index
 
     def _send(self, entries: list[dict]) -> None:
+        """One transaction; when the server refuses it, its entries one by one. AuthError and every FhirError that is
+        not a refusal of the data go up: the load stops (retrying each resource would only repeat them)."""
         try:
             self._record(entries, self.client.transaction(entries))
             return
+        except AuthError:
+            raise
         except FatalFhirError as exc:
+            if exc.status in _ENDPOINT_REFUSALS:
+                raise
             if len(entries) == 1:
-                ref = entries[0]["request"]["url"]
-                self.report.rejected.append((ref, str(exc)))
-                log.warning("rejected %s: HTTP %s", ref, exc.status)
+                self._refused(entries[0], exc)
                 return
             log.info("transaction of %d refused (HTTP %s); writing its entries one by one", len(entries), exc.status)
         # One bad resource fails a whole transaction; write the rest singly so only the bad one is lost.
@@ -159,45 +275,89 @@ class Loader:
             for entry in pending:
                 try:
                     self._record([entry], self.client.transaction([entry]))
+                except AuthError:
+                    raise
                 except FatalFhirError as exc:
                     if final_round:
-                        ref = entry["request"]["url"]
-                        self.report.rejected.append((ref, str(exc)))
-                        log.warning("rejected %s: HTTP %s", ref, exc.status)
+                        self._refused(entry, exc)
                     else:
                         failed.append(entry)
             pending = failed
             if not pending:
                 break
 
-    def _record(self, entries: list[dict], response: dict) -> None:
-        for entry, answer in zip(entries, response.get("entry") or []):
+    def _refused(self, entry: dict, error: FatalFhirError) -> None:
+        ref = entry["request"]["url"]
+        self._reject(ref, describe(error), error)
+        log.warning("rejected %s: HTTP %s", ref, error.status)
+
+    def _record(self, entries: list[dict], response) -> None:
+        """Count what the transaction-response says was written; every entry sent must have its answer."""
+        answers = response.get("entry") if isinstance(response, dict) else None
+        if not isinstance(answers, list) or len(answers) != len(entries):
+            got = len(answers) if isinstance(answers, list) else 0
+            raise IncompleteAnswerError(
+                f"the server answered {got} of the {len(entries)} entries sent (a transaction-response answers "
+                "every entry)")
+        for entry, answer in zip(entries, answers):
+            response_ = answer.get("response") if isinstance(answer, dict) else None
+            status = response_.get("status") if isinstance(response_, dict) else None
+            if not isinstance(status, str) or not status[:1] == "2":
+                # A transaction is all or nothing (FHIR R4 §3.1.0.11.2), so a non-2xx answer inside a 200 is odd:
+                # the entry is not counted as written.
+                outcome = response_.get("outcome") if isinstance(response_, dict) else None
+                code = int(status[:3]) if isinstance(status, str) and status[:3].isdigit() else None
+                self._refused(entry, FatalFhirError(f"entry answered {shown(status)}", status=code, outcome=outcome))
+                continue
             self.report.written[entry["resource"]["resourceType"]] += 1
-            self.report.outcomes[(answer.get("response") or {}).get("status", "?")] += 1
+            self.report.outcomes[status] += 1
 
 
-def load_files(client: FhirClient, paths: Iterable[str], batch_size: int = 200) -> LoadReport:
-    return Loader(client, batch_size).load(paths)
+def load_files(client: FhirClient, paths: Iterable[str], batch_size: int = 200,
+               run_dir: str | Path | None = None) -> LoadReport:
+    """Load the files (see Loader); raises LoadStopped, with the report so far, when the load ends early."""
+    return Loader(client, batch_size, run_dir).load(paths)
 
 
-def print_report(report: LoadReport, out=sys.stdout) -> None:
+def print_report(report: LoadReport, out=None) -> None:
+    out = out or sys.stdout
     read, written = sum(report.read.values()), sum(report.written.values())
     print(f"read {read} resources, wrote {written}, rejected {len(report.rejected)}", file=out)
     for rtype in sorted(report.read, key=_rank):
         print(f"  {rtype:<28} read {report.read[rtype]:>7}  written {report.written[rtype]:>7}", file=out)
     if report.outcomes:
         print("  server answers: " + ", ".join(f"{k} ×{v}" for k, v in sorted(report.outcomes.items())), file=out)
-    for ref, reason in report.rejected[:50]:
+    for ref, reason in report.rejected[:SHOWN_REJECTED]:
         print(f"  REJECTED {ref}: {reason}", file=out)
-    if len(report.rejected) > 50:
-        print(f"  ... and {len(report.rejected) - 50} more rejected", file=out)
+    if len(report.rejected) > SHOWN_REJECTED:
+        print(f"  ... and {len(report.rejected) - SHOWN_REJECTED} more rejected", file=out)
+    if report.rejects_path is not None:
+        print(f"  every reject, with the server's full reasons (may quote patient data): {report.rejects_path}",
+              file=out)
+    if report.stopped:
+        print(f"  stopped: {report.stopped}", file=out)
+        print("  (loading the same files again is safe: resources keep their ids, and unchanged ones stay as they are)",
+              file=out)
+
+
+def run_load(client: FhirClient, args) -> int:
+    """`leukofhir load` on a client: load, print the report (also of a load that stopped), return the exit code."""
+    from leukofhir.cli import EXIT_INCOMPLETE, EXIT_OK, exit_code
+
+    try:
+        report = load_files(client, args.files, args.batch_size, getattr(args, "out", None))
+    except LoadStopped as stop:
+        print_report(stop.report)
+        print(f"leukofhir load: error: {stop}", file=sys.stderr)
+        return exit_code(stop)
+    print_report(report)
+    # Partial success is still worth a non-zero exit: a script loading test data must notice a refusal.
+    return EXIT_OK if report.ok else EXIT_INCOMPLETE
 
 
 def load_command(args) -> int:
     from leukofhir.fhir.client import connect
 
+    # An input that does not exist is a UsageError while the input is spooled, before the server is ever asked.
     with connect(args.fhir_url, args.auth, timeout=args.timeout) as client:
-        report = load_files(client, args.files, args.batch_size)
-    print_report(report)
-    # Partial success is still worth a non-zero exit: a script loading test data must notice a refusal.
-    return 0 if report.ok else 1
+        return run_load(client, args)

@@ -14,11 +14,11 @@ from pathlib import Path
 import pandas as pd
 
 from leukofhir.config import Rules, load_config
-from leukofhir.errors import UsageError
+from leukofhir.errors import OutputError, UsageError
 from leukofhir.evaluate import evaluate
 from leukofhir.flags import build_flag, flag_row
 from leukofhir.normalise import Normaliser
-from leukofhir.reader import ReadError, iter_located, iter_resources
+from leukofhir.reader import ReadError, Source, expand_paths, iter_located, iter_resources
 from leukofhir.report_html import write_report_html
 from leukofhir.validate import suite_parameters, validate_batch
 
@@ -30,6 +30,8 @@ SKIP_RETRACTED = "status entered-in-error (used only to retract)"
 SKIP_AFTER_AS_OF = "after the as-of time"
 EXAMPLES = 5
 SHOWN_READ_ERRORS = 20
+# What a run writes to its folder, report.json last: a folder holds a finished run exactly when report.json is there.
+OUTPUTS = ("Flag.ndjson", "quarantine.ndjson", "report.html", "report.json")
 
 
 def parse_as_of(text: str | datetime | None) -> datetime | None:
@@ -113,6 +115,8 @@ def evaluate_files(
     rules = config if isinstance(config, Rules) else load_config(config)
     max_failure_rate = rules.validation.max_failure_rate if fail_on_threshold else None
     as_of_given = parse_as_of(as_of)
+    skipped_files: list[str] = []
+    files = expand_paths(paths, skipped_files)  # an input that does not exist is a UsageError, before any output
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -120,6 +124,7 @@ def evaluate_files(
         raise UsageError(f"cannot create output directory {out}: {exc.strerror or exc}") from None
     if not os.access(out, os.W_OK):
         raise UsageError(f"output directory {out} is not writable")
+    _remove_outputs(out)  # an earlier run's outputs must never pass for this run's if this one fails
 
     # 1. read and normalise, streaming: only compact rows and each resource's origin are kept.
     read_errors: list[ReadError] = []
@@ -134,7 +139,7 @@ def evaluate_files(
             log.warning("more read errors: see quarantine.ndjson")
         read_errors.append(error)
 
-    read_counts = _read(paths, normaliser, sources, on_read_error, progress)
+    read_counts = _read(files, normaliser, sources, on_read_error, progress)
     normalised = normaliser.finish()
     read_total = sum(read_counts.values())
     skipped: Counter = Counter(normalised.skipped)
@@ -196,9 +201,6 @@ def evaluate_files(
                 log.warning("Flag %s not written: %s", specs[int(row_id)].identifier, result.reasons[row_id])
             flags = [f for i, f in enumerate(flags) if str(i) not in result.reasons]
 
-    _write_ndjson(out / "Flag.ndjson", flags)
-    _write_quarantine(out / "quarantine.ndjson", quarantined, read_errors, sources)
-
     quarantined_by: Counter = Counter()
     examples: dict[str, list[str]] = defaultdict(list)
     for _, ref, reasons in quarantined:
@@ -208,6 +210,7 @@ def evaluate_files(
             examples[reason].append(ref)
     report = {
         "inputs": [str(p) for p in paths],
+        "skipped_files": skipped_files,
         "as_of": effective_as_of.isoformat() if effective_as_of else None,
         "read": dict(sorted(read_counts.items())),
         "read_total": read_total,
@@ -228,20 +231,55 @@ def evaluate_files(
         # A server run leaves the Flags of these identifiers as they are on the server (never withdrawn for it).
         "flags_rejected_identifiers": rejected_identifiers,
     }
-    if data_docs:
-        from leukofhir.data_docs import DATA_DOCS_DIR, write_data_docs
-
-        write_data_docs(out / DATA_DOCS_DIR, validated, parameters)
-        report["data_docs"] = f"{DATA_DOCS_DIR}/index.html"
     report["reconciled"] = read_total == evaluated + sum(skipped.values()) + sum(quarantined_by.values())
     if not report["reconciled"]:
         log.error("report does not reconcile: %s read, %s evaluated, %s skipped, %s quarantined", read_total,
                   evaluated, sum(skipped.values()), sum(quarantined_by.values()))
-    with open(out / "report.json", "w", encoding="utf-8") as fh:
-        json.dump(report, fh, indent=2, default=str)
-        fh.write("\n")
-    write_report_html(report, out / "report.html")
+
+    # 5. write: each output under a temporary name, renamed into place only once all of them are written.
+    target = out
+    try:
+        if data_docs:
+            from leukofhir.data_docs import DATA_DOCS_DIR, write_data_docs
+
+            target = out / DATA_DOCS_DIR
+            write_data_docs(target, validated, parameters)
+            report["data_docs"] = f"{DATA_DOCS_DIR}/index.html"
+        target = out / "Flag.ndjson"
+        _write_ndjson(_partial(target), flags)
+        target = out / "quarantine.ndjson"
+        _write_quarantine(_partial(target), quarantined, read_errors, sources)
+        target = out / "report.html"
+        write_report_html(report, _partial(target))
+        target = out / "report.json"
+        with open(_partial(target), "w", encoding="utf-8") as fh:
+            json.dump(report, fh, indent=2, default=str)
+            fh.write("\n")
+        for name in OUTPUTS:  # report.json last
+            target = out / name
+            _partial(target).replace(target)
+    except OSError as exc:
+        _remove_outputs(out, quiet=True)
+        raise OutputError(f"cannot write {target}: {exc.strerror or exc}") from None
+    except BaseException:
+        _remove_outputs(out, quiet=True)
+        raise
     return report
+
+
+def _partial(path: Path) -> Path:
+    return path.with_name(path.name + ".partial")
+
+
+def _remove_outputs(out: Path, quiet: bool = False) -> None:
+    """Remove the outputs of an earlier run (or the partial ones of this run) from the run folder."""
+    for name in OUTPUTS:
+        for path in (out / name, _partial(out / name)):
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as exc:
+                if not quiet:
+                    raise OutputError(f"cannot remove the earlier output {path}: {exc.strerror or exc}") from None
 
 
 def flag_frame(specs) -> pd.DataFrame:
@@ -287,15 +325,24 @@ def _write_quarantine(path: Path, quarantined: list, read_errors: list[ReadError
         wanted[file].setdefault((line, entry), []).extend(reasons)
     with open(path, "w", encoding="utf-8") as fh:
         for file, by_position in sorted(wanted.items()):
-            for item in iter_resources([sources.paths[file]], lambda error: None):
-                key = (-1 if item.source.line is None else item.source.line,
-                       -1 if item.source.entry is None else item.source.entry)
-                reasons = by_position.pop(key, None)
-                if reasons is not None:
-                    fh.write(json.dumps({"resource": item.resource, "reasons": reasons}))  # ASCII: U+2028 etc. never split a line
-                    fh.write("\n")
-                    if not by_position:
-                        break
+            try:
+                for item in iter_resources([sources.paths[file]], lambda error: None):
+                    key = (-1 if item.source.line is None else item.source.line,
+                           -1 if item.source.entry is None else item.source.entry)
+                    reasons = by_position.pop(key, None)
+                    if reasons is not None:
+                        # ASCII: U+2028 etc. never split a line
+                        fh.write(json.dumps({"resource": item.resource, "reasons": reasons}))
+                        fh.write("\n")
+                        if not by_position:
+                            break
+            except UsageError:
+                pass  # the file is gone since it was read: its quarantined resources are listed by place below
+            for (line, entry), reasons in sorted(by_position.items()):
+                # Not found again (the file changed since it was read): where it was and why, at least.
+                where = Source(sources.paths[file], None if line < 0 else line, None if entry < 0 else entry)
+                fh.write(json.dumps({"source": str(where), "reasons": reasons + ["not found again to copy it here"]}))
+                fh.write("\n")
         for error in read_errors:
             fh.write(json.dumps({"source": str(error.source), "reasons": [error.message]}))
             fh.write("\n")

@@ -24,10 +24,11 @@ from typing import Iterator
 from leukofhir.config import Rules
 from leukofhir.errors import UsageError
 from leukofhir.extract import (
-    Window, is_fhir_id, medication_types, patient_batches, read_patient_list, stage_batch, touched_patients,
+    Window, medication_types, patient_batches, read_patient_list, stage_batch, touched_patients,
     write_patient_list,
 )
 from leukofhir.fhir.client import FhirClient
+from leukofhir.fhir.ids import is_valid_id, shown
 from leukofhir.pipeline import evaluate_files
 from leukofhir.reader import iter_resources
 from leukofhir.report import merge_reports, write_counts
@@ -61,9 +62,9 @@ def chunk_dirs(run_dir: Path) -> list[Path]:
 
 def _check_patient_ids(patients: list[str]) -> list[str]:
     ids = [p.removeprefix("Patient/") for p in patients]
-    bad = [p for p in ids if not is_fhir_id(p)]
+    bad = [p for p in ids if not is_valid_id(p)]
     if bad:
-        raise UsageError(f"not FHIR patient ids: {', '.join(repr(b[:80]) for b in bad[:5])}")
+        raise UsageError(f"not FHIR patient ids: {', '.join(shown(b) for b in bad[:5])}")
     return sorted(set(ids))
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from leukofhir.config import Rules
-from leukofhir.extract import is_fhir_id
+from leukofhir.fhir.ids import is_valid_id
 from leukofhir.fhir.client import FhirClient
 from leukofhir.fhir.errors import FatalFhirError
 
@@ -142,7 +142,7 @@ def plan_writes(desired: Iterable[dict], existing: Iterable[dict], rules: Rules)
 
 
 def _entry(change: Change) -> dict:
-    if not is_fhir_id(change.flag_id):
+    if not is_valid_id(change.flag_id):
         raise ValueError(f"Flag id {change.flag_id!r} is not a FHIR id")  # never put into a URL
     url = f"Flag/{change.flag_id}"
     if change.action == "delete":

@@ -24,7 +24,7 @@ from leukofhir.fhir.errors import (
     OutcomeUnknownError,
     RedirectError,
     TemporaryFhirError,
-    outcome_text,
+    outcome_summary,
 )
 from leukofhir.fhir.http import (
     NOT_APPLIED_STATUSES,
@@ -33,6 +33,7 @@ from leukofhir.fhir.http import (
     replay_safe,
     retry_delay,
 )
+from leukofhir.fhir.ids import resource_path
 from leukofhir.fhir.urls import redact_url, same_origin, split_userinfo
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,15 @@ def _network_failure(exc: requests.RequestException, read_timeout: float) -> tup
     if isinstance(reason, urllib3.exceptions.NewConnectionError):
         return False, "cannot connect (connection refused or host unreachable)"
     return True, "the connection dropped before the answer"
+
+
+def _describe_body(response: requests.Response) -> str:
+    """A body that is not an OperationOutcome, without its content: its type and size."""
+    size = len(response.content or b"")
+    if not size:
+        return ""
+    kind = (response.headers.get("Content-Type") or "no content type").split(";")[0].strip()
+    return f"a {kind} answer of {size} bytes, not an OperationOutcome"
 
 
 def _www_authenticate(response: requests.Response) -> str:
@@ -263,7 +273,9 @@ class FhirClient:
             body = None
         body = body if isinstance(body, dict) else None
         status = response.status_code
-        text = outcome_text(body) or " ".join((response.text or "")[:300].split())
+        # Codes, element paths and message ids only: an OperationOutcome's text may quote patient data (the
+        # exception keeps the whole outcome, for a rejects file); another body is only described.
+        text = outcome_summary(body) or _describe_body(response)
         message = f"{method} {shown}: HTTP {status}" + (f": {text}" if text else "")
         if cls is None:
             if status in (401, 403):
@@ -287,7 +299,7 @@ class FhirClient:
     def read(self, resource_type: str, resource_id: str) -> dict | None:
         """The current version of a resource, or None when the server has none (404/410)."""
         try:
-            return self.request_json("GET", f"{resource_type}/{resource_id}")
+            return self.request_json("GET", resource_path(resource_type, resource_id))
         except FatalFhirError as exc:
             if exc.status in (404, 410):
                 return None
@@ -347,8 +359,8 @@ class FhirClient:
 
     def update(self, resource: dict) -> dict:
         """PUT a resource at its own id (create or update); {} when the server answers without a body."""
-        return self.request_json("PUT", f"{resource['resourceType']}/{resource['id']}", json=resource,
-                                 allow_empty=True)
+        path = resource_path(resource.get("resourceType"), resource.get("id"))
+        return self.request_json("PUT", path, json=resource, allow_empty=True)
 
 
 def connect(base_url: str, auth_kind: str | None = None, *, timeout: float = 60.0, environ=os.environ) -> FhirClient:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from leukofhir.errors import LeukofhirError
 
 
@@ -71,3 +73,43 @@ class CapabilityError(FhirError):
 class SmartAuthError(AuthError):
     """The SMART token endpoint refused the client (wrong key, expired or replayed assertion, unknown client,
     scopes not allowed): the message carries the endpoint's own `error` and `error_description`."""
+
+
+# What of an OperationOutcome may be shown on a terminal or in a log: codes, element paths and the server's message
+# ids. Its free text may quote patient data (HAPI: `Invalid attribute value "1970-13-45"`), so it never is.
+_TOKEN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:\-]{0,63}")
+_HAPI_ID = re.compile(r"\bHAPI-\d{4}\b")
+_ELEMENT = re.compile(r'\[element="([A-Za-z][A-Za-z0-9_.\[\]]{0,100})"\]')
+_QUOTED = re.compile(r'"[^"]*"|\'[^\']*\'')
+# An element path (Observation.subject, Patient.name[0].family); a FHIRPath function call (`.where(`) ends it.
+_PATH = re.compile(r"\b[A-Z][a-z]+(?:[A-Z][a-z]+)*(?:\.[a-z][A-Za-z0-9]*+(?:\[\d+\])?(?!\())+")
+
+
+def outcome_summary(body: object) -> str:
+    """Severity, code, element paths and server message ids of each issue of an OperationOutcome, e.g.
+    `error processing at birthDate [HAPI-0450, HAPI-1821]`; '' when `body` is none. Never the issue text."""
+    if not isinstance(body, dict) or body.get("resourceType") != "OperationOutcome":
+        return ""
+    summaries = []
+    for issue in body.get("issue") or []:
+        if not isinstance(issue, dict):
+            continue
+        words = [w for w in (issue.get("severity"), issue.get("code")) if isinstance(w, str) and _TOKEN.fullmatch(w)]
+        details = issue.get("details") if isinstance(issue.get("details"), dict) else {}
+        for coding in details.get("coding") or []:
+            code = coding.get("code") if isinstance(coding, dict) else None
+            if isinstance(code, str) and _TOKEN.fullmatch(code):
+                words.append(code)
+        given = [p for key in ("expression", "location") if isinstance(issue.get(key), list) for p in issue[key]]
+        paths = [p for p in given if isinstance(p, str) and _PATH.fullmatch(p)]
+        diagnostics = issue.get("diagnostics") if isinstance(issue.get("diagnostics"), str) else ""
+        paths += _ELEMENT.findall(diagnostics)
+        paths += _PATH.findall(_QUOTED.sub("", diagnostics))
+        text = " ".join(words) or "issue"
+        if paths:
+            text += " at " + ", ".join(dict.fromkeys(paths))
+        ids = list(dict.fromkeys(_HAPI_ID.findall(diagnostics)))
+        if ids:
+            text += f" [{', '.join(ids)}]"
+        summaries.append(text)
+    return "; ".join(summaries)

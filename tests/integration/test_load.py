@@ -80,10 +80,14 @@ def test_rejected_resource_is_reported_and_the_rest_is_loaded(fhir_client, uniqu
         _obs(f"ok2-{unique}", f"Patient/{pid}"),
     ])
     (tmp_path / "broken.ndjson").write_text('{"resourceType": "Patient", "id": "x"\n')
-    report = load_files(fhir_client, [path, tmp_path / "broken.ndjson"], batch_size=10)
+    report = load_files(fhir_client, [path, tmp_path / "broken.ndjson"], batch_size=10, run_dir=tmp_path / "run")
     rejected = dict(report.rejected)
     assert set(rejected) == {f"Observation/bad-{unique}", f"{tmp_path / 'broken.ndjson'}:1"}
-    assert f"nobody-{unique}" in rejected[f"Observation/bad-{unique}"]  # the server's own reason
+    # Shown: the status, issue code, element path and HAPI's message id; the server's own words in the rejects file.
+    assert rejected[f"Observation/bad-{unique}"] == "HTTP 400: error processing at Observation.subject [HAPI-1094]"
+    rejects = [json.loads(x) for x in (tmp_path / "run" / "rejects.ndjson").read_text().splitlines()]
+    assert [r["resource"] for r in rejects] == [f"{tmp_path / 'broken.ndjson'}:1", f"Observation/bad-{unique}"]
+    assert f"nobody-{unique}" in rejects[1]["outcome"]["issue"][0]["diagnostics"]
     assert report.written["Observation"] == 2 and report.written["Patient"] == 1
     ok1 = fhir_client.read("Observation", f"ok1-{unique}")
     assert ok1["subject"]["reference"] == f"Patient/{pid}"

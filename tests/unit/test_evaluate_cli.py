@@ -84,13 +84,15 @@ def test_identifiers_stable_across_runs(inputs, tmp_path):
     assert read("a") == read("b") and len(read("a")) == 2
 
 
-def test_missing_file_is_reported_and_run_goes_on(tmp_path, caplog):
+def test_unreadable_file_is_reported_and_run_goes_on(tmp_path, caplog):
     out = tmp_path / "out"
+    (tmp_path / "nope.ndjson").symlink_to(tmp_path / "gone.ndjson")  # there, but nothing can be read from it
     assert main(["evaluate", str(tmp_path / "nope.ndjson"), "--out", str(out)]) == 0
     report_ = json.loads((out / "report.json").read_text())
     assert report_["read_errors"] == 1 and report_["read_total"] == 0
     # The user sees which file and why at once, not only a count.
     assert any("nope.ndjson: unreadable file" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    # A named input that does not exist at all is an unusable argument (issue 9, item 8: tests/unit/test_bad_input.py).
 
 
 def test_unusable_arguments_exit_non_zero(tmp_path, inputs, capsys):

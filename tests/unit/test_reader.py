@@ -49,9 +49,10 @@ def test_gzip_ndjson_and_directories_and_unreadable_files(tmp_path):
         fh.write(json.dumps({"resourceType": "Observation", "id": "o1"}) + "\n")
     (tmp_path / "b.json.gz").write_bytes(b"not gzip at all")
     (tmp_path / "ignored.txt").write_text("x")
-    items, errors = _read([tmp_path, tmp_path / "missing.json"])
+    (tmp_path / "link.json").symlink_to(tmp_path / "gone.json")
+    items, errors = _read([tmp_path, tmp_path / "link.json"])
     assert [i.resource["id"] for i in items] == ["o1"]
-    assert {e.source.path.rsplit("/", 1)[1] for e in errors} == {"b.json.gz", "missing.json"}
+    assert {e.source.path.rsplit("/", 1)[1] for e in errors} == {"b.json.gz", "link.json"}
     assert all("unreadable file" in e.message for e in errors)
 
 
