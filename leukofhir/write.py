@@ -14,7 +14,7 @@ from typing import Callable, Iterable
 from leukofhir.config import Rules
 from leukofhir.fhir.ids import is_valid_id
 from leukofhir.fhir.client import FhirClient
-from leukofhir.fhir.errors import FatalFhirError
+from leukofhir.fhir.errors import FatalFhirError, outcome_summary
 
 __all__ = ["Change", "Plan", "WriteResult", "plan_writes", "apply_plan", "ensure_author", "author_device",
            "flag_id", "WITHDRAWN_NOTE"]
@@ -209,8 +209,9 @@ def _send(client: FhirClient, changes: list[Change], result: WriteResult, sleep)
             result.refused.append({"action": change.action, "identifier": change.identifier,
                                    "flag_id": change.flag_id, "status": exc.status, "outcome": exc.outcome,
                                    "message": str(exc)})
-            log.warning("Flag %s (%s) refused: HTTP %s%s", change.identifier, change.action, exc.status,
-                        _issue_codes(exc.outcome))
+            # Codes and element paths only: the outcome's text may quote patient data (rejects.ndjson has it all).
+            log.warning("Flag %s (%s) refused: HTTP %s: %s", change.identifier, change.action, exc.status,
+                        outcome_summary(exc.outcome) or "no OperationOutcome")
             return
         answers = response.get("entry") or []
         if len(answers) != len(entries):
@@ -219,14 +220,6 @@ def _send(client: FhirClient, changes: list[Change], result: WriteResult, sleep)
         for change in changes:
             result.written[change.action] += 1
         return
-
-
-def _issue_codes(outcome) -> str:
-    """`: code, code` of an OperationOutcome's issues; the text stays out of logs (it may quote patient data)."""
-    if not isinstance(outcome, dict):
-        return ""
-    codes = [i.get("code") for i in outcome.get("issue") or [] if isinstance(i, dict) and i.get("code")]
-    return f" ({', '.join(codes)})" if codes else ""
 
 
 def write_rejects(path: Path, refused: list[dict]) -> None:
