@@ -35,4 +35,4 @@ def leukopenia_backfill():
     written >> report()
 
 
-leukopenia_backfill()
+backfill = leukopenia_backfill()

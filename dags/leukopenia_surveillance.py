@@ -36,4 +36,4 @@ def leukopenia_surveillance():
     written >> report()
 
 
-leukopenia_surveillance()
+surveillance = leukopenia_surveillance()

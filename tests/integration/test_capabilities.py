@@ -103,5 +103,5 @@ def test_a_lacking_server_is_refused_before_anything_else(fhir_base_url, stateme
         done = subprocess.run([sys.executable, "-m", "leukofhir.cli", "export", "--fhir-url", proxy.base_url,
                                "--group", "g1", "--out", str(tmp_path / "out")], capture_output=True, text=True,
                               timeout=300, env=dict(os.environ))
-        assert done.returncode == 2 and "Bulk Data $export at group level" in done.stderr
+        assert done.returncode == 4 and "Bulk Data $export at group level" in done.stderr  # server lacking
         assert [p for _, p, _ in proxy.requests if "metadata" not in p] == []  # no kick-off, no read

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from leukofhir.fhir.errors import FatalFhirError
@@ -78,7 +80,8 @@ def test_flag_for_missing_patient_is_refused_with_the_servers_reason(fhir_client
     with pytest.raises(FatalFhirError) as err:
         fhir_client.request("POST", "Flag", json=flag)
     assert err.value.status in (400, 404, 409, 422)
-    assert f"missing-{unique}" in str(err.value)  # the OperationOutcome text reached the message
+    assert f"missing-{unique}" in json.dumps(err.value.outcome)  # the server's reason, kept with the error
+    assert "Flag.subject" in str(err.value)  # the message says where, not the text
 
 
 def test_transaction_round_trip_resolves_internal_references(fhir_client, unique):

@@ -200,7 +200,7 @@ def test_a_wrong_key_fails_saying_so_without_showing_a_secret(guarded, auth_serv
     wrong.write_text(_pem(other_rsa_key))
     done = _cli("export", "--fhir-url", guarded.base_url, "--auth", "smart", "--type", "Patient",
                 "--out", str(tmp_path / "out"), env=_smart_env(wrong))
-    assert done.returncode == 2, done.stderr[-800:]
+    assert done.returncode == 3, done.stderr[-800:]  # credentials refused
     assert "Traceback" not in done.stderr
     (line,) = [x for x in done.stderr.splitlines() if "error:" in x]
     assert "refused the client" in line and "signature" in line and "registered key" in line
