@@ -155,3 +155,50 @@ def test_flag_rows_keep_a_missing_value_missing():
     rows = pipeline.flag_frame([spec])
     assert rows["subject"].isna().all() and rows["subject"].tolist() != ["None"]
     assert rows["row_id"].tolist() == ["0"] and rows["identifier"].tolist() == ["a" * 40]
+
+
+# -- issue 9: what the report and the quarantine say -------------------------------------------------------------------
+def _quarantine(out):
+    return [json.loads(x) for x in (out / "quarantine.ndjson").read_text().splitlines()]
+
+
+def test_an_unknown_unit_is_counted_under_its_own_reason(tmp_path):
+    _ndjson(tmp_path / "in.ndjson", [patient(), observation("u", "wbc", 5, unit="mg")])
+    report_ = pipeline.evaluate_files([tmp_path / "in.ndjson"], tmp_path / "out", progress=False)
+    assert report_["quarantined"] == {"expect_column_values_to_be_in_set(unit)": 1}
+    (line,) = _quarantine(tmp_path / "out")
+    assert line["reasons"][0] == "expect_column_values_to_be_in_set(unit): value 'mg' not accepted"
+
+
+def test_copies_of_one_id_with_different_content_say_that_they_differ(tmp_path):
+    first = {**observation("x", "wbc", 2.0), "meta": {"versionId": "1"}}
+    other = {**observation("x", "wbc", 6.0), "meta": {"versionId": "1"}}  # same id and version, another value
+    same = {**observation("y", "wbc", 2.0), "meta": {"versionId": "1"}}
+    _ndjson(tmp_path / "in.ndjson", [patient(), first, other, same, same])
+    report_ = pipeline.evaluate_files([tmp_path / "in.ndjson"], tmp_path / "out", progress=False)
+    reasons = {(q["resource"]["id"], q["resource"]["valueQuantity"]["value"]): q["reasons"]
+               for q in _quarantine(tmp_path / "out")}
+    assert set(reasons) == {("x", 6.0), ("y", 2.0)}  # the first copy read goes on; the repeats are quarantined
+    assert "differ" in reasons[("x", 6.0)][0] and "value" in reasons[("x", 6.0)][0]
+    assert "identical" in reasons[("y", 2.0)][0] and not any("differ" in r for r in reasons[("y", 2.0)])
+    assert len(report_["quarantined"]) == 2 and report_["reconciled"]
+
+
+def test_simultaneous_results_leave_the_patient_with_a_flag(tmp_path):
+    # issue 9.3: WBC 2.1, 6.0, 2.1 at 08:00 once gave two Flags with one identifier, both refused by the Flag suite.
+    _ndjson(tmp_path / "in.ndjson", [patient(), observation("w1", "wbc", 2.1), observation("w2", "wbc", 6.0),
+                                     observation("w3", "wbc", 2.1)])
+    report_ = pipeline.evaluate_files([tmp_path / "in.ndjson"], tmp_path / "out", progress=False)
+    assert report_["flags_rejected"] == 0 and report_["flags"]["by_code_status"] == {"Leukopenia|active": 1}
+
+
+def test_warnings_about_flags_not_written_are_capped_like_read_errors(inputs, tmp_path, monkeypatch, caplog):
+    def duplicated(*args, **kwargs):
+        (spec,) = [s for s in evaluate(*args, **kwargs) if s.display == "Leukopenia"]
+        return [spec] * 100  # one identifier 100 times: the Flag suite refuses every one
+
+    monkeypatch.setattr(pipeline, "evaluate", duplicated)
+    report_ = pipeline.evaluate_files([inputs], tmp_path / "out", progress=False)
+    assert report_["flags_rejected"] == 100
+    shown = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "not written" in r.getMessage()]
+    assert len(shown) == pipeline.SHOWN_READ_ERRORS + 1 and "more" in shown[-1]
