@@ -250,7 +250,7 @@ def test_range_age_high_is_inclusive_in_completed_years(time, applies):
     obs = _aged_range(high={"value": 17, "unit": "a", "system": "http://unitsofmeasure.org", "code": "a"})
     obs["effectiveDateTime"] = time
     frame = normalise_all([patient("p1", "2000-03-01"), obs]).observations
-    assert (frame.lln[0] == 5.0) is applies and (math.isnan(frame.lln[0]) is not applies)
+    assert bool(frame.lln[0] == 5.0) is applies and math.isnan(frame.lln[0]) is not applies
 
 
 @pytest.mark.parametrize(
@@ -267,7 +267,7 @@ def test_range_age_low_in_months_and_years_on_calendar_edges(birth, time, applie
     obs = _aged_range(low={"value": 1, "unit": unit, "system": "http://unitsofmeasure.org", "code": unit})
     obs["effectiveDateTime"] = time
     frame = normalise_all([patient("p1", birth), obs]).observations
-    assert (frame.lln[0] == 5.0) is applies
+    assert bool(frame.lln[0] == 5.0) is applies
 
 
 def test_a_range_age_that_cannot_be_read_makes_the_range_not_applicable():
