@@ -202,3 +202,33 @@ def test_warnings_about_flags_not_written_are_capped_like_read_errors(inputs, tm
     assert report_["flags_rejected"] == 100
     shown = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "not written" in r.getMessage()]
     assert len(shown) == pipeline.SHOWN_READ_ERRORS + 1 and "more" in shown[-1]
+
+
+def test_the_stages_run_on_their_own_as_an_online_run_would_chain_them(inputs, tmp_path):
+    """evaluate_files is the five stages in a row; a caller (the online `run`) can chain them itself, passing the
+    server's base URL so that its absolute references are local."""
+    from leukofhir.config import load_config
+    from leukofhir.validate import suite_parameters
+
+    rules = load_config()
+    base = "https://fhir.example/r4"
+    extra = tmp_path / "server.ndjson"
+    _ndjson(extra, [observation("abs", "wbc", 1.5, patient=f"{base}/Patient/p1", time=at(days=3)),
+                    observation("far", "wbc", 1.5, patient="https://other.example/fhir/Patient/p1")])
+    paths = [inputs, extra]
+    read = pipeline.read_and_normalise(paths, rules, base_url=base, progress=False)
+    parameters = suite_parameters(rules)
+    validated = pipeline.validate_rows(read.normalised, parameters)
+    evaluation = pipeline.evaluate_rows(validated.observations, validated.exposures, read.normalised.patients, rules)
+    checked = pipeline.build_flags(evaluation.specs, rules, parameters)
+    report_, quarantined = pipeline.build_report(paths, read, validated, evaluation, checked)
+    out = tmp_path / "staged"
+    out.mkdir()
+    pipeline.write_outputs(out, report_, checked.flags, quarantined, read)
+
+    assert report_["reconciled"] and report_["quarantined"]["subject refers to another server"] == 1
+    assert "Observation/abs" in {ref for spec in evaluation.specs for ref in spec.evidence}  # local under the base
+    whole = pipeline.evaluate_files(paths, tmp_path / "whole", progress=False)  # offline: no base, both foreign
+    assert whole["quarantined"]["subject refers to another server"] == 2
+    lines = (out / "Flag.ndjson").read_text().splitlines()
+    assert len(lines) == report_["flags"]["total"] and json.loads((out / "report.json").read_text()) == report_
