@@ -85,10 +85,22 @@ def timestamps(ns: np.ndarray) -> pd.DatetimeIndex:
     return pd.to_datetime(ns.view("datetime64[ns]"), utc=True)
 
 
+_DEFAULT_PORTS = {"http": ":80", "https": ":443"}
+
+
+def _origin(scheme: str, host: str) -> str:
+    """`scheme://host` as compared: lower case, without the scheme's default port (RFC 3986 §6.2.3)."""
+    scheme, host = scheme.lower(), host.lower()
+    default = _DEFAULT_PORTS.get(scheme)
+    if default and host.endswith(default):
+        host = host[: -len(default)]
+    return f"{scheme}://{host}"
+
+
 def _base_prefix(url: str) -> str:
-    """A base URL as the prefix its absolute references start with: scheme and host lower case, one final "/"."""
+    """A base URL as the prefix its absolute references start with: the origin as compared, one final "/"."""
     parts = urlsplit(url.strip())
-    return f"{parts.scheme.lower()}://{parts.netloc.lower()}{parts.path.rstrip('/')}/"
+    return f"{_origin(parts.scheme, parts.netloc)}{parts.path.rstrip('/')}/"
 
 
 class LocalBases:
@@ -110,7 +122,7 @@ class LocalBases:
         if type(reference) is str and "://" in reference:
             scheme, _, rest = reference.partition("://")
             host, slash, path = rest.partition("/")
-            normalised = f"{scheme.lower()}://{host.lower()}{slash}{path}"
+            normalised = f"{_origin(scheme, host)}{slash}{path}"
             for prefix in self.prefixes:
                 if normalised.startswith(prefix):
                     return reference_target(normalised[len(prefix):])

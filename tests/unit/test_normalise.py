@@ -182,6 +182,8 @@ def test_subject_on_another_server_is_quarantined_when_no_base_is_known():
         ("http://fhir.example/r4/Patient/p1", "http://fhir.example/r4/", True),  # a base with its trailing slash
         ("http://fhir.example/r4/Patient/p1/_history/3", "http://fhir.example/r4", True),
         ("HTTP://FHIR.EXAMPLE/r4/Patient/p1", "http://fhir.example/r4", True),  # scheme and host are case-blind
+        ("https://fhir.example:443/r4/Patient/p1", "https://fhir.example/r4", True),  # the default port
+        ("https://fhir.example:8443/r4/Patient/p1", "https://fhir.example/r4", False),
         ("http://fhir.example/r4/Patient/p1", "https://fhir.example/r4", False),  # another scheme: another server
         ("http://fhir.example/r4/Patient/p1", "http://fhir.example/r5", False),
         ("http://fhir.example/r4x/Patient/p1", "http://fhir.example/r4", False),  # a prefix of the path is not it
