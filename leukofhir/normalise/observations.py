@@ -54,13 +54,17 @@ def _bound(q, factors: dict, value_factor: float | None) -> float | None:
     value = q.get("value")
     if not is_number(value):
         return None
-    code, unit = q.get("code"), q.get("unit")
-    if not (isinstance(code, str) and code) and not (isinstance(unit, str) and unit):
-        factor = value_factor
+    code = q.get("code")
+    coded = type(code) is str and code
+    if coded:
+        factor = factors.get(code)
+        if factor is not None:
+            return value * factor  # the usual case: a UCUM code the rules know
+    unit = q.get("unit")
+    if type(unit) is str and unit:
+        factor = factors.get(unit)
     else:
-        factor = factors.get(code) if isinstance(code, str) else None
-        if factor is None:
-            factor = factors.get(unit) if isinstance(unit, str) else None
+        factor = None if coded else value_factor  # no unit at all: the value's
     return value * factor if factor is not None else None
 
 
