@@ -214,7 +214,8 @@ class _PatientRules:
             if self.age_known and v.time < self.adult_from:
                 lln = defaults.under_18
             else:
-                lln = {"male": defaults.male, "female": defaults.female}.get(self.gender, defaults.other)
+                lln = defaults.male if self.gender == "male" else (
+                    defaults.female if self.gender == "female" else defaults.other)
         return _below(v.value, v.comparator, lln)
 
     def platelets_low(self, v: _Value) -> bool:
@@ -352,6 +353,8 @@ def _blood_counts(rules, patient, wbc_values, wbc_points, values) -> list[Point]
         elif plt is not None and not patient.platelets_low(plt):
             points.append(patient.not_pancytopenic(plt, "platelets", _UNIT))
             counted.add(plt.ref)
+    if not any(p.low for p in points):
+        return points  # no pancytopenic count: no episode for the values below to end
     points.extend(patient.not_pancytopenic(v, "hemoglobin", "g/dL") for v in hbs
                   if v.ref not in counted and not patient.hemoglobin_low(v))
     points.extend(patient.not_pancytopenic(v, "platelets", _UNIT) for v in plts
