@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import re
-from datetime import date, datetime, timedelta
+from datetime import datetime, timedelta
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
@@ -11,59 +10,12 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from leukofhir.age import AgeSpan
 from leukofhir.errors import ConfigError
 
-__all__ = ["Rules", "AgeSpan", "load_config", "DEFAULT_PATH"]
+__all__ = ["Rules", "AgeSpan", "load_config", "DEFAULT_PATH"]  # AgeSpan lives in leukofhir.age
 
 DEFAULT_PATH = Path(__file__).with_name("rules.yaml")
-
-_SPAN = re.compile(r"^\s*(\d+)\s*(min|h|d|w|m|y)\s*$")
-
-
-class AgeSpan:
-    """An age or window such as `10min`, `24h`, `7d`, `1m`, `2y`: `m` is a calendar month (age bands, §1.3)."""
-
-    __slots__ = ("amount", "unit")
-
-    def __init__(self, text: str):
-        match = _SPAN.match(str(text))
-        if not match:
-            raise ValueError(f"{text!r} is not a span like 10min, 72h, 7d, 2w, 1m or 18y")
-        self.amount, self.unit = int(match.group(1)), match.group(2)
-
-    def after(self, start: datetime) -> datetime:
-        """The instant this span after `start` (calendar months/years: a birthday, not 365 days)."""
-        if self.unit in ("min", "h", "d", "w"):
-            return start + self.timedelta()
-        months = self.amount * (12 if self.unit == "y" else 1)
-        year, month = divmod(start.month - 1 + months, 12)
-        year += start.year
-        month += 1
-        # 29 Feb / 31st: the birthday falls on the last day of the shorter month.
-        for day in (start.day, 30, 29, 28):
-            try:
-                return start.replace(year=year, month=month, day=day)
-            except ValueError:
-                continue
-        raise ValueError("unreachable")
-
-    def timedelta(self) -> timedelta:
-        if self.unit == "min":
-            return timedelta(minutes=self.amount)
-        if self.unit == "h":
-            return timedelta(hours=self.amount)
-        if self.unit == "d":
-            return timedelta(days=self.amount)
-        if self.unit == "w":
-            return timedelta(weeks=self.amount)
-        raise ValueError(f"{self} is a calendar span, not a fixed duration")
-
-    def __str__(self) -> str:
-        return f"{self.amount}{self.unit}"
-
-    def __repr__(self) -> str:
-        return f"AgeSpan({str(self)!r})"
-
 
 def _span(value) -> AgeSpan:
     return value if isinstance(value, AgeSpan) else AgeSpan(value)
@@ -251,6 +203,10 @@ class HemoglobinLln(_Model):
     female: float = Field(gt=0)
     other: float = Field(gt=0)
     under_18: float = Field(gt=0)
+    # The age from which the adult values apply (the name `under_18` says the contract's 18 years).
+    adult_from: AgeSpan = AgeSpan("18y")
+
+    _check_span = field_validator("adult_from", mode="before")(lambda cls, v: _span(v))
 
 
 class Pancytopenia(_Model):
@@ -289,13 +245,19 @@ class Medications(_Model):
 
 class Windows(_Model):
     drug_lookback: timedelta
-    history_lookback: timedelta
     transient_within: timedelta
-    episode_gap: timedelta
+    episode_gap: timedelta  # clinical-rules v1.1 §4 "Episode gap"
+    history_lookback: None = None  # removed in v1.1: only here to tell a site file that still sets it
 
-    _check = field_validator("drug_lookback", "history_lookback", "transient_within", "episode_gap", mode="before")(
+    _check = field_validator("drug_lookback", "transient_within", "episode_gap", mode="before")(
         lambda cls, v: _duration(v)
     )
+
+    @field_validator("history_lookback", mode="before")
+    @classmethod
+    def _removed(cls, v):
+        raise ValueError("removed in rules v1.1: each patient's whole history is evaluated (convergence, "
+                         "clinical-rules §4), so there is no look-back to set; delete the key")
 
 
 class Validation(_Model):
@@ -385,13 +347,3 @@ def load_config(path: str | Path | None = None) -> Rules:
         more = f" (and {exc.error_count() - 1} more problem(s))" if exc.error_count() > 1 else ""
         msg = first["msg"].removeprefix("Value error, ")
         raise ConfigError(f"{path}: {_format_loc(first['loc'])}: {msg}{more}") from None
-
-
-def age_band_value(bands: list[AgeBand], birth: date | None, at: datetime, field: str) -> float:
-    """The `field` (lln or threshold) of the band containing the age at `at`; unknown age -> the last band (§1.3)."""
-    if birth is not None:
-        born = datetime(birth.year, birth.month, birth.day, tzinfo=at.tzinfo)
-        for band in bands[:-1]:
-            if at < band.below.after(born):
-                return getattr(band, field)
-    return getattr(bands[-1], field)

@@ -11,6 +11,7 @@ from datetime import date, datetime, timezone
 import numpy as np
 import pandas as pd
 
+from leukofhir.age import age_reached_ns
 from leukofhir.config import AgeBand, Grades, Rules
 from leukofhir.normalise import PatientInfo
 
@@ -60,8 +61,6 @@ class FlagSpec:
     text: str
     evidence: list[str]
     drugs: list[tuple[str, str]] = field(default_factory=list)  # (drug label, "MedicationStatement/id")
-    derived: bool = False
-    transient: bool = False
 
 
 def episode_identifier(patient_id: str, family: str, start: datetime) -> str:
@@ -124,8 +123,7 @@ class _Bands:
             self.limits: list[int] = []
             self.values = self.values[-1:]
             return
-        born = datetime(birth.year, birth.month, birth.day, tzinfo=timezone.utc)
-        self.limits = [int(b.below.after(born).timestamp()) * _NS_PER_S for b in bands[:-1]]
+        self.limits = [age_reached_ns(birth, b.below) for b in bands[:-1]]
 
     def at(self, time_ns: int) -> float:
         return self.values[bisect_right(self.limits, time_ns)]
@@ -160,7 +158,7 @@ class _PatientRules:
             known = self._ages(rules, birth)
             if ages is not None:
                 ages[birth] = known
-        (self.birth_ns, self.wbc_lln, self.anc_threshold, self.lymph_lln, self.lab_only_until,
+        (self.age_known, self.wbc_lln, self.anc_threshold, self.lymph_lln, self.lab_only_until,
          self.adult_from) = known
 
     @staticmethod
@@ -169,13 +167,10 @@ class _PatientRules:
         anc_threshold = _Bands(rules.neutropenia.thresholds, birth, "threshold")
         lymph_lln = _Bands(rules.lymphopenia.lln, birth, "lln")
         if birth is None:
-            return None, wbc_lln, anc_threshold, lymph_lln, None, None
-        born = datetime(birth.year, birth.month, birth.day, tzinfo=timezone.utc)
-        birth_ns = int(born.timestamp()) * _NS_PER_S
-        lab_only_until = int(rules.neutropenia.lab_range_only_below.after(born).timestamp()) * _NS_PER_S
-        adult_from = int(born.replace(year=born.year + 18).timestamp()) * _NS_PER_S if not (
-            born.month == 2 and born.day == 29) else int(born.replace(year=born.year + 18, day=28).timestamp()) * _NS_PER_S
-        return birth_ns, wbc_lln, anc_threshold, lymph_lln, lab_only_until, adult_from
+            return False, wbc_lln, anc_threshold, lymph_lln, None, None
+        lab_only_until = age_reached_ns(birth, rules.neutropenia.lab_range_only_below)
+        adult_from = age_reached_ns(birth, rules.pancytopenia.hemoglobin_lln.adult_from)
+        return True, wbc_lln, anc_threshold, lymph_lln, lab_only_until, adult_from
 
     def _below_lln_point(self, v: _Value, default_lln, label: str, grades, condition: str) -> Point:
         """A count judged against its LLN: the lab's own range when the value carries one, else the age default."""
@@ -211,25 +206,29 @@ class _PatientRules:
     def lymph_point(self, v: _Value) -> Point:
         return self._below_lln_point(v, self.lymph_lln, "lymphocytes", self.rules.lymphopenia.grades, "lymphopenia")
 
-    def hemoglobin_lln(self, v: _Value) -> float:
+    def hemoglobin_low(self, v: _Value) -> bool:
         if v.lln == v.lln:
-            return v.lln
-        defaults = self.rules.pancytopenia.hemoglobin_lln
-        if self.birth_ns is not None and v.time < self.adult_from:
-            return defaults.under_18
-        return {"male": defaults.male, "female": defaults.female}.get(self.gender, defaults.other)
+            lln = v.lln
+        else:
+            defaults = self.rules.pancytopenia.hemoglobin_lln
+            if self.age_known and v.time < self.adult_from:
+                lln = defaults.under_18
+            else:
+                lln = defaults.male if self.gender == "male" else (
+                    defaults.female if self.gender == "female" else defaults.other)
+        return _below(v.value, v.comparator, lln)
+
+    def platelets_low(self, v: _Value) -> bool:
+        return _below(v.value, v.comparator, v.lln if v.lln == v.lln else self.rules.pancytopenia.platelets_lln)
 
     # pancytopenia (§2): leukopenia + low hemoglobin + low platelets in one blood count
     def blood_count_point(self, wbc: Point, w: _Value, hb: _Value, plt: _Value) -> Point:
         p = self.rules.pancytopenia
-        hb_low = _below(hb.value, hb.comparator, self.hemoglobin_lln(hb))
-        plt_lln = plt.lln if plt.lln == plt.lln else p.platelets_lln
-        plt_low = _below(plt.value, plt.comparator, plt_lln)
         summary = wbc.shown + (("hemoglobin", hb.value, hb.comparator, "g/dL"),
                                ("platelets", plt.value, plt.comparator, _UNIT))
         refs = (w.ref, hb.ref, plt.ref)
         retracted = w.retracted or hb.retracted or plt.retracted
-        if not (wbc.low and hb_low and plt_low):
+        if not (wbc.low and self.hemoglobin_low(hb) and self.platelets_low(plt)):
             return Point(w.time, False, 0, "normal", summary, refs, retracted)
         grade = max(
             wbc.grade,
@@ -237,6 +236,10 @@ class _PatientRules:
             _grade(plt.value, plt.comparator, p.platelets_grades),
         )
         return Point(w.time, True, grade, "pancytopenia", summary, refs, retracted)
+
+    def not_pancytopenic(self, v: _Value, label: str, unit: str) -> Point:
+        """One value that alone shows the blood count is not pancytopenic (v1.1 §4: it ends the episode)."""
+        return Point(v.time, False, 0, "normal", ((label, v.value, v.comparator, unit),), (v.ref,), v.retracted)
 
 
 def _panel_key(v: _Value):
@@ -278,20 +281,62 @@ def _points(rules: Rules, patient: _PatientRules, values: dict[str, list[_Value]
     out["granulocytes"] = granulocytes
     out["lymphocytes"] = [patient.lymph_point(v) for v in values.get("lymphocytes_abs", [])]
     out["pancytopenia"] = _blood_counts(rules, patient, wbc_values, wbc_points, values)
+    return {family: _one_per_instant(points) for family, points in out.items()}
+
+
+def _one_per_instant(points: list[Point]) -> list[Point]:
+    """Several values of one family at one instant (a repeat on another analyser, a copy under another id) are one
+    judgement: the worst of them, so a low value is never lost and a normal one beside it never closes the episode
+    (recovery is a *later* value, §4). Each episode then starts at its own instant and has its own identifier.
+    (docs/clinical-decisions.md "Simultaneous results".)"""
+    if len(points) < 2:
+        return points
+    times = [p.time for p in points]
+    if len(set(times)) == len(times):
+        return points  # the usual case: one value per instant
+    out: list[Point] = []
+    i, n = 0, len(points)
+    while i < n:
+        j = i + 1
+        while j < n and times[j] == times[i]:
+            j += 1
+        out.append(points[i] if j == i + 1 else _worst_at_one_instant(points[i:j]))
+        i = j
     return out
 
 
+def _worst_at_one_instant(group: list[Point]) -> Point:
+    """The worst value (highest grade; a counted one before a retracted one), with every low value as evidence; it
+    is retracted only when every low value is. Points come sorted by resource id, so the choice never depends on
+    input order."""
+    lows = [p for p in group if p.low]
+    if not lows:
+        return group[0]
+    worst = max(lows, key=lambda p: (p.grade, not p.retracted))
+    refs = list(worst.refs)
+    for p in lows:
+        refs.extend(r for r in p.refs if r not in refs)
+    return Point(worst.time, True, worst.grade, worst.condition, worst.shown, tuple(refs),
+                 all(p.retracted for p in lows), worst.derived)
+
+
 def _blood_counts(rules, patient, wbc_values, wbc_points, values) -> list[Point]:
-    """One blood count per WBC: hemoglobin and platelets of the same report, else the nearest within 24 h."""
+    """The blood counts of §2 pancytopenia and those that end it (v1.1 §4), in time order.
+
+    A count is anchored on each WBC: hemoglobin and platelets of the same report, else the nearest within 24 h. It is
+    pancytopenic when all three are low. What shows a count is *not* pancytopenic ends an episode: a WBC at or above
+    its LLN alone, a low WBC beside a normal hemoglobin or platelet count, and a normal hemoglobin or platelet count
+    alone. A low WBC without both others cannot be judged and changes nothing."""
     hbs, plts = values.get("hemoglobin", []), values.get("platelets", [])
     if not hbs or not plts:
-        return []
+        return []  # no hemoglobin or no platelets at all: never pancytopenia, so nothing to end either
     window = int(rules.pancytopenia.same_count_within.total_seconds()) * _NS_PER_S
     hb_times = [v.time for v in hbs]
     plt_times = [v.time for v in plts]
     hb_panel = {v.panel: v for v in hbs if v.panel is not None}
     plt_panel = {v.panel: v for v in plts if v.panel is not None}
     points = []
+    counted: set[str] = set()  # hemoglobin and platelet values judged inside a WBC's count
     for w, wp in zip(wbc_values, wbc_points):
         hb = hb_panel.get(w.panel) if w.panel is not None else None
         hb = hb or _nearest(hbs, hb_times, w.time, window)
@@ -299,6 +344,22 @@ def _blood_counts(rules, patient, wbc_values, wbc_points, values) -> list[Point]
         plt = plt or _nearest(plts, plt_times, w.time, window)
         if hb is not None and plt is not None:
             points.append(patient.blood_count_point(wp, w, hb, plt))
+            counted.update((hb.ref, plt.ref))
+        elif not wp.low:
+            points.append(Point(w.time, False, 0, "normal", wp.shown, wp.refs, wp.retracted))
+        elif hb is not None and not patient.hemoglobin_low(hb):
+            points.append(patient.not_pancytopenic(hb, "hemoglobin", "g/dL"))
+            counted.add(hb.ref)
+        elif plt is not None and not patient.platelets_low(plt):
+            points.append(patient.not_pancytopenic(plt, "platelets", _UNIT))
+            counted.add(plt.ref)
+    if not any(p.low for p in points):
+        return points  # no pancytopenic count: no episode for the values below to end
+    points.extend(patient.not_pancytopenic(v, "hemoglobin", "g/dL") for v in hbs
+                  if v.ref not in counted and not patient.hemoglobin_low(v))
+    points.extend(patient.not_pancytopenic(v, "platelets", _UNIT) for v in plts
+                  if v.ref not in counted and not patient.platelets_low(v))
+    points.sort(key=lambda p: (p.time, p.refs))
     return points
 
 
@@ -319,16 +380,16 @@ class _Episode:
     gap_closed: bool = False
 
 
-def _episodes(points: list[Point], history: int) -> list[_Episode]:
-    """§4: an episode opens at the first low after a normal value (or after no value within the look-back) and
-    ends at the first later value at or above the threshold."""
+def _episodes(points: list[Point], episode_gap: int) -> list[_Episode]:
+    """§4: an episode opens at the first low after a normal value (or with no earlier value) and ends at the first
+    later value at or above the threshold; a low value more than the episode gap after the previous value opens a
+    new one (v1.1 §4 "Episode gap")."""
     out: list[_Episode] = []
     current: _Episode | None = None
     last_time: int | None = None
     for p in points:
-        if p.low and current is not None and last_time is not None and p.time - last_time > history:
-            # No value for longer than the episode gap: what follows is a new episode (§4 "no earlier value in the
-            # look-back"); the old one ends unconfirmed. The gap is ours (docs/clinical-decisions.md).
+        if p.low and current is not None and last_time is not None and p.time - last_time > episode_gap:
+            # The old episode ends unconfirmed at its last low value; what follows is a new episode.
             current.gap_closed = True
             out.append(current)
             current = None
@@ -360,51 +421,11 @@ def _condition_meta(rules: Rules, condition: str):
 def _spec(
     rules: Rules, patient_id: str, family: str, episode: _Episode, status: str, exposures: list[tuple]
 ) -> FlagSpec:
-    """The Flag of one episode: worst severity reached (§4 escalation), transient/resolved state, drugs (§3)."""
-    worst = max(episode.lows, key=lambda p: (p.grade, -p.time))
+    """The Flag of one episode (§4, §5): its worst value, period and status, drugs (§3), text and evidence."""
+    worst = max(episode.lows, key=lambda p: (p.grade, -p.time))  # escalation: the worst grade, first reached
     meta = _condition_meta(rules, worst.condition)
-    start_ns = episode.lows[0].time
-    start = _to_datetime(start_ns)
-    end = None
-    transient = False
-    window = rules.windows.transient_within
-    if episode.recovery is not None:
-        end = _to_datetime(episode.recovery.time)
-        transient = end - start <= window
-    elif episode.gap_closed:
-        end = _to_datetime(episode.lows[-1].time)
-    if status == "active" and end is not None:
-        status = "inactive"
-    severity = ""
-    if worst.condition == "neutropenia":
-        word = rules.neutropenia.severity_words.get(worst.grade)
-        severity = f", {word}" if word else ""
-    text = f"{meta.display}{severity} — {worst.summary} on {_to_datetime(worst.time).date().isoformat()}, CTCAE v5.0 grade {worst.grade}"
-    drugs: list[tuple[str, str]] = []
-    if family in _DRUG_FAMILIES and status != "entered-in-error":
-        lookback = int(rules.windows.drug_lookback.total_seconds()) * _NS_PER_S
-        for label, ref, ex_start, ex_end in exposures:
-            # Exposure overlapping [finding time − look-back, finding time] (§3); finding time = the episode start.
-            if ex_start <= start_ns and (ex_end is None or ex_end >= start_ns - lookback):
-                if all(ref != r for _, r in drugs):
-                    drugs.append((label, ref))
-    if drugs:
-        labels = sorted({label for label, _ in drugs})
-        text += f"; possibly drug-associated: {', '.join(labels)}"
-    if status == "entered-in-error":
-        text += "; entered in error: its only evidence was retracted"
-    elif transient:
-        hours = int(window.total_seconds() // 3600)
-        text += f"; transient low count, normal again within {hours} h — consistent with pseudoleukopenia"
-    elif episode.recovery is not None:
-        text += f"; normal again on {end.date().isoformat()}"
-    elif episode.gap_closed:
-        text += "; no follow-up count for too long, closed when a later episode began"
-    evidence: list[str] = []
-    for p in episode.lows + ([episode.recovery] if episode.recovery is not None else []):
-        for ref in p.refs:
-            if ref not in evidence:
-                evidence.append(ref)
+    start, end, status, transient = _period_and_status(rules, episode, status)
+    drugs = _associated_drugs(rules, family, episode.lows[0].time, status, exposures)
     return FlagSpec(
         identifier=episode_identifier(patient_id, family, start),
         patient_id=patient_id,
@@ -416,12 +437,74 @@ def _spec(
         status=status,
         start=start,
         end=end,
-        text=text,
-        evidence=evidence,
+        text=_flag_text(rules, meta, worst, episode, status, end, transient, drugs),
+        evidence=_evidence(episode),
         drugs=drugs,
-        derived=any(p.derived for p in episode.lows),
-        transient=transient,
     )
+
+
+def _period_and_status(rules: Rules, episode: _Episode, status: str) -> tuple[datetime, datetime | None, str, bool]:
+    """(start, end, status, transient): active while open; inactive once a later normal value ended it (transient
+    when within `transient_within` of the start) or once the episode gap closed it at its last low value (§4)."""
+    start = _to_datetime(episode.lows[0].time)
+    end = None
+    transient = False
+    if episode.recovery is not None:
+        end = _to_datetime(episode.recovery.time)
+        transient = end - start <= rules.windows.transient_within
+    elif episode.gap_closed:
+        end = _to_datetime(episode.lows[-1].time)
+    if status == "active" and end is not None:
+        status = "inactive"
+    return start, end, status, transient
+
+
+def _associated_drugs(rules: Rules, family: str, onset_ns: int, status: str,
+                      exposures: list[tuple]) -> list[tuple[str, str]]:
+    """(label, medication reference) of each exposure overlapping [onset − look-back, onset] (§3); the finding time
+    is the episode's onset. Lymphopenia and retracted Flags are never drug-associated."""
+    drugs: list[tuple[str, str]] = []
+    if family not in _DRUG_FAMILIES or status == "entered-in-error":
+        return drugs
+    lookback = int(rules.windows.drug_lookback.total_seconds()) * _NS_PER_S
+    for label, ref, ex_start, ex_end in exposures:
+        if ex_start <= onset_ns and (ex_end is None or ex_end >= onset_ns - lookback):
+            if all(ref != r for _, r in drugs):
+                drugs.append((label, ref))
+    return drugs
+
+
+def _flag_text(rules: Rules, meta, worst: Point, episode: _Episode, status: str, end: datetime | None,
+               transient: bool, drugs: list[tuple[str, str]]) -> str:
+    """"Neutropenia, moderate — ANC 0.9 ×10^9/L on 2011-03-04, CTCAE v5.0 grade 3", then what became of it (§5)."""
+    severity = ""
+    if worst.condition == "neutropenia":
+        word = rules.neutropenia.severity_words.get(worst.grade)
+        severity = f", {word}" if word else ""
+    day = _to_datetime(worst.time).date().isoformat()
+    text = f"{meta.display}{severity} — {worst.summary} on {day}, CTCAE v5.0 grade {worst.grade}"
+    if drugs:
+        text += f"; possibly drug-associated: {', '.join(sorted({label for label, _ in drugs}))}"
+    if status == "entered-in-error":
+        text += "; entered in error: its only evidence was retracted"
+    elif transient:
+        hours = int(rules.windows.transient_within.total_seconds() // 3600)
+        text += f"; transient low count, normal again within {hours} h — consistent with pseudoleukopenia"
+    elif episode.recovery is not None:
+        text += f"; normal again on {end.date().isoformat()}"
+    elif episode.gap_closed:
+        text += "; no follow-up count for too long, closed when a later episode began"
+    return text
+
+
+def _evidence(episode: _Episode) -> list[str]:
+    """The low Observations, then the recovering one, each once (§5 flag-detail)."""
+    evidence: list[str] = []
+    for p in episode.lows + ([episode.recovery] if episode.recovery is not None else []):
+        for ref in p.refs:
+            if ref not in evidence:
+                evidence.append(ref)
+    return evidence
 
 
 def evaluate(
@@ -458,7 +541,7 @@ def evaluate(
     ref_col = frame["resource_id"].tolist()
     retracted_col = (frame["status"] == statuses.retracted).tolist()
     exposures_by_patient = _exposures_by_patient(exposures, rules)
-    history = int(rules.windows.episode_gap.total_seconds()) * _NS_PER_S
+    episode_gap = int(rules.windows.episode_gap.total_seconds()) * _NS_PER_S
     specs: list[FlagSpec] = []
     ages: dict = {}
     n = len(patient_col)
@@ -481,7 +564,7 @@ def evaluate(
             else:
                 counted_values[concept_col[i]].append(v)
         specs.extend(_patient_flags(rules, pid, patients.get(pid), counted_values, all_values if any_retracted else None,
-                                    exposures_by_patient.get(pid, []), history, ages))
+                                    exposures_by_patient.get(pid, []), episode_gap, ages))
         start = stop
     specs.sort(key=lambda s: (s.patient_id, s.family, s.start))
     return specs
@@ -540,20 +623,18 @@ def _adult_from(patient_ids, patients: dict[str, PatientInfo], rules: Rules) -> 
             continue
         start = by_birth.get(birth)
         if start is None:
-            born = datetime(birth.year, birth.month, birth.day, tzinfo=timezone.utc)
-            start = by_birth[birth] = max(
-                (int(span.after(born).timestamp()) * _NS_PER_S for span in last_starts), default=low)
+            start = by_birth[birth] = max((age_reached_ns(birth, span) for span in last_starts), default=low)
         out[i] = start
     return out
 
 
-def _patient_flags(rules, pid, info, counted_values, all_values, exposures, history, ages=None) -> list[FlagSpec]:
+def _patient_flags(rules, pid, info, counted_values, all_values, exposures, episode_gap, ages=None) -> list[FlagSpec]:
     patient = _PatientRules(rules, info, ages)
     specs = []
     real = _points(rules, patient, counted_values)
     real_ids: set[str] = set()
     for family in FAMILIES:
-        for episode in _episodes(real.get(family, []), history):
+        for episode in _episodes(real.get(family, []), episode_gap):
             spec = _spec(rules, pid, family, episode, "active", exposures)
             real_ids.add(spec.identifier)
             specs.append(spec)
@@ -562,7 +643,7 @@ def _patient_flags(rules, pid, info, counted_values, all_values, exposures, hist
         # it) becomes an entered-in-error Flag with the same identifier, so a Flag written earlier is withdrawn.
         with_retracted = _points(rules, patient, all_values)
         for family in FAMILIES:
-            for episode in _episodes(with_retracted.get(family, []), history):
+            for episode in _episodes(with_retracted.get(family, []), episode_gap):
                 if not episode.lows[0].retracted:
                     continue
                 spec = _spec(rules, pid, family, episode, "entered-in-error", exposures)

@@ -8,6 +8,7 @@ import os
 import sys
 from array import array
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -15,14 +16,17 @@ import pandas as pd
 
 from leukofhir.config import Rules, load_config
 from leukofhir.errors import OutputError, UsageError
-from leukofhir.evaluate import evaluate
+from leukofhir.evaluate import FlagSpec, evaluate
 from leukofhir.flags import build_flag, flag_row
-from leukofhir.normalise import Normaliser
+from leukofhir.normalise import Normalised, Normaliser
 from leukofhir.reader import ReadError, Source, expand_paths, iter_located, iter_resources
 from leukofhir.report_html import write_report_html
 from leukofhir.validate import suite_parameters, validate_batch
 
-__all__ = ["evaluate_files", "evaluate_command"]
+__all__ = [
+    "evaluate_files", "evaluate_command", "read_and_normalise", "validate_rows", "evaluate_rows", "build_flags",
+    "build_report", "write_outputs", "ReadResult", "Validated", "Evaluation", "CheckedFlags",
+]
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +34,6 @@ SKIP_RETRACTED = "status entered-in-error (used only to retract)"
 SKIP_AFTER_AS_OF = "after the as-of time"
 EXAMPLES = 5
 SHOWN_READ_ERRORS = 20
-# What a run writes to its folder, report.json last: a folder holds a finished run exactly when report.json is there.
 OUTPUTS = ("Flag.ndjson", "quarantine.ndjson", "report.html", "report.json")
 
 
@@ -97,110 +100,168 @@ def _bucket(reason: str) -> str:
     return reason.split(": ", 1)[0]
 
 
-def evaluate_files(
-    paths, out_dir, as_of=None, config=None, progress: bool = True, *, fail_on_threshold: bool = False,
-    data_docs: bool = False,
-) -> dict:
-    """Read, normalise, validate and evaluate the files; write Flag.ndjson, quarantine.ndjson, report.json and
-    report.html to `out_dir`; return the report.
+class CappedWarnings:
+    """Log the first `limit` warnings of one kind, then one line saying where the rest are, so a run with thousands
+    of the same problem keeps a readable log (everything is still counted and written to the run's files)."""
 
-    `fail_on_threshold`: whether a batch whose share of rows failing validation is above the rules'
-    `validation.max_failure_rate` raises ValidationThresholdError (naming the expectations and a few resource ids)
-    instead of being quarantined and reported. Off for offline `leukofhir evaluate`, which must never fail on data
-    quality: it reports. On for the pipeline step run against a server (`leukofhir run`, the DAGs), where a window
-    that is mostly bad data must fail the task loudly.
+    def __init__(self, limit: int, rest: str):
+        self.limit, self.rest, self.count = limit, rest, 0
 
-    `data_docs`: also write GX's own Data Docs site for the run's validations to `out_dir/gx-data-docs/` (an
-    optional extra: its pages load styles from public CDNs; see leukofhir.data_docs). Off, it costs nothing."""
-    rules = config if isinstance(config, Rules) else load_config(config)
-    max_failure_rate = rules.validation.max_failure_rate if fail_on_threshold else None
-    as_of_given = parse_as_of(as_of)
+    def __call__(self, message: str, *args) -> None:
+        if self.count < self.limit:
+            log.warning(message, *args)
+        elif self.count == self.limit:
+            log.warning("%s", self.rest)
+        self.count += 1
+
+
+# -- stage 1: read and normalise -------------------------------------------------------------------------------------
+@dataclass
+class ReadResult:
+    """What reading and normalising leave: the tidy rows and buckets, what was read, and where (for quarantine)."""
+
+    normalised: Normalised
+    read_counts: Counter
+    read_errors: list[ReadError]
+    sources: _Sources
+    skipped_files: list[str]  # files in a folder given that are not FHIR data (said, never read)
+
+    @property
+    def read_total(self) -> int:
+        return sum(self.read_counts.values())
+
+
+def read_and_normalise(paths, rules: Rules, *, base_url=None, progress: bool = True) -> ReadResult:
+    """Stage 1: read the files (Bundles, NDJSON, plain or .gz) and normalise them, streaming: only compact rows and
+    each resource's origin are kept. A bad line or file is a read error (shown as it happens, capped; all of them go
+    to quarantine.ndjson); an input that does not exist is a UsageError; `base_url`: the local server's base URL(s),
+    see Normaliser."""
     skipped_files: list[str] = []
-    files = expand_paths(paths, skipped_files)  # an input that does not exist is a UsageError, before any output
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"cannot create output directory {out}: {exc.strerror or exc}") from None
-    if not os.access(out, os.W_OK):
-        raise UsageError(f"output directory {out} is not writable")
-    _remove_outputs(out)  # an earlier run's outputs must never pass for this run's if this one fails
-
-    # 1. read and normalise, streaming: only compact rows and each resource's origin are kept.
+    files = expand_paths(paths, skipped_files)
     read_errors: list[ReadError] = []
     sources = _Sources()
-    normaliser = Normaliser(rules)
+    normaliser = Normaliser(rules, base_url=base_url)
+    # Shown as they happen (file, line and why, never content).
+    warn = CappedWarnings(SHOWN_READ_ERRORS, "more read errors: see quarantine.ndjson")
 
     def on_read_error(error: ReadError) -> None:
-        # Shown as they happen (file, line and why, never content); all of them also go to quarantine.ndjson.
-        if len(read_errors) < SHOWN_READ_ERRORS:
-            log.warning("%s", error)
-        elif len(read_errors) == SHOWN_READ_ERRORS:
-            log.warning("more read errors: see quarantine.ndjson")
+        warn("%s", error)
         read_errors.append(error)
 
     read_counts = _read(files, normaliser, sources, on_read_error, progress)
-    normalised = normaliser.finish()
-    read_total = sum(read_counts.values())
-    skipped: Counter = Counter(normalised.skipped)
-    quarantined = list(normalised.quarantined)
-    normalised_count = read_total - sum(skipped.values()) - len(quarantined)
+    return ReadResult(normaliser.finish(), read_counts, read_errors, sources, skipped_files)
 
-    # 2. validate with the Great Expectations suites (value plausibility, units, statuses, duplicates).
-    parameters = suite_parameters(rules)
-    expectations: list[dict] = []
-    observations, exposures = normalised.observations, normalised.exposures
-    gx_failed = 0
-    validated: list[tuple[str, pd.DataFrame]] = []  # kept only for data_docs
-    for suite, frame in (("observations", observations), ("exposures", exposures)):
+
+# -- stage 2: validate -----------------------------------------------------------------------------------------------
+@dataclass
+class Validated:
+    """The rows that passed the GX suites, the ones quarantined with their reasons, and GX's results."""
+
+    observations: pd.DataFrame
+    exposures: pd.DataFrame
+    quarantined: list[tuple[int, str | None, list[str]]]
+    expectations: list[dict]
+    failed_rows: int
+    frames: list[tuple[str, pd.DataFrame]]  # the validated batches, kept only for Data Docs
+
+
+def validate_rows(normalised: Normalised, parameters: dict, *, max_failure_rate: float | None = None,
+                  keep_frames: bool = False) -> Validated:
+    """Stage 2: the Observation and exposure rows through the Great Expectations suites (value plausibility, units,
+    statuses, copies). `max_failure_rate`: raise ValidationThresholdError above it (runs against a server)."""
+    out = Validated(normalised.observations, normalised.exposures, [], [], 0, [])
+    for suite in ("observations", "exposures"):
+        frame = getattr(out, suite)
         if frame.empty:
             continue
         result = validate_batch(suite, frame, parameters, max_failure_rate=max_failure_rate)
-        if data_docs:
-            validated.append((suite, frame))
-        expectations.extend(result.expectations)
+        if keep_frames:
+            out.frames.append((suite, frame))
+        out.expectations.extend(result.expectations)
         by_row = frame.set_index("row_id")["resource_id"] if result.reasons else None
         for row_id, reasons in result.reasons.items():
-            quarantined.append((int(row_id), by_row.get(row_id), reasons))
-        gx_failed += len(result.reasons)
-        if suite == "observations":
-            observations = result.valid
-        else:
-            exposures = result.valid
+            out.quarantined.append((int(row_id), by_row.get(row_id), reasons))
+        out.failed_rows += len(result.reasons)
+        setattr(out, suite, result.valid)
+    return out
 
-    # 3. as-of: the latest input time by default; later rows are out of this evaluation, counted as skipped.
+
+# -- stage 3: evaluate -----------------------------------------------------------------------------------------------
+@dataclass
+class Evaluation:
+    """The desired Flags as of a time, and what the as-of handling set aside."""
+
+    specs: list[FlagSpec]
+    as_of: datetime | None  # the time evaluated as of: the one given, else the latest input time
+    skipped: Counter  # retracted rows (used only to retract) and rows after the as-of time
+    evaluated_rows: int  # Observation rows the rules judged
+
+
+def evaluate_rows(observations: pd.DataFrame, exposures: pd.DataFrame, patients: dict, rules: Rules,
+                  as_of: datetime | None = None) -> Evaluation:
+    """Stage 3: the rules as of `as_of` (default: the latest input time); later rows are out of this evaluation and
+    counted as skipped, as are entered-in-error rows (they only retract, §1.1)."""
+    skipped: Counter = Counter()
     times = observations["time"]
-    effective_as_of = as_of_given or (times.max().to_pydatetime() if len(times) and times.notna().any() else None)
-    retracted = observations["status"] == rules.observations.statuses.retracted
+    effective_as_of = as_of or (times.max().to_pydatetime() if len(times) and times.notna().any() else None)
+    retracted_status = rules.observations.statuses.retracted
+    retracted = observations["status"] == retracted_status
     if retracted.any():
         skipped[SKIP_RETRACTED] += int(retracted.sum())
-    if as_of_given is not None:
-        late = (times > pd.Timestamp(as_of_given)) & ~retracted
+    if as_of is not None:
+        late = (times > pd.Timestamp(as_of)) & ~retracted
         if late.any():
             skipped[SKIP_AFTER_AS_OF] += int(late.sum())
         observations = observations[~late]
-    evaluated_rows = len(observations) - int((observations["status"] == rules.observations.statuses.retracted).sum())
-    evaluated = normalised.evaluated_other + evaluated_rows + len(exposures)
+    evaluated_rows = len(observations) - int((observations["status"] == retracted_status).sum())
+    specs = evaluate(observations, patients, exposures, rules, as_of=effective_as_of)
+    return Evaluation(specs, effective_as_of, skipped, evaluated_rows)
 
-    # 4. evaluate and build the Flags; the GX `flags` suite checks them before they are written.
-    specs = evaluate(observations, normalised.patients, exposures, rules, as_of=effective_as_of)
+
+# -- stage 4: build and check the Flags ------------------------------------------------------------------------------
+@dataclass
+class CheckedFlags:
+    """The FHIR Flags to write, those the GX `flags` suite refused, and its results."""
+
+    flags: list[dict]
+    rejected: int
+    expectations: list[dict]
+    rows: pd.DataFrame | None  # what the suite checked, for Data Docs
+    # A server run leaves the Flags of these identifiers as they are on the server (never withdrawn for it).
+    rejected_identifiers: list[str]
+
+
+def build_flags(specs: list[FlagSpec], rules: Rules, parameters: dict, *,
+                max_failure_rate: float | None = None) -> CheckedFlags:
+    """Stage 4: each FlagSpec as FHIR JSON (validated with fhir.resources), then the GX `flags` suite over them; a Flag
+    it refuses is not written, and said (capped like read errors)."""
     checked_shapes: set = set()
     flags = [build_flag(spec, rules, checked_shapes) for spec in specs]
-    rejected_flags = 0
-    rejected_identifiers: list[str] = []
-    if specs:
-        flag_rows = flag_frame(specs)
-        result = validate_batch("flags", flag_rows, parameters, max_failure_rate=max_failure_rate)
-        if data_docs:
-            validated.append(("flags", flag_rows))
-        expectations.extend(result.expectations)
-        if result.reasons:
-            rejected_flags = len(result.reasons)
-            rejected_identifiers = sorted({specs[int(row_id)].identifier for row_id in result.reasons})
-            for row_id in result.reasons:
-                log.warning("Flag %s not written: %s", specs[int(row_id)].identifier, result.reasons[row_id])
-            flags = [f for i, f in enumerate(flags) if str(i) not in result.reasons]
+    if not specs:
+        return CheckedFlags(flags, 0, [], None, [])
+    rows = flag_frame(specs)
+    result = validate_batch("flags", rows, parameters, max_failure_rate=max_failure_rate)
+    if result.reasons:
+        warn = CappedWarnings(SHOWN_READ_ERRORS, "more Flags not written: their count is flags_rejected in report.json")
+        for row_id in result.reasons:
+            warn("Flag %s not written: %s", specs[int(row_id)].identifier, result.reasons[row_id])
+        flags = [f for i, f in enumerate(flags) if str(i) not in result.reasons]
+    rejected = sorted({specs[int(row_id)].identifier for row_id in result.reasons})
+    return CheckedFlags(flags, len(result.reasons), list(result.expectations), rows, rejected)
 
+
+# -- stage 5: the run's files ----------------------------------------------------------------------------------------
+def build_report(paths, read: ReadResult, validated: Validated, evaluation: Evaluation,
+                 checked: CheckedFlags) -> tuple[dict, list]:
+    """The run report (counts that reconcile: read = evaluated + skipped + quarantined) and every quarantined row."""
+    normalised = read.normalised
+    read_total = read.read_total
+    skipped: Counter = Counter(normalised.skipped)
+    quarantined = list(normalised.quarantined)
+    normalised_count = read_total - sum(skipped.values()) - len(quarantined)
+    quarantined += validated.quarantined
+    skipped.update(evaluation.skipped)
+    evaluated = normalised.evaluated_other + evaluation.evaluated_rows + len(validated.exposures)
     quarantined_by: Counter = Counter()
     examples: dict[str, list[str]] = defaultdict(list)
     for _, ref, reasons in quarantined:
@@ -210,45 +271,54 @@ def evaluate_files(
             examples[reason].append(ref)
     report = {
         "inputs": [str(p) for p in paths],
-        "skipped_files": skipped_files,
-        "as_of": effective_as_of.isoformat() if effective_as_of else None,
-        "read": dict(sorted(read_counts.items())),
+        "skipped_files": read.skipped_files,
+        "as_of": evaluation.as_of.isoformat() if evaluation.as_of else None,
+        "read": dict(sorted(read.read_counts.items())),
         "read_total": read_total,
         "evaluated": evaluated,
         "skipped": dict(sorted(skipped.items())),
         "quarantined": dict(sorted(quarantined_by.items())),
         "quarantine_examples": dict(sorted(examples.items())),
-        "read_errors": len(read_errors),
+        "read_errors": len(read.read_errors),
         "stages": {
             "read": read_total,
             "normalised": normalised_count,
-            "validated": normalised_count - gx_failed,
+            "validated": normalised_count - validated.failed_rows,
             "evaluated": evaluated,
         },
-        "expectations": expectations,
-        "flags": _flag_counts(flags),
-        "flags_rejected": rejected_flags,
-        # A server run leaves the Flags of these identifiers as they are on the server (never withdrawn for it).
-        "flags_rejected_identifiers": rejected_identifiers,
+        "expectations": validated.expectations + checked.expectations,
+        "flags": _flag_counts(checked.flags),
+        "flags_rejected": checked.rejected,
+        "flags_rejected_identifiers": checked.rejected_identifiers,
     }
-    report["reconciled"] = read_total == evaluated + sum(skipped.values()) + sum(quarantined_by.values())
-    if not report["reconciled"]:
-        log.error("report does not reconcile: %s read, %s evaluated, %s skipped, %s quarantined", read_total,
-                  evaluated, sum(skipped.values()), sum(quarantined_by.values()))
+    return report, quarantined
 
-    # 5. write: each output under a temporary name, renamed into place only once all of them are written.
+
+def write_outputs(out: Path, report: dict, flags: list[dict], quarantined: list, read: ReadResult,
+                  data_docs: tuple | None = None) -> None:
+    """Flag.ndjson, quarantine.ndjson (each rejected resource re-read from its file, with its reasons), report.json
+    and report.html, and GX's Data Docs when asked (`data_docs` = (frames, parameters)); the report gets `reconciled`
+    here. Each file is written under a temporary name and renamed into place once all are written, report.json last:
+    a folder holds a finished run exactly when its report.json is there. A write that fails is an OutputError and
+    leaves no output behind."""
+    evaluated, skipped, quarantined_count = (report["evaluated"], sum(report["skipped"].values()),
+                                             sum(report["quarantined"].values()))
+    report["reconciled"] = report["read_total"] == evaluated + skipped + quarantined_count
+    if not report["reconciled"]:
+        log.error("report does not reconcile: %s read, %s evaluated, %s skipped, %s quarantined",
+                  report["read_total"], evaluated, skipped, quarantined_count)
     target = out
     try:
-        if data_docs:
+        if data_docs is not None:
             from leukofhir.data_docs import DATA_DOCS_DIR, write_data_docs
 
             target = out / DATA_DOCS_DIR
-            write_data_docs(target, validated, parameters)
+            write_data_docs(target, *data_docs)
             report["data_docs"] = f"{DATA_DOCS_DIR}/index.html"
         target = out / "Flag.ndjson"
         _write_ndjson(_partial(target), flags)
         target = out / "quarantine.ndjson"
-        _write_quarantine(_partial(target), quarantined, read_errors, sources)
+        _write_quarantine(_partial(target), quarantined, read.read_errors, read.sources)
         target = out / "report.html"
         write_report_html(report, _partial(target))
         target = out / "report.json"
@@ -264,7 +334,6 @@ def evaluate_files(
     except BaseException:
         _remove_outputs(out, quiet=True)
         raise
-    return report
 
 
 def _partial(path: Path) -> Path:
@@ -280,6 +349,58 @@ def _remove_outputs(out: Path, quiet: bool = False) -> None:
             except OSError as exc:
                 if not quiet:
                     raise OutputError(f"cannot remove the earlier output {path}: {exc.strerror or exc}") from None
+
+
+def _output_dir(out_dir) -> Path:
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create output directory {out}: {exc.strerror or exc}") from None
+    if not os.access(out, os.W_OK):
+        raise UsageError(f"output directory {out} is not writable")
+    return out
+
+
+def evaluate_files(
+    paths, out_dir, as_of=None, config=None, progress: bool = True, *, fail_on_threshold: bool = False,
+    data_docs: bool = False, base_url=None,
+) -> dict:
+    """Read, normalise, validate and evaluate the files; write Flag.ndjson, quarantine.ndjson, report.json and
+    report.html to `out_dir`; return the report. The stages above, in order (an online run shares every one of them
+    after its extract).
+
+    `fail_on_threshold`: whether a batch whose share of rows failing validation is above the rules'
+    `validation.max_failure_rate` raises ValidationThresholdError (naming the expectations and a few resource ids)
+    instead of being quarantined and reported. Off for offline `leukofhir evaluate`, which must never fail on data
+    quality: it reports. On for the pipeline step run against a server (`leukofhir run`, the DAGs), where a window
+    that is mostly bad data must fail the task loudly.
+
+    `data_docs`: also write GX's own Data Docs site for the run's validations to `out_dir/gx-data-docs/` (an
+    optional extra: its pages load styles from public CDNs; see leukofhir.data_docs). Off, it costs nothing.
+
+    `base_url`: the server the files came from (an online run's staged pages), so that references to it are local.
+
+    An earlier run's outputs in `out_dir` are removed first: they must never pass for this run's if it fails."""
+    rules = config if isinstance(config, Rules) else load_config(config)
+    max_failure_rate = rules.validation.max_failure_rate if fail_on_threshold else None
+    as_of_given = parse_as_of(as_of)
+    skipped_files: list[str] = []
+    # An input that does not exist is a UsageError here, before any output is touched.
+    files = expand_paths(paths, skipped_files)
+    out = _output_dir(out_dir)
+    _remove_outputs(out)
+    read = read_and_normalise(files, rules, base_url=base_url, progress=progress)
+    read.skipped_files[:0] = skipped_files
+    parameters = suite_parameters(rules)
+    validated = validate_rows(read.normalised, parameters, max_failure_rate=max_failure_rate, keep_frames=data_docs)
+    evaluation = evaluate_rows(validated.observations, validated.exposures, read.normalised.patients, rules,
+                               as_of=as_of_given)
+    checked = build_flags(evaluation.specs, rules, parameters, max_failure_rate=max_failure_rate)
+    report, quarantined = build_report(paths, read, validated, evaluation, checked)
+    frames = validated.frames + ([("flags", checked.rows)] if checked.rows is not None else [])
+    write_outputs(out, report, checked.flags, quarantined, read, (frames, parameters) if data_docs else None)
+    return report
 
 
 def flag_frame(specs) -> pd.DataFrame:

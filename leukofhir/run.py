@@ -126,10 +126,12 @@ def evaluate_chunk(rules: Rules, chunk_dir: Path) -> dict:
     """Step 3: the offline stages (normalise → validate with the failure-rate threshold on → evaluate → Flags) on
     each staged batch. Returns the desired Flag count and the quarantined count."""
     chunk_dir = Path(chunk_dir)
+    # References to the server the pages came from are local; another server's are quarantined (§1.1 subject).
+    server = json.loads((chunk_dir.parent.parent / "run.json").read_text(encoding="utf-8"))["server"]
     desired = quarantined = 0
     for staged in _staged(chunk_dir):
         report = evaluate_files([staged], _evaluated(chunk_dir, staged), config=rules, progress=False,
-                                fail_on_threshold=True)
+                                fail_on_threshold=True, base_url=server)
         desired += report["flags"]["total"]
         quarantined += sum(report["quarantined"].values())
     return {"flags_desired": desired, "quarantined": quarantined}

@@ -123,9 +123,7 @@ def _with_helper_columns(rows: pd.DataFrame, parameters: dict) -> pd.DataFrame:
     `plausible_max`: the parameter `plausible_max` looked up by concept. A column-pair expectation on it costs one
     pass, where one row-conditioned expectation per concept cost GX about 3 s per million rows.
     `panel_wbc`: on a differential count, the highest WBC of the same panel (DiagnosticReport); else NaN.
-    `earlier_copies`: rows before this one with the same (resource_id, version). GX's compound-unique check would
-    quarantine every copy, so a resource read twice (a Bundle and an NDJSON export of it) would never be evaluated;
-    this way the first copy goes on and the repeats are quarantined."""
+    `earlier_copies`, `differing_copies`: see `_copies`."""
     maxima = parameters["plausible_max"]
     concept = rows["concept"]
     # Few distinct concepts and panels: look values up per distinct value (a hash pass in C), not per row.
@@ -146,13 +144,52 @@ def _with_helper_columns(rows: pd.DataFrame, parameters: dict) -> pd.DataFrame:
             where = highest.index.get_indexer(rows["panel"].to_numpy()[differential])
             found = where >= 0
             panel_wbc[differential[found]] = highest.to_numpy()[where[found]]
-    earlier_copies = np.zeros(n, dtype="int64")
-    # Copies are rare: find the repeated resource ids with one hash pass, count copies only among them.
-    repeated = rows["resource_id"].duplicated(keep=False).to_numpy()
-    if repeated.any():
-        subset = rows.loc[repeated, ["resource_id", "version"]]
-        earlier_copies[repeated] = subset.groupby(["resource_id", "version"], dropna=False, sort=False).cumcount()
-    return rows.assign(plausible_max=plausible_max, panel_wbc=panel_wbc, earlier_copies=earlier_copies)
+    earlier_copies, differing_copies = _copies(rows)
+    return rows.assign(plausible_max=plausible_max, panel_wbc=panel_wbc, earlier_copies=earlier_copies,
+                       differing_copies=differing_copies)
+
+
+# What a copy of a resource may differ in from the first copy read, as bits of the `differing_copies` helper column.
+_COPY_FIELDS = (("patient_id", "subject"), ("concept", "code"), ("code", "code"), ("value", "value"),
+                ("comparator", "comparator"), ("unit", "unit"), ("status", "status"), ("time", "time"),
+                ("lln", "reference range"))
+
+
+def _copies(rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, for copies of one resource (same resource_id and version, e.g. in a Bundle and in an NDJSON export):
+    `earlier_copies`, how many identical copies were read before it; `differing_copies`, the fields (bits of
+    _COPY_FIELDS) in which it differs from the first copy read, 0 when none. The first copy read passes both checks
+    and goes on; every repeat fails at least one, and one with other content is quarantined saying so (GX's
+    compound-unique check would quarantine every copy, so a resource read twice would never be evaluated)."""
+    n = len(rows)
+    earlier = np.zeros(n, dtype="int64")
+    differing = np.zeros(n, dtype="int64")
+    # Copies are rare: find the repeated resource ids with one hash pass, look only at them.
+    repeated = np.flatnonzero(rows["resource_id"].duplicated(keep=False).to_numpy())
+    if not len(repeated):
+        return earlier, differing
+    columns = ["resource_id", "version"] + [c for c, _ in _COPY_FIELDS if c in rows.columns]
+    subset = rows.iloc[repeated][columns]
+    first: dict[tuple, tuple] = {}
+    seen: dict[tuple, int] = {}
+    for position, row in zip(repeated, subset.itertuples(index=False, name=None)):
+        if not isinstance(row[0], str):
+            continue  # no id: not a copy of anything (the not-null check quarantines it)
+        key = row[:2]
+        content = tuple(None if v is pd.NaT or (isinstance(v, float) and v != v) else v for v in row[2:])
+        earlier[position] = seen.get((key, content), 0)
+        seen[(key, content)] = earlier[position] + 1
+        reference = first.setdefault(key, content)
+        differing[position] = sum(1 << bit for bit, (a, b) in enumerate(zip(reference, content)) if a != b)
+    return earlier, differing
+
+
+def _copy_fields(mask) -> str:
+    names = []
+    for bit, (_, name) in enumerate(_COPY_FIELDS):
+        if int(mask) >> bit & 1 and name not in names:
+            names.append(name)
+    return ", ".join(names) or "content"
 
 
 @functools.cache
@@ -244,7 +281,15 @@ def _explain(name: str, kwargs: dict, entry: dict) -> str:
         a, b = kwargs["column_A"], kwargs["column_B"]
         word = "after" if isinstance(entry.get(b), datetime) else "above"
         return f"{b} {_show(entry.get(b))} {word} {a} {_show(entry.get(a))}"
-    value = _show(entry.get(kwargs["column"]))
+    column = kwargs["column"]
+    if column == "differing_copies":
+        return (f"another copy of this id and version, read before it, differs in {_copy_fields(entry.get(column))}: "
+                "the first copy read goes on, this one is quarantined")
+    if column == "earlier_copies":
+        return "an identical copy of this id and version was read before it: the first copy goes on"
+    if column == "value" and name == "expect_column_values_to_not_be_null":
+        return "value missing: its unit is not one of this concept's units (§1.2), so it cannot be converted"
+    value = _show(entry.get(column))
     if name == "expect_column_values_to_not_be_null":
         return "value missing"
     if name == "expect_column_values_to_be_in_set":

@@ -60,11 +60,12 @@ def report(rid: str, results: list[str], time: str | None = None, patient_ref: s
     return res
 
 
-def statement(mid: str, drug_text: str, *, start: str | None = None, end: str | None = None, point: str | None = None,
+def statement(mid: str, drug_text: str | None, *, start: str | None = None, end: str | None = None, point: str | None = None,
               status: str = "active", patient_ref: str = "Patient/p1", kind: str = "MedicationStatement",
               coding: list | None = None) -> dict:
+    concept = {**({"text": drug_text} if drug_text else {}), **({"coding": coding} if coding else {})}
     res = {"resourceType": kind, "id": mid, "status": status, "subject": {"reference": patient_ref},
-           "medicationCodeableConcept": {"text": drug_text, **({"coding": coding} if coding else {})}}
+           "medicationCodeableConcept": concept}
     if kind == "MedicationRequest":
         res["intent"] = "order"
         res["authoredOn"] = point or start
@@ -75,22 +76,23 @@ def statement(mid: str, drug_text: str, *, start: str | None = None, end: str | 
     return res
 
 
-def normalise_all(resources: list[dict], rules=None):
-    """Run the Normaliser over resources (index = position) and return its Normalised result."""
+def normalise_all(resources: list[dict], rules=None, **options):
+    """Run the Normaliser over resources (index = position) and return its Normalised result; `options` go to the
+    Normaliser (e.g. base_url)."""
     from leukofhir.config import load_config
     from leukofhir.normalise import Normaliser
 
-    normaliser = Normaliser(rules or load_config())
+    normaliser = Normaliser(rules or load_config(), **options)
     for index, resource in enumerate(resources):
         normaliser.add(resource, index)
     return normaliser.finish()
 
 
-def flags_for(resources: list[dict], rules=None, as_of=None):
+def flags_for(resources: list[dict], rules=None, as_of=None, **options):
     """FlagSpecs for resources through normalise + evaluate (no GX: the rules alone)."""
     from leukofhir.config import load_config
     from leukofhir.evaluate import evaluate
 
     rules = rules or load_config()
-    done = normalise_all(resources, rules)
+    done = normalise_all(resources, rules, **options)
     return evaluate(done.observations, done.patients, done.exposures, rules, as_of=as_of)

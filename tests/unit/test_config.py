@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -64,9 +65,42 @@ def test_unreadable_and_not_yaml(tmp_path):
         load_config(bad)
 
 
-def test_site_can_change_a_threshold(tmp_path):
-    rules = load_config(_write(tmp_path, lambda d: d["agranulocytosis"].update(below=0.2)))
-    assert rules.agranulocytosis.below == 0.2
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (None, ("17182001", 4, False)),                                                # shipped: ANC 0.3 < 0.5
+        (lambda d: d["agranulocytosis"].update(below=0.2), ("165517008", 4, False)),  # site: 0.3 is not < 0.2
+        (lambda d: d["neutropenia"]["thresholds"][-1].update(threshold=0.25), None),  # site: 0.3 is not low
+        (lambda d: d["windows"].update(transient_within="96h"), ("17182001", 4, True)),  # 80 h is now transient
+    ],
+)
+def test_a_site_rules_file_changes_the_flags(tmp_path, change, expected):
+    """The engine uses what a site file says, not only loads it: the same input, other Flags."""
+    from support.fhir_builders import at, observation, patient
+
+    from leukofhir.pipeline import evaluate_files
+
+    src = tmp_path / "in.ndjson"
+    resources = [patient(), observation("a1", "anc", 0.3), observation("a2", "anc", 2.0, time=at(hours=80))]
+    src.write_text("".join(json.dumps(r) + "\n" for r in resources))
+    config = _write(tmp_path, change) if change else None
+    evaluate_files([str(src)], tmp_path / "out", config=config, progress=False)
+    flags = [json.loads(line) for line in (tmp_path / "out" / "Flag.ndjson").read_text().splitlines()]
+    if expected is None:
+        assert flags == []
+        return
+    (flag,) = flags
+    grade = next(e["valueInteger"] for e in flag["extension"] if e["url"].endswith("/ctcae-grade"))
+    assert (flag["code"]["coding"][0]["code"], grade, flag["status"]) == (expected[0], expected[1], "inactive")
+    assert ("pseudoleukopenia" in flag["code"]["text"]) is expected[2]
+
+
+def test_history_lookback_is_gone_with_a_clear_message(tmp_path):
+    # clinical-rules v1.1 §4: convergence replaces the look-back; a site file still setting it is told so.
+    with pytest.raises(ConfigError) as caught:
+        load_config(_write(tmp_path, lambda d: d["windows"].update(history_lookback="30d")))
+    assert "windows.history_lookback" in str(caught.value) and "v1.1" in str(caught.value)
+    assert "history_lookback" not in DEFAULT_PATH.read_text()
 
 
 def test_validation_failure_threshold_defaults_and_can_be_switched_off(tmp_path):

@@ -34,7 +34,7 @@ def test_data_docs_site_for_the_runs_validations(tmp_path):
     assert pages["observations"].relative_to(site).as_posix() in html.unescape(index.read_text(encoding="utf-8"))
     text = _text(pages["observations"])
     assert "Expectation Suite: observations" in text
-    assert "Evaluated Expectations 11" in text and "Unsuccessful Expectations 0" in text
+    assert "Evaluated Expectations 12" in text and "Unsuccessful Expectations 0" in text
     # GX renders each expectation in words, under its column: every kind of the suite is named.
     for words in ("values must never be null", "values must belong to this set", "greater than or equal to",
                   "Values in plausible_max must always be greater than or equal to those in value"):

@@ -157,3 +157,80 @@ def test_flag_rows_keep_a_missing_value_missing():
     rows = pipeline.flag_frame([spec])
     assert rows["subject"].isna().all() and rows["subject"].tolist() != ["None"]
     assert rows["row_id"].tolist() == ["0"] and rows["identifier"].tolist() == ["a" * 40]
+
+
+# -- issue 9: what the report and the quarantine say -------------------------------------------------------------------
+def _quarantine(out):
+    return [json.loads(x) for x in (out / "quarantine.ndjson").read_text().splitlines()]
+
+
+def test_an_unknown_unit_is_counted_under_its_own_reason(tmp_path):
+    _ndjson(tmp_path / "in.ndjson", [patient(), observation("u", "wbc", 5, unit="mg")])
+    report_ = pipeline.evaluate_files([tmp_path / "in.ndjson"], tmp_path / "out", progress=False)
+    assert report_["quarantined"] == {"expect_column_values_to_be_in_set(unit)": 1}
+    (line,) = _quarantine(tmp_path / "out")
+    assert line["reasons"][0] == "expect_column_values_to_be_in_set(unit): value 'mg' not accepted"
+
+
+def test_copies_of_one_id_with_different_content_say_that_they_differ(tmp_path):
+    first = {**observation("x", "wbc", 2.0), "meta": {"versionId": "1"}}
+    other = {**observation("x", "wbc", 6.0), "meta": {"versionId": "1"}}  # same id and version, another value
+    same = {**observation("y", "wbc", 2.0), "meta": {"versionId": "1"}}
+    _ndjson(tmp_path / "in.ndjson", [patient(), first, other, same, same])
+    report_ = pipeline.evaluate_files([tmp_path / "in.ndjson"], tmp_path / "out", progress=False)
+    reasons = {(q["resource"]["id"], q["resource"]["valueQuantity"]["value"]): q["reasons"]
+               for q in _quarantine(tmp_path / "out")}
+    assert set(reasons) == {("x", 6.0), ("y", 2.0)}  # the first copy read goes on; the repeats are quarantined
+    assert "differ" in reasons[("x", 6.0)][0] and "value" in reasons[("x", 6.0)][0]
+    assert "identical" in reasons[("y", 2.0)][0] and not any("differ" in r for r in reasons[("y", 2.0)])
+    assert len(report_["quarantined"]) == 2 and report_["reconciled"]
+
+
+def test_simultaneous_results_leave_the_patient_with_a_flag(tmp_path):
+    # issue 9.3: WBC 2.1, 6.0, 2.1 at 08:00 once gave two Flags with one identifier, both refused by the Flag suite.
+    _ndjson(tmp_path / "in.ndjson", [patient(), observation("w1", "wbc", 2.1), observation("w2", "wbc", 6.0),
+                                     observation("w3", "wbc", 2.1)])
+    report_ = pipeline.evaluate_files([tmp_path / "in.ndjson"], tmp_path / "out", progress=False)
+    assert report_["flags_rejected"] == 0 and report_["flags"]["by_code_status"] == {"Leukopenia|active": 1}
+
+
+def test_warnings_about_flags_not_written_are_capped_like_read_errors(inputs, tmp_path, monkeypatch, caplog):
+    def duplicated(*args, **kwargs):
+        (spec,) = [s for s in evaluate(*args, **kwargs) if s.display == "Leukopenia"]
+        return [spec] * 100  # one identifier 100 times: the Flag suite refuses every one
+
+    monkeypatch.setattr(pipeline, "evaluate", duplicated)
+    report_ = pipeline.evaluate_files([inputs], tmp_path / "out", progress=False)
+    assert report_["flags_rejected"] == 100
+    shown = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "not written" in r.getMessage()]
+    assert len(shown) == pipeline.SHOWN_READ_ERRORS + 1 and "more" in shown[-1]
+
+
+def test_the_stages_run_on_their_own_as_an_online_run_would_chain_them(inputs, tmp_path):
+    """evaluate_files is the five stages in a row; a caller (the online `run`) can chain them itself, passing the
+    server's base URL so that its absolute references are local."""
+    from leukofhir.config import load_config
+    from leukofhir.validate import suite_parameters
+
+    rules = load_config()
+    base = "https://fhir.example/r4"
+    extra = tmp_path / "server.ndjson"
+    _ndjson(extra, [observation("abs", "wbc", 1.5, patient=f"{base}/Patient/p1", time=at(days=3)),
+                    observation("far", "wbc", 1.5, patient="https://other.example/fhir/Patient/p1")])
+    paths = [inputs, extra]
+    read = pipeline.read_and_normalise(paths, rules, base_url=base, progress=False)
+    parameters = suite_parameters(rules)
+    validated = pipeline.validate_rows(read.normalised, parameters)
+    evaluation = pipeline.evaluate_rows(validated.observations, validated.exposures, read.normalised.patients, rules)
+    checked = pipeline.build_flags(evaluation.specs, rules, parameters)
+    report_, quarantined = pipeline.build_report(paths, read, validated, evaluation, checked)
+    out = tmp_path / "staged"
+    out.mkdir()
+    pipeline.write_outputs(out, report_, checked.flags, quarantined, read)
+
+    assert report_["reconciled"] and report_["quarantined"]["subject refers to another server"] == 1
+    assert "Observation/abs" in {ref for spec in evaluation.specs for ref in spec.evidence}  # local under the base
+    whole = pipeline.evaluate_files(paths, tmp_path / "whole", progress=False)  # offline: no base, both foreign
+    assert whole["quarantined"]["subject refers to another server"] == 2
+    lines = (out / "Flag.ndjson").read_text().splitlines()
+    assert len(lines) == report_["flags"]["total"] and json.loads((out / "report.json").read_text()) == report_

@@ -50,7 +50,7 @@ def test_wbc_lln_age_bands(birth, lln):
     pat = patient("p1", birth, "male")
     assert one([pat, observation("w", "wbc", lln)], "leukocytes") == []
     (spec,) = one([pat, observation("w", "wbc", round(lln - 0.01, 2))], "leukocytes")
-    assert spec.grade == 1 or lln - 0.01 < 3.0
+    assert spec.grade == 1 and spec.condition == "leukopenia"  # every band's LLN is above 3.0: just below it is G1
 
 
 def test_age_band_boundary_is_the_birthday():
@@ -64,6 +64,52 @@ def test_age_band_boundary_is_the_birthday():
 def test_lab_reference_range_replaces_the_default_lln():
     assert len(one([ADULT, observation("w", "wbc", 4.2, low=4.5)], "leukocytes")) == 1
     assert one([ADULT, observation("w", "wbc", 3.8, low=3.5)], "leukocytes") == []
+
+
+def test_reference_range_bound_without_a_unit_is_read_in_the_value_unit():
+    # clinical-rules v1.1 §1.2: labs often send the bare number; ignoring it missed a 4.2 under a lab LLN of 4.5.
+    obs = observation("w", "wbc", 4.2)
+    obs["referenceRange"] = [{"low": {"value": 4.5}, "high": {"value": 11.0}}]
+    (spec,) = one([ADULT, obs], "leukocytes")
+    assert spec.grade == 1 and spec.condition == "leukopenia"
+
+
+# clinical-rules §1.3, v1.1 "one notion of age": every age band changes at 00:00 UTC of the birthday (calendar age);
+# one second before it the younger band applies. Born on 29 February: the birthday is 28 February in other years.
+@pytest.mark.parametrize(
+    "edge, birth, birthday, concept, value, low_before, low_from",
+    [
+        ("WBC 7 days: LLN 9.0 -> 5.0", "2024-03-01", "2024-03-08", "wbc", 6.0, True, False),
+        ("WBC 1 month: 5.0 -> 6.0", "2024-01-31", "2024-02-29", "wbc", 5.5, False, True),
+        ("WBC 1 month, born the 31st", "2023-12-31", "2024-01-31", "wbc", 5.5, False, True),
+        ("WBC 2 years: 6.0 -> 5.0", "2022-03-15", "2024-03-15", "wbc", 5.5, True, False),
+        ("WBC 7 years: 5.0 -> 4.5", "2017-03-15", "2024-03-15", "wbc", 4.8, True, False),
+        ("WBC 18 years: 4.5 -> 4.0", "2006-03-15", "2024-03-15", "wbc", 4.2, True, False),
+        ("WBC 18 years, born 29 February", "2004-02-29", "2022-02-28", "wbc", 4.2, True, False),
+        ("WBC 2 years, born 29 February, leap birthday", "2020-02-29", "2022-02-28", "wbc", 5.5, True, False),
+        ("ANC 14 days: lab range only -> 1.0", "2024-03-01", "2024-03-15", "anc", 0.8, False, True),
+        ("ANC 1 year: 1.0 -> 1.5", "2023-03-15", "2024-03-15", "anc", 1.2, False, True),
+        ("ANC 1 year, born 29 February", "2020-02-29", "2021-02-28", "anc", 1.2, False, True),
+        ("lymphocytes 2 years: 3.0 -> 1.5", "2022-03-15", "2024-03-15", "lymphocytes_abs", 2.0, True, False),
+        ("lymphocytes 18 years: 1.5 -> 1.0", "2006-03-15", "2024-03-15", "lymphocytes_abs", 1.2, True, False),
+        ("hemoglobin 18 years: 11.0 -> 12.0 (female)", "2006-03-15", "2024-03-15", "hemoglobin", 11.5, False, True),
+        ("hemoglobin 18 years, born 29 February", "2004-02-29", "2022-02-28", "hemoglobin", 11.5, False, True),
+    ],
+)
+def test_age_band_edges_are_calendar_birthdays(edge, birth, birthday, concept, value, low_before, low_from):
+    family = {"wbc": "leukocytes", "anc": "granulocytes", "lymphocytes_abs": "lymphocytes",
+              "hemoglobin": "pancytopenia"}[concept]
+    for time, low in ((f"{birthday}T00:00:00Z", low_from), (_second_before(birthday), low_before)):
+        res = [patient("p1", birth, "female"), observation("x", concept, value, time=time)]
+        if concept == "hemoglobin":  # pancytopenia: hemoglobin judged with a low WBC and low platelets
+            res += [observation("w", "wbc", 2.5, time=time), observation("p", "platelets", 90, time=time)]
+        assert bool(one(res, family)) is low, f"{edge} at {time}"
+
+
+def _second_before(day: str) -> str:
+    from datetime import date, timedelta
+
+    return (date.fromisoformat(day) - timedelta(days=1)).isoformat() + "T23:59:59Z"
 
 
 @pytest.mark.parametrize(
@@ -145,7 +191,7 @@ def test_derived_anc_from_wbc_and_differential_same_panel():
     res = [ADULT, observation("w", "wbc", 2.0, time=False), observation("n", "neutrophils_pct", 20, time=False),
            observation("b", "bands_pct", 5, time=False), report("r1", ["w", "n", "b"], time=at())]
     (spec,) = one(res, "granulocytes")
-    assert spec.derived and spec.condition == "neutropenia" and spec.grade == 3
+    assert spec.condition == "neutropenia" and spec.grade == 3
     assert "(derived" in spec.text and set(spec.evidence) == {"Observation/w", "Observation/n", "Observation/b"}
 
 
@@ -200,6 +246,37 @@ def test_pancytopenia_needs_values_within_24h():
     assert one(res, "pancytopenia") == []
 
 
+# clinical-rules v1.1 §4: pancytopenia ends at the first later blood count that is not pancytopenic.
+PANCYTOPENIC = [patient("p1", "1970-01-01", "male"), observation("w", "wbc", 2.5), observation("h", "hemoglobin", 9.0),
+                observation("p", "platelets", 90)]
+
+
+@pytest.mark.parametrize(
+    "later, ends",
+    [
+        (observation("w2", "wbc", 5.0, time=at(days=5)), True),            # a normal WBC alone closes it
+        (observation("h2", "hemoglobin", 14.0, time=at(days=5)), True),    # so does a normal hemoglobin alone
+        (observation("p2", "platelets", 200, time=at(days=5)), True),      # or a normal platelet count alone
+        (observation("w2", "wbc", 2.0, time=at(days=5)), False),           # a low WBC alone cannot end it
+        (observation("h2", "hemoglobin", 8.0, time=at(days=5)), False),    # nor a low hemoglobin alone
+    ],
+)
+def test_pancytopenia_ends_at_the_first_count_that_is_not_pancytopenic(later, ends):
+    (spec,) = one(PANCYTOPENIC + [later], "pancytopenia")
+    if ends:
+        assert spec.status == "inactive" and spec.end.isoformat() == "2024-03-06T08:00:00+00:00"
+        assert spec.evidence[-1] == f"Observation/{later['id']}" and "normal again on 2024-03-06" in spec.text
+    else:
+        assert spec.status == "active" and spec.end is None
+
+
+def test_pancytopenia_normal_wbc_inside_a_low_blood_count_ends_it():
+    later = [observation("w2", "wbc", 4.5, time=at(days=5)), observation("h2", "hemoglobin", 9.0, time=at(days=5)),
+             observation("p2", "platelets", 90, time=at(days=5))]
+    (spec,) = one(PANCYTOPENIC + later, "pancytopenia")
+    assert spec.status == "inactive" and spec.end.isoformat() == "2024-03-06T08:00:00+00:00"
+
+
 def test_pancytopenia_child_hemoglobin_lln_11():
     child = patient("p1", "2014-01-01", "male")
     res = [child, observation("w", "wbc", 2.5), observation("h", "hemoglobin", 11.5), observation("p", "platelets", 90)]
@@ -222,15 +299,53 @@ def test_drug_association_lookback(start, end, associated):
 
 
 @pytest.mark.parametrize(
-    "coding, text",
-    [([{"system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": "11118"}], "x"),
-     ([{"system": "http://www.whocc.no/atc", "code": "L01XA01"}], "y"),
-     (None, "DIVALPROEX sodium 250 mg"), (None, "Interferon beta-1a")],
+    "coding, text, label",
+    [([{"system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": "11118"}], None, "valproate"),
+     ([{"system": "http://www.whocc.no/atc", "code": "L01XA01"}], None, "antineoplastic chemotherapy"),
+     ([{"system": "http://www.whocc.no/atc", "code": "L03AB07"}], None, "interferon"),
+     (None, "DIVALPROEX sodium 250 mg", "valproate (divalproex)"), (None, "Interferon beta-1a", "interferon"),
+     (None, "Pemetrexed 500 MG Injection", "antineoplastic chemotherapy (pemetrexed)"),
+     (None, "palbociclib 125 MG Oral Capsule", "antineoplastic chemotherapy (palbociclib)")],
 )
-def test_drug_identified_by_rxnorm_atc_or_name(coding, text):
+def test_drug_identified_by_rxnorm_atc_or_name(coding, text, label):
     res = [ADULT, observation("w", "wbc", 2.5), statement("m", text, point=at(days=-5), coding=coding)]
     (spec,) = one(res, "leukocytes")
-    assert spec.drugs == [(spec.drugs[0][0], "MedicationStatement/m")]
+    assert spec.drugs == [(label, "MedicationStatement/m")]
+
+
+# clinical-rules v1.1 §1.4: ATC only from the ATC system, RxNorm only from its system.
+@pytest.mark.parametrize(
+    "coding, label",
+    [({"system": "http://www.whocc.no/atc", "code": "L01XA01"}, "antineoplastic chemotherapy"),
+     ({"system": "http://pharmacy.example/atc-batch-number", "code": "L01-7781"}, None),  # "atc" in the name only
+     ({"system": "http://example.org/ATC-local", "code": "N05AH02"}, None),
+     ({"system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": "2626"}, "clozapine"),
+     ({"system": "http://example.org/formulary", "code": "2626"}, None)],  # RxNorm's code, another system
+)
+def test_codes_are_read_only_from_their_own_system(coding, label):
+    res = [ADULT, observation("w", "wbc", 2.5), statement("m", None, point=at(days=-5), coding=[coding])]
+    (spec,) = one(res, "leukocytes")
+    assert spec.drugs == ([(label, "MedicationStatement/m")] if label else [])
+
+
+def test_the_configured_atc_system_is_the_one_read():
+    oid = "urn:oid:2.16.840.1.113883.6.73"  # the HL7 OID of WHO ATC, which a site may use instead
+    site = RULES.model_copy(update={"medications": RULES.medications.model_copy(update={"atc_system": oid})})
+    res = [ADULT, observation("w", "wbc", 2.5),
+           statement("m", None, point=at(days=-5), coding=[{"system": oid, "code": "L01XA01"}]),
+           statement("n", None, point=at(days=-5), coding=[{"system": "http://www.whocc.no/atc", "code": "N05AH02"}])]
+    (spec,) = flags_for(res, rules=site)
+    assert spec.drugs == [("antineoplastic chemotherapy", "MedicationStatement/m")]
+
+
+# clinical-rules v1.1 §1.4: a MedicationAdministration `not-done` was not given: no exposure.
+@pytest.mark.parametrize("status, associated", [("completed", True), ("in-progress", True), ("not-done", False),
+                                                ("entered-in-error", False)])
+def test_medication_administration_not_done_is_no_exposure(status, associated):
+    res = [ADULT, observation("w", "wbc", 2.5),
+           statement("m", "clozapine", point=at(days=-5), kind="MedicationAdministration", status=status)]
+    (spec,) = one(res, "leukocytes")
+    assert spec.drugs == ([("clozapine", "MedicationAdministration/m")] if associated else [])
 
 
 def test_name_must_be_a_whole_word():
@@ -265,7 +380,7 @@ def test_flag_text_names_the_agent_of_a_drug_class():
 def test_transient_low_within_72h_is_inactive_pseudoleukopenia():
     res = [ADULT, observation("w1", "wbc", 3.0, time=at(0)), observation("w2", "wbc", 5.0, time=at(hours=72))]
     (spec,) = one(res, "leukocytes")
-    assert spec.status == "inactive" and spec.transient and spec.end is not None
+    assert spec.status == "inactive" and spec.end is not None
     assert "transient low count, normal again within 72 h — consistent with pseudoleukopenia" in spec.text
     assert spec.evidence == ["Observation/w1", "Observation/w2"]
 
@@ -274,7 +389,7 @@ def test_resolution_after_72h_is_inactive_with_period_end():
     res = [ADULT, observation("w1", "wbc", 3.0, time=at(0)), observation("w2", "wbc", 2.2, time=at(days=3)),
            observation("w3", "wbc", 4.0, time=at(hours=73))]
     (spec,) = one(res, "leukocytes")
-    assert spec.status == "inactive" and not spec.transient
+    assert spec.status == "inactive" and "transient" not in spec.text and "normal again on 2024-03-04" in spec.text
     assert spec.end.isoformat() == "2024-03-04T09:00:00+00:00" and spec.grade == 2
 
 
@@ -318,6 +433,44 @@ def test_entered_in_error_does_not_retract_real_evidence():
     res = [ADULT, observation("w0", "wbc", 2.0, time=at(-1), status="entered-in-error"), observation("w1", "wbc", 2.0)]
     specs = one(res, "leukocytes")
     assert sorted(s.status for s in specs) == ["active", "entered-in-error"]
+
+
+# -- issue 9.3: several results of one concept at one instant --------------------------------------------------------
+def test_simultaneous_results_never_lose_the_low_one():
+    # WBC 2.1, 6.0 and 2.1 at 08:00: one episode opened by the low values, not closed by the normal one beside them
+    # (recovery is a *later* value, §4), so exactly one Flag with one identifier.
+    res = [ADULT, observation("w1", "wbc", 2.1), observation("w2", "wbc", 6.0), observation("w3", "wbc", 2.1)]
+    (spec,) = one(res, "leukocytes")
+    assert spec.status == "active" and spec.end is None and spec.grade == 2
+    assert spec.evidence == ["Observation/w1", "Observation/w3"]
+
+
+def test_simultaneous_results_take_the_worst_and_a_later_normal_value_closes():
+    res = [ADULT, observation("w1", "wbc", 3.5), observation("w2", "wbc", 0.8), observation("w3", "wbc", 5.0),
+           observation("w4", "wbc", 5.5, time=at(days=1))]
+    (spec,) = one(res, "leukocytes")
+    assert spec.grade == 4 and "WBC 0.8" in spec.text and spec.status == "inactive"
+    assert spec.end.isoformat() == "2024-03-02T08:00:00+00:00" and spec.evidence[-1] == "Observation/w4"
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_simultaneous_results_give_unique_identifiers_in_any_order(seed):
+    rng = random.Random(seed)
+    res = [ADULT]
+    for i in range(60):  # few instants, many values each: lows, normals, retractions, every family
+        concept = rng.choice(["wbc", "anc", "lymphocytes_abs", "hemoglobin", "platelets", "neutrophils_pct"])
+        scale = {"wbc": 4.0, "anc": 1.5, "lymphocytes_abs": 1.0, "hemoglobin": 12.0, "platelets": 150.0,
+                 "neutrophils_pct": 50.0}[concept]
+        res.append(observation(f"o{i}", concept, round(scale * rng.choice([0.2, 0.6, 0.9, 1.1, 1.5]), 2),
+                               time=at(days=rng.choice([0, 0, 0, 1, 10])),
+                               status=rng.choice(["final"] * 5 + ["entered-in-error"])))
+    specs = flags_for(res)
+    identifiers = [s.identifier for s in specs]
+    assert specs and len(identifiers) == len(set(identifiers))
+    shuffled = res[:]
+    rng.shuffle(shuffled)
+    assert [(s.identifier, s.status, s.grade, s.evidence) for s in flags_for(shuffled)] == [
+        (s.identifier, s.status, s.grade, s.evidence) for s in specs]
 
 
 def test_preliminary_ignored_by_default():

@@ -50,7 +50,8 @@ def test_normalise_and_evaluate_never_crash_and_buckets_partition(items):
     assert placed + done.evaluated_other == len(items)
     quarantined = [q[0] for q in done.quarantined]
     assert len(quarantined) == len(set(quarantined))
-    evaluate(done.observations, done.patients, done.exposures, RULES)
+    specs = evaluate(done.observations, done.patients, done.exposures, RULES)
+    assert len({s.identifier for s in specs}) == len(specs)  # one identifier per episode, or the Flag suite refuses
 
 
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow,

@@ -68,7 +68,7 @@ CASES = [
     ("observations", "expect_column_values_to_not_be_null(patient_id)", {"patient_id": None}, {}, "value missing"),
     ("observations", "expect_column_values_to_not_be_null(time)", {"time": pd.NaT}, {}, "value missing"),
     ("observations", "expect_column_values_to_not_be_null(value)", {"value": np.nan, "unit": "10*9/L"}, {},
-     "value missing"),
+     "value missing: its unit is not one of this concept's units (§1.2), so it cannot be converted"),
     ("observations", "expect_column_values_to_be_in_set(unit)", {"unit": "10*12/L"}, {"unit": "/uL"},
      "value '10*12/L' not accepted"),
     ("observations", "expect_column_values_to_be_in_set(status)", {"status": "preliminary"}, {"status": "corrected"},
@@ -81,7 +81,13 @@ CASES = [
      {"concept": "wbc", "panel": None, "value": 1000.5}, {"concept": "wbc", "panel": None, "value": 1000.0},
      "value 1000.5 above plausible_max 1000.0"),
     ("observations", "expect_column_values_to_be_between(earlier_copies)",
-     {"resource_id": "Observation/w1"}, {"resource_id": "Observation/w1", "version": "2"}, "value 1 above 0.0"),
+     {"resource_id": "Observation/w1", "concept": "wbc", "code": "6690-2", "value": 5.0},
+     {"resource_id": "Observation/w1", "concept": "wbc", "code": "6690-2", "value": 5.0, "version": "2"},
+     "an identical copy of this id and version was read before it: the first copy goes on"),
+    ("observations", "expect_column_values_to_be_between(differing_copies)",
+     {"resource_id": "Observation/w1"}, {"resource_id": "Observation/w1", "version": "2"},
+     "another copy of this id and version, read before it, differs in code, value: the first copy read goes on, "
+     "this one is quarantined"),
     ("observations", "expect_column_pair_values_a_to_be_greater_than_b(panel_wbc, value)", {"value": 5.5},
      {"value": 5.0}, "value 5.5 above panel_wbc 5.0"),
     ("exposures", "expect_column_values_to_not_be_null(patient_id)", {"patient_id": None}, {}, "value missing"),
@@ -175,7 +181,27 @@ def test_a_resource_read_twice_goes_on_once(parameters):
     frame = pd.concat([observations(), observations().iloc[[1]].assign(row_id="again")], ignore_index=True)
     result = validate_batch("observations", frame, parameters)
     assert list(result.valid["row_id"]) == ["w", "t"]
-    assert result.reasons == {"again": ["expect_column_values_to_be_between(earlier_copies): value 1 above 0.0"]}
+    assert result.reasons == {"again": ["expect_column_values_to_be_between(earlier_copies): an identical copy of "
+                                        "this id and version was read before it: the first copy goes on"]}
+
+
+@pytest.mark.parametrize(
+    "change, fields",
+    [({"value": 2.5}, "value"), ({"value": 2.5, "time": pd.Timestamp("2025-01-02T00:00:00Z")}, "value, time"),
+     ({"status": "amended"}, "status"), ({"patient_id": "Patient/p2"}, "subject"), ({"lln": 4.5}, "reference range")],
+)
+def test_a_copy_with_other_content_says_how_it_differs(parameters, change, fields):
+    """Copies of one id and version should be the same resource; when they are not, the reason says so and how."""
+    copy = observations().iloc[[1]].assign(row_id="again", **change)
+    third = observations().iloc[[1]].assign(row_id="third")  # identical to the first copy
+    result = validate_batch("observations", pd.concat([observations(), copy, third], ignore_index=True), parameters)
+    assert list(result.valid["row_id"]) == ["w", "t"]
+    assert result.reasons["again"][0] == (
+        f"expect_column_values_to_be_between(differing_copies): another copy of this id and version, read before it, "
+        f"differs in {fields}: the first copy read goes on, this one is quarantined")
+    assert len(result.reasons["again"]) == 1
+    assert result.reasons["third"] == ["expect_column_values_to_be_between(earlier_copies): an identical copy of "
+                                       "this id and version was read before it: the first copy goes on"]
 
 
 def test_all_failing_row_ids_are_returned_not_a_sample(parameters):
