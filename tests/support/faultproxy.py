@@ -20,7 +20,8 @@ class Fault:
 
     kind: "status" (answer `status` with `headers`/`body` instead of forwarding), "reset" (close the
     connection without answering), "delay" (wait `seconds`, then forward), "rewrite" (forward, then replace
-    `pattern` with `replacement` in the response body)."""
+    `pattern` with `replacement` in the response body), "lose-answer" (forward, then close the connection
+    without relaying the answer: the request took effect, the client never learns it)."""
 
     kind: str
     status: int = 503
@@ -85,6 +86,11 @@ class FaultProxy:
                 conn.request(self.command, self.path, body=body, headers=headers)
                 upstream = conn.getresponse()
                 data = upstream.read()
+                if fault and fault.kind == "lose-answer":
+                    conn.close()
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return
                 if fault and fault.kind == "rewrite":
                     data = re.sub(fault.pattern.encode(), fault.replacement.encode(), data)
                 self.send_response(upstream.status)
