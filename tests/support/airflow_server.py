@@ -6,13 +6,11 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import requests
+from support.processes import stop_group, wait_healthy
 
 AIRFLOW = str(Path(sys.executable).with_name("airflow"))
 USER = "leukofhir"
@@ -78,35 +76,17 @@ class AirflowApiServer:
             [AIRFLOW, "api-server", "-H", "127.0.0.1", "-p", str(self.port), "--apps", "core"],
             env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"airflow api-server exited ({self.proc.returncode}); see {self.home}/api-server.log")
-            try:
-                if requests.get(f"{self.url}/api/v2/monitor/health", timeout=2).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"airflow api-server not healthy after {timeout} s; see {self.home}/api-server.log")
+        wait_healthy(self.proc, f"{self.url}/api/v2/monitor/health", timeout, self.home / "api-server.log",
+                     "airflow api-server")
 
     def stop(self) -> None:
-        """TERM the api-server's process group (uvicorn and its workers), KILL it if it lingers."""
-        if self.proc is None:
-            return
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
-        except ProcessLookupError:
-            pass
-        self.proc = None
+        """Stop the api-server and its workers."""
+        if self.proc is not None:
+            stop_group(self.proc)
+            self.proc = None
 
     def rotate_jwt_secret(self) -> None:
-        """Tokens signed before the next start become invalid (401), as after a key rotation."""
+        """Tokens signed before the next start are refused (Airflow 3.3: 403 "Invalid JWT token"), as after a key rotation."""
         self.env["AIRFLOW__API_AUTH__JWT_SECRET"] = secrets.token_urlsafe(64)
 
     def client_environment(self) -> dict[str, str]:

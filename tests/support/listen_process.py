@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import requests
+
+from support.processes import stop_group, wait_healthy
 
 
 def session_port(offset: int) -> int:
@@ -33,30 +34,15 @@ class ListenProcess:
 
     def start(self, timeout: float = 60.0) -> "ListenProcess":
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"leukofhir listen exited ({self.proc.returncode}):\n{self.log.read_text()[-3000:]}")
-            try:
-                if requests.get(f"{self.url}/healthz", timeout=2).status_code == 200:
-                    return self
-            except requests.RequestException:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"leukofhir listen not up after {timeout} s:\n{self.log.read_text()[-3000:]}")
+            self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        wait_healthy(self.proc, f"{self.url}/healthz", timeout, self.log, "leukofhir listen")
+        return self
 
     def stop(self) -> None:
-        if self.proc is None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-        self.proc = None
+        if self.proc is not None:
+            stop_group(self.proc)
+            self.proc = None
 
     def __enter__(self) -> "ListenProcess":
         return self.start()
