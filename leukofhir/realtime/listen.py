@@ -261,7 +261,7 @@ def listen_command(args) -> int:
     if scheme == "http":
         check_endpoint(f"http://{args.host}:{args.port}/")  # warns when plain http leaves loopback
     app = create_app(Receiver(queue, fhir), secret, Dispatcher(queue, airflow, policy))
-    log.info("listening on %s://%s:%d (queue %s; %s)", scheme, args.host, args.port, queue.path, queue.counts())
+    log.info("starting on %s://%s:%d (queue %s: %s)", scheme, args.host, args.port, queue.path, queue.counts())
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False,
                     ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile)
