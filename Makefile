@@ -36,7 +36,7 @@ test: setup browser
 	$(BIN)/pytest -p no:cacheprovider $(PYTEST_ARGS)
 
 test-unit: venv
-	$(BIN)/pytest -p no:cacheprovider -m "not fhir" $(PYTEST_ARGS)
+	$(BIN)/pytest -p no:cacheprovider -m "not fhir and not airflow_server" $(PYTEST_ARGS)
 
 # Regenerate the lock from a fresh resolution of pyproject.toml (with the test extras).
 lock:

@@ -104,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="start the local HAPI server, load the sample data, print a summary")
     p.add_argument("--fhir-url", default=None, type=_fhir_url, help="use this server instead of starting the local one")
     p.add_argument("--out", default="out/demo", metavar="DIR", help="where the demo's Flags and report go")
+
+    from leukofhir.realtime import commands as realtime  # subscribe, listen: the near-real-time path
+
+    realtime.add_parsers(sub, _add_server_args)
     return parser
 
 
@@ -136,6 +140,10 @@ def main(argv: list[str] | None = None) -> int:
             from leukofhir.demo import demo_command
 
             return demo_command(args)
+        if args.command in ("subscribe", "listen"):
+            from leukofhir.realtime.commands import run
+
+            return run(args)
     except LeukofhirError as exc:
         # Library code raises typed errors; only here do they become a one-line message and an exit code.
         print(f"leukofhir {args.command}: error: {exc}", file=sys.stderr)

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from conftest import LAUNCHER
+from conftest import LAUNCHER, ROOT
 
 pytestmark = pytest.mark.fhir
 
@@ -64,6 +64,7 @@ def test_start_that_is_not_healthy_in_time_fails_with_the_log_tail_and_leaves_no
 
 
 def _servers() -> set[str]:
-    found = subprocess.run(["pgrep", "-f", "org.leukofhir.fhirserver.FhirServerApplication"],
+    # Only this checkout's servers: other checkouts on a shared machine start and stop theirs meanwhile.
+    found = subprocess.run(["pgrep", "-f", f"{ROOT}/fhir-server/target/fhir-server.jar.*org.leukofhir.fhirserver"],
                            capture_output=True, text=True)
     return set(found.stdout.split())

@@ -6,6 +6,8 @@ import ca.uhn.fhir.jpa.batch2.JpaBatch2Config;
 import ca.uhn.fhir.jpa.config.HapiJpaConfig;
 import ca.uhn.fhir.jpa.config.r4.JpaR4Config;
 import ca.uhn.fhir.jpa.subscription.channel.config.SubscriptionChannelConfig;
+import ca.uhn.fhir.jpa.subscription.match.config.SubscriptionProcessorConfig;
+import ca.uhn.fhir.jpa.subscription.submit.config.SubscriptionSubmitterConfig;
 import org.springframework.boot.SpringApplication;
 import org.springframework.boot.autoconfigure.SpringBootApplication;
 import org.springframework.boot.autoconfigure.elasticsearch.ElasticsearchClientAutoConfiguration;
@@ -34,7 +36,9 @@ import org.springframework.context.annotation.Import;
 	ThreadPoolFactoryConfig.class, // thread pools for transaction bundles and batch jobs
 	JpaBatch2Config.class, // batch2 job persistence and coordinator (runs $export jobs)
 	Batch2JobsConfig.class, // batch2 job definitions, among them bulk export
-	SubscriptionChannelConfig.class // in-JVM message broker that batch2 uses to hand out work (no subscriptions)
+	SubscriptionChannelConfig.class, // in-JVM message broker: batch2 work items and the subscription queues
+	SubscriptionSubmitterConfig.class, // changed resources -> matching queue (validates Subscriptions on write)
+	SubscriptionProcessorConfig.class // matching queue -> in-memory match -> rest-hook delivery
 })
 public class FhirServerApplication {
 

@@ -10,9 +10,11 @@ import ca.uhn.fhir.jpa.api.config.JpaStorageSettings.IdStrategyEnum;
 import ca.uhn.fhir.jpa.api.dao.IFhirSystemDao;
 import ca.uhn.fhir.jpa.config.util.HapiEntityManagerFactoryUtil;
 import ca.uhn.fhir.jpa.model.config.PartitionSettings;
+import ca.uhn.fhir.jpa.model.config.SubscriptionSettings;
 import ca.uhn.fhir.jpa.provider.IJpaSystemProvider;
 import ca.uhn.fhir.jpa.provider.JpaCapabilityStatementProvider;
 import ca.uhn.fhir.jpa.search.DatabaseBackedPagingProvider;
+import ca.uhn.fhir.jpa.subscription.match.deliver.email.IEmailSender;
 import ca.uhn.fhir.rest.server.RestfulServer;
 import ca.uhn.fhir.rest.server.provider.ResourceProviderFactory;
 import ca.uhn.fhir.rest.server.util.ISearchParamRegistry;
@@ -27,6 +29,8 @@ import org.springframework.context.annotation.Configuration;
 import org.springframework.context.annotation.Primary;
 import org.springframework.orm.jpa.JpaTransactionManager;
 import org.springframework.orm.jpa.LocalContainerEntityManagerFactoryBean;
+
+import org.hl7.fhir.dstu2.model.Subscription.SubscriptionChannelType;
 
 import javax.sql.DataSource;
 
@@ -66,6 +70,36 @@ public class FhirServerConfig {
 				}
 				return bean;
 			}
+		};
+	}
+
+	// R4 rest-hook subscriptions (leukofhir subscribe / listen). HAPI activates only the channel types listed
+	// here (the dstu2 enum serves every FHIR version); with none it logs "Subscriptions are disabled".
+	// Changed resources are queued in the database and handed to matching every `submission interval`
+	// (HAPI's default 5000 ms); at 1000 ms a lab result is delivered about 1 s after its write (measured).
+	// A new Subscription goes through the same queue: active within about 1 s. (HAPI's "queue Subscription
+	// changes immediately" submits before the write commits, fails once with HAPI-2001 and retries 1 s
+	// later: no faster, and an error in the log per Subscription.) In-memory matching (HAPI's default,
+	// stated because the latency depends on it) answers token criteria without a database query per change.
+	@Bean
+	public SubscriptionSettings subscriptionSettings(
+			@Value("${hapi.fhir.subscription.resthook_enabled:true}") boolean restHookEnabled,
+			@Value("${hapi.fhir.subscription.submission_interval_millis:1000}") long submissionIntervalMillis) {
+		SubscriptionSettings settings = new SubscriptionSettings();
+		if (restHookEnabled) {
+			settings.addSupportedSubscriptionType(SubscriptionChannelType.RESTHOOK);
+		}
+		settings.setSubscriptionIntervalInMs(submissionIntervalMillis);
+		settings.setEnableInMemorySubscriptionMatching(true);
+		return settings;
+	}
+
+	// The subscription processor wires an e-mail delivery listener whatever the supported types are; e-mail is
+	// not one of ours, so a sender that can never be reached is enough.
+	@Bean
+	public IEmailSender emailSender() {
+		return details -> {
+			throw new UnsupportedOperationException("e-mail subscriptions are not enabled on this server");
 		};
 	}
 

@@ -1,0 +1,1 @@
+"""The near-real-time path: FHIR rest-hook Subscriptions (`subscribe`) and their receiver (`listen`)."""

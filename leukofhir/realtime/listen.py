@@ -1,0 +1,272 @@
+"""`leukofhir listen`: receive the FHIR server's rest-hook notifications and start one Airflow run per batch.
+
+FHIR server ──PUT/DELETE {endpoint}/Type/id──▶ secret checked ──▶ patient reference ──▶ durable queue (SQLite)
+   ──debounce──▶ batch with a fixed run id ──POST /api/v2/dags/leukopenia_patients/dagRuns──▶ Airflow
+
+Only references travel: the run's conf is `{"patients": ["Patient/<id>", ...]}`; resource content is read
+from the request and dropped, and never logged."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from leukofhir.fhir.client import FhirClient
+from leukofhir.fhir.errors import FatalFhirError, FhirError
+from leukofhir.reader import reference_target
+from leukofhir.realtime.airflow_api import AirflowClient, AirflowError
+from leukofhir.realtime.queue import Batch, PatientQueue
+from leukofhir.realtime.secret import is_authorized
+
+log = logging.getLogger(__name__)
+
+DAG_ID = "leukopenia_patients"
+RUN_ID_PREFIX = "leukofhir_realtime"
+# The resources whose Subscriptions `leukofhir subscribe` creates; each names its patient in `subject`.
+WATCHED_TYPES = frozenset({"Observation", "MedicationStatement", "MedicationRequest", "MedicationAdministration"})
+MAX_BODY_BYTES = 5 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    """When touched patients become a run.
+
+    A batch forms when no new patient has been touched for `debounce` seconds (a CBC panel arrives as five or
+    more Observations within a second or two), or when the oldest waiting patient has waited `max_wait`
+    seconds (a steady stream still gets runs), or when `max_patients` are waiting. A failed trigger is tried
+    again after 1, 2, 4 ... seconds, at most `retry_max` apart, as long as it takes."""
+
+    debounce: float = 2.0
+    max_wait: float = 10.0
+    max_patients: int = 500
+    retry_max: float = 30.0
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    detail: str = ""
+
+
+class Receiver:
+    """Turns one notification into queued patient references. Answers 2xx only once they are on disk, so the
+    FHIR server retries (HAPI: for about 60 s) whatever was not recorded."""
+
+    def __init__(self, queue: PatientQueue, fhir: FhirClient | None):
+        self.queue = queue
+        self.fhir = fhir
+        self.empty_posts = 0
+
+    def handle(self, method: str, path: str, body: bytes) -> Answer:
+        if method == "POST" and not body.strip():
+            return self._empty_post()
+        parts = [p for p in path.split("/") if p]
+        if method not in ("PUT", "DELETE") or len(parts) < 2:
+            return Answer(404, "expected PUT or DELETE {endpoint}/{type}/{id}, or an empty POST {endpoint}")
+        resource_type, resource_id = parts[-2], parts[-1]
+        if resource_type not in WATCHED_TYPES:
+            return Answer(404, f"{resource_type} is not a resource type this receiver watches")
+        ref = f"{resource_type}/{resource_id}"
+        if method == "PUT":
+            try:
+                resource = json.loads(body)
+            except (ValueError, UnicodeDecodeError):
+                return Answer(400, f"{ref}: the body is not JSON")
+            if not isinstance(resource, dict) or resource.get("resourceType") != resource_type \
+                    or str(resource.get("id", resource_id)) != resource_id:
+                return Answer(400, f"{ref}: the body is not that resource")
+        else:
+            resource = self._last_version(resource_type, resource_id)
+            if isinstance(resource, Answer):
+                return resource
+        patient = patient_of(resource) if resource else None
+        if patient is None:
+            # Nothing to evaluate (the pipeline quarantines a result without a Patient subject): acknowledged,
+            # so the server does not retry it.
+            log.info("%s %s: no Patient subject; nothing queued", method, ref)
+            return Answer(200)
+        self.queue.add([patient])
+        log.debug("%s %s: %s queued", method, ref, patient)
+        return Answer(200)
+
+    def _last_version(self, resource_type: str, resource_id: str) -> dict | None | Answer:
+        """The newest version with content of a deleted resource: a DELETE notification carries no body."""
+        if self.fhir is None:
+            log.warning("DELETE %s/%s: no FHIR server configured to look up its patient", resource_type, resource_id)
+            return None
+        try:
+            bundle = self.fhir.request("GET", f"{resource_type}/{resource_id}/_history", params={"_count": 10},
+                                       headers={"Cache-Control": "no-cache"}).json()
+        except FatalFhirError as exc:
+            if exc.status in (404, 410):
+                log.warning("DELETE %s/%s: the server has no history of it", resource_type, resource_id)
+                return None
+            raise
+        except FhirError as exc:
+            # The server retries the notification: the deletion is not lost while it does.
+            log.warning("DELETE %s/%s: cannot read its history now (%s)", resource_type, resource_id, exc)
+            return Answer(503, "cannot look up the deleted resource's patient now")
+        for entry in bundle.get("entry") or []:
+            if isinstance(entry.get("resource"), dict):
+                return entry["resource"]
+        return None
+
+    def _empty_post(self) -> Answer:
+        # A Subscription without payload: the server says "something matched" and nothing more. Ours always
+        # carry a payload; the scheduled surveillance run covers whatever an empty notification stood for.
+        self.empty_posts += 1
+        log.warning("notification without payload (empty POST): it names no resource; nothing queued, the next "
+                    "scheduled surveillance run covers it. Run `leukofhir subscribe` to get payloads.")
+        return Answer(200)
+
+
+def patient_of(resource: dict) -> str | None:
+    """'Patient/<id>' from the resource's subject, or None when the subject is not a Patient reference."""
+    subject = resource.get("subject")
+    kind, rid = reference_target(subject.get("reference") if isinstance(subject, dict) else None)
+    return f"Patient/{rid}" if kind == "Patient" and rid else None
+
+
+class Dispatcher:
+    """Forms batches from the queue and starts their Airflow runs, in a background thread."""
+
+    def __init__(self, queue: PatientQueue, airflow: AirflowClient, policy: BatchPolicy, *,
+                 dag_id: str = DAG_ID, clock=time.time, tick: float = 0.2):
+        self.queue, self.airflow, self.policy = queue, airflow, policy
+        self.dag_id = dag_id
+        self._clock, self._tick = clock, tick
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="leukofhir-dispatcher", daemon=True)
+        self.stats = {"runs_created": 0, "runs_existing": 0, "trigger_failures": 0}
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 15.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.step()
+            except Exception:  # the loop must outlive any one failure; the queue keeps the patients
+                log.exception("dispatcher step failed; trying again")
+            self._stop.wait(self._tick)
+
+    def step(self) -> None:
+        """Form the batches that are due, then try every batch whose time has come."""
+        while self._batch_due():
+            batch = self.queue.form_batch(self.policy.max_patients, RUN_ID_PREFIX)
+            if batch is None:
+                break
+            log.info("batch %s formed: %d patient(s)", batch.run_id, len(batch.patients))
+        for batch in self.queue.due_batches():
+            if self._stop.is_set():
+                return
+            self._send(batch)
+
+    def _batch_due(self) -> bool:
+        state = self.queue.pending_state()
+        if not state.count:
+            return False
+        now = self._clock()
+        return (state.count >= self.policy.max_patients
+                or now - state.last_seen >= self.policy.debounce
+                or now - state.first_seen >= self.policy.max_wait)
+
+    def _send(self, batch: Batch) -> None:
+        try:
+            outcome = self.airflow.trigger_dag_run(
+                self.dag_id, batch.run_id, {"patients": batch.patients},
+                note=f"leukofhir listen: {len(batch.patients)} patient(s) touched")
+        except AirflowError as exc:
+            delay = min(2.0 ** batch.attempts, self.policy.retry_max)
+            self.stats["trigger_failures"] += 1
+            log.warning("run %s (%d patient(s)) not accepted: %s; trying again in %.0f s",
+                        batch.run_id, len(batch.patients), exc, delay)
+            self.queue.retry_later(batch, delay)
+            return
+        self.queue.accepted(batch)
+        self.stats["runs_created" if outcome == "created" else "runs_existing"] += 1
+        log.info("run %s of %s %s: %d patient(s)", batch.run_id, self.dag_id,
+                 "created" if outcome == "created" else "already existed (an earlier answer was lost)",
+                 len(batch.patients))
+
+
+def create_app(receiver: Receiver, secret: str, dispatcher: Dispatcher | None = None) -> FastAPI:
+    """The FastAPI application: any path takes notifications (the FHIR server appends /Type/id to the
+    endpoint); GET /healthz answers without the secret, with counts only."""
+    @asynccontextmanager
+    async def lifespan(app):
+        if dispatcher is not None:
+            dispatcher.start()
+        try:
+            yield
+        finally:
+            if dispatcher is not None:
+                await run_in_threadpool(dispatcher.stop)
+
+    app = FastAPI(title="leukofhir listen", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.get("/healthz")
+    async def healthz():
+        counts = await run_in_threadpool(receiver.queue.counts)
+        return dict(counts, status="ok", **(dispatcher.stats if dispatcher else {}))
+
+    @app.api_route("/{path:path}", methods=["PUT", "DELETE", "POST"])
+    async def notification(path: str, request: Request):
+        if not is_authorized(request.headers.get("authorization"), secret):
+            log.warning("refused %s /%s from %s: no valid shared secret", request.method, path,
+                        request.client.host if request.client else "?")
+            return JSONResponse({"detail": "unauthorized"}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            return JSONResponse({"detail": "body too large"}, status_code=413)
+        body = await request.body()
+        if len(body) > MAX_BODY_BYTES:
+            return JSONResponse({"detail": "body too large"}, status_code=413)
+        answer = await run_in_threadpool(receiver.handle, request.method, path, body)
+        if answer.status < 300:
+            return Response(status_code=answer.status)
+        return JSONResponse({"detail": answer.detail}, status_code=answer.status)
+
+    return app
+
+
+def listen_command(args) -> int:
+    import uvicorn
+
+    from leukofhir.fhir.auth import make_auth
+    from leukofhir.realtime.airflow_api import AirflowSettings
+    from leukofhir.realtime.secret import hook_secret
+    from leukofhir.realtime.subscribe import check_endpoint
+
+    secret = hook_secret()
+    airflow = AirflowClient(AirflowSettings.from_environment(args.airflow_url))
+    policy = BatchPolicy(debounce=args.debounce, max_wait=args.max_wait, max_patients=args.max_batch,
+                         retry_max=args.retry_max)
+    queue = PatientQueue(args.queue)
+    # Read while the FHIR server waits for our answer: short, one retry; a failure answers 503 (it retries).
+    fhir = FhirClient(args.fhir_url, make_auth(args.auth), timeout=min(args.timeout, 10.0), max_retries=1)
+    scheme = "https" if args.ssl_certfile else "http"
+    if scheme == "http":
+        check_endpoint(f"http://{args.host}:{args.port}/")  # warns when plain http leaves loopback
+    app = create_app(Receiver(queue, fhir), secret, Dispatcher(queue, airflow, policy))
+    log.info("starting on %s://%s:%d (queue %s: %s)", scheme, args.host, args.port, queue.path, queue.counts())
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False,
+                    ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile)
+    finally:
+        queue.close()
+        airflow.close()
+        fhir.close()
+    return 0
