@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -122,9 +123,7 @@ class Api:
 @pytest.fixture(scope="module")
 def stack():
     """The stack on FHIR_TEST_PORT + 1..4, state and DAGs in a temporary folder; stopped and removed after."""
-    base = tempfile.mkdtemp(prefix="leukofhir-stack-")
-    os.chmod(base, 0o755)  # PostgreSQL runs as its own user, which must reach its data folder below
-    folder = Path(base)
+    folder = _reachable_folder()
     (folder / "dags").mkdir()
     (folder / "dags" / "stack_test_dags.py").write_text(DAGS.format(release=str(folder / "release")))
     env = dict(
@@ -175,6 +174,65 @@ def _alive(pids) -> list[int]:
         if state != "Z":
             alive.append(pid)
     return alive
+
+
+def _reachable_folder() -> Path:
+    """A new temporary folder that PostgreSQL's own user can reach (pytest's tmp_path is private to root)."""
+    folder = Path(tempfile.mkdtemp(prefix="leukofhir-stack-"))
+    folder.chmod(0o755)
+    return folder
+
+
+@pytest.fixture
+def instance():
+    """The environment of a stack instance that is not started, on FHIR_TEST_PORT + 5 ... + 8."""
+    folder = _reachable_folder()
+    env = dict(os.environ, AIRFLOW_STACK_PORT=str(int(os.environ.get("FHIR_TEST_PORT", "8181")) + 5),
+               AIRFLOW_STACK_DIR=str(folder / "stack"), AIRFLOW_STACK_DAGS_FOLDER=str(folder))
+    try:
+        yield env
+    finally:
+        _stack(env, "stop", timeout=300)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _processes_of(folder: str) -> list[int]:
+    """Live processes whose command line or environment names the instance folder (data dirs, AIRFLOW_HOME)."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if folder.encode() in (proc / "cmdline").read_bytes() + (proc / "environ").read_bytes():
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return _alive(found)
+
+
+def test_status_of_an_instance_never_started_exits_3(instance):
+    env = instance
+    status = _stack(env, "status")
+    assert status.returncode == 3 and status.stdout.strip().splitlines()[-1].startswith("stopped http://127.0.0.1:")
+    stop = _stack(env, "stop")
+    assert stop.returncode == 0 and stop.stdout.strip() == "not running"
+
+
+def test_a_port_in_use_is_refused_before_anything_starts(instance):
+    env = instance
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", int(env["AIRFLOW_STACK_PORT"]) + 2))  # Redis's port
+        busy.listen()
+        started = _stack(env, "start")
+    assert started.returncode == 1 and "already in use" in started.stderr and "for redis" in started.stderr
+    assert _processes_of(env["AIRFLOW_STACK_DIR"]) == []
+
+
+def test_a_start_that_is_not_healthy_in_time_stops_what_it_started(instance):
+    env = dict(instance, AIRFLOW_STACK_START_TIMEOUT="3")
+    started = _stack(env, "start")
+    assert started.returncode == 1
+    assert "Airflow not healthy after 3s" in started.stderr and "stopped what this start had started" in started.stderr
+    assert _processes_of(env["AIRFLOW_STACK_DIR"]) == []
+    assert _stack(env, "status").returncode == 3
 
 
 def test_status_and_a_second_start_are_harmless(stack):
