@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup venv fhir-server browser demo test test-unit bench lock clean
+.PHONY: setup venv fhir-server browser demo test test-unit bench lock clean airflow-stack airflow-stack-stop
 
 setup: venv fhir-server
 
@@ -36,14 +36,23 @@ test: setup browser
 	$(BIN)/pytest -p no:cacheprovider $(PYTEST_ARGS)
 
 test-unit: venv
-	$(BIN)/pytest -p no:cacheprovider -m "not fhir and not airflow_server" $(PYTEST_ARGS)
+	$(BIN)/pytest -p no:cacheprovider -m "not fhir and not airflow_server and not stack" $(PYTEST_ARGS)
+
+# The CeleryExecutor stack without Docker (Redis, PostgreSQL, Airflow, two Celery workers): README,
+# "A CeleryExecutor stack without Docker". The script installs Debian's redis-server and postgresql when missing.
+airflow-stack: venv
+	scripts/airflow-stack start
+
+airflow-stack-stop:
+	scripts/airflow-stack stop
 
 # Regenerate the lock from a fresh resolution of pyproject.toml (with the test extras).
 lock:
 	rm -rf /tmp/leukofhir-lock && $(PYTHON) -m venv /tmp/leukofhir-lock
-	/tmp/leukofhir-lock/bin/pip install -q -e ".[test]"
+	/tmp/leukofhir-lock/bin/pip install -q -e ".[test,celery]"
 	/tmp/leukofhir-lock/bin/pip freeze --exclude-editable | grep -v '^-e' > requirements.lock
 
 clean:
 	-scripts/fhir-server stop
+	-scripts/airflow-stack stop
 	rm -rf $(VENV) fhir-server/target build *.egg-info
