@@ -31,6 +31,8 @@ def add_parsers(sub, add_server_args: Callable[[argparse.ArgumentParser], None])
     p.add_argument("--max-wait", type=float, default=10.0, help="seconds a patient waits at most for a batch (10)")
     p.add_argument("--max-batch", type=int, default=500, help="patients per run at most (500)")
     p.add_argument("--retry-max", type=float, default=30.0, help="longest pause between tries to reach Airflow (30)")
+    p.add_argument("--window-lookback", type=float, default=300.0,
+                   help="seconds before an empty notification a surveillance window starts at most (300)")
     p.add_argument("--ssl-certfile", help="serve https with this certificate (PEM)")
     p.add_argument("--ssl-keyfile", help="the certificate's private key (PEM)")
     add_server_args(p)  # the FHIR server is read for deletions: a DELETE notification has no body
