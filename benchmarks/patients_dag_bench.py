@@ -1,6 +1,6 @@
 """The near-real-time DAG's shape: one task calling the pipeline, against the five-task chain, in a real Airflow.
 
-Usage: .venv/bin/python benchmarks/patients_dag_bench.py [--runs 6] [--fhir-port 8690] [--airflow-port 8691]
+Usage: .venv/bin/python benchmarks/patients_dag_bench.py [--runs 6] [--fhir-port 8695] [--airflow-port 8696]
                                                           [--fhir-url URL] [--configs default,preload]
 
 Starts HAPI (unless --fhir-url) and, for each Airflow configuration, a LocalAirflow (api-server, scheduler,
@@ -72,8 +72,8 @@ def measure_run(airflow: LocalAirflow, client: FhirClient, shape: str, tag: str)
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=6, help="runs of each shape per configuration (6)")
-    parser.add_argument("--fhir-port", type=int, default=8690)
-    parser.add_argument("--airflow-port", type=int, default=8691)
+    parser.add_argument("--fhir-port", type=int, default=8695)
+    parser.add_argument("--airflow-port", type=int, default=8696)
     parser.add_argument("--fhir-url", help="a running FHIR server (skips starting one)")
     parser.add_argument("--configs", default="default,preload", help="Airflow configurations, in order")
     args = parser.parse_args()
