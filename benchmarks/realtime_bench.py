@@ -10,8 +10,8 @@ Starts, all on loopback: HAPI with rest-hook subscriptions (scripts/fhir-server,
 --debounce/--max-wait), then `leukofhir subscribe`. One warm-up CBC (not counted), then `--patients` CBC panels
 (WBC low, ANC, lymphocytes, hemoglobin, platelets and their DiagnosticReport, one transaction each, as a lab
 interface writes a report) for as many patients, arriving as a Poisson stream with a mean `--interval` seconds
-apart (6 s: about 600 CBCs an hour, the morning peak of a 1,000-bed hospital's laboratory; every CBC touches
-the path, low or not, and these are all low so that each gives a Flag).
+apart (6 s: about 600 CBCs an hour, our estimate of the morning peak of a 1,000-bed hospital's laboratory; every
+CBC touches the path, low or not, and these are all low so that each gives a Flag).
 
 For each patient: the time from the WBC Observation's meta.lastUpdated to its Flag's meta.lastUpdated (both the
 server's clock), and where it went:
@@ -144,7 +144,8 @@ def main() -> int:
     parser.add_argument("--airflow-defaults", action="store_true",
                         help="Airflow's own settings instead of the README's latency settings")
     parser.add_argument("--set", action="append", default=[], metavar="AIRFLOW__SECTION__KEY=VALUE",
-                        help="one more Airflow setting (repeatable), e.g. AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME=0.5")
+                        help="one more Airflow setting (repeatable), "
+                             "e.g. AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME=0.25")
     parser.add_argument("--fhir-port", type=int, default=8695)
     parser.add_argument("--airflow-port", type=int, default=8696)
     parser.add_argument("--listen-port", type=int, default=8697)

@@ -21,7 +21,8 @@ from leukofhir.dag_tasks import PATIENTS_DEFAULT_ARGS, process_patients
     default_args=PATIENTS_DEFAULT_ARGS,
     params={
         # FHIR ids (R4: [A-Za-z0-9\-.]{1,64}), as the receiver sends them; Airflow refuses a run with anything else.
-        "patients": Param(type="array", minItems=1, items={"type": "string", "pattern": r"^(Patient/)?[A-Za-z0-9\-.]{1,64}$"},
+        "patients": Param(type="array", minItems=1,
+                          items={"type": "string", "pattern": r"^(Patient/)?[A-Za-z0-9\-.]{1,64}$"},
                           description="the patients to evaluate: Patient/<id> or <id>"),
     },
     tags=["leukofhir"],

@@ -24,7 +24,7 @@ CLI = [sys.executable, "-m", "leukofhir.cli"]
 
 @pytest.fixture(scope="module")
 def listener(airflow, fhir_base_url, tmp_path_factory):
-    """The receiver, with the receiver's defaults (debounce 1 s, max-wait 5 s), and the project's Subscriptions pointing at it."""
+    """The receiver with its defaults (debounce 1 s, max-wait 5 s), and the project's Subscriptions pointing at it."""
     # The hourly DAG is paused: whatever reaches the chart here came through the Subscription and the receiver.
     assert airflow.api("PATCH", "dags/leukopenia_surveillance", json={"is_paused": True}).ok
     env = dict(os.environ, LEUKOFHIR_HOOK_SECRET=SECRET, **airflow.receiver_environment())

@@ -257,7 +257,8 @@ def test_notifications_without_payload_start_one_surveillance_window(listen_env,
     before = datetime.now(timezone.utc)
     with ListenProcess(tmp_path, session_port(3), listen_env) as listener:
         for _ in range(3):  # what HAPI sends for a Subscription without payload
-            answer = requests.post(f"{listener.url}/notify", headers={"Authorization": f"Bearer {SECRET}"}, timeout=10)
+            answer = requests.post(f"{listener.url}/notify", headers={"Authorization": f"Bearer {SECRET}"},
+                                   timeout=10)
             assert answer.status_code == 200
         health = listener.wait_drained()
     after = datetime.now(timezone.utc)

@@ -42,7 +42,8 @@ class LocalAirflow:
         passwords = self.home / "passwords.json"
         passwords.write_text(json.dumps(self.passwords), encoding="utf-8")
         # Nothing of the test session's own Airflow settings, connections or variables leaks in: only what is here.
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW__", "AIRFLOW_CONN_", "AIRFLOW_VAR_"))}
+        self.env = {k: v for k, v in os.environ.items()
+                    if not k.startswith(("AIRFLOW__", "AIRFLOW_CONN_", "AIRFLOW_VAR_"))}
         self.env.update({
             "AIRFLOW_HOME": str(self.home),
             "AIRFLOW__CORE__DAGS_FOLDER": str(dags_folder),
@@ -95,7 +96,8 @@ class LocalAirflow:
                      self.home / "api-server.log", "airflow api-server")
         for component, process in self.processes.items():
             if process.poll() is not None:
-                raise RuntimeError(f"airflow {component} exited ({process.returncode}); see {self.home}/{component}.log")
+                raise RuntimeError(f"airflow {component} exited ({process.returncode}); "
+                                   f"see {self.home}/{component}.log")
         return self
 
     def stop(self) -> None:

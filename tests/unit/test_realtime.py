@@ -304,3 +304,16 @@ def test_a_batch_forms_at_once_when_max_patients_wait(tmp_path):
     q.add(["Patient/z"])
     assert d._batch_due()
     q.close()
+
+
+def test_a_window_batch_forms_after_a_quiet_spell_of_empty_notifications(tmp_path):
+    clock = Clock()
+    q = PatientQueue(tmp_path / "q.sqlite3", clock=clock)
+    d = Dispatcher(q, airflow=None, policy=BatchPolicy(debounce=1, max_wait=5), clock=clock)
+    assert not d._due(q.window_state())
+    q.add_window_request()
+    clock.now += 0.9
+    assert not d._due(q.window_state()) and not d._batch_due()  # patients and windows are apart
+    clock.now += 0.2
+    assert d._due(q.window_state())
+    q.close()
