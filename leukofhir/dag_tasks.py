@@ -19,7 +19,8 @@ from typing import Iterator
 from airflow.sdk import ObjectStoragePath, Variable, get_current_context, task
 from airflow.sdk.exceptions import AirflowException
 
-__all__ = ["find_patients", "extract", "evaluate", "write_flags", "report", "DEFAULT_ARGS", "FHIR_POOL"]
+__all__ = ["find_patients", "extract", "evaluate", "write_flags", "report", "process_patients", "DEFAULT_ARGS",
+           "PATIENTS_DEFAULT_ARGS", "FHIR_POOL"]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,9 @@ DEFAULT_ARGS = {
     "max_retry_delay": timedelta(minutes=15),
     "execution_timeout": timedelta(hours=2),
 }
+# The near-real-time DAG's runs hold one receiver batch (500 patients at most, seconds of work usually): a run that
+# hangs is ended long before two hours, so its pool slot and the patients' Flags are not held up that long.
+PATIENTS_DEFAULT_ARGS = {**DEFAULT_ARGS, "execution_timeout": timedelta(minutes=30)}
 
 
 def _runs_root() -> ObjectStoragePath:
@@ -204,3 +208,25 @@ def report() -> dict:
     if missing:
         raise AirflowException(f"{missing} of {done['chunks']} chunk(s) were not written; see {url}/report.html")
     return {"patients_touched": done["patients_touched"], **done["writes"]}
+
+
+@task(pool=FHIR_POOL)
+def process_patients() -> dict:
+    """The Params' patients, start to end in this one task (leukofhir.run.run_pipeline: find → extract → evaluate →
+    write → report in one process). For a receiver's batch of a few patients, each further task would cost a
+    scheduler round and a task process start-up for seconds of work (README, "Near-real-time path")."""
+    from leukofhir.errors import LeukofhirError
+    from leukofhir.run import check_server, run_pipeline, summary_line
+
+    context = get_current_context()
+    patients = list(context["params"]["patients"])
+    url = _run_url(context)
+    try:
+        rules = _rules()
+        with _client() as client, _local(url, pull=False) as run_dir:
+            check_server(client, rules)
+            done = run_pipeline(client, rules, run_dir, patients=patients)
+    except LeukofhirError as exc:
+        _fail(exc)
+    log.info("%s", summary_line(done, Path(url)))
+    return {"patients_touched": done["patients_touched"], **done["writes"], "seconds": done["seconds"]}

@@ -81,7 +81,8 @@ class AirflowClient:
             raise AirflowError(f"POST {url}: the answer has no access_token", response.status_code)
         return token
 
-    def _request(self, method: str, path: str, **kwargs) -> requests.Response:
+    def request(self, method: str, path: str, **kwargs) -> requests.Response:
+        """`method` on `path` (e.g. `/api/v2/dags`) with the token; the response as it came (any status)."""
         url = f"{self.settings.url}{path}"
         for attempt in (1, 2):
             if self._token is None:
@@ -106,7 +107,7 @@ class AirflowClient:
         if note:
             body["note"] = note
         path = f"/api/v2/dags/{quote(dag_id, safe='')}/dagRuns"
-        response = self._request("POST", path, json=body)
+        response = self.request("POST", path, json=body)
         if response.status_code in (200, 201):
             return "created"
         if response.status_code == 409:
@@ -117,7 +118,7 @@ class AirflowClient:
         """Every run of `dag_id` (paged by 100), oldest first."""
         runs, offset = [], 0
         while True:
-            response = self._request("GET", f"/api/v2/dags/{quote(dag_id, safe='')}/dagRuns",
+            response = self.request("GET", f"/api/v2/dags/{quote(dag_id, safe='')}/dagRuns",
                                      params={"limit": 100, "offset": offset, "order_by": "id"})
             if response.status_code != 200:
                 raise AirflowError(f"GET dagRuns of {dag_id}: HTTP {response.status_code}: {_detail(response)}",

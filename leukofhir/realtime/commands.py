@@ -27,10 +27,12 @@ def add_parsers(sub, add_server_args: Callable[[argparse.ArgumentParser], None])
                    help="the durable queue of patients not yet in an accepted run (default out/listen/queue.sqlite3)")
     p.add_argument("--airflow-url", help="Airflow api-server base URL, e.g. http://127.0.0.1:8080 "
                                          "(default: LEUKOFHIR_AIRFLOW_URL)")
-    p.add_argument("--debounce", type=float, default=2.0, help="seconds without a new patient before a batch (2)")
-    p.add_argument("--max-wait", type=float, default=10.0, help="seconds a patient waits at most for a batch (10)")
+    p.add_argument("--debounce", type=float, default=1.0, help="seconds without a new patient before a batch (1)")
+    p.add_argument("--max-wait", type=float, default=5.0, help="seconds a patient waits at most for a batch (5)")
     p.add_argument("--max-batch", type=int, default=500, help="patients per run at most (500)")
     p.add_argument("--retry-max", type=float, default=30.0, help="longest pause between tries to reach Airflow (30)")
+    p.add_argument("--window-lookback", type=float, default=300.0,
+                   help="seconds before an empty notification a surveillance window starts at most (300)")
     p.add_argument("--ssl-certfile", help="serve https with this certificate (PEM)")
     p.add_argument("--ssl-keyfile", help="the certificate's private key (PEM)")
     add_server_args(p)  # the FHIR server is read for deletions: a DELETE notification has no body

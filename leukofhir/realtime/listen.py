@@ -2,9 +2,11 @@
 
 FHIR server ──PUT/DELETE {endpoint}/Type/id──▶ secret checked ──▶ patient reference ──▶ durable queue (SQLite)
    ──debounce──▶ batch with a fixed run id ──POST /api/v2/dags/leukopenia_patients/dagRuns──▶ Airflow
+FHIR server ──empty POST {endpoint}──▶ secret checked ──▶ window request ──▶ durable queue
+   ──debounce──▶ window batch ──POST /api/v2/dags/leukopenia_surveillance/dagRuns (Params start, end)──▶ Airflow
 
-Only references travel: the run's conf is `{"patients": ["Patient/<id>", ...]}`; resource content is read
-from the request and dropped, and never logged."""
+Only references travel: the run's conf is `{"patients": ["Patient/<id>", ...]}` (or a window's two instants);
+resource content is read from the request and dropped, and never logged."""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from starlette.concurrency import run_in_threadpool
 
 from leukofhir.fhir.client import FhirClient
 from leukofhir.fhir.errors import FatalFhirError, FhirError
+from leukofhir.fhir.ids import is_valid_id
 from leukofhir.reader import reference_target
 from leukofhir.realtime.airflow_api import AirflowClient, AirflowError
 from leukofhir.realtime.queue import Batch, PatientQueue
@@ -30,6 +33,8 @@ log = logging.getLogger(__name__)
 
 DAG_ID = "leukopenia_patients"
 RUN_ID_PREFIX = "leukofhir_realtime"
+WINDOW_DAG_ID = "leukopenia_surveillance"
+WINDOW_RUN_ID_PREFIX = "leukofhir_realtime_window"
 # The resources whose Subscriptions `leukofhir subscribe` creates; each names its patient in `subject`.
 WATCHED_TYPES = frozenset({"Observation", "MedicationStatement", "MedicationRequest", "MedicationAdministration"})
 MAX_BODY_BYTES = 5 * 1024 * 1024
@@ -40,14 +45,23 @@ class BatchPolicy:
     """When touched patients become a run.
 
     A batch forms when no new patient has been touched for `debounce` seconds (a CBC panel arrives as five or
-    more Observations within a second or two), or when the oldest waiting patient has waited `max_wait`
-    seconds (a steady stream still gets runs), or when `max_patients` are waiting. A failed trigger is tried
-    again after 1, 2, 4 ... seconds, at most `retry_max` apart, as long as it takes."""
+    more Observations: written in one transaction, HAPI delivered them within 0.1 s here; written one by one,
+    within its 1 s submission interval; a panel split in two costs one more run, never a Flag), or when the
+    oldest waiting patient has waited `max_wait` seconds (a steady stream still gets runs; at most one run per
+    `max_wait` while notifications keep coming), or when `max_patients` are waiting. The defaults are what
+    benchmarks/realtime_bench.py measured best (README, "Near-real-time path"). A failed trigger is tried
+    again after 1, 2, 4 ... seconds, at most `retry_max` apart, as long as it takes.
 
-    debounce: float = 2.0
-    max_wait: float = 10.0
+    Notifications that name nothing (empty POSTs) are debounced the same way into one surveillance run over a
+    `_lastUpdated` window: from where the last such window ended, and at most `window_lookback` seconds before
+    the first of them (HAPI retries a delivery for about 60 s; the rest is room for clocks), to when the batch
+    forms."""
+
+    debounce: float = 1.0
+    max_wait: float = 5.0
     max_patients: int = 500
     retry_max: float = 30.0
+    window_lookback: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -120,28 +134,31 @@ class Receiver:
         return None
 
     def _empty_post(self) -> Answer:
-        # A Subscription without payload: the server says "something matched" and nothing more. Ours always
-        # carry a payload; the scheduled surveillance run covers whatever an empty notification stood for.
+        # A Subscription without payload (R4: "no payload ... just a notification"): the server says that something
+        # matched and nothing more. Ours always carry a payload, but a site may keep patient data off the hook
+        # channel, or its server may not send payloads: a window run finds what changed (README, "Near-real-time
+        # path").
         self.empty_posts += 1
-        log.warning("notification without payload (empty POST): it names no resource; nothing queued, the next "
-                    "scheduled surveillance run covers it. Run `leukofhir subscribe` to get payloads.")
+        self.queue.add_window_request()
+        log.info("notification without payload (empty POST): a surveillance run over the last minutes will follow")
         return Answer(200)
 
 
 def patient_of(resource: dict) -> str | None:
-    """'Patient/<id>' from the resource's subject, or None when the subject is not a Patient reference."""
+    """'Patient/<id>' from the resource's subject, or None when the subject is not a reference to a Patient id."""
     subject = resource.get("subject")
     kind, rid = reference_target(subject.get("reference") if isinstance(subject, dict) else None)
-    return f"Patient/{rid}" if kind == "Patient" and rid else None
+    # Only a FHIR id goes on: the DAG's Param refuses anything else, and one refused run would hold its whole batch.
+    return f"Patient/{rid}" if kind == "Patient" and is_valid_id(rid) else None
 
 
 class Dispatcher:
     """Forms batches from the queue and starts their Airflow runs, in a background thread."""
 
     def __init__(self, queue: PatientQueue, airflow: AirflowClient, policy: BatchPolicy, *,
-                 dag_id: str = DAG_ID, clock=time.time, tick: float = 0.2):
+                 dag_id: str = DAG_ID, window_dag_id: str = WINDOW_DAG_ID, clock=time.time, tick: float = 0.2):
         self.queue, self.airflow, self.policy = queue, airflow, policy
-        self.dag_id = dag_id
+        self.dag_id, self.window_dag_id = dag_id, window_dag_id
         self._clock, self._tick = clock, tick
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="leukofhir-dispatcher", daemon=True)
@@ -169,6 +186,10 @@ class Dispatcher:
             if batch is None:
                 break
             log.info("batch %s formed: %d patient(s)", batch.run_id, len(batch.patients))
+        if self._due(self.queue.window_state()):
+            batch = self.queue.form_window_batch(self.policy.window_lookback, WINDOW_RUN_ID_PREFIX)
+            if batch is not None:
+                log.info("batch %s formed: window %s to %s", batch.run_id, *batch.window)
         for batch in self.queue.due_batches():
             if self._stop.is_set():
                 return
@@ -176,30 +197,33 @@ class Dispatcher:
 
     def _batch_due(self) -> bool:
         state = self.queue.pending_state()
+        return self._due(state) or state.count >= self.policy.max_patients
+
+    def _due(self, state) -> bool:
         if not state.count:
             return False
         now = self._clock()
-        return (state.count >= self.policy.max_patients
-                or now - state.last_seen >= self.policy.debounce
-                or now - state.first_seen >= self.policy.max_wait)
+        return now - state.last_seen >= self.policy.debounce or now - state.first_seen >= self.policy.max_wait
 
     def _send(self, batch: Batch) -> None:
+        if batch.window:
+            dag_id, conf = self.window_dag_id, {"start": batch.window[0], "end": batch.window[1]}
+            what = f"window {batch.window[0]} to {batch.window[1]}"
+        else:
+            dag_id, conf = self.dag_id, {"patients": batch.patients}
+            what = f"{len(batch.patients)} patient(s)"
         try:
-            outcome = self.airflow.trigger_dag_run(
-                self.dag_id, batch.run_id, {"patients": batch.patients},
-                note=f"leukofhir listen: {len(batch.patients)} patient(s) touched")
+            outcome = self.airflow.trigger_dag_run(dag_id, batch.run_id, conf, note=f"leukofhir listen: {what}")
         except AirflowError as exc:
             delay = min(2.0 ** batch.attempts, self.policy.retry_max)
             self.stats["trigger_failures"] += 1
-            log.warning("run %s (%d patient(s)) not accepted: %s; trying again in %.0f s",
-                        batch.run_id, len(batch.patients), exc, delay)
+            log.warning("run %s (%s) not accepted: %s; trying again in %.0f s", batch.run_id, what, exc, delay)
             self.queue.retry_later(batch, delay)
             return
         self.queue.accepted(batch)
         self.stats["runs_created" if outcome == "created" else "runs_existing"] += 1
-        log.info("run %s of %s %s: %d patient(s)", batch.run_id, self.dag_id,
-                 "created" if outcome == "created" else "already existed (an earlier answer was lost)",
-                 len(batch.patients))
+        log.info("run %s of %s %s: %s", batch.run_id, dag_id,
+                 "created" if outcome == "created" else "already existed (an earlier answer was lost)", what)
 
 
 def create_app(receiver: Receiver, secret: str, dispatcher: Dispatcher | None = None) -> FastAPI:
@@ -253,7 +277,7 @@ def listen_command(args) -> int:
     secret = hook_secret()
     airflow = AirflowClient(AirflowSettings.from_environment(args.airflow_url))
     policy = BatchPolicy(debounce=args.debounce, max_wait=args.max_wait, max_patients=args.max_batch,
-                         retry_max=args.retry_max)
+                         retry_max=args.retry_max, window_lookback=args.window_lookback)
     queue = PatientQueue(args.queue)
     # Read while the FHIR server waits for our answer: short, one retry; a failure answers 503 (it retries).
     fhir = FhirClient(args.fhir_url, make_auth(args.auth), timeout=min(args.timeout, 10.0), max_retries=1)

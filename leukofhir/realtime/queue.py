@@ -1,7 +1,8 @@
 """The receiver's durable queue (SQLite): touched patients waiting for a batch, and batches waiting for Airflow.
 
 A patient is acknowledged to the FHIR server only once it is committed here, and leaves only when a run that
-holds it was accepted: a crash, a restart or an Airflow outage loses nothing."""
+holds it was accepted: a crash, a restart or an Airflow outage loses nothing. Notifications that name no resource
+(an empty POST) are kept the same way, as one pending window request that becomes a window batch."""
 
 from __future__ import annotations
 
@@ -27,15 +28,29 @@ CREATE TABLE IF NOT EXISTS batch (
     attempts INTEGER NOT NULL DEFAULT 0,
     next_attempt REAL NOT NULL
 );
+-- Notifications without payload since the last window batch: they say only that something changed (one row at most).
+CREATE TABLE IF NOT EXISTS window_pending (
+    one INTEGER PRIMARY KEY CHECK (one = 1),
+    first_seen REAL NOT NULL,
+    last_seen REAL NOT NULL
+);
+-- Where the last window batch ended: the next one starts there, so a stream of them reads no change twice.
+CREATE TABLE IF NOT EXISTS window_end (
+    one INTEGER PRIMARY KEY CHECK (one = 1),
+    at REAL NOT NULL
+);
 """
 
 
 @dataclass(frozen=True)
 class Batch:
+    """Patients for one run, or (`window`, with no patients) a `_lastUpdated` window [start, end) in ISO 8601."""
+
     seq: int
     run_id: str
     patients: list[str]
     attempts: int
+    window: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -58,6 +73,8 @@ class PatientQueue:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        if "window" not in {row[1] for row in self._db.execute("PRAGMA table_info(batch)")}:
+            self._db.execute("ALTER TABLE batch ADD COLUMN window TEXT")  # a queue file of the first version
 
     def close(self) -> None:
         with self._lock:
@@ -88,6 +105,49 @@ class PatientQueue:
                 "SELECT COUNT(*), MIN(first_seen), MAX(last_seen) FROM pending").fetchone()
         return PendingState(count, first, last)
 
+    def add_window_request(self) -> None:
+        """Record a notification that names nothing: it asks for a window batch."""
+        now = self._clock()
+        self._tx(lambda db: db.execute(
+            "INSERT INTO window_pending (one, first_seen, last_seen) VALUES (1, ?, ?) "
+            "ON CONFLICT(one) DO UPDATE SET last_seen = excluded.last_seen", (now, now)))
+
+    def window_state(self) -> PendingState:
+        with self._lock:
+            row = self._db.execute("SELECT first_seen, last_seen FROM window_pending").fetchone()
+        return PendingState(1, *row) if row else PendingState(0, None, None)
+
+    def form_window_batch(self, lookback: float, run_id_prefix: str) -> Batch | None:
+        """The pending window request as a batch: from where the last window ended, but at most `lookback` seconds
+        before the first notification, to now."""
+        def move(db):
+            row = db.execute("SELECT first_seen FROM window_pending").fetchone()
+            if row is None:
+                return None
+            now = self._clock()
+            start = row[0] - lookback
+            last = db.execute("SELECT at FROM window_end").fetchone()
+            if last is not None and start < last[0] < now:
+                start = last[0]
+            window = (_iso(start), _iso(now))
+            batch = self._insert_batch(db, run_id_prefix, now, [], window)
+            db.execute("INSERT INTO window_end (one, at) VALUES (1, ?) ON CONFLICT(one) DO UPDATE SET at = excluded.at",
+                       (now,))
+            db.execute("DELETE FROM window_pending")
+            return batch
+        return self._tx(move)
+
+    def _insert_batch(self, db, run_id_prefix: str, now: float, patients: list[str],
+                      window: tuple[str, str] | None = None) -> Batch:
+        cur = db.execute("INSERT INTO batch (run_id, created, patients, next_attempt, window) VALUES ('', ?, ?, ?, ?)",
+                         (now, json.dumps(patients), now, json.dumps(window) if window else None))
+        seq = cur.lastrowid
+        # Unique across restarts and across a recreated queue file: creation time and sequence number.
+        stamp = datetime.fromtimestamp(now, timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+        run_id = f"{run_id_prefix}__{stamp}_{seq}"
+        db.execute("UPDATE batch SET run_id = ? WHERE seq = ?", (run_id, seq))
+        return Batch(seq, run_id, patients, 0, window)
+
     def form_batch(self, max_patients: int, run_id_prefix: str) -> Batch | None:
         """Move up to `max_patients` waiting patients (longest waiting first) into a new batch with its run id."""
         def move(db):
@@ -95,26 +155,19 @@ class PatientQueue:
                               (max_patients,)).fetchall()
             if not rows:
                 return None
-            patients = sorted(r[0] for r in rows)
-            now = self._clock()
-            cur = db.execute("INSERT INTO batch (run_id, created, patients, next_attempt) VALUES ('', ?, ?, ?)",
-                             (now, json.dumps(patients), now))
-            seq = cur.lastrowid
-            # Unique across restarts and across a recreated queue file: creation time and sequence number.
-            stamp = datetime.fromtimestamp(now, timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
-            run_id = f"{run_id_prefix}__{stamp}_{seq}"
-            db.execute("UPDATE batch SET run_id = ? WHERE seq = ?", (run_id, seq))
+            batch = self._insert_batch(db, run_id_prefix, self._clock(), sorted(r[0] for r in rows))
             db.executemany("DELETE FROM pending WHERE patient = ?", rows)
-            return Batch(seq, run_id, patients, 0)
+            return batch
         return self._tx(move)
 
     def due_batches(self) -> list[Batch]:
         now = self._clock()
         with self._lock:
             rows = self._db.execute(
-                "SELECT seq, run_id, patients, attempts FROM batch WHERE next_attempt <= ? ORDER BY seq", (now,)
-            ).fetchall()
-        return [Batch(seq, run_id, json.loads(p), attempts) for seq, run_id, p, attempts in rows]
+                "SELECT seq, run_id, patients, attempts, window FROM batch WHERE next_attempt <= ? ORDER BY seq",
+                (now,)).fetchall()
+        return [Batch(seq, run_id, json.loads(p), attempts, tuple(json.loads(w)) if w else None)
+                for seq, run_id, p, attempts, w in rows]
 
     def accepted(self, batch: Batch) -> None:
         """The run holding this batch exists in Airflow: its patients leave the queue."""
@@ -130,4 +183,10 @@ class PatientQueue:
             pending = self._db.execute("SELECT COUNT(*) FROM pending").fetchone()[0]
             batches, waiting = self._db.execute(
                 "SELECT COUNT(*), COALESCE(SUM(json_array_length(patients)), 0) FROM batch").fetchone()
-        return {"pending_patients": pending, "unaccepted_batches": batches, "patients_in_unaccepted_batches": waiting}
+            windows = self._db.execute("SELECT COUNT(*) FROM window_pending").fetchone()[0]
+        return {"pending_patients": pending, "unaccepted_batches": batches, "patients_in_unaccepted_batches": waiting,
+                "pending_window_requests": windows}
+
+
+def _iso(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="milliseconds")

@@ -39,7 +39,7 @@ print(json.dumps({"airflow": airflow_s, "dags": out, "heavy": heavy, "touched": 
 
 
 def test_every_dag_file_imports_fast_and_touches_nothing(tmp_path):
-    assert len(DAG_FILES) >= 2
+    assert {p.stem for p in DAG_FILES} >= {"leukopenia_surveillance", "leukopenia_backfill", "leukopenia_patients"}
     env = {
         "PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "AIRFLOW_HOME": str(tmp_path / "airflow"),
         # A database that cannot exist, and proxies that go nowhere: any use at parse time fails loudly.
@@ -89,3 +89,38 @@ def test_tasks_that_talk_to_the_server_share_the_pool_and_all_retry_with_backoff
         assert t.retries >= 2 and t.retry_exponential_backoff and t.execution_timeout <= timedelta(hours=2)
     # Each chunk's extract → evaluate → write is a dynamically mapped task, so many workers share a backfill.
     assert all(tasks[tid].is_mapped for tid in ("extract", "evaluate", "write_flags"))
+
+
+def test_patients_dag_is_one_task_triggered_with_patients_and_running_at_once(dags):
+    dag = dags["leukopenia_patients"]
+    assert type(dag.timetable).__name__ == "NullTimetable"  # triggered by the receiver, never scheduled
+    assert dag.is_paused_upon_creation is False  # runs from the receiver must not wait for someone to unpause it
+    assert set(dag.params) == {"patients"}
+    (task,) = dag.tasks  # one task: measured faster than the five-task chain (README, "Near-real-time path")
+    assert task.task_id == "process_patients" and task.pool == "fhir_server"
+    assert task.retries >= 2 and task.retry_exponential_backoff
+    assert task.execution_timeout <= timedelta(minutes=30)
+
+
+@pytest.mark.parametrize("patients, valid", [
+    (["Patient/p1", "p2", "Patient/a-b.c"], True),
+    ([], False),  # a run for nobody
+    (["Patient/a b"], False),  # not FHIR ids: refused when the run is triggered, not inside the task
+    (["Patient/x?_id=y"], False),
+    (["Observation/o1"], False),
+    ("Patient/p1", False),
+])
+def test_patients_dag_param_takes_fhir_patient_ids_only(dags, patients, valid):
+    from airflow.sdk.definitions.param import ParamsDict
+    from airflow.sdk.exceptions import ParamValidationError
+
+    def validated():
+        params = ParamsDict(dags["leukopenia_patients"].params)
+        params["patients"] = patients  # checked against the Param's schema, as a triggered run's conf is
+        return params.validate()["patients"]
+
+    if valid:
+        assert validated() == patients
+    else:
+        with pytest.raises(ParamValidationError):
+            validated()

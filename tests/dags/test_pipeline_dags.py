@@ -1,4 +1,4 @@
-"""Both DAGs with dag.test() against the real HAPI server: Flags converge per patient, whatever the windows.
+"""The DAGs with dag.test() against the real HAPI server: Flags converge per patient, whatever the windows.
 
 Each test makes its own patients (unique ids) and reads back only their Flags; the windows are real `_lastUpdated`
 windows in the server's clock, or clinical-date windows, as the DAGs' users would give them."""
@@ -39,7 +39,7 @@ def _parse():
 @pytest.fixture(scope="module")
 def dags(airflow_db, fhir_connection):
     dags = _parse()
-    assert {"leukopenia_surveillance", "leukopenia_backfill"} <= set(dags)
+    assert {"leukopenia_surveillance", "leukopenia_backfill", "leukopenia_patients"} <= set(dags)
     return dags
 
 
@@ -97,6 +97,22 @@ def test_backfill_dag_dry_run_writes_nothing_and_reports_what_it_would(dags, fhi
     assert project_flags(fhir_client, [pid]) == []
     report = run_dag(dags, "leukopenia_backfill", patients=[pid])
     assert report["writes"]["create"] == 1 and len(project_flags(fhir_client, [pid])) == 1
+
+
+def test_patients_dag_evaluates_exactly_the_patients_named_and_a_rerun_writes_nothing(dags, fhir_client, unique):
+    named, bare, other = (f"{kind}-{unique}" for kind in ("named", "bare", "other"))
+    put(fhir_client, *(patient(p) for p in (named, bare, other)),
+        *(observation(f"{p}-w", "wbc", 1.7, time=at(), patient=f"Patient/{p}") for p in (named, bare, other)))
+    # As the receiver sends them (Patient/<id>), or bare ids as a person would type them.
+    report = run_dag(dags, "leukopenia_patients", patients=[f"Patient/{named}", bare])
+    assert report["patients_touched"] == 2 and report["writes"]["create"] == 2 and report["reconciled"]
+    assert set(report["seconds"]) == {"find", "extract", "evaluate", "write", "total"}  # one process ran every step
+    assert [len(project_flags(fhir_client, [p])) for p in (named, bare, other)] == [1, 1, 0]
+    on_server = project_flags(fhir_client, [named, bare])
+
+    again = run_dag(dags, "leukopenia_patients", patients=[bare, f"Patient/{named}"])
+    assert writes(again) == NOTHING_WRITTEN and again["writes"]["unchanged"] == 2
+    assert versions(project_flags(fhir_client, [named, bare])) == versions(on_server)
 
 
 def _history(pid: str, part: int) -> list[dict]:

@@ -4,31 +4,20 @@ backfill DAG triggered through the REST API with conf; both reach success and th
 
 from __future__ import annotations
 
-import json
 import time
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from conftest import ROOT
 
-from support.airflow_stack import LocalAirflow
 from support.fhir_builders import at, observation, patient
 from support.server_data import project_flags, put, server_now
 
 pytestmark = pytest.mark.fhir
 
 
-@pytest.fixture(scope="module")
-def airflow(fhir_base_url, tmp_path_factory):
-    conn = json.dumps({"conn_type": "fhir", "host": fhir_base_url})
-    # Minute intervals instead of hours: a backfill only covers complete intervals, and this test must not wait for
-    # the hour to end to cover the data it has just written.
-    env = {"AIRFLOW_CONN_FHIR_DEFAULT": conn, "LEUKOFHIR_SURVEILLANCE_CRON": "* * * * *"}
-    with LocalAirflow(tmp_path_factory.mktemp("airflow-e2e"), ROOT / "dags", env) as stack:
-        for dag_id in ("leukopenia_surveillance", "leukopenia_backfill"):
-            stack.wait_for_dag(dag_id)
-        assert stack.api("PATCH", "dags/leukopenia_backfill", json={"is_paused": False}).ok
-        yield stack
+@pytest.fixture(scope="module", autouse=True)
+def backfill_unpaused(airflow):
+    airflow.unpause("leukopenia_backfill")
 
 
 def test_cli_backfill_of_the_surveillance_dag_over_three_intervals(airflow, fhir_client, unique):
@@ -45,7 +34,7 @@ def test_cli_backfill_of_the_surveillance_dag_over_three_intervals(airflow, fhir
         if "database is locked" not in done.stderr:
             break
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    assert airflow.api("PATCH", "dags/leukopenia_surveillance", json={"is_paused": False}).ok
+    airflow.unpause("leukopenia_surveillance")
     runs = airflow.wait_for_runs("leukopenia_surveillance", 3, run_type="backfill")
     assert len(runs) == 3 and {r["state"] for r in runs} == {"success"}
     starts = sorted(r["data_interval_start"] for r in runs)

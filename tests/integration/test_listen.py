@@ -1,8 +1,11 @@
-"""`leukofhir listen` as a process, against a real Airflow 3 api-server: secret, debounce, bursts, outages.
+"""`leukofhir listen` as a process, against a real Airflow 3 api-server holding the repository's DAGs: secret,
+debounce, bursts, outages, windows for notifications without payload.
 
 The notifications are sent as HAPI sends them (PUT {endpoint}/Observation/{id} with the resource, the secret
-in a header); test_fhir_subscriptions.py shows HAPI sending exactly that, and the last test here runs the
-whole chain from the real HAPI server."""
+in a header); test_fhir_subscriptions.py shows HAPI sending exactly that, and the last tests here start from
+the real HAPI server. No scheduler runs here: Airflow validates each run's conf against the real DAG's Params
+and the runs stay queued, so these tests read back what the receiver asked for (tests/e2e/test_realtime.py runs
+them to the Flags)."""
 
 from __future__ import annotations
 
@@ -11,19 +14,24 @@ import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta, timezone
 
 import jwt
 import pytest
 import requests
 
 from leukofhir.config import load_config
+from conftest import ROOT
+
 from leukofhir.realtime.airflow_api import AirflowClient, AirflowError, AirflowSettings
-from leukofhir.realtime.listen import DAG_ID
-from leukofhir.realtime.subscribe import subscribe, unsubscribe
-from support.airflow_server import STAND_IN_DAG, AirflowApiServer
+from leukofhir.realtime.listen import DAG_ID, WINDOW_DAG_ID
+from leukofhir.realtime.secret import authorization_header
+from leukofhir.realtime.subscribe import build_subscription, subscribe, subscription_specs, unsubscribe
+from support.airflow_server import USER, LocalAirflow
 from support.faultproxy import Fault, FaultProxy
 from support.fhir_builders import observation, patient
-from support.listen_process import ListenProcess, session_port
+from support.listen_process import ListenProcess
+from support.ports import session_port
 
 pytestmark = pytest.mark.airflow_server
 
@@ -32,31 +40,19 @@ SECRET = "listen-test-secret-0123456789"
 
 @pytest.fixture(scope="module")
 def airflow_api(tmp_path_factory):
-    server = AirflowApiServer(tmp_path_factory.mktemp("airflow"), session_port(2),
-                              {"leukopenia_patients.py": STAND_IN_DAG})
-    server.prepare()
-    server.start()
-    yield server
-    server.stop()
+    with LocalAirflow(tmp_path_factory.mktemp("airflow"), session_port(2), dags_folder=ROOT / "dags",
+                      scheduler=False) as airflow:
+        yield airflow
 
 
 @pytest.fixture
 def listen_env(airflow_api):
-    return dict(os.environ, LEUKOFHIR_HOOK_SECRET=SECRET, **airflow_api.client_environment())
+    return dict(os.environ, LEUKOFHIR_HOOK_SECRET=SECRET, **airflow_api.receiver_environment())
 
 
-def _airflow(server: AirflowApiServer) -> AirflowClient:
-    return AirflowClient(AirflowSettings(server.url, "leukofhir", server.password))
-
-
-def _runs_with(server: AirflowApiServer, patients: set[str]) -> list[dict]:
+def _runs_with(airflow: LocalAirflow, patients: set[str]) -> list[dict]:
     """The runs of leukopenia_patients holding any of `patients`, read back through the REST API."""
-    client = _airflow(server)
-    try:
-        runs = client.dag_runs(DAG_ID)
-    finally:
-        client.close()
-    return [r for r in runs if set((r.get("conf") or {}).get("patients", [])) & patients]
+    return [r for r in airflow.runs(DAG_ID) if set((r.get("conf") or {}).get("patients", [])) & patients]
 
 
 def _notify(listener: ListenProcess, resource: dict, secret: str | None = SECRET, session=requests) -> int:
@@ -106,7 +102,7 @@ def test_debounce_collapses_a_panel_into_one_run(listen_env, airflow_api, tmp_pa
     run = runs[0]
     assert run["conf"] == {"patients": [pid]}  # references only
     assert run["dag_run_id"].startswith("leukofhir_realtime__") and run["logical_date"] is None
-    assert run["run_type"] == "manual" and run["triggering_user_name"] == "leukofhir"
+    assert run["run_type"] == "manual" and run["triggering_user_name"] == USER
     log = listener.log.read_text()
     assert marker not in log and marker not in json.dumps(run)
     assert pid in log  # ids are what the log may name
@@ -174,7 +170,7 @@ def test_a_lost_answer_does_not_start_a_second_run(airflow_api, tmp_path, unique
     patients = {f"Patient/l{i}-{unique}" for i in range(3)}
     with FaultProxy(airflow_api.url) as proxy:
         env = dict(os.environ, LEUKOFHIR_HOOK_SECRET=SECRET,
-                   **dict(airflow_api.client_environment(), LEUKOFHIR_AIRFLOW_URL=proxy.base_url))
+                   **dict(airflow_api.receiver_environment(), LEUKOFHIR_AIRFLOW_URL=proxy.base_url))
         # Airflow creates the run, and the answer never reaches the receiver: it tries again with the same id.
         proxy.add(Fault("drop", method="POST", path_regex=r"/dagRuns$"))
         with ListenProcess(tmp_path, session_port(3), env) as listener:
@@ -189,13 +185,13 @@ def test_a_lost_answer_does_not_start_a_second_run(airflow_api, tmp_path, unique
     _assert_each_once(runs, patients)
 
 
-def _status_with_token(server: AirflowApiServer, token: str) -> int:
+def _status_with_token(server: LocalAirflow, token: str) -> int:
     return requests.get(f"{server.url}/api/v2/dags/{DAG_ID}", headers={"Authorization": f"Bearer {token}"},
                         timeout=10).status_code
 
 
 def test_a_refused_token_is_replaced_once(airflow_api, unique):
-    client = _airflow(airflow_api)
+    client = AirflowClient(AirflowSettings(airflow_api.url, USER, airflow_api.passwords[USER]))
     conf = {"patients": [f"Patient/t-{unique}"]}
     try:
         # Airflow 3.3: a token it cannot verify (another signing key) is 403 "Invalid JWT token" ...
@@ -215,7 +211,7 @@ def test_a_refused_token_is_replaced_once(airflow_api, unique):
     finally:
         client.close()
     # Wrong credentials are an error after one try, not a loop.
-    bad = AirflowClient(AirflowSettings(airflow_api.url, "leukofhir", "wrong-password"))
+    bad = AirflowClient(AirflowSettings(airflow_api.url, USER, "wrong-password"))
     with pytest.raises(AirflowError) as refused:
         bad.trigger_dag_run(DAG_ID, f"token2-{unique}", conf)
     assert refused.value.status == 401
@@ -245,3 +241,59 @@ def test_from_the_fhir_server_to_an_airflow_run(listen_env, airflow_api, fhir_ba
             assert len(_runs_with(airflow_api, {f"Patient/{pid}"})) == 2
         finally:
             unsubscribe(fhir_client, rules)
+
+
+def _window_runs(airflow: LocalAirflow, after: str) -> list[dict]:
+    """The receiver's window runs of the surveillance DAG whose window ends after `after` (ISO 8601)."""
+    return [r for r in airflow.runs(WINDOW_DAG_ID) if r["dag_run_id"].startswith("leukofhir_realtime_window__")
+            and r["conf"]["end"] > after]
+
+
+def _instant(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def test_notifications_without_payload_start_one_surveillance_window(listen_env, airflow_api, tmp_path):
+    before = datetime.now(timezone.utc)
+    with ListenProcess(tmp_path, session_port(3), listen_env) as listener:
+        for _ in range(3):  # what HAPI sends for a Subscription without payload
+            answer = requests.post(f"{listener.url}/notify", headers={"Authorization": f"Bearer {SECRET}"},
+                                   timeout=10)
+            assert answer.status_code == 200
+        health = listener.wait_drained()
+    after = datetime.now(timezone.utc)
+    assert health["runs_created"] == 1
+    (run,) = _window_runs(airflow_api, before.isoformat())
+    start, end = _instant(run["conf"]["start"]), _instant(run["conf"]["end"])
+    # Five minutes (the default look-back) before the first notification, to when the batch formed.
+    assert before - timedelta(seconds=301) <= start <= after - timedelta(seconds=299)
+    assert before <= end <= after
+    assert run["run_type"] == "manual" and run["logical_date"] is None
+
+
+@pytest.mark.fhir
+def test_a_subscription_without_payload_gives_a_window_that_holds_the_change(listen_env, airflow_api, fhir_base_url,
+                                                                            fhir_client, tmp_path, unique):
+    rules = load_config()
+    pid = f"nopayload-{unique}"
+    fhir_client.update(patient(pid))
+    with ListenProcess(tmp_path, session_port(3), listen_env, fhir_url=fhir_base_url) as listener:
+        subscription = build_subscription(subscription_specs(rules)[0], f"{listener.url}/notify", SECRET, rules)
+        del subscription["channel"]["payload"]  # R4: no payload, "just a notification" (an empty POST)
+        assert subscription["channel"]["header"] == [authorization_header(SECRET)]
+        created = fhir_client.request("POST", "Subscription", json=subscription).json()
+        try:
+            deadline = time.monotonic() + 30
+            while fhir_client.read("Subscription", created["id"])["status"] != "active":
+                assert time.monotonic() < deadline, "the Subscription was not activated"
+                time.sleep(0.3)
+            written = fhir_client.update(observation(f"np-{unique}", "wbc", 1.0, patient=f"Patient/{pid}"))
+            changed = _instant(written["meta"]["lastUpdated"])
+            listener.wait_until(lambda h: h["runs_created"] >= 1)
+        finally:
+            unsubscribe(fhir_client, rules)
+    (run,) = [r for r in _window_runs(airflow_api, changed.isoformat())
+              if _instant(r["conf"]["start"]) <= changed]
+    assert _instant(run["conf"]["start"]) <= changed < _instant(run["conf"]["end"])
+    log = listener.log.read_text()
+    assert "notification without payload" in log and "PUT Observation" not in log  # HAPI named nothing

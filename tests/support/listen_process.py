@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -10,12 +9,8 @@ from pathlib import Path
 
 import requests
 
+from support.ports import is_listening
 from support.processes import stop_group, wait_healthy
-
-
-def session_port(offset: int) -> int:
-    """A port next to the session's FHIR test port, so parallel sessions on one machine keep out of each other's way."""
-    return int(os.environ.get("FHIR_TEST_PORT", "8181")) + offset
 
 
 class ListenProcess:
@@ -33,6 +28,8 @@ class ListenProcess:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 60.0) -> "ListenProcess":
+        if is_listening(self.port):  # another server there would answer the health check in its place
+            raise RuntimeError(f"port {self.port} is in use: leukofhir listen cannot start there")
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                          start_new_session=True)
@@ -54,11 +51,11 @@ class ListenProcess:
         return requests.get(f"{self.url}/healthz", timeout=5).json()
 
     def wait_drained(self, timeout: float = 90.0) -> dict:
-        """Until no patient waits: every one is in a run Airflow accepted."""
+        """Until nothing waits: every patient (and window request) is in a run Airflow accepted."""
         deadline = time.monotonic() + timeout
         while True:
             health = self.health()
-            if health["pending_patients"] == 0 and health["unaccepted_batches"] == 0:
+            if health["pending_patients"] == health["unaccepted_batches"] == health["pending_window_requests"] == 0:
                 return health
             if time.monotonic() > deadline:
                 raise AssertionError(f"not drained after {timeout} s: {health}\n{self.log.read_text()[-3000:]}")

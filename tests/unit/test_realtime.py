@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import logging
 import re
+import sqlite3
+from datetime import datetime, timezone
 
 import pytest
 import yaml
@@ -27,6 +29,10 @@ from support.fhir_builders import observation
 SECRET = "unit-secret-0123456789abcdef"
 # Airflow 3.3's default [scheduler] allowed_run_id_pattern.
 AIRFLOW_RUN_ID = re.compile(r"^[A-Za-z0-9_.~:+-]+$")
+
+
+def iso(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="milliseconds")
 
 
 class Clock:
@@ -130,7 +136,8 @@ def test_queue_keeps_each_patient_once_and_survives_a_reopen(tmp_path):
     q.close()
 
     q = PatientQueue(tmp_path / "q.sqlite3", clock=clock)
-    assert q.counts() == {"pending_patients": 2, "unaccepted_batches": 0, "patients_in_unaccepted_batches": 0}
+    assert q.counts() == {"pending_patients": 2, "unaccepted_batches": 0, "patients_in_unaccepted_batches": 0,
+                          "pending_window_requests": 0}
     batch = q.form_batch(10, "leukofhir_realtime")
     assert batch.patients == ["Patient/a", "Patient/b"] and AIRFLOW_RUN_ID.match(batch.run_id)
     assert q.form_batch(10, "leukofhir_realtime") is None
@@ -145,7 +152,51 @@ def test_queue_keeps_each_patient_once_and_survives_a_reopen(tmp_path):
     (later,) = q.due_batches()
     assert later.attempts == 1
     q.accepted(later)
-    assert q.counts() == {"pending_patients": 0, "unaccepted_batches": 0, "patients_in_unaccepted_batches": 0}
+    assert q.counts() == {"pending_patients": 0, "unaccepted_batches": 0, "patients_in_unaccepted_batches": 0,
+                          "pending_window_requests": 0}
+
+
+def test_window_batches_follow_each_other_and_look_back_a_bounded_time(tmp_path):
+    clock = Clock()
+    q = PatientQueue(tmp_path / "q.sqlite3", clock=clock)
+    assert q.form_window_batch(300, "w") is None
+    q.add_window_request()
+    first_seen = clock.now
+    clock.now += 3
+    q.add_window_request()
+    assert q.window_state().first_seen == first_seen and q.window_state().last_seen == clock.now
+    first = q.form_window_batch(300, "w")
+    assert first.patients == [] and first.window == (iso(first_seen - 300), iso(clock.now))
+    assert q.counts()["pending_window_requests"] == 0
+
+    clock.now += 60  # the next window starts where the first ended: nothing is read twice
+    q.add_window_request()
+    clock.now += 2
+    q.close()
+    q = PatientQueue(tmp_path / "q.sqlite3", clock=clock)  # kept across a restart
+    second = q.form_window_batch(300, "w")
+    assert second.window == (first.window[1], iso(clock.now)) and second.run_id != first.run_id
+
+    clock.now += 86400  # but never further back than the look-back before its first notification
+    q.add_window_request()
+    third = q.form_window_batch(300, "w")
+    assert third.window == (iso(clock.now - 300), iso(clock.now))
+    assert [b.window for b in q.due_batches()] == [first.window, second.window, third.window]
+    q.close()
+
+
+def test_a_queue_file_of_the_first_version_is_upgraded(tmp_path):
+    path = tmp_path / "q.sqlite3"
+    with sqlite3.connect(path) as db:
+        db.executescript("""CREATE TABLE batch (seq INTEGER PRIMARY KEY AUTOINCREMENT, run_id TEXT NOT NULL UNIQUE,
+            created REAL NOT NULL, patients TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
+            next_attempt REAL NOT NULL);
+            INSERT INTO batch (run_id, created, patients, next_attempt) VALUES ('r1', 0, '["Patient/a"]', 0);""")
+    db.close()
+    q = PatientQueue(path, clock=Clock())
+    (batch,) = q.due_batches()
+    assert (batch.run_id, batch.patients, batch.window) == ("r1", ["Patient/a"], None)
+    q.close()
 
 
 def test_batches_are_bounded_and_run_ids_unique(tmp_path):
@@ -199,14 +250,24 @@ def test_nothing_to_evaluate_is_acknowledged_and_not_queued(receiver):
         if subject:
             obs["subject"] = subject
         assert receiver.handle("PUT", "notify/Observation/o1", json.dumps(obs).encode()).status == 200
-    assert receiver.handle("POST", "notify", b"").status == 200  # a notification without payload
-    assert receiver.empty_posts == 1
     assert receiver.handle("DELETE", "notify/Observation/o1", b"").status == 200  # no FHIR server to ask
+    bad_id = observation("o2", "wbc", 1.0, patient="Patient/a b")  # not a FHIR id: the DAG would refuse the run
+    assert receiver.handle("PUT", "notify/Observation/o2", json.dumps(bad_id).encode()).status == 200
     assert _queued(receiver) == []
+    assert receiver.queue.counts()["pending_window_requests"] == 0
+
+
+def test_a_notification_without_payload_asks_for_a_window(receiver):
+    assert receiver.handle("POST", "notify", b"").status == 200
+    assert receiver.handle("POST", "notify", b"  ").status == 200
+    assert receiver.empty_posts == 2
+    assert _queued(receiver) == []
+    assert receiver.queue.counts()["pending_window_requests"] == 1  # one window for both
 
 
 def test_patient_of():
     assert patient_of({"subject": {"reference": "Patient/1"}}) == "Patient/1"
+    assert patient_of({"subject": {"reference": "Patient/x?_id=y"}}) is None
     assert patient_of({"subject": {"reference": "Location/1"}}) is None
     assert patient_of({}) is None
 
@@ -242,4 +303,17 @@ def test_a_batch_forms_at_once_when_max_patients_wait(tmp_path):
     assert not d._batch_due()
     q.add(["Patient/z"])
     assert d._batch_due()
+    q.close()
+
+
+def test_a_window_batch_forms_after_a_quiet_spell_of_empty_notifications(tmp_path):
+    clock = Clock()
+    q = PatientQueue(tmp_path / "q.sqlite3", clock=clock)
+    d = Dispatcher(q, airflow=None, policy=BatchPolicy(debounce=1, max_wait=5), clock=clock)
+    assert not d._due(q.window_state())
+    q.add_window_request()
+    clock.now += 0.9
+    assert not d._due(q.window_state()) and not d._batch_due()  # patients and windows are apart
+    clock.now += 0.2
+    assert d._due(q.window_state())
     q.close()
