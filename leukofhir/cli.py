@@ -70,7 +70,7 @@ def _memory_budget(value: str) -> int:
 
 def _add_memory_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory-budget", type=_memory_budget, metavar="SIZE",
-                   help="memory the input's rows may take, e.g. 64MB or 2GB (default 1GB, for a 2-core 4 GB worker); "
+                   help="memory the input's rows may take, e.g. 64MB or 2GB (default 768MB, for a 2-core 4 GB worker); "
                    "a larger input is partitioned by patient and evaluated a partition at a time")
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="processes evaluating partitions at once, sharing the memory budget (default 1)")

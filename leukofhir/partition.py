@@ -62,12 +62,14 @@ __all__ = ["DEFAULT_MEMORY_BUDGET", "Plan", "PartitionError", "parse_size", "sho
 log = logging.getLogger(__name__)
 
 # The memory an evaluation's rows may take, beyond the process's own (Python, pandas, Great Expectations: about
-# 300 MB). A 2-core, 4 GB worker runs two task processes (scripts/airflow-stack, docker-compose.yml) beside the
-# Celery worker itself (about 0.6 GB): 2 x (1 GiB + 0.3 GB) + 0.6 GB leaves room.
-DEFAULT_MEMORY_BUDGET = 1 << 30
-# Memory the rows of one byte of FHIR JSON read take, at most (measured on the generated CBCs of
-# benchmarks/evaluate_bench.py, the densest input: every line an Observation in scope; see benchmarks/README.md).
-ROW_MEMORY_PER_BYTE = 1.0
+# 250 MB). A 2-core, 4 GB worker runs two task processes (scripts/airflow-stack, docker-compose.yml) beside the
+# Celery worker itself (about 0.6 GB): 2 x (768 MiB + 0.25 GB + an Airflow task runner's 0.15 GB) + 0.6 GB = 3.0 GB,
+# a quarter of the worker left for the estimate's error and the system.
+DEFAULT_MEMORY_BUDGET = 768 << 20
+# Memory the rows of one byte of FHIR JSON read take (peak, above the process's own): 0.71 measured on 1,000,000
+# generated CBCs of benchmarks/evaluate_bench.py, the densest input (every line a resource the rules read), with a
+# margin; benchmarks/README.md.
+ROW_MEMORY_PER_BYTE = 0.8
 GZIP_RATIO = 5  # a .gz whose recorded size is not plausible holds at least this many times its size (FHIR JSON: 8-20)
 OVERSPLIT = 4  # partitions spilled per partition evaluated: packed by their real size into the evaluated ones
 MAX_SPILLED = 256  # files open at once while spilling
@@ -168,29 +170,32 @@ def plan_partitions(files: list[Path], budget: int | str | None = None, workers:
 
 # -- pass 1: spill -----------------------------------------------------------------------------------------------------
 class _Links:
-    """Join records (64-bit key hash; partition << 1 | 1 for a resource with that key, | 0 for a reference to it),
-    spread over JOIN_FILES files by hash, so that each slice is joined alone in bounded memory."""
+    """Join records: a 64-bit key hash, and its partition << 1 | 1 for a resource with that key, | 0 for a reference
+    to it. Appended in memory (two array appends per record), written out every FLUSH records split by hash over
+    JOIN_FILES files, so that each slice is joined alone in bounded memory."""
 
-    FLUSH = 1 << 16
+    FLUSH = 1 << 20
 
     def __init__(self, folder: Path, name: str):
         self.paths = [folder / f"{name}-{j:02d}.join" for j in range(JOIN_FILES)]
-        self.files = [open(p, "wb") for p in self.paths]
-        self.buffers = [array("q") for _ in range(JOIN_FILES)]
+        for path in self.paths:
+            path.write_bytes(b"")
+        self.hashes = array("q")
+        self.codes = array("q")
 
-    def add(self, key_hash: int, partition: int, has: int) -> None:
-        buffer = self.buffers[key_hash % JOIN_FILES]
-        buffer.append(key_hash)
-        buffer.append(partition << 1 | has)
-        if len(buffer) >= self.FLUSH:
-            buffer.tofile(self.files[key_hash % JOIN_FILES])
-            del buffer[:]
-
-    def close(self) -> None:
-        for buffer, fh in zip(self.buffers, self.files):
-            buffer.tofile(fh)
-            del buffer[:]
-            fh.close()
+    def flush(self) -> None:
+        if not self.hashes:
+            return
+        records = np.stack([np.frombuffer(self.hashes, dtype=np.int64), np.frombuffer(self.codes, dtype=np.int64)],
+                           axis=1)
+        slices = records[:, 0] % JOIN_FILES
+        order = np.argsort(slices, kind="stable")
+        bounds = np.searchsorted(slices[order], np.arange(JOIN_FILES + 1))
+        for j in range(JOIN_FILES):
+            if bounds[j] < bounds[j + 1]:
+                with open(self.paths[j], "ab") as fh:
+                    records[order[bounds[j]:bounds[j + 1]]].tofile(fh)
+        self.hashes, self.codes = array("q"), array("q")
 
     def load(self, j: int) -> np.ndarray:
         return np.fromfile(self.paths[j], dtype=np.int64).reshape(-1, 2)
@@ -220,20 +225,44 @@ class _Spill:
         self.evaluated = 0  # Medications: used whole, counted here
         self._routes: dict[str, int] = {}  # subject reference -> partition (-1: none), cleared past 65536 entries
 
-    def add(self, resource: dict, seq: int, raw: bytes | None) -> None:
-        kind = resource["resourceType"]
-        if kind in ROUTED:
-            partition = self._partition(resource, kind)
-            line = b"%d\t%s" % (seq, raw if raw is not None else _encode(resource))
-            if line[-1:] != b"\n":
-                line += b"\n"  # the last line of a file may lack its newline
-            self.files[partition].write(line)
-            self.sizes[partition] += len(line)
-            self.counts[partition] += 1
+    def run(self, items, tick=None) -> None:
+        """Spill every (resource, path, line, entry, raw line) read. The hot loop of pass 1: names bound locally."""
+        files, sizes, counts, routes = self.files, self.sizes, self.counts, self._routes
+        links, needs = self.links, self.needs
+        link_hash, link_code = links.hashes.append, links.codes.append
+        route, partition_of = self._route, self._partition
+        medication_kinds = MEDICATION_KINDS
+        for seq, (resource, _, _, _, raw) in enumerate(items):
+            kind = resource["resourceType"]
+            if kind not in ROUTED:
+                self._other(resource, kind, seq, raw)
+                continue
+            partition = -1
+            if kind != "Patient":
+                subject = resource.get("subject")
+                reference = subject.get("reference") if type(subject) is dict else None
+                if type(reference) is str:
+                    partition = routes.get(reference)
+                    if partition is None:
+                        partition = route(reference)
+                        if len(routes) >= 65536:
+                            routes.clear()
+                        routes[reference] = partition
+            if partition < 0:
+                partition = partition_of(resource, kind)
+            if raw is None:
+                raw = _encode(resource)
+            elif raw[-1:] != b"\n":
+                raw += b"\n"  # the last line of a file may lack its newline
+            line = b"%d\t%s" % (seq, raw)
+            files[partition].write(line)
+            sizes[partition] += len(line)
+            counts[partition] += 1
             if kind == "Observation":
                 rid = resource.get("id")
                 if type(rid) is str and rid:
-                    self.links.add(hash("Observation/" + rid), partition, 1)
+                    link_hash(hash("Observation/" + rid))
+                    link_code(partition << 1 | 1)
                 members = resource.get("hasMember")
                 if type(members) is list and members:
                     self._link(resource, members, partition)
@@ -241,55 +270,57 @@ class _Spill:
                 results = resource.get("result")
                 if type(results) is list and results:
                     self._link(resource, results, partition)
-            elif kind in MEDICATION_KINDS:
+            elif kind in medication_kinds:
                 medication = resource.get("medicationReference")
                 reference = medication.get("reference") if type(medication) is dict else None
                 if not (type(reference) is str and reference.startswith("#")):  # a contained one travels along
                     key = medication_key(self.bases, reference)
                     if key is not None:
-                        self.needs.add(hash(key), partition, 0)
-            return
+                        needs.hashes.append(hash(key))
+                        needs.codes.append(partition << 1)
+            if len(links.hashes) >= _Links.FLUSH:
+                links.flush()
+                link_hash, link_code = links.hashes.append, links.codes.append
+            if len(needs.hashes) >= _Links.FLUSH:
+                needs.flush()
+            if tick is not None and not seq & 4095:
+                tick(seq)
+        links.flush()
+        needs.flush()
+        for fh in self.files + self.medications:
+            fh.close()
+
+    def _other(self, resource: dict, kind: str, seq: int, raw: bytes | None) -> None:
+        """A Medication is kept aside for the partitions that reference it; any other kind is only counted."""
         self.read_counts[kind] += 1
-        if kind == "Medication":
-            self.evaluated += 1
-            ref = resource_ref(resource)
-            if ref is not None:  # one without an id cannot be referenced: counted, nothing more
-                key_hash = hash(ref)
-                data = raw if raw is not None else _encode(resource)
-                self.medications[key_hash % JOIN_FILES].write(b"%d\t%d\t%s" % (seq, key_hash, data.rstrip(b"\r\n")))
-                self.medications[key_hash % JOIN_FILES].write(b"\n")
-        else:
+        if kind != "Medication":
             self.skipped[SKIP_NOT_USED] += 1
+            return
+        self.evaluated += 1
+        ref = resource_ref(resource)
+        if ref is not None:  # one without an id cannot be referenced: counted, nothing more
+            key_hash = hash(ref)
+            data = (raw if raw is not None else _encode(resource)).rstrip(b"\r\n")
+            self.medications[key_hash % JOIN_FILES].write(b"%d\t%d\t%s\n" % (seq, key_hash, data))
 
     def _link(self, resource: dict, references: list, partition: int) -> None:
         """The results a report (or panel Observation) lists, as normalise.Reports reads them."""
         if resource_ref(resource) is None:
             return  # a report without an id links nothing (Reports._note)
+        bases, hashes, codes = self.bases, self.links.hashes, self.links.codes
         for item in references:
             if isinstance(item, dict):
-                key = observation_key(self.bases, item.get("reference"))
+                key = observation_key(bases, item.get("reference"))
                 if key is not None:
-                    self.links.add(hash(key), partition, 0)
+                    hashes.append(hash(key))
+                    codes.append(partition << 1)
 
     def _partition(self, resource: dict, kind: str) -> int:
-        if kind == "Patient":
-            rid = resource.get("id")
-            if type(rid) is str and rid:
-                return self._hash(rid)
-        else:
-            subject = resource.get("subject")
-            reference = subject.get("reference") if type(subject) is dict else None
-            if type(reference) is str:
-                partition = self._routes.get(reference)
-                if partition is None:
-                    partition = self._route(reference)
-                    if len(self._routes) >= 65536:
-                        self._routes.clear()
-                    self._routes[reference] = partition
-                if partition >= 0:
-                    return partition
-        # No patient to go by (it is quarantined or skipped for that wherever it goes): its own id decides.
+        """A Patient's partition by its id; a resource without a patient to go by (it is quarantined or skipped for
+        that wherever it goes) by its own id."""
         rid = resource.get("id")
+        if kind == "Patient" and type(rid) is str and rid:
+            return self._hash(rid)
         return self._hash(f"{kind}/{rid}" if type(rid) is str else kind)
 
     def _route(self, reference: str) -> int:
@@ -303,12 +334,6 @@ class _Spill:
     def _hash(self, key: str) -> int:
         # CRC-32: stable across processes and runs (Python's str hash is salted per process).
         return zlib.crc32(key.encode("utf-8", "surrogatepass")) % self.partitions
-
-    def close(self) -> None:
-        for fh in self.files + self.medications:
-            fh.close()
-        self.links.close()
-        self.needs.close()
 
 
 def _part(folder: Path, partition: int) -> Path:
@@ -602,12 +627,8 @@ def _spill(files: list[Path], folder: Path, plan: Plan, base_url, progress: bool
     spill = _Spill(folder, plan.spilled, base_url)
     bar = _bar(None, "pass 1/2: partitioning", progress)
     try:
-        add = spill.add
-        for seq, (resource, _, _, _, raw) in enumerate(iter_located(files, on_read_error, raw=True)):
-            add(resource, seq, raw)
-            if bar is not None and not seq % 4096:
-                bar.update(seq - bar.n)
-        spill.close()
+        spill.run(iter_located(files, on_read_error, raw=True),
+                  None if bar is None else lambda seq: bar.update(seq - bar.n))
     except OSError as exc:
         raise OutputError(f"cannot write the partitions in {folder}: {exc.strerror or exc}") from None
     finally:

@@ -174,7 +174,7 @@ def test_sizes_and_the_plan():
     plan = plan_partitions(files, "1MB", workers=2)
     assert plan.budget == 1 << 20 and plan.workers == 2 and plan.unit_bytes == int((1 << 19) / ROW_MEMORY_PER_BYTE)
     assert 2 <= plan.spilled <= 256
-    assert DEFAULT_MEMORY_BUDGET == 1 << 30
+    assert DEFAULT_MEMORY_BUDGET == 768 << 20
     with pytest.raises(UsageError):
         plan_partitions(files, "1MB", workers=0)
 
