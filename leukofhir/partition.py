@@ -24,6 +24,7 @@ import logging
 import math
 import multiprocessing
 import os
+import pickle
 import re
 import shutil
 import struct
@@ -32,10 +33,9 @@ import tempfile
 import zlib
 from array import array
 from collections import Counter, defaultdict
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from concurrent.futures.process import BrokenProcessPool
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from multiprocessing.connection import wait
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Iterator
@@ -534,27 +534,63 @@ def _write_unit_quarantine(folder: Path, unit: _Unit, quarantined: list) -> None
 
 
 def _run_units(job: _Job, workers: int, done) -> None:
-    """Evaluate every unit, here or in `workers` forked processes; `done(number, report)` as each finishes."""
+    """Evaluate every unit in a process of its own, forked from this one, at most `workers` at once: a unit's memory
+    goes back to the system when its process ends, so each starts from the same footprint (in one long-lived process
+    the allocator keeps some of every earlier unit). `done(number, report)` as each finishes."""
     global _JOB
-    _JOB = job
-    try:
-        if workers == 1 or len(job.units) == 1:
-            for number in range(len(job.units)):
-                done(number, _evaluate_unit(number))
-            return
-        from leukofhir.validate import _context
+    from leukofhir.validate import _context
 
-        _context()  # Great Expectations imported and set up once, before the processes fork, not once in each
-        with ProcessPoolExecutor(min(workers, len(job.units)), mp_context=multiprocessing.get_context("fork")) as pool:
-            futures = {pool.submit(_evaluate_unit, number): number for number in range(len(job.units))}
-            try:
-                for future in as_completed(futures):
-                    done(futures[future], future.result())
-            except BrokenProcessPool:
-                raise PartitionError("a process evaluating a partition died (out of memory? lower --memory-budget or "
-                                     "--workers)") from None
+    _context()  # Great Expectations imported and set up once, before forking, not once per unit (about 2.5 s)
+    _JOB = job
+    fork = multiprocessing.get_context("fork")
+    pending = list(range(len(job.units)))
+    running: dict = {}  # sentinel -> (process, unit number)
+    try:
+        while pending or running:
+            while pending and len(running) < workers:
+                number = pending.pop(0)
+                process = fork.Process(target=_unit_process, args=(number,), name=f"leukofhir-partition-{number}")
+                process.start()
+                running[process.sentinel] = (process, number)
+            for sentinel in wait(list(running)):
+                process, number = running.pop(sentinel)
+                process.join()
+                done(number, _unit_result(job.folder, number, process.exitcode))
     finally:
+        for process, _ in running.values():  # an error (or Ctrl-C) here: the other units' processes go too
+            process.kill()
+            process.join()
         _JOB = None
+
+
+def _result_file(folder: Path, number: int) -> Path:
+    return folder / f"unit-{number:04d}.result"
+
+
+def _unit_process(number: int) -> None:
+    """A unit's process: its report, or the error that ended it, to the unit's result file (pickled)."""
+    try:
+        result = ("report", _evaluate_unit(number))
+    except BaseException as exc:  # handed to the parent, which raises it
+        result = ("error", exc)
+    path = _result_file(_JOB.folder, number)
+    try:
+        data = pickle.dumps(result)
+    except Exception:  # an error that does not pickle: its type and words
+        data = pickle.dumps(("error", PartitionError(f"{type(result[1]).__name__}: {result[1]}")))
+    path.with_suffix(".part").write_bytes(data)
+    path.with_suffix(".part").replace(path)
+
+
+def _unit_result(folder: Path, number: int, exitcode: int | None) -> dict:
+    path = _result_file(folder, number)
+    if not path.exists():
+        raise PartitionError(f"the process evaluating partition {number} died (exit code {exitcode}): out of memory? "
+                             "lower --memory-budget or --workers")
+    kind, value = pickle.loads(path.read_bytes())
+    if kind == "error":
+        raise value
+    return value
 
 
 # -- the whole run ---------------------------------------------------------------------------------------------------
