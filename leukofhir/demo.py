@@ -47,15 +47,15 @@ def summarise(client: FhirClient, patient_ids: list[str]) -> list[str]:
 def run_backfill_dag(base_url: str, out_dir: Path, until: datetime) -> Path:
     """`airflow dags test leukopenia_backfill` over all the sample data's dates, with a project-local AIRFLOW_HOME
     (SQLite) and the `fhir_default` connection from the environment; returns the run folder."""
-    home = out_dir / "airflow"
-    runs = out_dir / "runs"
+    home = (out_dir / "airflow").resolve()  # Airflow refuses a relative path to its SQLite database
+    runs = (out_dir / "runs").resolve()
     env = {
         **os.environ,
         "AIRFLOW_HOME": str(home),
         "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW_CONN_FHIR_DEFAULT": json.dumps({"conn_type": "fhir", "host": base_url}),
-        "AIRFLOW_VAR_LEUKOFHIR_RUNS": f"file://{runs.resolve()}",
+        "AIRFLOW_VAR_LEUKOFHIR_RUNS": f"file://{runs}",
     }
     airflow = str(Path(sys.executable).with_name("airflow"))
     conf = {"start": "1900-01-01", "end": until.date().isoformat(), "window_field": "effective", "chunks": 2}

@@ -83,3 +83,18 @@ def fhir_connection(fhir_base_url):
     os.environ["AIRFLOW_CONN_FHIR_DEFAULT"] = json.dumps({"conn_type": "fhir", "host": fhir_base_url})
     yield fhir_base_url
     os.environ.pop("AIRFLOW_CONN_FHIR_DEFAULT", None)
+
+
+@pytest.fixture
+def proxy(fhir_base_url):
+    """The project's fault-injecting proxy in front of the real server (tests/support/faultproxy.py)."""
+    from support.faultproxy import FaultProxy
+
+    with FaultProxy(fhir_base_url) as p:
+        yield p
+
+
+@pytest.fixture
+def sleeps():
+    """The waits a client asked for (pass `sleep=sleeps.append`): retries are checked without waiting them out."""
+    return []

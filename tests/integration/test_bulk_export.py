@@ -29,12 +29,6 @@ POLL = r"export-poll-status"
 
 
 @pytest.fixture
-def proxy(fhir_base_url):
-    with FaultProxy(fhir_base_url) as p:
-        yield p
-
-
-@pytest.fixture
 def waits():
     return []
 

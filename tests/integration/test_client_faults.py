@@ -13,17 +13,6 @@ pytestmark = pytest.mark.fhir
 
 
 @pytest.fixture
-def proxy(fhir_base_url):
-    with FaultProxy(fhir_base_url) as p:
-        yield p
-
-
-@pytest.fixture
-def sleeps():
-    return []
-
-
-@pytest.fixture
 def client(proxy, sleeps):
     with FhirClient(proxy.base_url, timeout=30, max_retries=3, backoff=0.5, sleep=sleeps.append) as c:
         yield c

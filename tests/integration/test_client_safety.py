@@ -25,12 +25,6 @@ HTML = "<html><body>Please log in</body></html>"
 
 
 @pytest.fixture
-def proxy(fhir_base_url):
-    with FaultProxy(fhir_base_url) as p:
-        yield p
-
-
-@pytest.fixture
 def elsewhere(fhir_base_url):
     """Another origin (another port): anything the client sends here has leaked."""
     with FaultProxy(fhir_base_url) as p:

@@ -40,12 +40,6 @@ def _run(client, files, tmp_path, batch_size=10, out=None):
 
 
 @pytest.fixture
-def proxy(fhir_base_url):
-    with FaultProxy(fhir_base_url) as p:
-        yield p
-
-
-@pytest.fixture
 def proxied(proxy):
     with FhirClient(proxy.base_url, timeout=60, backoff=0.01, max_retries=2) as client:
         yield client

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from leukofhir.config import load_config
+from leukofhir.fhir.client import FhirClient
 from leukofhir.run import run_pipeline
 from leukofhir.write import Change, apply_plan, ensure_author, flag_id, plan_writes
 from support.faultproxy import FaultProxy
@@ -93,8 +94,6 @@ def test_run_reads_long_patient_lists_with_post_search_and_a_rerun_writes_nothin
     put(fhir_client, *(patient(p) for p in pids),
         *(observation(f"{p[:50]}-a", "anc", 0.4, time=at(), patient=f"Patient/{p}") for p in pids[:3]))
     with FaultProxy(fhir_base_url) as proxy:
-        from leukofhir.fhir.client import FhirClient
-
         with FhirClient(proxy.base_url, backoff=0.01) as client:
             report = run_pipeline(client, RULES, tmp_path / "one", patients=pids, batch_size=60)
         assert report["patients_touched"] == 60 and report["writes"]["create"] == 3
@@ -128,3 +127,26 @@ def test_run_command_summary_outputs_and_exit_codes(fhir_base_url, fhir_client, 
     down = subprocess.run([*CLI, "run", "--fhir-url", "http://127.0.0.1:9/fhir", "--patients", pid, "--timeout", "2",
                            "--out", str(tmp_path / "down")], capture_output=True, text=True, timeout=300)
     assert down.returncode == 3 and "cannot be used" in down.stderr and "Traceback" not in down.stderr
+
+
+def test_eight_simultaneous_writes_of_one_new_flag_leave_one_flag(fhir_base_url, fhir_client, unique):
+    import threading
+
+    pid = f"same-{unique}"
+    put(fhir_client, patient(pid))
+    ensure_author(fhir_client, RULES)
+    for attempt in range(3):
+        value = f"race{attempt}-{unique}"
+        change = Change("create", value, _flag(pid, value), flag_id(value))
+        barrier, results = threading.Barrier(8), []
+
+        def write():
+            with FhirClient(fhir_base_url, backoff=0.01) as client:
+                barrier.wait()
+                results.append(apply_plan(client, [change]))
+
+        threads = [threading.Thread(target=write) for _ in range(8)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        assert [r.refused for r in results] == [[]] * 8
+        assert fhir_client.count("Flag", {"identifier": f"{RULES.uris.identifier_system}|{value}"}) == 1
