@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
 import sys
 import time
@@ -99,11 +98,15 @@ def start_run(run_dir: Path, server: str, ids: list[str], *, window: Window | No
             "patients_touched": len(ids)}
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "run.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
-    size = chunk_size or max(1, math.ceil(len(ids) / chunks))
+    if chunk_size:
+        bounds = list(range(0, len(ids), chunk_size)) + [len(ids)]
+    else:  # `chunks` contiguous slices (fewer when there are fewer patients), their sizes one apart at most
+        count = min(chunks, len(ids))
+        bounds = [len(ids) * n // count for n in range(count + 1)] if count else [0]
     out = []
-    for number, start in enumerate(range(0, len(ids), size), start=1):
+    for number, (start, stop) in enumerate(zip(bounds, bounds[1:]), start=1):
         folder = run_dir / "chunks" / f"{number:05d}"
-        write_patient_list(folder / "patients.json", ids[start:start + size], **chunk_meta)
+        write_patient_list(folder / "patients.json", ids[start:stop], **chunk_meta)
         out.append(folder)
     return out
 
