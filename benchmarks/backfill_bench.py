@@ -20,7 +20,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +32,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from evaluate_bench import generate  # noqa: E402
+from pipeline_bench import start_server, stop_server  # noqa: E402  (the same HAPI server start and stop)
 
 from leukofhir.config import load_config  # noqa: E402
 from leukofhir.fhir.client import FhirClient  # noqa: E402
@@ -53,14 +53,6 @@ def cpu_seconds(pids) -> float:
             continue
         total += sum(int(v) for v in fields[11:15])
     return total / TICKS
-
-
-def start_fhir(port: int, data: Path) -> str:
-    env = dict(os.environ, FHIR_PORT=str(port), FHIR_DATA_DIR=str(data))
-    done = subprocess.run([str(ROOT / "scripts" / "fhir-server"), "start"], env=env, capture_output=True, text=True)
-    if done.returncode:
-        sys.exit(f"the FHIR server did not start:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
-    return done.stdout.strip().splitlines()[-1]
 
 
 def fhir_pid(port: int) -> int:
@@ -126,7 +118,7 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="leukofhir-backfill-bench-", dir="/tmp"))
     work.chmod(0o755)  # PostgreSQL's own user reaches its data under it
-    base_url = args.fhir_url or start_fhir(args.fhir_port, work / "hapi")
+    base_url = args.fhir_url or start_server(args.fhir_port, work / "hapi")
     env = dict(os.environ, AIRFLOW_STACK_PORT=str(args.stack_port), AIRFLOW_STACK_DIR=str(work / "stack"),
                AIRFLOW_STACK_FHIR_URL=base_url, AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION="False")
     results = []
@@ -182,8 +174,7 @@ def main() -> int:
         if not args.keep:
             run_stack(env, "stop", timeout=300)
             if not args.fhir_url:
-                subprocess.run([str(ROOT / "scripts" / "fhir-server"), "stop"],
-                               env=dict(os.environ, FHIR_PORT=str(args.fhir_port)), capture_output=True)
+                stop_server(args.fhir_port)
             shutil.rmtree(work, ignore_errors=True)
     for r in results:
         tasks = r["tasks"]

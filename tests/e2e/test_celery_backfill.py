@@ -7,11 +7,8 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import re
 import shutil
-import signal
-import time
 import uuid
 from datetime import timedelta
 from pathlib import Path
@@ -23,7 +20,7 @@ from leukofhir.fhir.client import FhirClient
 from leukofhir.load import load_files
 from leukofhir.pipeline import evaluate_files
 from support.celery_stack import (
-    HEARTBEAT_TIMEOUT, WORKER1, WORKER2, alive, reachable_folder, run_stack, stack_env, stack_processes, start_stack,
+    HEARTBEAT_TIMEOUT, WORKER1, WORKER2, alive, kill_worker, reachable_folder, run_stack, stack_env, start_stack,
 )
 from support.faultproxy import Fault, FaultProxy
 from support.fhir_builders import at, observation, patient
@@ -120,19 +117,9 @@ def test_a_worker_killed_in_the_middle_of_a_backfill_leaves_the_flags_of_a_clean
     assert project_flags(fhir_client, ids) == []
     _hold_extracts(fhir_proxy, 60)
     run_id = _backfill(stack, fhir_client)
-    deadline = time.monotonic() + 300
-    while True:  # until each worker runs some of the chunks' extracts
-        running = {ti["map_index"]: ti["hostname"] for ti in api.task_instances(DAG, run_id)
-                   if ti["task_id"] == "extract" and ti["state"] == "running"}
-        if {WORKER1, WORKER2} <= set(running.values()):
-            break
-        assert time.monotonic() < deadline, f"the extracts did not run on both workers: {running}"
-        time.sleep(1)
+    running = api.running_on_both_workers(DAG, run_id, "extract", timeout=300)
     on_killed = sorted(index for index, host in running.items() if host == WORKER2)
-
-    worker2 = stack_processes(stack["env"])["worker2"]
-    for pid in worker2:  # the worker and everything it started: pool processes, task supervisors, task processes
-        os.kill(pid, signal.SIGKILL)
+    worker2 = kill_worker(stack["env"])
 
     assert api.wait_for_run(DAG, run_id, timeout=60 + HEARTBEAT_TIMEOUT + RETRY_DELAY + 480) == "success"
     final = {(ti["task_id"], ti["map_index"]): ti for ti in api.task_instances(DAG, run_id)}

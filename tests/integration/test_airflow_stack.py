@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
-import time
 from pathlib import Path
 
 import pytest
 
 from support.celery_stack import (
-    HEARTBEAT_TIMEOUT, WORKER1, WORKER2, alive, reachable_folder, run_stack, stack_env, stack_processes, start_stack,
+    HEARTBEAT_TIMEOUT, WORKER1, WORKER2, alive, kill_worker, reachable_folder, run_stack, stack_env, stack_processes,
+    start_stack,
 )
 
 pytestmark = pytest.mark.stack
@@ -171,22 +170,13 @@ def test_mapped_tasks_run_on_both_workers(stack):
 def test_a_killed_worker_s_tasks_are_retried_on_the_other_worker(stack):
     api = stack["api"]
     run_id = api.trigger("stack_kill")
-    deadline = time.monotonic() + 240
-    while True:  # until each worker runs some of the held tasks
-        running = {ti["map_index"]: ti["hostname"] for ti in api.task_instances("stack_kill", run_id)
-                   if ti["task_id"] == "hold" and ti["state"] == "running"}
-        if {WORKER1, WORKER2} <= set(running.values()):
-            break
-        assert time.monotonic() < deadline, f"the held tasks did not run on both workers: {running}"
-        time.sleep(1)
+    running = api.running_on_both_workers("stack_kill", run_id, "hold", timeout=240)
     on_killed = sorted(index for index, host in running.items() if host == WORKER2)
 
-    # The worker dies with everything it started (pool processes, task supervisors, task processes).
-    worker2 = stack_processes(stack["env"])["worker2"]
-    # The worker, its helper process, its 2 pool processes (task supervisors) and the task processes they run.
+    # The worker dies with everything it started: its helper process, its 2 pool processes (task supervisors) and
+    # the task processes they run.
+    worker2 = kill_worker(stack["env"])
     assert len(worker2) >= 5
-    for pid in worker2:
-        os.kill(pid, signal.SIGKILL)
     (stack["folder"] / "release").touch()
 
     assert api.wait_for_run("stack_kill", run_id, timeout=HEARTBEAT_TIMEOUT + 240) == "success"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import tempfile
 import time
@@ -79,6 +80,17 @@ class Api:
     def tries(self, dag_id: str, run_id: str, task_id: str, map_index: int) -> list[dict]:
         return self.get(f"dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/{map_index}/tries")["task_instances"]
 
+    def running_on_both_workers(self, dag_id: str, run_id: str, task_id: str, timeout: float) -> dict[int, str]:
+        """Wait until both workers run instances of a mapped task; map index -> host name of those running."""
+        deadline = time.monotonic() + timeout
+        while True:
+            running = {ti["map_index"]: ti["hostname"] for ti in self.task_instances(dag_id, run_id)
+                       if ti["task_id"] == task_id and ti["state"] == "running"}
+            if {WORKER1, WORKER2} <= set(running.values()):
+                return running
+            assert time.monotonic() < deadline, f"{task_id} did not run on both workers: {running}"
+            time.sleep(1)
+
     def wait_for_run(self, dag_id: str, run_id: str, timeout: float) -> str:
         deadline = time.monotonic() + timeout
         while (state := self.get(f"dags/{dag_id}/dagRuns/{run_id}")["state"]) not in ("success", "failed"):
@@ -122,3 +134,12 @@ def reachable_folder() -> Path:
     folder = Path(tempfile.mkdtemp(prefix="leukofhir-stack-"))
     folder.chmod(0o755)
     return folder
+
+
+def kill_worker(env: dict, part: str = "worker2") -> list[int]:
+    """kill -9 of a worker and of everything it started (its helper, pool processes, task supervisors and the task
+    processes they run), as a machine that dies would; their pids."""
+    pids = stack_processes(env)[part]
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    return pids
