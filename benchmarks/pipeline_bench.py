@@ -35,7 +35,7 @@ from evaluate_bench import generate  # noqa: E402  (the same generated CBCs as t
 
 from leukofhir.config import load_config  # noqa: E402
 from leukofhir.extract import (  # noqa: E402
-    PAGE_SIZE, Window, _history_searches, _window_searches, patient_batches, touched_patients,
+    PAGE_SIZE, Window, _history_searches, window_searches, patient_batches, touched_patients,
 )
 from leukofhir.fhir.client import FhirClient  # noqa: E402
 from leukofhir.load import load_files  # noqa: E402
@@ -87,7 +87,7 @@ def bare_loop(base_url: str, window: Window) -> tuple[float, int, int]:
             answer = session.get(link, timeout=300)
 
     patients: set[str] = set()
-    for resource_type, params in _window_searches(window, rules):
+    for resource_type, params in window_searches(window, rules):
         for r in page_through(resource_type, {**params, "_elements": "subject"}):
             ref = (r.get("subject") or {}).get("reference", "")
             if ref.startswith("Patient/"):

@@ -1,13 +1,15 @@
 """Leukopenia backfill, for data engineers: the patients with blood counts or medications dated (`effective`) or
 changed (`lastUpdated`) between the Params `start` and `end`, or exactly the Params' `patients`, are re-evaluated on
-their whole history in `chunks` parallel groups, and their Flags on the FHIR server converge. Trigger it from the
-UI, `airflow dags trigger leukopenia_backfill --conf '{...}'` or the REST API."""
+their whole history in `chunks` parallel groups, and their Flags on the FHIR server converge. The histories come from
+searches, or from the server's Bulk Data `$export` (Param `extract`: `export`, or `auto` for a long window on a
+server that offers it). Trigger it from the UI, `airflow dags trigger leukopenia_backfill --conf '{...}'` or the REST
+API."""
 
 from datetime import datetime, timezone
 
 from airflow.sdk import Param, dag
 
-from leukofhir.dag_tasks import DEFAULT_ARGS, evaluate, extract, find_patients, report, write_flags
+from leukofhir.dag_tasks import DEFAULT_ARGS, bulk_export, evaluate, extract, find_patients, report, write_flags
 
 
 @dag(
@@ -25,12 +27,15 @@ from leukofhir.dag_tasks import DEFAULT_ARGS, evaluate, extract, find_patients, 
         "patients": Param(None, type=["null", "array"], items={"type": "string"},
                           description="evaluate exactly these Patient ids instead of a window"),
         "dry_run": Param(False, type="boolean", description="write nothing; report what would be written"),
+        "extract": Param("search", enum=["search", "export", "auto"],
+                         description="histories by searches, or by Bulk Data $export (auto: export when the server "
+                         "offers it and the window spans a year or more)"),
     },
     tags=["leukofhir"],
     doc_md=__doc__,
 )
 def leukopenia_backfill():
-    chunks = find_patients()
+    chunks = find_patients(exported=bulk_export())
     written = write_flags.expand(chunk=evaluate.expand(chunk=extract.expand(chunk=chunks)))
     written >> report()
 

@@ -59,6 +59,23 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per HTTP request (default 60)")
 
 
+def _memory_budget(value: str) -> int:
+    from leukofhir.partition import parse_size
+
+    try:
+        return parse_size(value)
+    except LeukofhirError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_memory_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--memory-budget", type=_memory_budget, metavar="SIZE",
+                   help="memory the input's rows may take, e.g. 64MB or 2GB (default 768MB, for a 2-core 4 GB worker); "
+                   "a larger input is partitioned by patient and evaluated a partition at a time")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="processes evaluating partitions at once, sharing the memory budget (default 1)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="leukofhir", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -80,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--data-docs", action="store_true",
         help="also write GX's own Data Docs site to DIR/gx-data-docs/ (its pages load styles from public CDNs)",
     )
+    _add_memory_args(p)
 
     p = sub.add_parser("run", help="the pipeline against a FHIR server: read, validate, evaluate, write Flags back")
     _add_server_args(p)

@@ -19,8 +19,8 @@ from typing import Iterator
 from airflow.sdk import ObjectStoragePath, Variable, get_current_context, task
 from airflow.sdk.exceptions import AirflowException
 
-__all__ = ["find_patients", "extract", "evaluate", "write_flags", "report", "process_patients", "DEFAULT_ARGS",
-           "PATIENTS_DEFAULT_ARGS", "FHIR_POOL"]
+__all__ = ["bulk_export", "find_patients", "extract", "evaluate", "write_flags", "report", "process_patients",
+           "DEFAULT_ARGS", "PATIENTS_DEFAULT_ARGS", "FHIR_POOL"]
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,9 @@ FHIR_POOL = "fhir_server"  # bounds how many tasks talk to the FHIR server at on
 # Where run folders go: Airflow Variable `leukofhir_runs` (or AIRFLOW_VAR_LEUKOFHIR_RUNS), e.g. s3://bucket/leukofhir
 # with an Airflow connection; by default a folder beside AIRFLOW_HOME, for a single machine.
 RUNS_VARIABLE = "leukofhir_runs"
+# The memory a chunk's evaluation may give its rows (leukofhir.partition; default there: a 2-core 4 GB worker); a site
+# with larger workers sets it in the workers' environment, e.g. LEUKOFHIR_MEMORY_BUDGET=2GB.
+MEMORY_BUDGET_ENV = "LEUKOFHIR_MEMORY_BUDGET"
 
 DEFAULT_ARGS = {
     # A FHIR server restarting or a network blip must not lose an hour: retry, waiting longer each time.
@@ -61,6 +64,27 @@ def _copy_tree(source, target) -> None:
         else:
             with item.open("rb") as src, (target / item.name).open("wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
+
+
+def _push_file(local_root: Path, remote_url: str):
+    """A function copying one file under `local_root` to the same place under `remote_url` (nothing when local)."""
+    remote = ObjectStoragePath(remote_url)
+    if _is_local(remote):
+        return None
+
+    def push(path: Path) -> None:
+        target = remote / path.relative_to(local_root).as_posix()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "rb") as src, target.open("wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+
+    return push
+
+
+def _remove_remote(url: str) -> None:
+    remote = ObjectStoragePath(url)
+    if not _is_local(remote) and remote.exists():
+        remote.fs.rm(remote.path, recursive=True)
 
 
 @contextmanager
@@ -123,22 +147,59 @@ def _fail(exc: Exception):
 
 
 @task(pool=FHIR_POOL)
-def find_patients(window_field: str | None = None) -> list[str]:
-    """The touched patients of the window (or the Params' patients), cut into `chunks` folders: their URLs."""
+def bulk_export(window_field: str | None = None) -> dict:
+    """Param `extract`: `export` (or `auto`, when the server declares $export and the window is long) runs the Bulk
+    Data exports of the window and of the histories into the run folder, resuming them after a crash; `search` (and
+    a list of patients) leaves the extract to the searches of the next tasks."""
+    from leukofhir.bulk_extract import EXPORT_DIR, choose_extract, run_exports
+    from leukofhir.errors import LeukofhirError
+
+    context = get_current_context()
+    url = _run_url(context)
+    try:
+        window = _window(context, window_field)
+        with _client() as client:
+            mode = choose_extract(client, window, context["params"].get("extract") or "search")
+            if mode == "search":
+                return {"extract": "search"}
+            export_url = f"{url}/{EXPORT_DIR}"
+            # Each file of the export is in the run folder as soon as it is saved: a retried task resumes the job.
+            with _local(export_url, push=False) as folder:
+                counts = run_exports(client, _rules(), folder, window, on_file=_push_file(folder, export_url))
+    except LeukofhirError as exc:
+        _fail(exc)
+    log.info("exported: %s", counts)
+    return {"extract": "export", "export": export_url}
+
+
+@task(pool=FHIR_POOL)
+def find_patients(window_field: str | None = None, exported: dict | None = None) -> list[str]:
+    """The touched patients of the window (or the Params' patients), cut into `chunks` folders: their URLs. After an
+    export (`exported` from bulk_export), from the window's export, each chunk staged from the histories' export."""
     from leukofhir.errors import LeukofhirError
     from leukofhir.run import check_server, find_patients as find
 
     context = get_current_context()
     params = context["params"]
     url = _run_url(context)
+    by_export = bool(exported) and exported.get("extract") == "export"
     try:
         window = _window(context, window_field)
         patients = None if window is not None else list(params["patients"])
         rules, dry_run = _rules(), bool(params.get("dry_run"))
-        with _client() as client, _local(url, pull=False) as run_dir:
-            check_server(client, rules, window=window, dry_run=dry_run)
-            chunks = find(client, rules, run_dir, window=window, patients=patients,
-                          chunks=int(params.get("chunks") or 1), dry_run=dry_run)
+        with _client() as client, _local(url, pull=by_export) as run_dir:
+            if by_export:
+                from leukofhir.bulk_extract import EXPORT_DIR, split_export
+
+                check_server(client, rules, window=window, dry_run=dry_run, extract="export")
+                chunks = split_export(run_dir / EXPORT_DIR, run_dir, client.base_url, rules, window,
+                                      chunks=int(params.get("chunks") or 1), dry_run=dry_run, client=client)
+            else:
+                check_server(client, rules, window=window, dry_run=dry_run)
+                chunks = find(client, rules, run_dir, window=window, patients=patients,
+                              chunks=int(params.get("chunks") or 1), dry_run=dry_run)
+        if by_export:
+            _remove_remote(exported["export"])  # staged in the chunks now
     except LeukofhirError as exc:
         _fail(exc)
     log.info("run folder %s: %d chunk(s)", url, len(chunks))
@@ -168,7 +229,7 @@ def evaluate(chunk: str) -> str:
 
     try:
         with _local(chunk) as chunk_dir:
-            counts = evaluate_chunk(_rules(), chunk_dir)
+            counts = evaluate_chunk(_rules(), chunk_dir, memory_budget=os.environ.get(MEMORY_BUDGET_ENV) or None)
     except LeukofhirError as exc:
         _fail(exc)
     log.info("Flags wanted: %d; resources quarantined: %d", counts["flags_desired"], counts["quarantined"])

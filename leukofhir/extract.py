@@ -18,7 +18,8 @@ from leukofhir.reader import reference_target
 
 __all__ = [
     "Window", "WINDOW_FIELDS", "parse_instant", "touched_patients", "patient_batches", "stage_batch",
-    "medication_types",
+    "medication_types", "window_searches", "observation_codes", "project_flag_tag", "Subjects", "subject_of",
+    "local_patient_id", "deleted_subjects",
 ]
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ def medication_types(rules: Rules) -> list[str]:
     return types
 
 
-def _observation_codes(rules: Rules) -> str:
+def observation_codes(rules: Rules) -> str:
     """`code` search value: every LOINC code of §1.1, plus the site's benign-ethnic-neutropenia codes."""
     system = rules.observations.code_system
     tokens = [f"{system}|{code}" for code in rules.code_to_concept]
@@ -90,28 +91,55 @@ def _observation_codes(rules: Rules) -> str:
     return ",".join(tokens)
 
 
-class _Subjects:
+def subject_of(resource: dict):
+    """A resource's `subject.reference` (None when there is none)."""
+    subject = resource.get("subject")
+    return subject.get("reference") if isinstance(subject, dict) else None
+
+
+def local_patient_id(reference, base_url: str) -> str | None:
+    """The id of the Patient of this server (base URL `base_url`) a reference names, or None: another server's URL, a
+    urn, another type or an id no URL may carry."""
+    kind, rid = reference_target(reference)
+    absolute = isinstance(reference, str) and "://" in reference
+    if kind == "Patient" and is_valid_id(rid) and (not absolute or reference.startswith(base_url)):
+        return rid
+    return None
+
+
+def ben_codes(rules: Rules) -> str:
+    """`code` search value of the Conditions that mark benign ethnic neutropenia (§2)."""
+    return ",".join(f"{c.system}|{c.code}" for c in rules.ben.codes)
+
+
+def project_flag_tag(rules: Rules) -> str:
+    """The `_tag` search value of the project's own Flags."""
+    return f"{rules.uris.tag_system}|{rules.uris.tag_code}"
+
+
+class Subjects:
     """Collects patient ids from subject references, counting the ones that cannot be used."""
 
-    def __init__(self, client: FhirClient):
+    def __init__(self, base_url: str):
         self.ids: set[str] = set()
         self.unusable = 0
-        self._base = client.base_url
+        self._base = base_url
 
     def add(self, resource: dict) -> None:
-        subject = resource.get("subject")
-        reference = subject.get("reference") if isinstance(subject, dict) else None
-        self.add_reference(reference)
+        self.add_reference(subject_of(resource))
 
     def add_reference(self, reference) -> None:
-        kind, rid = reference_target(reference)
-        absolute = isinstance(reference, str) and "://" in reference
-        if kind == "Patient" and is_valid_id(rid) and (not absolute or reference.startswith(self._base)):
+        rid = local_patient_id(reference, self._base)
+        if rid is not None:
             self.ids.add(rid)
-        elif kind in ("Patient", None):
+        elif reference_target(reference)[0] in ("Patient", None):
             # Not a Patient of this server (another server's URL, a urn, an id no URL may carry): the resource is
             # judged, and quarantined with its reason, if another of the patient's resources brings it in.
             self.unusable += 1
+
+    def warn_unusable(self) -> None:
+        if self.unusable:
+            log.warning("%d touched resources have a subject that is not a Patient of this server", self.unusable)
 
 
 def _window_params(window: Window, resource_type: str) -> dict | None:
@@ -122,16 +150,15 @@ def _window_params(window: Window, resource_type: str) -> dict | None:
     return {param: [f"ge{since}", f"lt{until}"]} if param else None
 
 
-def _window_searches(window: Window, rules: Rules) -> list[tuple[str, dict]]:
+def window_searches(window: Window, rules: Rules) -> list[tuple[str, dict]]:
     """The searches whose subjects are the touched patients (Patients and deletions aside)."""
-    dated = [("Observation", {"code": _observation_codes(rules)})] + [(t, {}) for t in medication_types(rules)]
+    dated = [("Observation", {"code": observation_codes(rules)})] + [(t, {}) for t in medication_types(rules)]
     if window.field == "lastUpdated":
         dated.append(("DiagnosticReport", {}))
     searches = [(t, {**extra, **_window_params(window, t)}) for t, extra in dated]
     if window.field == "effective":
         # A Flag's `date` is its period: ge/lt select the project's Flags whose period overlaps the window.
-        uris = rules.uris
-        searches.append(("Flag", {"_tag": f"{uris.tag_system}|{uris.tag_code}",
+        searches.append(("Flag", {"_tag": project_flag_tag(rules),
                                   "date": _window_params(window, "Observation")["date"]}))
     return searches
 
@@ -145,8 +172,8 @@ def touched_patients(client: FhirClient, window: Window, rules: Rules) -> list[s
     the delete names the patient).
     effective: subjects of the in-scope Observations and medication resources dated in the window, and of the
     project's own Flags whose period overlaps it (their evidence may have been deleted since)."""
-    subjects = _Subjects(client)
-    for resource_type, params in _window_searches(window, rules):
+    subjects = Subjects(client.base_url)
+    for resource_type, params in window_searches(window, rules):
         params.update({"_elements": "subject", "_count": PAGE_SIZE})
         for resource in client.search(resource_type, params):
             if resource.get("resourceType") == resource_type:
@@ -159,8 +186,7 @@ def touched_patients(client: FhirClient, window: Window, rules: Rules) -> list[s
         for resource_type in ["Observation", *medication_types(rules)]:
             for reference in deleted_subjects(client, resource_type, window.since):
                 subjects.add_reference(reference)
-    if subjects.unusable:
-        log.warning("%d touched resources have a subject that is not a Patient of this server", subjects.unusable)
+    subjects.warn_unusable()
     return sorted(subjects.ids)
 
 
@@ -205,17 +231,15 @@ def _history_searches(rules: Rules, patients: list[str]) -> Iterator[tuple[str, 
     refs = ",".join(f"Patient/{p}" for p in patients)
     # Each result with the reports that list it (their time and blood-count grouping, §1.1 and §2) and the panel
     # Observations that hold it as a member (the HL7 panel style).
-    yield "Observation", {"subject": refs, "code": _observation_codes(rules),
+    yield "Observation", {"subject": refs, "code": observation_codes(rules),
                           "_revinclude": ["DiagnosticReport:result", "Observation:has-member"]}
     for resource_type in medication_types(rules):
         # The drug may sit in a referenced Medication (§1.4): brought along, once per page.
         yield resource_type, {"subject": refs, "_include": f"{resource_type}:medication"}
     if rules.ben.codes:
-        codes = ",".join(f"{c.system}|{c.code}" for c in rules.ben.codes)
-        yield "Condition", {"subject": refs, "code": codes}
+        yield "Condition", {"subject": refs, "code": ben_codes(rules)}
     yield "Patient", {"_id": ",".join(patients)}
-    uris = rules.uris
-    yield "Flag", {"subject": refs, "_tag": f"{uris.tag_system}|{uris.tag_code}"}
+    yield "Flag", {"subject": refs, "_tag": project_flag_tag(rules)}
 
 
 def stage_batch(client: FhirClient, patients: list[str], rules: Rules, path: Path) -> dict[str, int]:

@@ -8,9 +8,10 @@ import os
 import sys
 from array import array
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 
@@ -25,7 +26,7 @@ from leukofhir.validate import suite_parameters, validate_batch
 
 __all__ = [
     "evaluate_files", "evaluate_command", "read_and_normalise", "validate_rows", "evaluate_rows", "build_flags",
-    "build_report", "write_outputs", "ReadResult", "Validated", "Evaluation", "CheckedFlags",
+    "build_report", "write_outputs", "finish_outputs", "ReadResult", "Validated", "Evaluation", "CheckedFlags",
 ]
 
 log = logging.getLogger(__name__)
@@ -163,6 +164,7 @@ class Validated:
     expectations: list[dict]
     failed_rows: int
     frames: list[tuple[str, pd.DataFrame]]  # the validated batches, kept only for Data Docs
+    rows_by_suite: dict[str, tuple[int, int]] = field(default_factory=dict)  # suite -> (failed rows, rows)
 
 
 def validate_rows(normalised: Normalised, parameters: dict, *, max_failure_rate: float | None = None,
@@ -182,6 +184,7 @@ def validate_rows(normalised: Normalised, parameters: dict, *, max_failure_rate:
         for row_id, reasons in result.reasons.items():
             out.quarantined.append((int(row_id), by_row.get(row_id), reasons))
         out.failed_rows += len(result.reasons)
+        out.rows_by_suite[suite] = (len(result.reasons), len(frame))
         setattr(out, suite, result.valid)
     return out
 
@@ -229,6 +232,7 @@ class CheckedFlags:
     rows: pd.DataFrame | None  # what the suite checked, for Data Docs
     # A server run leaves the Flags of these identifiers as they are on the server (never withdrawn for it).
     rejected_identifiers: list[str]
+    kept: list[int] = field(default_factory=list)  # the position in `specs` of each Flag in `flags`
 
 
 def build_flags(specs: list[FlagSpec], rules: Rules, parameters: dict, *,
@@ -241,13 +245,14 @@ def build_flags(specs: list[FlagSpec], rules: Rules, parameters: dict, *,
         return CheckedFlags(flags, 0, [], None, [])
     rows = flag_frame(specs)
     result = validate_batch("flags", rows, parameters, max_failure_rate=max_failure_rate)
+    kept = [i for i in range(len(specs)) if str(i) not in result.reasons]
     if result.reasons:
         warn = CappedWarnings(SHOWN_READ_ERRORS, "more Flags not written: their count is flags_rejected in report.json")
         for row_id in result.reasons:
             warn("Flag %s not written: %s", specs[int(row_id)].identifier, result.reasons[row_id])
-        flags = [f for i, f in enumerate(flags) if str(i) not in result.reasons]
+        flags = [flags[i] for i in kept]
     rejected = sorted({specs[int(row_id)].identifier for row_id in result.reasons})
-    return CheckedFlags(flags, len(result.reasons), list(result.expectations), rows, rejected)
+    return CheckedFlags(flags, len(result.reasons), list(result.expectations), rows, rejected, kept)
 
 
 # -- stage 5: the run's files ----------------------------------------------------------------------------------------
@@ -297,10 +302,18 @@ def build_report(paths, read: ReadResult, validated: Validated, evaluation: Eval
 def write_outputs(out: Path, report: dict, flags: list[dict], quarantined: list, read: ReadResult,
                   data_docs: tuple | None = None) -> None:
     """Flag.ndjson, quarantine.ndjson (each rejected resource re-read from its file, with its reasons), report.json
-    and report.html, and GX's Data Docs when asked (`data_docs` = (frames, parameters)); the report gets `reconciled`
-    here. Each file is written under a temporary name and renamed into place once all are written, report.json last:
-    a folder holds a finished run exactly when its report.json is there. A write that fails is an OutputError and
-    leaves no output behind."""
+    and report.html, and GX's Data Docs when asked (`data_docs` = (frames, parameters)): see finish_outputs."""
+    finish_outputs(out, report, lambda path: _write_ndjson(path, flags),
+                   lambda path: _write_quarantine(path, quarantined, read.read_errors, read.sources), data_docs)
+
+
+def finish_outputs(out: Path, report: dict, write_flags: Callable[[Path], None],
+                   write_quarantine: Callable[[Path], None], data_docs: tuple | None = None) -> None:
+    """The run's files: `write_flags(path)` writes Flag.ndjson, `write_quarantine(path)` quarantine.ndjson, then
+    report.html and report.json, and GX's Data Docs when asked; the report gets `reconciled` here. Each file is
+    written under a temporary name and renamed into place once all are written, report.json last: a folder holds a
+    finished run exactly when its report.json is there. A write that fails is an OutputError and leaves no output
+    behind."""
     evaluated, skipped, quarantined_count = (report["evaluated"], sum(report["skipped"].values()),
                                              sum(report["quarantined"].values()))
     report["reconciled"] = report["read_total"] == evaluated + skipped + quarantined_count
@@ -316,9 +329,9 @@ def write_outputs(out: Path, report: dict, flags: list[dict], quarantined: list,
             write_data_docs(target, *data_docs)
             report["data_docs"] = f"{DATA_DOCS_DIR}/index.html"
         target = out / "Flag.ndjson"
-        _write_ndjson(_partial(target), flags)
+        write_flags(_partial(target))
         target = out / "quarantine.ndjson"
-        _write_quarantine(_partial(target), quarantined, read.read_errors, read.sources)
+        write_quarantine(_partial(target))
         target = out / "report.html"
         write_report_html(report, _partial(target))
         target = out / "report.json"
@@ -364,7 +377,7 @@ def _output_dir(out_dir) -> Path:
 
 def evaluate_files(
     paths, out_dir, as_of=None, config=None, progress: bool = True, *, fail_on_threshold: bool = False,
-    data_docs: bool = False, base_url=None,
+    data_docs: bool = False, base_url=None, memory_budget: int | str | None = None, workers: int = 1,
 ) -> dict:
     """Read, normalise, validate and evaluate the files; write Flag.ndjson, quarantine.ndjson, report.json and
     report.html to `out_dir`; return the report. The stages above, in order (an online run shares every one of them
@@ -381,15 +394,29 @@ def evaluate_files(
 
     `base_url`: the server the files came from (an online run's staged pages), so that references to it are local.
 
+    `memory_budget` (bytes, or a size such as "64MB"; default partition.DEFAULT_MEMORY_BUDGET): an input whose rows
+    would take more is partitioned by patient and evaluated a partition at a time, in `workers` processes
+    (leukofhir.partition); the outputs are the same.
+
     An earlier run's outputs in `out_dir` are removed first: they must never pass for this run's if it fails."""
+    # The partitioned path builds on this module's stages.
+    from leukofhir.partition import evaluate_partitioned, plan_partitions
+
     rules = config if isinstance(config, Rules) else load_config(config)
     max_failure_rate = rules.validation.max_failure_rate if fail_on_threshold else None
     as_of_given = parse_as_of(as_of)
     skipped_files: list[str] = []
     # An input that does not exist is a UsageError here, before any output is touched.
     files = expand_paths(paths, skipped_files)
+    plan = plan_partitions(files, memory_budget, workers)
+    if plan is not None and data_docs:
+        raise UsageError(f"--data-docs needs every row in memory, and this input needs about {plan.shown_estimate} "
+                         f"(memory budget {plan.shown_budget}): raise --memory-budget or leave --data-docs out")
     out = _output_dir(out_dir)
     _remove_outputs(out)
+    if plan is not None:
+        return evaluate_partitioned(files, paths, out, rules, plan, as_of=as_of_given, base_url=base_url,
+                                    progress=progress, max_failure_rate=max_failure_rate, skipped_files=skipped_files)
     read = read_and_normalise(files, rules, base_url=base_url, progress=progress)
     read.skipped_files[:0] = skipped_files
     parameters = suite_parameters(rules)
@@ -431,11 +458,25 @@ def _flag_counts(flags: list[dict]) -> dict:
     }
 
 
+def flag_line(flag: dict) -> str:
+    """A Flag as one line of Flag.ndjson."""
+    return json.dumps(flag, ensure_ascii=False, separators=(",", ":")) + "\n"
+
+
+def quarantine_line(resource: dict, reasons: list[str]) -> str:
+    """A rejected resource and its reasons as one line of quarantine.ndjson (ASCII: U+2028 etc. never split a line)."""
+    return json.dumps({"resource": resource, "reasons": reasons}) + "\n"
+
+
+def read_error_line(error: ReadError) -> str:
+    """A read error as one line of quarantine.ndjson: where and why, never content."""
+    return json.dumps({"source": str(error.source), "reasons": [error.message]}) + "\n"
+
+
 def _write_ndjson(path: Path, records) -> None:
     with open(path, "w", encoding="utf-8") as fh:
         for record in records:
-            fh.write(json.dumps(record, ensure_ascii=False, separators=(",", ":")))
-            fh.write("\n")
+            fh.write(flag_line(record))
 
 
 def _write_quarantine(path: Path, quarantined: list, read_errors: list[ReadError], sources: _Sources) -> None:
@@ -452,9 +493,7 @@ def _write_quarantine(path: Path, quarantined: list, read_errors: list[ReadError
                            -1 if item.source.entry is None else item.source.entry)
                     reasons = by_position.pop(key, None)
                     if reasons is not None:
-                        # ASCII: U+2028 etc. never split a line
-                        fh.write(json.dumps({"resource": item.resource, "reasons": reasons}))
-                        fh.write("\n")
+                        fh.write(quarantine_line(item.resource, reasons))
                         if not by_position:
                             break
             except UsageError:
@@ -465,20 +504,22 @@ def _write_quarantine(path: Path, quarantined: list, read_errors: list[ReadError
                 fh.write(json.dumps({"source": str(where), "reasons": reasons + ["not found again to copy it here"]}))
                 fh.write("\n")
         for error in read_errors:
-            fh.write(json.dumps({"source": str(error.source), "reasons": [error.message]}))
-            fh.write("\n")
+            fh.write(read_error_line(error))
 
 
 def evaluate_command(args) -> int:
     """`leukofhir evaluate`: run, print a one-line summary, exit 0 (errors in arguments raise UsageError)."""
     report = evaluate_files(
-        args.files, args.out, as_of=args.as_of, config=args.config, data_docs=getattr(args, "data_docs", False)
+        args.files, args.out, as_of=args.as_of, config=args.config, data_docs=getattr(args, "data_docs", False),
+        memory_budget=getattr(args, "memory_budget", None), workers=getattr(args, "workers", 1),
     )
     flags = report["flags"]
+    parts = report.get("partitions")
     print(
         f"read {report['read_total']} resources ({report['read_errors']} read errors): {report['evaluated']} evaluated, "
         f"{sum(report['skipped'].values())} skipped, {sum(report['quarantined'].values())} quarantined; "
-        f"{flags['total']} Flags written to {args.out}",
+        f"{flags['total']} Flags written to {args.out}"
+        + (f" (in {parts['evaluated']} partitions by patient)" if parts else ""),
         file=sys.stderr,
     )
     return 0

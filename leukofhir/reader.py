@@ -15,7 +15,9 @@ import msgspec
 
 from leukofhir.errors import UsageError
 
-__all__ = ["Source", "ReadError", "Item", "expand_paths", "iter_resources", "iter_located", "reference_target"]
+__all__ = [
+    "Source", "ReadError", "Item", "expand_paths", "iter_resources", "iter_located", "reference_target", "decode_line",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,6 +270,14 @@ def _decode_document(data: bytes):
         return json.loads(data.decode("utf-8"))  # UnicodeDecodeError: the file is unreadable, as before
 
 
+def decode_line(line: bytes):
+    """One NDJSON line the reader has accepted before, decoded as the reader decodes it (msgspec, else json.loads)."""
+    try:
+        return _decode(line)
+    except (ValueError, RecursionError):
+        return json.loads(line)
+
+
 def _is_ndjson(path: Path) -> bool:
     name = path.name.lower().removesuffix(".gz")
     return name.endswith((".ndjson", ".jsonl"))
@@ -353,15 +363,18 @@ def iter_resources(
 
 
 def iter_located(
-    paths: Iterable[str | os.PathLike], on_error: Callable[[ReadError], None] = _raise
-) -> Iterator[tuple[dict, str, int | None, int | None]]:
+    paths: Iterable[str | os.PathLike], on_error: Callable[[ReadError], None] = _raise, *, raw: bool = False
+) -> Iterator[tuple]:
     """`iter_resources` without an Item per resource: (resource, path, NDJSON line, Bundle entry) tuples, the path
-    being one str object per file. The pipeline's hot path; same resources, same errors."""
+    being one str object per file. The pipeline's hot path; same resources, same errors.
+
+    `raw`: each tuple also holds the NDJSON line's bytes as read (None for a resource of a JSON file or Bundle), so a
+    caller copying resources elsewhere (evaluate's partitions) writes them without encoding them again."""
     for path in expand_paths(paths):
         name = str(path)
         try:
             if _is_ndjson(path):
-                yield from _ndjson_located(path, name, on_error)
+                yield from _ndjson_located(path, name, on_error, raw)
             else:
                 with _open_binary(path) as fh:
                     data = fh.read()
@@ -383,16 +396,17 @@ def iter_located(
                 if not isinstance(res, dict) or not isinstance(res.get("resourceType"), str):
                     on_error(ReadError(Source(name), "not a FHIR resource (no resourceType)"))
                 elif res["resourceType"] == "Bundle":
-                    yield from _bundle_items(res, name, on_error, deep)
+                    items = _bundle_items(res, name, on_error, deep)
+                    yield from ((*item, None) for item in items) if raw else items
                 elif deep:
                     on_error(ReadError(Source(name), TOO_DEEP))
                 else:
-                    yield res, name, None, None
+                    yield (res, name, None, None, None) if raw else (res, name, None, None)
         except (OSError, EOFError, UnicodeDecodeError) as exc:
             on_error(ReadError(Source(name), f"unreadable file ({type(exc).__name__}: {exc})"))
 
 
-def _ndjson_located(path: Path, name: str, on_error: Callable[[ReadError], None]) -> Iterator[tuple]:
+def _ndjson_located(path: Path, name: str, on_error: Callable[[ReadError], None], raw: bool = False) -> Iterator[tuple]:
     """The resources of an NDJSON file (plain or .gz), line by line; a truncated or corrupt .gz gives every line
     before the damage, then one read error saying where it ended."""
     number = 0
@@ -422,7 +436,10 @@ def _ndjson_located(path: Path, name: str, on_error: Callable[[ReadError], None]
             if type(kind) is not str:
                 on_error(ReadError(Source(name, line=number), "not a FHIR resource (no resourceType)"))
             elif kind == "Bundle":
-                yield from _bundle_items(res, name, on_error, False)
+                items = _bundle_items(res, name, on_error, False)
+                yield from ((*item, None) for item in items) if raw else items
+            elif raw:
+                yield res, name, number, None, line
             else:
                 yield res, name, number, None
         problem = _gzip_problem(fh)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
 import sys
 import time
@@ -82,19 +81,32 @@ def find_patients(
     if (run_dir / "chunks").exists():
         shutil.rmtree(run_dir / "chunks")  # a retried task starts its run folder over
     ids = _check_patient_ids(patients) if patients is not None else touched_patients(client, window, rules)
+    return start_run(run_dir, client.base_url, ids, window=window, patients_given=patients is not None, chunks=chunks,
+                     chunk_size=chunk_size, dry_run=dry_run)
+
+
+def start_run(run_dir: Path, server: str, ids: list[str], *, window: Window | None, patients_given: bool,
+              chunks: int = 1, chunk_size: int | None = None, dry_run: bool = False, extract: str = "search",
+              **chunk_meta) -> list[Path]:
+    """run.json, and the sorted patient ids cut into contiguous chunk folders (`chunks` of them, or of `chunk_size`
+    patients), each with its patients.json (and `chunk_meta`). `extract`: how the histories are read (search,
+    export)."""
     log.info("%d patients touched", len(ids))
-    meta = {"server": client.base_url, "dry_run": dry_run,
+    meta = {"server": server, "dry_run": dry_run, "extract": extract,
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "window": window.as_dict() if window else None, "patients_given": patients is not None,
+            "window": window.as_dict() if window else None, "patients_given": patients_given,
             "patients_touched": len(ids)}
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "run.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
-    # Contiguous slices of the sorted ids.
-    size = chunk_size or max(1, math.ceil(len(ids) / chunks))
+    if chunk_size:
+        bounds = list(range(0, len(ids), chunk_size)) + [len(ids)]
+    else:  # `chunks` contiguous slices (fewer when there are fewer patients), their sizes one apart at most
+        count = min(chunks, len(ids))
+        bounds = [len(ids) * n // count for n in range(count + 1)] if count else [0]
     out = []
-    for number, start in enumerate(range(0, len(ids), size), start=1):
+    for number, (start, stop) in enumerate(zip(bounds, bounds[1:]), start=1):
         folder = run_dir / "chunks" / f"{number:05d}"
-        write_patient_list(folder / "patients.json", ids[start:start + size])
+        write_patient_list(folder / "patients.json", ids[start:stop], **chunk_meta)
         out.append(folder)
     return out
 
@@ -105,9 +117,14 @@ def _staged(chunk_dir: Path) -> list[Path]:
 
 
 def extract_chunk(client: FhirClient, rules: Rules, chunk_dir: Path, batch_size: int = BATCH_SIZE) -> dict:
-    """Step 2: each batch of the chunk's patients, whole history, staged as NDJSON. Returns counts by type."""
+    """Step 2: each batch of the chunk's patients, whole history, staged as NDJSON. Returns counts by type. A chunk
+    staged from a Bulk Data export (bulk_extract.split_export) is left as it is."""
     chunk_dir = Path(chunk_dir)
-    patients = read_patient_list(chunk_dir / "patients.json")
+    listing = json.loads((chunk_dir / "patients.json").read_text(encoding="utf-8"))
+    if listing.get("staged_by") == "export":
+        log.info("chunk %s: staged from the export already", chunk_dir.name)
+        return {}
+    patients = listing["patients"]
     totals: dict[str, int] = {}
     for number, batch in enumerate(patient_batches(patients, batch_size), start=1):
         counts = stage_batch(client, batch, rules, chunk_dir / "staged" / f"batch-{number:05d}.ndjson")
@@ -122,16 +139,18 @@ def _evaluated(chunk_dir: Path, staged: Path) -> Path:
     return chunk_dir / "evaluated" / staged.name.removesuffix(".ndjson")
 
 
-def evaluate_chunk(rules: Rules, chunk_dir: Path) -> dict:
+def evaluate_chunk(rules: Rules, chunk_dir: Path, *, memory_budget=None, workers: int = 1) -> dict:
     """Step 3: the offline stages (normalise → validate with the failure-rate threshold on → evaluate → Flags) on
-    each staged batch. Returns the desired Flag count and the quarantined count."""
+    each staged batch, partitioned by patient when it is larger than the memory budget (leukofhir.partition). Returns
+    the desired Flag count and the quarantined count."""
     chunk_dir = Path(chunk_dir)
     # References to the server the pages came from are local; another server's are quarantined (§1.1 subject).
     server = json.loads((chunk_dir.parent.parent / "run.json").read_text(encoding="utf-8"))["server"]
     desired = quarantined = 0
     for staged in _staged(chunk_dir):
         report = evaluate_files([staged], _evaluated(chunk_dir, staged), config=rules, progress=False,
-                                fail_on_threshold=True, base_url=server)
+                                fail_on_threshold=True, base_url=server, memory_budget=memory_budget,
+                                workers=workers)
         desired += report["flags"]["total"]
         quarantined += sum(report["quarantined"].values())
     return {"flags_desired": desired, "quarantined": quarantined}
@@ -196,7 +215,8 @@ def finish_run(run_dir: Path, seconds: dict | None = None) -> dict:
     writes = [json.loads((c / "writes.json").read_text(encoding="utf-8")) for c in chunks
               if (c / "writes.json").exists()]
     report = {
-        "server": meta["server"], "window": meta["window"], "as_of": meta["started"], "dry_run": meta["dry_run"],
+        "server": meta["server"], "window": meta["window"], "extract": meta.get("extract", "search"),
+        "as_of": meta["started"], "dry_run": meta["dry_run"],
         "patients_touched": meta["patients_touched"], "chunks": len(chunks),
         **report,
         "writes": write_counts(writes),
@@ -269,12 +289,18 @@ def _progress(total: int, enabled: bool):
 EXIT_DONE, EXIT_REFUSED, EXIT_SERVER, EXIT_DATA = 0, 1, 3, 4
 
 
-def check_server(client: FhirClient, rules: Rules, *, window: Window | None = None, dry_run: bool = False) -> None:
-    """Before anything is read or written: the server declares every search, history and write the run needs."""
+def check_server(client: FhirClient, rules: Rules, *, window: Window | None = None, dry_run: bool = False,
+                 extract: str = "search") -> None:
+    """Before anything is read or written: the server declares every search (or the export), history and write the
+    run needs."""
     from leukofhir.fhir.capabilities import check_capabilities
 
-    types = ["Observation", "DiagnosticReport", *medication_types(rules), "Patient", "Flag"]
     history = ["Observation", *medication_types(rules)] if window is not None and window.field == "lastUpdated" else []
+    if extract == "export":
+        check_capabilities(client, need_export="system", resource_types=["Flag"], write_flags=not dry_run,
+                           history_types=history)
+        return
+    types = ["Observation", "DiagnosticReport", *medication_types(rules), "Patient", "Flag"]
     check_capabilities(client, resource_types=types, write_flags=not dry_run, history_types=history)
 
 

@@ -102,8 +102,7 @@ def validate_batch(
     reasons: dict[str, list[str]] = defaultdict(list)
     summaries = [_collect(suite, result, id_column, reasons, naive) for result in run.results]
     failed = len(reasons)
-    if max_failure_rate is not None and len(rows) and failed / len(rows) > max_failure_rate:
-        raise ValidationThresholdError(_threshold_message(suite, failed, len(rows), max_failure_rate, summaries))
+    check_failure_rate(suite, failed, len(rows), max_failure_rate, summaries)
     valid = rows[~rows["row_id"].isin(list(reasons))] if failed else rows
     return ValidationResult(valid=valid, reasons=dict(reasons), expectations=summaries)
 
@@ -316,6 +315,14 @@ def _show(value: Any) -> str:
     if hasattr(value, "item"):  # numpy scalar: show it as the plain Python number
         value = value.item()
     return repr(value) if isinstance(value, float) else str(value)
+
+
+def check_failure_rate(suite: str, failed: int, total: int, max_failure_rate: float | None,
+                       summaries: list[dict]) -> None:
+    """Raise ValidationThresholdError when more than `max_failure_rate` of a batch's `total` rows failed the suite
+    (None: no threshold), naming the worst expectations of `summaries` and a few resource ids."""
+    if max_failure_rate is not None and total and failed / total > max_failure_rate:
+        raise ValidationThresholdError(_threshold_message(suite, failed, total, max_failure_rate, summaries))
 
 
 def _threshold_message(suite: str, failed: int, total: int, limit: float, summaries: list[dict]) -> str:

@@ -107,13 +107,19 @@ class BulkExport:
 
     def __init__(self, client: FhirClient, out_dir: str | os.PathLike, *, max_interval: float = 60.0,
                  max_wait: float = 6 * 3600.0, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] | None = None):
+                 sleep: Callable[[float], None] | None = None, reuse_complete: bool = False,
+                 on_file: Callable[[Path], None] | None = None):
         self.client = client
         self.out_dir = Path(out_dir)
         self.max_interval = max_interval
         self.max_wait = max_wait
         self._clock = clock
         self._sleep = sleep or client.sleep
+        # A pipeline's task run again keeps a finished export of the same request (`leukofhir export` run again
+        # starts a new one: fresh data). `on_file(path)`: told of each file saved in out_dir (state, downloads), so a
+        # caller can copy it away at once (to object storage) and a crash keeps what was done.
+        self.reuse_complete = reuse_complete
+        self.on_file = on_file
 
     # --- the whole job --------------------------------------------------------------------------------
 
@@ -121,6 +127,15 @@ class BulkExport:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         state = self._load_state()
         result = ExportResult(self.out_dir)
+        if self.reuse_complete and state and state.get("request") == request.as_dict() and state.get("complete") \
+                and all((self.out_dir / name).exists() for name in state.get("done") or {}):
+            log.info("the export in %s is complete already: kept", self.out_dir)
+            result.resumed = True
+            for name, lines in sorted(state["done"].items()):
+                result.files.append(self.out_dir / name)
+                result.counts[name.split(".", 1)[0]] += lines
+            result.transaction_time = (state.get("manifest") or {}).get("transactionTime")
+            return result
         if state and state.get("request") == request.as_dict() and not state.get("complete"):
             result.resumed = True
             log.info("resuming the export job at %s", redact_url(state["status_url"]))
@@ -223,6 +238,8 @@ class BulkExport:
                 expected = output.get("count")
                 if isinstance(expected, int) and expected != lines:
                     raise BulkExportError(f"{name}: {lines} resources downloaded, the manifest says {expected}")
+                if self.on_file is not None:
+                    self.on_file(path)
                 state["done"][name] = lines
                 self._save_state(state)
             result.files.append(path)
@@ -293,6 +310,8 @@ class BulkExport:
                             result.error_codes[str(issue.get("code", "?"))] += 1
                         log.debug("export error: %s", outcome_text(outcome))
         part.unlink(missing_ok=True)
+        if self.on_file is not None:
+            self.on_file(path)
 
     def _delete_job(self, status_url: str) -> None:
         """Bulk Data IG: DELETE on the status URL tells the server the files may go. HAPI answers 404 for a
@@ -324,6 +343,8 @@ class BulkExport:
         part = path.with_name(path.name + ".part")
         part.write_text(json.dumps(state, indent=1), encoding="utf-8")
         os.replace(part, path)
+        if self.on_file is not None:
+            self.on_file(path)
 
     def _remove_outputs(self, previous: dict | None) -> None:
         """A new export replaces the files of the previous one in the same folder (only those it wrote)."""

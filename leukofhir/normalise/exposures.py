@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 
 from leukofhir.normalise.context import (
-    FOREIGN, NAT, Q_FOREIGN_SUBJECT, Q_SUBJECT, Q_SUBJECT_UNRESOLVED, Context, as_list, parse_time_ns, resource_ref,
-    timestamps,
+    FOREIGN, NAT, Q_FOREIGN_SUBJECT, Q_SUBJECT, Q_SUBJECT_UNRESOLVED, Context, LocalBases, as_list, parse_time_ns,
+    resource_ref, timestamps,
 )
 from leukofhir.normalise.patients import Patients
 
@@ -21,6 +21,16 @@ MEDICATION_KINDS = ("MedicationStatement", "MedicationRequest", "MedicationAdmin
 SKIP_NOT_ENABLED = "resource type not enabled"
 SKIP_DRUG = "drug not in the rules' drug list"
 Q_NO_EXPOSURE_TIME = "no exposure time (effective[x] or authoredOn)"
+
+
+def medication_key(bases: LocalBases, reference) -> str | None:
+    """`Medication/<id>` of a local `medicationReference` (resolved once the whole input is read), None for one on
+    another server (its drug is unknown here) or none at all."""
+    target = bases.target(reference)
+    if target is FOREIGN:
+        return None
+    _, rid = target
+    return f"Medication/{rid}" if rid else None
 
 
 def excluded_skip(status: str) -> str:
@@ -99,10 +109,14 @@ class Exposures:
         return key
 
     def add_medication(self, r: dict, index: int) -> None:
+        self.note_medication(r)
+        self.context.evaluated_other += 1
+
+    def note_medication(self, r: dict) -> None:
+        """Remember a Medication's drug for the resources that reference it (the last copy read wins)."""
         ref = resource_ref(r)
         if ref:
             self.medications[ref] = self.drug_of_medication(r)
-        self.context.evaluated_other += 1
 
     def _referenced_drug(self, r: dict):
         """The drug of `medicationReference`: a contained Medication now, a local one by its key (resolved in finish(),
@@ -114,11 +128,7 @@ class Exposures:
                 if isinstance(contained, dict) and contained.get("id") == reference[1:]:
                     return self.drug_of_medication(contained)
             return None
-        target = self.context.bases.target(reference)
-        if target is FOREIGN:
-            return None  # another server's Medication/x is not ours: its drug is unknown here
-        _, rid = target
-        return f"Medication/{rid}" if rid else None
+        return medication_key(self.context.bases, reference)
 
     # -- the exposure ---------------------------------------------------------------------------------------------
     def add(self, r: dict, index: int) -> None:

@@ -71,6 +71,12 @@ class Normaliser:
         else:
             reader(resource, index)
 
+    def add_context(self, resource: dict) -> None:
+        """A resource read elsewhere that this input's resources refer to (a Medication given to each partition of an
+        input that references it): used to resolve references, never counted (it is counted where it was read)."""
+        if resource.get("resourceType") == "Medication":
+            self.exposures.note_medication(resource)
+
     def finish(self) -> Normalised:
         """Resolve what needed the whole input (report times, typeless subjects, Medications), then the tidy tables."""
         observations = self.observations.finish()

@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
-from leukofhir.normalise.context import FOREIGN, Context, resource_ref
+from leukofhir.normalise.context import FOREIGN, Context, LocalBases, resource_ref
+
+
+def observation_key(bases: LocalBases, reference) -> str | None:
+    """`Observation/<id>` for a local reference to an Observation (or to an untyped id), else None."""
+    if type(reference) is str and len(reference) > 12 and reference.startswith("Observation/") \
+            and reference.find("/", 12) < 0:
+        return reference  # already the key: no new string (a report lists every result of a run)
+    target = bases.target(reference)
+    if target is FOREIGN:
+        return None
+    kind, rid = target
+    return f"Observation/{rid}" if rid and kind in (None, "Observation") else None
 
 
 class Reports:
@@ -17,24 +29,16 @@ class Reports:
         self.report_of: dict[str, tuple[int | None, str]] = {}  # "Observation/x" -> (report time, report ref)
         self.parent_of: dict[str, tuple[int | None, str]] = {}  # member -> (panel Observation time, its ref)
 
-    def _observation_key(self, reference) -> str | None:
-        """`Observation/<id>` for a local reference to an Observation (or to an untyped id), else None."""
-        if type(reference) is str and len(reference) > 12 and reference.startswith("Observation/") \
-                and reference.find("/", 12) < 0:
-            return reference  # already the key: no new string (a report lists every result of a run)
-        target = self.context.bases.target(reference)
-        if target is FOREIGN:
-            return None
-        kind, rid = target
-        return f"Observation/{rid}" if rid and kind in (None, "Observation") else None
-
     def _note(self, resource: dict, references: list, into: dict) -> None:
         ref = resource_ref(resource)
         if ref is None:
             return
         time, _ = self.context.effective_ns(resource)
         entry = (time, self.context.intern(ref))  # one tuple shared by every result
-        key_of = self._observation_key
+        bases = self.context.bases
+
+        def key_of(reference):
+            return observation_key(bases, reference)
         for item in references:
             if isinstance(item, dict):
                 key = key_of(item.get("reference"))

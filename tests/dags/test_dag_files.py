@@ -77,14 +77,18 @@ def test_surveillance_dag_windows_its_data_interval_one_run_at_a_time(dags):
 def test_backfill_dag_has_the_params_of_the_design(dags):
     dag = dags["leukopenia_backfill"]
     assert type(dag.timetable).__name__ == "NullTimetable"  # manual only
-    assert set(dag.params) == {"start", "end", "window_field", "chunks", "patients", "dry_run"}
+    assert set(dag.params) == {"start", "end", "window_field", "chunks", "patients", "dry_run", "extract"}
     assert dag.params["window_field"] == "effective" and dag.params["dry_run"] is False
+    assert dag.params["extract"] == "search"  # $export only when asked for (or auto)
+    assert [t.task_id for t in dag.topological_sort()] == ["bulk_export", "find_patients", "extract", "evaluate",
+                                                         "write_flags", "report"]
 
 
 @pytest.mark.parametrize("dag_id", ["leukopenia_surveillance", "leukopenia_backfill"])
 def test_tasks_that_talk_to_the_server_share_the_pool_and_all_retry_with_backoff(dags, dag_id):
     tasks = {t.task_id: t for t in dags[dag_id].tasks}
-    assert {tid for tid, t in tasks.items() if t.pool == "fhir_server"} == {"find_patients", "extract", "write_flags"}
+    talking = {"find_patients", "extract", "write_flags"} | ({"bulk_export"} if dag_id == "leukopenia_backfill" else set())
+    assert {tid for tid, t in tasks.items() if t.pool == "fhir_server"} == talking
     for t in tasks.values():
         assert t.retries >= 2 and t.retry_exponential_backoff and t.execution_timeout <= timedelta(hours=2)
     # Each chunk's extract → evaluate → write is a dynamically mapped task, so many workers share a backfill.

@@ -19,7 +19,7 @@ from leukofhir.load import load_files
 from leukofhir.pipeline import evaluate_files
 from support.fhir_builders import at, observation, patient, statement
 from support.server_data import (
-    flags_by_identifier, pause, project_flags, put, server_now, versions, without_patient,
+    RULES, flags_by_identifier, pause, project_flags, put, server_now, versions, without_patient,
 )
 
 pytestmark = pytest.mark.fhir
@@ -46,11 +46,15 @@ def dags(airflow_db, fhir_connection):
 def run_dag(dags, dag_id: str, **conf) -> dict:
     """One dag.test() run, of freshly parsed DAGs (in one process, a run's Params otherwise leak into the next, as
     they never would between scheduled runs); its report.json, read from the run folder the tasks wrote."""
+    return run_dag_folder(dags, dag_id, **conf)[0]
+
+
+def run_dag_folder(dags, dag_id: str, **conf) -> tuple[dict, Path]:
+    """run_dag, and the run folder."""
     run = _parse()[dag_id].test(run_conf=conf)
     assert run.state == "success", f"{dag_id} run {run.run_id} ended {run.state}"
-    folder = re.sub(r"[^A-Za-z0-9._-]+", "_", run.run_id)
-    path = Path(os.environ["AIRFLOW_HOME"]) / "leukofhir-runs" / dag_id / folder / "report.json"
-    return json.loads(path.read_text(encoding="utf-8"))
+    folder = Path(os.environ["AIRFLOW_HOME"]) / "leukofhir-runs" / dag_id / re.sub(r"[^A-Za-z0-9._-]+", "_", run.run_id)
+    return json.loads((folder / "report.json").read_text(encoding="utf-8")), folder
 
 
 def surveillance(dags, since, until) -> dict:
@@ -226,3 +230,71 @@ def test_a_ten_year_backfill_and_ten_years_of_incremental_runs_give_the_same_fla
     assert len(standing(flags_once)) >= 4
     assert any("possibly drug-associated: antineoplastic chemotherapy (oxaliplatin)" in f[2]
                for f in standing(flags_once))
+
+
+def _desired_flags(run_folder: Path) -> dict[str, dict]:
+    """The Flags a run wanted (every chunk's evaluated batches), as compared for writes, by identifier."""
+    return flags_by_identifier([json.loads(line) for path in sorted(run_folder.glob("chunks/*/evaluated/*/Flag.ndjson"))
+                                for line in path.read_text().splitlines()])
+
+
+def _crossing_patients(unique: str) -> list[dict]:
+    """Patients whose Flags need more than their Observations: a panel timing its untimed members, a chemotherapy
+    order naming its drug only in a referenced Medication, a project Flag no longer supported (withdrawn)."""
+    panel, chemo, stale = (f"{kind}-{unique}" for kind in ("pnl", "chm", "stl"))
+    members = [observation(f"{panel}-w{n}", "wbc", value, time=False, patient=f"Patient/{panel}")
+               for n, value in enumerate((1.6, 6.2))]
+    panel_obs = {"resourceType": "Observation", "id": f"{panel}-cbc", "status": "final",
+                 "code": {"coding": [{"system": "http://loinc.org", "code": "58410-2"}]},
+                 "subject": {"reference": f"Patient/{panel}"}, "effectiveDateTime": at(days=-30),
+                 "hasMember": [{"reference": f"Observation/{m['id']}"} for m in members[:1]]}
+    later = {**panel_obs, "id": f"{panel}-cbc2", "effectiveDateTime": at(days=-20),
+             "hasMember": [{"reference": f"Observation/{members[1]['id']}"}]}
+    medication = {"resourceType": "Medication", "id": f"{chemo}-med", "code": {"text": "Cisplatin 50 MG Injection"}}
+    order = {"resourceType": "MedicationRequest", "id": f"{chemo}-mr", "status": "active", "intent": "order",
+             "subject": {"reference": f"Patient/{chemo}"}, "authoredOn": at(days=-12),
+             "medicationReference": {"reference": f"Medication/{chemo}-med"}}
+    stale_flag = {"resourceType": "Flag", "id": f"leukofhir-{unique}0000000000000000000000000000",
+                  "meta": {"tag": [{"system": RULES.uris.tag_system, "code": RULES.uris.tag_code}]},
+                  "identifier": [{"system": RULES.uris.identifier_system, "value": f"{unique}0000000000000000000000000000"}],
+                  "status": "active", "code": {"text": "Leukopenia"}, "subject": {"reference": f"Patient/{stale}"},
+                  "period": {"start": at(days=-5)}}
+    dated = observation(f"{panel}-hb", "hemoglobin", 13.5, time=at(days=-40), patient=f"Patient/{panel}")  # touched
+    return [patient(panel), patient(chemo), patient(stale), *members, dated, panel_obs, later, medication, order,
+            observation(f"{chemo}-w", "wbc", 1.9, time=at(days=-10), patient=f"Patient/{chemo}"),
+            observation(f"{stale}-w", "wbc", 5.9, time=at(days=-5), patient=f"Patient/{stale}"), stale_flag]
+
+
+def test_backfill_by_export_gives_the_flags_of_the_backfill_by_search(dags, fhir_client, unique):
+    """Param extract: the same window by searches and by $export (both dry runs, then for real: the second writes
+    nothing), on the sample data and on patients whose Flags need their panels, Medications and project Flags."""
+    assert load_files(fhir_client, SYNTHEA_BUNDLES, batch_size=250).ok
+    put(fhir_client, *_crossing_patients(unique))
+    window = {"start": "1900-01-01", "end": (server_now(fhir_client) + timedelta(days=1)).date().isoformat(),
+              "chunks": 3}
+    by_search, search_folder = run_dag_folder(dags, "leukopenia_backfill", extract="search", dry_run=True, **window)
+    by_export, export_folder = run_dag_folder(dags, "leukopenia_backfill", extract="export", dry_run=True, **window)
+    assert (by_search["extract"], by_export["extract"]) == ("search", "export")
+    assert by_export["patients_touched"] == by_search["patients_touched"] > 5
+    flags = _desired_flags(export_folder)
+    assert flags == _desired_flags(search_folder) and len(flags) > 5
+    assert writes(by_export) == writes(by_search) and by_export["writes"]["withdraw"] >= 1
+    texts = [f["code"]["text"] for f in flags.values()]
+    assert any("possibly drug-associated: antineoplastic chemotherapy (cisplatin)" in t for t in texts)
+    assert any(f["subject"]["reference"] == f"Patient/pnl-{unique}" for f in flags.values())
+    assert not (export_folder / "export").exists()  # staged in the chunks, then removed
+
+    written = run_dag(dags, "leukopenia_backfill", extract="search", **window)
+    assert written["writes"]["create"] >= 1 and written["writes"]["withdraw"] >= 1
+    again = run_dag(dags, "leukopenia_backfill", extract="export", **window)
+    assert writes(again) == NOTHING_WRITTEN and again["writes"]["unchanged"] >= len(flags)
+
+
+def test_extract_auto_exports_a_long_window_and_searches_a_short_one_or_a_list(dags, fhir_client, unique):
+    pid = f"auto-{unique}"
+    put(fhir_client, patient(pid), observation(f"{pid}-w", "wbc", 1.5, time=at(), patient=f"Patient/{pid}"))
+    long = run_dag(dags, "leukopenia_backfill", extract="auto", start="2023-01-01", end="2025-01-01", dry_run=True)
+    short = run_dag(dags, "leukopenia_backfill", extract="auto", start="2024-02-15", end="2024-03-15", dry_run=True)
+    listed = run_dag(dags, "leukopenia_backfill", extract="export", patients=[pid], dry_run=True)
+    assert (long["extract"], short["extract"], listed["extract"]) == ("export", "search", "search")
+    assert long["patients_touched"] >= short["patients_touched"] >= 1 and long["writes"]["create"] >= 1

@@ -2,29 +2,20 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import signal
 import socket
-import subprocess
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
-import requests
 
-from conftest import ROOT
+from support.celery_stack import (
+    HEARTBEAT_TIMEOUT, WORKER1, WORKER2, alive, kill_worker, reachable_folder, run_stack, stack_env, stack_processes,
+    start_stack,
+)
 
 pytestmark = pytest.mark.stack
 
-STACK = str(ROOT / "scripts" / "airflow-stack")
-NODE = os.uname().nodename
-WORKER1, WORKER2 = f"{NODE}-worker1", f"{NODE}-worker2"
-# A task whose worker died is failed by the scheduler once its heartbeats stop for this long ([scheduler]
-# task_instance_heartbeat_timeout, 300 s by default; the task supervisor heartbeats every 5 s).
-HEARTBEAT_TIMEOUT = 30
 
 DAGS = '''
 """Test DAGs of test_airflow_stack.py: mapped tasks in the fhir_server pool."""
@@ -75,124 +66,34 @@ stack_kill()
 '''
 
 
-def _stack(env, *args, timeout=900):
-    return subprocess.run([STACK, *args], env=env, capture_output=True, text=True, timeout=timeout)
-
-
-class Api:
-    """The stack's Airflow REST API (v2) as its admin user."""
-
-    def __init__(self, url: str, password: str):
-        self.url = url
-        token = requests.post(f"{url}/auth/token", json={"username": "admin", "password": password}, timeout=30)
-        token.raise_for_status()
-        self.session = requests.Session()
-        self.session.headers["Authorization"] = f"Bearer {token.json()['access_token']}"
-
-    def get(self, path: str) -> dict:
-        response = self.session.get(f"{self.url}/api/v2/{path}", timeout=30)
-        response.raise_for_status()
-        return response.json()
-
-    def trigger(self, dag_id: str, timeout: float = 180) -> str:
-        deadline = time.monotonic() + timeout
-        while self.session.get(f"{self.url}/api/v2/dags/{dag_id}", timeout=30).status_code != 200:
-            assert time.monotonic() < deadline, f"{dag_id} was not parsed in {timeout} s"
-            time.sleep(2)
-        response = self.session.post(f"{self.url}/api/v2/dags/{dag_id}/dagRuns", json={"logical_date": None},
-                                     timeout=30)
-        response.raise_for_status()
-        return response.json()["dag_run_id"]
-
-    def task_instances(self, dag_id: str, run_id: str) -> list[dict]:
-        return self.get(f"dags/{dag_id}/dagRuns/{run_id}/taskInstances?limit=100")["task_instances"]
-
-    def wait_for_run(self, dag_id: str, run_id: str, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        while (state := self.get(f"dags/{dag_id}/dagRuns/{run_id}")["state"]) not in ("success", "failed"):
-            if time.monotonic() > deadline:
-                states = {(ti["task_id"], ti["map_index"]): ti["state"] for ti in self.task_instances(dag_id, run_id)}
-                pytest.fail(f"{dag_id} run still {state} after {timeout} s: {states}")
-            time.sleep(2)
-        return state
-
-    def result(self, dag_id: str, run_id: str, task_id: str):
-        return self.get(f"dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/return_value")["value"]
-
-
 @pytest.fixture(scope="module")
 def stack():
     """The stack on FHIR_TEST_PORT + 1..4, state and DAGs in a temporary folder; stopped and removed after."""
-    folder = _reachable_folder()
+    folder = reachable_folder()
     (folder / "dags").mkdir()
     (folder / "dags" / "stack_test_dags.py").write_text(DAGS.format(release=str(folder / "release")))
-    env = dict(
-        os.environ,
-        AIRFLOW_STACK_PORT=str(int(os.environ.get("FHIR_TEST_PORT", "8181")) + 1),
-        AIRFLOW_STACK_DIR=str(folder / "stack"),
-        AIRFLOW_STACK_DAGS_FOLDER=str(folder / "dags"),
-        AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION="False",
-        AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT=str(HEARTBEAT_TIMEOUT),
-        AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL="5",
-    )
+    env = stack_env(1, folder, AIRFLOW_STACK_DAGS_FOLDER=str(folder / "dags"))
     try:
-        started = _stack(env, "start")
-        if started.returncode != 0:
-            pytest.fail(f"the stack did not start:\n{started.stdout[-3000:]}\n{started.stderr[-5000:]}")
-        url = started.stdout.strip().splitlines()[-1]
-        password = _admin_password(folder / "stack")
-        yield {"env": env, "url": url, "folder": folder, "api": Api(url, password)}
+        yield start_stack(env, folder)
     finally:
-        _stack(env, "stop", timeout=300)
+        run_stack(env, "stop", timeout=300)
         shutil.rmtree(folder, ignore_errors=True)
-
-
-def _admin_password(stack_dir: Path) -> str:
-    return json.loads((stack_dir / "airflow" / "simple_auth_manager_passwords.json").read_text())["admin"]
 
 
 def _pid(stack, part: str) -> int:
     return int((stack["folder"] / "stack" / "run" / f"{part}.pid").read_text().split()[0])
 
 
-def _processes(stack) -> dict[str, list[int]]:
-    """Each running part's processes (the part and all it started: Celery pool, task processes), as the script
-    lists them."""
-    listed = _stack(stack["env"], "pids")
-    assert listed.returncode == 0, listed.stderr
-    return {line.split()[0]: [int(pid) for pid in line.split()[1:]] for line in listed.stdout.splitlines()}
-
-
-def _alive(pids) -> list[int]:
-    """Those of the pids that are live processes (a zombie is not)."""
-    alive = []
-    for pid in pids:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if state != "Z":
-            alive.append(pid)
-    return alive
-
-
-def _reachable_folder() -> Path:
-    """A new temporary folder that PostgreSQL's own user can reach (pytest's tmp_path is private to root)."""
-    folder = Path(tempfile.mkdtemp(prefix="leukofhir-stack-"))
-    folder.chmod(0o755)
-    return folder
-
-
 @pytest.fixture
 def instance():
     """The environment of a stack instance that is not started, on FHIR_TEST_PORT + 5 ... + 8."""
-    folder = _reachable_folder()
+    folder = reachable_folder()
     env = dict(os.environ, AIRFLOW_STACK_PORT=str(int(os.environ.get("FHIR_TEST_PORT", "8181")) + 5),
                AIRFLOW_STACK_DIR=str(folder / "stack"), AIRFLOW_STACK_DAGS_FOLDER=str(folder))
     try:
         yield env
     finally:
-        _stack(env, "stop", timeout=300)
+        run_stack(env, "stop", timeout=300)
         shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -205,14 +106,14 @@ def _processes_of(folder: str) -> list[int]:
                 found.append(int(proc.name))
         except OSError:
             continue
-    return _alive(found)
+    return alive(found)
 
 
 def test_status_of_an_instance_never_started_exits_3(instance):
     env = instance
-    status = _stack(env, "status")
+    status = run_stack(env, "status")
     assert status.returncode == 3 and status.stdout.strip().splitlines()[-1].startswith("stopped http://127.0.0.1:")
-    stop = _stack(env, "stop")
+    stop = run_stack(env, "stop")
     assert stop.returncode == 0 and stop.stdout.strip() == "not running"
 
 
@@ -221,28 +122,28 @@ def test_a_port_in_use_is_refused_before_anything_starts(instance):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", int(env["AIRFLOW_STACK_PORT"]) + 2))  # Redis's port
         busy.listen()
-        started = _stack(env, "start")
+        started = run_stack(env, "start")
     assert started.returncode == 1 and "already in use" in started.stderr and "for redis" in started.stderr
     assert _processes_of(env["AIRFLOW_STACK_DIR"]) == []
 
 
 def test_a_start_that_is_not_healthy_in_time_stops_what_it_started(instance):
     env = dict(instance, AIRFLOW_STACK_START_TIMEOUT="3")
-    started = _stack(env, "start")
+    started = run_stack(env, "start")
     assert started.returncode == 1
     assert "Airflow not healthy after 3s" in started.stderr and "stopped what this start had started" in started.stderr
     assert _processes_of(env["AIRFLOW_STACK_DIR"]) == []
-    assert _stack(env, "status").returncode == 3
+    assert run_stack(env, "status").returncode == 3
 
 
 def test_status_and_a_second_start_are_harmless(stack):
-    status = _stack(stack["env"], "status")
+    status = run_stack(stack["env"], "status")
     assert status.returncode == 0, status.stdout + status.stderr
     assert status.stdout.strip().splitlines()[-1] == f"running {stack['url']}"
     for part in ("postgres", "redis", "api-server", "scheduler", "dag-processor", "worker1", "worker2"):
         assert f"{part}: running, healthy" in status.stdout
     pids = {part: _pid(stack, part) for part in ("postgres", "api-server", "worker1")}
-    again = _stack(stack["env"], "start")
+    again = run_stack(stack["env"], "start")
     assert again.returncode == 0 and again.stdout.strip().splitlines()[-1] == stack["url"]
     assert "already running" in again.stderr
     assert {part: _pid(stack, part) for part in pids} == pids
@@ -269,22 +170,13 @@ def test_mapped_tasks_run_on_both_workers(stack):
 def test_a_killed_worker_s_tasks_are_retried_on_the_other_worker(stack):
     api = stack["api"]
     run_id = api.trigger("stack_kill")
-    deadline = time.monotonic() + 240
-    while True:  # until each worker runs some of the held tasks
-        running = {ti["map_index"]: ti["hostname"] for ti in api.task_instances("stack_kill", run_id)
-                   if ti["task_id"] == "hold" and ti["state"] == "running"}
-        if {WORKER1, WORKER2} <= set(running.values()):
-            break
-        assert time.monotonic() < deadline, f"the held tasks did not run on both workers: {running}"
-        time.sleep(1)
+    running = api.running_on_both_workers("stack_kill", run_id, "hold", timeout=240)
     on_killed = sorted(index for index, host in running.items() if host == WORKER2)
 
-    # The worker dies with everything it started (pool processes, task supervisors, task processes).
-    worker2 = _processes(stack)["worker2"]
-    # The worker, its helper process, its 2 pool processes (task supervisors) and the task processes they run.
+    # The worker dies with everything it started: its helper process, its 2 pool processes (task supervisors) and
+    # the task processes they run.
+    worker2 = kill_worker(stack["env"])
     assert len(worker2) >= 5
-    for pid in worker2:
-        os.kill(pid, signal.SIGKILL)
     (stack["folder"] / "release").touch()
 
     assert api.wait_for_run("stack_kill", run_id, timeout=HEARTBEAT_TIMEOUT + 240) == "success"
@@ -293,21 +185,21 @@ def test_a_killed_worker_s_tasks_are_retried_on_the_other_worker(stack):
     assert all(ti["state"] == "success" for ti in final.values())
     for index in on_killed:
         assert final[index]["hostname"] == WORKER1 and final[index]["try_number"] >= 2
-        tries = api.get(f"dags/stack_kill/dagRuns/{run_id}/taskInstances/hold/{index}/tries")["task_instances"]
+        tries = api.tries("stack_kill", run_id, "hold", index)
         first = min(tries, key=lambda t: t["try_number"])
         assert first["hostname"] == WORKER2 and first["state"] != "success"
 
-    assert _alive(worker2) == []
-    status = _stack(stack["env"], "status")
+    assert alive(worker2) == []
+    status = run_stack(stack["env"], "status")
     assert status.returncode == 1 and "worker2: stopped" in status.stdout and "worker1: running, healthy" in status.stdout
 
 
 def test_stop_stops_every_process_it_started(stack):
-    processes = _processes(stack)
+    processes = stack_processes(stack["env"])
     assert set(processes) == {"postgres", "redis", "api-server", "scheduler", "dag-processor", "worker1"}
     assert len(processes["postgres"]) > 1  # PostgreSQL's own children (they call setsid) are counted too
-    stopped = _stack(stack["env"], "stop", timeout=300)
+    stopped = run_stack(stack["env"], "stop", timeout=300)
     assert stopped.returncode == 0 and stopped.stdout.strip() == "stopped"
-    assert {part: _alive(pids) for part, pids in processes.items()} == {part: [] for part in processes}
-    status = _stack(stack["env"], "status")
+    assert {part: alive(pids) for part, pids in processes.items()} == {part: [] for part in processes}
+    status = run_stack(stack["env"], "status")
     assert status.returncode == 3 and status.stdout.strip().splitlines()[-1] == f"stopped {stack['url']}"

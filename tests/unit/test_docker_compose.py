@@ -148,3 +148,24 @@ def test_env_example_lists_each_secret_empty_with_how_to_generate_it():
     assert "Fernet.generate_key()" in text and "secrets.token_urlsafe" in text
     assert ".env" in (ROOT / ".gitignore").read_text().splitlines()
     assert "cp .env.example .env" in (ROOT / "README.md").read_text()
+
+
+# --- what the Celery stack needs (issue 11) ---------------------------------------------------------------------
+
+def test_the_celery_result_backend_names_the_psycopg2_driver():
+    # SQLAlchemy 2.1 maps a bare `postgresql://` to psycopg (v3), which the image does not install (apache/airflow
+    # PR #62159): both URLs name psycopg2, which it does.
+    env = SERVICES["airflow-worker"]["environment"]
+    assert env["AIRFLOW__CELERY__RESULT_BACKEND"].startswith("db+postgresql+psycopg2://")
+    assert env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].startswith("postgresql+psycopg2://")
+
+
+def test_init_creates_the_fhir_server_pool_the_dags_use():
+    from leukofhir.dag_tasks import FHIR_POOL
+
+    command = " ".join(SERVICES["airflow-init"]["command"])
+    steps = [step.strip() for step in command.split("&&")]
+    assert "airflow db migrate" in steps[0]
+    (pool,) = [step for step in steps if step.startswith("airflow pools set")]
+    assert pool.split()[3] == FHIR_POOL and int(pool.split()[4]) >= 1
+    assert steps.index(pool) > 0  # after the migration

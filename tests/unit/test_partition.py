@@ -1,0 +1,195 @@
+"""Bounded memory (leukofhir.partition): an input above the memory budget, partitioned by patient, gives the outputs of
+the in-memory path byte for byte, whatever crosses patients; the counts still reconcile."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+from pathlib import Path
+
+import pytest
+from conftest import EXTERNAL
+
+from leukofhir.cli import main
+from leukofhir.errors import UsageError
+from leukofhir.partition import DEFAULT_MEMORY_BUDGET, ROW_MEMORY_PER_BYTE, parse_size, plan_partitions
+from leukofhir.pipeline import evaluate_files
+from leukofhir.reader import expand_paths
+from leukofhir.validate import ValidationThresholdError
+from support.fhir_builders import at, observation, patient, report, statement
+
+# Report entries that may legitimately differ: which ids illustrate a reason, and the partitioning itself.
+EXAMPLE_KEYS = {"quarantine_examples", "expectations", "partitions"}
+
+
+def _run(inputs, out: Path, **options) -> dict:
+    return evaluate_files(inputs, out, progress=False, **options)
+
+
+def _same_outputs(memory: Path, memory_report: dict, partitioned: Path, partitioned_report: dict) -> None:
+    for name in ("Flag.ndjson", "quarantine.ndjson"):
+        assert (partitioned / name).read_bytes() == (memory / name).read_bytes(), name
+    assert {k: v for k, v in partitioned_report.items() if k not in EXAMPLE_KEYS} == \
+        {k: v for k, v in memory_report.items() if k not in EXAMPLE_KEYS}
+    strip = [{k: v for k, v in e.items() if k != "examples"} for e in memory_report["expectations"]]
+    assert [{k: v for k, v in e.items() if k != "examples"} for e in partitioned_report["expectations"]] == strip
+    assert partitioned_report["reconciled"] is True
+    written = json.loads((partitioned / "report.json").read_text())
+    assert written["partitions"] == partitioned_report["partitions"]
+
+
+def test_the_sample_data_with_a_tiny_budget_gives_the_in_memory_flags_byte_for_byte(tmp_path):
+    memory = _run([EXTERNAL], tmp_path / "memory")
+    assert "partitions" not in memory and memory["flags"]["total"] > 100 and memory["read_errors"] == 3
+    partitioned = _run([EXTERNAL], tmp_path / "partitioned", memory_budget="4MB")
+    parts = partitioned["partitions"]
+    assert parts["evaluated"] >= 4 and parts["spilled"] > parts["evaluated"]
+    # The HL7 General Health Panel's report names another patient than its results: two partitions judged as one.
+    assert parts["linked_groups"] >= 1
+    _same_outputs(tmp_path / "memory", memory, tmp_path / "partitioned", partitioned)
+    assert not list((tmp_path / "partitioned").glob(".partitions-*")), "the partitions' files are removed"
+
+
+def _write_ndjson(path: Path, resources: list[dict], *, gz: bool = False) -> None:
+    text = "".join(json.dumps(r) + "\n" for r in resources)
+    if gz:
+        with gzip.open(path, "wt") as fh:
+            fh.write(text)
+    else:
+        path.write_text(text)
+
+
+def _crossing_input(folder: Path) -> Path:
+    """Patients whose resources cross partitions in every way the partitioned path must resolve."""
+    folder.mkdir()
+    patients = [patient(f"p{n}", birth="1960-01-01") for n in range(40)]
+    first, later = [], []
+    for n in range(40):
+        ref = f"Patient/p{n}"
+        first += [observation(f"w{n}-a", "wbc", 2.1 + n / 100, time=at(days=n), patient=ref, meta={"versionId": "1"}),
+                  observation(f"w{n}-b", "wbc", 6.0, time=at(days=n + 3), patient=ref)]
+    # A copy of p1's low WBC read again under p2 (another subject): quarantined as a differing copy, p2 unflagged.
+    later.append(observation("w1-a", "wbc", 2.11, time=at(days=1), patient="Patient/p2", meta={"versionId": "1"}))
+    # A correction that moves a result to the right patient: version 2 under p4 supersedes version 1 under p3.
+    later.append(observation("w3-a", "wbc", 2.13, time=at(days=3), patient="Patient/p4", meta={"versionId": "2"}))
+    # p5's report lists p6's untimed ANC: the result takes the report's time.
+    later.append(observation("u6", "anc", 0.4, time=False, patient="Patient/p6"))
+    later.append(report("r5", ["u6", "w5-a"], time=at(days=50), patient_ref="Patient/p5"))
+    # One Medication, referenced by MedicationRequests of patients in many partitions; one copy of it read later
+    # changes nothing (the same drug), a second Medication appears only after its requests.
+    medication = {"resourceType": "Medication", "id": "cis", "code": {"text": "Cisplatin 50 MG Injection"}}
+    requests = []
+    for n in range(0, 40, 3):
+        request = statement(f"mr{n}", None, point=at(days=n - 5), kind="MedicationRequest",
+                            patient_ref=f"Patient/p{n}")
+        del request["medicationCodeableConcept"]
+        request["medicationReference"] = {"reference": "Medication/cis" if n % 2 else "Medication/clz"}
+        requests.append(request)
+    late_medication = {"resourceType": "Medication", "id": "clz", "code": {"text": "Clozapine 100 MG Oral Tablet"}}
+    # urn:uuid and bare-id subjects resolve to the Patients of the input, wherever those are read.
+    untyped = [observation("x7", "wbc", 1.7, time=at(days=60), patient="urn:uuid:p7"),
+               observation("x8", "wbc", 1.8, time=at(days=61), patient="p8"),
+               observation("x99", "wbc", 1.9, time=at(days=62), patient="urn:uuid:nobody")]
+    # A Bundle whose references name entries by fullUrl.
+    bundle = {"resourceType": "Bundle", "type": "collection", "entry": [
+        {"fullUrl": "urn:uuid:0a0a0a0a-0000-4000-8000-000000000001", "resource": patient("b1", birth="1950-02-02")},
+        {"fullUrl": "urn:uuid:0a0a0a0a-0000-4000-8000-000000000002",
+         "resource": observation("b1-w", "wbc", 1.2, time=at(days=70),
+                                 patient="urn:uuid:0a0a0a0a-0000-4000-8000-000000000001")}]}
+    _write_ndjson(folder / "a-Patient.ndjson", patients[:20])
+    _write_ndjson(folder / "b-Observation.ndjson.gz", first, gz=True)
+    _write_ndjson(folder / "c-Medication.ndjson", [medication])
+    _write_ndjson(folder / "d-MedicationRequest.ndjson", requests)
+    _write_ndjson(folder / "e-later.ndjson", later + untyped + [medication, late_medication])
+    (folder / "f-bad.ndjson").write_text('{"resourceType": "Observation", "id": "cut"\n{"no": "type"}\n')
+    (folder / "g-bundle.json").write_text(json.dumps(bundle))
+    _write_ndjson(folder / "h-Patient.ndjson", patients[20:] + [{"resourceType": "Encounter", "id": "e1"}])
+    return folder
+
+
+@pytest.mark.parametrize("budget, workers", [("1KB", 1), ("20KB", 1), ("1KB", 2)])
+def test_what_crosses_patients_is_resolved_as_in_memory(tmp_path, budget, workers):
+    inputs = _crossing_input(tmp_path / "in")
+    memory = _run([inputs], tmp_path / "memory")
+    assert "partitions" not in memory
+    partitioned = _run([inputs], tmp_path / "partitioned", memory_budget=budget, workers=workers)
+    assert partitioned["partitions"]["evaluated"] >= 2 and partitioned["partitions"]["workers"] == workers
+    _same_outputs(tmp_path / "memory", memory, tmp_path / "partitioned", partitioned)
+    # What the in-memory path made of the crossings, so the comparison above covers each of them.
+    quarantine = [json.loads(line) for line in (tmp_path / "memory" / "quarantine.ndjson").read_text().splitlines()]
+    reasons = {q.get("resource", {}).get("id") or q.get("source"): q["reasons"][0] for q in quarantine}
+    assert "differs in subject" in reasons["w1-a"]
+    assert reasons["x99"] == "subject does not resolve to a Patient in the input"
+    assert sum(1 for q in quarantine if "source" in q) == memory["read_errors"] == 2
+    assert memory["skipped"]["superseded by a later version"] == 1
+    flags = [json.loads(line) for line in (tmp_path / "memory" / "Flag.ndjson").read_text().splitlines()]
+    by_patient = {}
+    for flag in flags:
+        by_patient.setdefault(flag["subject"]["reference"], []).append(flag)
+    assert "Patient/p3" not in by_patient and "Patient/p4" in by_patient  # the correction moved the episode
+    assert any("Agranulocytosis" in f["code"]["text"] for f in by_patient["Patient/p6"])  # timed by p5's report
+    assert {"Patient/p7", "Patient/p8", "Patient/b1"} <= set(by_patient)
+    drugs = [f["code"]["text"] for f in flags if "possibly drug-associated" in f["code"]["text"]]
+    assert any("cisplatin" in t for t in drugs) and any("clozapine" in t for t in drugs)
+
+
+def test_an_as_of_given_holds_for_every_partition(tmp_path):
+    inputs = _crossing_input(tmp_path / "in")
+    memory = _run([inputs], tmp_path / "memory", as_of=at(days=20))
+    partitioned = _run([inputs], tmp_path / "partitioned", as_of=at(days=20), memory_budget="2KB")
+    assert memory["skipped"]["after the as-of time"] > 0
+    _same_outputs(tmp_path / "memory", memory, tmp_path / "partitioned", partitioned)
+
+
+def test_the_validation_threshold_is_checked_on_the_totals(tmp_path):
+    """Mostly bad data fails a run against a server with the same error in memory and partitioned; a partition that
+    is all bad data does not fail a run whose totals pass."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    bad = [observation(f"bad{n}", "wbc", 3.0, unit="furlongs", patient=f"Patient/q{n}") for n in range(30)]
+    good = [observation(f"ok{n}", "wbc", 5.0, patient=f"Patient/q{n}") for n in range(20)]
+    _write_ndjson(folder / "obs.ndjson", bad + good + [patient(f"q{n}") for n in range(30)])
+    errors = []
+    for budget in (None, "1KB"):
+        with pytest.raises(ValidationThresholdError) as caught:
+            _run([folder], tmp_path / f"out-{budget}", fail_on_threshold=True, memory_budget=budget)
+        errors.append(re.sub(r"e\.g\. [^;]*", "e.g. …", str(caught.value)))  # which ids: any of them
+        assert not (tmp_path / f"out-{budget}" / "report.json").exists()
+    assert errors[0] == errors[1] and "30 of 50 rows" in errors[0]
+
+    _write_ndjson(folder / "obs.ndjson", bad[:3] + good * 1 + [patient(f"q{n}") for n in range(30)])
+    done = _run([folder], tmp_path / "passes", fail_on_threshold=True, memory_budget="1KB")
+    assert done["partitions"]["evaluated"] >= 2 and sum(done["quarantined"].values()) == 3
+
+
+def test_sizes_and_the_plan():
+    assert parse_size("64MB") == 64 << 20 and parse_size("1.5GB") == 3 << 29 and parse_size("512KiB") == 512 << 10
+    assert parse_size("100000") == 100000 and parse_size(2048) == 2048
+    for bad in ("lots", "-1MB", "0", "12 parsecs"):
+        with pytest.raises(UsageError):
+            parse_size(bad)
+    files = expand_paths([EXTERNAL])
+    assert plan_partitions(files) is None  # the sample data fits the default budget
+    plan = plan_partitions(files, "1MB", workers=2)
+    assert plan.budget == 1 << 20 and plan.workers == 2 and plan.unit_bytes == int((1 << 19) / ROW_MEMORY_PER_BYTE)
+    assert 2 <= plan.spilled <= 256
+    assert DEFAULT_MEMORY_BUDGET == 768 << 20
+    with pytest.raises(UsageError):
+        plan_partitions(files, "1MB", workers=0)
+
+
+def test_the_command_line_takes_a_budget_and_workers(tmp_path, capsys):
+    assert main(["evaluate", str(EXTERNAL / "hl7-fhir-r4-examples"), "--out", str(tmp_path / "a")]) == 0
+    assert main(["evaluate", str(EXTERNAL / "hl7-fhir-r4-examples"), "--out", str(tmp_path / "b"),
+                 "--memory-budget", "8KB", "--workers", "2"]) == 0
+    assert "partitions by patient" in capsys.readouterr().err
+    assert (tmp_path / "a" / "Flag.ndjson").read_bytes() == (tmp_path / "b" / "Flag.ndjson").read_bytes()
+    with pytest.raises(SystemExit) as exited:
+        main(["evaluate", str(EXTERNAL), "--out", str(tmp_path / "c"), "--memory-budget", "lots"])
+    assert exited.value.code == 2 and "not a size" in capsys.readouterr().err
+    # Data Docs need every row in memory: refused before anything is written.
+    assert main(["evaluate", str(EXTERNAL), "--out", str(tmp_path / "d"), "--memory-budget", "1MB",
+                 "--data-docs"]) == 2
+    assert "--data-docs needs every row in memory" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
