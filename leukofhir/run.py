@@ -16,6 +16,7 @@ import logging
 import shutil
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
@@ -246,7 +247,12 @@ def run_pipeline(
     progress: bool = False, keep_staged: bool = False,
 ) -> dict:
     """The whole run in this process, one batch at a time (a chunk per batch): what `leukofhir run` does, with the
-    step functions the DAG tasks call."""
+    step functions the DAG tasks call.
+
+    While a batch is evaluated, the next one is extracted in a second thread, so the server is kept busy: evaluating
+    is CPU work here, extracting mostly waits for the server (benchmarks/pipeline_bench.py). The client is never used
+    by both threads at once: a batch is written only once the next one is staged. `seconds` holds each step's own
+    time, so with the overlap they add up to more than `total`."""
     run_dir = Path(run_dir)
     if batch_size < 1:
         raise UsageError("the batch size must be at least 1")
@@ -258,17 +264,34 @@ def run_pipeline(
     seconds["find"] = time.perf_counter() - started
     total = sum(len(read_patient_list(c / "patients.json")) for c in chunks)
     bar = _progress(total, progress)
+
+    def timed(step: str, work):
+        begin = time.perf_counter()
+        try:
+            return work()
+        finally:
+            seconds[step] += time.perf_counter() - begin
+
+    def extract(chunk: Path):
+        return timed("extract", lambda: extract_chunk(client, rules, chunk, batch_size))
+
     try:
-        for chunk in chunks:
-            for step, work in (("extract", lambda: extract_chunk(client, rules, chunk, batch_size)),
-                               ("evaluate", lambda: evaluate_chunk(rules, chunk)),
-                               ("write", lambda: write_chunk(client, rules, chunk, dry_run=dry_run,
-                                                             keep_staged=keep_staged))):
-                begin = time.perf_counter()
-                work()
-                seconds[step] += time.perf_counter() - begin
-            if bar is not None:
-                bar.update(len(read_patient_list(chunk / "patients.json")))
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="extract") as prefetch:
+            staged = prefetch.submit(extract, chunks[0]) if chunks else None
+            for number, chunk in enumerate(chunks):
+                staged.result()  # this batch's pages are on disk (a failed extract stops the run here)
+                staged = prefetch.submit(extract, chunks[number + 1]) if number + 1 < len(chunks) else None
+                try:
+                    timed("evaluate", lambda: evaluate_chunk(rules, chunk))
+                finally:
+                    # The next batch is staged before this one is written (one thread on the client at a time);
+                    # if its extract failed, this batch is still written, then the failure stops the run.
+                    failed = staged.exception() if staged is not None else None
+                timed("write", lambda: write_chunk(client, rules, chunk, dry_run=dry_run, keep_staged=keep_staged))
+                if failed is not None:
+                    raise failed
+                if bar is not None:
+                    bar.update(len(read_patient_list(chunk / "patients.json")))
     finally:
         if bar is not None:
             bar.close()

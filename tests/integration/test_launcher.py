@@ -1,7 +1,9 @@
-"""`scripts/fhir-server`: status, a harmless second start, and the failure paths that must leave nothing running."""
+"""`scripts/fhir-server`: status, a harmless second start, the failure paths that must leave nothing running, and
+the H2 query plans the pipeline's searches rely on."""
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 
@@ -68,3 +70,15 @@ def _servers() -> set[str]:
     found = subprocess.run(["pgrep", "-f", f"{ROOT}/fhir-server/target/fhir-server.jar.*org.leukofhir.fhirserver"],
                            capture_output=True, text=True)
     return set(found.stdout.split())
+
+
+def test_h2_plans_of_the_pipelines_searches_seek_instead_of_reading_whole_tables(launcher_env):
+    # At start-up the launcher asks H2 for its plan of each statement shape behind the pipeline's searches, through
+    # the settings and the statement inspector it really runs with (fhir-server H2QueryPlans): a token OR-list and a
+    # reference OR-list read by the join key, `_revinclude` seeking on its IN list, the id lookup using an index.
+    # Without them, `code=<32 codes>` beside a date took 40 s on 20,000 Observations (README "The local FHIR server").
+    log = ROOT / "fhir-server" / "target" / f"fhir-server-{launcher_env['FHIR_PORT']}.log"
+    text = log.read_text(encoding="utf-8", errors="replace")
+    problems = re.findall(r"H2 query plan(?:s could not be checked| for .*)", text)
+    assert problems == []
+    assert "H2 query plans: joined token OR-list, joined reference OR-list, _revinclude, id lookup ok" in text
