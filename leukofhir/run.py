@@ -308,10 +308,6 @@ def _progress(total: int, enabled: bool):
 
 
 
-# Exit codes of `leukofhir run` (README "Running it"): 2 is the CLI's for unusable arguments.
-EXIT_DONE, EXIT_REFUSED, EXIT_SERVER, EXIT_DATA = 0, 1, 3, 4
-
-
 def check_server(client: FhirClient, rules: Rules, *, window: Window | None = None, dry_run: bool = False,
                  extract: str = "search") -> None:
     """Before anything is read or written: the server declares every search (or the export), history and write the
@@ -339,7 +335,8 @@ def summary_line(report: dict, run_dir: Path) -> str:
 
 
 def run_command(args) -> int:
-    """`leukofhir run`: the whole pipeline against a server; prints one summary line; exit codes above."""
+    """`leukofhir run`: the whole pipeline against a server; prints one summary line; the CLI's exit codes."""
+    from leukofhir.cli import EXIT_DATA, EXIT_INCOMPLETE, EXIT_OK, exit_code
     from leukofhir.config import load_config
     from leukofhir.fhir.errors import FhirError
     from leukofhir.validate import ValidationThresholdError
@@ -364,9 +361,9 @@ def run_command(args) -> int:
         return EXIT_DATA
     except FhirError as exc:
         print(f"leukofhir run: the FHIR server cannot be used: {exc} (run folder {run_dir})", file=sys.stderr)
-        return EXIT_SERVER
+        return exit_code(exc)  # 3 for refused credentials, 4 for anything else the server did
     print(summary_line(report, run_dir))
-    return EXIT_REFUSED if report["writes"]["refused"] else EXIT_DONE
+    return EXIT_INCOMPLETE if report["writes"]["refused"] else EXIT_OK
 
 
 def _missing(flag: str):

@@ -126,7 +126,16 @@ def test_run_command_summary_outputs_and_exit_codes(fhir_base_url, fhir_client, 
     assert empty.returncode == 2 and "window is empty" in empty.stderr
     down = subprocess.run([*CLI, "run", "--fhir-url", "http://127.0.0.1:9/fhir", "--patients", pid, "--timeout", "2",
                            "--out", str(tmp_path / "down")], capture_output=True, text=True, timeout=300)
-    assert down.returncode == 3 and "cannot be used" in down.stderr and "Traceback" not in down.stderr
+    assert down.returncode == 4 and "cannot be used" in down.stderr and "Traceback" not in down.stderr
+
+    # Data that fails its contract (every WBC of the patient in a unit nobody knows) stops the run: exit 6, no Flag.
+    bad = f"contract-{unique}"
+    put(fhir_client, patient(bad), observation(f"{bad}-w", "wbc", 2.5, time=at(), patient=f"Patient/{bad}",
+                                               unit="furlong"))
+    contract = subprocess.run([*CLI, "run", "--fhir-url", fhir_base_url, "--patients", bad,
+                               "--out", str(tmp_path / "contract")], capture_output=True, text=True, timeout=300)
+    assert contract.returncode == 6 and "failed its contract" in contract.stderr, contract.stderr[-2000:]
+    assert project_flags(fhir_client, [bad]) == []
 
 
 def test_eight_simultaneous_writes_of_one_new_flag_leave_one_flag(fhir_base_url, fhir_client, unique):
