@@ -1,6 +1,6 @@
 """Benchmark `leukofhir run` against the local HAPI server, against a bare `requests` loop paging the same searches.
 
-Usage: .venv/bin/python benchmarks/pipeline_bench.py [--observations 100000] [--small 10000] [--port 8190]
+Usage: .venv/bin/python benchmarks/pipeline_bench.py [--observations 100000] [--small 10000] [--port 8790]
                                                       [--fhir-url URL] [--data DIR]
 
 Starts its own HAPI server (scripts/fhir-server, a fresh data folder, port --port) unless --fhir-url is given; loads
@@ -121,7 +121,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--observations", type=int, default=100_000, help="Observations in the whole window")
     parser.add_argument("--small", type=int, default=10_000, help="Observations in the small window")
-    parser.add_argument("--port", type=int, default=8190)
+    parser.add_argument("--port", type=int, default=8790)
     parser.add_argument("--fhir-url", help="an already loaded server (skips starting and loading)")
     parser.add_argument("--data", help="folder for the generated NDJSON and the HAPI data (default: temporary)")
     args = parser.parse_args()
