@@ -65,10 +65,11 @@ def sample(fhir_base_url, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def stack(fhir_proxy):
-    """The stack on FHIR_TEST_PORT + 9..12 with the repository's dags/ and `fhir_default` on the proxy."""
+    """The stack on FHIR_TEST_PORT + 11..14 (the e2e Airflow has +9 for the whole package, the receiver +10) with the
+    repository's dags/ and `fhir_default` on the proxy."""
     folder = reachable_folder()
     conn = json.dumps({"conn_type": "fhir", "host": fhir_proxy.base_url, "extra": {"timeout": 120}})
-    env = stack_env(9, folder, AIRFLOW_CONN_FHIR_DEFAULT=conn)
+    env = stack_env(11, folder, AIRFLOW_CONN_FHIR_DEFAULT=conn)
     try:
         yield start_stack(env, folder)
     finally:
