@@ -258,7 +258,7 @@ def run_pipeline(
         raise UsageError("the batch size must be at least 1")
     seconds = dict.fromkeys(("find", "extract", "evaluate", "write"), 0.0)
     started = time.perf_counter()
-    # One chunk per batch: each batch is extracted, evaluated and written before the next is read.
+    # One chunk per batch, so memory is bounded by the batch (two at most: one evaluated while the next is staged).
     chunks = find_patients(client, rules, run_dir, window=window, patients=patients, chunk_size=batch_size,
                            dry_run=dry_run)
     seconds["find"] = time.perf_counter() - started
