@@ -4,7 +4,8 @@ the same backfill with one Celery worker and with two, and where the time goes.
 Usage: .venv/bin/python benchmarks/backfill_bench.py [--observations 100000] [--extract export] [--chunks 4]
            [--fhir-port 8595] [--stack-port 8596] [--fhir-url URL --no-load] [--runs 1] [--keep]
 
-Starts a HAPI server of its own (scripts/fhir-server, a fresh data folder under /tmp) unless --fhir-url is given, and
+Starts a HAPI server of its own (scripts/fhir-server, a fresh data folder under /tmp) unless --fhir-url is given (then
+HAPI's CPU seconds are measured when that server was started by scripts/fhir-server on --fhir-port), and
 loads N generated CBC Observations into it (benchmarks/evaluate_bench.py's generator: Patients, DiagnosticReports,
 MedicationStatements; results dated 2016-2019); starts the stack with the repository's dags/ on that server; then,
 for 1 worker (the second stopped) and for 2, deletes the project's Flags and runs the backfill over 2015-2020 (every
@@ -55,8 +56,13 @@ def cpu_seconds(pids) -> float:
     return total / TICKS
 
 
-def fhir_pid(port: int) -> int:
-    return int((ROOT / "fhir-server" / "target" / f"fhir-server-{port}.pid").read_text().split()[0])
+def fhir_pid(port: int) -> int | None:
+    """The pid of the HAPI server scripts/fhir-server started on `port` (this one's or, with --fhir-url, one started
+    by hand on --fhir-port), or None."""
+    try:
+        return int((ROOT / "fhir-server" / "target" / f"fhir-server-{port}.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def delete_flags(client: FhirClient) -> int:
@@ -142,7 +148,10 @@ def main() -> int:
                 sys.exit(f"the stack did not start:\n{started.stderr[-3000:]}")
             print(f"stack started in {time.perf_counter() - begin:.0f} s", flush=True)
             api = Api(started.stdout.strip().splitlines()[-1], admin_password(work / "stack"))
-            hapi = fhir_pid(args.fhir_port) if not args.fhir_url else None
+            hapi = fhir_pid(args.fhir_port)
+            if hapi is None:
+                print(f"no pid file for a FHIR server on port {args.fhir_port}: HAPI's CPU seconds not measured",
+                      flush=True)
             for workers in [int(w) for w in args.workers.split(",")]:
                 set_workers(env, workers)
                 for run in range(args.runs):
