@@ -4,9 +4,11 @@ the same backfill with one Celery worker and with two, and where the time goes.
 Usage: .venv/bin/python benchmarks/backfill_bench.py [--observations 100000] [--extract export] [--chunks 4]
            [--fhir-port 8595] [--stack-port 8596] [--fhir-url URL --no-load] [--runs 1] [--keep]
 
-Starts a HAPI server of its own (scripts/fhir-server, a fresh data folder under /tmp) unless --fhir-url is given, and
+Starts a HAPI server of its own (scripts/fhir-server, a fresh data folder under /tmp) unless --fhir-url is given (then
+HAPI's CPU seconds are measured when that server was started by scripts/fhir-server on --fhir-port), and
 loads N generated CBC Observations into it (benchmarks/evaluate_bench.py's generator: Patients, DiagnosticReports,
-MedicationStatements; results dated 2016-2019); starts the stack with the repository's dags/ on that server; then,
+MedicationStatements; results dated 2016-2019); starts the stack with the repository's dags/ on that server (every DAG
+paused but the backfill, so the hourly surveillance DAG does not run beside it); then,
 for 1 worker (the second stopped) and for 2, deletes the project's Flags and runs the backfill over 2015-2020 (every
 result: a ten-year-style backfill writing every Flag), timing the run, each task (from Airflow's REST API) and the
 CPU seconds of HAPI and of the workers (their processes and the task processes they waited for). Not a timed test.
@@ -55,8 +57,13 @@ def cpu_seconds(pids) -> float:
     return total / TICKS
 
 
-def fhir_pid(port: int) -> int:
-    return int((ROOT / "fhir-server" / "target" / f"fhir-server-{port}.pid").read_text().split()[0])
+def fhir_pid(port: int) -> int | None:
+    """The pid of the HAPI server scripts/fhir-server started on `port` (this one's or, with --fhir-url, one started
+    by hand on --fhir-port), or None."""
+    try:
+        return int((ROOT / "fhir-server" / "target" / f"fhir-server-{port}.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def delete_flags(client: FhirClient) -> int:
@@ -85,6 +92,18 @@ def set_workers(env: dict, count: int) -> None:
     deadline = time.monotonic() + 120
     while "worker2" in stack_processes(env) and time.monotonic() < deadline:
         time.sleep(1)
+
+
+def unpause(api: Api, dag_id: str, timeout: float = 180) -> None:
+    """Unpause `dag_id` once the dag-processor has parsed it (every DAG starts paused here)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        answer = api.session.patch(f"{api.url}/api/v2/dags/{dag_id}", json={"is_paused": False}, timeout=30)
+        if answer.status_code == 200:
+            return
+        if time.monotonic() > deadline:
+            sys.exit(f"could not unpause {dag_id}: HTTP {answer.status_code} {answer.text[:500]}")
+        time.sleep(2)
 
 
 def task_times(api: Api, run_id: str) -> dict[str, dict]:
@@ -119,8 +138,10 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="leukofhir-backfill-bench-", dir="/tmp"))
     work.chmod(0o755)  # PostgreSQL's own user reaches its data under it
     base_url = args.fhir_url or start_server(args.fhir_port, work / "hapi")
+    # DAGs paused at creation: the hourly surveillance DAG would otherwise run at once against the same server, beside
+    # the backfill being measured; only the backfill DAG is unpaused.
     env = dict(os.environ, AIRFLOW_STACK_PORT=str(args.stack_port), AIRFLOW_STACK_DIR=str(work / "stack"),
-               AIRFLOW_STACK_FHIR_URL=base_url, AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION="False")
+               AIRFLOW_STACK_FHIR_URL=base_url, AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION="True")
     results = []
     try:
         with FhirClient(base_url, timeout=300) as client:
@@ -142,7 +163,11 @@ def main() -> int:
                 sys.exit(f"the stack did not start:\n{started.stderr[-3000:]}")
             print(f"stack started in {time.perf_counter() - begin:.0f} s", flush=True)
             api = Api(started.stdout.strip().splitlines()[-1], admin_password(work / "stack"))
-            hapi = fhir_pid(args.fhir_port) if not args.fhir_url else None
+            unpause(api, DAG)
+            hapi = fhir_pid(args.fhir_port)
+            if hapi is None:
+                print(f"no pid file for a FHIR server on port {args.fhir_port}: HAPI's CPU seconds not measured",
+                      flush=True)
             for workers in [int(w) for w in args.workers.split(",")]:
                 set_workers(env, workers)
                 for run in range(args.runs):

@@ -2,8 +2,9 @@
 
 Usage: .venv/bin/python benchmarks/evaluate_bench.py [--observations N] [--dir DIR] [--memory-budget SIZE]
                                                       [--workers N] [--skip-loads]
-Prints Observations/s, the ratio to json.loads over the same files in the same run, peak RSS of the evaluate
-process (and of its worker processes with --workers), whether and how the input was partitioned (leukofhir.partition),
+Prints Observations/s (wall and per CPU second), the ratio to json.loads over the same files in the same run, peak RSS
+of the evaluate process (and of its largest partition process), the peak of the sum of RSS and of PSS over all its
+processes at one instant (sampled), whether and how the input was partitioned (leukofhir.partition),
 and the time spent in Great Expectations validation vs the rest. Not a timed test.
 """
 
@@ -17,6 +18,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -85,6 +87,44 @@ def generate(folder: Path, observations: int, seed: int = 7, *, prefix: str = ""
                 "subject": {"reference": patient}, "effectiveDateTime": when,
                 "result": [{"reference": f"Observation/{i}"} for i in ids]}))
             reports.write("\n")
+
+
+def _tree(root: int) -> list[int]:
+    """`root` and every process descended from it, from /proc."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            parents.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(parents.get(pid, []))
+    return out
+
+
+def sample_tree(root: int, stop: threading.Event, peak: dict) -> None:
+    """Every 0.25 s, the sum of RSS and of PSS (/proc/PID/smaps_rollup) over `root`'s process tree at that instant:
+    the memory the run holds at once (the evaluate process and its partition processes together), kept at its max."""
+    while not stop.wait(0.25):
+        rss = pss = 0
+        pids = _tree(root)
+        for pid in pids:
+            try:
+                for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                    if line.startswith("Rss:"):
+                        rss += int(line.split()[1])
+                    elif line.startswith("Pss:"):
+                        pss += int(line.split()[1])
+            except OSError:
+                continue
+        if rss > peak["rss_kb"]:
+            peak.update(rss_kb=rss, processes=len(pids))
+        peak["pss_kb"] = max(peak["pss_kb"], pss)
 
 
 def json_loads_seconds(folder: Path) -> tuple[float, float, int]:
@@ -165,8 +205,17 @@ def main() -> int:
                                                        else [])
         # The output next to the input: the partitions' files go there too (a 10M input is about 8 GB of NDJSON).
         out = folder.parent / f"{folder.name}-out"
-        run = subprocess.run([sys.executable, __file__, "--child", str(folder), str(out), *options],
-                             capture_output=True, text=True, check=True)
+        proc = subprocess.Popen([sys.executable, __file__, "--child", str(folder), str(out), *options],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stop, tree_peak = threading.Event(), {"rss_kb": 0, "pss_kb": 0, "processes": 0}
+        sampler = threading.Thread(target=sample_tree, args=(proc.pid, stop, tree_peak), daemon=True)
+        sampler.start()
+        stdout, stderr = proc.communicate()
+        stop.set()
+        sampler.join()
+        if proc.returncode:
+            sys.exit(f"evaluate failed ({proc.returncode}):\n{stderr[-3000:]}")
+        run = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         # CPU seconds of the evaluate process (imports included): on a shared machine the wall-clock ratio moves with
         # the other users' load; CPU time much less, so it is printed beside it as a check.
@@ -196,6 +245,11 @@ def main() -> int:
         print(f"peak RSS: {peak:,.0f} MB  (target < 1536 MB)" + (
             f"; the evaluate process {result['peak_rss_mb']:,.0f} MB, its largest partition process "
             f"{result['worker_peak_rss_mb']:,.0f} MB" if parts else ""))
+        print(f"at once (sampled every 0.25 s, the evaluate process and its partition processes together): RSS sum "
+              f"{tree_peak['rss_kb'] / 1024:,.0f} MB over {tree_peak['processes']} process(es), PSS sum "
+              f"{tree_peak['pss_kb'] / 1024:,.0f} MB (forked pages shared between them counted once)")
+        print(f"CPU seconds of the evaluate process and its children: {child_cpu:.1f} s = "
+              f"{obs / child_cpu:,.0f} Observations per CPU second")
         print("in memory (the input fits the memory budget)" if not parts else
               f"partitioned: input rows estimated {parts['estimated'] / 2**20:,.0f} MB over the budget "
               f"{parts['memory_budget'] / 2**20:,.0f} MB: spilled to {parts['spilled']} files, evaluated as "
