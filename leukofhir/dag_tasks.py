@@ -146,7 +146,13 @@ def _fail(exc: Exception):
     raise AirflowException(f"{type(exc).__name__}: {exc}") from None
 
 
-@task(pool=FHIR_POOL)
+# The export is the server's work, which this task only polls: a ten-year export of a large hospital takes hours
+# (README "Bounded memory", projection: 2-5 h for 10 M results). Its time-out must not end a healthy job; a retry
+# resumes the same jobs from their status URLs.
+EXPORT_TIMEOUT = timedelta(hours=12)
+
+
+@task(pool=FHIR_POOL, execution_timeout=EXPORT_TIMEOUT)
 def bulk_export(window_field: str | None = None) -> dict:
     """Param `extract`: `export` (or `auto`, when the server declares $export and the window is long) runs the Bulk
     Data exports of the window and of the histories into the run folder, resuming them after a crash; `search` (and
