@@ -307,7 +307,6 @@ def _progress(total: int, enabled: bool):
     return None
 
 
-
 def check_server(client: FhirClient, rules: Rules, *, window: Window | None = None, dry_run: bool = False,
                  extract: str = "search") -> None:
     """Before anything is read or written: the server declares every search (or the export), history and write the
