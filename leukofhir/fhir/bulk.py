@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -18,6 +17,7 @@ import requests
 
 from leukofhir.errors import UsageError
 from leukofhir.fhir.client import FhirClient
+from leukofhir.fhir.ids import is_resource_type, is_valid_id
 from leukofhir.fhir.errors import FatalFhirError, FhirError, InvalidResponseError, outcome_text
 from leukofhir.fhir.http import retry_after_seconds
 from leukofhir.fhir.urls import redact_url
@@ -30,7 +30,6 @@ ERRORS_FILE = "export-errors.log"  # the manifest's error OperationOutcomes, one
 # Bodies that are not NDJSON: a server ignoring our Accept header answers with the Binary resource or a page.
 _NOT_NDJSON = ("application/fhir+json", "application/json", "text/html")
 _CHUNK = 1 << 20
-_TYPE = re.compile(r"[A-Z][A-Za-z]{1,63}")
 
 
 class BulkExportError(FhirError):
@@ -52,7 +51,7 @@ class ExportRequest:
             raise UsageError(f"unknown export level {self.level!r} (system, patient or group)")
         if (self.level == "group") != bool(self.group_id):
             raise UsageError("a group export needs a group id, and only a group export takes one")
-        if self.group_id and not re.fullmatch(r"[A-Za-z0-9\-.]{1,64}", self.group_id):
+        if self.group_id and not is_valid_id(self.group_id):
             raise UsageError(f"group id {self.group_id!r} is not a FHIR id ([A-Za-z0-9-.]{{1,64}})")
         if self.since is not None:
             try:
@@ -62,10 +61,10 @@ class ExportRequest:
             if moment.tzinfo is None:
                 raise UsageError(f"--since {self.since!r} needs a time zone (e.g. 2024-05-01T00:00:00Z)")
         for rtype in self.types:
-            if not _TYPE.fullmatch(rtype):
+            if not is_resource_type(rtype):
                 raise UsageError(f"{rtype!r} is not a FHIR resource type")
         for type_filter in self.type_filters:
-            if not _TYPE.fullmatch(type_filter.split("?", 1)[0]) or "?" not in type_filter:
+            if not is_resource_type(type_filter.split("?", 1)[0]) or "?" not in type_filter:
                 raise UsageError(f"type filter {type_filter!r} is not Type?search (e.g. Observation?code=…)")
 
     @property
@@ -216,7 +215,7 @@ class BulkExport:
                 isinstance(o, dict) and isinstance(o.get("url"), str) for o in outputs + errors):
             raise BulkExportError(f"export status {shown}: the manifest has no usable output list", url=shown)
         for o in outputs:
-            if not _TYPE.fullmatch(str(o.get("type"))):
+            if not is_resource_type(str(o.get("type"))):
                 raise BulkExportError(f"export status {shown}: output type {o.get('type')!r} is not a resource type",
                                       url=shown)
         return manifest
