@@ -9,7 +9,9 @@ from leukofhir.errors import LeukofhirError
 __all__ = ["InvalidIdError", "is_valid_id", "is_resource_type", "resource_path", "shown"]
 
 # R4 datatypes: id = [A-Za-z0-9\-\.]{1,64}. Anything else ("victim/_history/1", "evil?_id=victim") would change
-# the meaning of the URL it is put in: another resource overwritten, or a search instead of a read.
+# the meaning of the URL it is put in: another resource overwritten, or a search instead of a read. An id of dots only
+# fits the pattern but is a dot-segment in a URL (RFC 3986 §5.2.4): clients and servers remove it, so
+# `Observation/../_history` reads the whole server's history. No server assigns one; refused too.
 _ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 # Resource type names are capitalised ASCII letters (Observation, MedicationStatement).
 _TYPE = re.compile(r"[A-Z][A-Za-z]{1,63}")
@@ -20,7 +22,7 @@ class InvalidIdError(LeukofhirError, ValueError):
 
 
 def is_valid_id(value) -> bool:
-    return isinstance(value, str) and _ID.fullmatch(value) is not None
+    return isinstance(value, str) and _ID.fullmatch(value) is not None and value.strip(".") != ""
 
 
 def is_resource_type(value) -> bool:
@@ -38,5 +40,5 @@ def resource_path(resource_type, resource_id) -> str:
     if not is_resource_type(resource_type):
         raise InvalidIdError(f"{shown(resource_type)} is not a FHIR resource type")
     if not is_valid_id(resource_id):
-        raise InvalidIdError(f"id {shown(resource_id)} is not a valid FHIR id ([A-Za-z0-9-.]{{1,64}})")
+        raise InvalidIdError(f"id {shown(resource_id)} is not a valid FHIR id ([A-Za-z0-9-.]{{1,64}}, not dots only)")
     return f"{resource_type}/{resource_id}"

@@ -6,6 +6,8 @@ import argparse
 import os
 from typing import Callable
 
+from leukofhir.service import limits as service_limits
+
 
 def add_parsers(sub, add_server_args: Callable[[argparse.ArgumentParser], None]) -> None:
     p = sub.add_parser(
@@ -21,7 +23,8 @@ def add_parsers(sub, add_server_args: Callable[[argparse.ArgumentParser], None])
         "listen", help="receive FHIR rest-hook notifications and start Airflow runs for the touched patients",
         description="Secrets: LEUKOFHIR_HOOK_SECRET, LEUKOFHIR_AIRFLOW_USER, LEUKOFHIR_AIRFLOW_PASSWORD "
                     "(each also as *_FILE); the Airflow URL may come from LEUKOFHIR_AIRFLOW_URL.")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default loopback only; README, \"Deploying the receiver\")")
     p.add_argument("--port", type=int, default=8089, help="port (default 8089)")
     p.add_argument("--queue", default=os.path.join("out", "listen", "queue.sqlite3"), metavar="FILE",
                    help="the durable queue of patients not yet in an accepted run (default out/listen/queue.sqlite3)")
@@ -33,8 +36,9 @@ def add_parsers(sub, add_server_args: Callable[[argparse.ArgumentParser], None])
     p.add_argument("--retry-max", type=float, default=30.0, help="longest pause between tries to reach Airflow (30)")
     p.add_argument("--window-lookback", type=float, default=300.0,
                    help="seconds before an empty notification a surveillance window starts at most (300)")
-    p.add_argument("--ssl-certfile", help="serve https with this certificate (PEM)")
-    p.add_argument("--ssl-keyfile", help="the certificate's private key (PEM)")
+    p.add_argument("--ssl-certfile", help="serve https (TLS 1.2 or later) with this certificate chain (PEM)")
+    p.add_argument("--ssl-keyfile", help="the certificate's private key (PEM), if not in the certificate file")
+    service_limits.add_arguments(p)
     add_server_args(p)  # the FHIR server is read for deletions: a DELETE notification has no body
 
 def run(args) -> int:

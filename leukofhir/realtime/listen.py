@@ -10,24 +10,27 @@ resource content is read from the request and dropped, and never logged."""
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from urllib.parse import unquote
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
+from leukofhir.extract import local_patient_id, subject_of
 from leukofhir.fhir.client import FhirClient
 from leukofhir.fhir.errors import FatalFhirError, FhirError
-from leukofhir.fhir.ids import is_valid_id
+from leukofhir.fhir.ids import InvalidIdError, is_valid_id, resource_path, shown
 from leukofhir.reader import reference_target
 from leukofhir.realtime.airflow_api import AirflowClient, AirflowError
 from leukofhir.realtime.queue import Batch, PatientQueue
 from leukofhir.realtime.secret import is_authorized
+from leukofhir.service.bodies import BadBody, parse_json
+from leukofhir.service.limits import Limits
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +40,8 @@ WINDOW_DAG_ID = "leukopenia_surveillance"
 WINDOW_RUN_ID_PREFIX = "leukofhir_realtime_window"
 # The resources whose Subscriptions `leukofhir subscribe` creates; each names its patient in `subject`.
 WATCHED_TYPES = frozenset({"Observation", "MedicationStatement", "MedicationRequest", "MedicationAdministration"})
-MAX_BODY_BYTES = 5 * 1024 * 1024
+MAX_BODY_BYTES = 5 * 1024 * 1024  # a notification's body: one resource
+LIMITS = Limits(max_body_bytes=MAX_BODY_BYTES)  # the connection defaults of every service (leukofhir/service)
 
 
 @dataclass(frozen=True)
@@ -72,36 +76,51 @@ class Answer:
 
 class Receiver:
     """Turns one notification into queued patient references. Answers 2xx only once they are on disk, so the
-    FHIR server retries (HAPI: for about 60 s) whatever was not recorded."""
+    FHIR server retries (HAPI: for about 60 s) whatever was not recorded. Every id and reference is checked with
+    the FHIR id rules (leukofhir/fhir/ids.py) before a URL or a queue entry is made of it."""
 
-    def __init__(self, queue: PatientQueue, fhir: FhirClient | None):
+    def __init__(self, queue: PatientQueue, fhir: FhirClient | None, base_url: str | None = None):
         self.queue = queue
         self.fhir = fhir
+        # A subject given as an absolute URL names a Patient of this server only under its base URL.
+        self.base_url = (base_url or (fhir.base_url if fhir else "")).rstrip("/") + "/"
         self.empty_posts = 0
 
-    def handle(self, method: str, path: str, body: bytes) -> Answer:
+    def handle(self, method: str, raw_path: str, body: bytes) -> Answer:
+        """`raw_path` as the client sent it (percent-encoded): split first, then each segment decoded, so that an
+        encoded `/` stays inside its segment and is refused with it."""
         if method == "POST" and not body.strip():
             return self._empty_post()
-        parts = [p for p in path.split("/") if p]
+        parts = [unquote(p) for p in raw_path.split("/") if p]
         if method not in ("PUT", "DELETE") or len(parts) < 2:
             return Answer(404, "expected PUT or DELETE {endpoint}/{type}/{id}, or an empty POST {endpoint}")
         resource_type, resource_id = parts[-2], parts[-1]
         if resource_type not in WATCHED_TYPES:
-            return Answer(404, f"{resource_type} is not a resource type this receiver watches")
-        ref = f"{resource_type}/{resource_id}"
+            return Answer(404, f"{shown(resource_type)} is not a resource type this receiver watches")
+        try:
+            ref = resource_path(resource_type, resource_id)
+        except InvalidIdError as exc:
+            return Answer(400, f"{resource_type}: {exc}")
         if method == "PUT":
             try:
-                resource = json.loads(body)
-            except (ValueError, UnicodeDecodeError):
-                return Answer(400, f"{ref}: the body is not JSON")
+                resource = parse_json(body)
+            except BadBody as exc:
+                return Answer(400, f"{ref}: {exc}")
             if not isinstance(resource, dict) or resource.get("resourceType") != resource_type \
                     or str(resource.get("id", resource_id)) != resource_id:
                 return Answer(400, f"{ref}: the body is not that resource")
         else:
-            resource = self._last_version(resource_type, resource_id)
+            resource = self._last_version(ref)
             if isinstance(resource, Answer):
                 return resource
-        patient = patient_of(resource) if resource else None
+        try:
+            patient = patient_of(resource, self.base_url) if resource else None
+        except InvalidReferenceError as exc:
+            if method == "PUT":
+                return Answer(400, f"{ref}: {exc}")
+            # The server's own last version names it: nothing the server could send better by retrying.
+            log.warning("DELETE %s: %s; nothing queued", ref, exc)
+            return Answer(200)
         if patient is None:
             # Nothing to evaluate (the pipeline quarantines a result without a Patient subject): acknowledged,
             # so the server does not retry it.
@@ -111,22 +130,23 @@ class Receiver:
         log.debug("%s %s: %s queued", method, ref, patient)
         return Answer(200)
 
-    def _last_version(self, resource_type: str, resource_id: str) -> dict | None | Answer:
-        """The newest version with content of a deleted resource: a DELETE notification carries no body."""
+    def _last_version(self, ref: str) -> dict | None | Answer:
+        """The newest version with content of a deleted resource (`ref` checked): a DELETE notification carries no
+        body. The one request made: that resource's own `_history`."""
         if self.fhir is None:
-            log.warning("DELETE %s/%s: no FHIR server configured to look up its patient", resource_type, resource_id)
+            log.warning("DELETE %s: no FHIR server configured to look up its patient", ref)
             return None
         try:
-            bundle = self.fhir.request("GET", f"{resource_type}/{resource_id}/_history", params={"_count": 10},
+            bundle = self.fhir.request("GET", f"{ref}/_history", params={"_count": 10},
                                        headers={"Cache-Control": "no-cache"}).json()
         except FatalFhirError as exc:
             if exc.status in (404, 410):
-                log.warning("DELETE %s/%s: the server has no history of it", resource_type, resource_id)
+                log.warning("DELETE %s: the server has no history of it", ref)
                 return None
             raise
         except FhirError as exc:
             # The server retries the notification: the deletion is not lost while it does.
-            log.warning("DELETE %s/%s: cannot read its history now (%s)", resource_type, resource_id, exc)
+            log.warning("DELETE %s: cannot read its history now (%s)", ref, exc)
             return Answer(503, "cannot look up the deleted resource's patient now")
         for entry in bundle.get("entry") or []:
             if isinstance(entry.get("resource"), dict):
@@ -144,12 +164,24 @@ class Receiver:
         return Answer(200)
 
 
-def patient_of(resource: dict) -> str | None:
-    """'Patient/<id>' from the resource's subject, or None when the subject is not a reference to a Patient id."""
-    subject = resource.get("subject")
-    kind, rid = reference_target(subject.get("reference") if isinstance(subject, dict) else None)
+class InvalidReferenceError(ValueError):
+    """A subject that names a Patient, but not one of this server by a valid FHIR id."""
+
+
+def patient_of(resource: dict, base_url: str) -> str | None:
+    """'Patient/<id>' of the resource's subject; None when the subject names no Patient (a Group, a urn, none);
+    InvalidReferenceError when it names one that is not a Patient of the server at `base_url` by a FHIR id."""
+    reference = subject_of(resource)
+    kind, rid = reference_target(reference)
+    if kind != "Patient":
+        return None
     # Only a FHIR id goes on: the DAG's Param refuses anything else, and one refused run would hold its whole batch.
-    return f"Patient/{rid}" if kind == "Patient" and is_valid_id(rid) else None
+    pid = local_patient_id(reference, base_url)
+    if pid is not None:
+        return f"Patient/{pid}"
+    if not is_valid_id(rid):
+        raise InvalidReferenceError(f"subject {shown(reference, 200)}: {shown(rid)} is not a valid FHIR id")
+    raise InvalidReferenceError(f"subject {shown(reference, 200)} is a Patient of another server than {base_url}")
 
 
 class Dispatcher:
@@ -248,17 +280,13 @@ def create_app(receiver: Receiver, secret: str, dispatcher: Dispatcher | None = 
 
     @app.api_route("/{path:path}", methods=["PUT", "DELETE", "POST"])
     async def notification(path: str, request: Request):
+        # Refusals are logged, summarised, by the service's RequestGuard from these answers (leukofhir/service).
         if not is_authorized(request.headers.get("authorization"), secret):
-            log.warning("refused %s /%s from %s: no valid shared secret", request.method, path,
-                        request.client.host if request.client else "?")
-            return JSONResponse({"detail": "unauthorized"}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-            return JSONResponse({"detail": "body too large"}, status_code=413)
-        body = await request.body()
-        if len(body) > MAX_BODY_BYTES:
-            return JSONResponse({"detail": "body too large"}, status_code=413)
-        answer = await run_in_threadpool(receiver.handle, request.method, path, body)
+            return JSONResponse({"detail": "no valid shared secret"}, status_code=401,
+                                headers={"WWW-Authenticate": "Bearer"})
+        body = await request.body()  # counted as it arrives, refused at MAX_BODY_BYTES (leukofhir/service)
+        raw_path = request.scope["raw_path"].decode("latin-1")
+        answer = await run_in_threadpool(receiver.handle, request.method, raw_path, body)
         if answer.status < 300:
             return Response(status_code=answer.status)
         return JSONResponse({"detail": answer.detail}, status_code=answer.status)
@@ -267,14 +295,16 @@ def create_app(receiver: Receiver, secret: str, dispatcher: Dispatcher | None = 
 
 
 def listen_command(args) -> int:
-    import uvicorn
-
     from leukofhir.fhir.auth import make_auth
     from leukofhir.realtime.airflow_api import AirflowSettings
     from leukofhir.realtime.secret import hook_secret
     from leukofhir.realtime.subscribe import check_endpoint
+    from leukofhir.service import limits as service_limits
+    from leukofhir.service.logs import Refusals
+    from leukofhir.service.server import serve
 
     secret = hook_secret()
+    limits = service_limits.from_arguments(args, LIMITS)
     airflow = AirflowClient(AirflowSettings.from_environment(args.airflow_url))
     policy = BatchPolicy(debounce=args.debounce, max_wait=args.max_wait, max_patients=args.max_batch,
                          retry_max=args.retry_max, window_lookback=args.window_lookback)
@@ -287,8 +317,8 @@ def listen_command(args) -> int:
     app = create_app(Receiver(queue, fhir), secret, Dispatcher(queue, airflow, policy))
     log.info("starting on %s://%s:%d (queue %s: %s)", scheme, args.host, args.port, queue.path, queue.counts())
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False,
-                    ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile)
+        serve(app, name="leukofhir listen", host=args.host, port=args.port, limits=limits,
+              refusals=Refusals(log), certfile=args.ssl_certfile, keyfile=args.ssl_keyfile)
     finally:
         queue.close()
         airflow.close()

@@ -90,7 +90,8 @@ def test_the_secret_is_checked(listen_env, airflow_api, tmp_path, unique):
 def test_debounce_collapses_a_panel_into_one_run(listen_env, airflow_api, tmp_path, unique):
     pid = f"Patient/cbc-{unique}"
     marker = f"SENSITIVE-{unique}"  # resource content: must reach neither the log nor the run
-    panel = [observation(f"{concept}-{unique}", concept, 1.0, patient=pid, note=[{"text": marker}])
+    # Ids as a FHIR server makes them ([A-Za-z0-9-.]: no underscore); the receiver refuses any other with a 400.
+    panel = [observation(f"{concept.replace('_', '-')}-{unique}", concept, 1.0, patient=pid, note=[{"text": marker}])
              for concept in ("wbc", "anc", "neutrophils_pct", "lymphocytes_abs", "hemoglobin", "platelets")]
     with ListenProcess(tmp_path, session_port(3), listen_env) as listener:
         with requests.Session() as session:

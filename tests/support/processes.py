@@ -11,14 +11,15 @@ from pathlib import Path
 import requests
 
 
-def wait_healthy(proc: subprocess.Popen, url: str, timeout: float, log: Path, name: str) -> None:
-    """Until GET `url` answers 200; the process exiting first, or the timeout, raises with its log's tail."""
+def wait_healthy(proc: subprocess.Popen, url: str, timeout: float, log: Path, name: str, verify=True) -> None:
+    """Until GET `url` answers 200 (TLS checked against `verify`, as requests takes it); the process exiting first,
+    or the timeout, raises with its log's tail."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{name} exited ({proc.returncode}):\n{log.read_text(errors='replace')[-3000:]}")
         try:
-            if requests.get(url, timeout=2).status_code == 200:
+            if requests.get(url, timeout=2, verify=verify).status_code == 200:
                 return
         except requests.RequestException:
             pass

@@ -14,7 +14,7 @@ import yaml
 
 from leukofhir.config import DEFAULT_PATH, load_config
 from leukofhir.errors import UsageError
-from leukofhir.realtime.listen import BatchPolicy, Dispatcher, Receiver, patient_of
+from leukofhir.realtime.listen import Answer, BatchPolicy, Dispatcher, InvalidReferenceError, Receiver, patient_of
 from leukofhir.realtime.queue import PatientQueue
 from leukofhir.realtime.secret import authorization_header, hook_secret, is_authorized
 from leukofhir.realtime.subscribe import (
@@ -213,7 +213,7 @@ def test_batches_are_bounded_and_run_ids_unique(tmp_path):
 @pytest.fixture
 def receiver(tmp_path):
     q = PatientQueue(tmp_path / "q.sqlite3", clock=Clock())
-    yield Receiver(q, fhir=None)
+    yield Receiver(q, fhir=None, base_url="http://fhir.example/fhir")
     q.close()
 
 
@@ -251,10 +251,46 @@ def test_nothing_to_evaluate_is_acknowledged_and_not_queued(receiver):
             obs["subject"] = subject
         assert receiver.handle("PUT", "notify/Observation/o1", json.dumps(obs).encode()).status == 200
     assert receiver.handle("DELETE", "notify/Observation/o1", b"").status == 200  # no FHIR server to ask
-    bad_id = observation("o2", "wbc", 1.0, patient="Patient/a b")  # not a FHIR id: the DAG would refuse the run
-    assert receiver.handle("PUT", "notify/Observation/o2", json.dumps(bad_id).encode()).status == 200
     assert _queued(receiver) == []
     assert receiver.queue.counts()["pending_window_requests"] == 0
+
+
+@pytest.mark.parametrize("reference, reason", [
+    ("Patient/a b", "'a b' is not a valid FHIR id"),  # the DAG's Param would refuse the run, and hold its batch
+    ("Patient/..", "'..' is not a valid FHIR id"),
+    ("Patient/.", "'.' is not a valid FHIR id"),
+    ("Patient/x?_id=y", "is not a valid FHIR id"),
+    ("https://other.example/fhir/Patient/p", "a Patient of another server than http://fhir.example/fhir/"),
+    ("http://fhir.example/fhirx/Patient/p", "another server"),
+])
+def test_a_subject_that_is_no_patient_of_this_server_is_refused(receiver, reference, reason):
+    obs = observation("o2", "wbc", 1.0, patient=reference)
+    answer = receiver.handle("PUT", "notify/Observation/o2", json.dumps(obs).encode())
+    assert answer.status == 400 and answer.detail.startswith("Observation/o2: subject ") and reason in answer.detail
+    assert _queued(receiver) == []
+
+
+@pytest.mark.parametrize("raw_id", [".", "..", "%2E%2E", "%2e", "x%3F_id%3Dvictim", "x%23y", "a%2Fb", "x%0Ay", "",
+                                    "a" * 65])
+def test_an_id_that_could_change_a_url_is_refused_before_any_request(raw_id, tmp_path):
+    q = PatientQueue(tmp_path / "q.sqlite3")
+    receiver = Receiver(q, fhir=None, base_url="http://fhir.example/fhir")
+    receiver._last_version = lambda ref: pytest.fail(f"a request was made for {ref!r}")
+    for method in ("PUT", "DELETE"):
+        answer = receiver.handle(method, f"/notify/Observation/{raw_id}", b"{}")
+        if raw_id:
+            assert answer.status == 400 and "not a valid FHIR id" in answer.detail, (method, raw_id, answer)
+        else:
+            assert answer.status == 404  # no id at all: not a notification of ours
+    q.close()
+
+
+def test_a_body_nested_too_deep_is_a_400(receiver):
+    deep = b'{"resourceType": "Observation", "id": "o1", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    answer = receiver.handle("PUT", "/notify/Observation/o1", deep)
+    assert answer == Answer(400, "Observation/o1: the body nests deeper than 64 levels")
+    shallow_but_over = b'{"resourceType": "Observation", "id": "o1", "x": ' + b"[" * 70 + b"]" * 70 + b"}"
+    assert receiver.handle("PUT", "/notify/Observation/o1", shallow_but_over).status == 400
 
 
 def test_a_notification_without_payload_asks_for_a_window(receiver):
@@ -266,10 +302,15 @@ def test_a_notification_without_payload_asks_for_a_window(receiver):
 
 
 def test_patient_of():
-    assert patient_of({"subject": {"reference": "Patient/1"}}) == "Patient/1"
-    assert patient_of({"subject": {"reference": "Patient/x?_id=y"}}) is None
-    assert patient_of({"subject": {"reference": "Location/1"}}) is None
-    assert patient_of({}) is None
+    base = "https://fhir.example/r4/"
+    assert patient_of({"subject": {"reference": "Patient/1"}}, base) == "Patient/1"
+    assert patient_of({"subject": {"reference": "https://fhir.example/r4/Patient/1/_history/2"}}, base) == "Patient/1"
+    assert patient_of({"subject": {"reference": "Location/1"}}, base) is None
+    assert patient_of({"subject": {"reference": "urn:uuid:1"}}, base) is None
+    assert patient_of({}, base) is None
+    for reference in ("Patient/x?_id=y", "Patient/..", "https://fhir.example/r4x/Patient/1"):
+        with pytest.raises(InvalidReferenceError):
+            patient_of({"subject": {"reference": reference}}, base)
 
 
 # --- the batching policy ---------------------------------------------------------------------------------
