@@ -102,7 +102,8 @@ def local_patient_id(reference, base_url: str) -> str | None:
     urn, another type or an id no URL may carry."""
     kind, rid = reference_target(reference)
     absolute = isinstance(reference, str) and "://" in reference
-    if kind == "Patient" and is_valid_id(rid) and (not absolute or reference.startswith(base_url)):
+    # The base with its trailing slash: `http://h/fhir` must not claim `http://h/fhir-other/Patient/p`.
+    if kind == "Patient" and is_valid_id(rid) and (not absolute or reference.startswith(base_url.rstrip("/") + "/")):
         return rid
     return None
 

@@ -113,6 +113,8 @@ def test_patients_dag_is_one_task_triggered_with_patients_and_running_at_once(da
     ([], False),  # a run for nobody
     (["Patient/a b"], False),  # not FHIR ids: refused when the run is triggered, not inside the task
     (["Patient/x?_id=y"], False),
+    (["Patient/.."], False),  # dot-segments: `Patient/..` in a URL is the server's base
+    (["."], False),
     (["Observation/o1"], False),
     ("Patient/p1", False),
 ])
