@@ -169,7 +169,7 @@ def test_an_unknown_unit_is_counted_under_its_own_reason(tmp_path):
     report_ = pipeline.evaluate_files([tmp_path / "in.ndjson"], tmp_path / "out", progress=False)
     assert report_["quarantined"] == {"expect_column_values_to_be_in_set(unit)": 1}
     (line,) = _quarantine(tmp_path / "out")
-    assert line["reasons"][0] == "expect_column_values_to_be_in_set(unit): value 'mg' not accepted"
+    assert line["reasons"][0] == "expect_column_values_to_be_in_set(unit): unknown unit 'mg' for wbc"
 
 
 def test_copies_of_one_id_with_different_content_say_that_they_differ(tmp_path):
