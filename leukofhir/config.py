@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from leukofhir.age import AgeSpan
 from leukofhir.errors import ConfigError
 
-__all__ = ["Rules", "AgeSpan", "load_config", "DEFAULT_PATH"]  # AgeSpan lives in leukofhir.age
+__all__ = ["Rules", "AgeSpan", "load_config", "fold_unit", "DEFAULT_PATH"]  # AgeSpan lives in leukofhir.age
 
 DEFAULT_PATH = Path(__file__).with_name("rules.yaml")
 
@@ -92,22 +92,66 @@ class Observations(_Model):
         return self
 
 
+def fold_unit(text: str) -> str:
+    """A count's unit as v1.3 §1.2 compares it when read from `unit`: without spaces, case-blind (Unicode casefold,
+    which also makes the micro sign µ and the Greek mu μ one letter)."""
+    return "".join(text.split()).casefold()
+
+
 class Units(_Model):
     ucum_system: str
     count: dict[str, float]
+    # A site's own spellings of count units (factor to 10^9/L), read like `count`; kept apart from the contract's list.
+    site_count: dict[str, float] = {}
     hemoglobin: dict[str, float]
     percent: dict[str, float]
     range_mismatch_factor: float = Field(gt=1)
     range_mismatch_low_factor: float = Field(gt=1)
     range_mismatch_low_concepts: list[ConceptName] = []
 
-    @field_validator("count", "hemoglobin", "percent")
+    @field_validator("count", "site_count", "hemoglobin", "percent", mode="before")
     @classmethod
-    def _positive(cls, v: dict[str, float]) -> dict[str, float]:
+    def _positive(cls, v):
+        if v is None:
+            return {}
+        if not isinstance(v, dict):
+            raise ValueError("must be a mapping of unit spellings to factors")
         for unit, factor in v.items():
-            if not factor > 0:
-                raise ValueError(f"factor for unit {unit!r} must be > 0")
+            if not isinstance(unit, str) or not unit.strip():
+                raise ValueError(f"unit {unit!r} must be a non-empty text")
+            # A bool is an int to Python and "1000" would parse: neither is what a person meant as a factor.
+            number = isinstance(factor, (int, float)) and not isinstance(factor, bool)
+            if not (number and 0 < factor < float("inf")):
+                raise ValueError(f"factor for unit {unit!r} must be a positive number, not {factor!r}")
         return v
+
+    @model_validator(mode="after")
+    def _spellings_agree(self):
+        """Count spellings that differ only in case or spaces are one unit when read from `unit` (v1.3 §1.2): they
+        must have one factor, or which one applies would depend on the spelling a lab happens to send."""
+        seen: dict[str, tuple[str, str, float]] = {}
+        for key in ("count", "site_count"):
+            for unit, factor in getattr(self, key).items():
+                folded = fold_unit(unit)
+                first = seen.setdefault(folded, (key, unit, factor))
+                if first[2] != factor:
+                    raise ValueError(f"{key} {unit!r} (factor {factor:g}) and {first[0]} {first[1]!r} (factor "
+                                     f"{first[2]:g}) differ only in case or spaces: a count's unit is matched ignoring "
+                                     "both (clinical-rules v1.3 §1.2), so they must have the same factor")
+        return self
+
+    @cached_property
+    def counts(self) -> dict[str, float]:
+        """Every count spelling with its factor: the contract's, then the site's."""
+        return {**self.count, **self.site_count}
+
+    @cached_property
+    def counts_folded(self) -> dict[str, tuple[str, float]]:
+        """fold_unit(spelling) -> (the first such spelling listed, its factor): a count's unit read from `unit`."""
+        out: dict[str, tuple[str, float]] = {}
+        for unit, factor in self.counts.items():
+            out.setdefault(fold_unit(unit), (unit, factor))
+        return out
 
 
 class AgeBand(_Model):
@@ -314,7 +358,7 @@ class Rules(_Model):
     @cached_property
     def concept_units(self) -> dict[str, dict[str, float]]:
         """Concept -> accepted unit -> factor to the canonical unit (§1.2)."""
-        by_kind = {"count": self.units.count, "percent": self.units.percent, "hemoglobin": self.units.hemoglobin}
+        by_kind = {"count": self.units.counts, "percent": self.units.percent, "hemoglobin": self.units.hemoglobin}
         return {name: by_kind[c.kind] for name, c in self.observations.concepts.items()}
 
     @cached_property

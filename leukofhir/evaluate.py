@@ -6,7 +6,7 @@ import hashlib
 from bisect import bisect_right
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import date, datetime, timezone
+from datetime import date, datetime, timedelta, timezone
 
 import numpy as np
 import pandas as pd
@@ -15,7 +15,7 @@ from leukofhir.age import age_reached_ns
 from leukofhir.config import AgeBand, Grades, Rules
 from leukofhir.normalise import PatientInfo
 
-__all__ = ["FlagSpec", "Point", "evaluate", "episode_identifier", "iso_instant", "FAMILIES"]
+__all__ = ["FlagSpec", "Point", "evaluate", "episode_identifier", "iso_instant", "lapse_horizon", "FAMILIES"]
 
 FAMILIES = ("leukocytes", "granulocytes", "lymphocytes", "pancytopenia")
 # Low-count findings that may be drug-associated (§3); lymphopenia is not among them.
@@ -61,6 +61,9 @@ class FlagSpec:
     text: str
     evidence: list[str]
     drugs: list[tuple[str, str]] = field(default_factory=list)  # (drug label, "MedicationStatement/id")
+    # The episode's last low value: an open episode lapses once the time of evaluation is more than the episode gap
+    # after it (v1.3 §4), since its family has had no value since.
+    last_low: datetime | None = None
 
 
 def episode_identifier(patient_id: str, family: str, start: datetime) -> str:
@@ -378,12 +381,14 @@ class _Episode:
     lows: list[Point]
     recovery: Point | None = None
     gap_closed: bool = False
+    lapsed: bool = False
 
 
-def _episodes(points: list[Point], episode_gap: int) -> list[_Episode]:
+def _episodes(points: list[Point], episode_gap: int, as_of: int) -> list[_Episode]:
     """§4: an episode opens at the first low after a normal value (or with no earlier value) and ends at the first
     later value at or above the threshold; a low value more than the episode gap after the previous value opens a
-    new one (v1.1 §4 "Episode gap")."""
+    new one (v1.1 §4 "Episode gap"); the episode still open at the end lapses when the family's last value is more
+    than the episode gap before `as_of` (v1.3 §4 "Lapse": strictly more, as for the gap)."""
     out: list[_Episode] = []
     current: _Episode | None = None
     last_time: int | None = None
@@ -404,6 +409,8 @@ def _episodes(points: list[Point], episode_gap: int) -> list[_Episode]:
             current = None
         last_time = p.time
     if current is not None:
+        # Its last low is the family's last value: a later one would have joined or ended the episode.
+        current.lapsed = as_of - last_time > episode_gap
         out.append(current)
     return out
 
@@ -440,19 +447,21 @@ def _spec(
         text=_flag_text(rules, meta, worst, episode, status, end, transient, drugs),
         evidence=_evidence(episode),
         drugs=drugs,
+        last_low=_to_datetime(episode.lows[-1].time),
     )
 
 
 def _period_and_status(rules: Rules, episode: _Episode, status: str) -> tuple[datetime, datetime | None, str, bool]:
     """(start, end, status, transient): active while open; inactive once a later normal value ended it (transient
-    when within `transient_within` of the start) or once the episode gap closed it at its last low value (§4)."""
+    when within `transient_within` of the start), or at its last low value once the episode gap closed it or it
+    lapsed (§4): those did not recover, so they are never transient."""
     start = _to_datetime(episode.lows[0].time)
     end = None
     transient = False
     if episode.recovery is not None:
         end = _to_datetime(episode.recovery.time)
         transient = end - start <= rules.windows.transient_within
-    elif episode.gap_closed:
+    elif episode.gap_closed or episode.lapsed:
         end = _to_datetime(episode.lows[-1].time)
     if status == "active" and end is not None:
         status = "inactive"
@@ -494,7 +503,17 @@ def _flag_text(rules: Rules, meta, worst: Point, episode: _Episode, status: str,
         text += f"; normal again on {end.date().isoformat()}"
     elif episode.gap_closed:
         text += "; no follow-up count for too long, closed when a later episode began"
+    elif episode.lapsed:
+        text += f"; no follow-up count for more than {_span_words(rules.windows.episode_gap)}"
     return text
+
+
+def _span_words(span: timedelta) -> str:
+    """90 days -> "90 days"; a span that is no whole number of days in hours ("36 h"), as the transient text does."""
+    days, rest = divmod(span, timedelta(days=1))
+    if not rest:
+        return f"{days} day" if days == 1 else f"{days} days"
+    return f"{span / timedelta(hours=1):g} h"
 
 
 def _evidence(episode: _Episode) -> list[str]:
@@ -514,7 +533,10 @@ def evaluate(
     rules: Rules,
     as_of: datetime | None = None,
 ) -> list[FlagSpec]:
-    """Desired Flags for every (patient, family) episode in the rows (§2-§4); deterministic in any row order."""
+    """Desired Flags for every (patient, family) episode in the rows (§2-§4); deterministic in any row order.
+
+    `as_of` is the time of the evaluation: values after it are set aside, and an open episode whose family has had no
+    value for more than the episode gap before it has lapsed (v1.3 §4). Default: the latest time in the rows."""
     if observations is None or observations.empty:
         return []
     statuses = rules.observations.statuses
@@ -525,6 +547,11 @@ def evaluate(
     )
     if as_of is not None:
         wanted &= observations["time"] <= pd.Timestamp(as_of)
+        as_of_ns = pd.Timestamp(as_of).as_unit("ns").value
+    elif wanted.any():
+        as_of_ns = observations.loc[wanted, "time"].max().as_unit("ns").value  # of every patient, not only those below
+    else:
+        return []
     wanted &= observations["patient_id"].isin(_patients_with_low_values(observations[wanted], patients, rules))
     frame = observations[wanted]  # one filtered copy, of only the columns used below
     if frame.empty:
@@ -564,10 +591,17 @@ def evaluate(
             else:
                 counted_values[concept_col[i]].append(v)
         specs.extend(_patient_flags(rules, pid, patients.get(pid), counted_values, all_values if any_retracted else None,
-                                    exposures_by_patient.get(pid, []), episode_gap, ages))
+                                    exposures_by_patient.get(pid, []), episode_gap, as_of_ns, ages))
         start = stop
     specs.sort(key=lambda s: (s.patient_id, s.family, s.start))
     return specs
+
+
+def lapse_horizon(specs: list[FlagSpec], rules: Rules) -> datetime | None:
+    """The earliest time of evaluation at which one of these Flags' open episodes would lapse (v1.3 §4), or None when
+    none is open: evaluated as of any time up to it, they are the same."""
+    lows = [s.last_low for s in specs if s.end is None and s.last_low is not None]
+    return min(lows) + rules.windows.episode_gap if lows else None
 
 
 def _patients_with_low_values(frame: pd.DataFrame, patients: dict[str, PatientInfo], rules: Rules) -> np.ndarray:
@@ -628,13 +662,14 @@ def _adult_from(patient_ids, patients: dict[str, PatientInfo], rules: Rules) -> 
     return out
 
 
-def _patient_flags(rules, pid, info, counted_values, all_values, exposures, episode_gap, ages=None) -> list[FlagSpec]:
+def _patient_flags(rules, pid, info, counted_values, all_values, exposures, episode_gap, as_of, ages=None
+                   ) -> list[FlagSpec]:
     patient = _PatientRules(rules, info, ages)
     specs = []
     real = _points(rules, patient, counted_values)
     real_ids: set[str] = set()
     for family in FAMILIES:
-        for episode in _episodes(real.get(family, []), episode_gap):
+        for episode in _episodes(real.get(family, []), episode_gap, as_of):
             spec = _spec(rules, pid, family, episode, "active", exposures)
             real_ids.add(spec.identifier)
             specs.append(spec)
@@ -643,7 +678,7 @@ def _patient_flags(rules, pid, info, counted_values, all_values, exposures, epis
         # it) becomes an entered-in-error Flag with the same identifier, so a Flag written earlier is withdrawn.
         with_retracted = _points(rules, patient, all_values)
         for family in FAMILIES:
-            for episode in _episodes(with_retracted.get(family, []), episode_gap):
+            for episode in _episodes(with_retracted.get(family, []), episode_gap, as_of):
                 if not episode.lows[0].retracted:
                     continue
                 spec = _spec(rules, pid, family, episode, "entered-in-error", exposures)

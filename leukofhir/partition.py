@@ -11,8 +11,10 @@ Every rule works within one patient, so a partition holds whole patients. What c
   partitions they link are evaluated as one, in the order the input was read;
 - read errors are found, shown and reported once, by the first pass, as are resource types the rules never read
   (counted, not spilled);
-- the report's as-of is the latest of the partitions' (a Flag does not depend on it); a given `--as-of` holds for
-  every partition; the validation threshold of a run against a server is checked on the totals, as in memory.
+- a given `--as-of` holds for every partition; without one, the as-of is the latest of the partitions' (the input's
+  latest time), and a partition evaluated as of an earlier time whose open episodes would lapse by then (v1.3 §4) is
+  evaluated again as of it; the validation threshold of a run against a server is checked on the totals, as in
+  memory.
 Flag.ndjson and quarantine.ndjson are merged in the in-memory order (patient, family, episode start; input order).
 """
 
@@ -443,6 +445,7 @@ class _Job:
     parameters: dict
     as_of: datetime | None
     units: list[_Unit]
+    run_time: datetime | None = None
 
 
 _JOB: _Job | None = None
@@ -504,7 +507,7 @@ def _evaluate_unit(number: int) -> dict:
     read = ReadResult(normalised, Counter(counts), [], _Sources(), [])
     validated = validate_rows(normalised, job.parameters)
     evaluation = evaluate_rows(validated.observations, validated.exposures, normalised.patients, job.rules,
-                               as_of=job.as_of)
+                               as_of=job.as_of, run_time=job.run_time)
     checked = build_flags(evaluation.specs, job.rules, job.parameters)
     report, quarantined = build_report([], read, validated, evaluation, checked)
     with open(job.folder / f"unit-{number:04d}.flags", "w", encoding="utf-8") as fh:
@@ -512,6 +515,7 @@ def _evaluate_unit(number: int) -> dict:
             fh.write(_flag_key(evaluation.specs[position]) + "\t" + flag_line(flag))
     _write_unit_quarantine(job.folder, unit, quarantined)
     report["rows_by_suite"] = {**validated.rows_by_suite, "flags": (checked.rejected, len(evaluation.specs))}
+    report["lapse_horizon"] = evaluation.lapse_horizon
     return report
 
 
@@ -533,17 +537,18 @@ def _write_unit_quarantine(folder: Path, unit: _Unit, quarantined: list) -> None
             fh.write(f"{seq}\t{text}")
 
 
-def _run_units(job: _Job, workers: int, done) -> None:
-    """Evaluate every unit in a process of its own, forked from this one, at most `workers` at once: a unit's memory
-    goes back to the system when its process ends, so each starts from the same footprint (in one long-lived process
-    the allocator keeps some of every earlier unit). `done(number, report)` as each finishes."""
+def _run_units(job: _Job, workers: int, done, numbers: list[int] | None = None) -> None:
+    """Evaluate every unit (or those `numbers`) in a process of its own, forked from this one, at most `workers` at
+    once: a unit's memory goes back to the system when its process ends, so each starts from the same footprint (in
+    one long-lived process the allocator keeps some of every earlier unit). `done(number, report)` as each
+    finishes."""
     global _JOB
     from leukofhir.validate import _context
 
     _context()  # Great Expectations imported and set up once, before forking, not once per unit (about 2.5 s)
     _JOB = job
     fork = multiprocessing.get_context("fork")
-    pending = list(range(len(job.units)))
+    pending = list(range(len(job.units))) if numbers is None else list(numbers)
     running: dict = {}  # sentinel -> (process, unit number)
     try:
         while pending or running:
@@ -595,8 +600,8 @@ def _unit_result(folder: Path, number: int, exitcode: int | None) -> dict:
 
 # -- the whole run ---------------------------------------------------------------------------------------------------
 def evaluate_partitioned(files: list[Path], paths, out: Path, rules: Rules, plan: Plan, *, as_of: datetime | None,
-                         base_url=None, progress: bool = True, max_failure_rate: float | None = None,
-                         skipped_files: list[str] | None = None) -> dict:
+                         run_time: datetime | None = None, base_url=None, progress: bool = True,
+                         max_failure_rate: float | None = None, skipped_files: list[str] | None = None) -> dict:
     """evaluate_files for an input above the memory budget: spill by patient (pass 1), evaluate the partitions (pass 2),
     merge their outputs into `out` as the in-memory path writes them; returns the report."""
     try:
@@ -619,7 +624,7 @@ def evaluate_partitioned(files: list[Path], paths, out: Path, rules: Rules, plan
                 log.warning("partition %d holds %s, above one process's share of the memory budget (%s): its "
                             "patients (or patients linked by their data) cannot be split further", unit.number,
                             show_size(unit.size), show_size(plan.unit_bytes))
-        job = _Job(folder, rules, base_url, suite_parameters(rules), as_of, units)
+        job = _Job(folder, rules, base_url, suite_parameters(rules), as_of, units, run_time)
         reports: dict[int, dict] = {}
         bar = _bar(sum(u.resources for u in units), "pass 2/2: evaluating", progress)
         try:
@@ -628,6 +633,8 @@ def evaluate_partitioned(files: list[Path], paths, out: Path, rules: Rules, plan
                 if bar is not None:
                     bar.update(units[number].resources)
             _run_units(job, plan.workers, done)
+            if as_of is None:
+                _again_as_of_the_latest(job, plan.workers, reports)
         finally:
             if bar is not None:
                 bar.close()
@@ -649,6 +656,22 @@ def evaluate_partitioned(files: list[Path], paths, out: Path, rules: Rules, plan
         return report
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _again_as_of_the_latest(job: _Job, workers: int, reports: dict[int, dict]) -> None:
+    """Without a given as-of, the in-memory path evaluates as of the whole input's latest time; a unit evaluated as of
+    its own, earlier one is evaluated again as of it when one of its open episodes would lapse in between (v1.3 §4).
+    Rare: it takes an open episode whose last value is about the episode gap before the input's end."""
+    times = {n: datetime.fromisoformat(r["as_of"]) for n, r in reports.items() if r.get("as_of")}
+    if not times:
+        return
+    latest = max(times.values())
+    again = [n for n, r in sorted(reports.items()) if r["lapse_horizon"] is not None and r["lapse_horizon"] < latest]
+    if again:
+        log.info("%d partition(s) evaluated again as of the input's latest time %s: open episodes lapse by then",
+                 len(again), latest.isoformat())
+        _run_units(_Job(job.folder, job.rules, job.base_url, job.parameters, None, job.units, latest), workers,
+                   reports.__setitem__, again)
 
 
 def _spill(files: list[Path], folder: Path, plan: Plan, base_url, progress: bool) -> tuple[_Spill, list[ReadError]]:

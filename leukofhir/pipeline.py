@@ -17,7 +17,7 @@ import pandas as pd
 
 from leukofhir.config import Rules, load_config
 from leukofhir.errors import OutputError, UsageError
-from leukofhir.evaluate import FlagSpec, evaluate
+from leukofhir.evaluate import FlagSpec, evaluate, lapse_horizon
 from leukofhir.flags import build_flag, flag_row
 from leukofhir.normalise import Normalised, Normaliser
 from leukofhir.reader import ReadError, Source, expand_paths, iter_located, iter_resources
@@ -195,18 +195,23 @@ class Evaluation:
     """The desired Flags as of a time, and what the as-of handling set aside."""
 
     specs: list[FlagSpec]
-    as_of: datetime | None  # the time evaluated as of: the one given, else the latest input time
+    as_of: datetime | None  # the time evaluated as of: the one given, else the latest input time (or the run's time)
     skipped: Counter  # retracted rows (used only to retract) and rows after the as-of time
     evaluated_rows: int  # Observation rows the rules judged
+    # Evaluated as of any time up to this one, the Flags would be the same (evaluate.lapse_horizon); None: any time.
+    lapse_horizon: datetime | None = None
 
 
 def evaluate_rows(observations: pd.DataFrame, exposures: pd.DataFrame, patients: dict, rules: Rules,
-                  as_of: datetime | None = None) -> Evaluation:
-    """Stage 3: the rules as of `as_of` (default: the latest input time); later rows are out of this evaluation and
-    counted as skipped, as are entered-in-error rows (they only retract, §1.1)."""
+                  as_of: datetime | None = None, run_time: datetime | None = None) -> Evaluation:
+    """Stage 3: the rules as of `as_of`; later rows are out of this evaluation and counted as skipped, as are
+    entered-in-error rows (they only retract, §1.1). Without `as_of`: as of the latest input time, or as of
+    `run_time` (a run against a server: the time it started) when that is later, so that an open episode lapses as of
+    the run (v1.3 §4) and a result that came in while the run read is still evaluated, never set aside."""
     skipped: Counter = Counter()
     times = observations["time"]
-    effective_as_of = as_of or (times.max().to_pydatetime() if len(times) and times.notna().any() else None)
+    latest = times.max().to_pydatetime() if len(times) and times.notna().any() else None
+    effective_as_of = as_of or (max(latest, run_time) if latest and run_time else latest or run_time)
     retracted_status = rules.observations.statuses.retracted
     retracted = observations["status"] == retracted_status
     if retracted.any():
@@ -218,7 +223,7 @@ def evaluate_rows(observations: pd.DataFrame, exposures: pd.DataFrame, patients:
         observations = observations[~late]
     evaluated_rows = len(observations) - int((observations["status"] == retracted_status).sum())
     specs = evaluate(observations, patients, exposures, rules, as_of=effective_as_of)
-    return Evaluation(specs, effective_as_of, skipped, evaluated_rows)
+    return Evaluation(specs, effective_as_of, skipped, evaluated_rows, lapse_horizon(specs, rules))
 
 
 # -- stage 4: build and check the Flags ------------------------------------------------------------------------------
@@ -378,6 +383,7 @@ def _output_dir(out_dir) -> Path:
 def evaluate_files(
     paths, out_dir, as_of=None, config=None, progress: bool = True, *, fail_on_threshold: bool = False,
     data_docs: bool = False, base_url=None, memory_budget: int | str | None = None, workers: int = 1,
+    run_time=None,
 ) -> dict:
     """Read, normalise, validate and evaluate the files; write Flag.ndjson, quarantine.ndjson, report.json and
     report.html to `out_dir`; return the report. The stages above, in order (an online run shares every one of them
@@ -394,6 +400,10 @@ def evaluate_files(
 
     `base_url`: the server the files came from (an online run's staged pages), so that references to it are local.
 
+    `as_of` (offline `--as-of`): evaluate as of that time (later results set aside; open episodes lapse as of it,
+    v1.3 §4); default the latest input time. `run_time` (an online run: when it started): evaluate as of it, or as of
+    the latest input time when that is later; no result is set aside (evaluate_rows).
+
     `memory_budget` (bytes, or a size such as "64MB"; default partition.DEFAULT_MEMORY_BUDGET): an input whose rows
     would take more is partitioned by patient and evaluated a partition at a time, in `workers` processes
     (leukofhir.partition); the outputs are the same.
@@ -405,6 +415,7 @@ def evaluate_files(
     rules = config if isinstance(config, Rules) else load_config(config)
     max_failure_rate = rules.validation.max_failure_rate if fail_on_threshold else None
     as_of_given = parse_as_of(as_of)
+    run_time = parse_as_of(run_time)
     skipped_files: list[str] = []
     # An input that does not exist is a UsageError here, before any output is touched.
     files = expand_paths(paths, skipped_files)
@@ -415,14 +426,15 @@ def evaluate_files(
     out = _output_dir(out_dir)
     _remove_outputs(out)
     if plan is not None:
-        return evaluate_partitioned(files, paths, out, rules, plan, as_of=as_of_given, base_url=base_url,
-                                    progress=progress, max_failure_rate=max_failure_rate, skipped_files=skipped_files)
+        return evaluate_partitioned(files, paths, out, rules, plan, as_of=as_of_given, run_time=run_time,
+                                    base_url=base_url, progress=progress, max_failure_rate=max_failure_rate,
+                                    skipped_files=skipped_files)
     read = read_and_normalise(files, rules, base_url=base_url, progress=progress)
     read.skipped_files[:0] = skipped_files
     parameters = suite_parameters(rules)
     validated = validate_rows(read.normalised, parameters, max_failure_rate=max_failure_rate, keep_frames=data_docs)
     evaluation = evaluate_rows(validated.observations, validated.exposures, read.normalised.patients, rules,
-                               as_of=as_of_given)
+                               as_of=as_of_given, run_time=run_time)
     checked = build_flags(evaluation.specs, rules, parameters, max_failure_rate=max_failure_rate)
     report, quarantined = build_report(paths, read, validated, evaluation, checked)
     frames = validated.frames + ([("flags", checked.rows)] if checked.rows is not None else [])

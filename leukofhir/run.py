@@ -146,12 +146,13 @@ def evaluate_chunk(rules: Rules, chunk_dir: Path, *, memory_budget=None, workers
     the desired Flag count and the quarantined count."""
     chunk_dir = Path(chunk_dir)
     # References to the server the pages came from are local; another server's are quarantined (§1.1 subject).
-    server = json.loads((chunk_dir.parent.parent / "run.json").read_text(encoding="utf-8"))["server"]
+    meta = json.loads((chunk_dir.parent.parent / "run.json").read_text(encoding="utf-8"))
     desired = quarantined = 0
     for staged in _staged(chunk_dir):
+        # As of the run's start, so that an open episode without a count for too long lapses (v1.3 §4).
         report = evaluate_files([staged], _evaluated(chunk_dir, staged), config=rules, progress=False,
-                                fail_on_threshold=True, base_url=server, memory_budget=memory_budget,
-                                workers=workers)
+                                fail_on_threshold=True, base_url=meta["server"], memory_budget=memory_budget,
+                                workers=workers, run_time=meta["started"])
         desired += report["flags"]["total"]
         quarantined += sum(report["quarantined"].values())
     return {"flags_desired": desired, "quarantined": quarantined}

@@ -25,6 +25,8 @@ EXPECTATIONS_DIR = Path(os.environ.get("LEUKOFHIR_EXPECTATIONS_DIR") or Path(__f
 
 # Which column names a row in messages and examples; ids only, never patient data.
 ID_COLUMN = {"observations": "resource_id", "exposures": "resource_id", "flags": "identifier"}
+# Columns a failing row's reason may quote besides its id: the concept and unit of an unconvertible result.
+REASON_COLUMNS = {"observations": ("concept", "unit")}
 
 EXAMPLES_PER_EXPECTATION = 5
 
@@ -55,7 +57,7 @@ def suite_parameters(config: Rules, now: datetime | None = None) -> dict:
     latest = pd.Timestamp(now or datetime.now(timezone.utc))
     latest = latest.tz_localize("UTC") if latest.tzinfo is None else latest.tz_convert("UTC")
     return {
-        "accepted_units": sorted({*config.units.count, *config.units.hemoglobin, *config.units.percent}),
+        "accepted_units": sorted({*config.units.counts, *config.units.hemoglobin, *config.units.percent}),
         "accepted_statuses": sorted(config.accepted_statuses),
         "min_value": settings.min_value,
         # Lab and server clocks drift; a result stamped a few minutes ahead is not a wrong date.
@@ -93,7 +95,7 @@ def validate_batch(
         result_format={
             # COMPLETE: every failing row id, not a sample, or quarantine would lose rows.
             "result_format": "COMPLETE",
-            "unexpected_index_column_names": ["row_id", id_column],
+            "unexpected_index_column_names": ["row_id", id_column, *REASON_COLUMNS.get(suite, ())],
             # The pandas index query lists every failing index as text: costly and unused.
             "return_unexpected_index_query": False,
             "include_unexpected_rows": False,
@@ -112,7 +114,7 @@ def prepare_frame(suite: str, rows: pd.DataFrame, parameters: dict) -> tuple[pd.
     column pairs made naive UTC (returned as the set of such columns, to put the zone back on reported values)."""
     frame = _with_helper_columns(rows, parameters) if suite == "observations" else rows
     # GX filters and copies whole batches per expectation: give it only the columns the suite reads.
-    needed = _suite_columns(suite) | {"row_id", ID_COLUMN[suite]}
+    needed = _suite_columns(suite) | {"row_id", ID_COLUMN[suite], *REASON_COLUMNS.get(suite, ())}
     return _naive_pair_columns(suite, frame[[c for c in frame.columns if c in needed]])
 
 
@@ -287,8 +289,11 @@ def _explain(name: str, kwargs: dict, entry: dict) -> str:
     if column == "earlier_copies":
         return "an identical copy of this id and version was read before it: the first copy goes on"
     if column == "value" and name == "expect_column_values_to_not_be_null":
-        return "value missing: its unit is not one of this concept's units (§1.2), so it cannot be converted"
+        unit, concept = _show(entry.get("unit")), entry.get("concept")
+        return f"value missing: unit {unit} cannot be converted to the unit of {concept} (§1.2)"
     value = _show(entry.get(column))
+    if column == "unit" and name == "expect_column_values_to_be_in_set":
+        return f"unknown unit {value} for {entry.get('concept')}"
     if name == "expect_column_values_to_not_be_null":
         return "value missing"
     if name == "expect_column_values_to_be_in_set":

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from leukofhir.age import age_span_of_quantity
+from leukofhir.config import fold_unit
 from leukofhir.normalise.context import (
     FOREIGN, NAT, Q_FOREIGN_SUBJECT, Q_SUBJECT, Q_SUBJECT_UNRESOLVED, Context, as_list, is_number, text, timestamps,
 )
@@ -36,6 +37,8 @@ Q_NOT_NUMERIC = "value is not a Quantity with a numeric value"
 Q_RANGE = "reference range about 1000x off the value (wrong unit)"
 
 _NAN = math.nan
+_MISS = object()
+_CACHE_LIMIT = 4096
 # FHIR administrative-gender codes and their SNOMED CT equivalents in a range's `appliesTo`.
 _SEX_CODES = {"male": "male", "female": "female", "248153007": "male", "248152002": "female"}
 
@@ -44,11 +47,11 @@ def status_skip(status: str) -> str:
     return f"status {status} ignored"
 
 
-def _bound(q, factors: dict, value_factor: float | None) -> float | None:
+def _bound(q, factors: dict, value_factor: float | None, units: _CountUnits | None) -> float | None:
     """A referenceRange low/high in the concept's canonical unit, or None.
 
     A bound without a unit is in the value's unit (v1.1 §1.2: labs often send the bare number); one with a unit the
-    rules do not know is not used."""
+    rules do not know is not used. A count's `unit` text is read as the value's is (v1.3 §1.2, `units`)."""
     if not isinstance(q, dict):
         return None
     value = q.get("value")
@@ -63,9 +66,33 @@ def _bound(q, factors: dict, value_factor: float | None) -> float | None:
     unit = q.get("unit")
     if type(unit) is str and unit:
         factor = factors.get(unit)
+        if factor is None and units is not None:
+            known = units.read(unit)
+            factor = known[1] if known is not None else None
     else:
         factor = None if coded else value_factor  # no unit at all: the value's
     return value * factor if factor is not None else None
+
+
+class _CountUnits:
+    """A count's unit read from anything but a UCUM code, matched ignoring case and spaces (v1.3 §1.2): the rules'
+    spelling and factor, or None. Only a spelling the exact lookup missed comes here, and each distinct one is folded
+    once: a laboratory sends the same few strings millions of times."""
+
+    __slots__ = ("folded", "seen")
+
+    def __init__(self, folded: dict[str, tuple[str, float]]):
+        self.folded = folded
+        self.seen: dict[str, tuple[str, float] | None] = {}
+
+    def read(self, text: str) -> tuple[str, float] | None:
+        known = self.seen.get(text, _MISS)
+        if known is _MISS:
+            known = self.folded.get(fold_unit(text))
+            if len(self.seen) >= _CACHE_LIMIT:
+                self.seen.clear()  # a feed of endless distinct garbage units must not grow this without bound
+            self.seen[text] = known
+        return known
 
 
 def _sex_of(applies_to: list) -> str | None:
@@ -114,6 +141,9 @@ class Observations:
         self._loinc = obs.code_system
         self._code_to_concept = rules.code_to_concept
         self._units = rules.concept_units
+        # v1.3 §1.2: count concepts read a unit text ignoring case and spaces; hemoglobin and percent stay exact.
+        count_units = _CountUnits(rules.units.counts_folded)
+        self._count_units = {name: count_units for name, c in obs.concepts.items() if c.kind == "count"}
         self._ucum = rules.units.ucum_system
         self._mismatch = rules.units.range_mismatch_factor
         self._mismatch_low = rules.units.range_mismatch_low_factor
@@ -172,20 +202,29 @@ class Observations:
             return
         factors = self._units[concept]
         unit = quantity.get("code") if quantity.get("system") == self._ucum else None
+        ucum = True
         if not unit or not isinstance(unit, str):
+            ucum = False
             unit = quantity.get("unit")
             if not unit or not isinstance(unit, str):
                 unit = quantity.get("code")
                 if not isinstance(unit, str):
                     unit = None
         factor = factors.get(unit)
+        count_units = self._count_units.get(concept)
+        if factor is None and unit is not None and not ucum and count_units is not None:
+            # v1.3 §1.2: "THOU/uL" is the rules' "thou/uL"; the row keeps the rules' spelling, which the GX step knows.
+            known = count_units.read(unit)
+            if known is not None:
+                unit, factor = known
         # An unknown unit keeps its text and no value: the GX step quarantines it by its unit (§1.2, never guessed).
         value = quantity["value"] * factor if factor is not None else _NAN
         lln = _NAN
         ranges = r.get("referenceRange")
         rows = self.rows
         if isinstance(ranges, list) and ranges:
-            lln, problem = self._reference(ranges, factors, factor, value, len(rows.index), concept in self._low_check)
+            lln, problem = self._reference(ranges, factors, factor, value, len(rows.index), concept in self._low_check,
+                                           count_units)
             if problem:
                 self._quarantine(index, r, problem)
                 return
@@ -218,15 +257,15 @@ class Observations:
         self._skipped[SKIP_OUT_OF_SCOPE] += 1
 
     def _reference(self, ranges: list, factors: dict, value_factor: float | None, value: float, position: int,
-                   low_check: bool) -> tuple[float, str | None]:
+                   low_check: bool, count_units: _CountUnits | None) -> tuple[float, str | None]:
         """The LLN of §1.3 when a range applies to everyone; ranges for some patients are kept to resolve later."""
         lln = _NAN
         specific: list[AgeSexRange] = []
         for rr in ranges:
             if not isinstance(rr, dict):
                 continue
-            low = _bound(rr.get("low"), factors, value_factor)
-            high = _bound(rr.get("high"), factors, value_factor)
+            low = _bound(rr.get("low"), factors, value_factor, count_units)
+            high = _bound(rr.get("high"), factors, value_factor, count_units)
             if value == value and value > 0:
                 # §1.2: a value ~1000x above the range's high means a wrong unit. Below the low only for
                 # concepts that cannot truly be ~0 (a true ANC of 0.01 must never be quarantined).

@@ -9,7 +9,7 @@ import gzip
 import json
 import os
 import re
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -17,7 +17,7 @@ from conftest import EXTERNAL, ROOT
 
 from leukofhir.load import load_files
 from leukofhir.pipeline import evaluate_files
-from support.fhir_builders import at, observation, patient, statement
+from support.fhir_builders import at, days_ago, observation, patient, statement
 from support.server_data import (
     RULES, flags_by_identifier, pause, project_flags, put, server_now, versions, without_patient,
 )
@@ -76,15 +76,18 @@ def test_backfill_dag_on_the_sample_data_writes_the_flags_of_the_rules_and_a_rer
     assert load_files(fhir_client, SYNTHEA_BUNDLES, batch_size=250).ok
     ids = sorted(json.load(gzip.open(p, "rt"))["entry"][0]["resource"]["id"]
                  for p in SYNTHEA_BUNDLES)
-    offline = evaluate_files(SYNTHEA_BUNDLES, tmp_path, progress=False)
-    expected = flags_by_identifier([json.loads(line) for line in (tmp_path / "Flag.ndjson").open()])
-    assert offline["flags"]["total"] == len(expected) > 0
-
     until = server_now(fhir_client) + timedelta(days=1)
     report = run_dag(dags, "leukopenia_backfill", start="1900-01-01", end=until.date().isoformat(), chunks=3)
     assert report["reconciled"] and report["patients_touched"] >= len(ids)
+    # The run evaluates as of its own time (clinical-rules v1.3 §4): offline `evaluate --as-of` that time gives its Flags.
+    offline = evaluate_files(SYNTHEA_BUNDLES, tmp_path, as_of=report["as_of"], progress=False)
+    expected = flags_by_identifier([json.loads(line) for line in (tmp_path / "Flag.ndjson").open()])
+    assert offline["flags"]["total"] == len(expected) > 0 and offline["as_of"] == report["as_of"]
     on_server = project_flags(fhir_client, ids)
     assert flags_by_identifier(on_server) == expected
+    # The sample's counts end in 2020: as of the run every episode still open then has lapsed, none says "active".
+    assert {f["status"] for f in on_server} == {"inactive"}
+    assert sum(f["code"]["text"].endswith("no follow-up count for more than 90 days") for f in on_server) == 2
 
     again = run_dag(dags, "leukopenia_backfill", start="1900-01-01", end=until.date().isoformat(), chunks=2)
     assert writes(again) == NOTHING_WRITTEN
@@ -119,14 +122,24 @@ def test_patients_dag_evaluates_exactly_the_patients_named_and_a_rerun_writes_no
     assert versions(project_flags(fhir_client, [named, bare])) == versions(on_server)
 
 
+# Runs evaluate as of their own time (clinical-rules v1.3 §4): histories that must still be current end recently, all
+# patients of one test on the same instants (compared by clinical content).
+NOW = datetime.now(timezone.utc).replace(microsecond=0)
+
+
+def _ago(days: float) -> str:
+    return days_ago(days, now=NOW)
+
+
 def _history(pid: str, part: int) -> list[dict]:
-    """Two deliveries of one patient's results: first a low WBC; then a lower one, a recovery and a later low."""
+    """Two deliveries of one patient's results: first a low WBC; then a lower one, a recovery and a later low (20 days
+    ago: still followed, so its episode is active as of the runs)."""
     ref = f"Patient/{pid}"
     if part == 1:
-        return [observation(f"{pid}-a", "wbc", 3.1, time=at(days=0), patient=ref)]
-    return [observation(f"{pid}-b", "wbc", 1.8, time=at(days=2), patient=ref),
-            observation(f"{pid}-c", "wbc", 6.5, time=at(days=9), patient=ref),
-            observation(f"{pid}-d", "wbc", 2.6, time=at(days=40), patient=ref)]
+        return [observation(f"{pid}-a", "wbc", 3.1, time=_ago(60), patient=ref)]
+    return [observation(f"{pid}-b", "wbc", 1.8, time=_ago(58), patient=ref),
+            observation(f"{pid}-c", "wbc", 6.5, time=_ago(51), patient=ref),
+            observation(f"{pid}-d", "wbc", 2.6, time=_ago(20), patient=ref)]
 
 
 def test_surveillance_windows_in_any_order_give_the_same_flags(dags, fhir_client, unique):
@@ -155,7 +168,7 @@ def test_a_recovery_in_a_later_window_closes_the_flag_an_earlier_window_opened(d
     pid = f"rec-{unique}"
     put(fhir_client, patient(pid))
     t0 = server_now(fhir_client)
-    put(fhir_client, observation(f"{pid}-low", "anc", 0.8, time=at(), patient=f"Patient/{pid}"))
+    put(fhir_client, observation(f"{pid}-low", "anc", 0.8, time=days_ago(10), patient=f"Patient/{pid}"))
     pause()
     t1 = server_now(fhir_client)
     surveillance(dags, t0, t1)
@@ -163,19 +176,20 @@ def test_a_recovery_in_a_later_window_closes_the_flag_an_earlier_window_opened(d
     assert opened["status"] == "active" and "end" not in opened["period"]
     assert opened["code"]["coding"][0]["code"] == "165517008"  # neutropenia
 
-    put(fhir_client, observation(f"{pid}-ok", "anc", 2.4, time=at(days=3), patient=f"Patient/{pid}"))
+    recovered = days_ago(7)
+    put(fhir_client, observation(f"{pid}-ok", "anc", 2.4, time=recovered, patient=f"Patient/{pid}"))
     pause()
     t2 = server_now(fhir_client)
     surveillance(dags, t1, t2)
     (closed,) = project_flags(fhir_client, [pid])
     assert closed["id"] == opened["id"] and closed["identifier"] == opened["identifier"]
-    assert closed["status"] == "inactive" and closed["period"]["end"] == at(days=3)
+    assert closed["status"] == "inactive" and closed["period"]["end"] == recovered
     assert "normal again" in closed["code"]["text"]
 
 
 def test_amended_deleted_and_retracted_results_withdraw_their_flags(dags, fhir_client, unique):
     amended, deleted, retracted = (f"{kind}-{unique}" for kind in ("amd", "del", "eie"))
-    low = {pid: observation(f"{pid}-low", "wbc", 1.2, time=at(), patient=f"Patient/{pid}")
+    low = {pid: observation(f"{pid}-low", "wbc", 1.2, time=days_ago(5), patient=f"Patient/{pid}")
            for pid in (amended, deleted, retracted)}
     put(fhir_client, *(patient(p) for p in low))
     t0 = server_now(fhir_client)
@@ -201,16 +215,17 @@ def test_amended_deleted_and_retracted_results_withdraw_their_flags(dags, fhir_c
 
 def _ten_years(pid: str) -> list[list[dict]]:
     """A patient's ten years of counts and a chemotherapy course, in five two-year deliveries: episodes that
-    recover, one closed by the episode gap, one drug-associated, one still open at the end."""
+    recover, one closed by the episode gap, one drug-associated, one still open at the end (its last count 50 days
+    ago)."""
     ref = f"Patient/{pid}"
     values = [(0, 6.2), (30, 3.4), (33, 5.5), (400, 2.9), (700, 1.4), (705, 0.8), (720, 4.6), (1100, 3.7),
               (1500, 7.0), (1800, 2.2), (2200, 3.9), (2600, 6.1), (2900, 0.9), (3300, 1.9), (3600, 2.5)]
     deliveries: list[list[dict]] = [[] for _ in range(5)]
     for n, (day, wbc) in enumerate(values):
         deliveries[min(day // 730, 4)].append(
-            observation(f"{pid}-w{n}", "wbc", wbc, time=at(days=day - 3650), patient=ref))
-    deliveries[3].append(statement(f"{pid}-chemo", "Oxaliplatin 100 MG Injection", start=at(days=2850 - 3650),
-                                   end=at(days=2880 - 3650), patient_ref=ref))
+            observation(f"{pid}-w{n}", "wbc", wbc, time=_ago(3650 - day), patient=ref))
+    deliveries[3].append(statement(f"{pid}-chemo", "Oxaliplatin 100 MG Injection", start=_ago(3650 - 2850),
+                                   end=_ago(3650 - 2880), patient_ref=ref))
     return deliveries
 
 
@@ -228,6 +243,7 @@ def test_a_ten_year_backfill_and_ten_years_of_incremental_runs_give_the_same_fla
     flags_once, flags_step = project_flags(fhir_client, [once]), project_flags(fhir_client, [stepwise])
     assert standing(flags_once) == standing(flags_step)
     assert len(standing(flags_once)) >= 4
+    assert sum(f[0] == "active" for f in standing(flags_once)) == 1  # the one still open at the end
     assert any("possibly drug-associated: antineoplastic chemotherapy (oxaliplatin)" in f[2]
                for f in standing(flags_once))
 

@@ -9,7 +9,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from support.fhir_builders import at, observation, patient
+from support.fhir_builders import at, days_ago, observation, patient
 from support.server_data import project_flags, put, server_now
 
 pytestmark = pytest.mark.fhir
@@ -22,7 +22,8 @@ def backfill_unpaused(airflow):
 
 def test_cli_backfill_of_the_surveillance_dag_over_three_intervals(airflow, fhir_client, unique):
     pid = f"e2e-s-{unique}"
-    put(fhir_client, patient(pid), observation(f"{pid}-w", "wbc", 2.2, time=at(), patient=f"Patient/{pid}"))
+    # A count of yesterday: the runs evaluate as of their own time, and a count older than 90 days would have lapsed.
+    put(fhir_client, patient(pid), observation(f"{pid}-w", "wbc", 2.2, time=days_ago(1), patient=f"Patient/{pid}"))
     minute = server_now(fhir_client).replace(second=0, microsecond=0)
     # Three complete data intervals, the last one holding the write above: wait for it to end.
     time.sleep(max(0.0, (minute + timedelta(minutes=1, seconds=2) - datetime.now(timezone.utc)).total_seconds()))

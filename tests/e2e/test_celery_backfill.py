@@ -47,8 +47,9 @@ def fhir_proxy(fhir_base_url):
 
 @pytest.fixture(scope="module")
 def sample(fhir_base_url, tmp_path_factory):
-    """The Synthea sample on the server; its patients' ids and the Flags `leukofhir evaluate` gives on its files.
-    Four more patients, so that the window holds enough patients for four chunks even when this module runs alone."""
+    """The Synthea sample on the server; its patients' ids and the Flags `leukofhir evaluate --as-of T` gives on its
+    files, T a run's time (clinical-rules v1.3 §4: a run evaluates as of its own time). Four more patients, so that the
+    window holds enough patients for four chunks even when this module runs alone."""
     token = uuid.uuid4().hex[:8]
     with FhirClient(fhir_base_url, timeout=120) as client:
         assert load_files(client, SYNTHEA_BUNDLES, batch_size=250).ok
@@ -56,10 +57,14 @@ def sample(fhir_base_url, tmp_path_factory):
             pid = f"celery-{token}-{n}"
             put(client, patient(pid), observation(f"{pid}-w", "wbc", 2.5, time=at(days=n), patient=f"Patient/{pid}"))
     ids = sorted(json.load(gzip.open(p, "rt"))["entry"][0]["resource"]["id"] for p in SYNTHEA_BUNDLES)
-    out = tmp_path_factory.mktemp("offline")
-    evaluate_files(SYNTHEA_BUNDLES, out, progress=False)
-    expected = flags_by_identifier([json.loads(line) for line in (out / "Flag.ndjson").read_text().splitlines()])
-    assert len(expected) > 5
+
+    def expected(as_of: str) -> dict:
+        out = tmp_path_factory.mktemp("offline")
+        evaluate_files(SYNTHEA_BUNDLES, out, as_of=as_of, progress=False)
+        flags = flags_by_identifier([json.loads(line) for line in (out / "Flag.ndjson").read_text().splitlines()])
+        assert len(flags) > 5
+        return flags
+
     return ids, expected
 
 
@@ -105,7 +110,7 @@ def test_the_backfill_runs_its_chunks_on_both_workers(stack, fhir_proxy, fhir_cl
     assert {ti["hostname"] for ti in mapped if ti["task_id"] == "extract"} == {WORKER1, WORKER2}
     report = _report(stack, run_id)
     assert report["chunks"] == CHUNKS and report["chunks_written"] == CHUNKS and report["reconciled"]
-    assert flags_by_identifier(project_flags(fhir_client, ids)) == expected
+    assert flags_by_identifier(project_flags(fhir_client, ids)) == expected(report["as_of"])
 
 
 def test_a_worker_killed_in_the_middle_of_a_backfill_leaves_the_flags_of_a_clean_run(stack, fhir_proxy, fhir_client,
@@ -134,6 +139,7 @@ def test_a_worker_killed_in_the_middle_of_a_backfill_leaves_the_flags_of_a_clean
 
     # The Flags of the clean run, each once (flags_by_identifier fails on two Flags with one identifier).
     flags = project_flags(fhir_client, ids)
-    assert flags_by_identifier(flags) == expected and len(flags) == len(expected)
     report = _report(stack, run_id)
-    assert report["writes"]["create"] >= len(expected) and report["writes"]["refused"] == 0
+    wanted = expected(report["as_of"])
+    assert flags_by_identifier(flags) == wanted and len(flags) == len(wanted)
+    assert report["writes"]["create"] >= len(wanted) and report["writes"]["refused"] == 0

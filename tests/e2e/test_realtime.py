@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from support.fhir_builders import at, observation, patient
+from support.fhir_builders import days_ago, observation, patient
 from support.listen_process import ListenProcess
 from support.ports import session_port
 from support.server_data import project_flags, put
@@ -54,15 +54,17 @@ def test_a_low_wbc_becomes_a_flag_and_its_recovery_closes_it(airflow, listener, 
     pid = f"rt-{unique}"
     scheduled_before = {r["dag_run_id"] for r in airflow.runs("leukopenia_surveillance")}
     put(fhir_client, patient(pid))
-    put(fhir_client, observation(f"{pid}-low", "wbc", 1.6, time=at(), patient=f"Patient/{pid}"))
+    # Recent counts: the runs evaluate as of their own time, and a count older than 90 days would have lapsed.
+    low, ok = days_ago(3), days_ago(1)
+    put(fhir_client, observation(f"{pid}-low", "wbc", 1.6, time=low, patient=f"Patient/{pid}"))
     opened = _wait_for_flag(fhir_client, pid, "active")
     assert opened["code"]["coding"][0]["code"] == "84828003"  # leukopenia
-    assert opened["period"] == {"start": at()}
+    assert opened["period"] == {"start": low}
 
-    put(fhir_client, observation(f"{pid}-ok", "wbc", 6.0, time=at(days=3), patient=f"Patient/{pid}"))
+    put(fhir_client, observation(f"{pid}-ok", "wbc", 6.0, time=ok, patient=f"Patient/{pid}"))
     closed = _wait_for_flag(fhir_client, pid, "inactive")
     assert closed["id"] == opened["id"] and closed["identifier"] == opened["identifier"]
-    assert closed["period"] == {"start": at(), "end": at(days=3)}
+    assert closed["period"] == {"start": low, "end": ok}
 
     # Two runs of the near-real-time DAG, started by the receiver, did it; the hourly DAG ran nothing meanwhile.
     runs = [r for r in airflow.wait_for_runs("leukopenia_patients", 2, seconds=120)

@@ -11,10 +11,11 @@ import pytest
 
 from leukofhir.config import load_config
 from leukofhir.fhir.client import FhirClient
+from leukofhir.pipeline import evaluate_files
 from leukofhir.run import run_pipeline
 from leukofhir.write import Change, apply_plan, ensure_author, flag_id, plan_writes
 from support.faultproxy import FaultProxy
-from support.fhir_builders import at, observation, patient
+from support.fhir_builders import at, days_ago, observation, patient
 from support.server_data import flags_by_identifier, project_flags, put
 
 pytestmark = pytest.mark.fhir
@@ -159,3 +160,28 @@ def test_eight_simultaneous_writes_of_one_new_flag_leave_one_flag(fhir_base_url,
         [t.join() for t in threads]
         assert [r.refused for r in results] == [[]] * 8
         assert fhir_client.count("Flag", {"identifier": f"{RULES.uris.identifier_system}|{value}"}) == 1
+
+
+def test_a_run_evaluates_as_of_its_own_time_so_an_episode_without_a_count_for_90_days_has_lapsed(
+        fhir_base_url, fhir_client, unique, tmp_path):
+    """clinical-rules v1.3 §4: the patients' data alone does not say whether a Flag is current; the run's time does."""
+    lapsed, followed = f"lapsed-{unique}", f"followed-{unique}"
+    last = {lapsed: days_ago(91), followed: days_ago(89)}
+    resources = [patient(lapsed), patient(followed)]
+    resources += [observation(f"{pid}-w", "wbc", 2.2, time=time, patient=f"Patient/{pid}") for pid, time in last.items()]
+    put(fhir_client, *resources)
+    with FhirClient(fhir_base_url) as client:
+        report = run_pipeline(client, RULES, tmp_path / "run", patients=[lapsed, followed])
+    flags = {f["subject"]["reference"]: f for f in project_flags(fhir_client, [lapsed, followed])}
+    old, recent = flags[f"Patient/{lapsed}"], flags[f"Patient/{followed}"]
+    assert (old["status"], old["period"]) == ("inactive", {"start": last[lapsed], "end": last[lapsed]})
+    assert old["code"]["text"].endswith("; no follow-up count for more than 90 days")
+    assert (recent["status"], recent["period"]) == ("active", {"start": last[followed]})
+    # Offline, as of the run's time, the same Flags; as of the input's latest time (the default), both still open.
+    source = tmp_path / "patients.ndjson"
+    source.write_text("".join(json.dumps(r) + "\n" for r in resources))
+    evaluate_files([source], tmp_path / "offline", as_of=report["as_of"], progress=False)
+    offline = [json.loads(line) for line in (tmp_path / "offline" / "Flag.ndjson").open()]
+    assert flags_by_identifier(offline) == flags_by_identifier(list(flags.values()))
+    evaluate_files([source], tmp_path / "latest", progress=False)
+    assert {json.loads(line)["status"] for line in (tmp_path / "latest" / "Flag.ndjson").open()} == {"active"}

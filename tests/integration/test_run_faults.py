@@ -50,12 +50,6 @@ def test_retries_and_lost_answers_end_with_the_flags_of_a_clean_run(fhir_base_ur
                                                                    small_pages):
     pids, resources = _patients(unique)
     put(fhir_client, *resources)
-    # The Flags the rules want, from the same resources evaluated offline.
-    source = tmp_path / "patients.ndjson"
-    source.write_text("".join(json.dumps(r) + "\n" for r in resources))
-    evaluate_files([source], tmp_path / "offline", progress=False)
-    expected = flags_by_identifier([json.loads(line) for line in (tmp_path / "offline" / "Flag.ndjson").open()])
-    assert len(expected) >= 16
 
     with FaultProxy(fhir_base_url) as proxy:
         proxy.add(
@@ -71,6 +65,12 @@ def test_retries_and_lost_answers_end_with_the_flags_of_a_clean_run(fhir_base_ur
             done = run_pipeline(client, RULES, tmp_path / "faulty", patients=pids, batch_size=3)
         assert not proxy.faults, f"faults never triggered: {list(proxy.faults)}"
     assert done["writes"]["refused"] == 0 and done["reconciled"]
+    # The Flags the rules want, from the same resources evaluated offline as of the run's time (v1.3 §4).
+    source = tmp_path / "patients.ndjson"
+    source.write_text("".join(json.dumps(r) + "\n" for r in resources))
+    evaluate_files([source], tmp_path / "offline", as_of=done["as_of"], progress=False)
+    expected = flags_by_identifier([json.loads(line) for line in (tmp_path / "offline" / "Flag.ndjson").open()])
+    assert len(expected) >= 16
     assert flags_by_identifier(project_flags(fhir_client, pids)) == expected
 
     with FhirClient(fhir_base_url) as client:

@@ -20,6 +20,14 @@ def at(hours: float = 0, days: float = 0) -> str:
     return (T0 + timedelta(hours=hours, days=days)).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def days_ago(days: float = 0, hours: float = 0, now: datetime | None = None) -> str:
+    """An instant before `now` (default: the wall clock), as FHIR dateTime text: for results an online run, which
+    evaluates as of its own time, must find recent (an episode without a count for more than 90 days has lapsed,
+    clinical-rules v1.3 §4). Pass one `now` to give several patients the same history."""
+    now = now or datetime.now(timezone.utc)
+    return (now - timedelta(days=days, hours=hours)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def observation(oid: str, concept: str, value, *, time: str | None = None, patient: str = "Patient/p1",
                 unit: str | None = None, status: str = "final", low=None, comparator: str | None = None,
                 code: str | None = None, **extra) -> dict:

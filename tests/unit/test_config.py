@@ -53,6 +53,40 @@ def test_wrong_file_names_the_key(tmp_path, change, key):
     assert f": {key}" in str(caught.value)
 
 
+# clinical-rules v1.3 §1.2: a site's own count spellings, checked on load; the error names the entry and why.
+@pytest.mark.parametrize(
+    "spellings, words",
+    [
+        ({"Gpt/L": 0}, "factor for unit 'Gpt/L' must be a positive number, not 0"),
+        ({"Gpt/L": -1}, "factor for unit 'Gpt/L' must be a positive number, not -1"),
+        ({"Gpt/L": "1"}, "factor for unit 'Gpt/L' must be a positive number, not '1'"),
+        ({"Gpt/L": True}, "factor for unit 'Gpt/L' must be a positive number, not True"),
+        ({"Gpt/L": None}, "factor for unit 'Gpt/L' must be a positive number, not None"),
+        ({"Gpt/L": float("inf")}, "factor for unit 'Gpt/L' must be a positive number, not inf"),
+        ({" ": 1}, "unit ' ' must be a non-empty text"),
+        (["Gpt/L"], "must be a mapping of unit spellings to factors"),
+        # Differs from the contract's K/uL only in case: one unit when read from `unit`, so one factor.
+        ({"k/UL": 0.001}, "site_count 'k/UL' (factor 0.001) and count 'K/uL' (factor 1) differ only in case or spaces"),
+        ({"Cells / mm3": 1}, "site_count 'Cells / mm3' (factor 1) and count 'cells/mm3' (factor 0.001)"),
+    ],
+)
+def test_a_site_count_spelling_is_checked_on_load(tmp_path, spellings, words):
+    with pytest.raises(ConfigError) as caught:
+        load_config(_write(tmp_path, lambda d: d["units"].update(site_count=spellings)))
+    assert ": units" in str(caught.value) and words in str(caught.value)
+
+
+def test_site_count_spellings_load_beside_the_contract_list(tmp_path):
+    rules = load_config(_write(tmp_path, lambda d: d["units"].update(site_count={"Gpt/L": 1, "k/ul": 1})))
+    assert rules.units.counts["Gpt/L"] == 1 and rules.units.counts_folded["gpt/l"] == ("Gpt/L", 1)
+    assert rules.units.counts_folded["k/ul"] == ("K/uL", 1)  # the contract's spelling first
+    assert load_config().units.site_count == {}
+    # The contract's v1.3 spellings are in the shipped list, each with its factor (§1.2).
+    count = load_config().units.count
+    assert count["THOU/uL"] == count["GI/L"] == count["x 10^9/L"] == count["Tsd/µL"] == 1
+    assert count["cells/mm3"] == count["/cmm"] == count["cells/µL"] == 0.001
+
+
 def test_unreadable_and_not_yaml(tmp_path):
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "missing.yaml")

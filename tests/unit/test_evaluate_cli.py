@@ -169,7 +169,7 @@ def test_an_unknown_unit_is_counted_under_its_own_reason(tmp_path):
     report_ = pipeline.evaluate_files([tmp_path / "in.ndjson"], tmp_path / "out", progress=False)
     assert report_["quarantined"] == {"expect_column_values_to_be_in_set(unit)": 1}
     (line,) = _quarantine(tmp_path / "out")
-    assert line["reasons"][0] == "expect_column_values_to_be_in_set(unit): value 'mg' not accepted"
+    assert line["reasons"][0] == "expect_column_values_to_be_in_set(unit): unknown unit 'mg' for wbc"
 
 
 def test_copies_of_one_id_with_different_content_say_that_they_differ(tmp_path):
@@ -234,3 +234,60 @@ def test_the_stages_run_on_their_own_as_an_online_run_would_chain_them(inputs, t
     assert whole["quarantined"]["subject refers to another server"] == 2
     lines = (out / "Flag.ndjson").read_text().splitlines()
     assert len(lines) == report_["flags"]["total"] and json.loads((out / "report.json").read_text()) == report_
+
+
+# -- clinical-rules v1.3 §4 Lapse: offline as of --as-of (else the latest input time), online as of the run --------------
+def test_as_of_closes_an_episode_without_a_count_for_more_than_90_days(tmp_path):
+    _ndjson(tmp_path / "in.ndjson", [patient(), observation("w", "wbc", 2.5, time=at())])
+    texts = {}
+    for as_of in (None, "2024-05-30T08:00:00Z", "2024-05-30T08:00:01Z"):  # the latest input; 90 days; a second more
+        out = tmp_path / f"out-{as_of}"
+        assert main(["evaluate", str(tmp_path / "in.ndjson"), "--out", str(out)]
+                    + (["--as-of", as_of] if as_of else [])) == 0
+        (flag,) = [json.loads(x) for x in (out / "Flag.ndjson").open()]
+        texts[as_of] = (flag["status"], flag["period"].get("end"), flag["code"]["text"])
+    text = "Leukopenia — WBC 2.5 ×10^9/L on 2024-03-01, CTCAE v5.0 grade 2"
+    assert texts == {
+        None: ("active", None, text),
+        "2024-05-30T08:00:00Z": ("active", None, text),
+        "2024-05-30T08:00:01Z": ("inactive", at(), text + "; no follow-up count for more than 90 days"),
+    }
+
+
+def _chunk(tmp_path, started: str, resources: list[dict]):
+    """A run folder as `leukofhir run` leaves it before its evaluate step: run.json and one staged batch."""
+    chunk = tmp_path / "run" / "chunks" / "00001"
+    (chunk / "staged").mkdir(parents=True)
+    (tmp_path / "run" / "run.json").write_text(json.dumps({"server": "http://fhir.example/fhir", "started": started}))
+    _ndjson(chunk / "staged" / "batch-00001.ndjson", resources)
+    return chunk
+
+
+def _evaluated(chunk):
+    folder = chunk / "evaluated" / "batch-00001"
+    flags = [json.loads(x) for x in (folder / "Flag.ndjson").read_text().splitlines()]
+    return json.loads((folder / "report.json").read_text()), flags
+
+
+def test_an_online_run_evaluates_as_of_its_start(tmp_path):
+    from leukofhir.config import load_config
+    from leukofhir.run import evaluate_chunk
+
+    chunk = _chunk(tmp_path, "2024-06-01T00:00:00+00:00", [patient(), observation("w", "wbc", 2.5, time=at())])
+    evaluate_chunk(load_config(), chunk)
+    report_, (flag,) = _evaluated(chunk)
+    assert report_["as_of"] == "2024-06-01T00:00:00+00:00"  # not the batch's latest time (2024-03-01)
+    assert flag["status"] == "inactive" and flag["code"]["text"].endswith("no follow-up count for more than 90 days")
+
+
+def test_a_result_newer_than_the_run_start_is_evaluated_not_set_aside(tmp_path):
+    from leukofhir.config import load_config
+    from leukofhir.run import evaluate_chunk
+
+    # Written while the run read: a recovery timed after the run started still closes the episode.
+    resources = [patient(), observation("w", "wbc", 2.5, time=at()), observation("ok", "wbc", 6.0, time=at(days=2))]
+    chunk = _chunk(tmp_path, at(days=1), resources)
+    evaluate_chunk(load_config(), chunk)
+    report_, (flag,) = _evaluated(chunk)
+    assert "after the as-of time" not in report_["skipped"] and report_["as_of"] == "2024-03-03T08:00:00+00:00"
+    assert flag["status"] == "inactive" and flag["period"]["end"] == at(days=2) and "normal again" in flag["code"]["text"]

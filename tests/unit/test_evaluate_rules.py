@@ -567,3 +567,159 @@ def test_patient_preselection_changes_no_flag(seed, monkeypatch):
     assert fast == every and fast
     flagged = {spec.patient_id for spec in fast}
     assert {f"Patient/e-{name}" for name in ("derived", "anc", "neonate", "less", "child")} <= flagged
+
+
+# -- §2 lymphopenia (v1.3 wording): below the LLN of §1.3, the lab's own range when present ----------------------------
+@pytest.mark.parametrize("value, lab_low, grade", [(0.9, 0.8, None), (0.79, 0.8, 2), (1.1, 1.3, 1),
+                                                    (1.3, 1.3, None), (0.9, None, 1)])
+def test_lymphopenia_is_below_the_lab_lln_when_present_above_or_below_one(value, lab_low, grade):
+    # A lab LLN of 0.8 spares a 0.9 the adult default (1.0) would call low; one of 1.3 calls a 1.1 low.
+    specs = one([ADULT, observation("l", "lymphocytes_abs", value, low=lab_low)], "lymphocytes")
+    assert [(s.condition, s.grade) for s in specs] == ([] if grade is None else [("lymphopenia", grade)])
+
+
+# -- §4 Lapse (v1.3): an open episode whose family has had no value for more than the episode gap is closed ------------
+LAPSED = "no follow-up count for more than 90 days"
+
+
+def _as_of(days: float):
+    from support.fhir_builders import T0
+    from datetime import timedelta
+
+    return T0 + timedelta(days=days)
+
+
+def _lapse_case(resources, as_of_days, family):
+    return [s for s in flags_for(resources, as_of=_as_of(as_of_days)) if s.family == family]
+
+
+@pytest.mark.parametrize("days, lapsed", [(91, True), (90.001, True), (90, False), (89, False), (0, False)])
+def test_a_single_low_value_lapses_strictly_more_than_90_days_later(days, lapsed):
+    (spec,) = _lapse_case([ADULT, observation("w", "wbc", 3.0, time=at())], days, "leukocytes")
+    if lapsed:
+        assert (spec.status, spec.end) == ("inactive", _as_of(0))  # period.end = its last low value
+        assert spec.text.endswith("; " + LAPSED) and "transient" not in spec.text
+    else:
+        assert (spec.status, spec.end) == ("active", None) and "follow-up" not in spec.text
+
+
+def test_lapse_ends_at_the_last_low_value_and_keeps_the_worst_grade():
+    res = [ADULT, observation("w1", "wbc", 3.5, time=at()), observation("w2", "wbc", 0.9, time=at(days=20)),
+           observation("w3", "wbc", 2.5, time=at(days=40))]
+    assert _lapse_case(res, 130, "leukocytes")[0].status == "active"  # 90 days after the last value, not the first
+    (spec,) = _lapse_case(res, 131, "leukocytes")
+    assert (spec.status, spec.end, spec.grade) == ("inactive", _as_of(40), 4)
+    assert spec.evidence == ["Observation/w1", "Observation/w2", "Observation/w3"]
+
+
+def test_a_short_lapsed_episode_is_never_transient():
+    # Two low values an hour apart, then nothing: within 72 h of its start, but it did not recover.
+    res = [ADULT, observation("w1", "wbc", 3.0, time=at()), observation("w2", "wbc", 3.1, time=at(hours=1))]
+    (spec,) = _lapse_case(res, 100, "leukocytes")
+    assert spec.status == "inactive" and spec.end == _as_of(1 / 24)
+    assert "pseudoleukopenia" not in spec.text and "transient" not in spec.text and spec.text.endswith(LAPSED)
+
+
+@pytest.mark.parametrize("as_of_days, second", [(210, "active"), (291, "inactive")])
+def test_gap_and_lapse_together(as_of_days, second):
+    # A low value, nothing, a low value 200 days later: the gap closes the first; the second lapses 90 days on.
+    res = [ADULT, observation("w1", "wbc", 3.0, time=at()), observation("w2", "wbc", 2.0, time=at(days=200))]
+    first, later = _lapse_case(res, as_of_days, "leukocytes")
+    assert (first.status, first.end) == ("inactive", _as_of(0))
+    assert "closed when a later episode began" in first.text and LAPSED not in first.text
+    assert later.status == second and later.start == _as_of(200)
+    assert (later.end, later.text.endswith(LAPSED)) == ((_as_of(200), True) if second == "inactive" else (None, False))
+
+
+def test_a_recovery_is_not_a_lapse_however_late():
+    res = [ADULT, observation("w1", "wbc", 3.0, time=at()), observation("w2", "wbc", 5.0, time=at(days=300))]
+    (spec,) = _lapse_case(res, 400, "leukocytes")
+    assert spec.end == _as_of(300) and "normal again on" in spec.text and LAPSED not in spec.text
+    # As of a time before the recovery, it is set aside: the episode had lapsed then.
+    (spec,) = _lapse_case(res, 100, "leukocytes")
+    assert (spec.status, spec.end) == ("inactive", _as_of(0)) and spec.text.endswith(LAPSED)
+
+
+def test_without_an_as_of_the_lapse_is_measured_at_the_latest_input_time():
+    # p1's low WBC and, 100 days later, another patient's normal count: the input ends 100 days after p1's value.
+    res = [ADULT, patient("p2"), observation("w1", "wbc", 3.0, time=at()),
+           observation("w2", "wbc", 6.0, time=at(days=100), patient="Patient/p2")]
+    (spec,) = flags_for(res)
+    assert spec.status == "inactive" and spec.text.endswith(LAPSED)
+    (spec,) = flags_for(res[:-1] + [observation("w2", "wbc", 6.0, time=at(days=60), patient="Patient/p2")])
+    assert spec.status == "active"
+
+
+def test_pancytopenia_lapses_without_a_complete_blood_count_while_leukopenia_goes_on():
+    # A pancytopenic count, then monthly low WBCs without hemoglobin or platelets: leukopenia is followed, the
+    # pancytopenia cannot be judged without all three, so it lapses 90 days after the last complete count.
+    count = [observation("w0", "wbc", 2.0, time=at()), observation("h0", "hemoglobin", 9.0, time=at()),
+             observation("p0", "platelets", 80, time=at())]
+    monthly = [observation(f"w{i}", "wbc", 2.5, time=at(days=30 * i)) for i in range(1, 5)]
+    specs = flags_for([ADULT] + count + monthly, as_of=_as_of(121))
+    (pancytopenia,) = [s for s in specs if s.family == "pancytopenia"]
+    (leukopenia,) = [s for s in specs if s.family == "leukocytes"]
+    assert (pancytopenia.status, pancytopenia.end) == ("inactive", _as_of(0)) and pancytopenia.text.endswith(LAPSED)
+    assert leukopenia.status == "active"
+    # A second complete count (all three low) on day 60 keeps the pancytopenia followed until day 150.
+    second = [observation("h2", "hemoglobin", 9.1, time=at(days=60)), observation("p2", "platelets", 81, time=at(days=60))]
+    (pancytopenia,) = [s for s in flags_for([ADULT] + count + monthly + second, as_of=_as_of(121))
+                       if s.family == "pancytopenia"]
+    assert pancytopenia.status == "active"
+
+
+@pytest.mark.parametrize("derived_day, status", [(None, "inactive"), (60, "active")])
+def test_granulocytes_lapse_and_a_derived_anc_is_a_value_of_theirs(derived_day, status):
+    res = [ADULT, observation("a1", "anc", 0.4, time=at())]
+    if derived_day is not None:  # WBC 3.0 × 30 % = ANC 0.9: a granulocyte value without a reported ANC
+        res += [observation("w", "wbc", 3.0, time=at(days=derived_day)),
+                observation("n", "neutrophils_pct", 30.0, time=at(days=derived_day))]
+    (spec,) = _lapse_case(res, 121, "granulocytes")
+    assert spec.status == status and (spec.text.endswith(LAPSED) is (status == "inactive"))
+    assert spec.condition == "agranulocytosis" and spec.grade == 4
+
+
+def test_a_wbc_alone_is_no_granulocyte_value():
+    res = [ADULT, observation("a1", "anc", 1.2, time=at()), observation("w", "wbc", 6.0, time=at(days=60))]
+    (spec,) = _lapse_case(res, 91, "granulocytes")
+    assert spec.status == "inactive" and spec.text.endswith(LAPSED)
+
+
+def test_lymphocytes_lapse():
+    res = [ADULT, observation("l", "lymphocytes_abs", 0.6, time=at())]
+    assert _lapse_case(res, 89, "lymphocytes")[0].status == "active"
+    (spec,) = _lapse_case(res, 91, "lymphocytes")
+    assert (spec.status, spec.end, spec.grade) == ("inactive", _as_of(0), 2) and spec.text.endswith(LAPSED)
+
+
+def test_the_lapse_follows_the_episode_gap_setting(tmp_path):
+    import yaml
+
+    from leukofhir.config import DEFAULT_PATH
+
+    data = yaml.safe_load(DEFAULT_PATH.read_text())
+    data["windows"]["episode_gap"] = "30d"
+    path = tmp_path / "rules.yaml"
+    path.write_text(yaml.safe_dump(data))
+    rules = load_config(path)
+    res = [ADULT, observation("w", "wbc", 3.0, time=at())]
+    (spec,) = flags_for(res, rules, as_of=_as_of(31))
+    assert spec.status == "inactive" and spec.text.endswith("; no follow-up count for more than 30 days")
+    assert flags_for(res, rules, as_of=_as_of(29))[0].status == "active"
+
+
+def test_a_retracted_episode_stays_entered_in_error_when_it_would_lapse():
+    res = [ADULT, observation("w1", "wbc", 2.0, status="entered-in-error")]
+    (spec,) = flags_for(res, as_of=_as_of(200))
+    assert spec.status == "entered-in-error" and spec.end == _as_of(0) and "entered in error" in spec.text
+
+
+def test_lapse_horizon_is_when_the_first_open_episode_would_lapse():
+    from leukofhir.evaluate import lapse_horizon
+
+    res = [ADULT, patient("p2"), observation("w1", "wbc", 3.0, time=at()),
+           observation("w2", "wbc", 3.0, time=at(days=10), patient="Patient/p2")]
+    specs = flags_for(res, as_of=_as_of(20))
+    assert lapse_horizon(specs, RULES) == _as_of(90)
+    assert lapse_horizon(flags_for(res, as_of=_as_of(95)), RULES) == _as_of(100)  # p1 lapsed: p2's is next
+    assert lapse_horizon(flags_for(res, as_of=_as_of(101)), RULES) is None

@@ -59,7 +59,9 @@ def test_synthea_patient_bundles(tmp_path):
     - Granville (FOLFOX 2004): 2.26 (05-07) 1.07 0.54 1.24 3.68 1.81 (10-13), then 9.01 on 2005-01-23 -> one episode
       2004-05-07 .. 2005-01-23, inactive, worst 0.54 = G4, chemotherapy ordered within 90 days -> drug category.
     - Micah: 3.75 (2012-04-30) then 6.37 (2017-05-29): episode closed by that recovery, G1. Then 4.03 normal and
-      0.745 (2018-01-26) 1.85 0.54 2.88 3.9 with no normal since -> active, G4, chemotherapy -> drug.
+      0.745 (2018-01-26) 1.85 0.54 2.88 3.9 (2018-05-31) with no normal since: G4, chemotherapy -> drug. Evaluated as
+      of the input's latest time (Suzi's count of 2020-12-22), Micah has had no WBC for 936 days: the episode has
+      lapsed (v1.3 §4) -> inactive, period.end = the last low value, 2018-05-31.
     - Sherman (cisplatin/etoposide): 2.18 (2003-01-07), 2.59 (2003-04-07, 90 days later: same episode); next value
       3.9 on 2004-01-13 is low after 281 days (> 90-day episode gap) -> first episode inactive, ends 2003-04-07, G2,
       drug; second episode 2004-01-13 .. 2009-09-22 (6.27), G1, no drug in the 90 days before it.
@@ -72,13 +74,15 @@ def test_synthea_patient_bundles(tmp_path):
     leuko = "84828003"
     assert got == sorted([
         (micah, leuko, "inactive", "2012-04-30T07:21:10Z", "2017-05-29T07:21:10Z", 1, False),
-        (micah, leuko, "active", "2018-01-26T07:21:10Z", None, 4, True),
+        (micah, leuko, "inactive", "2018-01-26T07:21:10Z", "2018-05-31T07:21:10Z", 4, True),
         (suzi, leuko, "inactive", "2014-12-16T00:24:54Z", "2014-12-16T00:24:54Z", 1, False),
         (suzi, leuko, "active", "2020-12-22T00:24:54Z", None, 1, False),
         (granville, leuko, "inactive", "2004-05-07T04:59:42Z", "2005-01-23T04:59:42Z", 4, True),
         (sherman, leuko, "inactive", "2003-01-07T06:01:37Z", "2003-04-07T06:01:37Z", 2, True),
         (sherman, leuko, "inactive", "2004-01-13T06:01:37Z", "2009-09-22T06:01:37Z", 1, False),
     ])
+    (lapsed,) = [f for f in flags if f["period"]["start"] == "2018-01-26T07:21:10Z"]
+    assert lapsed["code"]["text"].endswith("; no follow-up count for more than 90 days")
 
 
 def test_synthea_ndjson_needs_patients_for_urn_uuid_subjects(tmp_path):

@@ -142,6 +142,44 @@ def test_an_as_of_given_holds_for_every_partition(tmp_path):
     _same_outputs(tmp_path / "memory", memory, tmp_path / "partitioned", partitioned)
 
 
+def _lapse_input(folder: Path) -> Path:
+    """Forty patients with an open episode each, their last low values 100 days apart at most, and one later count:
+    most partitions end earlier than the input, and some of their episodes lapse only by its end (v1.3 §4)."""
+    folder.mkdir()
+    resources = [patient(f"p{n}", birth="1960-01-01") for n in range(41)]
+    resources += [observation(f"w{n}", "wbc", 2.5, time=at(days=n * 3), patient=f"Patient/p{n}") for n in range(40)]
+    resources.append(observation("late", "wbc", 6.0, time=at(days=190), patient="Patient/p40"))
+    _write_ndjson(folder / "in.ndjson", resources)
+    return folder
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_without_an_as_of_every_partition_lapses_as_of_the_input_end(tmp_path, workers, caplog):
+    inputs = _lapse_input(tmp_path / "in")
+    memory = _run([inputs], tmp_path / "memory")
+    with caplog.at_level("INFO", logger="leukofhir.partition"):
+        partitioned = _run([inputs], tmp_path / "partitioned", memory_budget="1KB", workers=workers)
+    assert partitioned["partitions"]["evaluated"] >= 4
+    assert "evaluated again as of the input's latest time" in caplog.text  # what this test is about did happen
+    _same_outputs(tmp_path / "memory", memory, tmp_path / "partitioned", partitioned)
+    flags = [json.loads(line) for line in (tmp_path / "memory" / "Flag.ndjson").read_text().splitlines()]
+    # As of day 190: a last value before day 100 lapsed, one on day 100 or later is still followed.
+    assert sorted({f["status"] for f in flags if f["period"]["start"] < at(days=100)}) == ["inactive"]
+    assert sorted({f["status"] for f in flags if f["period"]["start"] >= at(days=100)}) == ["active"]
+    assert memory["as_of"] == partitioned["as_of"] == "2024-09-07T08:00:00+00:00"
+
+
+def test_a_run_time_holds_for_every_partition(tmp_path):
+    inputs = _lapse_input(tmp_path / "in")
+    memory = _run([inputs], tmp_path / "memory", run_time=at(days=150))
+    partitioned = _run([inputs], tmp_path / "partitioned", run_time=at(days=150), memory_budget="1KB")
+    _same_outputs(tmp_path / "memory", memory, tmp_path / "partitioned", partitioned)
+    # The later count (day 190) is evaluated, not set aside: the run's time only moves the lapse forward.
+    assert "after the as-of time" not in memory["skipped"] and memory["as_of"] == "2024-09-07T08:00:00+00:00"
+    later = _run([inputs], tmp_path / "later", run_time=at(days=400), memory_budget="1KB")
+    assert later["as_of"] == "2025-04-05T08:00:00+00:00" and later["flags"]["by_status"] == {"inactive": 40}
+
+
 def test_the_validation_threshold_is_checked_on_the_totals(tmp_path):
     """Mostly bad data fails a run against a server with the same error in memory and partitioned; a partition that
     is all bad data does not fail a run whose totals pass."""
