@@ -175,3 +175,24 @@ def test_the_message_names_the_first_failing_scopes_and_counts_the_rest():
     message = str(caught.value)
     assert message.count(": 100 of 100 rows (100.0%) from 10 patients") == 3 and "; and 1 more (the contract: " \
         "at most 20.0% of a suite's or a feed's rows failing, unless fewer than 50 rows or 5 patients)" in message
+
+
+def test_held_flags_are_reported_the_same_in_memory_and_partitioned(tmp_path):
+    """A Flag read with the input (online: from the server) whose evidence is now quarantined is listed to be left
+    as it is, whichever way the input is evaluated."""
+    resources = []
+    for n in range(6):
+        pid = f"h{n}"
+        unit = "furlong" if n % 2 else "10*9/L"  # every other patient's low WBC is now in a unit nobody knows
+        resources += [patient(pid), observation(f"{pid}-w", "wbc", 2.0, time=at(), patient=f"Patient/{pid}",
+                                                unit=unit),
+                      {"resourceType": "Flag", "id": f"f{n}", "status": "active", "code": {"text": "Leukopenia"},
+                       "subject": {"reference": f"Patient/{pid}"}, "identifier": [{"system": "s", "value": f"id{n}"}],
+                       "extension": [{"url": "http://hl7.org/fhir/StructureDefinition/flag-detail",
+                                      "valueReference": {"reference": f"Observation/{pid}-w"}}]}]
+    folder = _write(tmp_path / "in", resources)
+    memory = evaluate_files([folder], tmp_path / "memory", progress=False)
+    partitioned = evaluate_files([folder], tmp_path / "partitioned", progress=False, memory_budget="1KB")
+    assert partitioned["partitions"]["evaluated"] >= 2
+    for report in (memory, partitioned):
+        assert report["flags_held_identifiers"] == ["id1", "id3", "id5"] and report["flags_held"] == 3
