@@ -375,9 +375,14 @@ def _feeds(suite: str, rows: pd.DataFrame) -> tuple[list[tuple[dict, int]], np.n
         codes, found = pd.factorize(column, use_na_sentinel=False)
         code = code * len(found) + codes
         uniques.append(found)
-    present, feed_of = np.unique(code, return_inverse=True)
+    # Few feeds (concepts × units): count by code, then number the codes present (no sort of the rows).
+    counts = np.bincount(code)
+    present = np.flatnonzero(counts)
+    position = np.zeros(len(counts), dtype="int64")
+    position[present] = np.arange(len(present))
+    feed_of = position[code]
     feeds = []
-    for number, count in zip(present, np.bincount(feed_of, minlength=len(present))):
+    for number, count in zip(present, counts[present]):
         values = []
         for found in reversed(uniques):  # the code back to one value per column
             number, position = divmod(int(number), len(found))
