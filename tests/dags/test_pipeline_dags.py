@@ -17,7 +17,7 @@ from conftest import EXTERNAL, ROOT
 
 from leukofhir.load import load_files
 from leukofhir.pipeline import evaluate_files
-from support.contract_data import BAD, broken_feed, flags_by_place, held_out, held_out_ids
+from support.contract_data import BAD, broken_feed_on, flags_by_place, held_out, held_out_ids
 from support.fhir_builders import at, observation, patient, statement
 from support.server_data import (
     RULES, flags_by_identifier, pause, project_flags, put, server_now, versions, without_patient,
@@ -351,9 +351,8 @@ def test_one_patients_broken_results_never_block_the_others_whatever_the_chunks(
 
 
 def test_a_broken_feed_fails_the_backfill_before_any_chunk_writes(dags, fhir_client, unique):
-    resources, good, bad = broken_feed(f"feed-{unique}")
-    put(fhir_client, *resources)
-    folder, tasks = run_dag_failing("leukopenia_backfill", patients=good + bad, chunks=4)
+    with broken_feed_on(fhir_client, f"feed-{unique}") as (good, bad):
+        folder, tasks = run_dag_failing("leukopenia_backfill", patients=good + bad, chunks=4)
     # Every chunk evaluated; the barrier failed once, without retries (the data is the same on every try)...
     assert [state for state, _ in tasks["evaluate"]] == ["success"] * 4
     assert tasks["check_contract"] == [("failed", 1)]

@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from support.contract_data import BAD, broken_feed, flags_by_place, held_out, held_out_ids
+from support.contract_data import BAD, broken_feed_on, flags_by_place, held_out, held_out_ids
 from support.fhir_builders import at, observation, patient
 from support.server_data import project_flags, put
 
@@ -47,8 +47,8 @@ def test_one_run_batches_and_one_patient_at_a_time_give_the_same_flags(fhir_base
     assert set(reasons) == {f"{bad}-unit", f"{bad}-text"}
     assert reasons[f"{bad}-unit"] == [
         "expect_column_values_to_be_in_set(unit): value 'furlong' not accepted",
-        "expect_column_values_to_not_be_null(value): value missing: its unit is not one of this concept's units (§1.2), "
-        "so it cannot be converted"]
+        "expect_column_values_to_not_be_null(value): value missing: its unit is not one of this concept's units "
+        "(§1.2), so it cannot be converted"]
     assert reasons[f"{bad}-text"] == ["value is not a Quantity with a numeric value"]
     assert [f[0] for f in batchings["one run"][BAD]] == ["active"]
     assert report["contract_verdict"] == {"passed": True, "message": None}
@@ -111,24 +111,26 @@ def test_a_flag_whose_evidence_is_quarantined_is_left_as_it_is(fhir_base_url, fh
 
 
 def test_a_broken_feed_stops_the_whole_run_before_any_batch_writes(fhir_base_url, fhir_client, unique, tmp_path):
-    resources, good, bad = broken_feed(f"feed-{unique}")
-    put(fhir_client, *resources)
-    # Batches of 4 patients: the good patients' batch comes first, and no batch alone has 50 failing rows.
-    done = subprocess.run([*CLI, "run", "--fhir-url", fhir_base_url, "--patients", ",".join(good + bad),
-                           "--batch-size", "4", "--out", str(tmp_path / "feed")],
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 6, done.stderr[-2000:]
-    assert "the data failed its contract, nothing written" in done.stderr
-    assert ("observations feed wbc in 'K/uL-new': 60 of 60 rows (100.0%) from 12 patients fail validation: "
-            "expect_column_values_to_be_in_set(unit) 60 rows, expect_column_values_to_not_be_null(value) 60 rows, "
-            "e.g. Observation/" in done.stderr)
-    assert project_flags(fhir_client, good + bad) == []
-    report = json.loads((tmp_path / "feed" / "report.json").read_text())
-    assert report["contract_verdict"]["passed"] is False and report["chunks"] == 4 and report["chunks_written"] == 0
-    assert sum(report["quarantined"].values()) == 60 and report["flags"]["total"] == 4  # wanted, never written
+    with broken_feed_on(fhir_client, f"feed-{unique}") as (good, bad):
+        # Batches of 4 patients: the good patients' batch comes first, and no batch alone has 50 failing rows.
+        done = subprocess.run([*CLI, "run", "--fhir-url", fhir_base_url, "--patients", ",".join(good + bad),
+                               "--batch-size", "4", "--out", str(tmp_path / "feed")],
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 6, done.stderr[-2000:]
+        assert "the data failed its contract, nothing written" in done.stderr
+        assert ("observations feed wbc in 'K/uL-new': 60 of 60 rows (100.0%) from 12 patients fail validation: "
+                "expect_column_values_to_be_in_set(unit) 60 rows, expect_column_values_to_not_be_null(value) 60 rows, "
+                "e.g. Observation/" in done.stderr)
+        assert project_flags(fhir_client, good + bad) == []
+        report = json.loads((tmp_path / "feed" / "report.json").read_text())
+        assert report["contract_verdict"]["passed"] is False and report["chunks"] == 4
+        assert report["chunks_written"] == 0
+        assert sum(report["quarantined"].values()) == 60 and report["flags"]["total"] == 4  # wanted, never written
+    # The feed mended (the unit known), the same run writes every patient's Flags.
+    assert run(fhir_base_url, tmp_path / "mended", *good, *bad, batch_size=4) == 0
+    assert len(project_flags(fhir_client, good + bad)) == 16
 
     # Below the minimum (4 patients, 20 rows: a few patients' problem, not a feed's), the run goes on.
-    few, good2, bad2 = broken_feed(f"few-{unique}", bad_patients=4)
-    put(fhir_client, *few)
-    assert run(fhir_base_url, tmp_path / "few", *good2, *bad2) == 0
-    assert len(project_flags(fhir_client, good2)) == 4 and project_flags(fhir_client, bad2) == []
+    with broken_feed_on(fhir_client, f"few-{unique}", bad_patients=4) as (good, bad):
+        assert run(fhir_base_url, tmp_path / "few", *good, *bad) == 0
+        assert len(project_flags(fhir_client, good)) == 4 and project_flags(fhir_client, bad) == []

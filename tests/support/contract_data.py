@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from support.fhir_builders import at, observation, patient
-from support.server_data import project_flags, without_patient
+from contextlib import contextmanager
+
+from support.fhir_builders import UCUM, at, observation, patient
+from support.server_data import project_flags, put, without_patient
 
 HELD_OUT_SIZE = 13
 BAD = 10  # the patient whose results include a unit nobody knows and a value sent as a string
@@ -44,6 +46,23 @@ def held_out(prefix: str) -> list[dict]:
     return resources
 
 
+@contextmanager
+def broken_feed_on(client, prefix: str, **options):
+    """broken_feed written to the server, yielding (good, bad) ids; mended afterwards (a known unit), so that later
+    tests whose windows take in every patient of the shared test server never meet a broken feed of this one."""
+    resources, good, bad = broken_feed(prefix, **options)
+    put(client, *resources)
+    try:
+        yield good, bad
+    finally:
+        broken = [r for r in resources if r["resourceType"] == "Observation" and r["valueQuantity"]["unit"] == NEW_UNIT]
+        put(client, *({**r, "valueQuantity": {**r["valueQuantity"], "unit": "10*9/L", "system": UCUM, "code": "10*9/L"}}
+                      for r in broken))
+
+
+NEW_UNIT = "K/uL-new"
+
+
 def broken_feed(prefix: str, bad_patients: int = 12, results_each: int = 5) -> tuple[list[dict], list[str], list[str]]:
     """A laboratory that changed its WBC unit: `bad_patients` patients whose counts all come in a unit nobody knows
     (60 rows from 12 by default: above the contract's 50 rows and 5 patients), and four patients with low counts in a
@@ -54,7 +73,7 @@ def broken_feed(prefix: str, bad_patients: int = 12, results_each: int = 5) -> t
     resources = [patient(p) for p in good + bad]
     resources += [observation(f"{p}-w", "wbc", 1.8, time=at(days=n), patient=f"Patient/{p}")
                   for n, p in enumerate(good)]
-    resources += [observation(f"{p}-w{k}", "wbc", 2.0 + k, unit="K/uL-new", time=at(days=k), patient=f"Patient/{p}")
+    resources += [observation(f"{p}-w{k}", "wbc", 2.0 + k, unit=NEW_UNIT, time=at(days=k), patient=f"Patient/{p}")
                   for p in bad for k in range(results_each)]
     return resources, good, bad
 
