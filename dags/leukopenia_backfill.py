@@ -9,7 +9,9 @@ from datetime import datetime, timezone
 
 from airflow.sdk import Param, dag
 
-from leukofhir.dag_tasks import DEFAULT_ARGS, bulk_export, evaluate, extract, find_patients, report, write_flags
+from leukofhir.dag_tasks import (
+    DEFAULT_ARGS, bulk_export, check_contract, evaluate, extract, find_patients, report, write_flags,
+)
 
 
 @dag(
@@ -36,7 +38,9 @@ from leukofhir.dag_tasks import DEFAULT_ARGS, bulk_export, evaluate, extract, fi
 )
 def leukopenia_backfill():
     chunks = find_patients(exported=bulk_export())
-    written = write_flags.expand(chunk=evaluate.expand(chunk=extract.expand(chunk=chunks)))
+    evaluated = evaluate.expand(chunk=extract.expand(chunk=chunks))
+    # No chunk writes before the data contract was judged on the whole run (a barrier over every chunk).
+    written = write_flags.expand(chunk=check_contract(evaluated))
     written >> report()
 
 

@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 
 from airflow.sdk import CronDataIntervalTimetable, Param, dag
 
-from leukofhir.dag_tasks import DEFAULT_ARGS, evaluate, extract, find_patients, report, write_flags
+from leukofhir.dag_tasks import DEFAULT_ARGS, check_contract, evaluate, extract, find_patients, report, write_flags
 
 # Hourly by default; a site sets its own cron in the environment (read at parse time: no I/O).
 SCHEDULE = os.environ.get("LEUKOFHIR_SURVEILLANCE_CRON", "0 * * * *")
@@ -32,7 +32,9 @@ SCHEDULE = os.environ.get("LEUKOFHIR_SURVEILLANCE_CRON", "0 * * * *")
 )
 def leukopenia_surveillance():
     chunks = find_patients(window_field="lastUpdated")
-    written = write_flags.expand(chunk=evaluate.expand(chunk=extract.expand(chunk=chunks)))
+    evaluated = evaluate.expand(chunk=extract.expand(chunk=chunks))
+    # No chunk writes before the data contract was judged on the whole run (a barrier over every chunk).
+    written = write_flags.expand(chunk=check_contract(evaluated))
     written >> report()
 
 

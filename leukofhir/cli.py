@@ -17,7 +17,7 @@ EXIT_USAGE = 2  # unusable arguments or settings: a missing input, a bad --as-of
 EXIT_AUTH = 3  # the FHIR server refused our credentials (401) or their rights (403)
 EXIT_SERVER = 4  # the FHIR server failed, vanished or answered something unusable
 EXIT_OUTPUT = 5  # an output could not be written
-EXIT_DATA = 6  # `run`: a batch failed its data contract (validation.max_failure_rate); nothing more written
+EXIT_DATA = 6  # `run`: the run's data failed its contract systemically (rules.yaml `validation`); nothing written
 EXIT_INTERRUPTED = 130
 
 

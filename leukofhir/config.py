@@ -310,9 +310,13 @@ class Validation(_Model):
     min_value: float
     plausible_max: dict[ConceptName, float]
     clock_skew: timedelta
-    # Share of a batch's rows that may fail validation before a run against a server fails loudly
-    # (pipeline.evaluate_files(fail_on_threshold=True)); null: never. Offline `evaluate` only reports.
+    # The data contract of a run against a server (validate.contract_breaches, judged on the whole run's totals):
+    # a suite, or one feed of it, whose failing rows are above this share, at least `min_failing_rows` of them from
+    # at least `min_failing_patients` patients, stops the run before anything is written; null: never. Fewer failing
+    # rows are one patient's or a few results' problem: quarantined, never a stop. Offline `evaluate` only reports.
     max_failure_rate: float | None = Field(default=0.2, ge=0.0, le=1.0)
+    min_failing_rows: int = Field(default=50, ge=1)
+    min_failing_patients: int = Field(default=5, ge=1)
 
     _check = field_validator("clock_skew", mode="before")(lambda cls, v: _duration(v))
 

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Iterator
 
 from airflow.sdk import ObjectStoragePath, Variable, get_current_context, task
-from airflow.sdk.exceptions import AirflowException
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
-__all__ = ["bulk_export", "find_patients", "extract", "evaluate", "write_flags", "report", "process_patients",
-           "DEFAULT_ARGS", "PATIENTS_DEFAULT_ARGS", "FHIR_POOL"]
+__all__ = ["bulk_export", "find_patients", "extract", "evaluate", "check_contract", "write_flags", "report",
+           "process_patients", "DEFAULT_ARGS", "PATIENTS_DEFAULT_ARGS", "FHIR_POOL"]
 
 log = logging.getLogger(__name__)
 
@@ -142,8 +142,12 @@ def _window(context, window_field: str | None):
 
 
 def _fail(exc: Exception):
-    # A one-line reason in the task log instead of a traceback through the library.
-    raise AirflowException(f"{type(exc).__name__}: {exc}") from None
+    from leukofhir.validate import ValidationThresholdError
+
+    # A one-line reason in the task log instead of a traceback through the library. Data that failed its contract
+    # fails the same way on every try: no retry (half an hour of them) for it.
+    kind = AirflowFailException if isinstance(exc, ValidationThresholdError) else AirflowException
+    raise kind(f"{type(exc).__name__}: {exc}") from None
 
 
 # The export is the server's work, which this task only polls: a ten-year export of a large hospital takes hours
@@ -229,7 +233,8 @@ def extract(chunk: str) -> str:
 
 @task
 def evaluate(chunk: str) -> str:
-    """Normalise, validate (Great Expectations, failure-rate threshold on) and evaluate each staged batch."""
+    """Normalise, validate (Great Expectations: failing rows quarantined, counted for the contract) and evaluate each
+    staged batch."""
     from leukofhir.errors import LeukofhirError
     from leukofhir.run import evaluate_chunk
 
@@ -240,6 +245,26 @@ def evaluate(chunk: str) -> str:
         _fail(exc)
     log.info("Flags wanted: %d; resources quarantined: %d", counts["flags_desired"], counts["quarantined"])
     return chunk
+
+
+@task
+def check_contract(chunks: list[str]) -> list[str]:
+    """The barrier between evaluate and write_flags: the data contract judged on the whole run's totals, every
+    chunk's evaluation reports (leukofhir.run.judge_contract), before any chunk writes. A systemic failure (a
+    laboratory that changed its units) fails this task, and no chunk is written; otherwise the chunks to write."""
+    from leukofhir.errors import LeukofhirError
+    from leukofhir.run import judge_contract
+    from leukofhir.validate import scope_name
+
+    chunks = list(chunks)
+    try:
+        # Only the evaluations' small reports are read, where they are (no copy of the staged pages).
+        scopes = judge_contract(_rules(), ObjectStoragePath(_run_url(get_current_context())))
+    except LeukofhirError as exc:
+        _fail(exc)
+    failing = [f"{scope_name(s)}: {s['failed']} of {s['rows']}" for s in scopes if s["failed"]]
+    log.info("data contract passed over %d chunk(s); rows failing: %s", len(chunks), "; ".join(failing[:5]) or "none")
+    return chunks
 
 
 @task(pool=FHIR_POOL)
@@ -272,8 +297,13 @@ def report() -> dict:
         done = finish_run(run_dir)
     log.info("%s", summary_line(done, Path(url)))
     missing = done["chunks"] - done["chunks_written"]
+    verdict = done["contract_verdict"]
+    # What the run folder says is final: trying again would read the same folder.
+    if verdict and not verdict["passed"]:
+        raise AirflowFailException(f"the data failed its contract, no chunk written: {verdict['message']}; see "
+                                   f"{url}/report.html")
     if missing:
-        raise AirflowException(f"{missing} of {done['chunks']} chunk(s) were not written; see {url}/report.html")
+        raise AirflowFailException(f"{missing} of {done['chunks']} chunk(s) were not written; see {url}/report.html")
     return {"patients_touched": done["patients_touched"], **done["writes"]}
 
 

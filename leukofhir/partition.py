@@ -56,7 +56,7 @@ from leukofhir.pipeline import (
 )
 from leukofhir.reader import ReadError, decode_line, iter_located
 from leukofhir.report import merge_reports
-from leukofhir.validate import check_failure_rate, suite_parameters
+from leukofhir.validate import check_contract, suite_parameters
 
 __all__ = ["DEFAULT_MEMORY_BUDGET", "Plan", "PartitionError", "parse_size", "show_size", "input_bytes",
            "plan_partitions", "evaluate_partitioned"]
@@ -514,7 +514,6 @@ def _evaluate_unit(number: int) -> dict:
         for position, flag in zip(checked.kept, checked.flags):
             fh.write(_flag_key(evaluation.specs[position]) + "\t" + flag_line(flag))
     _write_unit_quarantine(job.folder, unit, quarantined)
-    report["rows_by_suite"] = {**validated.rows_by_suite, "flags": (checked.rejected, len(evaluation.specs))}
     report["lapse_horizon"] = evaluation.lapse_horizon
     return report
 
@@ -601,7 +600,7 @@ def _unit_result(folder: Path, number: int, exitcode: int | None) -> dict:
 # -- the whole run ---------------------------------------------------------------------------------------------------
 def evaluate_partitioned(files: list[Path], paths, out: Path, rules: Rules, plan: Plan, *, as_of: datetime | None,
                          run_time: datetime | None = None, base_url=None, progress: bool = True,
-                         max_failure_rate: float | None = None, skipped_files: list[str] | None = None) -> dict:
+                         fail_on_threshold: bool = False, skipped_files: list[str] | None = None) -> dict:
     """evaluate_files for an input above the memory budget: spill by patient (pass 1), evaluate the partitions (pass 2),
     merge their outputs into `out` as the in-memory path writes them; returns the report."""
     try:
@@ -640,12 +639,8 @@ def evaluate_partitioned(files: list[Path], paths, out: Path, rules: Rules, plan
                 bar.close()
         report = _report(paths, skipped_files or [], spill, read_errors, [reports[n] for n in range(len(units))],
                          as_of, plan, units, linked)
-        if max_failure_rate is not None:
-            for suite in SUITES:
-                failed = sum(r["rows_by_suite"].get(suite, (0, 0))[0] for r in reports.values())
-                total = sum(r["rows_by_suite"].get(suite, (0, 0))[1] for r in reports.values())
-                check_failure_rate(suite, failed, total, max_failure_rate,
-                                   [e for e in report["expectations"] if e["suite"] == suite])
+        if fail_on_threshold:
+            check_contract(report["contract"], rules.validation)
         numbers = range(len(units))
         finish_outputs(
             out, report,
@@ -743,11 +738,12 @@ def _report(paths, skipped_files: list[str], spill: _Spill, read_errors: list[Re
         "skipped_files": skipped_files,
         "as_of": as_of.isoformat() if as_of is not None else _latest([p["as_of"] for p in parts]),
         **{k: merged[k] for k in ("read", "read_total", "evaluated", "skipped", "quarantined", "quarantine_examples",
-                                  "read_errors", "stages")},
+                                  "read_errors", "stages", "flags_held", "contract")},
         "expectations": expectations,
         "flags": merged["flags"],
         "flags_rejected": merged["flags_rejected"],
         "flags_rejected_identifiers": sorted({i for p in parts for i in p["flags_rejected_identifiers"]}),
+        "flags_held_identifiers": sorted({i for p in parts for i in p["flags_held_identifiers"]}),
         "partitions": {
             "memory_budget": plan.budget, "estimated": plan.estimate, "workers": plan.workers,
             "spilled": plan.spilled, "evaluated": len(units), "linked_groups": len(linked),

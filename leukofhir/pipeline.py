@@ -18,11 +18,11 @@ import pandas as pd
 from leukofhir.config import Rules, load_config
 from leukofhir.errors import OutputError, UsageError
 from leukofhir.evaluate import FlagSpec, evaluate, lapse_horizon
-from leukofhir.flags import build_flag, flag_row
+from leukofhir.flags import DETAIL_URL, build_flag, flag_row
 from leukofhir.normalise import Normalised, Normaliser
 from leukofhir.reader import ReadError, Source, expand_paths, iter_located, iter_resources
 from leukofhir.report_html import write_report_html
-from leukofhir.validate import suite_parameters, validate_batch
+from leukofhir.validate import check_contract, contract_counts, merge_contract, suite_parameters, validate_batch
 
 __all__ = [
     "evaluate_files", "evaluate_command", "read_and_normalise", "validate_rows", "evaluate_rows", "build_flags",
@@ -164,19 +164,22 @@ class Validated:
     expectations: list[dict]
     failed_rows: int
     frames: list[tuple[str, pd.DataFrame]]  # the validated batches, kept only for Data Docs
-    rows_by_suite: dict[str, tuple[int, int]] = field(default_factory=dict)  # suite -> (failed rows, rows)
+    contract: list[dict] = field(default_factory=list)  # the data contract's counts (validate.contract_counts)
 
 
-def validate_rows(normalised: Normalised, parameters: dict, *, max_failure_rate: float | None = None,
-                  keep_frames: bool = False) -> Validated:
+def validate_rows(normalised: Normalised, parameters: dict, *, keep_frames: bool = False) -> Validated:
     """Stage 2: the Observation and exposure rows through the Great Expectations suites (value plausibility, units,
-    statuses, copies). `max_failure_rate`: raise ValidationThresholdError above it (runs against a server)."""
+    statuses, copies). Failing rows are quarantined, never a failure: the data contract's counts (including the
+    Observations the normaliser quarantined) are judged on a whole run's totals (validate.contract_breaches)."""
     out = Validated(normalised.observations, normalised.exposures, [], [], 0, [])
+    # The Observations the normaliser quarantined count with those GX fails: one count, the same patients.
+    checked = {"observations": [_refused(normalised.refused_observations)], "exposures": []}
     for suite in ("observations", "exposures"):
         frame = getattr(out, suite)
         if frame.empty:
             continue
-        result = validate_batch(suite, frame, parameters, max_failure_rate=max_failure_rate)
+        result = validate_batch(suite, frame, parameters)
+        checked[suite].append((frame, result.reasons))
         if keep_frames:
             out.frames.append((suite, frame))
         out.expectations.extend(result.expectations)
@@ -184,9 +187,16 @@ def validate_rows(normalised: Normalised, parameters: dict, *, max_failure_rate:
         for row_id, reasons in result.reasons.items():
             out.quarantined.append((int(row_id), by_row.get(row_id), reasons))
         out.failed_rows += len(result.reasons)
-        out.rows_by_suite[suite] = (len(result.reasons), len(frame))
         setattr(out, suite, result.valid)
+    out.contract = merge_contract(contract_counts(suite, *parts) for suite, parts in checked.items())
     return out
+
+
+def _refused(refused: list[tuple]) -> tuple[pd.DataFrame, dict[str, list[str]]]:
+    """The Observations the normaliser quarantined (not a number, no time...) as rows and reasons for the contract's
+    counts: failing rows of their feed, as the GX suite's are."""
+    rows = pd.DataFrame([r[:5] for r in refused], columns=["row_id", "resource_id", "patient_id", "concept", "unit"])
+    return rows, {r[0]: [r[5]] for r in refused}
 
 
 # -- stage 3: evaluate -----------------------------------------------------------------------------------------------
@@ -238,10 +248,10 @@ class CheckedFlags:
     # A server run leaves the Flags of these identifiers as they are on the server (never withdrawn for it).
     rejected_identifiers: list[str]
     kept: list[int] = field(default_factory=list)  # the position in `specs` of each Flag in `flags`
+    contract: list[dict] = field(default_factory=list)  # the data contract's counts (validate.contract_counts)
 
 
-def build_flags(specs: list[FlagSpec], rules: Rules, parameters: dict, *,
-                max_failure_rate: float | None = None) -> CheckedFlags:
+def build_flags(specs: list[FlagSpec], rules: Rules, parameters: dict) -> CheckedFlags:
     """Stage 4: each FlagSpec as FHIR JSON (validated with fhir.resources), then the GX `flags` suite over them; a Flag
     it refuses is not written, and said (capped like read errors)."""
     checked_shapes: set = set()
@@ -249,7 +259,7 @@ def build_flags(specs: list[FlagSpec], rules: Rules, parameters: dict, *,
     if not specs:
         return CheckedFlags(flags, 0, [], None, [])
     rows = flag_frame(specs)
-    result = validate_batch("flags", rows, parameters, max_failure_rate=max_failure_rate)
+    result = validate_batch("flags", rows, parameters)
     kept = [i for i in range(len(specs)) if str(i) not in result.reasons]
     if result.reasons:
         warn = CappedWarnings(SHOWN_READ_ERRORS, "more Flags not written: their count is flags_rejected in report.json")
@@ -257,7 +267,8 @@ def build_flags(specs: list[FlagSpec], rules: Rules, parameters: dict, *,
             warn("Flag %s not written: %s", specs[int(row_id)].identifier, result.reasons[row_id])
         flags = [flags[i] for i in kept]
     rejected = sorted({specs[int(row_id)].identifier for row_id in result.reasons})
-    return CheckedFlags(flags, len(result.reasons), list(result.expectations), rows, rejected, kept)
+    return CheckedFlags(flags, len(result.reasons), list(result.expectations), rows, rejected, kept,
+                        contract_counts("flags", (rows, result.reasons)))
 
 
 # -- stage 5: the run's files ----------------------------------------------------------------------------------------
@@ -272,6 +283,7 @@ def build_report(paths, read: ReadResult, validated: Validated, evaluation: Eval
     quarantined += validated.quarantined
     skipped.update(evaluation.skipped)
     evaluated = normalised.evaluated_other + evaluation.evaluated_rows + len(validated.exposures)
+    held = held_flags(normalised.existing_flags, quarantined)
     quarantined_by: Counter = Counter()
     examples: dict[str, list[str]] = defaultdict(list)
     for _, ref, reasons in quarantined:
@@ -300,8 +312,35 @@ def build_report(paths, read: ReadResult, validated: Validated, evaluation: Eval
         "flags": _flag_counts(checked.flags),
         "flags_rejected": checked.rejected,
         "flags_rejected_identifiers": checked.rejected_identifiers,
+        "flags_held": len(held),
+        "flags_held_identifiers": held,
+        "contract": merge_contract([validated.contract, checked.contract]),
     }
     return report, quarantined
+
+
+def held_flags(existing_flags: list[dict], quarantined: list) -> list[str]:
+    """The identifier values of the Flags read with the input (online: the project's Flags on the server) whose
+    evidence (flag-detail) names a resource quarantined here. A run leaves them as they are, neither updated nor
+    withdrawn: a patient never loses a Flag because some of their results are broken (docs/clinical-decisions.md)."""
+    refs = {ref for _, ref, _ in quarantined if ref}
+    held: set[str] = set()
+    if not refs:
+        return []
+    for flag in existing_flags:
+        evidence = {_reference(e.get("valueReference")) for e in _dicts(flag.get("extension"))
+                    if e.get("url") == DETAIL_URL}
+        if not refs.isdisjoint(evidence):
+            held.update(i["value"] for i in _dicts(flag.get("identifier")) if isinstance(i.get("value"), str))
+    return sorted(held)
+
+
+def _dicts(items) -> list[dict]:
+    return [i for i in items if isinstance(i, dict)] if isinstance(items, list) else []
+
+
+def _reference(value) -> str | None:
+    return value.get("reference") if isinstance(value, dict) else None
 
 
 def write_outputs(out: Path, report: dict, flags: list[dict], quarantined: list, read: ReadResult,
@@ -389,11 +428,11 @@ def evaluate_files(
     report.html to `out_dir`; return the report. The stages above, in order (an online run shares every one of them
     after its extract).
 
-    `fail_on_threshold`: whether a batch whose share of rows failing validation is above the rules'
-    `validation.max_failure_rate` raises ValidationThresholdError (naming the expectations and a few resource ids)
-    instead of being quarantined and reported. Off for offline `leukofhir evaluate`, which must never fail on data
-    quality: it reports. On for the pipeline step run against a server (`leukofhir run`, the DAGs), where a window
-    that is mostly bad data must fail the task loudly.
+    `fail_on_threshold`: whether the data contract is judged on these files' totals (validate.check_contract, the
+    rules' `validation` settings): a systemic failure raises ValidationThresholdError (naming the suites or feeds,
+    expectations and a few resource ids) before any output is written. Off for offline `leukofhir evaluate`, which
+    must never fail on data quality: it quarantines and reports. The online pipeline leaves it off too: it judges the
+    contract on the whole run's totals, across every batch, before anything is written (run.judge_contract).
 
     `data_docs`: also write GX's own Data Docs site for the run's validations to `out_dir/gx-data-docs/` (an
     optional extra: its pages load styles from public CDNs; see leukofhir.data_docs). Off, it costs nothing.
@@ -413,7 +452,6 @@ def evaluate_files(
     from leukofhir.partition import evaluate_partitioned, plan_partitions
 
     rules = config if isinstance(config, Rules) else load_config(config)
-    max_failure_rate = rules.validation.max_failure_rate if fail_on_threshold else None
     as_of_given = parse_as_of(as_of)
     run_time = parse_as_of(run_time)
     skipped_files: list[str] = []
@@ -427,16 +465,18 @@ def evaluate_files(
     _remove_outputs(out)
     if plan is not None:
         return evaluate_partitioned(files, paths, out, rules, plan, as_of=as_of_given, run_time=run_time,
-                                    base_url=base_url, progress=progress, max_failure_rate=max_failure_rate,
+                                    base_url=base_url, progress=progress, fail_on_threshold=fail_on_threshold,
                                     skipped_files=skipped_files)
     read = read_and_normalise(files, rules, base_url=base_url, progress=progress)
     read.skipped_files[:0] = skipped_files
     parameters = suite_parameters(rules)
-    validated = validate_rows(read.normalised, parameters, max_failure_rate=max_failure_rate, keep_frames=data_docs)
+    validated = validate_rows(read.normalised, parameters, keep_frames=data_docs)
     evaluation = evaluate_rows(validated.observations, validated.exposures, read.normalised.patients, rules,
                                as_of=as_of_given, run_time=run_time)
-    checked = build_flags(evaluation.specs, rules, parameters, max_failure_rate=max_failure_rate)
+    checked = build_flags(evaluation.specs, rules, parameters)
     report, quarantined = build_report(paths, read, validated, evaluation, checked)
+    if fail_on_threshold:
+        check_contract(report["contract"], rules.validation)
     frames = validated.frames + ([("flags", checked.rows)] if checked.rows is not None else [])
     write_outputs(out, report, checked.flags, quarantined, read, (frames, parameters) if data_docs else None)
     return report

@@ -5,13 +5,15 @@ from __future__ import annotations
 from collections import Counter
 from typing import Iterable
 
+from leukofhir.validate import merge_contract
+
 __all__ = ["merge_reports", "WRITE_ACTIONS"]
 
 EXAMPLES = 5
 WRITE_ACTIONS = ("create", "update", "withdraw", "delete", "unchanged", "not_created", "refused")
 # Keys of a batch's report.json that are sums (nested dicts of counts are summed key by key).
 _SUMMED = ("read", "read_total", "evaluated", "skipped", "quarantined", "read_errors", "stages", "flags",
-           "flags_rejected")
+           "flags_rejected", "flags_held")
 
 
 def _add(total: dict, part: dict) -> None:
@@ -42,8 +44,10 @@ def _merge_expectations(merged: dict, results: Iterable[dict]) -> None:
 
 
 def merge_reports(batch_reports: Iterable[dict]) -> dict:
-    """One report from the batches' reports: counts summed, examples and expectation results merged."""
+    """One report from the batches' reports: counts summed, examples, expectation results and the data contract's
+    counts merged."""
     summed: dict = {}
+    contracts: list = []
     examples: dict[str, list[str]] = {}
     expectations: dict = {}
     reconciled = True
@@ -55,6 +59,7 @@ def merge_reports(batch_reports: Iterable[dict]) -> dict:
             shown = examples.setdefault(reason, [])
             shown.extend(i for i in ids if i not in shown and len(shown) < EXAMPLES)
         _merge_expectations(expectations, report.get("expectations") or [])
+        contracts.append(report.get("contract"))
         reconciled = reconciled and bool(report.get("reconciled", True))
     merged = {k: _sorted(summed.get(k, {} if k in ("read", "skipped", "quarantined", "stages") else 0))
               for k in _SUMMED if k != "flags"}
@@ -63,6 +68,7 @@ def merge_reports(batch_reports: Iterable[dict]) -> dict:
                        **{k: _sorted(flags.get(k, {})) for k in ("by_code", "by_status", "by_code_status", "per_day")}}
     merged["quarantine_examples"] = _sorted(examples)
     merged["expectations"] = list(expectations.values())
+    merged["contract"] = merge_contract(contracts)
     merged["reconciled"] = reconciled and merged["read_total"] == (
         merged["evaluated"] + sum(merged["skipped"].values()) + sum(merged["quarantined"].values()))
     merged["batches"] = batches

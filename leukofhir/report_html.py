@@ -53,6 +53,7 @@ def render_report(report: dict) -> str:
         _table("Skipped, by reason", ["reason", "resources"], _by_count(report.get("skipped"))),
         _quarantine(report),
         _expectations(report.get("expectations") or []),
+        _contract(report),
         _flags(report.get("flags") or {}),
     ]
     return (
@@ -212,6 +213,24 @@ def _expectations(results: list[dict]) -> str:
         numeric=(4, 5),
         limit=None,
     )
+
+
+def _contract(report: dict) -> str:
+    """The data contract by suite and feed (the counts it is judged on), and its verdict on an online run."""
+    from leukofhir.validate import scope_name  # here: validate imports pandas
+
+    verdict = report.get("contract_verdict")
+    said = ""
+    if verdict:
+        said = ('<p>Judged on the whole run: <span class="ok">passed</span></p>' if verdict.get("passed") else
+                f'<p>Judged on the whole run: <span class="bad">failed</span>, nothing written. '
+                f'{_e(verdict.get("message"))}</p>')
+    rows = [[_e(scope_name(s)), _n(s["failed"]), _n(s["rows"]), f"{s['failed'] / s['rows']:.1%}", _n(s["patients"]),
+             _ids(s.get("examples"))]
+            for s in report.get("contract") or [] if s.get("failed")]
+    return "<h2>Data contract by suite and feed</h2>" + said + _table(
+        None, ["suite or feed", "failing rows", "rows", "share", "patients", "examples"], rows, numeric=(1, 2, 3, 4),
+        empty="No failing rows.")
 
 
 def _flags(flags: dict) -> str:

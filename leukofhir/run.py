@@ -5,6 +5,8 @@ Every step works in a run folder, so the Airflow tasks can run them one by one, 
     find_patients  → run.json, chunks/NNNN/patients.json
     extract_chunk  → chunks/NNNN/staged/batch-NNNNN.ndjson         (extract.py: the server's pages, as they came)
     evaluate_chunk → chunks/NNNN/evaluated/batch-NNNNN/             (pipeline.evaluate_files: the offline stages)
+    judge_contract → contract.json                                  (every chunk evaluated: the data contract on the
+                                                                     whole run's totals, before any chunk writes)
     write_chunk    → chunks/NNNN/writes.json, rejects.ndjson        (write.py: diff, then conditional upserts)
     finish_run     → report.json, report.html, quarantine.ndjson, rejects.ndjson
 """
@@ -22,7 +24,7 @@ from pathlib import Path
 from typing import Iterator
 
 from leukofhir.config import Rules
-from leukofhir.errors import UsageError
+from leukofhir.errors import LeukofhirError, UsageError
 from leukofhir.extract import (
     Window, medication_types, patient_batches, read_patient_list, stage_batch, touched_patients,
     write_patient_list,
@@ -33,16 +35,22 @@ from leukofhir.pipeline import evaluate_files
 from leukofhir.reader import iter_resources
 from leukofhir.report import merge_reports, write_counts
 from leukofhir.report_html import write_report_html
+from leukofhir.validate import ValidationThresholdError, check_contract, merge_contract
 from leukofhir.write import apply_plan, ensure_author, plan_writes, write_rejects
 
 __all__ = [
-    "BATCH_SIZE", "find_patients", "extract_chunk", "evaluate_chunk", "write_chunk", "finish_run", "run_pipeline",
-    "chunk_dirs", "default_run_dir",
+    "BATCH_SIZE", "find_patients", "extract_chunk", "evaluate_chunk", "judge_contract", "write_chunk", "finish_run",
+    "run_pipeline", "chunk_dirs", "default_run_dir",
 ]
 
 log = logging.getLogger(__name__)
 
 BATCH_SIZE = 100  # patients per set of searches: a bounded page of history in memory, queries of a few KB
+CONTRACT_FILE = "contract.json"  # the verdict of judge_contract, in the run folder
+
+
+class UnevaluatedError(LeukofhirError):
+    """A staged batch without its evaluation: the contract cannot be judged on the whole run."""
 
 
 def default_run_dir(root: str | Path = "out") -> Path:
@@ -56,8 +64,11 @@ def default_run_dir(root: str | Path = "out") -> Path:
     return candidate
 
 
-def chunk_dirs(run_dir: Path) -> list[Path]:
-    return sorted(p for p in (Path(run_dir) / "chunks").iterdir() if p.is_dir())
+def chunk_dirs(run_dir) -> list:
+    """The chunk folders of a run folder (a local path, or an ObjectStoragePath in the DAGs); none before
+    find_patients made them, or when it found no patient."""
+    folder = (Path(run_dir) if isinstance(run_dir, str) else run_dir) / "chunks"
+    return sorted((p for p in folder.iterdir() if p.is_dir()), key=lambda p: p.name) if folder.exists() else []
 
 
 def _check_patient_ids(patients: list[str]) -> list[str]:
@@ -99,6 +110,7 @@ def start_run(run_dir: Path, server: str, ids: list[str], *, window: Window | No
             "patients_touched": len(ids)}
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "run.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+    (run_dir / CONTRACT_FILE).unlink(missing_ok=True)  # a retried run is judged again
     if chunk_size:
         bounds = list(range(0, len(ids), chunk_size)) + [len(ids)]
     else:  # `chunks` contiguous slices (fewer when there are fewer patients), their sizes one apart at most
@@ -141,9 +153,10 @@ def _evaluated(chunk_dir: Path, staged: Path) -> Path:
 
 
 def evaluate_chunk(rules: Rules, chunk_dir: Path, *, memory_budget=None, workers: int = 1) -> dict:
-    """Step 3: the offline stages (normalise → validate with the failure-rate threshold on → evaluate → Flags) on
-    each staged batch, partitioned by patient when it is larger than the memory budget (leukofhir.partition). Returns
-    the desired Flag count and the quarantined count."""
+    """Step 3: the offline stages (normalise → validate → evaluate → Flags) on each staged batch, partitioned by
+    patient when it is larger than the memory budget (leukofhir.partition). A batch never fails on its data: failing
+    rows are quarantined and counted for the contract, judged on the whole run (judge_contract). Returns the desired
+    Flag count and the quarantined count."""
     chunk_dir = Path(chunk_dir)
     # References to the server the pages came from are local; another server's are quarantined (§1.1 subject).
     meta = json.loads((chunk_dir.parent.parent / "run.json").read_text(encoding="utf-8"))
@@ -151,11 +164,46 @@ def evaluate_chunk(rules: Rules, chunk_dir: Path, *, memory_budget=None, workers
     for staged in _staged(chunk_dir):
         # As of the run's start, so that an open episode without a count for too long lapses (v1.3 §4).
         report = evaluate_files([staged], _evaluated(chunk_dir, staged), config=rules, progress=False,
-                                fail_on_threshold=True, base_url=meta["server"], memory_budget=memory_budget,
-                                workers=workers, run_time=meta["started"])
+                                base_url=meta["server"], memory_budget=memory_budget, workers=workers,
+                                run_time=meta["started"])
         desired += report["flags"]["total"]
         quarantined += sum(report["quarantined"].values())
     return {"flags_desired": desired, "quarantined": quarantined}
+
+
+def evaluation_reports(chunk_dir) -> list[dict]:
+    """The report of every staged batch of a chunk (a local path or an ObjectStoragePath); UnevaluatedError for a
+    staged batch that has none."""
+    staged = chunk_dir / "staged"
+    names = sorted(p.name for p in staged.iterdir() if p.name.startswith("batch-") and p.name.endswith(".ndjson")) \
+        if staged.exists() else []
+    reports = []
+    for name in names:
+        path = chunk_dir / "evaluated" / name.removesuffix(".ndjson") / "report.json"
+        if not path.exists():
+            raise UnevaluatedError(f"chunk {chunk_dir.name}: {name} was not evaluated; the contract cannot be judged")
+        reports.append(json.loads(path.read_text(encoding="utf-8")))
+    return reports
+
+
+def judge_contract(rules: Rules, run_dir) -> list[dict]:
+    """Step 3b, the barrier between evaluate and write: the data contract (validate.check_contract) judged on the
+    whole run's totals, every evaluated batch of every chunk, before any chunk writes, so that the Flags never
+    depend on how the patients were cut. The verdict goes to the run folder's contract.json (finish_run reports it);
+    a systemic failure raises ValidationThresholdError. `run_dir`: a local path or an ObjectStoragePath. Returns
+    the run's contract counts."""
+    run_dir = Path(run_dir) if isinstance(run_dir, str) else run_dir
+    scopes = merge_contract(report.get("contract") for chunk in chunk_dirs(run_dir)
+                            for report in evaluation_reports(chunk))
+    verdict = {"passed": True, "message": None}
+    try:
+        check_contract(scopes, rules.validation)
+    except ValidationThresholdError as exc:
+        verdict = {"passed": False, "message": str(exc)}
+        raise
+    finally:
+        (run_dir / CONTRACT_FILE).write_text(json.dumps(verdict, indent=1) + "\n", encoding="utf-8")
+    return scopes
 
 
 def _flags_in(path: Path) -> Iterator[dict]:
@@ -179,8 +227,10 @@ def write_chunk(
         evaluated = _evaluated(chunk_dir, staged)
         desired = list(_flags_in(evaluated / "Flag.ndjson"))
         report = json.loads((evaluated / "report.json").read_text(encoding="utf-8"))
-        # A Flag the Flag suite refused is not "no longer wanted": its Flag on the server stays as it is.
-        keep = set(report.get("flags_rejected_identifiers") or [])
+        # A Flag the Flag suite refused is not "no longer wanted", nor one whose evidence this run quarantined (held):
+        # its Flag on the server stays as it is, whatever this run would want for its identifier.
+        keep = {*(report.get("flags_rejected_identifiers") or []), *(report.get("flags_held_identifiers") or [])}
+        desired = [f for f in desired if not _identifier_in(f, keep)]
         existing = [f for f in _flags_in(staged) if not _identifier_in(f, keep)]
         plan = plan_writes(desired, existing, rules)
         for action, n in plan.counts().items():
@@ -211,16 +261,19 @@ def finish_run(run_dir: Path, seconds: dict | None = None) -> dict:
     the time each step took, when one process ran them all."""
     run_dir = Path(run_dir)
     meta = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
-    chunks = chunk_dirs(run_dir) if (run_dir / "chunks").exists() else []
+    chunks = chunk_dirs(run_dir)
     evaluated = [d for chunk in chunks for d in sorted((chunk / "evaluated").glob("batch-*"))]
     report = merge_reports(json.loads((d / "report.json").read_text(encoding="utf-8")) for d in evaluated)
     writes = [json.loads((c / "writes.json").read_text(encoding="utf-8")) for c in chunks
               if (c / "writes.json").exists()]
+    verdict = run_dir / CONTRACT_FILE
     report = {
         "server": meta["server"], "window": meta["window"], "extract": meta.get("extract", "search"),
         "as_of": meta["started"], "dry_run": meta["dry_run"],
         "patients_touched": meta["patients_touched"], "chunks": len(chunks),
         **report,
+        # The contract's verdict on the whole run (judge_contract); None when the run stopped before it was judged.
+        "contract_verdict": json.loads(verdict.read_text(encoding="utf-8")) if verdict.exists() else None,
         "writes": write_counts(writes),
         "chunks_written": len(writes),
         **({"seconds": {k: round(v, 3) for k, v in seconds.items()}} if seconds else {}),
@@ -250,10 +303,14 @@ def run_pipeline(
     """The whole run in this process, one batch at a time (a chunk per batch): what `leukofhir run` does, with the
     step functions the DAG tasks call.
 
-    While a batch is evaluated, the next one is extracted in a second thread, so the server is kept busy: evaluating
-    is CPU work here, extracting mostly waits for the server (benchmarks/pipeline_bench.py). The client is never used
-    by both threads at once: a batch is written only once the next one is staged. `seconds` holds each step's own
-    time, so with the overlap they add up to more than `total`."""
+    Every batch is extracted and evaluated first, then the data contract is judged on the whole run's totals
+    (judge_contract), then the batches are written: a systemic failure writes nothing (ValidationThresholdError, after
+    the run's report is written), and the Flags never depend on how the patients were batched. The evaluations wait on
+    disk, so memory stays bounded by the batch; the staged pages stay on disk until their batch is written. While a
+    batch is evaluated, the next one is extracted in a second thread, so the server is kept busy: evaluating is CPU
+    work here, extracting mostly waits for the server (benchmarks/pipeline_bench.py). The client is never used by both
+    threads at once: the writes begin once every batch is staged. `seconds` holds each step's own time (the contract's
+    under evaluate), so with the overlap they add up to more than `total`."""
     run_dir = Path(run_dir)
     if batch_size < 1:
         raise UsageError("the batch size must be at least 1")
@@ -263,8 +320,8 @@ def run_pipeline(
     chunks = find_patients(client, rules, run_dir, window=window, patients=patients, chunk_size=batch_size,
                            dry_run=dry_run)
     seconds["find"] = time.perf_counter() - started
-    total = sum(len(read_patient_list(c / "patients.json")) for c in chunks)
-    bar = _progress(total, progress)
+    sizes = [len(read_patient_list(c / "patients.json")) for c in chunks]
+    bar = _progress(sum(sizes), progress)
 
     def timed(step: str, work):
         begin = time.perf_counter()
@@ -282,17 +339,22 @@ def run_pipeline(
             for number, chunk in enumerate(chunks):
                 staged.result()  # this batch's pages are on disk (a failed extract stops the run here)
                 staged = prefetch.submit(extract, chunks[number + 1]) if number + 1 < len(chunks) else None
-                try:
-                    timed("evaluate", lambda: evaluate_chunk(rules, chunk))
-                finally:
-                    # The next batch is staged before this one is written (one thread on the client at a time);
-                    # if its extract failed, this batch is still written, then the failure stops the run.
-                    failed = staged.exception() if staged is not None else None
-                timed("write", lambda: write_chunk(client, rules, chunk, dry_run=dry_run, keep_staged=keep_staged))
-                if failed is not None:
-                    raise failed
+                timed("evaluate", lambda: evaluate_chunk(rules, chunk))
                 if bar is not None:
-                    bar.update(len(read_patient_list(chunk / "patients.json")))
+                    bar.update(sizes[number])
+        try:
+            timed("evaluate", lambda: judge_contract(rules, run_dir))
+        except ValidationThresholdError:
+            seconds["total"] = time.perf_counter() - started
+            finish_run(run_dir, seconds)  # the run folder says what was quarantined, and why nothing was written
+            raise
+        if bar is not None:
+            bar.set_description("writing")
+            bar.reset()
+        for number, chunk in enumerate(chunks):
+            timed("write", lambda: write_chunk(client, rules, chunk, dry_run=dry_run, keep_staged=keep_staged))
+            if bar is not None:
+                bar.update(sizes[number])
     finally:
         if bar is not None:
             bar.close()
@@ -304,7 +366,7 @@ def _progress(total: int, enabled: bool):
     if enabled and total and sys.stderr.isatty():
         from tqdm import tqdm
 
-        return tqdm(total=total, unit=" patients", file=sys.stderr, desc="run")
+        return tqdm(total=total, unit=" patients", file=sys.stderr, desc="evaluating")
     return None
 
 
@@ -330,6 +392,7 @@ def summary_line(report: dict, run_dir: Path) -> str:
         f"{report['patients_touched']} patients touched; Flags {verb}created {writes['create']}, "
         f"{verb}updated {writes['update']}, {verb}withdrawn {writes['withdraw']}, unchanged {writes['unchanged']}"
         + (f", refused {writes['refused']}" if writes["refused"] else "")
+        + (f", {report['flags_held']} left as they are (evidence quarantined)" if report.get("flags_held") else "")
         + f"; {sum(report['quarantined'].values())} resources quarantined; report: {run_dir / 'report.html'}"
     )
 
@@ -339,7 +402,6 @@ def run_command(args) -> int:
     from leukofhir.cli import EXIT_DATA, EXIT_INCOMPLETE, EXIT_OK, exit_code
     from leukofhir.config import load_config
     from leukofhir.fhir.errors import FhirError
-    from leukofhir.validate import ValidationThresholdError
 
     from leukofhir.fhir.client import connect
 
@@ -356,7 +418,7 @@ def run_command(args) -> int:
             report = run_pipeline(client, rules, run_dir, window=window, patients=patients, dry_run=args.dry_run,
                                   batch_size=args.batch_size, progress=True, keep_staged=args.keep_staged)
     except ValidationThresholdError as exc:
-        print(f"leukofhir run: data failed its contract, nothing more written: {exc} (run folder {run_dir})",
+        print(f"leukofhir run: the data failed its contract, nothing written: {exc}; report: {run_dir / 'report.html'}",
               file=sys.stderr)
         return EXIT_DATA
     except FhirError as exc:

@@ -29,10 +29,17 @@ ID_COLUMN = {"observations": "resource_id", "exposures": "resource_id", "flags":
 REASON_COLUMNS = {"observations": ("concept", "unit")}
 
 EXAMPLES_PER_EXPECTATION = 5
+MAX_BREACHES_SHOWN = 3  # failing suites or feeds named in the message of a run that stops
+
+
+# The column naming a row's patient, and the columns whose values name a row's feed: the source a systemic fault
+# comes from (a laboratory's WBC in one unit, a pharmacy system's MedicationRequests). Flags are ours: no feeds.
+PATIENT_COLUMN = {"observations": "patient_id", "exposures": "patient_id", "flags": "subject"}
+FEED_COLUMNS = {"observations": ("concept", "unit"), "exposures": ("type",), "flags": ()}
 
 
 class ValidationThresholdError(LeukofhirError):
-    """A batch whose share of failing rows passes the configured threshold: the task must fail loudly."""
+    """A run whose data fails its contract systemically (contract_breaches): nothing may be written."""
 
 
 @dataclass
@@ -76,13 +83,12 @@ def suite_parameters(config: Rules, now: datetime | None = None) -> dict:
     }
 
 
-def validate_batch(
-    suite: str, rows: pd.DataFrame, parameters: dict, max_failure_rate: float | None = None
-) -> ValidationResult:
-    """Run one suite on a batch of tidy rows: the rows that pass, reasons for those that fail, and GX's results.
+def validate_batch(suite: str, rows: pd.DataFrame, parameters: dict) -> ValidationResult:
+    """Run one suite on a batch of tidy rows: the rows that pass, reasons for those that fail, and GX's results. A
+    batch never fails for its failing rows: they are quarantined, and the contract is judged on a whole run's counts
+    (contract_counts, contract_breaches).
 
-    `rows` needs a unique str column `row_id`. With `max_failure_rate` set, a batch whose share of failing rows
-    is above it raises ValidationThresholdError naming the worst expectations and a few resource ids."""
+    `rows` needs a unique str column `row_id`."""
     if suite not in ID_COLUMN:
         raise ConfigError(f"unknown expectation suite {suite!r}; known: {', '.join(ID_COLUMN)}")
     suites, batches = _context()
@@ -103,9 +109,7 @@ def validate_batch(
     )
     reasons: dict[str, list[str]] = defaultdict(list)
     summaries = [_collect(suite, result, id_column, reasons, naive) for result in run.results]
-    failed = len(reasons)
-    check_failure_rate(suite, failed, len(rows), max_failure_rate, summaries)
-    valid = rows[~rows["row_id"].isin(list(reasons))] if failed else rows
+    valid = rows[~rows["row_id"].isin(list(reasons))] if reasons else rows
     return ValidationResult(valid=valid, reasons=dict(reasons), expectations=summaries)
 
 
@@ -322,25 +326,168 @@ def _show(value: Any) -> str:
     return repr(value) if isinstance(value, float) else str(value)
 
 
-def check_failure_rate(suite: str, failed: int, total: int, max_failure_rate: float | None,
-                       summaries: list[dict]) -> None:
-    """Raise ValidationThresholdError when more than `max_failure_rate` of a batch's `total` rows failed the suite
-    (None: no threshold), naming the worst expectations of `summaries` and a few resource ids."""
-    if max_failure_rate is not None and total and failed / total > max_failure_rate:
-        raise ValidationThresholdError(_threshold_message(suite, failed, total, max_failure_rate, summaries))
+# -- the data contract: judged on a run's totals, per suite and per feed ----------------------------------------------
+def contract_counts(suite: str, *parts: tuple[pd.DataFrame, dict[str, list[str]]]) -> list[dict]:
+    """The counts the data contract is judged on, for one batch of a suite's rows: `parts`, each (rows, reasons of
+    its failing rows by row_id), e.g. the rows GX checked and those the normaliser quarantined before. One scope for
+    the whole suite and one per feed (FEED_COLUMNS), each with its rows, failing rows, distinct patients among them,
+    failing rows per expectation and a few failing resource ids. The counts of batches add up (merge_contract): a
+    run's batches hold disjoint patients."""
+    scopes: dict[str, tuple[dict, set]] = {}  # feed as JSON -> (scope, its failing rows' patients)
+
+    def scope(feed: dict | None) -> tuple[dict, set]:
+        key = json.dumps(feed, sort_keys=True)
+        if key not in scopes:
+            scopes[key] = (_scope(suite, feed, 0), set())
+        return scopes[key]
+
+    for rows, reasons in parts:
+        if rows.empty:
+            continue
+        feeds, feed_of = _feeds(suite, rows)
+        here = [scope(None)] + [scope(feed) for feed, _ in feeds]
+        for (target, _), n in zip(here, [len(rows)] + [n for _, n in feeds]):
+            target["rows"] += n
+        if not reasons:
+            continue
+        failing = np.flatnonzero(rows["row_id"].isin(list(reasons)).to_numpy())
+        for row_id, rid, patient, feed in zip(rows["row_id"].to_numpy()[failing],
+                                              rows[ID_COLUMN[suite]].to_numpy()[failing],
+                                              rows[PATIENT_COLUMN[suite]].to_numpy()[failing], feed_of[failing]):
+            labels = sorted({reason.split(": ", 1)[0] for reason in reasons[row_id]})  # the expectation, not the detail
+            for target, patients in (here[0], here[feed + 1]) if feeds else here[:1]:
+                target["failed"] += 1
+                for label in labels:
+                    target["expectations"][label] = target["expectations"].get(label, 0) + 1
+                if isinstance(patient, str):
+                    patients.add(patient)
+                if isinstance(rid, str) and len(target["examples"]) < EXAMPLES_PER_EXPECTATION:
+                    target["examples"].append(rid)
+    for target, patients in scopes.values():
+        target["patients"] = len(patients)
+    return sorted((target for target, _ in scopes.values()), key=_scope_order)
 
 
-def _threshold_message(suite: str, failed: int, total: int, limit: float, summaries: list[dict]) -> str:
-    worst = sorted((s for s in summaries if s["unexpected_count"]), key=lambda s: -s["unexpected_count"])[:3]
-    named = "; ".join(
-        f"{s['name']}({s['column']}): "
-        f"{s['unexpected_count']} rows, e.g. {', '.join(s['examples'][:3]) or 'no id'}"
-        for s in worst
-    )
-    return (
-        f"{suite}: {failed} of {total} rows ({failed / total:.1%}) fail validation, "
-        f"above the threshold {limit:.1%}: {named}"
-    )
+def _feeds(suite: str, rows: pd.DataFrame) -> tuple[list[tuple[dict, int]], np.ndarray]:
+    """The feeds of the rows with their row counts, and each row's feed (its position in that list): a hash pass per
+    feed column, never a Python loop over the rows."""
+    columns = _feed_values(suite, rows)
+    if not columns:
+        return [], np.zeros(len(rows), dtype="int64")
+    code = np.zeros(len(rows), dtype="int64")
+    uniques = []
+    for column in columns:
+        codes, found = pd.factorize(column, use_na_sentinel=False)
+        code = code * len(found) + codes
+        uniques.append(found)
+    # Few feeds (concepts × units): count by code, then number the codes present (no sort of the rows).
+    counts = np.bincount(code)
+    present = np.flatnonzero(counts)
+    position = np.zeros(len(counts), dtype="int64")
+    position[present] = np.arange(len(present))
+    feed_of = position[code]
+    feeds = []
+    for number, count in zip(present, counts[present]):
+        values = []
+        for found in reversed(uniques):  # the code back to one value per column
+            number, position = divmod(int(number), len(found))
+            values.append(_plain(found[position]))
+        feeds.append((dict(zip(FEED_COLUMNS[suite], reversed(values))), int(count)))
+    return feeds, feed_of
+
+
+def _feed_values(suite: str, rows: pd.DataFrame) -> list:
+    if suite == "exposures":  # the resource type: a pharmacy system's orders, a ward's administrations
+        return [rows["resource_id"].str.partition("/")[0]]
+    return [rows[c] for c in FEED_COLUMNS[suite]]
+
+
+def _plain(value):
+    """A feed value as JSON holds it: missing (None, NaN) as None."""
+    return None if value is None or (isinstance(value, float) and value != value) else value
+
+
+def _scope(suite: str, feed: dict | None, rows: int) -> dict:
+    return {"suite": suite, "feed": feed, "rows": rows, "failed": 0, "patients": 0, "expectations": {},
+            "examples": []}
+
+
+def merge_contract(parts) -> list[dict]:
+    """One list of contract scopes from several batches' (each a list, or None): counts added, examples kept up to
+    a few."""
+    merged: dict[tuple, dict] = {}
+    for part in parts:
+        for scope in part or ():
+            key = (scope["suite"], json.dumps(scope["feed"], sort_keys=True))
+            total = merged.get(key)
+            if total is None:
+                merged[key] = {**scope, "expectations": dict(scope["expectations"]),
+                               "examples": list(scope["examples"])}
+                continue
+            for count in ("rows", "failed", "patients"):
+                total[count] += scope[count]
+            for label, n in scope["expectations"].items():
+                total["expectations"][label] = total["expectations"].get(label, 0) + n
+            shown = total["examples"]
+            shown.extend(e for e in scope["examples"] if e not in shown and len(shown) < EXAMPLES_PER_EXPECTATION)
+    return sorted(merged.values(), key=_scope_order)
+
+
+def _scope_order(scope: dict) -> tuple:
+    """Suites in their order, each suite's total first, then its feeds, most failing rows first."""
+    order = list(ID_COLUMN)
+    return (order.index(scope["suite"]) if scope["suite"] in order else len(order), scope["feed"] is not None,
+            -scope["failed"], json.dumps(scope["feed"], sort_keys=True))
+
+
+def contract_breaches(scopes, settings) -> list[dict]:
+    """The rule of the data contract (docs/clinical-decisions.md, "The data contract"): the scopes of a whole run
+    (merge_contract) that fail systemically. A scope (a suite, or one feed of it) fails when its failing rows are
+    more than `settings.max_failure_rate` of its rows, at least `settings.min_failing_rows`, and from at least
+    `settings.min_failing_patients` distinct patients. None when the rate is null (never)."""
+    limit = settings.max_failure_rate
+    if limit is None:
+        return []
+    return [s for s in scopes
+            if s["failed"] >= settings.min_failing_rows and s["patients"] >= settings.min_failing_patients
+            and s["failed"] > limit * s["rows"]]
+
+
+def check_contract(scopes, settings) -> None:
+    """Raise ValidationThresholdError when a run's scopes fail the contract (contract_breaches), naming each failing
+    suite or feed, its counts, its worst expectations and a few resource ids."""
+    breaches = contract_breaches(scopes, settings)
+    if breaches:
+        raise ValidationThresholdError(contract_message(breaches, settings))
+
+
+def contract_message(breaches: list[dict], settings) -> str:
+    """The failing scopes (the first few) and the contract they fail, in one line."""
+    shown = "; ".join(_breach_text(b) for b in breaches[:MAX_BREACHES_SHOWN])
+    more = len(breaches) - MAX_BREACHES_SHOWN
+    return (f"{shown}{f'; and {more} more' if more > 0 else ''} (the contract: at most "
+            f"{settings.max_failure_rate:.1%} of a suite's or a feed's rows failing, unless fewer than "
+            f"{settings.min_failing_rows} rows or {settings.min_failing_patients} patients)")
+
+
+
+def scope_name(scope: dict) -> str:
+    """`observations`, `observations feed wbc in 'furlong'`, `exposures feed MedicationRequest`."""
+    feed = scope["feed"]
+    if not feed:
+        return scope["suite"]
+    if scope["suite"] == "observations":
+        unit = feed.get("unit")
+        return f"observations feed {feed.get('concept')} in {'no unit' if unit is None else repr(unit)}"
+    return f"{scope['suite']} feed {', '.join(str(v) for v in feed.values())}"
+
+
+def _breach_text(scope: dict) -> str:
+    worst = sorted(scope["expectations"].items(), key=lambda item: (-item[1], item[0]))[:3]
+    return (f"{scope_name(scope)}: {scope['failed']} of {scope['rows']} rows ({scope['failed'] / scope['rows']:.1%}) "
+            f"from {scope['patients']} patients fail validation: "
+            + ", ".join(f"{label} {n} rows" for label, n in worst)
+            + f", e.g. {', '.join(scope['examples'][:3]) or 'no id'}")
 
 
 def load_suite(path: Path):

@@ -26,6 +26,8 @@ class Normalised:
     skipped: Counter
     quarantined: list[tuple[int, str | None, list[str]]]  # (resource index, "Type/id", reasons)
     evaluated_other: int  # resources used whole, outside the row tables (Patients, reports, Medications, Flags)
+    # Observations in scope quarantined here: (row id, resource id, patient, concept, unit, reason), for the contract.
+    refused_observations: list[tuple]
 
 
 def _existing_flags_reader(flags: list[dict], context: Context):
@@ -90,4 +92,5 @@ class Normaliser:
             skipped=context.skipped,
             quarantined=context.quarantined,
             evaluated_other=context.evaluated_other,
+            refused_observations=self.observations.refused,
         )

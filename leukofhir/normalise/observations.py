@@ -13,7 +13,8 @@ import pandas as pd
 from leukofhir.age import age_span_of_quantity
 from leukofhir.config import fold_unit
 from leukofhir.normalise.context import (
-    FOREIGN, NAT, Q_FOREIGN_SUBJECT, Q_SUBJECT, Q_SUBJECT_UNRESOLVED, Context, as_list, is_number, text, timestamps,
+    FOREIGN, NAT, Q_FOREIGN_SUBJECT, Q_SUBJECT, Q_SUBJECT_UNRESOLVED, Context, as_list, is_number, resource_ref, text,
+    timestamps,
 )
 from leukofhir.normalise.patients import AgeSexRange, Patients
 from leukofhir.normalise.reports import Reports
@@ -39,8 +40,21 @@ Q_RANGE = "reference range about 1000x off the value (wrong unit)"
 _NAN = math.nan
 _MISS = object()
 _CACHE_LIMIT = 4096
+_NOT_READ = object()
 # FHIR administrative-gender codes and their SNOMED CT equivalents in a range's `appliesTo`.
 _SEX_CODES = {"male": "male", "female": "female", "248153007": "male", "248152002": "female"}
+
+
+def sent_unit(quantity: dict, ucum: str) -> str | None:
+    """The unit a Quantity was sent in: its UCUM code, else its unit text, else any code."""
+    unit = quantity.get("code") if quantity.get("system") == ucum else None
+    if not unit or not isinstance(unit, str):
+        unit = quantity.get("unit")
+        if not unit or not isinstance(unit, str):
+            unit = quantity.get("code")
+            if not isinstance(unit, str):
+                unit = None
+    return unit
 
 
 def status_skip(status: str) -> str:
@@ -156,6 +170,9 @@ class Observations:
         self._quarantine = context.quarantine
         self._skipped = context.skipped
         self.rows = _Rows()
+        # Observations in scope quarantined here, as (row id, resource id, patient, concept, unit, reason): the contract
+        # counts them with the rows the GX suite fails (a feed sending strings is as broken as one in a wrong unit).
+        self.refused: list[tuple] = []
         self._ranges: dict[int, list[AgeSexRange]] = {}  # row position -> patient-specific ranges
 
     def add(self, r: dict, index: int) -> None:
@@ -177,7 +194,7 @@ class Observations:
             return
         status = r.get("status")
         if type(status) is not str:
-            self._quarantine(index, r, Q_STATUS)  # issue 9.2: never evaluated as nothing without a word
+            self._refuse(index, r, Q_STATUS, concept)  # issue 9.2: never evaluated as nothing without a word
             return
         if status in self._ignored:
             self._skipped[status_skip(status)] += 1
@@ -191,25 +208,19 @@ class Observations:
             return
         patient = self._patient_of(r)
         if patient is None or patient is FOREIGN:
-            self._quarantine(index, r, Q_SUBJECT if patient is None else Q_FOREIGN_SUBJECT)
+            self._refuse(index, r, Q_SUBJECT if patient is None else Q_FOREIGN_SUBJECT, concept, None)
             return
         if not isinstance(quantity, dict) or not is_number(quantity.get("value")):
-            self._quarantine(index, r, Q_NOT_NUMERIC)
+            self._refuse(index, r, Q_NOT_NUMERIC, concept, patient)
             return
         time, present = self._effective_ns(r)
         if present and time is None:
-            self._quarantine(index, r, Q_BAD_TIME)
+            self._refuse(index, r, Q_BAD_TIME, concept, patient)
             return
         factors = self._units[concept]
-        unit = quantity.get("code") if quantity.get("system") == self._ucum else None
-        ucum = True
-        if not unit or not isinstance(unit, str):
-            ucum = False
-            unit = quantity.get("unit")
-            if not unit or not isinstance(unit, str):
-                unit = quantity.get("code")
-                if not isinstance(unit, str):
-                    unit = None
+        unit = sent_unit(quantity, self._ucum)
+        # A UCUM code stays case-sensitive (v1.3 §1.2); only a unit sent otherwise is matched loosely below.
+        ucum = unit is not None and unit == quantity.get("code") and quantity.get("system") == self._ucum
         factor = factors.get(unit)
         count_units = self._count_units.get(concept)
         if factor is None and unit is not None and not ucum and count_units is not None:
@@ -226,7 +237,7 @@ class Observations:
             lln, problem = self._reference(ranges, factors, factor, value, len(rows.index), concept in self._low_check,
                                            count_units)
             if problem:
-                self._quarantine(index, r, problem)
+                self._refuse(index, r, problem, concept, patient)
                 return
         comparator = quantity.get("comparator")
         meta = r.get("meta")
@@ -245,6 +256,17 @@ class Observations:
         rows.status.append(intern(status, status))
         rows.time.append(NAT if time is None else time)
         rows.lln.append(lln)
+
+    def _refuse(self, index: int, r: dict, reason: str, concept: str, patient=_NOT_READ) -> None:
+        """Quarantine an Observation in scope, noting it for the data contract with its patient (read here when the
+        caller has not)."""
+        self._quarantine(index, r, reason)
+        if patient is _NOT_READ:
+            patient = self._patient_of(r)
+        quantity = r.get("valueQuantity")
+        unit = sent_unit(quantity, self._ucum) if isinstance(quantity, dict) else None
+        self.refused.append((str(index), resource_ref(r), patient if isinstance(patient, str) else None, concept, unit,
+                             reason))
 
     def _out_of_scope(self, r: dict) -> None:
         """Not a concept of §1.1: a panel's members take its time and panel; a BEN code marks its patient (§2)."""
@@ -323,6 +345,8 @@ class Observations:
                 times[i] = time
             else:
                 found.append((int(rows.index[i]), rids[i], [Q_NO_TIME]))
+                self.refused.append((str(rows.index[i]), rids[i], patients[i], rows.concept[i], rows.unit[i],
+                                     Q_NO_TIME))
                 keep[i] = False
         typeless = {p for p in set(patients) if p.startswith("?")}
         if typeless:
@@ -334,6 +358,8 @@ class Observations:
                         patients[i] = resolved
                     else:
                         found.append((int(rows.index[i]), rids[i], [Q_SUBJECT_UNRESOLVED]))
+                        self.refused.append((str(rows.index[i]), rids[i], None, rows.concept[i], rows.unit[i],
+                                             Q_SUBJECT_UNRESOLVED))
                         keep[i] = False
         ctx.quarantined.extend(sorted(found, key=lambda q: q[0]))
         range_low = self.patients.range_low

@@ -70,8 +70,8 @@ def test_surveillance_dag_windows_its_data_interval_one_run_at_a_time(dags):
     dag = dags["leukopenia_surveillance"]
     assert dag.max_active_runs == 1 and dag.catchup is False
     assert type(dag.timetable).__name__ == "CronDataIntervalTimetable"
-    assert [t.task_id for t in dag.topological_sort()] == ["find_patients", "extract", "evaluate", "write_flags",
-                                                         "report"]
+    assert [t.task_id for t in dag.topological_sort()] == ["find_patients", "extract", "evaluate", "check_contract",
+                                                         "write_flags", "report"]
 
 
 def test_backfill_dag_has_the_params_of_the_design(dags):
@@ -81,7 +81,7 @@ def test_backfill_dag_has_the_params_of_the_design(dags):
     assert dag.params["window_field"] == "effective" and dag.params["dry_run"] is False
     assert dag.params["extract"] == "search"  # $export only when asked for (or auto)
     assert [t.task_id for t in dag.topological_sort()] == ["bulk_export", "find_patients", "extract", "evaluate",
-                                                         "write_flags", "report"]
+                                                         "check_contract", "write_flags", "report"]
 
 
 @pytest.mark.parametrize("dag_id", ["leukopenia_surveillance", "leukopenia_backfill"])
@@ -95,6 +95,10 @@ def test_tasks_that_talk_to_the_server_share_the_pool_and_all_retry_with_backoff
         assert t.retries >= 2 and t.retry_exponential_backoff and t.execution_timeout <= limit
     # Each chunk's extract → evaluate → write is a dynamically mapped task, so many workers share a backfill.
     assert all(tasks[tid].is_mapped for tid in ("extract", "evaluate", "write_flags"))
+    # Between them one barrier over every chunk: no chunk writes before the contract was judged on the whole run.
+    barrier = tasks["check_contract"]
+    assert not barrier.is_mapped
+    assert (barrier.upstream_task_ids, barrier.downstream_task_ids) == ({"evaluate"}, {"write_flags"})
 
 
 def test_patients_dag_is_one_task_triggered_with_patients_and_running_at_once(dags):

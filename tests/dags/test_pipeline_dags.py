@@ -17,6 +17,7 @@ from conftest import EXTERNAL, ROOT
 
 from leukofhir.load import load_files
 from leukofhir.pipeline import evaluate_files
+from support.contract_data import BAD, broken_feed_on, flags_by_place, held_out, held_out_ids
 from support.fhir_builders import at, days_ago, observation, patient, statement
 from support.server_data import (
     RULES, flags_by_identifier, pause, project_flags, put, server_now, versions, without_patient,
@@ -53,8 +54,28 @@ def run_dag_folder(dags, dag_id: str, **conf) -> tuple[dict, Path]:
     """run_dag, and the run folder."""
     run = _parse()[dag_id].test(run_conf=conf)
     assert run.state == "success", f"{dag_id} run {run.run_id} ended {run.state}"
-    folder = Path(os.environ["AIRFLOW_HOME"]) / "leukofhir-runs" / dag_id / re.sub(r"[^A-Za-z0-9._-]+", "_", run.run_id)
+    folder = _folder(dag_id, run.run_id)
     return json.loads((folder / "report.json").read_text(encoding="utf-8")), folder
+
+
+def _folder(dag_id: str, run_id: str) -> Path:
+    return Path(os.environ["AIRFLOW_HOME"]) / "leukofhir-runs" / dag_id / re.sub(r"[^A-Za-z0-9._-]+", "_", run_id)
+
+
+def run_dag_failing(dag_id: str, **conf) -> tuple[Path, dict[str, list[tuple[str, int]]]]:
+    """One dag.test() run that must fail: its run folder, and each task's (state, tries) by map index."""
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.session import create_session
+
+    run = _parse()[dag_id].test(run_conf=conf)
+    assert run.state == "failed", f"{dag_id} run {run.run_id} ended {run.state}"
+    with create_session() as session:
+        rows = session.query(TaskInstance).filter(TaskInstance.dag_id == dag_id,
+                                                  TaskInstance.run_id == run.run_id).all()
+        tasks: dict[str, list[tuple[str, int]]] = {}
+        for ti in sorted(rows, key=lambda ti: ti.map_index):
+            tasks.setdefault(ti.task_id, []).append((str(ti.state), ti.try_number))
+    return _folder(dag_id, run.run_id), tasks
 
 
 def surveillance(dags, since, until) -> dict:
@@ -314,3 +335,49 @@ def test_extract_auto_exports_a_long_window_and_searches_a_short_one_or_a_list(d
     listed = run_dag(dags, "leukopenia_backfill", extract="export", patients=[pid], dry_run=True)
     assert (long["extract"], short["extract"], listed["extract"]) == ("export", "search", "search")
     assert long["patients_touched"] >= short["patients_touched"] >= 1 and long["writes"]["create"] >= 1
+
+
+def test_one_patients_broken_results_never_block_the_others_whatever_the_chunks(dags, fhir_client, unique, tmp_path):
+    """The held-out population (issue 17): one run, the backfill DAG in four chunks, and the near-real-time DAG with
+    the bad patient and a good one give the same Flags; the bad patient's broken results are quarantined."""
+    from leukofhir.fhir.client import FhirClient
+    from leukofhir.run import run_pipeline
+
+    one = held_out_ids(f"one-{unique}")
+    put(fhir_client, *held_out(f"one-{unique}"))
+    with FhirClient(fhir_client.base_url) as client:
+        run_pipeline(client, RULES, tmp_path / "one", patients=one)
+    expected = flags_by_place(fhir_client, one)
+    assert all(len(flags) == 1 for flags in expected.values())
+
+    chunked = held_out_ids(f"chunks-{unique}")
+    put(fhir_client, *held_out(f"chunks-{unique}"))
+    report, folder = run_dag_folder(dags, "leukopenia_backfill", patients=chunked, chunks=4)
+    assert report["chunks"] == report["chunks_written"] == 4 and report["contract_verdict"]["passed"] is True
+    assert flags_by_place(fhir_client, chunked) == expected
+    quarantined = [json.loads(line) for line in (folder / "quarantine.ndjson").read_text().splitlines()]
+    assert sorted(q["resource"]["id"] for q in quarantined) == [f"{chunked[BAD]}-text", f"{chunked[BAD]}-unit"]
+
+    pair = held_out_ids(f"pair-{unique}")
+    put(fhir_client, *held_out(f"pair-{unique}"))
+    report = run_dag(dags, "leukopenia_patients", patients=[pair[BAD], pair[0]])
+    assert report["writes"]["create"] == 2 and sum(report["quarantined"].values()) == 2
+    got = flags_by_place(fhir_client, pair)
+    assert (got[BAD], got[0]) == (expected[BAD], expected[0])
+
+
+def test_a_broken_feed_fails_the_backfill_before_any_chunk_writes(dags, fhir_client, unique):
+    with broken_feed_on(fhir_client, f"feed-{unique}") as (good, bad):
+        folder, tasks = run_dag_failing("leukopenia_backfill", patients=good + bad, chunks=4)
+    # Every chunk evaluated; the barrier failed once, without retries (the data is the same on every try)...
+    assert [state for state, _ in tasks["evaluate"]] == ["success"] * 4
+    assert tasks["check_contract"] == [("failed", 1)]
+    # ...and no chunk wrote: not even the first, which holds the good patients alone.
+    assert {state for state, _ in tasks.get("write_flags", [])} <= {"upstream_failed"}
+    assert not list(folder.glob("chunks/*/writes.json"))
+    assert project_flags(fhir_client, good + bad) == []
+    report = json.loads((folder / "report.json").read_text(encoding="utf-8"))
+    assert report["contract_verdict"]["passed"] is False and report["chunks_written"] == 0
+    assert "observations feed wbc in 'K/uL-new': 60 of 60 rows (100.0%) from 12 patients" in \
+        report["contract_verdict"]["message"]
+    assert tasks["report"] == [("failed", 1)]  # the run says why, once

@@ -116,20 +116,34 @@ def test_as_of_skips_later_values(inputs, tmp_path):
     assert flag["status"] == "active"
 
 
-def test_failure_threshold_fails_a_server_run_but_never_offline_evaluate(inputs, tmp_path):
-    """2 of the 5 Observation rows GX checks fail (unknown unit, negative): 40 % is above the default 20 %."""
-    with pytest.raises(ValidationThresholdError) as caught:
-        pipeline.evaluate_files([inputs], tmp_path / "run", progress=False, fail_on_threshold=True)
-    message = str(caught.value)
-    assert message.startswith("observations: 2 of 5 rows (40.0%) fail validation, above the threshold 20.0%")
-    assert "expect_column_values_to_be_in_set(unit): 1 rows, e.g. Observation/u" in message
-    assert "expect_column_values_to_be_between(value): 1 rows, e.g. Observation/neg" in message
-    # Offline (the default, and `leukofhir evaluate`): the same input is quarantined and reported.
-    report_ = pipeline.evaluate_files([inputs], tmp_path / "offline", progress=False)
-    assert sum(report_["quarantined"].values()) == 3 and report_["reconciled"]
-    # The site sets the threshold in the rules file.
+def test_the_contract_can_fail_a_run_judged_on_its_files_but_never_offline_evaluate(inputs, tmp_path):
+    """3 of the 6 Observations in scope fail (unknown unit, negative, no time), all of one patient."""
+    # The default contract (at least 50 failing rows from 5 patients): one patient's three results are quarantined,
+    # and the rest is evaluated.
+    report_ = pipeline.evaluate_files([inputs], tmp_path / "run", progress=False, fail_on_threshold=True)
+    assert sum(report_["quarantined"].values()) == 3 and report_["flags"]["total"] == 2
+    suite = report_["contract"][0]
+    assert (suite["suite"], suite["feed"], suite["failed"], suite["rows"], suite["patients"]) == (
+        "observations", None, 3, 6, 1)
+    # A site contract that judges even one patient's few rows (here, to see the message).
     site = tmp_path / "rules.yaml"
-    site.write_text(DEFAULT_PATH.read_text().replace("max_failure_rate: 0.2", "max_failure_rate: 0.5"))
+    rules_text = DEFAULT_PATH.read_text()
+    assert "min_failing_rows: 50" in rules_text and "min_failing_patients: 5" in rules_text
+    site.write_text(rules_text.replace("min_failing_rows: 50", "min_failing_rows: 1")
+                    .replace("min_failing_patients: 5", "min_failing_patients: 1"))
+    with pytest.raises(ValidationThresholdError) as caught:
+        pipeline.evaluate_files([inputs], tmp_path / "judged", config=site, progress=False, fail_on_threshold=True)
+    message = str(caught.value)
+    assert message.startswith("observations: 3 of 6 rows (50.0%) from 1 patients fail validation")
+    assert "expect_column_values_to_be_in_set(unit) 1 rows" in message and "Observation/u" in message
+    assert "observations feed wbc in 'mg': 1 of 1 rows (100.0%)" in message
+    assert not (tmp_path / "judged" / "report.json").exists()
+    # Offline (the default, and `leukofhir evaluate`): the same input is quarantined and reported.
+    report_ = pipeline.evaluate_files([inputs], tmp_path / "offline", config=site, progress=False)
+    assert sum(report_["quarantined"].values()) == 3 and report_["reconciled"]
+    # The site sets the rate and the minimum: 50 % of the rows, two failing rows at least, passes.
+    site.write_text(site.read_text().replace("max_failure_rate: 0.2", "max_failure_rate: 0.5")
+                    .replace("min_failing_rows: 1", "min_failing_rows: 2"))
     report_ = pipeline.evaluate_files([inputs], tmp_path / "site", config=site, progress=False,
                                       fail_on_threshold=True)
     assert report_["flags"]["total"] == 2

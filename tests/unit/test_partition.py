@@ -20,7 +20,7 @@ from leukofhir.validate import ValidationThresholdError
 from support.fhir_builders import at, observation, patient, report, statement
 
 # Report entries that may legitimately differ: which ids illustrate a reason, and the partitioning itself.
-EXAMPLE_KEYS = {"quarantine_examples", "expectations", "partitions"}
+EXAMPLE_KEYS = {"quarantine_examples", "expectations", "contract", "partitions"}
 
 
 def _run(inputs, out: Path, **options) -> dict:
@@ -34,6 +34,8 @@ def _same_outputs(memory: Path, memory_report: dict, partitioned: Path, partitio
         {k: v for k, v in memory_report.items() if k not in EXAMPLE_KEYS}
     strip = [{k: v for k, v in e.items() if k != "examples"} for e in memory_report["expectations"]]
     assert [{k: v for k, v in e.items() if k != "examples"} for e in partitioned_report["expectations"]] == strip
+    strip = [{k: v for k, v in e.items() if k != "examples"} for e in memory_report["contract"]]
+    assert [{k: v for k, v in e.items() if k != "examples"} for e in partitioned_report["contract"]] == strip
     assert partitioned_report["reconciled"] is True
     written = json.loads((partitioned / "report.json").read_text())
     assert written["partitions"] == partitioned_report["partitions"]
@@ -185,7 +187,8 @@ def test_the_validation_threshold_is_checked_on_the_totals(tmp_path):
     is all bad data does not fail a run whose totals pass."""
     folder = tmp_path / "in"
     folder.mkdir()
-    bad = [observation(f"bad{n}", "wbc", 3.0, unit="furlongs", patient=f"Patient/q{n}") for n in range(30)]
+    # 60 results in a unit nobody knows, from 30 patients: a feed, above the contract's minimum of 50 rows, 5 patients.
+    bad = [observation(f"bad{n}", "wbc", 3.0, unit="furlongs", patient=f"Patient/q{n % 30}") for n in range(60)]
     good = [observation(f"ok{n}", "wbc", 5.0, patient=f"Patient/q{n}") for n in range(20)]
     _write_ndjson(folder / "obs.ndjson", bad + good + [patient(f"q{n}") for n in range(30)])
     errors = []
@@ -194,7 +197,8 @@ def test_the_validation_threshold_is_checked_on_the_totals(tmp_path):
             _run([folder], tmp_path / f"out-{budget}", fail_on_threshold=True, memory_budget=budget)
         errors.append(re.sub(r"e\.g\. [^;]*", "e.g. …", str(caught.value)))  # which ids: any of them
         assert not (tmp_path / f"out-{budget}" / "report.json").exists()
-    assert errors[0] == errors[1] and "30 of 50 rows" in errors[0]
+    assert errors[0] == errors[1] and "observations: 60 of 80 rows (75.0%) from 30 patients" in errors[0]
+    assert "observations feed wbc in 'furlongs': 60 of 60 rows" in errors[0]
 
     _write_ndjson(folder / "obs.ndjson", bad[:3] + good * 1 + [patient(f"q{n}") for n in range(30)])
     done = _run([folder], tmp_path / "passes", fail_on_threshold=True, memory_budget="1KB")

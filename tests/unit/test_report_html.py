@@ -114,3 +114,25 @@ def test_write_report_html(tmp_path):
     path = write_report_html(sample_report(), tmp_path / "report.html")
     assert path.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
     assert [p.name for p in tmp_path.iterdir()] == ["report.html"]
+
+
+def test_the_data_contract_shows_its_failing_suites_and_feeds_and_the_verdict():
+    report = sample_report()
+    report["contract"] = [
+        {"suite": "observations", "feed": None, "rows": 1000, "failed": 60, "patients": 12, "expectations": {},
+         "examples": ["Observation/u1"]},
+        {"suite": "observations", "feed": {"concept": "wbc", "unit": "<b>K/uL</b>"}, "rows": 60, "failed": 60,
+         "patients": 12, "expectations": {}, "examples": ["Observation/u1"]},
+        {"suite": "observations", "feed": {"concept": "wbc", "unit": "10*9/L"}, "rows": 940, "failed": 0,
+         "patients": 0, "expectations": {}, "examples": []},
+    ]
+    report["contract_verdict"] = {"passed": False, "message": "observations feed wbc in 'K/uL': 60 of 60 rows"}
+    html = render_report(report)
+    text = " ".join(_parse(html).text)
+    assert "Data contract by suite and feed" in text and "failed , nothing written" in text
+    assert "observations feed wbc in '<b>K/uL</b>'" in text and "<b>K/uL" not in html  # escaped
+    assert "6.0%" in text and "100.0%" in text and "10*9/L" not in text  # feeds without failing rows are left out
+    report["contract_verdict"] = {"passed": True, "message": None}
+    report["contract"] = []
+    text = " ".join(_parse(render_report(report)).text)
+    assert "Judged on the whole run:  passed" in text and "No failing rows." in text

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -16,6 +17,8 @@ from leukofhir.errors import ConfigError
 from leukofhir.validate import (
     EXPECTATIONS_DIR,
     ValidationThresholdError,
+    check_contract,
+    contract_counts,
     load_suite,
     suite_parameters,
     validate_batch,
@@ -214,20 +217,32 @@ def test_all_failing_row_ids_are_returned_not_a_sample(parameters):
     assert unit["unexpected_count"] == 300 and len(unit["examples"]) == 5
 
 
-def test_threshold_failure_names_the_expectation_and_resource_ids(parameters):
+def test_contract_failure_names_the_expectation_and_resource_ids(parameters):
     frame = pd.concat([observations(row_id=f"r{i}", resource_id=f"Observation/x{i}", unit="10*12/L")
                        .iloc[[1]] for i in range(3)] + [observations()], ignore_index=True)
+    # A batch never raises for its failing rows: they are quarantined, and counted for the contract.
+    result = validate_batch("observations", frame, parameters)
+    assert len(result.reasons) == 3
+    # With a contract that judges these few rows (a site's, for the test), the message names the suite and the
+    # feed, the expectation and the resource ids.
+    settings = SimpleNamespace(max_failure_rate=0.5, min_failing_rows=1, min_failing_patients=1)
     with pytest.raises(ValidationThresholdError) as caught:
-        validate_batch("observations", frame, parameters, max_failure_rate=0.5)
+        check_contract(contract_counts("observations", (frame, result.reasons)), settings)
     message = str(caught.value)
     assert "expect_column_values_to_be_in_set(unit)" in message
-    assert "Observation/x0" in message and "3 of 5 rows" in message
-    # At or under the threshold the batch goes on, its failures quarantined.
-    assert len(validate_batch("observations", frame, parameters, max_failure_rate=0.6).reasons) == 3
+    assert "Observation/x0" in message and "observations: 3 of 5 rows" in message
+    assert "observations feed anc in '10*12/L': 3 of 3 rows (100.0%) from 1 patients" in message
+    # At the rate of the whole suite (3 of 5) it is the feed alone that fails: all of its rows are in a wrong unit.
+    at_rate = SimpleNamespace(max_failure_rate=0.6, min_failing_rows=1, min_failing_patients=1)
+    with pytest.raises(ValidationThresholdError) as caught:
+        check_contract(contract_counts("observations", (frame, result.reasons)), at_rate)
+    assert str(caught.value).startswith("observations feed anc in '10*12/L': 3 of 3 rows")
+    # The default contract (at least 50 failing rows from 5 patients) never stops for three results of one patient.
+    check_contract(contract_counts("observations", (frame, result.reasons)), load_config().validation)
 
 
 def test_an_empty_batch_validates(parameters):
-    result = validate_batch("observations", observations().iloc[0:0], parameters, max_failure_rate=0.0)
+    result = validate_batch("observations", observations().iloc[0:0], parameters)
     assert result.reasons == {} and result.valid.empty
 
 
