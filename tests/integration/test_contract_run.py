@@ -10,8 +10,8 @@ import subprocess
 import sys
 
 import pytest
-from support.contract_data import BAD, broken_feed_on, flags_by_place, held_out, held_out_ids
-from support.fhir_builders import at, observation, patient
+from support.contract_data import BAD, broken_feed_on, flags_by_place, held_out, held_out_ids, recent
+from support.fhir_builders import observation, patient
 from support.server_data import project_flags, put
 
 from leukofhir.cli import main
@@ -46,9 +46,9 @@ def test_one_run_batches_and_one_patient_at_a_time_give_the_same_flags(fhir_base
     reasons = quarantine(tmp_path / "one")
     assert set(reasons) == {f"{bad}-unit", f"{bad}-text"}
     assert reasons[f"{bad}-unit"] == [
-        "expect_column_values_to_be_in_set(unit): value 'furlong' not accepted",
-        "expect_column_values_to_not_be_null(value): value missing: its unit is not one of this concept's units "
-        "(§1.2), so it cannot be converted"]
+        "expect_column_values_to_be_in_set(unit): unknown unit 'furlong' for wbc",
+        "expect_column_values_to_not_be_null(value): value missing: unit 'furlong' cannot be converted to the unit of "
+        "wbc (§1.2)"]
     assert reasons[f"{bad}-text"] == ["value is not a Quantity with a numeric value"]
     assert [f[0] for f in batchings["one run"][BAD]] == ["active"]
     assert report["contract_verdict"] == {"passed": True, "message": None}
@@ -88,16 +88,16 @@ def test_one_run_batches_and_one_patient_at_a_time_give_the_same_flags(fhir_base
 def test_a_flag_whose_evidence_is_quarantined_is_left_as_it_is(fhir_base_url, fhir_client, unique, tmp_path):
     pid, other = f"held-{unique}", f"held-other-{unique}"
     put(fhir_client, patient(pid), patient(other),
-        observation(f"{pid}-low", "wbc", 2.0, time=at(), patient=f"Patient/{pid}"),
-        observation(f"{other}-low", "wbc", 2.0, time=at(), patient=f"Patient/{other}"))
+        observation(f"{pid}-low", "wbc", 2.0, time=recent(), patient=f"Patient/{pid}"),
+        observation(f"{other}-low", "wbc", 2.0, time=recent(), patient=f"Patient/{other}"))
     assert run(fhir_base_url, tmp_path / "first", pid, other) == 0
     (flag,) = project_flags(fhir_client, [pid])
     assert flag["status"] == "active"
     # The laboratory re-sends the result in a unit nobody knows: without it the rules would withdraw the Flag. It
     # stays as it is until the data is mended, while the other patient's Flag is judged as ever (here: closed by a
     # recovery).
-    put(fhir_client, observation(f"{pid}-low", "wbc", 2.0, unit="furlong", time=at(), patient=f"Patient/{pid}"),
-        observation(f"{other}-ok", "wbc", 6.0, time=at(days=1), patient=f"Patient/{other}"))
+    put(fhir_client, observation(f"{pid}-low", "wbc", 2.0, unit="furlong", time=recent(), patient=f"Patient/{pid}"),
+        observation(f"{other}-ok", "wbc", 6.0, time=recent(days=1), patient=f"Patient/{other}"))
     assert run(fhir_base_url, tmp_path / "second", pid, other) == 0
     report = json.loads((tmp_path / "second" / "report.json").read_text())
     assert report["flags_held"] == 1 and report["writes"]["withdraw"] == 0 and report["writes"]["update"] == 1
@@ -105,7 +105,7 @@ def test_a_flag_whose_evidence_is_quarantined_is_left_as_it_is(fhir_base_url, fh
     assert (kept["status"], kept["meta"]["versionId"]) == ("active", flag["meta"]["versionId"])
     assert [f["status"] for f in project_flags(fhir_client, [other])] == ["inactive"]
     # Mended: the Flag is judged again on the patient's data.
-    put(fhir_client, observation(f"{pid}-low", "wbc", 6.5, time=at(), patient=f"Patient/{pid}"))
+    put(fhir_client, observation(f"{pid}-low", "wbc", 6.5, time=recent(), patient=f"Patient/{pid}"))
     assert run(fhir_base_url, tmp_path / "mended", pid) == 0
     assert [f["status"] for f in project_flags(fhir_client, [pid])] == ["entered-in-error"]
 

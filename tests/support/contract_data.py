@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
+from datetime import datetime, timezone
 
-from support.fhir_builders import UCUM, at, observation, patient
+from support.fhir_builders import UCUM, days_ago, observation, patient
 from support.server_data import project_flags, put, without_patient
 
 HELD_OUT_SIZE = 13
 BAD = 10  # the patient whose results include a unit nobody knows and a value sent as a string
+# Histories within the last month: an online run evaluates as of its own time, and an episode without a count for
+# more than 90 days has lapsed (clinical-rules v1.3 §4); these tests are about the contract, not the lapse.
+NOW = datetime.now(timezone.utc)
+
+
+def recent(days: float = 0) -> str:
+    """`days` after the start of the populations' month (30 days ago), as FHIR dateTime text."""
+    return days_ago(30 - days, now=NOW)
 
 
 def held_out_ids(prefix: str) -> list[str]:
@@ -17,7 +26,7 @@ def held_out_ids(prefix: str) -> list[str]:
 
 def string_valued(oid: str, pid: str, text: str, days: float) -> dict:
     """A WBC sent as a string (valueString), as a feed that lost its numbers sends it."""
-    result = observation(oid, "wbc", 0.0, time=at(days=days), patient=f"Patient/{pid}")
+    result = observation(oid, "wbc", 0.0, time=recent(days=days), patient=f"Patient/{pid}")
     del result["valueQuantity"]
     result["valueString"] = text
     return result
@@ -32,17 +41,17 @@ def held_out(prefix: str) -> list[dict]:
         ref = f"Patient/{pid}"
         resources.append(patient(pid))
         if n == BAD:
-            resources += [observation(f"{pid}-low", "wbc", 2.2, time=at(days=0), patient=ref),
-                          observation(f"{pid}-unit", "wbc", 3.0, unit="furlong", time=at(days=1), patient=ref),
+            resources += [observation(f"{pid}-low", "wbc", 2.2, time=recent(days=0), patient=ref),
+                          observation(f"{pid}-unit", "wbc", 3.0, unit="furlong", time=recent(days=1), patient=ref),
                           string_valued(f"{pid}-text", pid, "1.9", days=2)]
         elif n % 3 == 0:
-            resources.append(observation(f"{pid}-w", "wbc", 2.0 + n / 10, time=at(days=n), patient=ref))
+            resources.append(observation(f"{pid}-w", "wbc", 2.0 + n / 10, time=recent(days=n), patient=ref))
         elif n % 3 == 1:
-            resources += [observation(f"{pid}-w", "wbc", 2.5, time=at(days=n), patient=ref),
-                          observation(f"{pid}-w2", "wbc", 6.0, time=at(days=n + 2), patient=ref)]
+            resources += [observation(f"{pid}-w", "wbc", 2.5, time=recent(days=n), patient=ref),
+                          observation(f"{pid}-w2", "wbc", 6.0, time=recent(days=n + 2), patient=ref)]
         else:
-            resources += [observation(f"{pid}-w", "wbc", 5.0, time=at(days=n), patient=ref),
-                          observation(f"{pid}-a", "anc", 0.8, time=at(days=n), patient=ref)]
+            resources += [observation(f"{pid}-w", "wbc", 5.0, time=recent(days=n), patient=ref),
+                          observation(f"{pid}-a", "anc", 0.8, time=recent(days=n), patient=ref)]
     return resources
 
 
@@ -71,9 +80,9 @@ def broken_feed(prefix: str, bad_patients: int = 12, results_each: int = 5) -> t
     good = [f"{prefix}-a-good{n}" for n in range(4)]
     bad = [f"{prefix}-b-bad{n:02d}" for n in range(bad_patients)]
     resources = [patient(p) for p in good + bad]
-    resources += [observation(f"{p}-w", "wbc", 1.8, time=at(days=n), patient=f"Patient/{p}")
+    resources += [observation(f"{p}-w", "wbc", 1.8, time=recent(days=n), patient=f"Patient/{p}")
                   for n, p in enumerate(good)]
-    resources += [observation(f"{p}-w{k}", "wbc", 2.0 + k, unit=NEW_UNIT, time=at(days=k), patient=f"Patient/{p}")
+    resources += [observation(f"{p}-w{k}", "wbc", 2.0 + k, unit=NEW_UNIT, time=recent(days=k), patient=f"Patient/{p}")
                   for p in bad for k in range(results_each)]
     return resources, good, bad
 
