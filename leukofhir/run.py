@@ -19,15 +19,15 @@ import sys
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Iterator
 
 from leukofhir.config import Rules
 from leukofhir.errors import UsageError
 from leukofhir.extract import (
-    Window, local_patient_id, medication_types, patient_batches, read_patient_list, stage_batch, touched_patients,
-    write_patient_list,
+    Window, changed_patients, local_patient_id, medication_types, parse_instant, patient_batches, read_patient_list,
+    read_time, stage_batch, touched_patients, write_patient_list,
 )
 from leukofhir.fhir.client import FhirClient
 from leukofhir.fhir.ids import is_valid_id, shown
@@ -198,7 +198,8 @@ def write_chunk(
             before = Counter(written)
             try:
                 done = write_plan(client, plan, _decide_again(client, rules, chunk_dir / "redecided" / staged.stem,
-                                                              server), written=written)
+                                                              server),
+                                  changed=_changed_since(client, rules, server, _started(chunk_dir)), written=written)
             except Exception:
                 counts.update(written - before)  # this batch's writes so far: nothing else of it is known
                 raise
@@ -230,7 +231,31 @@ def _plan_batch(rules: Rules, staged: Path, evaluated: Path) -> Plan:
     # A Flag the Flag suite refused is not "no longer wanted": its Flag on the server stays as it is.
     keep = set(report.get("flags_rejected_identifiers") or [])
     existing = [f for f in _flags_in(staged) if not _identifier_in(f, keep)]
-    return plan_writes(desired, existing, rules)
+    plan = plan_writes(desired, existing, rules)
+    plan.read_at = read_time(staged)
+    return plan
+
+
+# When a batch's read time is not known (staged from a Bulk Data export), the data is taken as read this long before
+# the run started: a change in between only costs reading those patients again, and the margin covers a client
+# clock ahead of the server's.
+UNKNOWN_READ_MARGIN = timedelta(minutes=10)
+
+
+def _started(chunk_dir: Path) -> datetime:
+    meta = json.loads((chunk_dir.parent.parent / "run.json").read_text(encoding="utf-8"))
+    return parse_instant(meta["started"]) - UNKNOWN_READ_MARGIN
+
+
+def _changed_since(client: FhirClient, rules: Rules, server: str, fallback: datetime):
+    """write_plan's `changed`: the subjects whose data changed on the server since their plan's data was read."""
+
+    def changed(subjects: list[str], read_at: datetime | None) -> set[str]:
+        ids = {pid: s for s in subjects if (pid := local_patient_id(s, server)) is not None}
+        moved = changed_patients(client, rules, sorted(ids), read_at or fallback)
+        return {ids[pid] for pid in moved}
+
+    return changed
 
 
 def _decide_again(client: FhirClient, rules: Rules, folder: Path, server: str):

@@ -7,6 +7,7 @@ import json
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -67,9 +68,11 @@ class Change:
 
 @dataclass
 class Plan:
-    """Every decision of a comparison, one per Flag (a wanted one, or one on the server no longer wanted)."""
+    """Every decision of a comparison, one per Flag (a wanted one, or one on the server no longer wanted), and the
+    server's time when the data decided from was read (None: not known)."""
 
     decisions: list[Change] = field(default_factory=list)
+    read_at: datetime | None = None
 
     @property
     def changes(self) -> list[Change]:
@@ -288,10 +291,16 @@ class Written:
 
 
 def write_plan(client: FhirClient, plan: Plan, redecide: Callable[[list[str]], Plan], *,
+               changed: Callable[[list[str], datetime | None], set[str]] | None = None,
                rounds: int = VERSION_ROUNDS, written: Counter | None = None) -> Written:
-    """Apply the plan; when the server refuses writes because a Flag's version moved since it was read, read those
-    patients again and decide again (`redecide(subjects)`: a new plan for them, from the server's data now), and
-    apply that, up to `rounds` times; what still conflicts is counted as `conflict`, never written blindly.
+    """Apply the plan, then decide again, from the server's data now, the patients whose decision may be stale, and
+    apply that, up to `rounds` times:
+    - a write the server refused because the Flag's version moved since it was read (another writer wrote it);
+    - a patient written whose data changed on the server since it was read (`changed(subjects, read_at)`: the
+      subjects among those given): another run may have judged the new data, found nothing to write, and finished
+      before this write landed over it.
+    `redecide(subjects)` reads those patients again and returns their new plan. A write still in conflict after the
+    last round is counted as `conflict`, never written blindly.
 
     Counts are per decision, in the last plan that decided it; a Flag this run wrote in an earlier round that the
     next plan finds unchanged counts as that write. `written` (a Counter) follows the writes as they are made."""
@@ -302,7 +311,11 @@ def write_plan(client: FhirClient, plan: Plan, redecide: Callable[[list[str]], P
         result = apply_plan(client, plan.changes, written)
         stale = {(c["action"], c["flag_id"]): c for c in result.conflicts}
         refused = {(r["action"], r["flag_id"]) for r in result.refused}
-        again = set() if round_number == rounds else {c["subject"] for c in result.conflicts if c["subject"]}
+        last = round_number == rounds
+        again = set() if last else {c["subject"] for c in result.conflicts if c["subject"]}
+        applied = {d.subject for d in plan.changes if d.subject and d.key not in stale and d.key not in refused}
+        moved = changed(sorted(applied - again), plan.read_at) if changed and not last and applied - again else set()
+        again |= moved
         out.refused += [r for r in result.refused if r["subject"] not in again]
         for decision in plan.decisions:
             if decision.subject in again:  # decided again in the next round
@@ -320,8 +333,8 @@ def write_plan(client: FhirClient, plan: Plan, redecide: Callable[[list[str]], P
                 out.counts[decision.action] += 1
         if not again:
             return out
-        log.info("%d Flag writes found their version moved: %d patients read and decided again (round %d of %d)",
-                 len(stale), len(again), round_number + 1, rounds)
+        log.info("%d Flag writes found their version moved, %d patients written had new data: %d patients read and "
+                 "decided again (round %d of %d)", len(stale), len(moved), len(again), round_number + 1, rounds)
         out.reevaluated += len(again)
         created = {c["flag_id"] for c in result.conflicts if c["action"] == "create"}
         plan = _over_deleted(client, redecide(sorted(again)), created)
