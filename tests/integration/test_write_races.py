@@ -8,6 +8,10 @@ R2's; and R1 checks, once written, whether the patient's data moved since it rea
 
 from __future__ import annotations
 
+import json
+import re
+import subprocess
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Callable
@@ -24,6 +28,7 @@ from support.server_data import flags_by_identifier, project_flags, put, version
 pytestmark = pytest.mark.fhir
 
 RULES = load_config()
+CLI = [sys.executable, "-m", "leukofhir.cli"]
 TRANSACTION = r"/fhir/?$"  # a POST to the base: a transaction Bundle
 NOTHING = {"create": 0, "update": 0, "withdraw": 0, "delete": 0, "refused": 0, "conflict": 0}
 WAIT = 180
@@ -227,3 +232,42 @@ def test_a_held_new_write_lands_after_the_stale_one(name, fhir_base_url, fhir_cl
     flags = assert_converged(fhir_client, fhir_base_url, [pid], tmp_path)
     assert case.expect(standing(flags)), standing(flags)
     assert r1_report["writes"]["conflict"] == r2_report["writes"]["conflict"] == 0
+
+
+def test_a_flag_that_keeps_moving_is_reported_as_a_conflict_and_never_written_blindly(fhir_base_url, fhir_client,
+                                                                                    unique, tmp_path):
+    pid = f"busy-{unique}"
+    put(fhir_client, patient(pid), _wbc(pid, "low", 2.0, 0))
+    run(fhir_base_url, [pid], tmp_path / "first")
+    (flag,) = project_flags(fhir_client, [pid])
+    put(fhir_client, _wbc(pid, "ok", 6.0, 5))  # the next run wants the Flag closed
+    edits: list[str] = []
+
+    def another_writer(method: str, path: str, headers: dict):
+        """Before each of the run's transactions, someone else writes the Flag: its version always moves on."""
+        if method == "POST" and re.search(TRANSACTION, path):
+            with FhirClient(fhir_base_url) as other:
+                current = other.read("Flag", flag["id"])
+                current["code"]["text"] = f"edited by another writer, {len(edits) + 1}"
+                edits.append(other.update(current)["meta"]["versionId"])
+        return None
+
+    out = tmp_path / "busy"
+    with FaultProxy(fhir_base_url, gate=another_writer) as proxy:
+        done = subprocess.run([*CLI, "run", "--fhir-url", proxy.base_url, "--patients", pid, "--out", str(out)],
+                              capture_output=True, text=True, timeout=WAIT)
+    (now,) = project_flags(fhir_client, [pid])
+    assert now["code"]["text"] == f"edited by another writer, {len(edits)}"  # the other writer's stands
+    assert done.returncode == 1, done.stderr[-3000:]  # done, but a write was not applied
+    assert "unchanged 0, in conflict 1;" in done.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert (report["writes"]["conflict"], report["writes"]["update"], report["writes"]["reevaluated"]) == (1, 0, 3)
+    assert len(edits) == 4  # the first try and three more, each decided again from a fresh read
+    (rejected,) = [json.loads(line) for line in (out / "rejects.ndjson").read_text().splitlines()]
+    assert rejected["conflict"] is True and rejected["status"] == 409 and rejected["flag_id"] == flag["id"]
+    assert "HAPI-0989" in json.dumps(rejected["outcome"])
+    assert 'id="writes-conflict">1<' in (out / "report.html").read_text()
+
+    run(fhir_base_url, [pid], tmp_path / "quiet")  # once the other writer stops, the next run decides it
+    (closed,) = standing(assert_converged(fhir_client, fhir_base_url, [pid], tmp_path))
+    assert closed["status"] == "inactive"

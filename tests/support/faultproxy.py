@@ -102,9 +102,14 @@ class FaultProxy:
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
                 if fault and fault.kind in ("rewrite", "gzip"):
                     headers.pop("Accept-Encoding", None)  # a gzipped body could not be rewritten
-                conn.request(self.command, self.path, body=body, headers=headers)
-                upstream = conn.getresponse()
-                data = upstream.read()
+                try:
+                    conn.request(self.command, self.path, body=body, headers=headers)
+                    upstream = conn.getresponse()
+                    data = upstream.read()
+                except OSError:  # the server is gone (killed): the client sees the connection drop, as without us
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return
                 if fault and fault.kind == "late":
                     time.sleep(fault.seconds)
                 if fault and fault.kind == "drop":
