@@ -352,7 +352,7 @@ def _over_deleted(client: FhirClient, plan: Plan, refused_creates: set[str]) -> 
                 decision = Change(decision.action, decision.identifier, decision.flag, decision.flag_id, version,
                                   decision.subject)
         decisions.append(decision)
-    return Plan(decisions)
+    return Plan(decisions, plan.read_at)
 
 
 def _deleted_version(client: FhirClient, resource_id: str) -> str | None:

@@ -65,3 +65,14 @@ def test_a_flag_the_server_gave_no_version_is_never_written_blindly():
     result = apply_plan(None, [change])  # nothing is sent: no client is needed
     (refused,) = result.refused
     assert refused["flag_id"] == "b" and "no meta.versionId" in refused["message"] and not result.written
+
+
+def test_a_plan_decided_again_keeps_the_time_its_data_was_read():
+    from datetime import datetime, timezone
+
+    from leukofhir.write import Plan, _over_deleted
+
+    read_at = datetime(2026, 12, 6, 12, 0, tzinfo=timezone.utc)
+    plan = Plan(plan_writes([_flag("new")], [], RULES).decisions, read_at)
+    # No create among the refused ones: nothing to look up on a server.
+    assert _over_deleted(None, plan, set()).read_at == read_at
