@@ -271,3 +271,18 @@ def test_a_flag_that_keeps_moving_is_reported_as_a_conflict_and_never_written_bl
     run(fhir_base_url, [pid], tmp_path / "quiet")  # once the other writer stops, the next run decides it
     (closed,) = standing(assert_converged(fhir_client, fhir_base_url, [pid], tmp_path))
     assert closed["status"] == "inactive"
+
+
+def test_a_flag_deleted_by_hand_is_written_again_over_its_deletion(fhir_base_url, fhir_client, unique, tmp_path):
+    pid = f"undel-{unique}"
+    put(fhir_client, patient(pid), _wbc(pid, "low", 2.0, 0))
+    run(fhir_base_url, [pid], tmp_path / "first")
+    (flag,) = project_flags(fhir_client, [pid])
+    fhir_client.request("DELETE", f"Flag/{flag['id']}")
+    # The next run wants it created; `If-Match: W/"0"` meets the deleted versions (HAPI-0989), so the patient is
+    # decided again and the Flag written over the deletion's version.
+    again = run(fhir_base_url, [pid], tmp_path / "again")
+    assert (again["writes"]["create"], again["writes"]["reevaluated"], again["writes"]["conflict"]) == (1, 1, 0)
+    (back,) = project_flags(fhir_client, [pid])
+    assert back["id"] == flag["id"] and int(back["meta"]["versionId"]) == int(flag["meta"]["versionId"]) + 2
+    assert_converged(fhir_client, fhir_base_url, [pid], tmp_path)
