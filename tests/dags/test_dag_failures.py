@@ -21,6 +21,10 @@ pytestmark = pytest.mark.fhir
 TRANSACTION = r"/fhir/?$"
 
 
+def run_folder(dag_id: str, run_id: str) -> Path:
+    return Path(os.environ["AIRFLOW_HOME"]) / "leukofhir-runs" / dag_id / re.sub(r"[^A-Za-z0-9._-]+", "_", run_id)
+
+
 @pytest.fixture
 def connection_through(fhir_connection):
     """Point the `fhir_default` connection at another base URL (a proxy) for one test."""
@@ -46,8 +50,7 @@ def test_the_report_of_a_backfill_whose_server_vanishes_says_what_was_written(da
         connection_through(proxy.base_url)
         run = dag.test(run_conf={"patients": pids, "chunks": 2})
     assert run.state == "failed"
-    folder = Path(os.environ["AIRFLOW_HOME"]) / "leukofhir-runs" / dag.dag_id / re.sub(r"[^A-Za-z0-9._-]+", "_",
-                                                                                      run.run_id)
+    folder = run_folder(dag.dag_id, run.run_id)
     report = json.loads((folder / "report.json").read_text())
     assert report["status"] == "failed" and "no answer after 5 tries" in report["error"]
     assert (report["chunks"], report["chunks_written"], report["patients_not_written"]) == (2, 1, 3)
@@ -69,8 +72,7 @@ def test_a_patients_run_whose_server_vanishes_leaves_its_report(dags, connection
         connection_through(proxy.base_url)
         run = dag.test(run_conf={"patients": [pid]})
     assert run.state == "failed"
-    folder = Path(os.environ["AIRFLOW_HOME"]) / "leukofhir-runs" / dag.dag_id / re.sub(r"[^A-Za-z0-9._-]+", "_",
-                                                                                      run.run_id)
+    folder = run_folder(dag.dag_id, run.run_id)
     report = json.loads((folder / "report.json").read_text())
     assert report["status"] == "failed" and "no answer after 5 tries" in report["error"]
     assert (report["writes"]["create"], report["patients_not_written"]) == (0, 1)

@@ -185,18 +185,29 @@ def assert_converged(client, base_url: str, pids: list[str], out) -> list[dict]:
     return flags
 
 
+def prepared(name: str, client, base_url: str, pid: str, tmp_path) -> Race:
+    put(client, patient(pid))
+    case = race(name, client, base_url, pid, tmp_path)
+    case.before()
+    return case
+
+
+def start_held(proxy: FaultProxy, pid: str, out, who: str) -> tuple[Fault, Run]:
+    """A run of the patient through the proxy, once its transaction is held (or it ended with nothing to write)."""
+    held = hold()
+    proxy.add(held)
+    started = Run(proxy.base_url, [pid], out)
+    started.start()
+    wait_until(held.arrived, started, f"{who}'s transaction")
+    return held, started
+
+
 @pytest.mark.parametrize("name", RACES)
 def test_a_held_stale_write_lands_after_the_new_one(name, fhir_base_url, fhir_client, unique, tmp_path):
     pid = f"late-{unique}"
-    put(fhir_client, patient(pid))
-    case = race(name, fhir_client, fhir_base_url, pid, tmp_path)
-    case.before()
+    case = prepared(name, fhir_client, fhir_base_url, pid, tmp_path)
     with FaultProxy(fhir_base_url) as proxy:
-        held = hold()
-        proxy.add(held)
-        r1 = Run(proxy.base_url, [pid], tmp_path / "r1")
-        r1.start()
-        wait_until(held.arrived, r1, "R1's transaction")
+        held, r1 = start_held(proxy, pid, tmp_path / "r1", "R1")
         assert r1.is_alive(), "R1 had nothing to write"
         case.change()
         r2 = run(fhir_base_url, [pid], tmp_path / "r2")
@@ -211,20 +222,11 @@ def test_a_held_stale_write_lands_after_the_new_one(name, fhir_base_url, fhir_cl
 @pytest.mark.parametrize("name", RACES)
 def test_a_held_new_write_lands_after_the_stale_one(name, fhir_base_url, fhir_client, unique, tmp_path):
     pid = f"early-{unique}"
-    put(fhir_client, patient(pid))
-    case = race(name, fhir_client, fhir_base_url, pid, tmp_path)
-    case.before()
+    case = prepared(name, fhir_client, fhir_base_url, pid, tmp_path)
     with FaultProxy(fhir_base_url) as proxy:
-        first, second = hold(), hold()
-        proxy.add(first)
-        r1 = Run(proxy.base_url, [pid], tmp_path / "r1")
-        r1.start()
-        wait_until(first.arrived, r1, "R1's transaction")
+        first, r1 = start_held(proxy, pid, tmp_path / "r1", "R1")
         case.change()
-        proxy.add(second)
-        r2 = Run(proxy.base_url, [pid], tmp_path / "r2")
-        r2.start()
-        wait_until(second.arrived, r2, "R2's transaction")  # or R2 found nothing to write
+        second, r2 = start_held(proxy, pid, tmp_path / "r2", "R2")  # or R2 found nothing to write
         first.release.set()
         r1_report = r1.result()
         second.release.set()
