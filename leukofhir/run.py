@@ -138,12 +138,6 @@ def extract_chunk(client: FhirClient, rules: Rules, chunk_dir: Path, batch_size:
     return totals
 
 
-def _server(chunk_dir: Path) -> str:
-    """The base URL of the run's server. References to it are local; another server's are quarantined (§1.1
-    subject)."""
-    return json.loads((chunk_dir.parent.parent / "run.json").read_text(encoding="utf-8"))["server"]
-
-
 def _evaluated(chunk_dir: Path, staged: Path) -> Path:
     return chunk_dir / "evaluated" / staged.name.removesuffix(".ndjson")
 
@@ -153,7 +147,8 @@ def evaluate_chunk(rules: Rules, chunk_dir: Path, *, memory_budget=None, workers
     each staged batch, partitioned by patient when it is larger than the memory budget (leukofhir.partition). Returns
     the desired Flag count and the quarantined count."""
     chunk_dir = Path(chunk_dir)
-    server = _server(chunk_dir)
+    # References to the server the pages came from are local; another server's are quarantined (§1.1 subject).
+    server = json.loads((chunk_dir.parent.parent / "run.json").read_text(encoding="utf-8"))["server"]
     desired = quarantined = 0
     for staged in _staged(chunk_dir):
         report = evaluate_files([staged], _evaluated(chunk_dir, staged), config=rules, progress=False,
@@ -182,7 +177,9 @@ def write_chunk(
     chunk_dir = Path(chunk_dir)
     rejects = chunk_dir / "rejects.ndjson"
     rejects.unlink(missing_ok=True)
-    server = _server(chunk_dir)
+    meta = json.loads((chunk_dir.parent.parent / "run.json").read_text(encoding="utf-8"))
+    # Data changed after this is taken as unread when a batch's own read time is not known (UNKNOWN_READ_MARGIN).
+    unknown_read = parse_instant(meta["started"]) - UNKNOWN_READ_MARGIN
     counts: Counter = Counter()
     written: Counter = Counter()  # every write made so far, the batch being written included
     author_ready = dry_run
@@ -198,8 +195,8 @@ def write_chunk(
             before = Counter(written)
             try:
                 done = write_plan(client, plan, _decide_again(client, rules, chunk_dir / "redecided" / staged.stem,
-                                                              server),
-                                  changed=_changed_since(client, rules, server, _started(chunk_dir)), written=written)
+                                                              meta),
+                                  changed=_changed_since(client, rules, meta["server"], unknown_read), written=written)
             except Exception:
                 counts.update(written - before)  # this batch's writes so far: nothing else of it is known
                 raise
@@ -242,11 +239,6 @@ def _plan_batch(rules: Rules, staged: Path, evaluated: Path) -> Plan:
 UNKNOWN_READ_MARGIN = timedelta(minutes=10)
 
 
-def _started(chunk_dir: Path) -> datetime:
-    meta = json.loads((chunk_dir.parent.parent / "run.json").read_text(encoding="utf-8"))
-    return parse_instant(meta["started"]) - UNKNOWN_READ_MARGIN
-
-
 def _changed_since(client: FhirClient, rules: Rules, server: str, fallback: datetime):
     """write_plan's `changed`: the subjects whose data changed on the server since their plan's data was read."""
 
@@ -258,14 +250,16 @@ def _changed_since(client: FhirClient, rules: Rules, server: str, fallback: date
     return changed
 
 
-def _decide_again(client: FhirClient, rules: Rules, folder: Path, server: str):
+def _decide_again(client: FhirClient, rules: Rules, folder: Path, meta: dict):
     """write_plan's `redecide`: the patients named are read again from the server, whole history, as extract reads
-    them (into `folder`/round-N), evaluated again, and their Flags compared again with the versions just read.
+    them (into `folder`/round-N), evaluated again as the batch was (`meta`: the run's run.json), and their Flags
+    compared again with the versions just read.
 
     No data-contract threshold here: the batch's data was judged when it was first evaluated, and a rate over the
     few rows of the patients read again says nothing about a feed; their bad rows are quarantined as ever (in the
     round's folder)."""
     rounds = itertools.count(1)
+    server = meta["server"]
 
     def redecide(subjects: list[str]) -> Plan:
         here = folder / f"round-{next(rounds)}"
