@@ -50,8 +50,9 @@ def one_round(base: str, patient: str, way: str, writers: int) -> tuple[Counter,
     lock = threading.Lock()
 
     def write(n: int) -> None:
-        entry = {"resource": {"resourceType": "Flag", "id": flag_id, "status": "active", "code": {"text": f"writer {n}"},
-                              "subject": {"reference": f"Patient/{patient}"}},
+        flag = {"resourceType": "Flag", "id": flag_id, "status": "active", "code": {"text": f"writer {n}"},
+                "subject": {"reference": f"Patient/{patient}"}}
+        entry = {"resource": flag,
                  "request": {"method": "PUT", "url": f"Flag/{flag_id}", **WAYS[way]}}
         bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [entry]}
         with requests.Session() as session:
