@@ -269,16 +269,24 @@ def check_contract(chunks: list[str]) -> list[str]:
 
 @task(pool=FHIR_POOL)
 def write_flags(chunk: str) -> str:
-    """Diff the wanted Flags with the project's Flags on the server; write what changed (nothing in a dry run)."""
+    """Diff the wanted Flags with the project's Flags on the server; write what changed (nothing in a dry run), each
+    write naming the version it was decided from; the patients whose Flags moved on since extract are read and
+    evaluated again here (leukofhir.write.write_plan)."""
     from leukofhir.errors import LeukofhirError
     from leukofhir.run import write_chunk
 
     dry_run = bool(get_current_context()["params"].get("dry_run"))
+    failed = None
     try:
         with _client() as client, _local(chunk) as chunk_dir:
-            counts = write_chunk(client, _rules(), chunk_dir, dry_run=dry_run)
+            try:
+                counts = write_chunk(client, _rules(), chunk_dir, dry_run=dry_run)
+            except LeukofhirError as exc:
+                failed = exc  # its writes.json says what was written before it stopped: kept with the chunk folder
     except LeukofhirError as exc:
-        _fail(exc)
+        failed = exc
+    if failed is not None:
+        _fail(failed)
     staged = ObjectStoragePath(chunk) / "staged"
     if not _is_local(staged) and staged.exists():
         staged.fs.rm(staged.path, recursive=True)  # the local copy is gone already; the pushed one goes too
@@ -289,22 +297,36 @@ def write_flags(chunk: str) -> str:
 @task(trigger_rule="all_done")
 def report() -> dict:
     """One report for the whole run (report.json, report.html, quarantine.ndjson, rejects.ndjson), written even
-    when a chunk failed, so the run folder says how far it got; the task then fails for that chunk."""
+    when a chunk failed, so the run folder says how far it got and why (`status`, `error`, what was written before
+    it stopped); the task then fails for that chunk. Writes left in conflict are a warning, not a failure."""
     from leukofhir.run import finish_run, summary_line
 
     url = _run_url(get_current_context())
     with _local(url) as run_dir:
         done = finish_run(run_dir)
     log.info("%s", summary_line(done, Path(url)))
-    missing = done["chunks"] - done["chunks_written"]
+    _warn_conflicts(done, url)
     verdict = done["contract_verdict"]
     # What the run folder says is final: trying again would read the same folder.
     if verdict and not verdict["passed"]:
         raise AirflowFailException(f"the data failed its contract, no chunk written: {verdict['message']}; see "
                                    f"{url}/report.html")
-    if missing:
-        raise AirflowFailException(f"{missing} of {done['chunks']} chunk(s) were not written; see {url}/report.html")
+    if done["status"] == "failed":
+        from leukofhir.run import written_before
+
+        raise AirflowFailException(f"{done['error']}; {written_before(done)}; re-running is safe; see "
+                                   f"{url}/report.html")
     return {"patients_touched": done["patients_touched"], **done["writes"]}
+
+
+def _warn_conflicts(done: dict, url: str) -> None:
+    # Another writer kept changing these Flags: what stands is its versioned write, decided from data read after the
+    # version this run saw. Not a failure: the next run (or a re-run) of these patients decides them again.
+    from leukofhir.write import VERSION_ROUNDS
+
+    if done["writes"].get("conflict"):
+        log.warning("%d Flag write(s) in conflict after %d re-evaluations; see %s/report.html",
+                    done["writes"]["conflict"], VERSION_ROUNDS, url)
 
 
 @task(pool=FHIR_POOL)
@@ -313,17 +335,27 @@ def process_patients() -> dict:
     write → report in one process). For a receiver's batch of a few patients, each further task would cost a
     scheduler round and a task process start-up for seconds of work (README, "Near-real-time path")."""
     from leukofhir.errors import LeukofhirError
-    from leukofhir.run import check_server, run_pipeline, summary_line
+    from leukofhir.run import check_server, failed_report, run_pipeline, summary_line, written_before
 
     context = get_current_context()
     patients = list(context["params"]["patients"])
     url = _run_url(context)
+    failed = None
     try:
         rules = _rules()
         with _client() as client, _local(url, pull=False) as run_dir:
-            check_server(client, rules)
-            done = run_pipeline(client, rules, run_dir, patients=patients)
+            try:
+                check_server(client, rules)
+                done = run_pipeline(client, rules, run_dir, patients=patients)
+            except LeukofhirError as exc:
+                failed = exc
+                done = failed_report(run_dir, exc)  # the run folder says what was written before it stopped
     except LeukofhirError as exc:
         _fail(exc)
+    if failed is not None:
+        if done is not None:
+            log.error("%s; %s; re-running is safe; see %s/report.html", failed, written_before(done), url)
+        _fail(failed)
     log.info("%s", summary_line(done, Path(url)))
+    _warn_conflicts(done, url)
     return {"patients_touched": done["patients_touched"], **done["writes"], "seconds": done["seconds"]}

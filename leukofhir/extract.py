@@ -19,7 +19,7 @@ from leukofhir.reader import reference_target
 __all__ = [
     "Window", "WINDOW_FIELDS", "parse_instant", "touched_patients", "patient_batches", "stage_batch",
     "medication_types", "window_searches", "observation_codes", "project_flag_tag", "Subjects", "subject_of",
-    "local_patient_id", "deleted_subjects",
+    "local_patient_id", "deleted_subjects", "changed_patients", "read_time",
 ]
 
 log = logging.getLogger(__name__)
@@ -246,18 +246,21 @@ def _history_searches(rules: Rules, patients: list[str]) -> Iterator[tuple[str, 
 def stage_batch(client: FhirClient, patients: list[str], rules: Rules, path: Path) -> dict[str, int]:
     """Write the batch's resources to one NDJSON file, page by page (never the whole batch in memory); return how
     many resources of each type were staged. A resource brought twice (an included report listed on two pages)
-    is staged once."""
+    is staged once. The server's time of the first search goes beside it (read_time): what changed after it was not
+    read."""
     bad = [p for p in patients if not is_valid_id(p)]
     if bad:
         raise UsageError(f"not FHIR ids, never sent to the server: {', '.join(shown(b) for b in bad[:5])}")
     counts: dict[str, int] = {}
     seen: set[tuple[str, str, str]] = set()
+    read_at = None
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".part")
     with open(tmp, "w", encoding="utf-8") as out:
         for resource_type, params in _history_searches(rules, patients):
             params = {**params, "_count": PAGE_SIZE}
             for bundle in client.search_pages(resource_type, params):
+                read_at = read_at or (bundle.get("meta") or {}).get("lastUpdated")
                 for entry in bundle.get("entry") or []:
                     resource = entry.get("resource")
                     if not isinstance(resource, dict) or (entry.get("search") or {}).get("mode") == "outcome":
@@ -270,8 +273,53 @@ def stage_batch(client: FhirClient, patients: list[str], rules: Rules, path: Pat
                     out.write(json.dumps(resource, ensure_ascii=True, separators=(",", ":")))
                     out.write("\n")
                     counts[kind] = counts.get(kind, 0) + 1
+    _read_time_path(path).write_text(str(read_at or ""), encoding="utf-8")
     tmp.replace(path)  # a staged file exists only once it is complete
     return counts
+
+
+def _read_time_path(staged: Path) -> Path:
+    return staged.with_name(staged.name + ".read-at")
+
+
+def read_time(staged: Path) -> datetime | None:
+    """The server's time when `staged` (a stage_batch file) was read, or None when it is not known."""
+    try:
+        text = _read_time_path(staged).read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return None
+    try:
+        return parse_instant(text) if text else None
+    except UsageError:
+        return None
+
+
+def changed_patients(client: FhirClient, rules: Rules, patients: list[str], since: datetime) -> set[str]:
+    """Those of `patients` whose data the rules read has changed on the server at or after `since` (the server's
+    clock): a resource of theirs created or updated since (any Observation, the DiagnosticReports, the medication
+    resources, the benign-ethnic-neutropenia Conditions, the Patient; `_lastUpdated`), or deleted since (the types'
+    history, as touched_patients finds deletions). A change that does not matter to the rules (an Observation of
+    another code) is counted too: it only costs reading that patient again. Not seen: an edit of a Medication that
+    a medication resource references (it has no subject)."""
+    if not patients:
+        return set()
+    refs = ",".join(f"Patient/{p}" for p in patients)
+    changed = {"_lastUpdated": f"ge{_fhir_instant(since)}", "_count": PAGE_SIZE}
+    searches = [("Observation", {"subject": refs}), ("DiagnosticReport", {"subject": refs})]
+    searches += [(t, {"subject": refs}) for t in medication_types(rules)]
+    if rules.ben.codes:
+        searches.append(("Condition", {"subject": refs, "code": ben_codes(rules)}))
+    subjects = Subjects(client.base_url)
+    for resource_type, params in searches:
+        for resource in client.search(resource_type, {**params, **changed, "_elements": "subject"}):
+            if resource.get("resourceType") == resource_type:
+                subjects.add(resource)
+    for resource in client.search("Patient", {"_id": ",".join(patients), **changed, "_elements": "id"}):
+        subjects.ids.add(str(resource.get("id")))
+    for resource_type in ["Observation", "DiagnosticReport", *medication_types(rules)]:
+        for reference in deleted_subjects(client, resource_type, since):
+            subjects.add_reference(reference)
+    return subjects.ids & set(patients)
 
 
 def read_patient_list(path: Path) -> list[str]:

@@ -10,7 +10,10 @@ from leukofhir.validate import merge_contract
 __all__ = ["merge_reports", "WRITE_ACTIONS"]
 
 EXAMPLES = 5
-WRITE_ACTIONS = ("create", "update", "withdraw", "delete", "unchanged", "not_created", "refused")
+# What became of each Flag decided (`conflict`: its version kept moving, write.VERSION_ROUNDS), and `reevaluated`:
+# the patients read and decided again because a version had moved.
+WRITE_ACTIONS = ("create", "update", "withdraw", "delete", "unchanged", "not_created", "refused", "conflict",
+                 "reevaluated")
 # Keys of a batch's report.json that are sums (nested dicts of counts are summed key by key).
 _SUMMED = ("read", "read_total", "evaluated", "skipped", "quarantined", "read_errors", "stages", "flags",
            "flags_rejected", "flags_held")

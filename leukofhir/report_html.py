@@ -113,6 +113,20 @@ def _header(report: dict) -> str:
     return (
         "<h1>leukofhir run report</h1>"
         f'<p class="sub">{"As of <b>" + _e(as_of) + "</b>. " if as_of else ""}{source}</p>'
+        + _failure(report)
+    )
+
+
+def _failure(report: dict) -> str:
+    """A run that stopped before the end: why, and what it had not written (re-running it is safe)."""
+    if report.get("status") != "failed":
+        return ""
+    return (
+        '<div class="recon bad" id="failure"><span class="bad">This run stopped before the end</span>: '
+        f'<span id="error">{_e(report.get("error") or "no reason recorded")}</span>. The Flag counts below are what '
+        f'it wrote before it stopped; {_n(report.get("patients_not_written", 0))} patients were not written '
+        f'({_n(report.get("chunks_written", 0))} of {_n(report.get("chunks", 0))} batches done). Running it again is '
+        "safe: every write names the version it was decided from, and a re-run writes only what is still missing.</div>"
     )
 
 
@@ -148,6 +162,8 @@ _WRITE_LABELS = [
     ("create", "created"), ("update", "updated"), ("withdraw", "withdrawn"), ("unchanged", "unchanged"),
     ("refused", "refused by the server"), ("delete", "duplicates deleted"),
     ("not_created", "withdrawn before ever written (not created)"),
+    ("conflict", "not written: changed by another writer through every re-evaluation"),
+    ("reevaluated", "patients read and evaluated again (their Flag had changed since it was read)"),
 ]
 
 

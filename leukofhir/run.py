@@ -7,27 +7,29 @@ Every step works in a run folder, so the Airflow tasks can run them one by one, 
     evaluate_chunk → chunks/NNNN/evaluated/batch-NNNNN/             (pipeline.evaluate_files: the offline stages)
     judge_contract → contract.json                                  (every chunk evaluated: the data contract on the
                                                                      whole run's totals, before any chunk writes)
-    write_chunk    → chunks/NNNN/writes.json, rejects.ndjson        (write.py: diff, then conditional upserts)
-    finish_run     → report.json, report.html, quarantine.ndjson, rejects.ndjson
+    write_chunk    → chunks/NNNN/writes.json, rejects.ndjson        (write.py: diff, then versioned PUTs)
+    finish_run     → report.json, report.html, quarantine.ndjson, rejects.ndjson (for a failed run too)
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import shutil
 import sys
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Iterator
 
 from leukofhir.config import Rules
 from leukofhir.errors import LeukofhirError, UsageError
 from leukofhir.extract import (
-    Window, medication_types, patient_batches, read_patient_list, stage_batch, touched_patients,
-    write_patient_list,
+    Window, changed_patients, local_patient_id, medication_types, parse_instant, patient_batches, read_patient_list,
+    read_time, stage_batch, touched_patients, write_patient_list,
 )
 from leukofhir.fhir.client import FhirClient
 from leukofhir.fhir.ids import is_valid_id, shown
@@ -36,7 +38,7 @@ from leukofhir.reader import iter_resources
 from leukofhir.report import merge_reports, write_counts
 from leukofhir.report_html import write_report_html
 from leukofhir.validate import ValidationThresholdError, check_contract, merge_contract
-from leukofhir.write import apply_plan, ensure_author, plan_writes, write_rejects
+from leukofhir.write import Plan, ensure_author, plan_writes, write_plan, write_rejects
 
 __all__ = [
     "BATCH_SIZE", "find_patients", "extract_chunk", "evaluate_chunk", "judge_contract", "write_chunk", "finish_run",
@@ -216,66 +218,145 @@ def write_chunk(
     client: FhirClient, rules: Rules, chunk_dir: Path, *, dry_run: bool = False, keep_staged: bool = False
 ) -> dict:
     """Step 4: per batch, the desired Flags against the project's Flags on the server, then the writes (none in a
-    dry run). Returns the counts by action; refused writes go to the chunk's rejects.ndjson. The staged pages are
-    removed once written (they are a copy of the server's data, every resource read) unless `keep_staged`."""
+    dry run), each naming the version it was decided from; the patients of a write refused because that version
+    moved are read and evaluated again (write.write_plan). Returns the counts by action; refused writes go to the
+    chunk's rejects.ndjson. The staged pages are removed once written (they are a copy of the server's data, every
+    resource read) unless `keep_staged`. When it fails (the server gone), writes.json still says what was written
+    before, and why it stopped (`error`)."""
     chunk_dir = Path(chunk_dir)
     rejects = chunk_dir / "rejects.ndjson"
     rejects.unlink(missing_ok=True)
-    counts: dict[str, int] = {}
+    meta = json.loads((chunk_dir.parent.parent / "run.json").read_text(encoding="utf-8"))
+    # Data changed after this is taken as unread when a batch's own read time is not known (UNKNOWN_READ_MARGIN).
+    unknown_read = parse_instant(meta["started"]) - UNKNOWN_READ_MARGIN
+    counts: Counter = Counter()
+    written: Counter = Counter()  # every write made so far, the batch being written included
     author_ready = dry_run
-    for staged in _staged(chunk_dir):
-        evaluated = _evaluated(chunk_dir, staged)
-        desired = list(_flags_in(evaluated / "Flag.ndjson"))
-        report = json.loads((evaluated / "report.json").read_text(encoding="utf-8"))
-        # A Flag the Flag suite refused is not "no longer wanted", nor one whose evidence this run quarantined (held):
-        # its Flag on the server stays as it is, whatever this run would want for its identifier.
-        keep = {*(report.get("flags_rejected_identifiers") or []), *(report.get("flags_held_identifiers") or [])}
-        desired = [f for f in desired if not _identifier_in(f, keep)]
-        existing = [f for f in _flags_in(staged) if not _identifier_in(f, keep)]
-        plan = plan_writes(desired, existing, rules)
-        for action, n in plan.counts().items():
-            counts[action] = counts.get(action, 0) + n
-        if dry_run or not plan.changes:
-            continue
-        if not author_ready:
-            ensure_author(client, rules)
-            author_ready = True
-        result = apply_plan(client, plan.changes)
-        if result.refused:
-            write_rejects(rejects, result.refused)
-            counts["refused"] = counts.get("refused", 0) + len(result.refused)
-            for item in result.refused:  # not written after all
-                counts[item["action"]] -= 1
-    (chunk_dir / "writes.json").write_text(json.dumps(counts, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    try:
+        for staged in _staged(chunk_dir):
+            plan = _plan_batch(rules, staged, _evaluated(chunk_dir, staged))
+            if dry_run or not plan.changes:
+                counts.update(plan.counts())
+                continue
+            if not author_ready:
+                ensure_author(client, rules)
+                author_ready = True
+            before = Counter(written)
+            try:
+                done = write_plan(client, plan, _decide_again(client, rules, chunk_dir / "redecided" / staged.stem,
+                                                              meta),
+                                  changed=_changed_since(client, rules, meta["server"], unknown_read), written=written)
+            except Exception:
+                counts.update(written - before)  # this batch's writes so far: nothing else of it is known
+                raise
+            counts.update(done.counts)
+            counts["reevaluated"] += done.reevaluated
+            if done.refused:
+                write_rejects(rejects, done.refused)
+    except Exception as exc:
+        _save_writes(chunk_dir, counts, error=f"{type(exc).__name__}: {exc}")
+        raise
+    _save_writes(chunk_dir, counts)
     if not keep_staged:
         shutil.rmtree(chunk_dir / "staged", ignore_errors=True)
-    return counts
+        shutil.rmtree(chunk_dir / "redecided", ignore_errors=True)
+    return dict(counts)
+
+
+def _save_writes(chunk_dir: Path, counts: Counter, error: str | None = None) -> None:
+    """writes.json: the chunk's write counts; with `error` when it stopped before the end (it is then not written,
+    and what it holds was written before it stopped)."""
+    body = {**counts, **({"error": error} if error else {})}
+    (chunk_dir / "writes.json").write_text(json.dumps(body, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _plan_batch(rules: Rules, staged: Path, evaluated: Path) -> Plan:
+    """The batch's desired Flags (its evaluation) against the project's Flags in its staged pages."""
+    desired = list(_flags_in(evaluated / "Flag.ndjson"))
+    report = json.loads((evaluated / "report.json").read_text(encoding="utf-8"))
+    # A Flag the Flag suite refused is not "no longer wanted", nor one whose evidence this run quarantined (held): its
+    # Flag on the server stays as it is, whatever this run would want for its identifier.
+    keep = {*(report.get("flags_rejected_identifiers") or []), *(report.get("flags_held_identifiers") or [])}
+    desired = [f for f in desired if not _identifier_in(f, keep)]
+    existing = [f for f in _flags_in(staged) if not _identifier_in(f, keep)]
+    plan = plan_writes(desired, existing, rules)
+    plan.read_at = read_time(staged)
+    return plan
+
+
+# When a batch's read time is not known (staged from a Bulk Data export), the data is taken as read this long before
+# the run started: a change in between only costs reading those patients again, and the margin covers a client
+# clock ahead of the server's.
+UNKNOWN_READ_MARGIN = timedelta(minutes=10)
+
+
+def _changed_since(client: FhirClient, rules: Rules, server: str, fallback: datetime):
+    """write_plan's `changed`: the subjects whose data changed on the server since their plan's data was read."""
+
+    def changed(subjects: list[str], read_at: datetime | None) -> set[str]:
+        ids = {pid: s for s in subjects if (pid := local_patient_id(s, server)) is not None}
+        moved = changed_patients(client, rules, sorted(ids), read_at or fallback)
+        return {ids[pid] for pid in moved}
+
+    return changed
+
+
+def _decide_again(client: FhirClient, rules: Rules, folder: Path, meta: dict):
+    """write_plan's `redecide`: the patients named are read again from the server, whole history, as extract reads
+    them (into `folder`/round-N), evaluated again as the batch was (`meta`: the run's run.json), and their Flags
+    compared again with the versions just read.
+
+    No data-contract threshold here: the batch's data was judged when it was first evaluated, and a rate over the
+    few rows of the patients read again says nothing about a feed; their bad rows are quarantined as ever (in the
+    round's folder)."""
+    rounds = itertools.count(1)
+    server = meta["server"]
+
+    def redecide(subjects: list[str]) -> Plan:
+        here = folder / f"round-{next(rounds)}"
+        patients = sorted({pid for s in subjects if (pid := local_patient_id(s, server)) is not None})
+        staged = here / "staged.ndjson"
+        stage_batch(client, patients, rules, staged)
+        evaluate_files([staged], here / "evaluated", config=rules, progress=False, base_url=server,
+                       run_time=meta["started"])
+        return _plan_batch(rules, staged, here / "evaluated")
+
+    return redecide
 
 
 def _identifier_in(flag: dict, values: set[str]) -> bool:
     return bool(values) and any(isinstance(i, dict) and i.get("value") in values for i in flag.get("identifier") or [])
 
 
-def finish_run(run_dir: Path, seconds: dict | None = None) -> dict:
+def finish_run(run_dir: Path, seconds: dict | None = None, error: str | None = None) -> dict:
     """Step 5: one report.json / report.html / quarantine.ndjson / rejects.ndjson for the whole run; `seconds`,
-    the time each step took, when one process ran them all."""
+    the time each step took, when one process ran them all. Also for a run that stopped (`error`, or a chunk that
+    says it failed or was never written): `status` is then `failed`, with the `error`, the write counts hold what
+    was written before it stopped, and `patients_not_written` the patients of the chunks not written."""
     run_dir = Path(run_dir)
     meta = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
-    chunks = chunk_dirs(run_dir)
-    evaluated = [d for chunk in chunks for d in sorted((chunk / "evaluated").glob("batch-*"))]
+    chunks = chunk_dirs(run_dir) if (run_dir / "chunks").exists() else []
+    evaluated = [d for chunk in chunks for d in sorted((chunk / "evaluated").glob("batch-*"))
+                 if (d / "report.json").exists()]  # a batch whose evaluation did not finish has none
     report = merge_reports(json.loads((d / "report.json").read_text(encoding="utf-8")) for d in evaluated)
-    writes = [json.loads((c / "writes.json").read_text(encoding="utf-8")) for c in chunks
-              if (c / "writes.json").exists()]
+    writes = {c: json.loads((c / "writes.json").read_text(encoding="utf-8")) for c in chunks
+              if (c / "writes.json").exists()}
+    unwritten = [c for c in chunks if c not in writes or "error" in writes[c]]
+    error = error or next((w["error"] for w in writes.values() if "error" in w), None)
+    if error is None and unwritten:
+        error = f"{len(unwritten)} of {len(chunks)} chunk(s) not written"
     verdict = run_dir / CONTRACT_FILE
     report = {
         "server": meta["server"], "window": meta["window"], "extract": meta.get("extract", "search"),
         "as_of": meta["started"], "dry_run": meta["dry_run"],
+        "status": "failed" if error else "done", **({"error": error} if error else {}),
         "patients_touched": meta["patients_touched"], "chunks": len(chunks),
         **report,
         # The contract's verdict on the whole run (judge_contract); None when the run stopped before it was judged.
         "contract_verdict": json.loads(verdict.read_text(encoding="utf-8")) if verdict.exists() else None,
-        "writes": write_counts(writes),
-        "chunks_written": len(writes),
+        "writes": write_counts(writes.values()),
+        "chunks_written": len(chunks) - len(unwritten),
+        "patients_not_written": sum(len(read_patient_list(c / "patients.json")) for c in unwritten),
         **({"seconds": {k: round(v, 3) for k, v in seconds.items()}} if seconds else {}),
     }
     _concatenate(run_dir / "quarantine.ndjson", [d / "quarantine.ndjson" for d in evaluated])
@@ -393,8 +474,24 @@ def summary_line(report: dict, run_dir: Path) -> str:
         f"{verb}updated {writes['update']}, {verb}withdrawn {writes['withdraw']}, unchanged {writes['unchanged']}"
         + (f", refused {writes['refused']}" if writes["refused"] else "")
         + (f", {report['flags_held']} left as they are (evidence quarantined)" if report.get("flags_held") else "")
+        + (f", in conflict {writes['conflict']}" if writes.get("conflict") else "")
         + f"; {sum(report['quarantined'].values())} resources quarantined; report: {run_dir / 'report.html'}"
     )
+
+
+def written_before(report: dict) -> str:
+    """What a failed run had written when it stopped, in words."""
+    writes = report["writes"]
+    return (f"written before it stopped: Flags created {writes['create']}, updated {writes['update']}, withdrawn "
+            f"{writes['withdraw']}; {report['chunks_written']} of {report['chunks']} batches done, "
+            f"{report['patients_not_written']} patients not written")
+
+
+def failed_report(run_dir: Path, exc: Exception) -> dict | None:
+    """The report of a run that stopped on `exc` (None when it stopped before its run folder was made)."""
+    if not (Path(run_dir) / "run.json").exists():
+        return None
+    return finish_run(run_dir, error=f"{type(exc).__name__}: {exc}")
 
 
 def run_command(args) -> int:
@@ -417,15 +514,23 @@ def run_command(args) -> int:
             check_server(client, rules, window=window, dry_run=args.dry_run)
             report = run_pipeline(client, rules, run_dir, window=window, patients=patients, dry_run=args.dry_run,
                                   batch_size=args.batch_size, progress=True, keep_staged=args.keep_staged)
-    except ValidationThresholdError as exc:
-        print(f"leukofhir run: the data failed its contract, nothing written: {exc}; report: {run_dir / 'report.html'}",
-              file=sys.stderr)
-        return EXIT_DATA
-    except FhirError as exc:
-        print(f"leukofhir run: the FHIR server cannot be used: {exc} (run folder {run_dir})", file=sys.stderr)
+    except (ValidationThresholdError, FhirError) as exc:
+        failed = failed_report(run_dir, exc)
+        # Every write names the version it was decided from, and a re-run writes only what is still missing.
+        after = "" if failed is None else (f"; {written_before(failed)}; re-running is safe; report: "
+                                           f"{run_dir / 'report.html'}")
+        if isinstance(exc, ValidationThresholdError):
+            print(f"leukofhir run: the data failed its contract, nothing written: {exc}"
+                  + (after or f" (run folder {run_dir})"), file=sys.stderr)
+            return EXIT_DATA
+        if failed is None:
+            print(f"leukofhir run: the FHIR server cannot be used: {exc} (run folder {run_dir})", file=sys.stderr)
+        else:
+            print(f"leukofhir run: the FHIR server failed during the run: {exc}{after}", file=sys.stderr)
         return exit_code(exc)  # 3 for refused credentials, 4 for anything else the server did
     print(summary_line(report, run_dir))
-    return EXIT_INCOMPLETE if report["writes"]["refused"] else EXIT_OK
+    writes = report["writes"]
+    return EXIT_INCOMPLETE if writes["refused"] or writes["conflict"] else EXIT_OK
 
 
 def _missing(flag: str):

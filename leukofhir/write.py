@@ -1,32 +1,37 @@
-"""Write: desired Flags against the project's Flags on the server → create / update / withdraw, as idempotent PUTs."""
+"""Write: desired Flags against the project's Flags on the server → create / update / withdraw, as versioned PUTs."""
 
 from __future__ import annotations
 
 import copy
 import json
 import logging
-import time
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Callable, Iterable
 
 from leukofhir.config import Rules
 from leukofhir.fhir.ids import is_valid_id
 from leukofhir.fhir.client import FhirClient
-from leukofhir.fhir.errors import FatalFhirError, outcome_summary
+from leukofhir.fhir.errors import FatalFhirError, VersionConflictError, outcome_summary
 
-__all__ = ["Change", "Plan", "WriteResult", "plan_writes", "apply_plan", "ensure_author", "author_device",
-           "flag_id", "WITHDRAWN_NOTE"]
+__all__ = ["Change", "Plan", "WriteResult", "Written", "plan_writes", "apply_plan", "write_plan", "ensure_author",
+           "author_device", "flag_id", "WITHDRAWN_NOTE", "WRITES", "VERSION_ROUNDS"]
 
 log = logging.getLogger(__name__)
 
 WITHDRAWN_NOTE = "; withdrawn: the patient's data no longer supports this Flag"
 ENTRIES_PER_TRANSACTION = 100
-# Two writers of one Flag at the same instant (two runs touching a patient): the server may answer 409 to one; the
-# same PUT a moment later finds the Flag there and updates it.
-CONFLICT_RETRIES = 5
 ID_PREFIX = "leukofhir-"
+WRITES = ("create", "update", "withdraw", "delete")
+# The version a create names in If-Match: none the server ever gives. HAPI 8.8 creates the Flag when nothing was ever
+# at its id and answers 409 HAPI-0989 when anything is or was (a Flag another writer created meanwhile, a deleted one);
+# it ignores If-None-Match and ifNoneExist on a PUT (README "How Flags are written", benchmarks/concurrent_create.py).
+NEW = "0"
+# How many times the patients of a write refused because the Flag's version moved are read and decided again before
+# the write is reported as a conflict.
+VERSION_ROUNDS = 3
 
 
 def flag_id(identifier: str) -> str:
@@ -39,33 +44,62 @@ def flag_id(identifier: str) -> str:
 
 @dataclass(frozen=True)
 class Change:
-    """One write of the Flag at `flag_id`: `create`, `update` or `withdraw` it, or `delete` a duplicate."""
+    """What was decided for the Flag at `flag_id`: a write (`create`, `update` or `withdraw` it, or `delete` a
+    duplicate) or none (`unchanged`; `not_created`: wanted `entered-in-error` with nothing on the server). `version`:
+    the server's `meta.versionId` of the Flag it was decided from (NEW for a create), sent as If-Match; `subject`:
+    the patient's reference, who is decided again when that version has moved."""
 
     action: str
     identifier: str
     flag: dict | None = None
     flag_id: str | None = None
+    version: str | None = None
+    subject: str | None = None
+
+    @property
+    def key(self) -> tuple:
+        return self.action, self.flag_id
+
+    @property
+    def if_match(self) -> str | None:
+        """The version sent in If-Match: the one decided from; NEW for a create that names none."""
+        return NEW if self.version is None and self.action == "create" else self.version
 
 
 @dataclass
 class Plan:
-    changes: list[Change] = field(default_factory=list)
-    unchanged: int = 0
-    # Desired `entered-in-error` Flags with nothing on the server to withdraw: never created (clinical-decisions).
-    not_created: int = 0
+    """Every decision of a comparison, one per Flag (a wanted one, or one on the server no longer wanted), and the
+    server's time when the data decided from was read (None: not known)."""
+
+    decisions: list[Change] = field(default_factory=list)
+    read_at: datetime | None = None
+
+    @property
+    def changes(self) -> list[Change]:
+        """The decisions that write."""
+        return [d for d in self.decisions if d.action in WRITES]
+
+    @property
+    def unchanged(self) -> int:
+        return sum(d.action == "unchanged" for d in self.decisions)
+
+    @property
+    def not_created(self) -> int:
+        return sum(d.action == "not_created" for d in self.decisions)
 
     def counts(self) -> Counter:
-        counts = Counter(c.action for c in self.changes)
-        return Counter({"create": counts["create"], "update": counts["update"], "withdraw": counts["withdraw"],
-                        "delete": counts["delete"], "unchanged": self.unchanged, "not_created": self.not_created})
+        counts = Counter(d.action for d in self.decisions)
+        return Counter({action: counts[action] for action in (*WRITES, "unchanged", "not_created")})
 
 
 @dataclass
 class WriteResult:
-    """What the server accepted (`written`, by action) and each write it refused, with its OperationOutcome."""
+    """What the server accepted (`written`, by action, counted as each transaction is answered), each write it
+    refused with its OperationOutcome, and each it refused because the Flag's version had moved (`conflicts`)."""
 
     written: Counter = field(default_factory=Counter)
     refused: list[dict] = field(default_factory=list)
+    conflicts: list[dict] = field(default_factory=list)
 
 
 def _identifier(flag: dict, system: str) -> str | None:
@@ -95,6 +129,16 @@ def withdrawn(flag: dict) -> dict:
     return out
 
 
+def _subject(flag: dict) -> str | None:
+    subject = flag.get("subject")
+    return subject.get("reference") if isinstance(subject, dict) else None
+
+
+def _version_of(flag: dict) -> str | None:
+    version = (flag.get("meta") or {}).get("versionId")
+    return str(version) if version else None
+
+
 def plan_writes(desired: Iterable[dict], existing: Iterable[dict], rules: Rules) -> Plan:
     """Compare the Flags the rules want for some patients with the project's Flags of the same patients.
 
@@ -103,10 +147,12 @@ def plan_writes(desired: Iterable[dict], existing: Iterable[dict], rules: Rules)
     - on the server, no longer wanted: withdraw (status `entered-in-error`), once;
     - several on the server with one identifier (written by another tool, or by conditional writes that raced):
       the one at the identifier's own id is kept (else the first by id), the others are deleted.
-    A new Flag is written at the id derived from its identifier; one already there keeps its id."""
+    A new Flag is written at the id derived from its identifier; one already there keeps its id. Every write of a
+    Flag on the server names the version it was decided from (`meta.versionId`); a create names NEW."""
     system = rules.uris.identifier_system
     on_server: dict[str, dict] = {}
     plan = Plan()
+    decide = plan.decisions.append
 
     def kept_first(flag: dict) -> tuple:
         key = _identifier(flag, system)
@@ -118,36 +164,37 @@ def plan_writes(desired: Iterable[dict], existing: Iterable[dict], rules: Rules)
             log.warning("Flag/%s carries the project's tag but no identifier of %s: left alone", flag.get("id"), system)
             continue
         if key in on_server:
-            plan.changes.append(Change("delete", key, flag_id=flag.get("id")))
+            decide(Change("delete", key, flag_id=flag.get("id"), version=_version_of(flag), subject=_subject(flag)))
             continue
         on_server[key] = flag
     for flag in desired:
         key = _identifier(flag, system)
         current = on_server.pop(key, None)
         if current is None:
-            if flag.get("status") == "entered-in-error":
-                plan.not_created += 1
-            else:
-                plan.changes.append(Change("create", key, flag, flag_id(key)))
-        elif comparable(current) == comparable(flag):
-            plan.unchanged += 1
+            action = "not_created" if flag.get("status") == "entered-in-error" else "create"
+            decide(Change(action, key, flag, flag_id(key), NEW, _subject(flag)))
         else:
-            plan.changes.append(Change("update", key, flag, current["id"]))
+            action = "unchanged" if comparable(current) == comparable(flag) else "update"
+            decide(Change(action, key, flag, current["id"], _version_of(current), _subject(current)))
     for key, flag in sorted(on_server.items()):
         if flag.get("status") == "entered-in-error":
-            plan.unchanged += 1
+            decide(Change("unchanged", key, flag, flag["id"], _version_of(flag), _subject(flag)))
         else:
-            plan.changes.append(Change("withdraw", key, withdrawn(flag), flag["id"]))
+            decide(Change("withdraw", key, withdrawn(flag), flag["id"], _version_of(flag), _subject(flag)))
     return plan
 
 
 def _entry(change: Change) -> dict:
+    """The transaction entry of a write, with `If-Match` of the version it was decided from: the server refuses it if
+    the Flag changed since (FHIR R4 http.html#concurrency; HAPI answers 409 HAPI-0989)."""
     if not is_valid_id(change.flag_id):
         raise ValueError(f"Flag id {change.flag_id!r} is not a FHIR id")  # never put into a URL
     url = f"Flag/{change.flag_id}"
+    request = {"method": "DELETE" if change.action == "delete" else "PUT", "url": url,
+               "ifMatch": f'W/"{change.if_match}"'}
     if change.action == "delete":
-        return {"request": {"method": "DELETE", "url": url}}
-    return {"resource": {**change.flag, "id": change.flag_id}, "request": {"method": "PUT", "url": url}}
+        return {"request": request}
+    return {"resource": {**change.flag, "id": change.flag_id}, "request": request}
 
 
 def author_device(rules: Rules) -> dict:
@@ -178,48 +225,152 @@ def ensure_author(client: FhirClient, rules: Rules) -> None:
     client.update(author_device(rules))
 
 
-def apply_plan(client: FhirClient, changes: list[Change], *, sleep: Callable[[float], None] = time.sleep) -> WriteResult:
+def apply_plan(client: FhirClient, changes: list[Change], written: Counter | None = None) -> WriteResult:
     """Send the changes in transaction Bundles. A refused transaction is split until the refused entries stand
-    alone; each is reported with the server's OperationOutcome and the rest is written."""
-    result = WriteResult()
-    for start in range(0, len(changes), ENTRIES_PER_TRANSACTION):
-        _send(client, changes[start:start + ENTRIES_PER_TRANSACTION], result, sleep)
+    alone: each is reported with the server's OperationOutcome (in `conflicts` when the Flag's version had moved) and
+    the rest is written. `written`: a Counter of the writes done, kept up to date as each transaction is answered (so
+    a caller still knows what was written when the server fails mid-way)."""
+    result = WriteResult(written=Counter() if written is None else written)
+    sendable = []
+    for change in changes:
+        if change.if_match is None:
+            # Never written blindly: without the version it was decided from, a write could undo a newer one.
+            result.refused.append(_report(change, None, None, "the Flag on the server has no meta.versionId, so it "
+                                                              "cannot be written over safely"))
+            log.warning("Flag %s (%s) not written: the server gave it no version", change.identifier, change.action)
+        else:
+            sendable.append(change)
+    for start in range(0, len(sendable), ENTRIES_PER_TRANSACTION):
+        _send(client, sendable[start:start + ENTRIES_PER_TRANSACTION], result)
     return result
 
 
-def _send(client: FhirClient, changes: list[Change], result: WriteResult, sleep) -> None:
-    entries = [_entry(c) for c in changes]
-    for attempt in range(CONFLICT_RETRIES + 1):
-        try:
-            response = client.transaction(entries)
-        except FatalFhirError as exc:
-            if exc.status == 409 and attempt < CONFLICT_RETRIES:
-                log.info("Flag write conflict (HTTP 409): another writer holds an identifier; retry %d", attempt + 1)
-                sleep(0.2 * 2 ** attempt)
-                continue
-            if exc.status in (401, 403):
-                raise
-            if len(changes) > 1:
-                # All or nothing: find the refused entries by halving, so every other one is still written.
-                middle = len(changes) // 2
-                _send(client, changes[:middle], result, sleep)
-                _send(client, changes[middle:], result, sleep)
-                return
-            change = changes[0]
-            result.refused.append({"action": change.action, "identifier": change.identifier,
-                                   "flag_id": change.flag_id, "status": exc.status, "outcome": exc.outcome,
-                                   "message": str(exc)})
-            # Codes and element paths only: the outcome's text may quote patient data (rejects.ndjson has it all).
-            log.warning("Flag %s (%s) refused: HTTP %s: %s", change.identifier, change.action, exc.status,
-                        outcome_summary(exc.outcome) or "no OperationOutcome")
+def _report(change: Change, status: int | None, outcome: dict | None, message: str) -> dict:
+    return {"action": change.action, "identifier": change.identifier, "flag_id": change.flag_id,
+            "subject": change.subject, "status": status, "outcome": outcome, "message": message}
+
+
+def _send(client: FhirClient, changes: list[Change], result: WriteResult) -> None:
+    # One retry policy: the client's (leukofhir.fhir.http), which repeats a 409 from a simultaneous writer. A version
+    # conflict, or any other refusal, is found by halving, so every other entry is still written.
+    try:
+        response = client.transaction([_entry(c) for c in changes])
+    except FatalFhirError as exc:
+        if exc.status in (401, 403):
+            raise
+        if len(changes) > 1:  # all or nothing: find the refused entries
+            middle = len(changes) // 2
+            _send(client, changes[:middle], result)
+            _send(client, changes[middle:], result)
             return
-        answers = response.get("entry") or []
-        if len(answers) != len(entries):
-            raise FatalFhirError(f"transaction-response has {len(answers)} entries for {len(entries)} sent",
-                                 status=None, outcome=response)
-        for change in changes:
-            result.written[change.action] += 1
+        change = changes[0]
+        conflict = isinstance(exc, VersionConflictError)
+        (result.conflicts if conflict else result.refused).append(_report(change, exc.status, exc.outcome, str(exc)))
+        # Codes and element paths only: the outcome's text may quote patient data (rejects.ndjson has it all).
+        log.log(logging.INFO if conflict else logging.WARNING, "Flag %s (%s) %s: HTTP %s: %s", change.identifier,
+                change.action, "not written, its version moved" if conflict else "refused", exc.status,
+                outcome_summary(exc.outcome) or "no OperationOutcome")
         return
+    answers = response.get("entry") or []
+    if len(answers) != len(changes):
+        raise FatalFhirError(f"transaction-response has {len(answers)} entries for {len(changes)} sent",
+                             status=None, outcome=response)
+    for change in changes:
+        result.written[change.action] += 1
+
+
+@dataclass
+class Written:
+    """How a plan ended, one count per decision: its write (`create`, …), `unchanged`, `not_created`, `refused`, or
+    `conflict` (its version still moving after VERSION_ROUNDS decisions); `refused`: the server's answer to each
+    write not applied (conflicts marked); `reevaluated`: patients read and decided again."""
+
+    counts: Counter = field(default_factory=Counter)
+    refused: list[dict] = field(default_factory=list)
+    reevaluated: int = 0
+
+
+def write_plan(client: FhirClient, plan: Plan, redecide: Callable[[list[str]], Plan], *,
+               changed: Callable[[list[str], datetime | None], set[str]] | None = None,
+               rounds: int = VERSION_ROUNDS, written: Counter | None = None) -> Written:
+    """Apply the plan, then decide again, from the server's data now, the patients whose decision may be stale, and
+    apply that, up to `rounds` times:
+    - a write the server refused because the Flag's version moved since it was read (another writer wrote it);
+    - a patient written whose data changed on the server since it was read (`changed(subjects, read_at)`: the
+      subjects among those given): another run may have judged the new data, found nothing to write, and finished
+      before this write landed over it.
+    `redecide(subjects)` reads those patients again and returns their new plan. A write still in conflict after the
+    last round is counted as `conflict`, never written blindly.
+
+    Counts are per decision, in the last plan that decided it; a Flag this run wrote in an earlier round that the
+    next plan finds unchanged counts as that write. `written` (a Counter) follows the writes as they are made."""
+    written = Counter() if written is None else written
+    out = Written()
+    earlier: dict[tuple, str] = {}  # (identifier, Flag id) → what this run wrote, for patients decided again
+    for round_number in range(rounds + 1):
+        result = apply_plan(client, plan.changes, written)
+        stale = {(c["action"], c["flag_id"]): c for c in result.conflicts}
+        refused = {(r["action"], r["flag_id"]) for r in result.refused}
+        last = round_number == rounds
+        again = set() if last else {c["subject"] for c in result.conflicts if c["subject"]}
+        applied = {d.subject for d in plan.changes if d.subject and d.key not in stale and d.key not in refused}
+        moved = changed(sorted(applied - again), plan.read_at) if changed and not last and applied - again else set()
+        again |= moved
+        out.refused += [r for r in result.refused if r["subject"] not in again]
+        for decision in plan.decisions:
+            if decision.subject in again:  # decided again in the next round
+                if decision.action in WRITES and decision.key not in stale and decision.key not in refused:
+                    earlier[decision.identifier, decision.flag_id] = decision.action
+                continue
+            if decision.key in refused:
+                out.counts["refused"] += 1
+            elif decision.key in stale:
+                out.counts["conflict"] += 1
+                out.refused.append({**stale[decision.key], "conflict": True})
+            elif decision.action == "unchanged":
+                out.counts[earlier.get((decision.identifier, decision.flag_id), "unchanged")] += 1
+            else:
+                out.counts[decision.action] += 1
+        if not again:
+            return out
+        log.info("%d Flag writes found their version moved, %d patients written had new data: %d patients read and "
+                 "decided again (round %d of %d)", len(stale), len(moved), len(again), round_number + 1, rounds)
+        out.reevaluated += len(again)
+        created = {c["flag_id"] for c in result.conflicts if c["action"] == "create"}
+        plan = _over_deleted(client, redecide(sorted(again)), created)
+    return out
+
+
+def _over_deleted(client: FhirClient, plan: Plan, refused_creates: set[str]) -> Plan:
+    """A create refused because its id was taken, and decided again as a create, finds a deleted Flag there (a live
+    one would have been read): it is written over that deletion's version, as a plain PUT would have resurrected it."""
+    decisions = []
+    for decision in plan.decisions:
+        if decision.action == "create" and decision.flag_id in refused_creates:
+            version = _deleted_version(client, decision.flag_id)
+            if version is not None:
+                decision = Change(decision.action, decision.identifier, decision.flag, decision.flag_id, version,
+                                  decision.subject)
+        decisions.append(decision)
+    return Plan(decisions, plan.read_at)
+
+
+def _deleted_version(client: FhirClient, resource_id: str) -> str | None:
+    """The version of the deletion of Flag/`resource_id` when its last version is one, else None."""
+    try:
+        bundle = client.request_json("GET", f"Flag/{resource_id}/_history", params={"_count": 1},
+                                     headers={"Cache-Control": "no-cache"})
+    except FatalFhirError as exc:
+        if exc.status in (404, 410):
+            return None
+        raise
+    for entry in bundle.get("entry") or []:
+        if (entry.get("request") or {}).get("method") == "DELETE":
+            etag = str((entry.get("response") or {}).get("etag") or "")
+            version = etag.removeprefix("W/").strip('"')
+            return version if version.isdigit() else None
+        return None
+    return None
 
 
 def write_rejects(path: Path, refused: list[dict]) -> None:

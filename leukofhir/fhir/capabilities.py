@@ -74,6 +74,10 @@ def missing_capabilities(statement: dict, *, need_export: bool | str = False,
         # Flags are written with PUT at an id of ours (write.flag_id), which creates them the first time.
         if "update" not in _names(flag.get("interaction")):
             missing.append("update of Flag (PUT Flag/[id])")
+        # Each write names the version it was decided from (If-Match): a server that ignored it would let a stale
+        # run overwrite a newer Flag.
+        if flag.get("versioning") != "versioned-update":
+            missing.append("versioned update of Flag (If-Match; CapabilityStatement versioning versioned-update)")
         if "transaction" not in _names(rest.get("interaction")):
             missing.append("transaction Bundles (the Flags are written in transactions)")
     if need_export:

@@ -24,12 +24,15 @@ from leukofhir.fhir.errors import (
     OutcomeUnknownError,
     RedirectError,
     TemporaryFhirError,
+    VersionConflictError,
     outcome_summary,
 )
 from leukofhir.fhir.http import (
     NOT_APPLIED_STATUSES,
+    has_precondition,
     is_conditional_write,
     is_temporary,
+    is_version_conflict,
     replay_safe,
     retry_delay,
 )
@@ -76,6 +79,15 @@ def _describe_body(response: requests.Response) -> str:
         return ""
     kind = (response.headers.get("Content-Type") or "no content type").split(";")[0].strip()
     return f"a {kind} answer of {size} bytes, not an OperationOutcome"
+
+
+def _outcome(response: requests.Response) -> dict | None:
+    """The body of an error answer when it is a JSON object (an OperationOutcome, normally), else None."""
+    try:
+        body: Any = response.json()
+    except (ValueError, RecursionError):
+        return None
+    return body if isinstance(body, dict) else None
 
 
 def _www_authenticate(response: requests.Response) -> str:
@@ -135,10 +147,11 @@ class FhirClient:
                 stream: bool = False, authenticate: bool = True) -> requests.Response:
         """Send one request with the retry policy of `leukofhir.fhir.http`; raise a typed error on failure.
 
-        Retried: temporary statuses (and 409 on a conditional write) and network failures, within the budget,
-        each retry logged; a request that may already have changed the server (`replay_safe` is False) is not
-        repeated once it was sent. A 401 triggers one re-authorisation (a fresh token) that is not a retry.
-        Redirects are followed only for GET/HEAD on the server's own origin. `authenticate=False` sends no
+        Retried: temporary statuses (and a 409 from a simultaneous writer, or to a conditional write) and network
+        failures, within the budget, each retry logged; a version conflict (412 to an If-Match, HAPI's 409 HAPI-0989)
+        is a VersionConflictError at once; a request that may already have changed the server (`replay_safe` is
+        False) is not repeated once it was sent. A 401 triggers one re-authorisation (a fresh token) that is not a
+        retry. Redirects are followed only for GET/HEAD on the server's own origin. `authenticate=False` sends no
         credentials (a bulk file whose manifest says it needs none, possibly on another origin)."""
         method = method.upper()
         url = self.url(path)
@@ -151,6 +164,7 @@ class FhirClient:
         body = json if json is not None else data
         safe = replay_safe(method, url, body)
         conditional = is_conditional_write(method, url, body, send_headers)
+        preconditioned = has_precondition(send_headers, body)
         attempt, redirects, reauthorised = 0, 0, False
         reasons: list[str] = []
         while True:
@@ -196,7 +210,8 @@ class FhirClient:
                 log.info("%s %s: HTTP 401; getting a fresh token (not counted as a retry)", method, shown)
                 self.session.auth.refresh()
                 continue
-            if is_temporary(status, conditional_write=conditional):
+            outcome = _outcome(response) if status in (409, 412) else None  # which kind of conflict
+            if is_temporary(status, conditional_write=conditional, outcome=outcome):
                 if status not in NOT_APPLIED_STATUSES and status != 409 and not safe:
                     raise self._error(method, shown, response, attempt, cls=OutcomeUnknownError,
                                       note="it may or may not have been applied, so it is not repeated")
@@ -206,7 +221,8 @@ class FhirClient:
                     response.close()
                     self._wait(method, shown, f"HTTP {status}", attempt, response.headers.get("Retry-After"))
                     continue
-            raise self._error(method, shown, response, attempt, reauthorised=reauthorised)
+            raise self._error(method, shown, response, attempt, reauthorised=reauthorised,
+                              preconditioned=preconditioned)
 
     def request_json(self, method: str, path: str, *, allow_empty: bool = False, **kwargs) -> dict:
         """`request`, then the body as a JSON object: every JSON answer the client uses is decoded here."""
@@ -266,12 +282,9 @@ class FhirClient:
         return requests.Request("GET", url, params=params).prepare().url or url
 
     def _error(self, method: str, shown: str, response: requests.Response, attempt: int, *,
-               reauthorised: bool = False, cls: type[FhirError] | None = None, note: str = "") -> FhirError:
-        try:
-            body: Any = response.json()
-        except (ValueError, RecursionError):
-            body = None
-        body = body if isinstance(body, dict) else None
+               reauthorised: bool = False, cls: type[FhirError] | None = None, note: str = "",
+               preconditioned: bool = False) -> FhirError:
+        body = _outcome(response)
         status = response.status_code
         # Codes, element paths and message ids only: an OperationOutcome's text may quote patient data (the
         # exception keeps the whole outcome, for a rejects file); another body is only described.
@@ -282,7 +295,9 @@ class FhirClient:
                 cls = AuthError
                 why = _www_authenticate(response)
                 message += (f" ({why})" if why else "") + (" (also with a fresh token)" if reauthorised else "")
-            elif is_temporary(status):
+            elif is_version_conflict(status, body, preconditioned=preconditioned):
+                cls = VersionConflictError
+            elif is_temporary(status, outcome=body):
                 cls = TemporaryFhirError
                 message += f" (gave up after {attempt} retries)"
             else:

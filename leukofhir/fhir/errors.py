@@ -39,6 +39,11 @@ class FatalFhirError(FhirError):
     """Retrying will not help (400, 404, 409, 412, 422, ...): the request or the data must change."""
 
 
+class VersionConflictError(FatalFhirError):
+    """The resource moved on since the version the request names in If-Match was read (412; HAPI 8.8 answers 409
+    with HAPI-0989): sending it again cannot succeed, the caller reads again and decides again."""
+
+
 class AuthError(FatalFhirError):
     """401/403 after one re-authorisation: credentials are wrong or lack the scope."""
 

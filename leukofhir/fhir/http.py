@@ -7,6 +7,8 @@ import email.utils
 import time
 from urllib.parse import urlsplit
 
+from leukofhir.fhir.errors import outcome_text
+
 # Statuses a later identical request may succeed on (RFC 9110 §15; HAPI answers 503 while it starts up).
 TEMPORARY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 
@@ -21,10 +23,33 @@ IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 MAX_RETRY_AFTER = 60.0  # seconds: a server asking for longer is treated as down, not obeyed
 
 
-def is_temporary(status: int, *, conditional_write: bool = False) -> bool:
-    """Worth retrying. 409 is temporary for a conditional write: HAPI answers 409 to one of several simultaneous
-    `PUT Flag?identifier=…` with the same identifier (the others win; the retry finds the Flag and updates it)."""
-    return status in TEMPORARY_STATUSES or (status == 409 and conditional_write)
+# HAPI 8.8's message codes in a 409 to a write that lost to a simultaneous write of the same resource (its
+# HapiFhirHibernateJpaDialect: "two clients/threads were trying to update the same resource at the same time"):
+# HAPI-0825, a resource created at the same client-assigned id; HAPI-0823, 0826 and 0827, the same version written by
+# both; HAPI-2745, the same conditional create. The same request a moment later meets the winner's version
+# (benchmarks/concurrent_create.py). Not HAPI-0824, a unique index of the data: the same request fails again.
+SIMULTANEOUS_WRITE_CODES = ("HAPI-0823", "HAPI-0825", "HAPI-0826", "HAPI-0827", "HAPI-2745")
+# HAPI 8.8's code for an If-Match that names a version which is not the current one, answered with 409 where FHIR R4
+# (http.html#concurrency) says 412 (/work/shared/fhir-server.md).
+STALE_VERSION_CODE = "HAPI-0989"
+
+
+def is_version_conflict(status: int, outcome=None, *, preconditioned: bool = False) -> bool:
+    """The version moved since the request's If-Match was read: 412 to a request carrying If-Match, or a 409 whose
+    OperationOutcome holds HAPI-0989. Never temporary: the same request cannot succeed; the caller decides again."""
+    return (status == 412 and preconditioned) or (status == 409 and STALE_VERSION_CODE in outcome_text(outcome))
+
+
+def is_temporary(status: int, *, conditional_write: bool = False, outcome=None) -> bool:
+    """Worth retrying. A 409 is, unless the version moved (is_version_conflict), when another writer of the same
+    resource won: HAPI says so with SIMULTANEOUS_WRITE_CODES; and to a conditional write (HAPI answers one of several
+    simultaneous `PUT Flag?identifier=…` with 409, with or without those codes)."""
+    if status == 409:
+        if is_version_conflict(status, outcome):
+            return False
+        text = outcome_text(outcome)
+        return conditional_write or any(code in text for code in SIMULTANEOUS_WRITE_CODES)
+    return status in TEMPORARY_STATUSES
 
 
 def _entries(body) -> list:
@@ -47,6 +72,13 @@ def is_conditional_write(method: str, url: str, body=None, headers=None) -> bool
         if "?" in str(request.get("url", "")) or request.get("ifNoneExist"):
             return True
     return False
+
+
+def has_precondition(headers=None, body=None) -> bool:
+    """The request carries If-Match, as a header or in an entry of its transaction or batch."""
+    if any(k.lower() == "if-match" for k in (headers or {})):
+        return True
+    return any((entry.get("request") or {}).get("ifMatch") for entry in _entries(body))
 
 
 def replay_safe(method: str, url: str, body=None) -> bool:

@@ -50,6 +50,7 @@ def test_each_missing_thing_is_named(statement):
         _without_param(edited, "MedicationRequest", name)
     _resource(edited, "Flag")["interaction"] = [i for i in _resource(edited, "Flag")["interaction"]
                                                 if i["code"] != "update"]
+    _resource(edited, "Flag")["versioning"] = "versioned"  # versions kept, If-Match not honoured
     _resource(edited, "Observation")["interaction"] = [i for i in _resource(edited, "Observation")["interaction"]
                                                        if i["code"] != "history-type"]
     edited["rest"][0]["operation"] = [o for o in edited["rest"][0]["operation"] if o["name"] != "export"]
@@ -63,6 +64,7 @@ def test_each_missing_thing_is_named(statement):
         "search Flag by _tag",
         "history of Observation (Observation/_history, which lists deletions)",
         "update of Flag (PUT Flag/[id])",
+        "versioned update of Flag (If-Match; CapabilityStatement versioning versioned-update)",
         "Bulk Data $export at system level",
     ]
 

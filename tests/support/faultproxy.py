@@ -23,7 +23,9 @@ class Fault:
 
     kind: "status" (answer `status` with `headers`/`body` instead of forwarding), "reset" (close the
     connection without answering), "delay" (wait `seconds`, then forward), "late" (forward at once, then wait
-    `seconds` before answering: the server has acted, the client may give up first), "rewrite" (forward, then
+    `seconds` before answering: the server has acted, the client may give up first), "hold" (set `arrived`, wait
+    until `release` is set, `seconds` at most, then forward: a write held back while another run writes),
+    "rewrite" (forward, then
     replace `pattern` with `replacement` in the response body), "gzip" (forward, then send the body gzip-encoded,
     as a server offering compression does), "truncate" (forward, then send the headers and only half the body and
     close: a transfer cut off), "drop" (forward, then close without answering: the server acted, the answer is
@@ -38,6 +40,8 @@ class Fault:
     replacement: str = ""
     method: str | None = None
     path_regex: str = ""
+    arrived: threading.Event = field(default_factory=threading.Event)
+    release: threading.Event = field(default_factory=threading.Event)
 
     def matches(self, method: str, path: str) -> bool:
         return (self.method is None or self.method == method) and re.search(self.path_regex, path) is not None
@@ -91,13 +95,21 @@ class FaultProxy:
                     return
                 if fault and fault.kind == "delay":
                     time.sleep(fault.seconds)
+                if fault and fault.kind == "hold":
+                    fault.arrived.set()
+                    fault.release.wait(fault.seconds)
                 conn = http.client.HTTPConnection(*proxy.upstream, timeout=120)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
                 if fault and fault.kind in ("rewrite", "gzip"):
                     headers.pop("Accept-Encoding", None)  # a gzipped body could not be rewritten
-                conn.request(self.command, self.path, body=body, headers=headers)
-                upstream = conn.getresponse()
-                data = upstream.read()
+                try:
+                    conn.request(self.command, self.path, body=body, headers=headers)
+                    upstream = conn.getresponse()
+                    data = upstream.read()
+                except OSError:  # the server is gone (killed): the client sees the connection drop, as without us
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return
                 if fault and fault.kind == "late":
                     time.sleep(fault.seconds)
                 if fault and fault.kind == "drop":

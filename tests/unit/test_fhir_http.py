@@ -6,8 +6,10 @@ import pytest
 from leukofhir.fhir.errors import outcome_text
 from leukofhir.fhir.http import (
     MAX_RETRY_AFTER,
+    has_precondition,
     is_conditional_write,
     is_temporary,
+    is_version_conflict,
     replay_safe,
     retry_after_seconds,
     retry_delay,
@@ -76,3 +78,44 @@ def test_replay_safe(method, url, body, safe):
 def test_conditional_writes(method, url, body, headers, conditional):
     assert is_conditional_write(method, url, body, headers) is conditional
     assert is_temporary(409, conditional_write=conditional) is conditional
+
+
+def _outcome(diagnostics):
+    return {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "processing",
+                                                           "diagnostics": diagnostics}]}
+
+
+STALE = _outcome("HAPI-0550: HAPI-0989: Trying to update Flag/x/_history/1 but this is not the current version")
+SAME_ID = _outcome("HAPI-0550: HAPI-0825: Error flushing transaction with resource types: [Flag] - The operation has "
+                   "failed with a client-assigned ID constraint failure.")
+SAME_VERSION = _outcome("HAPI-0550: HAPI-0823: Error flushing transaction with resource types: [Flag] - The operation "
+                        "has failed with a version constraint failure.")
+IN_USE = _outcome("HAPI-0550: HAPI-0515: Unable to delete Patient/p1 because at least one resource has a reference")
+
+
+@pytest.mark.parametrize("status, outcome, preconditioned, conflict, temporary", [
+    (409, STALE, True, True, False),        # HAPI's answer to a stale If-Match
+    (409, STALE, False, True, False),
+    (412, None, True, True, False),         # the specification's answer to a stale If-Match
+    (412, None, False, False, False),       # a conditional write matching several resources
+    (409, SAME_ID, True, False, True),      # simultaneous creates at one id: the retry meets the winner's version
+    (409, SAME_VERSION, True, False, True),
+    (409, IN_USE, False, False, False),     # referential integrity: retrying cannot help
+    (409, None, False, False, False),
+])
+def test_version_conflicts_are_told_apart_from_simultaneous_writers(status, outcome, preconditioned, conflict,
+                                                                    temporary):
+    assert is_version_conflict(status, outcome, preconditioned=preconditioned) is conflict
+    assert is_temporary(status, outcome=outcome) is temporary
+
+
+def test_a_stale_version_is_never_temporary_even_for_a_conditional_write():
+    assert not is_temporary(409, conditional_write=True, outcome=STALE)
+    assert is_temporary(409, conditional_write=True, outcome=IN_USE)  # as before: any other 409 to one is retried
+
+
+def test_a_precondition_is_a_header_or_an_entry_if_match():
+    entry = {"request": {"method": "PUT", "url": "Flag/1", "ifMatch": 'W/"2"'}}
+    assert has_precondition({"If-Match": 'W/"2"'}) and has_precondition({"if-match": 'W/"2"'})
+    assert has_precondition(None, {"resourceType": "Bundle", "type": "transaction", "entry": [entry]})
+    assert not has_precondition({"If-None-Match": "*"}, _transaction(("PUT", "Flag/1")))
