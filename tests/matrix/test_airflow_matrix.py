@@ -34,9 +34,12 @@ from support.server_data import flags_by_identifier, project_flags
 pytestmark = [pytest.mark.fhir, pytest.mark.airflow_matrix]
 
 STEPS = steps(ROOT / "README.md")
+INSTALL = "Install into the Airflow environment, its Airflow pinned"
 SAMPLE = sorted((EXTERNAL / "smart-generated-sample-data-R4-synthea" / "bundles").glob("*.json.gz"))
 DAG_IDS = {"leukopenia_backfill", "leukopenia_patients", "leukopenia_surveillance"}
-DECLARED = [Requirement(r) for r in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]]
+PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+DECLARED = [Requirement(r) for r in PROJECT["dependencies"]]
+WHEEL = ROOT / "dist" / f"leukofhir-{PROJECT['version']}-py3-none-any.whl"
 LOCK = {canonicalize_name(n): v for n, _, v in (line.partition("==") for line in
                                                 (ROOT / "requirements.lock").read_text().splitlines() if "==" in line)}
 
@@ -63,13 +66,15 @@ def _installed(venv: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def wheel():
-    """Step 1 of the page, in this checkout."""
-    done = subprocess.run(["bash", "-euc", STEPS["Build the wheel: dist/leukofhir-0.1.0-py3-none-any.whl"]],
-                          cwd=ROOT, capture_output=True, text=True, timeout=900, env=clean_environ())
+    """Step 1 of the page, in this checkout: the wheel of this version, which step 2 installs."""
+    title = f"Build the wheel: dist/{WHEEL.name}"
+    assert title in STEPS and f"dist/{WHEEL.name}" in STEPS[INSTALL], f"the page must build and install {WHEEL.name}"
+    WHEEL.unlink(missing_ok=True)
+    done = subprocess.run(["bash", "-euc", STEPS[title]], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env=clean_environ())
     assert done.returncode == 0, done.stderr[-3000:]
-    wheel = ROOT / "dist" / "leukofhir-0.1.0-py3-none-any.whl"
-    assert wheel.exists()
-    return wheel
+    assert WHEEL.exists()
+    return WHEEL
 
 
 class Site:
@@ -88,7 +93,8 @@ class Site:
     def step(self, title: str, base_url: str | None = None, timeout: float = 900) -> str:
         commands = STEPS[title] if base_url is None else on_server(STEPS[title], base_url)
         done = self.shell.run(commands, timeout=timeout)
-        assert done.returncode == 0, f"{self.name}: step {title!r} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        assert done.returncode == 0, \
+            f"{self.name}: step {title!r} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
         return done.stdout
 
     def run(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -113,7 +119,7 @@ def site(request, wheel, tmp_path_factory):
     migrated = site.run("airflow", "db", "migrate")
     assert migrated.returncode == 0, migrated.stderr[-3000:]
     site.before = _installed(site.venv)
-    site.step("Install into the Airflow environment, its Airflow pinned", timeout=1800)
+    site.step(INSTALL, timeout=1800)
     site.after = _installed(site.venv)
     versions = ", ".join(f"{canonicalize_name(r.name)} {site.after.get(canonicalize_name(r.name))}" for r in DECLARED)
     print(f"\n{request.param}: Airflow and leukofhir installed in {time.monotonic() - started:.0f} s: {versions}",
@@ -127,7 +133,7 @@ def test_installing_leukofhir_moves_neither_airflow_nor_anything_the_site_had(si
     moved = {name: (version, site.after.get(name)) for name, version in site.before.items()
              if site.after.get(name) != version}
     assert moved == {}, f"installing leukofhir changed the site's packages: {moved}"
-    assert site.after["leukofhir"] == "0.1.0"
+    assert site.after["leukofhir"] == PROJECT["version"]
     if site.name == "oldest":  # the floors are what this environment runs
         floors = {canonicalize_name(r.name): _floor(r) for r in DECLARED}
         assert {n: site.after[n] for n in floors} == floors
