@@ -124,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fhir-url", default=None, type=_fhir_url, help="use this server instead of starting the local one")
     p.add_argument("--out", default="out/demo", metavar="DIR", help="where the demo's Flags and report go")
 
+    p = sub.add_parser("install-dags", help="write the DAG file that imports the package's DAGs into an Airflow "
+                       "dags folder")
+    p.add_argument("folder", metavar="DAGS_FOLDER", help="the Airflow dags folder ([core] dags_folder)")
+    p.add_argument("--force", action="store_true", help="replace a leukofhir_dags.py that differs (a local edit)")
+
     from leukofhir.realtime import commands as realtime  # subscribe, listen: the near-real-time path
 
     realtime.add_parsers(sub, _add_server_args)
@@ -159,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
             from leukofhir.demo import demo_command
 
             return demo_command(args)
+        if args.command == "install-dags":
+            from leukofhir.airflow.install_dags import install_dags_command
+
+            return install_dags_command(args)
         if args.command in ("subscribe", "listen"):
             from leukofhir.realtime.commands import run
 

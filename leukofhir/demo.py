@@ -1,5 +1,6 @@
 """`leukofhir demo`: the local HAPI server, the sample patients loaded, the backfill DAG run by Airflow, the Flags
-read back from the server."""
+read back from the server. From an installed package (no checkout, so no local server) it runs on `--fhir-url`: the
+sample patients and the DAGs travel in the wheel."""
 
 from __future__ import annotations
 
@@ -10,13 +11,15 @@ import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+from leukofhir.airflow.install_dags import install_dags
 from leukofhir.errors import UsageError
 from leukofhir.fhir.client import FhirClient
 from leukofhir.load import load_files, print_report
 from leukofhir.reader import iter_resources
 
-ROOT = Path(__file__).resolve().parents[1]
-SAMPLE_BUNDLES = ROOT / "tests" / "data" / "external" / "smart-generated-sample-data-R4-synthea" / "bundles"
+ROOT = Path(__file__).resolve().parents[1]  # the checkout, when the package runs from one
+# Five Synthea patients (their README says where from); links into tests/data/external in a checkout.
+SAMPLE_BUNDLES = Path(__file__).resolve().parent / "sample_data"
 SUMMARY_TYPES = ["Patient", "Encounter", "Observation", "DiagnosticReport", "MedicationRequest", "Flag"]
 WBC = "http://loinc.org|6690-2"
 DAG_ID = "leukopenia_backfill"
@@ -26,7 +29,9 @@ def start_local_server() -> str:
     """Start (or reuse) the project's HAPI server; its launcher prints the base URL last."""
     script = ROOT / "scripts" / "fhir-server"
     if not script.exists():
-        raise UsageError(f"{script} not found: the demo runs from a checkout of the repository")
+        raise UsageError("no FHIR server to run the demo on: give --fhir-url of a running FHIR R4 server (the demo "
+                         "loads 5 sample patients into it and writes their Flags), or run it from a source checkout "
+                         "of leukofhir, whose scripts/fhir-server builds and starts a local HAPI server (`make demo`)")
     done = subprocess.run([str(script), "start"], capture_output=True, text=True)
     if done.returncode != 0:
         raise UsageError(f"the local FHIR server did not start:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
@@ -46,20 +51,23 @@ def summarise(client: FhirClient, patient_ids: list[str]) -> list[str]:
 
 def run_backfill_dag(base_url: str, out_dir: Path, until: datetime) -> Path:
     """`airflow dags test leukopenia_backfill` over all the sample data's dates, with a project-local AIRFLOW_HOME
-    (SQLite) and the `fhir_default` connection from the environment; returns the run folder."""
+    (SQLite), its dags folder holding the file `leukofhir install-dags` writes, and the `fhir_default` connection
+    from the environment; returns the run folder."""
     home = (out_dir / "airflow").resolve()  # Airflow refuses a relative path to its SQLite database
     runs = (out_dir / "runs").resolve()
+    dags = home / "dags"
+    dags.mkdir(parents=True, exist_ok=True)
+    install_dags(dags, force=True)
     env = {
         **os.environ,
         "AIRFLOW_HOME": str(home),
-        "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(dags),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW_CONN_FHIR_DEFAULT": json.dumps({"conn_type": "fhir", "host": base_url}),
         "AIRFLOW_VAR_LEUKOFHIR_RUNS": f"file://{runs}",
     }
     airflow = str(Path(sys.executable).with_name("airflow"))
     conf = {"start": "1900-01-01", "end": until.date().isoformat(), "window_field": "effective", "chunks": 2}
-    home.mkdir(parents=True, exist_ok=True)
     log_path = out_dir / "airflow-dags-test.log"
     with open(log_path, "w") as log:
         for args in (["db", "migrate"], ["dags", "test", DAG_ID, "--conf", json.dumps(conf)]):

@@ -483,11 +483,12 @@ def evaluate_files(
 
 
 def flag_frame(specs) -> pd.DataFrame:
-    """The rows the GX `flags` suite checks, one per FlagSpec (row_id = its position), as str columns in which a
-    missing value stays missing: a Flag without a subject must fail "subject present", not pass as "None"."""
+    """The rows the GX `flags` suite checks, one per FlagSpec (row_id = its position), as string columns in which a
+    missing value stays missing: a Flag without a subject must fail "subject present", not pass as "None".
+    `string` (missing = pd.NA) on every pandas we support: pandas 2's `str` turns None into the text "None"."""
     rows = [flag_row(spec, str(i)) for i, spec in enumerate(specs)]
     columns = list(rows[0]) if rows else ["row_id", "identifier", "status", "code", "subject"]
-    return pd.DataFrame({c: pd.array([row[c] for row in rows], dtype="str") for c in columns}, columns=columns)
+    return pd.DataFrame({c: pd.array([row[c] for row in rows], dtype="string") for c in columns}, columns=columns)
 
 
 def _flag_counts(flags: list[dict]) -> dict:

@@ -101,6 +101,9 @@ _BUFFER = 1 << 20
 # rejects goes through json.loads as well, so exactly the same lines are accepted as before (json.loads also takes
 # NaN, Infinity and lone surrogates) and a bad line is reported with json's own message and column.
 _decode = msgspec.json.Decoder().decode
+# What msgspec raises for a line it rejects: its DecodeError is a ValueError only from msgspec 0.21 on, and an Airflow
+# 3.2 environment may hold an older one (Airflow asks for msgspec>=0.19).
+_REJECTED = (ValueError, msgspec.DecodeError)
 
 
 class _Gunzip(io.RawIOBase):
@@ -266,7 +269,7 @@ def _decode_document(data: bytes):
     """A whole JSON file (a Bundle or one resource)."""
     try:
         return _decode(data)
-    except ValueError:
+    except _REJECTED:
         return json.loads(data.decode("utf-8"))  # UnicodeDecodeError: the file is unreadable, as before
 
 
@@ -274,7 +277,7 @@ def decode_line(line: bytes):
     """One NDJSON line the reader has accepted before, decoded as the reader decodes it (msgspec, else json.loads)."""
     try:
         return _decode(line)
-    except (ValueError, RecursionError):
+    except (*_REJECTED, RecursionError):
         return json.loads(line)
 
 
@@ -414,7 +417,7 @@ def _ndjson_located(path: Path, name: str, on_error: Callable[[ReadError], None]
         for number, line in enumerate(fh, start=1):
             try:
                 res = _decode(line)
-            except (ValueError, RecursionError) as exc:
+            except (*_REJECTED, RecursionError) as exc:
                 try:
                     if isinstance(exc, RecursionError):
                         raise _BadLine(TOO_DEEP) from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import ssl
 import time
 from typing import Any, Callable, Iterator
 from urllib.parse import urlencode, urljoin, urlsplit
@@ -70,6 +71,24 @@ def _network_failure(exc: requests.RequestException, read_timeout: float) -> tup
     if isinstance(reason, urllib3.exceptions.NewConnectionError):
         return False, "cannot connect (connection refused or host unreachable)"
     return True, "the connection dropped before the answer"
+
+
+# OpenSSL's reasons when the answer to its hello is no TLS at all, e.g. a plain-HTTP server's "400 Bad Request":
+# "wrong version number" (OpenSSL 1.1 to 3.1), "record layer failure" (3.2 and later), "unknown protocol" (LibreSSL).
+_NOT_TLS = {"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "UNKNOWN_PROTOCOL"}
+
+
+def _tls_failure(exc: requests.exceptions.SSLError) -> str:
+    """Why TLS failed, said so that the fix is plain: the scheme when the server speaks plain HTTP (an https URL,
+    or an Airflow connection without `scheme`, to a plain-HTTP port), else the certificate."""
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, ssl.SSLError):  # requests → urllib3 (MaxRetryError) → ssl
+        inner = getattr(cause, "reason", None) or (cause.args[0] if cause.args else None)
+        cause = inner if isinstance(inner, BaseException) else None
+    if getattr(cause, "reason", None) in _NOT_TLS:
+        return ("the server answered plain HTTP, not TLS: use an http:// URL (in an Airflow `fhir` connection, set "
+                "the extra `scheme` to `http`, or give the host as http://host:port/path)")
+    return "TLS verification failed (the server's certificate is not trusted; a private CA goes in REQUESTS_CA_BUNDLE)"
 
 
 def _describe_body(response: requests.Response) -> str:
@@ -175,9 +194,8 @@ class FhirClient:
                     timeout=(CONNECT_TIMEOUT, self.timeout), allow_redirects=False,
                     **({} if authenticate else {"auth": _no_auth}),
                 )
-            except requests.exceptions.SSLError:
-                raise FhirError(f"{method} {shown}: TLS verification failed (the server's certificate is not "
-                                "trusted; a private CA goes in REQUESTS_CA_BUNDLE)", url=shown) from None
+            except requests.exceptions.SSLError as exc:
+                raise FhirError(f"{method} {shown}: {_tls_failure(exc)}", url=shown) from None
             except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
                 sent, reason = _network_failure(exc, self.timeout)
                 if sent and not safe:

@@ -9,6 +9,7 @@ import gzip
 import json
 import os
 import re
+import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -32,6 +33,10 @@ NOTHING_WRITTEN = {"create": 0, "update": 0, "withdraw": 0, "delete": 0, "refuse
 def _parse():
     from airflow.dag_processing.dagbag import DagBag
 
+    # The DAG files import their DAGs from the package: forget its modules so that the DAGs are built afresh, as in
+    # Airflow's own parsing processes (and in a new `airflow dags test`), not reused with an earlier run's Params.
+    for name in [m for m in sys.modules if m.startswith("leukofhir.airflow.dags.")]:
+        del sys.modules[name]
     bag = DagBag(str(ROOT / "dags"))
     assert bag.import_errors == {}
     return bag.dags

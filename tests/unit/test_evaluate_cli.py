@@ -169,7 +169,7 @@ def test_flag_rows_keep_a_missing_value_missing():
                     code="84828003", display="Leukopenia", grade=2, status="active",
                     start=datetime(2024, 1, 1, tzinfo=timezone.utc), end=None, text="", evidence=[])
     rows = pipeline.flag_frame([spec])
-    assert rows["subject"].isna().all() and rows["subject"].tolist() != ["None"]
+    assert rows["subject"].isna().all()  # pandas 2's `str` dtype made it the text "None"
     assert rows["row_id"].tolist() == ["0"] and rows["identifier"].tolist() == ["a" * 40]
 
 
