@@ -1,6 +1,7 @@
 package org.leukofhir.fhirserver;
 
 import ca.uhn.fhir.batch2.jobs.export.BulkDataExportProvider;
+import ca.uhn.fhir.batch2.jobs.imprt.BulkDataImportProvider;
 import ca.uhn.fhir.batch2.maintenance.JobMaintenanceServiceImpl;
 import ca.uhn.fhir.context.FhirContext;
 import ca.uhn.fhir.context.support.IValidationSupport;
@@ -186,11 +187,13 @@ public class FhirServerConfig {
 			ResourceProviderFactory resourceProviders,
 			IJpaSystemProvider systemProvider,
 			BulkDataExportProvider bulkDataExportProvider,
+			BulkDataImportProvider bulkDataImportProvider,
 			DatabaseBackedPagingProvider pagingProvider,
 			JpaStorageSettings storageSettings,
 			ISearchParamRegistry searchParamRegistry,
 			IValidationSupport validationSupport,
 			@Value("${hapi.fhir.bulk_export_enabled:true}") boolean bulkExportEnabled,
+			@Value("${hapi.fhir.bulk_import_enabled:false}") boolean bulkImportEnabled,
 			@Value("${hapi.fhir.default_page_size:20}") int defaultPageSize,
 			@Value("${hapi.fhir.max_page_size:500}") int maxPageSize) {
 		RestfulServer server = new RestfulServer(systemDao.getContext());
@@ -198,6 +201,11 @@ public class FhirServerConfig {
 		server.registerProvider(systemProvider);
 		if (bulkExportEnabled) {
 			server.registerProvider(bulkDataExportProvider);
+		}
+		// Bulk Data $import (HAPI fetches NDJSON files from URLs it is given): off, as in HAPI's own starter; on for
+		// benchmarks/load_bench.py --import, which measures it against `leukofhir load`.
+		if (bulkImportEnabled) {
+			server.registerProvider(bulkDataImportProvider);
 		}
 		pagingProvider.setDefaultPageSize(defaultPageSize);
 		pagingProvider.setMaximumPageSize(maxPageSize);
