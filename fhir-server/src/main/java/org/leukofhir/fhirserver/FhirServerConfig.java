@@ -166,9 +166,26 @@ public class FhirServerConfig {
 				dataSource, inspector, storageSettings.isIncludeHashIdentityForTokenSearches()));
 	}
 
+	// On PostgreSQL (FHIR_DB=postgres), once HAPI's tables exist: the indexes and the statistics its plans of the
+	// pipeline's searches rely on (PostgresChecks); the start fails without them.
+	@Bean
+	public PostgresChecks.Check postgresCheck(
+			EntityManagerFactory entityManagerFactory,
+			DataSource dataSource,
+			@Value("${leukofhir.postgres_checks:true}") boolean postgresChecks) throws SQLException {
+		if (!postgresChecks || !"PostgreSQL".equals(databaseProduct(dataSource))) {
+			return new PostgresChecks.Check(java.util.List.of());
+		}
+		return PostgresChecks.check(dataSource);
+	}
+
 	private static boolean isH2(DataSource dataSource) throws SQLException {
+		return "H2".equals(databaseProduct(dataSource));
+	}
+
+	private static String databaseProduct(DataSource dataSource) throws SQLException {
 		try (Connection connection = dataSource.getConnection()) {
-			return "H2".equals(connection.getMetaData().getDatabaseProductName());
+			return connection.getMetaData().getDatabaseProductName();
 		}
 	}
 
