@@ -128,7 +128,7 @@ def main() -> int:
             continue
         seen.add(key)
         plan = psql(home, pg_port, f"EXPLAIN (ANALYZE, BUFFERS) {with_parameters(sql, parameters)};")
-        report += ["-" * 100, sql[:3000], parameters[:500], plan]
+        report += ["-" * 100, sql, parameters, plan]
     text = "\n".join(report)
     print(text)
     if args.out:

@@ -10,7 +10,7 @@ from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from requests.adapters import HTTPAdapter
 
@@ -166,6 +166,7 @@ def _entry(resource: dict) -> dict:
             "request": {"method": "PUT", "url": resource_path(resource["resourceType"], resource["id"])}}
 
 
+# Transactions in flight at once: more than the server's connection pool (HAPI's is 20 here) would only queue there.
 MAX_WORKERS = 16
 
 
@@ -251,19 +252,8 @@ class Loader:
 
     def _settle(self, entries: list[dict], future: Future, refused: list[list[dict]]) -> None:
         """One concurrent transaction's answer: recorded, or its entries kept for `_send_singly` when refused."""
-        try:
-            self._record(entries, future.result())
-        except AuthError:
-            raise
-        except FatalFhirError as exc:
-            if exc.status in _ENDPOINT_REFUSALS:
-                raise
-            if len(entries) == 1:
-                self._refused(entries[0], exc)
-            else:
-                log.info("transaction of %d refused (HTTP %s); writing its entries one by one", len(entries),
-                         exc.status)
-                refused.append(entries)
+        if not self._answered(entries, future.result):
+            refused.append(entries)
 
     def _reject(self, ref: str, reason: str, error: FhirError | None = None) -> None:
         """Note a resource not loaded: what may be shown in the report, everything in the rejects file."""
@@ -318,11 +308,18 @@ class Loader:
         return index
 
     def _send(self, entries: list[dict]) -> None:
-        """One transaction; when the server refuses it, its entries one by one. AuthError and every FhirError that is
-        not a refusal of the data go up: the load stops (retrying each resource would only repeat them)."""
+        """One transaction; when the server refuses it, its entries one by one."""
+        if not self._answered(entries, lambda: self.client.transaction(entries)):
+            self._send_singly(entries)
+
+    def _answered(self, entries: list[dict], answer: Callable[[], dict]) -> bool:
+        """Record a transaction's answer (`answer()` returns it or raises): True when that settles it (written, or its
+        one entry refused), False when the server refused a transaction of several entries (to be written entry by
+        entry). AuthError and every FhirError that is not a refusal of the data go up: the load stops (retrying each
+        resource would only repeat them)."""
         try:
-            self._record(entries, self.client.transaction(entries))
-            return
+            self._record(entries, answer())
+            return True
         except AuthError:
             raise
         except FatalFhirError as exc:
@@ -330,9 +327,9 @@ class Loader:
                 raise
             if len(entries) == 1:
                 self._refused(entries[0], exc)
-                return
+                return True
             log.info("transaction of %d refused (HTTP %s); writing its entries one by one", len(entries), exc.status)
-        self._send_singly(entries)
+            return False
 
     def _send_singly(self, entries: list[dict]) -> None:
         """The entries of a refused transaction, one transaction each."""
