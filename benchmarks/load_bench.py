@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from evaluate_bench import generate  # noqa: E402
-from server_costs import cpu, cpu_used, load_average, start_server, stop_server  # noqa: E402
+from server_costs import cpu, cpu_used, load_average, postmaster_pid, start_server, stop_server  # noqa: E402
 
 from leukofhir.fhir.client import FhirClient  # noqa: E402
 from leukofhir.load import TYPE_ORDER, load_files  # noqa: E402
@@ -104,6 +104,7 @@ def main() -> int:
     args = parser.parse_args()
     work = Path(args.data or tempfile.mkdtemp(prefix="leukofhir-load-bench-", dir="/tmp"))
     base_url = args.fhir_url or start_server(args.port, work / "server", args.db)
+    db = "postgres" if postmaster_pid(args.port) else "h2"  # a server given by --fhir-url: what it runs on
     trials = [tuple(int(v) for v in t.split("x")) for t in args.trials.split(",") if t]
     if args.bulk_import:
         trials.append(("import", 0))
@@ -125,7 +126,7 @@ def main() -> int:
                 used = cpu_used(before, cpu(args.port))
                 per = {k: round(v / written * 1000, 2) for k, v in used.items()}
                 label = "$import" if workers == "import" else f"{workers} worker(s) x {batch}"
-                print(json.dumps({"db": args.db, "trial": number, "how": label, "resources": written,
+                print(json.dumps({"db": db, "trial": number, "how": label, "resources": written,
                                   "seconds": round(seconds, 1), "per_second": round(written / seconds),
                                   "cpu_seconds": used, "cpu_ms_per_resource": per,
                                   "load_average": [load_before, load_average()]}), flush=True)
