@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -58,9 +59,9 @@ def stop_server(port: int) -> None:
                    capture_output=True)
 
 
-def bare_loop(base_url: str, window: Window) -> tuple[float, int, int]:
+def bare_loop(base_url: str, window: Window, types: Counter | None = None) -> tuple[float, int, int]:
     """The pipeline's searches with plain requests: every page fetched (GET, or POST _search for long queries, as
-    the client does) and decoded. Returns (seconds, pages, Observations)."""
+    the client does) and decoded. Returns (seconds, pages, Observations); `types` counts every resource read."""
     rules = load_config()
     session = requests.Session()
     session.headers.update({"Accept": "application/fhir+json", "Cache-Control": "no-cache"})
@@ -80,6 +81,8 @@ def bare_loop(base_url: str, window: Window) -> tuple[float, int, int]:
             pages += 1
             entries = [e["resource"] for e in bundle.get("entry") or [] if "resource" in e]
             observations += sum(1 for r in entries if r["resourceType"] == "Observation")
+            if types is not None:
+                types.update(r["resourceType"] for r in entries)
             resources += entries
             link = next((k["url"] for k in bundle.get("link") or [] if k["relation"] == "next"), None)
             if not link:

@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_server_args(p)
     p.add_argument("files", nargs="+", metavar="FILE_OR_DIR")
     p.add_argument("--batch-size", type=int, default=200, help="resources per transaction Bundle (default 200)")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="transactions sent at once (default 1); every resource of a type is written before the next "
+                   "type starts, so referenced resources still come first")
     p.add_argument("--out", metavar="DIR", help="run folder for rejects.ndjson (the server's full reasons, which "
                    "may quote patient data); default: a fresh private folder, made only if something is rejected")
 

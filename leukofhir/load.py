@@ -6,10 +6,13 @@ import json
 import logging
 import sys
 import tempfile
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
+
+from requests.adapters import HTTPAdapter
 
 from leukofhir.errors import LeukofhirError, OutputError, UsageError
 from leukofhir.fhir.client import FhirClient
@@ -163,16 +166,26 @@ def _entry(resource: dict) -> dict:
             "request": {"method": "PUT", "url": resource_path(resource["resourceType"], resource["id"])}}
 
 
+# Transactions in flight at once: more than the server's connection pool (HAPI's is 20 here) would only queue there.
+MAX_WORKERS = 16
+
+
 class Loader:
     """Loads files into one server; holds the urn:uuid index and the report while it runs.
 
-    `run_dir`: the run folder for rejects.ndjson; None for a fresh private folder made at the first reject."""
+    `run_dir`: the run folder for rejects.ndjson; None for a fresh private folder made at the first reject.
+    `workers`: transactions in flight at once (threads on the one client). Every resource of a type is written before
+    the next type starts, so targets still come before the resources that refer to them."""
 
-    def __init__(self, client: FhirClient, batch_size: int = 200, run_dir: str | Path | None = None):
+    def __init__(self, client: FhirClient, batch_size: int = 200, run_dir: str | Path | None = None,
+                 workers: int = 1):
         if batch_size < 1:
             raise UsageError("batch size must be at least 1")
+        if not 1 <= workers <= MAX_WORKERS:
+            raise UsageError(f"workers must be between 1 and {MAX_WORKERS}")
         self.client = client
         self.batch_size = batch_size
+        self.workers = workers
         self.report = LoadReport()
         self.rejects = _Rejects(Path(run_dir) if run_dir is not None else None)
 
@@ -187,11 +200,12 @@ class Loader:
                 except OSError as exc:  # a full temporary folder
                     raise OutputError(f"cannot spool the input to {spool}: {exc.strerror or exc}") from None
                 for resource_type in sorted(self.report.read, key=_rank):
-                    resources = _spooled(spool, resource_type)
-                    for batch in _batches(resources, self.batch_size):
-                        for resource in batch:
-                            _rewrite_uuid_references(resource, index)
-                        self._send([_entry(r) for r in batch])
+                    batches = _batches(_spooled(spool, resource_type), self.batch_size)
+                    if self.workers == 1:
+                        for batch in batches:
+                            self._send(self._entries(batch, index))
+                    else:
+                        self._send_concurrently(self._entries(batch, index) for batch in batches)
                     log.info("%s: %d written", resource_type, self.report.written[resource_type])
         except FhirError as exc:
             raise LoadStopped(self.report, exc) from exc
@@ -199,6 +213,47 @@ class Loader:
             self.rejects.close()
             self.report.rejects_path = self.rejects.path
         return self.report
+
+    @staticmethod
+    def _entries(batch: list[dict], index: dict[str, str]) -> list[dict]:
+        for resource in batch:
+            _rewrite_uuid_references(resource, index)
+        return [_entry(r) for r in batch]
+
+    def _send_concurrently(self, transactions: Iterable[list[dict]]) -> None:
+        """The transactions of one type, `workers` at a time. Answers are recorded here, in the calling thread, in
+        the order sent; a transaction the server refuses is written entry by entry once the others of its type are
+        done (an entry may refer to a resource of the same type in a transaction still in flight)."""
+        session = self.client.session
+        if getattr(session.get_adapter(self.client.base_url), "_pool_maxsize", self.workers) < self.workers:
+            # A kept connection per worker, or requests opens and drops a connection per transaction.
+            session.mount(self.client.base_url, HTTPAdapter(pool_maxsize=self.workers, max_retries=0))
+        refused: list[list[dict]] = []
+        in_flight: deque[tuple[list[dict], Future]] = deque()
+        with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="load") as pool:
+            try:
+                for entries in transactions:
+                    in_flight.append((entries, pool.submit(self.client.transaction, entries)))
+                    if len(in_flight) >= 2 * self.workers:  # bounded: the spool is read as fast as it is written
+                        self._settle(*in_flight.popleft(), refused)
+                while in_flight:
+                    self._settle(*in_flight.popleft(), refused)
+            except BaseException:
+                # The load stops: what was already sent is still counted (its answers are awaited), nothing new goes.
+                for entries, future in in_flight:
+                    if not future.cancel():
+                        try:
+                            self._record(entries, future.result())
+                        except Exception:  # noqa: BLE001  (the error that stops the load is the one raised)
+                            pass
+                raise
+        for entries in refused:
+            self._send_singly(entries)
+
+    def _settle(self, entries: list[dict], future: Future, refused: list[list[dict]]) -> None:
+        """One concurrent transaction's answer: recorded, or its entries kept for `_send_singly` when refused."""
+        if not self._answered(entries, future.result):
+            refused.append(entries)
 
     def _reject(self, ref: str, reason: str, error: FhirError | None = None) -> None:
         """Note a resource not loaded: what may be shown in the report, everything in the rejects file."""
@@ -253,11 +308,18 @@ class Loader:
         return index
 
     def _send(self, entries: list[dict]) -> None:
-        """One transaction; when the server refuses it, its entries one by one. AuthError and every FhirError that is
-        not a refusal of the data go up: the load stops (retrying each resource would only repeat them)."""
+        """One transaction; when the server refuses it, its entries one by one."""
+        if not self._answered(entries, lambda: self.client.transaction(entries)):
+            self._send_singly(entries)
+
+    def _answered(self, entries: list[dict], answer: Callable[[], dict]) -> bool:
+        """Record a transaction's answer (`answer()` returns it or raises): True when that settles it (written, or its
+        one entry refused), False when the server refused a transaction of several entries (to be written entry by
+        entry). AuthError and every FhirError that is not a refusal of the data go up: the load stops (retrying each
+        resource would only repeat them)."""
         try:
-            self._record(entries, self.client.transaction(entries))
-            return
+            self._record(entries, answer())
+            return True
         except AuthError:
             raise
         except FatalFhirError as exc:
@@ -265,8 +327,12 @@ class Loader:
                 raise
             if len(entries) == 1:
                 self._refused(entries[0], exc)
-                return
+                return True
             log.info("transaction of %d refused (HTTP %s); writing its entries one by one", len(entries), exc.status)
+            return False
+
+    def _send_singly(self, entries: list[dict]) -> None:
+        """The entries of a refused transaction, one transaction each."""
         # One bad resource fails a whole transaction; write the rest singly so only the bad one is lost.
         # Entries that fail only because a target comes later in the same batch succeed in the second round.
         pending = entries
@@ -314,9 +380,9 @@ class Loader:
 
 
 def load_files(client: FhirClient, paths: Iterable[str], batch_size: int = 200,
-               run_dir: str | Path | None = None) -> LoadReport:
+               run_dir: str | Path | None = None, workers: int = 1) -> LoadReport:
     """Load the files (see Loader); raises LoadStopped, with the report so far, when the load ends early."""
-    return Loader(client, batch_size, run_dir).load(paths)
+    return Loader(client, batch_size, run_dir, workers).load(paths)
 
 
 def print_report(report: LoadReport, out=None) -> None:
@@ -345,7 +411,8 @@ def run_load(client: FhirClient, args) -> int:
     from leukofhir.cli import EXIT_INCOMPLETE, EXIT_OK, exit_code
 
     try:
-        report = load_files(client, args.files, args.batch_size, getattr(args, "out", None))
+        report = load_files(client, args.files, args.batch_size, getattr(args, "out", None),
+                            getattr(args, "workers", 1))
     except LoadStopped as stop:
         print_report(stop.report)
         print(f"leukofhir load: error: {stop}", file=sys.stderr)

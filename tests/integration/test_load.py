@@ -121,3 +121,30 @@ def test_demo_loads_the_sample_runs_the_backfill_dag_and_prints_the_flags_read_b
     assert "possibly drug-associated: antineoplastic chemotherapy (oxaliplatin)" in shown
     report = shown.rsplit("run report: ", 1)[1].strip()
     assert report.endswith("report.html") and Path(report).exists()
+
+
+def test_workers_load_what_one_worker_loads_targets_first_and_the_refused_entry_alone(fhir_client, unique, tmp_path):
+    # Transactions of 2 sent 3 at a time: every Patient is written before any Observation, a panel whose member was
+    # sent in an earlier transaction still gets in when that one is still in flight (a refused transaction is written
+    # entry by entry once the type's others are done), and only the bad entry is refused, as with one worker.
+    def population(tag: str) -> list[dict]:
+        patients = [{"resourceType": "Patient", "id": f"{tag}-p{n}-{unique}"} for n in range(5)]
+        members = [_obs(f"{tag}-m{n}-{unique}", f"Patient/{tag}-p{n % 5}-{unique}") for n in range(8)]
+        panel = {**_obs(f"{tag}-a-panel-{unique}", f"Patient/{tag}-p0-{unique}"),
+                 "hasMember": [{"reference": f"Observation/{tag}-m2-{unique}"}]}
+        bad = _obs(f"{tag}-bad-{unique}", f"Patient/nobody-{unique}")
+        return [*members[:3], bad, panel, *members[3:], *patients]  # Observations first in the file
+
+    reports = {}
+    for workers in (1, 3):
+        path = _ndjson(tmp_path / f"w{workers}.ndjson", population(f"w{workers}"))
+        reports[workers] = load_files(fhir_client, [path], batch_size=2, run_dir=tmp_path / f"run{workers}",
+                                      workers=workers)
+    for workers, report in reports.items():
+        assert dict(report.read) == {"Observation": 10, "Patient": 5}
+        assert dict(report.written) == {"Observation": 9, "Patient": 5}
+        assert [ref for ref, _ in report.rejected] == [f"Observation/w{workers}-bad-{unique}"]
+        panel = fhir_client.read("Observation", f"w{workers}-a-panel-{unique}")
+        assert panel["hasMember"][0]["reference"] == f"Observation/w{workers}-m2-{unique}"
+    assert reports[3].outcomes == reports[1].outcomes
+    assert [reason for _, reason in reports[3].rejected] == [reason for _, reason in reports[1].rejected]

@@ -13,7 +13,8 @@ _SPAN = 18
 def session_port(offset: int) -> int:
     """A fixed port of the session's range: FHIR_TEST_PORT + `offset` (1 to 18). Servers the tests start by name use
     these (tests/integration: Airflow +2, the receiver +3, the Celery stack +1 to +8; tests/e2e: Airflow +9, the
-    receiver +10, the Celery stack +11 to +14); helpers such as the fault proxy bind the first free one."""
+    receiver +10, the Celery stack +11 to +14; the HAPI server on PostgreSQL +15, its PostgreSQL +16); helpers such as
+    the fault proxy bind the first free one."""
     if not 1 <= offset <= _SPAN:
         raise ValueError(f"offset {offset} outside the session's {_SPAN} ports")
     return int(os.environ.get("FHIR_TEST_PORT", "8181")) + offset

@@ -1,6 +1,7 @@
 package org.leukofhir.fhirserver;
 
 import ca.uhn.fhir.batch2.jobs.export.BulkDataExportProvider;
+import ca.uhn.fhir.batch2.jobs.imprt.BulkDataImportProvider;
 import ca.uhn.fhir.batch2.maintenance.JobMaintenanceServiceImpl;
 import ca.uhn.fhir.context.FhirContext;
 import ca.uhn.fhir.context.support.IValidationSupport;
@@ -165,9 +166,26 @@ public class FhirServerConfig {
 				dataSource, inspector, storageSettings.isIncludeHashIdentityForTokenSearches()));
 	}
 
+	// On PostgreSQL (FHIR_DB=postgres), once HAPI's tables exist: the indexes and the statistics its plans of the
+	// pipeline's searches rely on (PostgresChecks); the start fails without them.
+	@Bean
+	public PostgresChecks.Check postgresCheck(
+			EntityManagerFactory entityManagerFactory,
+			DataSource dataSource,
+			@Value("${leukofhir.postgres_checks:true}") boolean postgresChecks) throws SQLException {
+		if (!postgresChecks || !"PostgreSQL".equals(databaseProduct(dataSource))) {
+			return new PostgresChecks.Check(java.util.List.of());
+		}
+		return PostgresChecks.check(dataSource);
+	}
+
 	private static boolean isH2(DataSource dataSource) throws SQLException {
+		return "H2".equals(databaseProduct(dataSource));
+	}
+
+	private static String databaseProduct(DataSource dataSource) throws SQLException {
 		try (Connection connection = dataSource.getConnection()) {
-			return "H2".equals(connection.getMetaData().getDatabaseProductName());
+			return connection.getMetaData().getDatabaseProductName();
 		}
 	}
 
@@ -186,11 +204,13 @@ public class FhirServerConfig {
 			ResourceProviderFactory resourceProviders,
 			IJpaSystemProvider systemProvider,
 			BulkDataExportProvider bulkDataExportProvider,
+			BulkDataImportProvider bulkDataImportProvider,
 			DatabaseBackedPagingProvider pagingProvider,
 			JpaStorageSettings storageSettings,
 			ISearchParamRegistry searchParamRegistry,
 			IValidationSupport validationSupport,
 			@Value("${hapi.fhir.bulk_export_enabled:true}") boolean bulkExportEnabled,
+			@Value("${hapi.fhir.bulk_import_enabled:false}") boolean bulkImportEnabled,
 			@Value("${hapi.fhir.default_page_size:20}") int defaultPageSize,
 			@Value("${hapi.fhir.max_page_size:500}") int maxPageSize) {
 		RestfulServer server = new RestfulServer(systemDao.getContext());
@@ -198,6 +218,11 @@ public class FhirServerConfig {
 		server.registerProvider(systemProvider);
 		if (bulkExportEnabled) {
 			server.registerProvider(bulkDataExportProvider);
+		}
+		// Bulk Data $import (HAPI fetches NDJSON files from URLs it is given): off, as in HAPI's own starter; on for
+		// benchmarks/load_bench.py --import, which measures it against `leukofhir load`.
+		if (bulkImportEnabled) {
+			server.registerProvider(bulkDataImportProvider);
 		}
 		pagingProvider.setDefaultPageSize(defaultPageSize);
 		pagingProvider.setMaximumPageSize(maxPageSize);
