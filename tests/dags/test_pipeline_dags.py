@@ -397,18 +397,18 @@ def scheduled_surveillance(logical_date: datetime) -> tuple[dict, list[str]]:
 
 
 def test_the_surveillance_run_whose_interval_holds_midnight_utc_sweeps_lapsed_flags(dags, fhir_client, unique,
-                                                                                    tmp_path, monkeypatch):
+                                                                                    tmp_path, monkeypatch, own_tag):
     from leukofhir.config import load_config
     from leukofhir.run import run_pipeline
-    from support.server_data import rules_with_own_tag
 
     # The project's Flags of this test only: their own tag, in the site rules file the tasks read.
-    config = rules_with_own_tag(tmp_path, f"sweep-{unique}")
+    config, put_on_server = own_tag
     monkeypatch.setenv("LEUKOFHIR_RULES", str(config))
     monkeypatch.delenv("LEUKOFHIR_LAPSE_SWEEP_HOUR", raising=False)
     rules = load_config(config)
     now = datetime.now(timezone.utc).replace(microsecond=0)
     pid = f"lapse-{unique}"
+    put_on_server.append(pid)
     count_time = days_ago(91, now=now)
     put(fhir_client, patient(pid), observation(f"{pid}-w", "wbc", 2.1, time=count_time, patient=f"Patient/{pid}"))
     # Written three days ago, when its count was 88 days old: active. Its data has not changed since.

@@ -14,7 +14,7 @@ from leukofhir.config import load_config
 from leukofhir.extract import read_patient_list
 from leukofhir.run import chunk_dirs, run_pipeline
 from support.fhir_builders import days_ago, observation, patient, report
-from support.server_data import project_flags, put, rules_with_own_tag, versions
+from support.server_data import project_flags, put, versions
 
 pytestmark = pytest.mark.fhir
 
@@ -32,12 +32,13 @@ def _read(run_dir) -> list[str]:
 
 
 def test_the_sweep_closes_a_flag_whose_patient_has_had_no_count_for_longer_than_the_lapse(fhir_base_url, fhir_client,
-                                                                                           unique, tmp_path):
+                                                                                           unique, tmp_path, own_tag):
     # The project's Flags of this test only: their own tag (the sweep reads every active project Flag of the server).
-    config = rules_with_own_tag(tmp_path, f"sweep-{unique}")
+    config, put_on_server = own_tag
     rules = load_config(config)
     now = datetime.now(timezone.utc).replace(microsecond=0)
     old, recent, deleted, untimed = (f"{kind}-{unique}" for kind in ("old", "recent", "deleted", "untimed"))
+    put_on_server += [old, recent, deleted, untimed]
     count_time = days_ago(89, now=now)
     put(fhir_client, *(patient(p) for p in (old, recent, deleted, untimed)),
         observation(f"{old}-w", "wbc", 2.1, time=count_time, patient=f"Patient/{old}"),
@@ -88,13 +89,15 @@ def test_the_sweep_closes_a_flag_whose_patient_has_had_no_count_for_longer_than_
     assert cli_report["window"] is None and cli_report["sweep"] == {"candidates": 1, "flags_read": 2, "added": 1}
 
 
-def test_the_sweep_added_to_a_window_evaluates_each_patient_once(fhir_client, unique, tmp_path):
+def test_the_sweep_added_to_a_window_evaluates_each_patient_once(fhir_client, unique, tmp_path, own_tag):
     from leukofhir.extract import Window
     from support.server_data import pause, server_now
 
-    rules = load_config(rules_with_own_tag(tmp_path, f"sweep-{unique}"))
+    config, put_on_server = own_tag
+    rules = load_config(config)
     now = datetime.now(timezone.utc).replace(microsecond=0)
     lapsing, touched = f"lapsing-{unique}", f"touched-{unique}"
+    put_on_server += [lapsing, touched]
     put(fhir_client, patient(lapsing), patient(touched),
         observation(f"{lapsing}-w", "wbc", 2.1, time=days_ago(89, now=now), patient=f"Patient/{lapsing}"))
     run_pipeline(fhir_client, rules, tmp_path / "first", patients=[lapsing], now=now)

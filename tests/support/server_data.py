@@ -39,12 +39,23 @@ def project_flags(client, patient_ids, rules=RULES) -> list[dict]:
 
 def rules_with_own_tag(folder: Path, code: str) -> Path:
     """A site rules file: the default rules with their own project tag code, so that the project's Flags on the
-    session's server are those of one test (the lapse sweep reads every active project Flag of the server)."""
+    session's server are those of one test (the lapse sweep reads every active project Flag of the server). Remove
+    the test's results afterwards (remove_results)."""
     text = DEFAULT_PATH.read_text(encoding="utf-8")
     assert text.count("tag_code: leukofhir\n") == 1
     path = Path(folder) / "rules.yaml"
     path.write_text(text.replace("tag_code: leukofhir\n", f"tag_code: {code}\n"), encoding="utf-8")
     return path
+
+
+def remove_results(client, patient_ids) -> None:
+    """Delete the patients' reports and results: a run with the default tag (a backfill of the whole server, later in
+    the session) then wants no Flag for them. It would otherwise want one at the id where a Flag of another tag
+    stands, which it cannot see, and be refused at every try (a conflict)."""
+    refs = ",".join(f"Patient/{p}" for p in patient_ids)
+    for resource_type in ("DiagnosticReport", "Observation"):  # reports first: they refer to the results
+        for resource in list(client.search(resource_type, {"subject": refs, "_elements": "id", "_count": 500})):
+            client.request("DELETE", f"{resource_type}/{resource['id']}")
 
 
 def flags_by_identifier(flags: list[dict]) -> dict[str, dict]:
