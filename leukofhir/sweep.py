@@ -9,7 +9,7 @@ from typing import Iterable, Mapping
 
 from leukofhir.config import Rules
 from leukofhir.errors import UsageError
-from leukofhir.extract import PAGE_SIZE, fhir_instant, local_patient_id, project_flag_tag, subject_of
+from leukofhir.extract import PAGE_SIZE, fhir_instant, local_patient_id, patient_batches, project_flag_tag, subject_of
 from leukofhir.fhir.client import FhirClient
 from leukofhir.fhir.ids import is_valid_id
 from leukofhir.flags import DETAIL_URL
@@ -106,8 +106,7 @@ def lapse_candidates(client: FhirClient, rules: Rules, as_of: datetime) -> Sweep
 
 def _evidence_times(client: FhirClient, ids: list[str]) -> dict[str, int | None]:
     times: dict[str, int | None] = {}
-    for start in range(0, len(ids), ID_BATCH):
-        batch = ids[start:start + ID_BATCH]
+    for batch in patient_batches(ids, ID_BATCH):  # batches of ids, as of patients
         asked = set(batch)
         params = {"_id": ",".join(batch), "_elements": "status,effective", "_count": len(batch)}
         for resource in client.search("Observation", params):
