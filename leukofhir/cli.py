@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window-field", choices=["lastUpdated", "effective"], default="lastUpdated",
                    help="what the window selects on: the server's _lastUpdated (default) or the clinical date")
     p.add_argument("--patients", metavar="ID,...", help="evaluate exactly these patients instead of a window")
+    p.add_argument("--lapse-sweep", action="store_true",
+                   help="also evaluate the patients whose active Flags have had no count for longer than the lapse "
+                   "(the surveillance DAG's daily sweep); alone, or added to a window or to --patients")
     p.add_argument("--dry-run", action="store_true", help="write nothing to the server; report what would be written")
     p.add_argument("--out", metavar="DIR", help="run folder for the reports (default: a fresh out/run-<time>)")
     p.add_argument("--config", metavar="FILE", help="site rules configuration (YAML), replacing the default")

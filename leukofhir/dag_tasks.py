@@ -32,6 +32,9 @@ RUNS_VARIABLE = "leukofhir_runs"
 # The memory a chunk's evaluation may give its rows (leukofhir.partition; default there: a 2-core 4 GB worker); a site
 # with larger workers sets it in the workers' environment, e.g. LEUKOFHIR_MEMORY_BUDGET=2GB.
 MEMORY_BUDGET_ENV = "LEUKOFHIR_MEMORY_BUDGET"
+# The hour of the day (UTC, 0-23) whose surveillance run also does the daily lapse sweep (leukofhir.sweep); read when
+# the run starts, so a change needs no new DAG file.
+LAPSE_SWEEP_HOUR_ENV = "LEUKOFHIR_LAPSE_SWEEP_HOUR"
 
 DEFAULT_ARGS = {
     # A FHIR server restarting or a network blip must not lose an hour: retry, waiting longer each time.
@@ -132,13 +135,35 @@ def _window(context, window_field: str | None):
     params = context["params"]
     field = params.get("window_field") or window_field or "lastUpdated"
     start, end = params.get("start"), params.get("end")
-    if window_field == "lastUpdated" and not (start or end) and context.get("data_interval_start") is not None:
+    if _by_interval(context, window_field):
         return Window.parse(context["data_interval_start"], context["data_interval_end"], field)
     if params.get("patients"):
         return None
     if not (start and end):
         raise UsageError("no window: this run has no data interval; give the Params start and end (or patients)")
     return Window.parse(start, end, field)
+
+
+def _by_interval(context, window_field: str | None) -> bool:
+    """Whether this run's window is its data interval: a scheduled run (or a backfill) of the surveillance DAG."""
+    params = context["params"]
+    return (window_field == "lastUpdated" and not (params.get("start") or params.get("end"))
+            and context.get("data_interval_start") is not None)
+
+
+def _sweeps(context, window) -> bool:
+    """Whether this surveillance run does the daily lapse sweep: its data interval holds the sweep hour (UTC,
+    LEUKOFHIR_LAPSE_SWEEP_HOUR, read now, at run time; 00:00 by default), so one run a day sweeps. A manual run with
+    Params sweeps never (`leukofhir run --lapse-sweep` does it by hand)."""
+    from leukofhir.sweep import sweep_due, sweep_hour
+
+    if not _by_interval(context, "lastUpdated"):
+        return False
+    hour = sweep_hour(os.environ.get(LAPSE_SWEEP_HOUR_ENV))
+    due = sweep_due(window.since, window.until, hour)
+    if due:
+        log.info("lapse sweep: this run's data interval holds %02d:00 UTC", hour)
+    return due
 
 
 def _fail(exc: Exception):
@@ -183,9 +208,12 @@ def bulk_export(window_field: str | None = None) -> dict:
 
 
 @task(pool=FHIR_POOL)
-def find_patients(window_field: str | None = None, exported: dict | None = None) -> list[str]:
+def find_patients(window_field: str | None = None, exported: dict | None = None, lapse_sweep: bool = False
+                  ) -> list[str]:
     """The touched patients of the window (or the Params' patients), cut into `chunks` folders: their URLs. After an
-    export (`exported` from bulk_export), from the window's export, each chunk staged from the histories' export."""
+    export (`exported` from bulk_export), from the window's export, each chunk staged from the histories' export.
+    `lapse_sweep` (the surveillance DAG): in the one run a day whose data interval holds the sweep hour, the lapse
+    sweep's patients too (leukofhir.sweep), evaluated and written as every touched patient."""
     from leukofhir.errors import LeukofhirError
     from leukofhir.run import check_server, find_patients as find
 
@@ -207,6 +235,7 @@ def find_patients(window_field: str | None = None, exported: dict | None = None)
             else:
                 check_server(client, rules, window=window, dry_run=dry_run)
                 chunks = find(client, rules, run_dir, window=window, patients=patients,
+                              sweep=lapse_sweep and _sweeps(context, window),
                               chunks=int(params.get("chunks") or 1), dry_run=dry_run)
         if by_export:
             _remove_remote(exported["export"])  # staged in the chunks now

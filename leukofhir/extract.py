@@ -17,7 +17,7 @@ from leukofhir.fhir.ids import is_valid_id, shown
 from leukofhir.reader import reference_target
 
 __all__ = [
-    "Window", "WINDOW_FIELDS", "parse_instant", "touched_patients", "patient_batches", "stage_batch",
+    "Window", "WINDOW_FIELDS", "parse_instant", "fhir_instant", "touched_patients", "patient_batches", "stage_batch",
     "medication_types", "window_searches", "observation_codes", "project_flag_tag", "Subjects", "subject_of",
     "local_patient_id", "deleted_subjects", "changed_patients", "read_time",
 ]
@@ -45,7 +45,7 @@ def parse_instant(text: str | datetime, what: str = "time") -> datetime:
     return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
 
 
-def _fhir_instant(moment: datetime) -> str:
+def fhir_instant(moment: datetime) -> str:
     """UTC, to the millisecond: HAPI stores `lastUpdated` in milliseconds, and windows may be shorter than a second."""
     return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -65,12 +65,12 @@ class Window:
             raise UsageError(f"window field {field!r} must be one of {', '.join(WINDOW_FIELDS)}")
         window = cls(parse_instant(since, "since"), parse_instant(until, "until"), field)
         if window.until <= window.since:
-            raise UsageError(f"the window is empty: until ({_fhir_instant(window.until)}) must be after since "
-                             f"({_fhir_instant(window.since)})")
+            raise UsageError(f"the window is empty: until ({fhir_instant(window.until)}) must be after since "
+                             f"({fhir_instant(window.since)})")
         return window
 
     def as_dict(self) -> dict:
-        return {"since": _fhir_instant(self.since), "until": _fhir_instant(self.until), "field": self.field}
+        return {"since": fhir_instant(self.since), "until": fhir_instant(self.until), "field": self.field}
 
 
 def medication_types(rules: Rules) -> list[str]:
@@ -144,7 +144,7 @@ class Subjects:
 
 
 def _window_params(window: Window, resource_type: str) -> dict | None:
-    since, until = _fhir_instant(window.since), _fhir_instant(window.until)
+    since, until = fhir_instant(window.since), fhir_instant(window.until)
     if window.field == "lastUpdated":
         return {"_lastUpdated": [f"ge{since}", f"lt{until}"]}
     param = CLINICAL_DATE.get(resource_type)
@@ -196,7 +196,7 @@ def deleted_subjects(client: FhirClient, resource_type: str, since: datetime) ->
 
     HAPI lists a DELETE in the type's history without a resource (`request.url` = `Type/id/_history/n`); the version
     before it still answers a read (/work/shared/fhir-server.md, seen on HAPI 8.8)."""
-    params = {"_since": _fhir_instant(since), "_count": PAGE_SIZE}
+    params = {"_since": fhir_instant(since), "_count": PAGE_SIZE}
     for bundle in client.search_pages(f"{resource_type}/_history", params):
         for entry in bundle.get("entry") or []:
             request = entry.get("request") or {}
@@ -304,7 +304,7 @@ def changed_patients(client: FhirClient, rules: Rules, patients: list[str], sinc
     if not patients:
         return set()
     refs = ",".join(f"Patient/{p}" for p in patients)
-    changed = {"_lastUpdated": f"ge{_fhir_instant(since)}", "_count": PAGE_SIZE}
+    changed = {"_lastUpdated": f"ge{fhir_instant(since)}", "_count": PAGE_SIZE}
     searches = [("Observation", {"subject": refs}), ("DiagnosticReport", {"subject": refs})]
     searches += [(t, {"subject": refs}) for t in medication_types(rules)]
     if rules.ben.codes:

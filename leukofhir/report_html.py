@@ -96,12 +96,15 @@ def _by_count(counts: Any) -> list[list[str]]:
 
 def _header(report: dict) -> str:
     window = report.get("window")
+    sweep = report.get("sweep")
     if window:
         field = window.get("field") or "lastUpdated"
         source = (
             f"Window <b>{_e(window.get('since', '—'))}</b> to <b>{_e(window.get('until', '—'))}</b> "
             f"(by {_e(field)})"
         )
+    elif sweep:
+        source = ""  # the sweep alone: said below
     else:
         files = [str(f) for f in report.get("inputs") or []]
         shown = "".join(f"<li><code>{_e(f)}</code></li>" for f in files[:MAX_INPUT_FILES])
@@ -112,9 +115,18 @@ def _header(report: dict) -> str:
     as_of = report.get("as_of")
     return (
         "<h1>leukofhir run report</h1>"
-        f'<p class="sub">{"As of <b>" + _e(as_of) + "</b>. " if as_of else ""}{source}</p>'
+        f'<p class="sub">{"As of <b>" + _e(as_of) + "</b>. " if as_of else ""}{source}{_sweep(sweep)}</p>'
         + _failure(report)
     )
+
+
+def _sweep(sweep: Any) -> str:
+    """The daily lapse sweep's part of a run (leukofhir.sweep): the patients it added to the run."""
+    if not isinstance(sweep, dict):
+        return ""
+    return (f' Lapse sweep: <b id="sweep-added">{_n(sweep.get("added", 0))}</b> patients added '
+            f'({_n(sweep.get("candidates", 0))} whose active Flags may have lapsed, of '
+            f'{_n(sweep.get("flags_read", 0))} active Flags read).')
 
 
 def _failure(report: dict) -> str:

@@ -37,6 +37,7 @@ from leukofhir.pipeline import evaluate_files
 from leukofhir.reader import iter_resources
 from leukofhir.report import merge_reports, write_counts
 from leukofhir.report_html import write_report_html
+from leukofhir.sweep import lapse_candidates
 from leukofhir.validate import ValidationThresholdError, check_contract, merge_contract
 from leukofhir.write import Plan, ensure_author, plan_writes, write_plan, write_rejects
 
@@ -83,33 +84,53 @@ def _check_patient_ids(patients: list[str]) -> list[str]:
 
 def find_patients(
     client: FhirClient, rules: Rules, run_dir: Path, *, window: Window | None = None,
-    patients: list[str] | None = None, chunks: int = 1, chunk_size: int | None = None, dry_run: bool = False,
+    patients: list[str] | None = None, sweep: bool = False, chunks: int = 1, chunk_size: int | None = None,
+    dry_run: bool = False, now: datetime | None = None,
 ) -> list[Path]:
-    """Step 1: the touched patients (of the window, or the list given), split into `chunks` folders (or into
-    folders of `chunk_size` patients)."""
-    if (window is None) == (patients is None):
+    """Step 1: the touched patients (of the window, or the list given), and with `sweep` the lapse sweep's candidates
+    (leukofhir.sweep: the patients whose active project Flags may have lapsed as of the run's start), split into
+    `chunks` folders (or into folders of `chunk_size` patients). `now`: the run's start, the time it evaluates as of
+    (default: the clock; tests give another)."""
+    if window is not None and patients is not None:
         raise UsageError("give either a window or a list of patients")
+    if window is None and patients is None and not sweep:
+        raise UsageError("give a window, a list of patients or the lapse sweep")
     if chunks < 1 or (chunk_size is not None and chunk_size < 1):
         raise UsageError("chunks and the chunk size must be at least 1")
     run_dir = Path(run_dir)
     if (run_dir / "chunks").exists():
         shutil.rmtree(run_dir / "chunks")  # a retried task starts its run folder over
-    ids = _check_patient_ids(patients) if patients is not None else touched_patients(client, window, rules)
+    started = _run_start(now)
+    if patients is not None:
+        ids = _check_patient_ids(patients)
+    else:
+        ids = touched_patients(client, window, rules) if window is not None else []
+    swept = None
+    if sweep:
+        found = lapse_candidates(client, rules, started)
+        added = sorted(set(found.patients) - set(ids))
+        swept = {"candidates": len(found.patients), "flags_read": found.flags_read, "added": len(added)}
+        ids = sorted([*ids, *added])
     return start_run(run_dir, client.base_url, ids, window=window, patients_given=patients is not None, chunks=chunks,
-                     chunk_size=chunk_size, dry_run=dry_run)
+                     chunk_size=chunk_size, dry_run=dry_run, started=started, sweep=swept)
+
+
+def _run_start(now: datetime | None) -> datetime:
+    """The run's start, to the second (as run.json keeps it): the time the run evaluates as of (v1.3 §4)."""
+    return parse_instant(now or datetime.now(timezone.utc)).replace(microsecond=0)
 
 
 def start_run(run_dir: Path, server: str, ids: list[str], *, window: Window | None, patients_given: bool,
               chunks: int = 1, chunk_size: int | None = None, dry_run: bool = False, extract: str = "search",
-              **chunk_meta) -> list[Path]:
+              started: datetime | None = None, sweep: dict | None = None, **chunk_meta) -> list[Path]:
     """run.json, and the sorted patient ids cut into contiguous chunk folders (`chunks` of them, or of `chunk_size`
     patients), each with its patients.json (and `chunk_meta`). `extract`: how the histories are read (search,
-    export)."""
+    export); `started`: the run's start (default: now); `sweep`: the lapse sweep's counts, when it ran."""
     log.info("%d patients touched", len(ids))
     meta = {"server": server, "dry_run": dry_run, "extract": extract,
-            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "started": _run_start(started).isoformat(timespec="seconds"),
             "window": window.as_dict() if window else None, "patients_given": patients_given,
-            "patients_touched": len(ids)}
+            "patients_touched": len(ids), "sweep": sweep}
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "run.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
     (run_dir / CONTRACT_FILE).unlink(missing_ok=True)  # a retried run is judged again
@@ -347,7 +368,8 @@ def finish_run(run_dir: Path, seconds: dict | None = None, error: str | None = N
         error = f"{len(unwritten)} of {len(chunks)} chunk(s) not written"
     verdict = run_dir / CONTRACT_FILE
     report = {
-        "server": meta["server"], "window": meta["window"], "extract": meta.get("extract", "search"),
+        "server": meta["server"], "window": meta["window"], "sweep": meta.get("sweep"),
+        "extract": meta.get("extract", "search"),
         "as_of": meta["started"], "dry_run": meta["dry_run"],
         "status": "failed" if error else "done", **({"error": error} if error else {}),
         "patients_touched": meta["patients_touched"], "chunks": len(chunks),
@@ -378,8 +400,8 @@ def _concatenate(target: Path, parts: list[Path]) -> None:
 
 def run_pipeline(
     client: FhirClient, rules: Rules, run_dir: Path, *, window: Window | None = None,
-    patients: list[str] | None = None, dry_run: bool = False, batch_size: int = BATCH_SIZE,
-    progress: bool = False, keep_staged: bool = False,
+    patients: list[str] | None = None, lapse_sweep: bool = False, dry_run: bool = False, batch_size: int = BATCH_SIZE,
+    progress: bool = False, keep_staged: bool = False, now: datetime | None = None,
 ) -> dict:
     """The whole run in this process, one batch at a time (a chunk per batch): what `leukofhir run` does, with the
     step functions the DAG tasks call.
@@ -391,15 +413,16 @@ def run_pipeline(
     batch is evaluated, the next one is extracted in a second thread, so the server is kept busy: evaluating is CPU
     work here, extracting mostly waits for the server (benchmarks/pipeline_bench.py). The client is never used by both
     threads at once: the writes begin once every batch is staged. `seconds` holds each step's own time (the contract's
-    under evaluate), so with the overlap they add up to more than `total`."""
+    under evaluate), so with the overlap they add up to more than `total`. `lapse_sweep` adds the lapse sweep's
+    patients (find_patients); `now`, the run's start, is for tests (the command line has no such option)."""
     run_dir = Path(run_dir)
     if batch_size < 1:
         raise UsageError("the batch size must be at least 1")
     seconds = dict.fromkeys(("find", "extract", "evaluate", "write"), 0.0)
     started = time.perf_counter()
     # One chunk per batch, so memory is bounded by the batch (two at most: one evaluated while the next is staged).
-    chunks = find_patients(client, rules, run_dir, window=window, patients=patients, chunk_size=batch_size,
-                           dry_run=dry_run)
+    chunks = find_patients(client, rules, run_dir, window=window, patients=patients, sweep=lapse_sweep,
+                           chunk_size=batch_size, dry_run=dry_run, now=now)
     seconds["find"] = time.perf_counter() - started
     sizes = [len(read_patient_list(c / "patients.json")) for c in chunks]
     bar = _progress(sum(sizes), progress)
@@ -475,7 +498,10 @@ def summary_line(report: dict, run_dir: Path) -> str:
         + (f", refused {writes['refused']}" if writes["refused"] else "")
         + (f", {report['flags_held']} left as they are (evidence quarantined)" if report.get("flags_held") else "")
         + (f", in conflict {writes['conflict']}" if writes.get("conflict") else "")
-        + f"; {sum(report['quarantined'].values())} resources quarantined; report: {run_dir / 'report.html'}"
+        + f"; {sum(report['quarantined'].values())} resources quarantined"
+        + (f"; lapse sweep: {sweep['added']} patients added ({sweep['candidates']} whose active Flags may have "
+           f"lapsed, of {sweep['flags_read']} active Flags read)" if (sweep := report.get("sweep")) else "")
+        + f"; report: {run_dir / 'report.html'}"
     )
 
 
@@ -506,14 +532,16 @@ def run_command(args) -> int:
     patients = [p.strip() for p in args.patients.split(",") if p.strip()] if args.patients else None
     if patients is not None and (args.since or args.until):
         raise UsageError("give either --since/--until or --patients, not both")
-    window = None if patients is not None else Window.parse(
+    sweep_alone = args.lapse_sweep and not (args.since or args.until)
+    window = None if patients is not None or sweep_alone else Window.parse(
         args.since or _missing("--since"), args.until or _missing("--until"), args.window_field)
     run_dir = Path(args.out) if args.out else default_run_dir()
     try:
         with connect(args.fhir_url, args.auth, timeout=args.timeout) as client:
             check_server(client, rules, window=window, dry_run=args.dry_run)
-            report = run_pipeline(client, rules, run_dir, window=window, patients=patients, dry_run=args.dry_run,
-                                  batch_size=args.batch_size, progress=True, keep_staged=args.keep_staged)
+            report = run_pipeline(client, rules, run_dir, window=window, patients=patients,
+                                  lapse_sweep=args.lapse_sweep, dry_run=args.dry_run, batch_size=args.batch_size,
+                                  progress=True, keep_staged=args.keep_staged)
     except (ValidationThresholdError, FhirError) as exc:
         failed = failed_report(run_dir, exc)
         # Every write names the version it was decided from, and a re-run writes only what is still missing.
@@ -534,4 +562,4 @@ def run_command(args) -> int:
 
 
 def _missing(flag: str):
-    raise UsageError(f"{flag} is required (or give --patients)")
+    raise UsageError(f"{flag} is required (or give --patients, or --lapse-sweep alone)")

@@ -66,6 +66,19 @@ def unique():
     return uuid.uuid4().hex[:12]
 
 
+@pytest.fixture
+def own_tag(fhir_client, unique, tmp_path):
+    """(site rules file, patients): the default rules with this test's own project tag, so that the project's Flags
+    on the session's server are the test's alone (the lapse sweep reads them all); the test adds the ids of the
+    patients it puts on the server, whose results are deleted afterwards (support.server_data.remove_results)."""
+    from support.server_data import remove_results, rules_with_own_tag
+
+    patients: list[str] = []
+    yield rules_with_own_tag(tmp_path, f"own-{unique}"), patients
+    if patients:
+        remove_results(fhir_client, patients)
+
+
 @pytest.fixture(scope="session")
 def airflow_db():
     """Airflow's metadata database (SQLite in the session's AIRFLOW_HOME), migrated once: dag.test() needs it."""

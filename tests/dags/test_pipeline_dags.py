@@ -386,3 +386,60 @@ def test_a_broken_feed_fails_the_backfill_before_any_chunk_writes(dags, fhir_cli
     assert "observations feed wbc in 'K/uL-new': 60 of 60 rows (100.0%) from 12 patients" in \
         report["contract_verdict"]["message"]
     assert tasks["report"] == [("failed", 1)]  # the run says why, once
+
+
+def scheduled_surveillance(logical_date: datetime) -> tuple[dict, list[str]]:
+    """A scheduled run of the surveillance DAG (its window: the data interval Airflow gives `logical_date`): its
+    report.json, and the patients it read."""
+    from leukofhir.extract import read_patient_list
+    from leukofhir.run import chunk_dirs
+
+    run = _parse()["leukopenia_surveillance"].test(logical_date=logical_date)
+    assert run.state == "success", f"run {run.run_id} ended {run.state}"
+    folder = _folder("leukopenia_surveillance", run.run_id)
+    read = [p for chunk in chunk_dirs(folder) for p in read_patient_list(chunk / "patients.json")]
+    return json.loads((folder / "report.json").read_text(encoding="utf-8")), read
+
+
+def test_the_surveillance_run_whose_interval_holds_midnight_utc_sweeps_lapsed_flags(dags, fhir_client, unique,
+                                                                                    tmp_path, monkeypatch, own_tag):
+    from leukofhir.config import load_config
+    from leukofhir.run import run_pipeline
+
+    # The project's Flags of this test only: their own tag, in the site rules file the tasks read.
+    config, put_on_server = own_tag
+    monkeypatch.setenv("LEUKOFHIR_RULES", str(config))
+    monkeypatch.delenv("LEUKOFHIR_LAPSE_SWEEP_HOUR", raising=False)
+    rules = load_config(config)
+    now = datetime.now(timezone.utc).replace(microsecond=0)
+    pid = f"lapse-{unique}"
+    put_on_server.append(pid)
+    count_time = days_ago(91, now=now)
+    put(fhir_client, patient(pid), observation(f"{pid}-w", "wbc", 2.1, time=count_time, patient=f"Patient/{pid}"))
+    # Written three days ago, when its count was 88 days old: active. Its data has not changed since.
+    run_pipeline(fhir_client, rules, tmp_path / "before", patients=[pid], now=now - timedelta(days=3))
+    (flag,) = project_flags(fhir_client, [pid], rules)
+    assert flag["status"] == "active"
+
+    # Hourly intervals of a day to come, so that no window touches anyone (deletions are listed from a window's start
+    # on); the sweep's as-of is still the run's start, now.
+    day = datetime.combine((now + timedelta(days=30)).date(), datetime.min.time(), tzinfo=timezone.utc)
+    # Logical dates 00:30 and 13:30: the intervals [23:00, 00:00) (it ends at midnight, the next one holds it) and
+    # [12:00, 13:00).
+    for logical in (day + timedelta(minutes=30), day + timedelta(hours=13, minutes=30)):
+        report, read = scheduled_surveillance(logical)
+        assert report["sweep"] is None and pid not in read
+        assert project_flags(fhir_client, [pid], rules) == [flag]
+    report, read = scheduled_surveillance(day + timedelta(hours=1, minutes=30))  # [00:00, 01:00): the day's sweep
+    assert report["sweep"] == {"candidates": 1, "flags_read": 1, "added": 1} and read == [pid]
+    assert report["writes"]["update"] == 1
+    (closed,) = project_flags(fhir_client, [pid], rules)
+    assert closed["id"] == flag["id"] and closed["status"] == "inactive"
+    assert closed["period"] == {"start": count_time, "end": count_time}
+    assert closed["code"]["text"].endswith("; no follow-up count for more than 90 days")
+
+    # The hour is the site's, read when the run starts: at 13:00 the run of 13:00-14:00 sweeps (nothing left to close).
+    monkeypatch.setenv("LEUKOFHIR_LAPSE_SWEEP_HOUR", "13")
+    report, read = scheduled_surveillance(day + timedelta(hours=14, minutes=30))
+    assert report["sweep"] == {"candidates": 0, "flags_read": 0, "added": 0} and read == []
+    assert writes(report) == NOTHING_WRITTEN and project_flags(fhir_client, [pid], rules) == [closed]

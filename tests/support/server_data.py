@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 
-from leukofhir.config import load_config
+from leukofhir.config import DEFAULT_PATH, load_config
 from leukofhir.write import comparable
 
 RULES = load_config()
@@ -30,10 +31,31 @@ def pause() -> None:
     time.sleep(0.05)
 
 
-def project_flags(client, patient_ids) -> list[dict]:
+def project_flags(client, patient_ids, rules=RULES) -> list[dict]:
     refs = ",".join(f"Patient/{p}" for p in patient_ids)
-    tag = f"{RULES.uris.tag_system}|{RULES.uris.tag_code}"
+    tag = f"{rules.uris.tag_system}|{rules.uris.tag_code}"
     return list(client.search("Flag", {"subject": refs, "_tag": tag, "_count": 500}))
+
+
+def rules_with_own_tag(folder: Path, code: str) -> Path:
+    """A site rules file: the default rules with their own project tag code, so that the project's Flags on the
+    session's server are those of one test (the lapse sweep reads every active project Flag of the server). Remove
+    the test's results afterwards (remove_results)."""
+    text = DEFAULT_PATH.read_text(encoding="utf-8")
+    assert text.count("tag_code: leukofhir\n") == 1
+    path = Path(folder) / "rules.yaml"
+    path.write_text(text.replace("tag_code: leukofhir\n", f"tag_code: {code}\n"), encoding="utf-8")
+    return path
+
+
+def remove_results(client, patient_ids) -> None:
+    """Delete the patients' reports and results: a run with the default tag (a backfill of the whole server, later in
+    the session) then wants no Flag for them. It would otherwise want one at the id where a Flag of another tag
+    stands, which it cannot see, and be refused at every try (a conflict)."""
+    refs = ",".join(f"Patient/{p}" for p in patient_ids)
+    for resource_type in ("DiagnosticReport", "Observation"):  # reports first: they refer to the results
+        for resource in list(client.search(resource_type, {"subject": refs, "_elements": "id", "_count": 500})):
+            client.request("DELETE", f"{resource_type}/{resource['id']}")
 
 
 def flags_by_identifier(flags: list[dict]) -> dict[str, dict]:

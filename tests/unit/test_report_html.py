@@ -86,6 +86,21 @@ def test_the_window_replaces_the_file_list():
     assert "Observation.cbc.ndjson.gz" not in text
 
 
+def test_the_lapse_sweep_says_how_many_patients_it_added():
+    report = sample_report()
+    report["inputs"] = []
+    report["sweep"] = {"candidates": 1204, "flags_read": 30512, "added": 1187}
+    text = " ".join(" ".join(_parse(render_report(report)).text).split())
+    assert "Lapse sweep: 1,187 patients added (1,204 whose active Flags may have lapsed, of 30,512 active Flags " \
+           "read)" in text
+    assert "Input: none recorded" not in text  # the sweep alone is what the run read
+    report["window"] = {"since": "2025-01-01T00:00:00Z", "until": "2025-01-01T01:00:00Z", "field": "lastUpdated"}
+    text = " ".join(" ".join(_parse(render_report(report)).text).split())
+    assert "2025-01-01T01:00:00Z" in text and "Lapse sweep: 1,187 patients added" in text
+    del report["sweep"]
+    assert "Lapse sweep" not in render_report(report)
+
+
 def test_an_almost_empty_report_still_renders():
     html = render_report({"inputs": [], "read_total": 0, "evaluated": 0})
     text = " ".join(_parse(html).text)

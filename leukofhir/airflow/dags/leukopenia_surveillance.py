@@ -1,6 +1,9 @@
 """Leukopenia surveillance, hospital-wide: every hour, the patients whose blood counts, reports, medications or
 Patient record changed in the data interval (`_lastUpdated`) are re-evaluated on their whole history, and their
-Flags on the FHIR server converge. Missed intervals: `airflow backfill create --dag-id leukopenia_surveillance`."""
+Flags on the FHIR server converge. Once a day, the run whose interval holds 00:00 UTC (LEUKOFHIR_LAPSE_SWEEP_HOUR)
+also re-evaluates the patients whose active Flags have had no count for longer than the lapse (clinical-rules v1.3 §4:
+their data does not change, so no window touches them). Missed intervals: `airflow backfill create --dag-id
+leukopenia_surveillance`."""
 
 import os
 from datetime import datetime, timezone
@@ -31,7 +34,7 @@ SCHEDULE = os.environ.get("LEUKOFHIR_SURVEILLANCE_CRON", "0 * * * *")
     doc_md=__doc__,
 )
 def leukopenia_surveillance():
-    chunks = find_patients(window_field="lastUpdated")
+    chunks = find_patients(window_field="lastUpdated", lapse_sweep=True)
     evaluated = evaluate.expand(chunk=extract.expand(chunk=chunks))
     # No chunk writes before the data contract was judged on the whole run (a barrier over every chunk).
     written = write_flags.expand(chunk=check_contract(evaluated))
