@@ -36,13 +36,14 @@ def connection_through(fhir_connection):
 
 
 def test_the_report_of_a_backfill_whose_server_vanishes_says_what_was_written(dags, connection_through,  # noqa: F811
+                                                                              monkeypatch,
                                                                               fhir_base_url, fhir_client, unique):
     pids = [f"vanish{n}-{unique}" for n in range(6)]
     put(fhir_client, *(patient(p) for p in pids),
         *(observation(f"{p}-w", "wbc", 2.0 + n / 10, time=at(), patient=f"Patient/{p}") for n, p in enumerate(pids)))
     dag = _parse()["leukopenia_backfill"]
     for task in dag.tasks:
-        task.retries = 0  # the failure itself, not Airflow's retries minutes apart
+        monkeypatch.setattr(task, "retries", 0)  # the failure itself, not Airflow's retries minutes apart
     with FaultProxy(fhir_base_url) as proxy:
         # The first chunk's transaction goes through; every try of the second chunk's loses its connection.
         proxy.add(Fault("delay", method="POST", path_regex=TRANSACTION),
@@ -61,12 +62,13 @@ def test_the_report_of_a_backfill_whose_server_vanishes_says_what_was_written(da
 
 
 def test_a_patients_run_whose_server_vanishes_leaves_its_report(dags, connection_through, fhir_base_url,  # noqa: F811
+                                                                monkeypatch,
                                                                 fhir_client, unique):
     pid = f"vanish-p-{unique}"
     put(fhir_client, patient(pid), observation(f"{pid}-w", "wbc", 2.0, time=at(), patient=f"Patient/{pid}"))
     dag = _parse()["leukopenia_patients"]
     for task in dag.tasks:
-        task.retries = 0
+        monkeypatch.setattr(task, "retries", 0)
     with FaultProxy(fhir_base_url) as proxy:
         proxy.add(*[Fault("reset", method="POST", path_regex=TRANSACTION) for _ in range(5)])
         connection_through(proxy.base_url)
