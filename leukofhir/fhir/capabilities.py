@@ -14,15 +14,16 @@ log = logging.getLogger(__name__)
 
 # Searches the pipeline makes, per resource type: each tuple is one need, met by any of its parameters
 # (`subject` or `patient` find a patient's resources alike). Common parameters (_lastUpdated, _tag) may be
-# listed per resource or once for all resources (CapabilityStatement.rest.searchParam); both count.
+# listed per resource or once for all resources (CapabilityStatement.rest.searchParam); both count. The daily lapse
+# sweep (leukofhir.sweep) finds open Flags by `date` and reads their evidence by `_id`.
 REQUIRED_SEARCH: dict[str, list[tuple[str, ...]]] = {
-    "Observation": [("code",), ("subject", "patient"), ("_lastUpdated",), ("date",)],
+    "Observation": [("code",), ("subject", "patient"), ("_lastUpdated",), ("date",), ("_id",)],
     "DiagnosticReport": [("subject", "patient"), ("_lastUpdated",)],
     "MedicationRequest": [("subject", "patient"), ("_lastUpdated",)],
     "MedicationStatement": [("subject", "patient"), ("_lastUpdated",)],
     "MedicationAdministration": [("subject", "patient"), ("_lastUpdated",)],
     "Patient": [("_id",)],
-    "Flag": [("identifier",), ("_tag",), ("subject", "patient")],
+    "Flag": [("identifier",), ("_tag",), ("subject", "patient"), ("date",)],
 }
 # $export levels and where the Bulk Data IG has servers declare them.
 EXPORT_LEVELS = {"system": None, "patient": "Patient", "group": "Group"}
