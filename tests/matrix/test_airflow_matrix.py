@@ -178,7 +178,9 @@ def test_the_pool_is_created(site):
 def test_a_backfill_from_airflow_dags_test_writes_the_sample_flags(site, fhir_base_url, fhir_client, tmp_path):
     loaded = site.run("leukofhir", "load", "--fhir-url", fhir_base_url, *map(str, SAMPLE))
     assert loaded.returncode == 0, loaded.stderr[-3000:]
-    offline = site.run("leukofhir", "evaluate", *map(str, SAMPLE), "--out", str(tmp_path / "offline"))
+    # As of now, as the DAG evaluates (clinical-rules v1.3 §4: an open episode lapses 90 days after its last value).
+    now = datetime.now(timezone.utc).isoformat()
+    offline = site.run("leukofhir", "evaluate", *map(str, SAMPLE), "--out", str(tmp_path / "offline"), "--as-of", now)
     assert offline.returncode == 0, offline.stderr[-3000:]
     expected = flags_by_identifier([json.loads(line) for line in (tmp_path / "offline" / "Flag.ndjson").open()])
     assert expected
