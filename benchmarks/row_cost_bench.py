@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from evaluate_bench import DRUGS, generate, generate_compact  # noqa: E402
 
-MEDICATION_KINDS = ("MedicationStatement", "MedicationRequest", "MedicationAdministration")
+from leukofhir.normalise.exposures import MEDICATION_KINDS  # noqa: E402
 
 
 def generate_medications(folder: Path, statements: int, seed: int = 7) -> None:
