@@ -727,6 +727,10 @@ def evaluate_partitioned(files: list[Path], paths, out: Path, rules: Rules, plan
                 bar.close()
         report = _report(paths, skipped_files or [], spill, read_errors, [reports[n] for n in range(len(units))],
                          as_of, plan, units, linked)
+        parts = report["partitions"]
+        log.info("%d partitions: rows estimated at up to %s each (%s per process); their processes peaked at up to %s",
+                 len(units), show_size(parts["largest_estimated"]), show_size(plan.unit_budget),
+                 show_size(parts["largest_peak_rss"]))
         if fail_on_threshold:
             check_contract(report["contract"], rules.validation)
         numbers = range(len(units))

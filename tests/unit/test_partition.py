@@ -282,7 +282,7 @@ def test_the_estimate_counts_rows_whatever_their_bytes(tmp_path):
 
 
 @pytest.mark.parametrize("padding", [0, 700])
-def test_a_compact_input_is_packed_by_its_rows_not_its_bytes(tmp_path, padding):
+def test_a_compact_input_is_packed_by_its_rows_not_its_bytes(tmp_path, padding, caplog):
     """Many rows in few bytes: the partitions are packed by the rows the first pass counted, so each evaluated
     partition's rows fit one process's share of the budget, and compact JSON is cut into as many partitions as verbose
     JSON of the same rows, more than its bytes would ask for."""
@@ -291,8 +291,10 @@ def test_a_compact_input_is_packed_by_its_rows_not_its_bytes(tmp_path, padding):
     memory = _run([inputs], tmp_path / "memory")
     held = 8000 * ROW_COST_OBSERVATION + 400 * ROW_COST_OTHER  # what the rows take in memory
     budget = held // 6
-    partitioned = _run([inputs], tmp_path / "partitioned", memory_budget=budget, workers=2)
+    with caplog.at_level("INFO", logger="leukofhir.partition"):
+        partitioned = _run([inputs], tmp_path / "partitioned", memory_budget=budget, workers=2)
     parts = partitioned["partitions"]
+    assert f"{parts['evaluated']} partitions: rows estimated at up to" in caplog.text
     assert parts["memory_budget"] == budget and rows <= parts["estimated_rows"] < rows * 1.1
     units = parts["units"]
     assert len(units) == parts["evaluated"] and sum(u["rows"] for u in units) == rows
