@@ -89,6 +89,38 @@ def generate(folder: Path, observations: int, seed: int = 7, *, prefix: str = ""
             reports.write("\n")
 
 
+def generate_compact(folder: Path, observations: int, seed: int = 7,
+                     start: datetime = datetime(2020, 1, 1, tzinfo=timezone.utc), days: int = 1500) -> None:
+    """The same patients and CBC values as `generate`, as compact NDJSON (about 340 bytes an Observation, as some
+    exports are): each Observation only what the rules read (LOINC code, subject, effectiveDateTime, valueQuantity
+    with its UCUM code, status), no DiagnosticReports, no MedicationStatements. Many rows in few bytes."""
+    rng = random.Random(seed)
+    panels = observations // len(PANEL)
+    patients = max(1, panels // 10)
+    with open(folder / "Patient.ndjson", "w") as fh:
+        for p in range(patients):
+            fh.write(json.dumps({"resourceType": "Patient", "id": f"p{p}", "gender": rng.choice(["male", "female"]),
+                                 "birthDate": f"{rng.randint(1930, 2020)}-0{rng.randint(1, 9)}-1{rng.randint(0, 9)}"}))
+            fh.write("\n")
+    obs_count = 0
+    with open(folder / "Observation.ndjson", "w") as obs:
+        for panel in range(panels):
+            patient = f"Patient/p{panel % patients}"
+            when = (start + timedelta(minutes=rng.randint(0, 60 * 24 * days))).strftime("%Y-%m-%dT%H:%M:%SZ")
+            for (code, unit, _, _), value in zip(PANEL, _panel_values(rng)):
+                obs.write(json.dumps({
+                    "resourceType": "Observation", "id": f"o{obs_count}", "status": "final",
+                    "code": {"coding": [{"system": "http://loinc.org", "code": code}]},
+                    "subject": {"reference": patient}, "effectiveDateTime": when,
+                    "valueQuantity": {"value": round(value, 2), "unit": unit, "system": "http://unitsofmeasure.org",
+                                      "code": unit}}))
+                obs.write("\n")
+                obs_count += 1
+
+
+SHAPES = {"synthea": generate, "compact": generate_compact}
+
+
 def _tree(root: int) -> list[int]:
     """`root` and every process descended from it, from /proc."""
     parents: dict[int, list[int]] = {}
@@ -184,6 +216,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--observations", type=int, default=1_000_000)
     parser.add_argument("--dir", help="folder for the generated NDJSON (default: a temporary one)")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="synthea",
+                        help="synthea: verbose CBCs with DiagnosticReports and MedicationStatements (default); "
+                             "compact: only what the rules read, about 340 bytes an Observation")
     parser.add_argument("--memory-budget", help="evaluate's --memory-budget (default: evaluate's own)")
     parser.add_argument("--workers", type=int, default=1, help="evaluate's --workers (default 1)")
     parser.add_argument("--skip-loads", action="store_true", help="skip the json.loads loop (a 10M input: minutes)")
@@ -197,7 +232,7 @@ def main() -> int:
         folder.mkdir(parents=True, exist_ok=True)
         if not (folder / "Observation.ndjson").exists():
             begin = time.perf_counter()
-            generate(folder, args.observations)
+            SHAPES[args.shape](folder, args.observations)
             print(f"generated {args.observations:,} Observations in {time.perf_counter() - begin:.1f} s: {folder}")
         loads_s, loads_cpu, lines = json_loads_seconds(folder) if not args.skip_loads else (math.nan, math.nan, 0)
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -251,10 +286,12 @@ def main() -> int:
         print(f"CPU seconds of the evaluate process and its children: {child_cpu:.1f} s = "
               f"{obs / child_cpu:,.0f} Observations per CPU second")
         print("in memory (the input fits the memory budget)" if not parts else
-              f"partitioned: input rows estimated {parts['estimated'] / 2**20:,.0f} MB over the budget "
-              f"{parts['memory_budget'] / 2**20:,.0f} MB: spilled to {parts['spilled']} files, evaluated as "
-              f"{parts['evaluated']} partitions (largest {parts['largest_bytes'] / 2**20:,.0f} MB of JSON), "
-              f"{parts['workers']} worker(s)")
+              f"partitioned: input rows ({parts['estimated_rows']:,}) estimated {parts['estimated'] / 2**20:,.0f} MB "
+              f"over the budget {parts['memory_budget'] / 2**20:,.0f} MB: spilled to {parts['spilled']} files, "
+              f"evaluated as {parts['evaluated']} partitions, {parts['workers']} worker(s); largest "
+              f"{parts['largest_bytes'] / 2**20:,.0f} MB of JSON, its rows estimated at "
+              f"{parts['largest_estimated'] / 2**20:,.0f} MB; largest peak RSS of a partition's process "
+              f"{parts['largest_peak_rss'] / 2**20:,.0f} MB (report.json)")
     return 0
 
 

@@ -20,6 +20,7 @@ Flag.ndjson and quarantine.ndjson are merged in the in-memory order (patient, fa
 
 from __future__ import annotations
 
+import gzip
 import heapq
 import json
 import logging
@@ -58,8 +59,8 @@ from leukofhir.reader import ReadError, decode_line, iter_located
 from leukofhir.report import merge_reports
 from leukofhir.validate import check_contract, suite_parameters
 
-__all__ = ["DEFAULT_MEMORY_BUDGET", "Plan", "PartitionError", "parse_size", "show_size", "input_bytes",
-           "plan_partitions", "evaluate_partitioned"]
+__all__ = ["DEFAULT_MEMORY_BUDGET", "ROW_COSTS", "Plan", "PartitionError", "parse_size", "show_size",
+           "input_bytes", "estimate_rows", "plan_partitions", "evaluate_partitioned"]
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +69,19 @@ log = logging.getLogger(__name__)
 # Celery worker itself (about 0.6 GB): 2 x (768 MiB + 0.25 GB + an Airflow task runner's 0.15 GB) + 0.6 GB = 3.0 GB,
 # a quarter of the worker left for the estimate's error and the system.
 DEFAULT_MEMORY_BUDGET = 768 << 20
-# Memory the rows of one byte of FHIR JSON read take (peak, above the process's own): 0.71 measured on 1,000,000
-# generated CBCs of benchmarks/evaluate_bench.py, the densest input (every line a resource the rules read), with a
-# margin; benchmarks/README.md.
-ROW_MEMORY_PER_BYTE = 0.8
+# Memory one row takes while the rows are evaluated (peak RSS above the process's own, bytes per resource read), by
+# kind: the slopes benchmarks/row_cost_bench.py measured between inputs of 100,000 and 400,000 rows (2026-12-06:
+# 466, 391 and 671; benchmarks/README.md), plus 10 %. Per row, not per byte: compact NDJSON holds about twice the
+# rows per byte of verbose (1.4 and 0.74 byte of memory per byte of JSON).
+ROW_COST_OBSERVATION = 512
+ROW_COST_MEDICATION = 432
+ROW_COST_OTHER = 736  # Patient, DiagnosticReport, Condition, Flag, Medication (a Medication is held as context)
+ROW_COSTS = {"Observation": ROW_COST_OBSERVATION, "Medication": ROW_COST_OTHER,
+             **{kind: ROW_COST_MEDICATION for kind in MEDICATION_KINDS},
+             **{kind: ROW_COST_OTHER for kind in ("Patient", "DiagnosticReport", "Condition", "Flag")}}
+SAMPLE_BYTES = 1 << 18  # read at the start, middle and end of each file to count its rows per byte
 GZIP_RATIO = 5  # a .gz whose recorded size is not plausible holds at least this many times its size (FHIR JSON: 8-20)
-OVERSPLIT = 4  # partitions spilled per partition evaluated: packed by their real size into the evaluated ones
+OVERSPLIT = 4  # partitions spilled per partition evaluated: packed by their counted rows into the evaluated ones
 MAX_SPILLED = 256  # files open at once while spilling
 JOIN_FILES = 16  # the cross-partition links are joined this many slices at a time
 SUITES = ("observations", "exposures", "flags")
@@ -138,15 +146,64 @@ def input_bytes(files: list[Path]) -> int:
     return total
 
 
+_RESOURCE_TYPE = re.compile(rb'"resourceType"\s*:\s*"([A-Za-z]+)"')
+
+
+def _samples(path: Path, size: int) -> list[bytes]:
+    """Whole lines from the start, middle and end of a file (a .gz: its start only, as it cannot be sought)."""
+    if path.name.lower().endswith(".gz"):
+        with gzip.open(path, "rb") as fh:
+            return [fh.read(SAMPLE_BYTES)]
+    with open(path, "rb") as fh:
+        if size <= 3 * SAMPLE_BYTES:
+            return [fh.read()]
+        found = []
+        for offset in (0, size // 2, size - SAMPLE_BYTES):
+            fh.seek(offset)
+            data = fh.read(SAMPLE_BYTES)
+            start = data.find(b"\n") + 1 if offset else 0
+            end = data.rfind(b"\n") + 1
+            found.append(data[start:end] if end > start else data)
+        return found
+
+
+def estimate_rows(files: list[Path]) -> tuple[int, int]:
+    """(rows, memory) the files' rows would take in memory: each file's size (a .gz: as input_bytes) times the rows of
+    each kind per byte its samples hold (the densest sample, a margin for a file that changes along its length) times
+    the kind's ROW_COSTS. The first pass counts the real rows; this only decides whether to partition, and how
+    finely. A file that cannot be read counts nothing (it is a read error later)."""
+    rows = memory = 0.0
+    for path in files:
+        size = input_bytes([path])
+        if not size:
+            continue
+        try:
+            samples = _samples(path, size)
+        except (OSError, EOFError, gzip.BadGzipFile, zlib.error):
+            continue
+        densest = (0.0, 0.0)  # (memory, rows) per byte
+        for data in samples:
+            if not data:
+                continue
+            kinds = Counter(_RESOURCE_TYPE.findall(data))
+            per_byte = (sum(ROW_COSTS.get(k.decode(), 0) * n for k, n in kinds.items()) / len(data),
+                        sum(n for k, n in kinds.items() if k.decode() in ROW_COSTS) / len(data))
+            densest = max(densest, per_byte)
+        memory += size * densest[0]
+        rows += size * densest[1]
+    return int(rows), int(memory)
+
+
 @dataclass(frozen=True)
 class Plan:
     """How an input larger than the memory budget is partitioned."""
 
     budget: int  # bytes the rows may take, in all
     workers: int  # processes evaluating partitions at once
-    estimate: int  # bytes the rows of the whole input would take
+    estimate: int  # bytes the rows of the whole input would take (estimate_rows)
     spilled: int  # partition files the first pass writes
-    unit_bytes: int  # bytes of spilled JSON one evaluated partition may hold: the budget of one process
+    unit_budget: int  # bytes the rows of one evaluated partition may take: the budget of one process
+    rows: int = 0  # the rows estimated
 
     @property
     def shown_estimate(self) -> str:
@@ -162,12 +219,12 @@ def plan_partitions(files: list[Path], budget: int | str | None = None, workers:
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise UsageError(f"--workers {workers!r} must be a whole number of at least 1")
     budget = DEFAULT_MEMORY_BUDGET if budget is None else parse_size(budget)
-    estimate = int(input_bytes(files) * ROW_MEMORY_PER_BYTE)
+    rows, estimate = estimate_rows(files)
     if estimate <= budget:
         return None
     per_process = budget / workers
     spilled = min(MAX_SPILLED, max(2, OVERSPLIT * math.ceil(estimate / per_process)))
-    return Plan(budget, workers, estimate, spilled, max(1, int(per_process / ROW_MEMORY_PER_BYTE)))
+    return Plan(budget, workers, estimate, spilled, max(1, int(per_process)), rows)
 
 
 # -- pass 1: spill -----------------------------------------------------------------------------------------------------
@@ -219,6 +276,7 @@ class _Spill:
         self.files = [open(_part(folder, p), "wb", buffering=1 << 16) for p in range(partitions)]
         self.sizes = [0] * partitions
         self.counts = [0] * partitions
+        self.memory = [0] * partitions  # what the partition's rows take in memory: its rows by kind x ROW_COSTS
         self.links = _Links(folder, "links")  # Observations, and the results reports and panels list
         self.needs = _Links(folder, "needs")  # Medications referenced by medication resources
         self.medications = [open(folder / f"medications-{j:02d}.spill", "wb") for j in range(JOIN_FILES)]
@@ -229,7 +287,8 @@ class _Spill:
 
     def run(self, items, tick=None) -> None:
         """Spill every (resource, path, line, entry, raw line) read. The hot loop of pass 1: names bound locally."""
-        files, sizes, counts, routes = self.files, self.sizes, self.counts, self._routes
+        files, sizes, counts, memory, routes = self.files, self.sizes, self.counts, self.memory, self._routes
+        costs = ROW_COSTS
         links, needs = self.links, self.needs
         link_hash, link_code = links.hashes.append, links.codes.append
         route, partition_of = self._route, self._partition
@@ -260,6 +319,7 @@ class _Spill:
             files[partition].write(line)
             sizes[partition] += len(line)
             counts[partition] += 1
+            memory[partition] += costs[kind]
             if kind == "Observation":
                 rid = resource.get("id")
                 if type(rid) is str and rid:
@@ -406,6 +466,7 @@ def _deliver_medications(spill: _Spill) -> None:
                         if partition not in contexts:
                             contexts[partition] = stack.enter_context(open(_context_file(spill.folder, partition), "wb"))
                         contexts[partition].write(seq + b"\t" + data)
+                        spill.memory[partition] += ROW_COSTS["Medication"]  # held by each partition it goes to
 
 
 @dataclass
@@ -414,23 +475,27 @@ class _Unit:
 
     number: int
     groups: list[list[int]] = field(default_factory=list)
-    size: int = 0
+    size: int = 0  # bytes of spilled JSON
     resources: int = 0
+    memory: int = 0  # what its rows take in memory (ROW_COSTS), packed up to one process's budget
 
 
 def _units(groups: list[list[int]], spill: _Spill, limit: int) -> list[_Unit]:
+    """Whole groups packed, in order, into units whose rows take at most `limit` bytes of memory: by the rows the
+    first pass counted, not by their bytes (compact JSON holds many more rows per byte than verbose)."""
     units: list[_Unit] = []
     for group in groups:
-        size = sum(spill.sizes[p] for p in group)
         resources = sum(spill.counts[p] for p in group)
         if not resources:
             continue
-        if not units or units[-1].size + size > limit:
+        memory = sum(spill.memory[p] for p in group)
+        if not units or units[-1].memory + memory > limit:
             units.append(_Unit(len(units)))
         unit = units[-1]
         unit.groups.append(group)
-        unit.size += size
+        unit.size += sum(spill.sizes[p] for p in group)
         unit.resources += resources
+        unit.memory += memory
     return units
 
 
@@ -572,9 +637,11 @@ def _result_file(folder: Path, number: int) -> Path:
 
 
 def _unit_process(number: int) -> None:
-    """A unit's process: its report, or the error that ended it, to the unit's result file (pickled)."""
+    """A unit's process: its report (with the process's peak RSS), or the error that ended it, to the unit's result
+    file (pickled)."""
+    _reset_peak_rss()
     try:
-        result = ("report", _evaluate_unit(number))
+        result = ("report", {**_evaluate_unit(number), "peak_rss": _peak_rss()})
     except BaseException as exc:  # handed to the parent, which raises it
         result = ("error", exc)
     path = _result_file(_JOB.folder, number)
@@ -584,6 +651,27 @@ def _unit_process(number: int) -> None:
         data = pickle.dumps(("error", PartitionError(f"{type(result[1]).__name__}: {result[1]}")))
     path.with_suffix(".part").write_bytes(data)
     path.with_suffix(".part").replace(path)
+
+
+def _reset_peak_rss() -> None:
+    """The peak RSS of this (forked) process from now on, not its parent's: Linux resets it on `5` to clear_refs."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _peak_rss() -> int:
+    """Bytes: this process's peak RSS (VmHWM; where there is no /proc, getrusage, which may include its parent's)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _unit_result(folder: Path, number: int, exitcode: int | None) -> dict:
@@ -613,16 +701,16 @@ def evaluate_partitioned(files: list[Path], paths, out: Path, rules: Rules, plan
         spill, read_errors = _spill(files, folder, plan, base_url, progress)
         groups = _linked(spill.links, plan.spilled)
         _deliver_medications(spill)
-        units = _units(groups, spill, plan.unit_bytes)
+        units = _units(groups, spill, plan.unit_budget)
         linked = [g for g in groups if len(g) > 1 and sum(spill.counts[p] for p in g)]
         if linked:
             log.info("%d group(s) of partitions evaluated together: results copied under another patient, or listed "
                      "by another patient's report", len(linked))
         for unit in units:
-            if unit.size > plan.unit_bytes:
-                log.warning("partition %d holds %s, above one process's share of the memory budget (%s): its "
-                            "patients (or patients linked by their data) cannot be split further", unit.number,
-                            show_size(unit.size), show_size(plan.unit_bytes))
+            if unit.memory > plan.unit_budget:
+                log.warning("partition %d's rows take about %s, above one process's share of the memory budget (%s): "
+                            "its patients (or patients linked by their data) cannot be split further", unit.number,
+                            show_size(unit.memory), show_size(plan.unit_budget))
         job = _Job(folder, rules, base_url, suite_parameters(rules), as_of, units, run_time)
         reports: dict[int, dict] = {}
         bar = _bar(sum(u.resources for u in units), "pass 2/2: evaluating", progress)
@@ -639,6 +727,10 @@ def evaluate_partitioned(files: list[Path], paths, out: Path, rules: Rules, plan
                 bar.close()
         report = _report(paths, skipped_files or [], spill, read_errors, [reports[n] for n in range(len(units))],
                          as_of, plan, units, linked)
+        parts = report["partitions"]
+        log.info("%d partitions: rows estimated at up to %s each (%s per process); their processes peaked at up to %s",
+                 len(units), show_size(parts["largest_estimated"]), show_size(plan.unit_budget),
+                 show_size(parts["largest_peak_rss"]))
         if fail_on_threshold:
             check_contract(report["contract"], rules.validation)
         numbers = range(len(units))
@@ -745,9 +837,15 @@ def _report(paths, skipped_files: list[str], spill: _Spill, read_errors: list[Re
         "flags_rejected_identifiers": sorted({i for p in parts for i in p["flags_rejected_identifiers"]}),
         "flags_held_identifiers": sorted({i for p in parts for i in p["flags_held_identifiers"]}),
         "partitions": {
-            "memory_budget": plan.budget, "estimated": plan.estimate, "workers": plan.workers,
-            "spilled": plan.spilled, "evaluated": len(units), "linked_groups": len(linked),
+            "memory_budget": plan.budget, "estimated": plan.estimate, "estimated_rows": plan.rows,
+            "workers": plan.workers, "spilled": plan.spilled, "evaluated": len(units), "linked_groups": len(linked),
             "largest_bytes": max((u.size for u in units), default=0),
+            "largest_estimated": max((u.memory for u in units), default=0),
+            "largest_peak_rss": max((p.get("peak_rss") or 0 for p in parts), default=0),
+            # Each evaluated partition: its rows, bytes of JSON, the memory its rows were estimated to take (packed
+            # up to memory_budget / workers) and the peak RSS its process measured (rows and its own base).
+            "units": [{"rows": u.resources, "bytes": u.size, "estimated": u.memory, "peak_rss": p.get("peak_rss")}
+                      for u, p in zip(units, parts)],
         },
     }
 

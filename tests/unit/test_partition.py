@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import re
 from pathlib import Path
 
@@ -13,7 +14,10 @@ from conftest import EXTERNAL
 
 from leukofhir.cli import main
 from leukofhir.errors import UsageError
-from leukofhir.partition import DEFAULT_MEMORY_BUDGET, ROW_MEMORY_PER_BYTE, parse_size, plan_partitions
+from leukofhir.partition import (
+    DEFAULT_MEMORY_BUDGET, ROW_COST_OBSERVATION, ROW_COST_OTHER, ROW_COSTS, estimate_rows, input_bytes, parse_size,
+    plan_partitions,
+)
 from leukofhir.pipeline import evaluate_files
 from leukofhir.reader import expand_paths
 from leukofhir.validate import ValidationThresholdError
@@ -44,7 +48,7 @@ def _same_outputs(memory: Path, memory_report: dict, partitioned: Path, partitio
 def test_the_sample_data_with_a_tiny_budget_gives_the_in_memory_flags_byte_for_byte(tmp_path):
     memory = _run([EXTERNAL], tmp_path / "memory")
     assert "partitions" not in memory and memory["flags"]["total"] > 100 and memory["read_errors"] == 3
-    partitioned = _run([EXTERNAL], tmp_path / "partitioned", memory_budget="4MB")
+    partitioned = _run([EXTERNAL], tmp_path / "partitioned", memory_budget="2MB")
     parts = partitioned["partitions"]
     assert parts["evaluated"] >= 4 and parts["spilled"] > parts["evaluated"]
     # The HL7 General Health Panel's report names another patient than its results: two partitions judged as one.
@@ -214,7 +218,7 @@ def test_sizes_and_the_plan():
     files = expand_paths([EXTERNAL])
     assert plan_partitions(files) is None  # the sample data fits the default budget
     plan = plan_partitions(files, "1MB", workers=2)
-    assert plan.budget == 1 << 20 and plan.workers == 2 and plan.unit_bytes == int((1 << 19) / ROW_MEMORY_PER_BYTE)
+    assert plan.budget == 1 << 20 and plan.workers == 2 and plan.unit_budget == 1 << 19
     assert 2 <= plan.spilled <= 256
     assert DEFAULT_MEMORY_BUDGET == 768 << 20
     with pytest.raises(UsageError):
@@ -235,3 +239,73 @@ def test_the_command_line_takes_a_budget_and_workers(tmp_path, capsys):
                  "--data-docs"]) == 2
     assert "--data-docs needs every row in memory" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
+
+
+def _cbc_input(folder: Path, patients: int, per_patient: int, *, padding: int = 0) -> Path:
+    """Patients with `per_patient` WBC results each, a low one among them; `padding` characters of note per result
+    make the same rows take more bytes (verbose JSON), and change nothing the rules read."""
+    folder.mkdir(parents=True)
+    results = []
+    for p in range(patients):
+        for n in range(per_patient):
+            extra = {"note": [{"text": "x" * padding}]} if padding else {}
+            results.append(observation(f"o{p}-{n}", "wbc", 1.2 if n == 3 else 6.0, time=at(days=n * 2),
+                                       patient=f"Patient/c{p}", **extra))
+    _write_ndjson(folder / "Patient.ndjson", [patient(f"c{p}") for p in range(patients)])
+    _write_ndjson(folder / "Observation.ndjson", results)
+    return folder
+
+
+def test_the_estimate_counts_rows_whatever_their_bytes(tmp_path):
+    """The rows estimated from samples of each file (plain or .gz, and a file longer than its samples) are about the
+    rows it holds; compact and verbose JSON of the same rows give the same estimate of memory."""
+    compact = expand_paths([_cbc_input(tmp_path / "compact", 400, 20)])
+    verbose = expand_paths([_cbc_input(tmp_path / "verbose", 400, 20, padding=700)])
+    rows = 400 * 21
+    assert input_bytes(verbose) > 3 * input_bytes(compact)  # a file of the verbose input is sampled, not read whole
+    for files in (compact, verbose):
+        estimated_rows, memory = estimate_rows(files)
+        assert rows <= estimated_rows < rows * 1.1
+        assert 400 * 20 * ROW_COST_OBSERVATION <= memory < rows * ROW_COST_OBSERVATION * 1.1
+    gz = tmp_path / "gz"
+    gz.mkdir()
+    _write_ndjson(gz / "Observation.ndjson.gz",
+                  [json.loads(line) for line in (tmp_path / "compact" / "Observation.ndjson").read_text().splitlines()],
+                  gz=True)
+    estimated_rows, memory = estimate_rows([gz / "Observation.ndjson.gz"])
+    assert 8000 <= estimated_rows < 8800 and memory == pytest.approx(estimated_rows * ROW_COST_OBSERVATION, rel=0.01)
+    # Kinds the rules never read cost nothing; a Medication is held as context.
+    other = tmp_path / "other.ndjson"
+    _write_ndjson(other, [{"resourceType": "Encounter", "id": f"e{n}"} for n in range(50)] +
+                  [{"resourceType": "Medication", "id": "m1"}])
+    assert estimate_rows([other]) == (1, ROW_COSTS["Medication"]) and ROW_COSTS["Medication"] == ROW_COST_OTHER
+
+
+@pytest.mark.parametrize("padding", [0, 700])
+def test_a_compact_input_is_packed_by_its_rows_not_its_bytes(tmp_path, padding, caplog):
+    """Many rows in few bytes: the partitions are packed by the rows the first pass counted, so each evaluated
+    partition's rows fit one process's share of the budget, and compact JSON is cut into as many partitions as verbose
+    JSON of the same rows, more than its bytes would ask for."""
+    inputs = _cbc_input(tmp_path / "in", 400, 20, padding=padding)
+    rows = 400 * 21
+    memory = _run([inputs], tmp_path / "memory")
+    held = 8000 * ROW_COST_OBSERVATION + 400 * ROW_COST_OTHER  # what the rows take in memory
+    budget = held // 6
+    with caplog.at_level("INFO", logger="leukofhir.partition"):
+        partitioned = _run([inputs], tmp_path / "partitioned", memory_budget=budget, workers=2)
+    parts = partitioned["partitions"]
+    assert f"{parts['evaluated']} partitions: rows estimated at up to" in caplog.text
+    assert parts["memory_budget"] == budget and rows <= parts["estimated_rows"] < rows * 1.1
+    units = parts["units"]
+    assert len(units) == parts["evaluated"] and sum(u["rows"] for u in units) == rows
+    assert sum(u["estimated"] for u in units) == held and all(u["estimated"] <= budget // 2 for u in units)
+    assert parts["largest_estimated"] == max(u["estimated"] for u in units)
+    # Rows x cost: at least 12 partitions (6 budgets, 2 workers), whatever the bytes per row; by bytes (the budget
+    # as 0.8 byte of memory per byte of JSON, before), the compact input would have had fewer, each above its share.
+    assert parts["evaluated"] >= math.ceil(held / (budget // 2)) >= 12
+    if not padding:
+        assert math.ceil(input_bytes(expand_paths([inputs])) * 0.8 / (budget // 2)) < 12
+    # Each partition's process measured its own peak (the process's base and its rows).
+    assert all(u["peak_rss"] > 50 << 20 for u in units)
+    assert parts["largest_peak_rss"] == max(u["peak_rss"] for u in units)
+    _same_outputs(tmp_path / "memory", memory, tmp_path / "partitioned", partitioned)
