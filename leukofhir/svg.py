@@ -148,7 +148,7 @@ def trend_chart(trend: dict, width: int = 680) -> str:
     left, right, top, plot_h = 48, 92, 16, 150
     plot_w = width - left - right
     axis_y = top + plot_h
-    height = axis_y + 26 + 16 * len(drugs)
+    height = axis_y + 24 + 16 * len(drugs)
     peak = max([v for _, v, _, _ in points] + [v for _, v in lines] + [0.1]) * 1.12
     span = (t1 - t0).total_seconds()
 
@@ -208,7 +208,7 @@ def trend_chart(trend: dict, width: int = 680) -> str:
     for i, (label, s, e) in enumerate(drugs):
         if s is None:
             continue
-        by = axis_y + 22 + 16 * i
+        by = axis_y + 32 + 16 * i
         x1, x2 = x(s), x(e or t1)
         parts.append(f'<rect class="drug" x="{x1:.1f}" y="{by - 9}" width="{max(x2 - x1, 2):.1f}" height="8">'
                      f'<title>{_e(label)}</title></rect><text x="{left + plot_w + 4}" y="{by}">{_e(label)}</text>')
