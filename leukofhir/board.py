@@ -266,7 +266,7 @@ def render_board(board: Board) -> str:
     weeks = board.weeks()
     parts.append(f'<h2>New Flags per week, last year</h2><p class="sub">By the week their episode began; '
                  f'<span id="new-year">{sum(n for _, n in weeks):,}</span> in all.</p>')
-    parts.append(bar_chart(weeks, "New Flags per week over the last year, by the start of their episode"))
+    parts.append(bar_chart(weeks, "New Flags per week over the last year, by the start of their episode", "weekly"))
     parts.append("<h2>Patients with an active Flag</h2>")
     if board.rows:
         rows = [f'<tr><td class="ids">{_e(patient)}</td><td>{_e(condition)}</td>'

@@ -316,7 +316,8 @@ def _chart(per_day: dict[str, int]) -> str:
     unit, bars = bin_per_day(per_day)
     if not bars:
         return '<h2>Flags per day</h2><p class="empty">No Flags with a date.</p>'
-    return f"<h2>Flags per {unit}</h2>" + bar_chart(bars, f"Flags per {unit}, by the start of their episode")
+    title = f"Flags per {unit}, by the start of their episode"
+    return f"<h2>Flags per {unit}</h2>" + bar_chart(bars, title, "flags-chart")
 
 
 def _trends(report: dict) -> str:
@@ -335,10 +336,10 @@ def _trends(report: dict) -> str:
     if total > len(trends):
         html.append(f'<p class="more">{len(trends):,} of {total:,} Flags pictured: active ones first, the worst grade, '
                     "the latest episode; every Flag is in Flag.ndjson.</p>")
-    for trend in trends:
+    for i, trend in enumerate(trends, 1):
         period = f"{_e(trend['start'][:10])} – {_e((trend.get('end') or 'open')[:10])}"
         html.append(
             f'<figure class="trend" id="trend-{_e(trend["flag"])}"><figcaption><b>{_e(trend["condition"])}</b>, '
             f'grade {_e(trend["grade"])}, {_e(trend["status"])}, {period} &middot; Flag <code>{_e(trend["flag"])}'
-            f"</code></figcaption>" + trend_chart(trend) + "</figure>")
+            f"</code></figcaption>" + trend_chart(trend, f"trend-chart-{i}") + "</figure>")
     return "".join(html)

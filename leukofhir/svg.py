@@ -4,14 +4,11 @@ from __future__ import annotations
 
 from datetime import date, datetime, timedelta, timezone
 from html import escape
-from itertools import count
 from typing import Any
 
 __all__ = ["bin_per_day", "bar_chart", "trend_chart", "MAX_BARS"]
 
 MAX_BARS = 90
-# Each chart's <title>/<desc> and hatch pattern need ids unique in the page.
-_ids = count(1)
 
 STYLE = """
 svg text{font-size:11px;fill:#5a6372}svg .bar{fill:#3b6fb6}
@@ -81,15 +78,15 @@ def _periods(start: date, last: date, unit: str) -> list[date]:
     return out
 
 
-def _labelled(title: str, desc: str, width: int, height: int, extra: str = "") -> tuple[str, str]:
-    """The opening of an accessible chart: role img, named by its <title> and described by its <desc>."""
-    n = next(_ids)
-    return (f'<svg role="img" aria-labelledby="chart-{n}-title chart-{n}-desc" width="{width}" height="{height}" '
-            f'viewBox="0 0 {width} {height}"{extra}><title id="chart-{n}-title">{_e(title)}</title>'
-            f'<desc id="chart-{n}-desc">{_e(desc)}</desc>'), f"chart-{n}"
+def _labelled(ident: str, title: str, desc: str, width: int, height: int, extra: str = "") -> str:
+    """The opening of an accessible chart: role img, named by its <title> and described by its <desc>; `ident` must be
+    unique in the page (the ids of its title, description and pattern start with it)."""
+    return (f'<svg role="img" aria-labelledby="{ident}-title {ident}-desc" width="{width}" height="{height}" '
+            f'viewBox="0 0 {width} {height}"{extra}><title id="{ident}-title">{_e(title)}</title>'
+            f'<desc id="{ident}-desc">{_e(desc)}</desc>')
 
 
-def bar_chart(bars: list[tuple[str, int]], title: str, width: int = 760, height: int = 220) -> str:
+def bar_chart(bars: list[tuple[str, int]], title: str, ident: str = "bars", width: int = 760, height: int = 220) -> str:
     """Bars of counts per period, on a true time axis (empty periods kept); each bar's <title> gives its count."""
     left, bottom, top = 44, 34, 12
     plot_w, plot_h = width - left - 8, height - bottom - top
@@ -98,7 +95,7 @@ def bar_chart(bars: list[tuple[str, int]], title: str, width: int = 760, height:
     total = sum(n for _, n in bars)
     desc = (f"{len(bars)} bars from {bars[0][0]} to {bars[-1][0]}; {total:,} in all, at most {peak:,} in one."
             if bars else "No data.")
-    opening, _ = _labelled(title, desc, width, height, ' class="bars"')
+    opening = _labelled(ident, title, desc, width, height, ' class="bars"')
     parts = [
         opening,
         f'<line class="axis" x1="{left}" y1="{top + plot_h}" x2="{width - 8}" y2="{top + plot_h}"/>',
@@ -132,7 +129,7 @@ def _number(value: float) -> str:
     return f"{value:.2f}".rstrip("0").rstrip(".")
 
 
-def trend_chart(trend: dict, width: int = 680) -> str:
+def trend_chart(trend: dict, ident: str, width: int = 680) -> str:
     """One Flag's values over its episode and around it (leukofhir.trends): the rule's threshold and the CTCAE grade
     boundaries as labelled lines (solid, dashed), low values as filled triangles and the others as open circles, the
     episode's period hatched between two edges, each drug exposure as a labelled bar below. Shapes, dashes and labels
@@ -168,14 +165,14 @@ def trend_chart(trend: dict, width: int = 680) -> str:
             + "".join(f". Exposure to {label} from {s:%Y-%m-%d}" + (f" to {e:%Y-%m-%d}" if e else ", ongoing")
                       for label, s, e in drugs if s) + ".")
     title = f"{trend.get('condition', '')}, grade {trend.get('grade', '')}: {measure} over the episode"
-    opening, chart_id = _labelled(title, desc, width, height, ' class="trend"')
+    opening = _labelled(ident, title, desc, width, height, ' class="trend"')
     parts = [opening,
-             f'<defs><pattern id="{chart_id}-hatch" width="6" height="6" patternUnits="userSpaceOnUse" '
+             f'<defs><pattern id="{ident}-hatch" width="6" height="6" patternUnits="userSpaceOnUse" '
              f'patternTransform="rotate(45)"><rect width="6" height="6" fill="#fdf3e3"/>'
              f'<line x1="0" y1="0" x2="0" y2="6" stroke="#e0b872" stroke-width="2"/></pattern></defs>']
     x_start, x_end = x(start), x(end or t1)
     parts.append(f'<rect class="episode" x="{x_start:.1f}" y="{top}" width="{max(x_end - x_start, 2):.1f}" '
-                 f'height="{plot_h}" fill="url(#{chart_id}-hatch)"/>')
+                 f'height="{plot_h}" fill="url(#{ident}-hatch)"/>')
     parts.append(f'<line class="episode-edge" x1="{x_start:.1f}" y1="{top}" x2="{x_start:.1f}" y2="{axis_y}"/>')
     if end:
         parts.append(f'<line class="episode-edge" x1="{x_end:.1f}" y1="{top}" x2="{x_end:.1f}" y2="{axis_y}"/>')

@@ -53,7 +53,7 @@ def test_a_flag_s_picture_holds_its_values_thresholds_episode_and_drug(tmp_path)
     html = (tmp_path / "out" / "report.html").read_text()
     assert html.count('<figure class="trend"') == 2 and "http" not in html.lower()
     figure = re.search(r'<figure class="trend" id="trend-%s">.*?</figure>' % leuko["flag"], html, re.S).group(0)
-    assert re.search(r'<svg role="img" aria-labelledby="(chart-\d+)-title \1-desc"', figure)
+    assert re.search(r'<svg role="img" aria-labelledby="(trend-chart-\d+)-title \1-desc"', figure)
     assert "<desc" in figure and "4 values" in figure and "1 low" not in figure and "2 low" in figure
     assert figure.count('<path class="low"') == 2 and figure.count('<circle class="normal"') == 2
     assert "LLN 4" in figure and "G3 &lt; 2" in figure and 'class="drug"' in figure and "clozapine" in figure
