@@ -14,7 +14,9 @@ from typing import Any, Iterable
 
 from leukofhir.config import Rules, load_config
 from leukofhir.errors import OutputError, UsageError
-from leukofhir.extract import PAGE_SIZE, local_patient_id, parse_instant, project_flag_tag, subject_of
+from leukofhir.extract import (
+    PAGE_SIZE, local_patient_id, parse_instant, patient_batches, project_flag_tag, subject_of,
+)
 from leukofhir.fhir.client import FhirClient
 from leukofhir.flags import DETAIL_URL
 from leukofhir.svg import STYLE as CHART_STYLE
@@ -33,6 +35,8 @@ MAX_TABLE_ROWS = 1000
 _GRADE_SUFFIX = "/StructureDefinition/ctcae-grade"
 # Only what the board shows is read: a hospital's Flags are many.
 _ELEMENTS = "status,code,subject,period,extension"
+# Patients whose names are looked up per search (`_id=a,b,…`), when the site shows names.
+NAME_BATCH = 200
 
 
 @dataclass
@@ -52,6 +56,7 @@ class Board:
     per_week: Counter = field(default_factory=Counter)  # Monday of the week -> Flags whose episode began in it
     rows: list[tuple] = field(default_factory=list)  # active Flags: (grade, since, patient, condition, count, drugs)
     unreadable: int = 0  # Flags without a readable period.start: counted by status, never as new
+    names: dict[str, str] | None = None  # patient id -> name, only when the site shows names (`--names`)
 
     def add(self, flag: dict, base_url: str) -> None:
         status = flag.get("status") if flag.get("status") in STATUSES else "entered-in-error"
@@ -146,9 +151,10 @@ def _decisive(flag: dict) -> str:
     return match.group(1) if match else ""
 
 
-def read_board(client: FhirClient, rules: Rules, as_of: datetime | None = None) -> Board:
+def read_board(client: FhirClient, rules: Rules, as_of: datetime | None = None, *, names: bool = False) -> Board:
     """Every project Flag on the server (`Flag?_tag=…`, page by page: only the counts and the active Flags' rows are
-    kept), counted as of `as_of` (default now)."""
+    kept), counted as of `as_of` (default now); with `names`, the table's patients' names too (a site's choice: the
+    page then holds patient data)."""
     board = Board(as_of=(as_of or datetime.now(timezone.utc)).astimezone(timezone.utc), server=client.base_url)
     params = {"_tag": project_flag_tag(rules), "_elements": _ELEMENTS, "_count": PAGE_SIZE}
     for bundle in client.search_pages("Flag", params):
@@ -157,8 +163,32 @@ def read_board(client: FhirClient, rules: Rules, as_of: datetime | None = None) 
             if isinstance(resource, dict) and resource.get("resourceType") == "Flag":
                 board.add(resource, client.base_url)
     board._trim()
+    if names:
+        board.names = _names(client, sorted({row[2] for row in board.rows}))
     log.info("board: %d project Flags read, %d active", board.total, board.by_status["active"])
     return board
+
+
+def _names(client: FhirClient, patients: list[str]) -> dict[str, str]:
+    """The patients' names (`Patient?_id=…&_elements=name`, in batches: never one request per patient)."""
+    found: dict[str, str] = {}
+    for batch in patient_batches(patients, NAME_BATCH):
+        params = {"_id": ",".join(batch), "_elements": "name", "_count": len(batch)}
+        for resource in client.search("Patient", params):
+            if resource.get("resourceType") == "Patient" and resource.get("id") in batch:
+                found[resource["id"]] = _name(resource.get("name"))
+    return found
+
+
+def _name(names) -> str:
+    """The official (else usual, else first) HumanName as its text, or its given names and family."""
+    names = [n for n in names if isinstance(n, dict)] if isinstance(names, list) else []
+    chosen = next((n for use in ("official", "usual") for n in names if n.get("use") == use), names[0] if names else {})
+    if isinstance(chosen.get("text"), str):
+        return chosen["text"]
+    given = [g for g in chosen.get("given") or [] if isinstance(g, str)]
+    family = chosen.get("family") if isinstance(chosen.get("family"), str) else ""
+    return " ".join([*given, family]).strip()
 
 
 STYLE = """
@@ -224,7 +254,8 @@ def render_board(board: Board) -> str:
     parts = [
         "<h1>leukofhir board</h1>",
         f'<p class="sub">The project\'s Flags on <code>{_e(board.server)}</code> as of '
-        f"<b>{board.as_of:%Y-%m-%d %H:%M} UTC</b>. Patients by id only.</p>",
+        f"<b>{board.as_of:%Y-%m-%d %H:%M} UTC</b>. "
+        + ("Patients by id and name.</p>" if board.names is not None else "Patients by id only.</p>"),
         '<div class="cards">',
         _card("count-active", "active Flags", board.by_status["active"]),
         _card("new-24h", "new in the last 24 h", board.new_24h),
@@ -269,13 +300,16 @@ def render_board(board: Board) -> str:
     parts.append(bar_chart(weeks, "New Flags per week over the last year, by the start of their episode", "weekly"))
     parts.append("<h2>Patients with an active Flag</h2>")
     if board.rows:
-        rows = [f'<tr><td class="ids">{_e(patient)}</td><td>{_e(condition)}</td>'
+        names = board.names
+        rows = [f'<tr><td class="ids">{_e(patient)}</td>'
+                + (f"<td>{_e(names.get(patient, ''))}</td>" if names is not None else "") + f"<td>{_e(condition)}</td>"
                 f'<td class="num" data-sort="{grade}">{grade or "—"}</td>'
                 f'<td class="date" data-sort="{_e(since)}">{_e(since[:10])}</td>'
                 f"<td>{_e(count)}</td><td>{_e(drugs)}</td></tr>"
                 for grade, since, patient, condition, count, drugs in board.rows]
         header = [f"<button type=\"button\">{h}</button>" for h in
-                  ("patient", "condition", "grade", "since", "decisive count", "drug class")]
+                  ("patient", *(("name",) if names is not None else ()), "condition", "grade", "since",
+                   "decisive count", "drug class")]
         parts.append(_table(header, rows, numeric_from=99, css=' class="sortable" id="patients"'))
         if board.by_status["active"] > len(board.rows):
             parts.append(f'<p class="more">The first {len(board.rows):,} of {board.by_status["active"]:,} active '
@@ -310,7 +344,7 @@ def board_command(args) -> int:
     rules = load_config(args.config)
     as_of = parse_instant(args.as_of, "--as-of") if args.as_of else None
     with connect(args.fhir_url, args.auth, timeout=args.timeout) as client:
-        board = read_board(client, rules, as_of)
+        board = read_board(client, rules, as_of, names=args.names)
     path = write_board(board, args.out)
     print(f"{board.total} project Flags read, {board.by_status['active']} active: {path}", file=sys.stderr)
     return 0

@@ -130,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_server_args(p)
     p.add_argument("--out", required=True, metavar="DIR", help="where board.html goes")
     p.add_argument("--as-of", metavar="TIME", help="count new Flags up to this instant (ISO 8601); default: now")
+    p.add_argument("--names", action="store_true",
+                   help="show the patients' names beside their ids (the page then holds patient data)")
     p.add_argument("--config", metavar="FILE", help="site rules configuration (YAML), replacing the default")
 
     p = sub.add_parser("demo", help="start the local HAPI server, load the sample data, print a summary")

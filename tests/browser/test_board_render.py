@@ -134,3 +134,26 @@ def test_the_patients_table_sorts_in_the_browser_and_drug_classes_are_counted(tm
     assert _shown(dom, "new-24h") == 0 and _shown(dom, "new-7d") == 1 and _shown(dom, "new-year") == 3
     assert _shown(dom, "active-leukopenia-g2") == 1 and _shown(dom, "active-agranulocytosis-g4") == 1
     assert "WBC 1.4 ×10^9/L on 2024-06-01" in dom and ">p2<" in dom
+
+
+@pytest.mark.fhir
+def test_names_are_shown_only_when_the_site_asks(fhir_base_url, fhir_client, unique, tmp_path, own_tag):
+    from support.fhir_builders import days_ago, observation, patient
+    from support.server_data import put
+
+    config, put_on_server = own_tag  # this test's Flags alone under its own project tag
+    pid = f"board-{unique}"
+    put_on_server.append(pid)
+    person = {**patient(pid), "name": [{"use": "official", "family": "Kowalska", "given": ["Anna"]}]}
+    put(fhir_client, person, observation(f"{pid}-w", "wbc", 0.8, time=days_ago(2), patient=f"Patient/{pid}"))
+    done = run_pipeline(fhir_client, load_config(config), tmp_path / "run", patients=[pid])
+    assert done["writes"]["create"] == 1
+    for names, out in ((False, tmp_path / "ids"), (True, tmp_path / "names")):
+        command = [sys.executable, "-m", "leukofhir.cli", "board", "--fhir-url", fhir_base_url, "--out", str(out),
+                   "--config", str(config), *(["--names"] if names else [])]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert "Kowalska" not in result.stderr  # never in the log
+        dom = _chromium(tmp_path, "--dump-dom", (out / "board.html").as_uri()).stdout
+        assert _shown(dom, "count-total") == 1 and _shown(dom, "active-leukopenia-g4") == 1
+        assert f">{pid}<" in dom and ("Anna Kowalska" in dom) is names
