@@ -126,6 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_export_arguments(p)
 
+    p = sub.add_parser("board", help="the hospital-wide board: the project's Flags on a server as DIR/board.html")
+    _add_server_args(p)
+    p.add_argument("--out", required=True, metavar="DIR", help="where board.html goes")
+    p.add_argument("--as-of", metavar="TIME", help="count new Flags up to this instant (ISO 8601); default: now")
+    p.add_argument("--names", action="store_true",
+                   help="show the patients' names beside their ids (the page then holds patient data)")
+    p.add_argument("--config", metavar="FILE", help="site rules configuration (YAML), replacing the default")
+
     p = sub.add_parser("demo", help="start the local HAPI server, load the sample data, print a summary")
     p.add_argument("--fhir-url", default=None, type=_fhir_url, help="use this server instead of starting the local one")
     p.add_argument("--out", default="out/demo", metavar="DIR", help="where the demo's Flags and report go")
@@ -166,6 +174,10 @@ def main(argv: list[str] | None = None) -> int:
             from leukofhir.export import export_command
 
             return export_command(args)
+        if args.command == "board":
+            from leukofhir.board import board_command
+
+            return board_command(args)
         if args.command == "demo":
             from leukofhir.demo import demo_command
 

@@ -20,7 +20,7 @@ from airflow.sdk import ObjectStoragePath, Variable, get_current_context, task
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 __all__ = ["bulk_export", "find_patients", "extract", "evaluate", "check_contract", "write_flags", "report",
-           "process_patients", "DEFAULT_ARGS", "PATIENTS_DEFAULT_ARGS", "FHIR_POOL"]
+           "refresh_board", "process_patients", "DEFAULT_ARGS", "PATIENTS_DEFAULT_ARGS", "FHIR_POOL", "BOARD_FOLDER"]
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,8 @@ FHIR_POOL = "fhir_server"  # bounds how many tasks talk to the FHIR server at on
 # Where run folders go: Airflow Variable `leukofhir_runs` (or AIRFLOW_VAR_LEUKOFHIR_RUNS), e.g. s3://bucket/leukofhir
 # with an Airflow connection; by default a folder beside AIRFLOW_HOME, for a single machine.
 RUNS_VARIABLE = "leukofhir_runs"
+# The hospital-wide board (leukofhir.board), refreshed by every surveillance run: <runs root>/board/board.html.
+BOARD_FOLDER = "board"
 # The memory a chunk's evaluation may give its rows (leukofhir.partition; default there: a 2-core 4 GB worker); a site
 # with larger workers sets it in the workers' environment, e.g. LEUKOFHIR_MEMORY_BUDGET=2GB.
 MEMORY_BUDGET_ENV = "LEUKOFHIR_MEMORY_BUDGET"
@@ -346,6 +348,25 @@ def report() -> dict:
         raise AirflowFailException(f"{done['error']}; {written_before(done)}; re-running is safe; see "
                                    f"{url}/report.html")
     return {"patients_touched": done["patients_touched"], **done["writes"]}
+
+
+@task(pool=FHIR_POOL, trigger_rule="all_done")
+def refresh_board() -> dict:
+    """The hospital-wide board from the project's Flags on the server, after the run whatever became of it (a run
+    that stopped may still have written): <runs root>/board/board.html, replaced whole, one place to serve it from."""
+    from leukofhir.board import read_board, write_board
+    from leukofhir.errors import LeukofhirError
+
+    url = str(_runs_root() / BOARD_FOLDER)
+    try:
+        with _client() as client:
+            board = read_board(client, _rules())
+        with _local(url, pull=False) as folder:
+            write_board(board, folder)
+    except LeukofhirError as exc:
+        _fail(exc)
+    log.info("board: %d project Flags, %d active: %s/board.html", board.total, board.by_status["active"], url)
+    return {"flags": board.total, "active": board.by_status["active"]}
 
 
 def _warn_conflicts(done: dict, url: str) -> None:

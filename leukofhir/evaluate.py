@@ -15,7 +15,8 @@ from leukofhir.age import age_reached_ns
 from leukofhir.config import AgeBand, Grades, Rules
 from leukofhir.normalise import PatientInfo
 
-__all__ = ["FlagSpec", "Point", "evaluate", "episode_identifier", "iso_instant", "lapse_horizon", "FAMILIES"]
+__all__ = ["FlagSpec", "Point", "evaluate", "episode_identifier", "iso_instant", "lapse_horizon", "FAMILIES",
+           "default_threshold"]
 
 FAMILIES = ("leukocytes", "granulocytes", "lymphocytes", "pancytopenia")
 # Low-count findings that may be drug-associated (§3); lymphopenia is not among them.
@@ -243,6 +244,19 @@ class _PatientRules:
     def not_pancytopenic(self, v: _Value, label: str, unit: str) -> Point:
         """One value that alone shows the blood count is not pancytopenic (v1.1 §4: it ends the episode)."""
         return Point(v.time, False, 0, "normal", ((label, v.value, v.comparator, unit),), (v.ref,), v.retracted)
+
+
+def default_threshold(rules: Rules, info: PatientInfo | None, family: str, at: datetime) -> float:
+    """The threshold a family's value is judged against at `at` when the lab gives no range of its own (§1.3, §2):
+    the age band's LLN, or for granulocytes the neutropenia threshold (BEN included). Pancytopenia: the WBC's."""
+    patient = _PatientRules(rules, info)
+    at_ns = pd.Timestamp(at).as_unit("ns").value
+    if family == "granulocytes":
+        threshold = patient.anc_threshold.at(at_ns)
+        return min(threshold, rules.ben.threshold) if patient.ben else threshold
+    if family == "lymphocytes":
+        return patient.lymph_lln.at(at_ns)
+    return patient.wbc_lln.at(at_ns)
 
 
 def _panel_key(v: _Value):

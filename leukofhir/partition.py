@@ -574,7 +574,7 @@ def _evaluate_unit(number: int) -> dict:
     evaluation = evaluate_rows(validated.observations, validated.exposures, normalised.patients, job.rules,
                                as_of=job.as_of, run_time=job.run_time)
     checked = build_flags(evaluation.specs, job.rules, job.parameters)
-    report, quarantined = build_report([], read, validated, evaluation, checked)
+    report, quarantined = build_report([], read, validated, evaluation, checked, job.rules)
     with open(job.folder / f"unit-{number:04d}.flags", "w", encoding="utf-8") as fh:
         for position, flag in zip(checked.kept, checked.flags):
             fh.write(_flag_key(evaluation.specs[position]) + "\t" + flag_line(flag))
@@ -836,6 +836,8 @@ def _report(paths, skipped_files: list[str], spill: _Spill, read_errors: list[Re
         "flags_rejected": merged["flags_rejected"],
         "flags_rejected_identifiers": sorted({i for p in parts for i in p["flags_rejected_identifiers"]}),
         "flags_held_identifiers": sorted({i for p in parts for i in p["flags_held_identifiers"]}),
+        "trends": merged["trends"],
+        "trends_total": merged["trends_total"],
         "partitions": {
             "memory_budget": plan.budget, "estimated": plan.estimate, "estimated_rows": plan.rows,
             "workers": plan.workers, "spilled": plan.spilled, "evaluated": len(units), "linked_groups": len(linked),

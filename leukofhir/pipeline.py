@@ -22,6 +22,7 @@ from leukofhir.flags import DETAIL_URL, build_flag, flag_row
 from leukofhir.normalise import Normalised, Normaliser
 from leukofhir.reader import ReadError, Source, expand_paths, iter_located, iter_resources
 from leukofhir.report_html import write_report_html
+from leukofhir.trends import flag_trends
 from leukofhir.validate import check_contract, contract_counts, merge_contract, suite_parameters, validate_batch
 
 __all__ = [
@@ -273,8 +274,9 @@ def build_flags(specs: list[FlagSpec], rules: Rules, parameters: dict) -> Checke
 
 # -- stage 5: the run's files ----------------------------------------------------------------------------------------
 def build_report(paths, read: ReadResult, validated: Validated, evaluation: Evaluation,
-                 checked: CheckedFlags) -> tuple[dict, list]:
-    """The run report (counts that reconcile: read = evaluated + skipped + quarantined) and every quarantined row."""
+                 checked: CheckedFlags, rules: Rules | None = None) -> tuple[dict, list]:
+    """The run report (counts that reconcile: read = evaluated + skipped + quarantined) and every quarantined row;
+    with `rules`, the trend pictures' series of the Flags written too (leukofhir.trends, capped)."""
     normalised = read.normalised
     read_total = read.read_total
     skipped: Counter = Counter(normalised.skipped)
@@ -316,6 +318,10 @@ def build_report(paths, read: ReadResult, validated: Validated, evaluation: Eval
         "flags_held_identifiers": held,
         "contract": merge_contract([validated.contract, checked.contract]),
     }
+    if rules is not None:
+        report["trends"] = flag_trends(evaluation.specs, checked.kept, validated.observations, validated.exposures,
+                                       normalised.patients, rules)
+        report["trends_total"] = len(checked.flags)
     return report, quarantined
 
 
@@ -474,7 +480,7 @@ def evaluate_files(
     evaluation = evaluate_rows(validated.observations, validated.exposures, read.normalised.patients, rules,
                                as_of=as_of_given, run_time=run_time)
     checked = build_flags(evaluation.specs, rules, parameters)
-    report, quarantined = build_report(paths, read, validated, evaluation, checked)
+    report, quarantined = build_report(paths, read, validated, evaluation, checked, rules)
     if fail_on_threshold:
         check_contract(report["contract"], rules.validation)
     frames = validated.frames + ([("flags", checked.rows)] if checked.rows is not None else [])

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Iterable
 
+from leukofhir.trends import merge_trends
 from leukofhir.validate import merge_contract
 
 __all__ = ["merge_reports", "WRITE_ACTIONS"]
@@ -16,7 +17,7 @@ WRITE_ACTIONS = ("create", "update", "withdraw", "delete", "unchanged", "not_cre
                  "reevaluated")
 # Keys of a batch's report.json that are sums (nested dicts of counts are summed key by key).
 _SUMMED = ("read", "read_total", "evaluated", "skipped", "quarantined", "read_errors", "stages", "flags",
-           "flags_rejected", "flags_held")
+           "flags_rejected", "flags_held", "trends_total")
 
 
 def _add(total: dict, part: dict) -> None:
@@ -55,8 +56,10 @@ def merge_reports(batch_reports: Iterable[dict]) -> dict:
     expectations: dict = {}
     reconciled = True
     batches = 0
+    trends: list = []
     for report in batch_reports:
         batches += 1
+        trends = merge_trends([trends, report.get("trends")])  # capped as it goes: never every batch's at once
         _add(summed, {k: report[k] for k in _SUMMED if k in report})
         for reason, ids in (report.get("quarantine_examples") or {}).items():
             shown = examples.setdefault(reason, [])
@@ -75,6 +78,7 @@ def merge_reports(batch_reports: Iterable[dict]) -> dict:
     merged["reconciled"] = reconciled and merged["read_total"] == (
         merged["evaluated"] + sum(merged["skipped"].values()) + sum(merged["quarantined"].values()))
     merged["batches"] = batches
+    merged["trends"] = trends
     return merged
 
 

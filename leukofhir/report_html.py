@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import os
-from datetime import date, timedelta
 from html import escape
 from pathlib import Path
 from typing import Any, Iterable
 
+from leukofhir.svg import MAX_BARS, bar_chart, bin_per_day, trend_chart
+from leukofhir.svg import STYLE as CHART_STYLE
+
+__all__ = ["write_report_html", "render_report", "bin_per_day", "MAX_BARS"]
+
 # Long tables are cut here; the full data stays in report.json and quarantine.ndjson.
 MAX_ROWS = 50
 MAX_INPUT_FILES = 20
-MAX_BARS = 90
 
 STYLE = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif;
@@ -29,8 +32,9 @@ code,.ids{font-family:ui-monospace,"SFMono-Regular",Menlo,Consolas,monospace;fon
 .recon{background:#fff;border:1px solid #d5d9e0;border-left:4px solid #1a7f37;padding:8px 12px;margin:12px 0}
 .recon.bad{border-left-color:#c62828}
 .more,.empty{color:#5a6372;font-style:italic}.why{color:#5a6372;font-size:12px;max-width:420px}
-svg text{font-size:11px;fill:#5a6372}svg .bar{fill:#3b6fb6}
-"""
+figure.trend{background:#fff;border:1px solid #d5d9e0;border-radius:6px;margin:8px 0;padding:8px 12px;width:max-content}
+figcaption{margin-bottom:4px}.legend{color:#5a6372;font-size:12px;max-width:760px}
+""" + CHART_STYLE
 
 
 def write_report_html(report: dict, path: str | os.PathLike) -> Path:
@@ -55,6 +59,7 @@ def render_report(report: dict) -> str:
         _expectations(report.get("expectations") or []),
         _contract(report),
         _flags(report.get("flags") or {}),
+        _trends(report),
     ]
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
@@ -307,86 +312,34 @@ def _table(
     return f"{heading}<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>{more}"
 
 
-def bin_per_day(per_day: dict[str, int], max_bars: int = MAX_BARS) -> tuple[str, list[tuple[str, int]]]:
-    """Flags per day grouped into days, ISO weeks, months or years: the finest that fits in `max_bars` bars.
-
-    Empty periods are kept, so the bars sit on a true time axis."""
-    days = {}
-    for key, n in per_day.items():
-        try:
-            days[date.fromisoformat(str(key)[:10])] = days.get(date.fromisoformat(str(key)[:10]), 0) + int(n)
-        except (TypeError, ValueError):
-            continue  # a malformed key is not worth failing the report for
-    if not days:
-        return "day", []
-    first, last = min(days), max(days)
-    starts = {
-        "day": lambda d: d,
-        "week": lambda d: d - timedelta(days=d.weekday()),
-        "month": lambda d: d.replace(day=1),
-        "year": lambda d: d.replace(month=1, day=1),
-    }
-    for unit, start_of in starts.items():
-        if _period_count(start_of(first), last, unit) <= max_bars or unit == "year":
-            break
-    totals = dict.fromkeys(_periods(start_of(first), last, unit), 0)
-    for d, n in days.items():
-        totals[start_of(d)] += n
-    labels = {"day": "%Y-%m-%d", "week": "week of %Y-%m-%d", "month": "%Y-%m", "year": "%Y"}
-    return unit, [(p.strftime(labels[unit]), n) for p, n in totals.items()]
-
-
-def _period_count(start: date, last: date, unit: str) -> int:
-    if unit == "day":
-        return (last - start).days + 1
-    if unit == "week":
-        return (last - start).days // 7 + 1
-    if unit == "month":
-        return (last.year - start.year) * 12 + last.month - start.month + 1
-    return last.year - start.year + 1
-
-
-def _periods(start: date, last: date, unit: str) -> list[date]:
-    out, current = [], start
-    while current <= last:
-        out.append(current)
-        if unit == "day":
-            current += timedelta(days=1)
-        elif unit == "week":
-            current += timedelta(days=7)
-        elif unit == "month":
-            current = date(current.year + current.month // 12, current.month % 12 + 1, 1)
-        else:
-            current = date(current.year + 1, 1, 1)
-    return out
-
-
 def _chart(per_day: dict[str, int]) -> str:
     unit, bars = bin_per_day(per_day)
     if not bars:
         return '<h2>Flags per day</h2><p class="empty">No Flags with a date.</p>'
-    width, height, left, bottom, top = 760, 220, 44, 34, 12
-    plot_w, plot_h = width - left - 8, height - bottom - top
-    peak = max(n for _, n in bars) or 1
-    step = plot_w / len(bars)
-    parts = [
-        f'<svg role="img" aria-label="Flags per {unit}" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}">',
-        f'<line x1="{left}" y1="{top + plot_h}" x2="{width - 8}" y2="{top + plot_h}" stroke="#8a93a3"/>',
-        f'<text x="{left - 6}" y="{top + 4}" text-anchor="end">{peak:,}</text>',
-        f'<text x="{left - 6}" y="{top + plot_h}" text-anchor="end">0</text>',
-    ]
-    for i, (label, n) in enumerate(bars):
-        h = plot_h * n / peak
-        x = left + i * step
-        parts.append(
-            f'<rect class="bar" x="{x + step * 0.1:.1f}" y="{top + plot_h - h:.1f}" width="{max(step * 0.8, 1):.1f}" '
-            f'height="{h:.1f}"><title>{_e(label)}: {n:,}</title></rect>'
-        )
-    # A few axis labels: first, middle and last period, so long ranges stay legible.
-    for i in sorted({0, len(bars) // 2, len(bars) - 1}):
-        anchor = "start" if i == 0 else "end" if i == len(bars) - 1 else "middle"
-        x = left + i * step + (0 if anchor == "start" else step if anchor == "end" else step / 2)
-        parts.append(f'<text x="{x:.1f}" y="{height - 12}" text-anchor="{anchor}">{_e(bars[i][0])}</text>')
-    parts.append("</svg>")
-    return f"<h2>Flags per {unit}</h2>" + "".join(parts)
+    title = f"Flags per {unit}, by the start of their episode"
+    return f"<h2>Flags per {unit}</h2>" + bar_chart(bars, title, "flags-chart")
+
+
+def _trends(report: dict) -> str:
+    """A picture per Flag (capped, leukofhir.trends): the values it rests on, its thresholds, its episode, its drugs.
+    Named by the Flag's identifier only, as the rest of the report names resources by id."""
+    trends = report.get("trends")
+    if trends is None:
+        return ""
+    total = report.get("trends_total", len(trends))
+    html = ["<h2>Evidence per Flag</h2>"]
+    if not trends:
+        return html[0] + '<p class="empty">No Flags to picture.</p>'
+    html.append('<p class="legend">Filled triangles: low values; open circles: values at or above the threshold; '
+                "hatched band: the episode; solid line: the threshold (LLN); dashed lines: CTCAE v5.0 grade "
+                "boundaries; bars below: exposure to an associated drug.</p>")
+    if total > len(trends):
+        html.append(f'<p class="more">{len(trends):,} of {total:,} Flags pictured: active ones first, the worst grade, '
+                    "the latest episode; every Flag is in Flag.ndjson.</p>")
+    for i, trend in enumerate(trends, 1):
+        period = f"{_e(trend['start'][:10])} – {_e((trend.get('end') or 'open')[:10])}"
+        html.append(
+            f'<figure class="trend" id="trend-{_e(trend["flag"])}"><figcaption><b>{_e(trend["condition"])}</b>, '
+            f'grade {_e(trend["grade"])}, {_e(trend["status"])}, {period} &middot; Flag <code>{_e(trend["flag"])}'
+            f"</code></figcaption>" + trend_chart(trend, f"trend-chart-{i}") + "</figure>")
+    return "".join(html)

@@ -8,7 +8,7 @@ import struct
 import subprocess
 
 import pytest
-from support.report_sample import sample_report
+from support.report_sample import sample_report, sample_trends
 
 from leukofhir.report_html import write_report_html
 
@@ -53,3 +53,33 @@ def test_the_screenshot_is_a_full_page_not_a_blank(tmp_path, report_file):
     assert (width, height) == (1280, 1900)
     # A blank page compresses to a few kB; text, tables and the chart make it far larger.
     assert len(data) > 40_000
+
+
+# Test-only: measures each trend picture as laid out and writes the sizes into the DOM (the report has no script).
+_MEASURE = """<script>addEventListener("load", function () {
+  var out = document.createElement("pre"); out.id = "measured";
+  out.textContent = Array.prototype.map.call(document.querySelectorAll("svg.trend"), function (s) {
+    var r = s.getBoundingClientRect(); return Math.round(r.width) + "x" + Math.round(r.height); }).join(" ");
+  document.body.appendChild(out); });</script>"""
+
+
+def test_each_flag_s_trend_picture_is_laid_out_with_its_title_and_marks(tmp_path):
+    trends = sample_trends()
+    page = write_report_html({**sample_report(), "trends": trends, "trends_total": 80}, tmp_path / "report.html")
+    measured = tmp_path / "measured.html"
+    measured.write_text(page.read_text().replace("</body>", _MEASURE + "</body>"), encoding="utf-8")
+    dom = _chromium(tmp_path, "--dump-dom", measured.as_uri()).stdout
+    sizes = re.search(r'<pre id="measured">([^<]*)</pre>', dom).group(1).split()
+    assert len(sizes) == len(trends) == 3
+    for size in sizes:
+        width, height = map(int, size.split("x"))
+        assert width >= 600 and height >= 170, size
+    assert "3 of 80 Flags pictured" in dom
+    assert dom.count('<path class="low"') == 5 and dom.count('class="drug"') == 1
+    assert "Agranulocytosis, grade 4: ANC over the episode" in dom and "Episode from 2025-02-10 still open" in dom
+
+    shot = tmp_path / "trends.png"
+    _chromium(tmp_path, "--window-size=1280,3200", f"--screenshot={shot}", page.as_uri())
+    data = shot.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", data[16:24]) == (1280, 3200)
+    assert len(data) > 60_000

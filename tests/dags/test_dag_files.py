@@ -74,7 +74,10 @@ def test_surveillance_dag_windows_its_data_interval_one_run_at_a_time(dags):
     assert dag.max_active_runs == 1 and dag.catchup is False
     assert type(dag.timetable).__name__ == "CronDataIntervalTimetable"
     assert [t.task_id for t in dag.topological_sort()] == ["find_patients", "extract", "evaluate", "check_contract",
-                                                         "write_flags", "report"]
+                                                         "write_flags", "report", "refresh_board"]
+    board = dag.get_task("refresh_board")
+    assert board.trigger_rule == "all_done" and board.upstream_task_ids == {"write_flags"}  # even after a stop
+    assert dag.get_task("report").downstream_task_ids == set()  # a leaf: the run fails when its report says so
 
 
 def test_backfill_dag_has_the_params_of_the_design(dags):
@@ -90,7 +93,8 @@ def test_backfill_dag_has_the_params_of_the_design(dags):
 @pytest.mark.parametrize("dag_id", ["leukopenia_surveillance", "leukopenia_backfill"])
 def test_tasks_that_talk_to_the_server_share_the_pool_and_all_retry_with_backoff(dags, dag_id):
     tasks = {t.task_id: t for t in dags[dag_id].tasks}
-    talking = {"find_patients", "extract", "write_flags"} | ({"bulk_export"} if dag_id == "leukopenia_backfill" else set())
+    talking = {"find_patients", "extract", "write_flags"} | (
+        {"bulk_export"} if dag_id == "leukopenia_backfill" else {"refresh_board"})
     assert {tid for tid, t in tasks.items() if t.pool == "fhir_server"} == talking
     for t in tasks.values():
         # The export only polls the server's job: hours for a large backfill, so a longer (still bounded) time-out.

@@ -401,6 +401,12 @@ def scheduled_surveillance(logical_date: datetime) -> tuple[dict, list[str]]:
     return json.loads((folder / "report.json").read_text(encoding="utf-8")), read
 
 
+def _board_numbers() -> dict:
+    html = (Path(os.environ["AIRFLOW_HOME"]) / "leukofhir-runs" / "board" / "board.html").read_text(encoding="utf-8")
+    return {key: int(re.search(rf'id="{key}">([\d,]+)<', html).group(1).replace(",", ""))
+            for key in ("count-total", "count-active", "count-inactive")}
+
+
 def test_the_surveillance_run_whose_interval_holds_midnight_utc_sweeps_lapsed_flags(dags, fhir_client, unique,
                                                                                     tmp_path, monkeypatch, own_tag):
     from leukofhir.config import load_config
@@ -430,6 +436,8 @@ def test_the_surveillance_run_whose_interval_holds_midnight_utc_sweeps_lapsed_fl
         report, read = scheduled_surveillance(logical)
         assert report["sweep"] is None and pid not in read
         assert project_flags(fhir_client, [pid], rules) == [flag]
+    # Every run refreshes the board from the project's Flags on the server (this test's tag: its one Flag).
+    assert _board_numbers() == {"count-total": 1, "count-active": 1, "count-inactive": 0}
     report, read = scheduled_surveillance(day + timedelta(hours=1, minutes=30))  # [00:00, 01:00): the day's sweep
     assert report["sweep"] == {"candidates": 1, "flags_read": 1, "added": 1} and read == [pid]
     assert report["writes"]["update"] == 1
@@ -437,6 +445,7 @@ def test_the_surveillance_run_whose_interval_holds_midnight_utc_sweeps_lapsed_fl
     assert closed["id"] == flag["id"] and closed["status"] == "inactive"
     assert closed["period"] == {"start": count_time, "end": count_time}
     assert closed["code"]["text"].endswith("; no follow-up count for more than 90 days")
+    assert _board_numbers() == {"count-total": 1, "count-active": 0, "count-inactive": 1}
 
     # The hour is the site's, read when the run starts: at 13:00 the run of 13:00-14:00 sweeps (nothing left to close).
     monkeypatch.setenv("LEUKOFHIR_LAPSE_SWEEP_HOUR", "13")

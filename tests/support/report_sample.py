@@ -39,3 +39,26 @@ def sample_report() -> dict:
             "per_day": {"2024-11-02": 3, "2024-12-24": 20, "2025-01-15": 30, "2025-02-27": 4},
         },
     }
+
+
+def sample_trends() -> list[dict]:
+    """Three Flags' pictures as leukofhir.trends writes them into report.json: open, recovered, drug-associated."""
+    return [
+        {"flag": "a" * 40, "condition": "Agranulocytosis", "grade": 4, "status": "active",
+         "start": "2025-02-10T08:00:00Z", "end": None, "measure": "ANC", "unit": "×10^9/L",
+         "lines": [["threshold", 1.5], ["G3 <", 1.0], ["G4 <", 0.5]],
+         "points": [["2025-01-20T08:00:00Z", 2.4, False, None], ["2025-02-10T08:00:00Z", 0.4, True, None],
+                    ["2025-02-17T08:00:00Z", 0.1, True, "<"]],
+         "drugs": [["clozapine", "2024-11-01T00:00:00Z", None]]},
+        {"flag": "b" * 40, "condition": "Leukopenia", "grade": 3, "status": "inactive",
+         "start": "2024-12-01T08:00:00Z", "end": "2024-12-20T08:00:00Z", "measure": "WBC", "unit": "×10^9/L",
+         "lines": [["LLN", 4.0], ["G2 <", 3.0], ["G3 <", 2.0], ["G4 <", 1.0]],
+         "points": [["2024-11-10T08:00:00Z", 5.1, False, None], ["2024-12-01T08:00:00Z", 3.2, True, None],
+                    ["2024-12-08T08:00:00Z", 1.9, True, None], ["2024-12-20T08:00:00Z", 4.4, False, None]],
+         "drugs": []},
+        {"flag": "c" * 40, "condition": "Lymphopenia", "grade": 1, "status": "inactive",
+         "start": "2024-10-01T08:00:00Z", "end": "2024-10-02T08:00:00Z", "measure": "lymphocytes", "unit": "×10^9/L",
+         "lines": [["LLN", 1.0], ["G2 <", 0.8], ["G3 <", 0.5], ["G4 <", 0.2]],
+         "points": [["2024-10-01T08:00:00Z", 0.9, True, None], ["2024-10-02T08:00:00Z", 1.3, False, None]],
+         "drugs": []},
+    ]

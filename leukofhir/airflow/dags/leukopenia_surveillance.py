@@ -2,15 +2,17 @@
 Patient record changed in the data interval (`_lastUpdated`) are re-evaluated on their whole history, and their
 Flags on the FHIR server converge. Once a day, the run whose interval holds 00:00 UTC (LEUKOFHIR_LAPSE_SWEEP_HOUR)
 also re-evaluates the patients whose active Flags have had no count for longer than the lapse (clinical-rules v1.3 §4:
-their data does not change, so no window touches them). Missed intervals: `airflow backfill create --dag-id
-leukopenia_surveillance`."""
+their data does not change, so no window touches them). Every run then refreshes the hospital-wide board
+(<runs root>/board/board.html). Missed intervals: `airflow backfill create --dag-id leukopenia_surveillance`."""
 
 import os
 from datetime import datetime, timezone
 
 from airflow.sdk import CronDataIntervalTimetable, Param, dag
 
-from leukofhir.dag_tasks import DEFAULT_ARGS, check_contract, evaluate, extract, find_patients, report, write_flags
+from leukofhir.dag_tasks import (
+    DEFAULT_ARGS, check_contract, evaluate, extract, find_patients, refresh_board, report, write_flags,
+)
 
 # Hourly by default; a site sets its own cron in the environment (read at parse time: no I/O).
 SCHEDULE = os.environ.get("LEUKOFHIR_SURVEILLANCE_CRON", "0 * * * *")
@@ -38,7 +40,8 @@ def leukopenia_surveillance():
     evaluated = evaluate.expand(chunk=extract.expand(chunk=chunks))
     # No chunk writes before the data contract was judged on the whole run (a barrier over every chunk).
     written = write_flags.expand(chunk=check_contract(evaluated))
-    written >> report()
+    # Both after the writes, both leaves: a failed run stays failed however the board fares.
+    written >> [report(), refresh_board()]
 
 
 surveillance = leukopenia_surveillance()
