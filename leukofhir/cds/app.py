@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from leukofhir.cds.cards import order_card, patient_view_cards
-from leukofhir.cds.evaluation import evaluate_patient
+from leukofhir.cds.evaluation import PassedBatches, evaluate_patient
 from leukofhir.cds.fetch import BadHookRequest, PatientReader, prefetch_templates, prefetched_resources
 from leukofhir.cds.orders import OrderMatcher
 from leukofhir.cds.tokens import TokenChecker, TokenRefused
@@ -45,6 +45,15 @@ class CdsService:
         self.public_url = public_url.rstrip("/")
         self.templates = prefetch_templates(rules)
         self.orders = OrderMatcher(rules, reader.base_url)
+        self.validate = PassedBatches()
+
+    def warm(self) -> None:
+        """Validate one made-up result before the first request: GX's import and context take seconds, once."""
+        count = {"resourceType": "Observation", "id": "warm", "status": "final", "subject": {"reference": "Patient/warm"},
+                 "code": {"coding": [{"system": "http://loinc.org", "code": "6690-2"}]},
+                 "effectiveDateTime": "2020-01-01T00:00:00Z",
+                 "valueQuantity": {"value": 5.0, "system": "http://unitsofmeasure.org", "code": "10*9/L"}}
+        evaluate_patient([count], "Patient/warm", self.rules, base_url=self.reader.base_url)
 
     def discovery(self) -> dict:
         return {"services": [
@@ -81,7 +90,7 @@ class CdsService:
             log.warning("%s Patient/%s: the FHIR server cannot be read now: %s", hook, patient_id, exc)
             return Answer(503, {"detail": "the patient's data cannot be read from the FHIR server now"})
         state = evaluate_patient(resources, f"Patient/{patient_id}", self.rules, base_url=self.reader.base_url,
-                                 now=self.as_of)
+                                 now=self.as_of, validate=self.validate)
         if hook == "patient-view":
             cards = patient_view_cards(state, self.rules)
         else:

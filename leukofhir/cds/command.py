@@ -58,6 +58,7 @@ def cds_hooks_command(args) -> int:
     fhir = FhirClient(args.fhir_url, make_auth(args.auth, base_url=args.fhir_url),
                       timeout=min(args.timeout, FETCH_TIMEOUT), max_retries=1)
     service = CdsService(rules, PatientReader(fhir, rules), public_url, as_of=parse_as_of(args.as_of))
+    service.warm()
     app = create_app(service, TokenChecker(issuers), args.cors_origin)
     log.info("CDS Hooks discovery at %s/cds-services; %d trusted issuer(s)", public_url, len(issuers))
     try:

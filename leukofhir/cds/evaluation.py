@@ -3,6 +3,9 @@ written: the state a CDS Hooks card reports is the one a run would write as Flag
 
 from __future__ import annotations
 
+import hashlib
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -13,7 +16,7 @@ from leukofhir.evaluate import FlagSpec
 from leukofhir.normalise import Normaliser
 from leukofhir.normalise.patients import PatientInfo
 from leukofhir.pipeline import build_flags, evaluate_rows, validate_rows
-from leukofhir.validate import suite_parameters
+from leukofhir.validate import ValidationResult, suite_parameters, validate_batch
 
 COUNTS_SHOWN = ("wbc", "anc", "lymphocytes_abs", "platelets", "hemoglobin")
 UNITS = {"hemoglobin": "g/dL"}  # every other concept shown is a count in 10^9/L (§1.2)
@@ -50,12 +53,45 @@ class PatientState:
         return [f for f in self.flags if f.status == "active"]
 
 
+class PassedBatches:
+    """validate.validate_batch, remembering the batches in which every row passed (by a digest of their rows), so
+    the same history is not validated again each time its chart is opened: GX costs about 0.25 s per suite and
+    batch whatever its size (benchmarks/cds_bench.py). Sound because a verdict of "every row passes" cannot change
+    while the rules stay the same: the one parameter that moves, the latest plausible time (the clock), only grows.
+    A batch with a failing row is validated every time."""
+
+    def __init__(self, size: int = 1024):
+        self.size = size
+        self._passed: OrderedDict[tuple[str, bytes], list[dict]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __call__(self, suite: str, rows: pd.DataFrame, parameters: dict) -> ValidationResult:
+        key = (suite, _digest(rows))
+        with self._lock:
+            expectations = self._passed.get(key)
+            if expectations is not None:
+                self._passed.move_to_end(key)
+                return ValidationResult(valid=rows, reasons={}, expectations=expectations)
+        result = validate_batch(suite, rows, parameters)
+        if not result.reasons:
+            with self._lock:
+                self._passed[key] = result.expectations
+                while len(self._passed) > self.size:
+                    self._passed.popitem(last=False)
+        return result
+
+
+def _digest(rows: pd.DataFrame) -> bytes:
+    values = pd.util.hash_pandas_object(rows, index=False).to_numpy().tobytes()
+    return hashlib.sha256("|".join(map(str, rows.columns)).encode() + values).digest()
+
+
 def evaluate_patient(resources, patient_id: str, rules: Rules, *, base_url: str | None,
-                     now: datetime | None = None) -> PatientState:
+                     now: datetime | None = None, validate=validate_batch) -> PatientState:
     """The patient's state from their resources (their whole history, as a run reads it), as of `now` (default: the
     clock) or their latest result when later, as a run evaluates as of its start (pipeline.evaluate_rows): an episode
     without a count for too long lapses. A result dated in the future is quarantined against the clock, as a run
-    does."""
+    does. `validate`: validate.validate_batch, or a PassedBatches memo of it."""
     now = now or datetime.now(timezone.utc)
     normaliser = Normaliser(rules, base_url=base_url)
     for index, resource in enumerate(resources):
@@ -63,9 +99,9 @@ def evaluate_patient(resources, patient_id: str, rules: Rules, *, base_url: str 
             normaliser.add(resource, index)
     normalised = normaliser.finish()
     parameters = suite_parameters(rules)
-    validated = validate_rows(normalised, parameters)
+    validated = validate_rows(normalised, parameters, validate=validate)
     evaluation = evaluate_rows(validated.observations, validated.exposures, normalised.patients, rules, run_time=now)
-    checked = build_flags(evaluation.specs, rules, parameters)
+    checked = build_flags(evaluation.specs, rules, parameters, validate)
     specs = [evaluation.specs[i] for i in checked.kept] if checked.kept or not evaluation.specs else []
     mine = [s for s in specs if s.patient_id == patient_id]
     return PatientState(patient_id, mine, _latest(validated.observations, patient_id, rules),
@@ -79,7 +115,7 @@ def _latest(rows: pd.DataFrame, patient_id: str, rules: Rules) -> dict[str, Coun
     mine = rows[(rows["patient_id"] == patient_id) & (rows["status"] != retracted) & rows["time"].notna()
                 & rows["concept"].isin(COUNTS_SHOWN)]
     latest: dict[str, Count] = {}
-    for row in mine.sort_values("time").itertuples(index=False):
+    for row in mine.sort_values("time", kind="stable").groupby("concept", sort=False).tail(1).itertuples(index=False):
         comparator = row.comparator if isinstance(row.comparator, str) and row.comparator else None
         latest[row.concept] = Count(row.concept, float(row.value), comparator, row.time.to_pydatetime(),
                                     str(row.resource_id))
