@@ -30,6 +30,8 @@ RULES = load_config()
 SAMPLE = Path(__file__).resolve().parents[2] / "leukofhir" / "sample_data"
 CLOZAPINE, AMOXICILLIN = "2626", "723"
 
+SANDBOX = "https://sandbox.cds-hooks.org"
+
 pytestmark = pytest.mark.fhir
 
 
@@ -37,7 +39,7 @@ pytestmark = pytest.mark.fhir
 def cds(fhir_base_url, tmp_path_factory):
     folder = tmp_path_factory.mktemp("cds")
     keys = EhrKeys(folder)
-    with CdsProcess(folder, session_port(17), fhir_base_url, keys) as service:
+    with CdsProcess(folder, session_port(17), fhir_base_url, keys, args=("--cors-origin", SANDBOX)) as service:
         yield service
 
 
@@ -82,6 +84,16 @@ def test_discovery_lists_both_services_with_their_prefetch(cds):
     assert prefetch["patient"] == "Patient/{{context.patientId}}"
     assert "751-8" in prefetch["observations"] and "{{context.patientId}}" in prefetch["observations"]
     assert prefetch["flags"].startswith("Flag?subject=Patient/{{context.patientId}}&_tag=")
+
+
+def test_the_configured_browser_origin_may_call_it_and_no_other(cds):
+    for origin, allowed in ((SANDBOX, True), ("https://evil.example", False)):
+        preflight = requests.options(cds.url + PATIENT_VIEW, timeout=10, headers={
+            "Origin": origin, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type"})
+        assert (preflight.headers.get("Access-Control-Allow-Origin") == origin) is allowed, preflight.headers
+        discovery = requests.get(cds.url + "/cds-services", headers={"Origin": origin}, timeout=10)
+        assert (discovery.headers.get("Access-Control-Allow-Origin") == origin) is allowed
 
 
 def test_patient_view_with_prefetch_gives_a_critical_card(cds, fhir_client, unique):
