@@ -193,6 +193,18 @@ def test_order_sign_warns_for_clozapine_and_chemotherapy_not_for_an_unrelated_dr
     assert all(c["overrideReasons"] for c in cards)
 
 
+def test_order_sign_reads_a_contained_medication_by_atc(cds, fhir_client, unique):
+    pid = _agranulocytosis_patient(fhir_client, unique)
+    order = {"resourceType": "MedicationRequest", "id": "o-contained", "status": "draft", "intent": "order",
+             "subject": {"reference": f"Patient/{pid}"}, "medicationReference": {"reference": "#m1"},
+             "contained": [{"resourceType": "Medication", "id": "m1", "code": {"coding": [
+                 {"system": "http://www.whocc.no/atc", "code": "L01XA01"}]}}]}
+    answer = _post(cds, ORDER_SIGN, order_sign_request(pid, [order]))
+    assert answer.status_code == 200, answer.text
+    (card,) = answer.json()["cards"]
+    assert card["summary"].startswith("Antineoplastic chemotherapy ordered: ANC 0.3")
+
+
 def test_order_sign_gives_no_card_when_the_counts_are_normal(cds, fhir_client, unique):
     pid = f"cds-ok-{unique}"
     put(fhir_client, patient(pid), observation(f"{pid}-anc", "anc", 3.2, time=days_ago(1), patient=f"Patient/{pid}"))
