@@ -28,10 +28,10 @@ ID_PREFIX = "leukofhir-cr-"
 CATEGORY_SYSTEM = "http://terminology.hl7.org/CodeSystem/communication-category"
 CLOSED = {"revoked", "entered-in-error", "completed"}  # a request the care team or a run has closed: left alone
 RECIPIENT_TYPES = {"Practitioner", "PractitionerRole", "Organization"}
-ALERT_ACTIONS = ("alert_create", "alert_revoke")
+ALERT_ACTIONS = ("alert_create", "alert_revoke", "alert_refused")
 # The concept whose lowest value a critical Flag's request names, by the Flag's SNOMED code's condition.
-_LOWEST_CONCEPT = {"leukopenia": "wbc", "neutropenia": "anc", "agranulocytosis": "anc", "lymphopenia": "lymphocytes_abs",
-                   "pancytopenia": "wbc"}
+_LOWEST_CONCEPT = {"leukopenia": "wbc", "neutropenia": "anc", "agranulocytosis": "anc",
+                   "lymphopenia": "lymphocytes_abs", "pancytopenia": "wbc"}
 
 
 def request_id(identifier: str) -> str:
@@ -160,37 +160,50 @@ def _version(resource: dict) -> str | None:
 def sync_alerts(client: FhirClient, rules: Rules, subjects: Iterable[str], now: datetime | None = None) -> Counter:
     """For the patients named ("Patient/<id>"), from their project Flags on the server as they are now: a request
     created for each critical active Flag that has none, a request revoked for each withdrawn critical Flag. Returns
-    the counts (`alert_create`, `alert_revoke`); nothing when the site turned it off."""
+    the counts (`alert_create`, `alert_revoke`, and `alert_refused`: batches whose requests the server refused);
+    nothing when the site turned it off."""
     counts: Counter = Counter()
     if not rules.alerts.communication_requests:
         return counts
     now = now or datetime.now(timezone.utc)
     ids = sorted({pid for s in subjects if (pid := reference_target(s)[1]) and is_valid_id(pid)})
     for batch in patient_batches(ids, 100):
-        refs = ",".join(f"Patient/{p}" for p in batch)
-        flags = [f for f in client.search("Flag", {"subject": refs, "_tag": project_flag_tag(rules),
-                                                   "_count": PAGE_SIZE})
-                 if is_critical(f, rules) and _identifier(f, rules)]
-        wanted = {request_id(_identifier(f, rules)): f for f in flags if f.get("status") == "active"}
-        withdrawn = {request_id(_identifier(f, rules)): f for f in flags if f.get("status") == "entered-in-error"}
-        if not wanted and not withdrawn:
-            continue
-        existing = {r.get("id"): r for r in client.search(
-            "CommunicationRequest", {"_id": ",".join(sorted({*wanted, *withdrawn})), "_count": PAGE_SIZE})}
-        for rid, flag in sorted(wanted.items()):
-            if rid in existing:
-                continue
-            request = build_request(flag, rules, _lowest_observation(client, flag, rules),
-                                    _recipients(client, flag["subject"]["reference"]), now)
-            if _put(client, request, NEW):
-                counts["alert_create"] += 1
-        for rid in sorted(withdrawn):
-            current = existing.get(rid)
-            if current is None or current.get("status") in CLOSED or _version(current) is None:
-                continue
-            revoked = {k: v for k, v in current.items() if k != "meta"}
-            revoked["meta"] = {"tag": (current.get("meta") or {}).get("tag") or []}
-            revoked["status"] = "revoked"
-            if _put(client, revoked, _version(current)):
-                counts["alert_revoke"] += 1
+        try:
+            _sync_batch(client, rules, batch, now, counts)
+        except FatalFhirError as exc:
+            # The Flags are written; a server that refuses the requests (no CommunicationRequest support, a token
+            # without its scope) must not fail the run for them. The next run tries again: a missing one is created.
+            counts["alert_refused"] += 1
+            log.warning("critical-result CommunicationRequests of %d patient(s) not written: HTTP %s: %s", len(batch),
+                        exc.status, outcome_summary(exc.outcome) or type(exc).__name__)
     return counts
+
+
+def _sync_batch(client: FhirClient, rules: Rules, batch: list[str], now: datetime, counts: Counter) -> None:
+    """One batch of patients (sync_alerts), their counts added to `counts`."""
+    refs = ",".join(f"Patient/{p}" for p in batch)
+    flags = [f for f in client.search("Flag", {"subject": refs, "_tag": project_flag_tag(rules),
+                                               "_count": PAGE_SIZE})
+             if is_critical(f, rules) and _identifier(f, rules)]
+    wanted = {request_id(_identifier(f, rules)): f for f in flags if f.get("status") == "active"}
+    withdrawn = {request_id(_identifier(f, rules)): f for f in flags if f.get("status") == "entered-in-error"}
+    if not wanted and not withdrawn:
+        return
+    existing = {r.get("id"): r for r in client.search(
+        "CommunicationRequest", {"_id": ",".join(sorted({*wanted, *withdrawn})), "_count": PAGE_SIZE})}
+    for rid, flag in sorted(wanted.items()):
+        if rid in existing:
+            continue
+        request = build_request(flag, rules, _lowest_observation(client, flag, rules),
+                                _recipients(client, flag["subject"]["reference"]), now)
+        if _put(client, request, NEW):
+            counts["alert_create"] += 1
+    for rid in sorted(withdrawn):
+        current = existing.get(rid)
+        if current is None or current.get("status") in CLOSED or _version(current) is None:
+            continue
+        revoked = {k: v for k, v in current.items() if k != "meta"}
+        revoked["meta"] = {"tag": (current.get("meta") or {}).get("tag") or []}
+        revoked["status"] = "revoked"
+        if _put(client, revoked, _version(current)):
+            counts["alert_revoke"] += 1

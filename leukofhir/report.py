@@ -14,7 +14,7 @@ EXAMPLES = 5
 # the patients read and decided again because a version had moved; `alert_*`: the critical results' CommunicationRequests
 # (leukofhir/alerts.py).
 WRITE_ACTIONS = ("create", "update", "withdraw", "delete", "unchanged", "not_created", "refused", "conflict",
-                 "reevaluated", "alert_create", "alert_revoke")
+                 "reevaluated", "alert_create", "alert_revoke", "alert_refused")
 # Keys of a batch's report.json that are sums (nested dicts of counts are summed key by key).
 _SUMMED = ("read", "read_total", "evaluated", "skipped", "quarantined", "read_errors", "stages", "flags",
            "flags_rejected", "flags_held")

@@ -178,6 +178,7 @@ _WRITE_LABELS = [
     ("reevaluated", "patients read and evaluated again (their Flag had changed since it was read)"),
     ("alert_create", "critical results: CommunicationRequests created"),
     ("alert_revoke", "critical results: CommunicationRequests revoked (Flag withdrawn)"),
+    ("alert_refused", "critical results: batches whose CommunicationRequests the server refused (tried again)"),
 ]
 
 

@@ -49,7 +49,8 @@ class CdsService:
 
     def warm(self) -> None:
         """Validate one made-up result before the first request: GX's import and context take seconds, once."""
-        count = {"resourceType": "Observation", "id": "warm", "status": "final", "subject": {"reference": "Patient/warm"},
+        count = {"resourceType": "Observation", "id": "warm", "status": "final",
+                 "subject": {"reference": "Patient/warm"},
                  "code": {"coding": [{"system": "http://loinc.org", "code": "6690-2"}]},
                  "effectiveDateTime": "2020-01-01T00:00:00Z",
                  "valueQuantity": {"value": 5.0, "system": "http://unitsofmeasure.org", "code": "10*9/L"}}

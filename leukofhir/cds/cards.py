@@ -86,8 +86,9 @@ def order_card(drug_key: str, drug: Drug, order_ref: str | None, state: PatientS
     if not episodes and not below:
         return None
     worst = max(episodes, key=lambda s: s.grade, default=None)
-    critical = (worst is not None and indicator(worst, rules) == "critical") or (
-        count is not None and check is not None and check.concept == "anc" and count.value < rules.agranulocytosis.below)
+    agranulocytic = (count is not None and check is not None and check.concept == "anc"
+                     and count.value < rules.agranulocytosis.below)
+    critical = (worst is not None and indicator(worst, rules) == "critical") or agranulocytic
     if below:
         head = f"{drug.label.capitalize()} ordered: {SHOWN_NAMES[check.concept]} {count.shown} on " \
                f"{count.time.date().isoformat()}, below {threshold:g}"

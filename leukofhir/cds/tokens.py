@@ -1,4 +1,5 @@
-"""The EHR's JWT on a CDS Hooks request (CDS Hooks 2.0, "Trusting CDS Clients"), checked against trusted issuers' JWKS."""
+"""The EHR's JWT on a CDS Hooks request (CDS Hooks 2.0, "Trusting CDS Clients"), checked against the trusted
+issuers' JWKS."""
 
 from __future__ import annotations
 
@@ -62,7 +63,8 @@ class Issuer:
 
 
 def parse_trusted(values: list[str] | None) -> dict[str, Issuer]:
-    """`--trusted-issuer ISS=JWKS_FILE_OR_URL` options as issuers by `iss` (the last `=` splits: an iss may hold one)."""
+    """`--trusted-issuer ISS=JWKS_FILE_OR_URL` options as issuers by `iss` (the last `=` splits: an iss may hold
+    one)."""
     issuers: dict[str, Issuer] = {}
     for value in values or []:
         iss, sep, source = value.rpartition("=")
