@@ -85,3 +85,28 @@ def test_a_site_can_turn_the_requests_off(fhir_base_url, fhir_client, unique, ow
     report = _run(fhir_base_url, rules, tmp_path / "run", [pid])
     assert report["writes"]["create"] == 1 and report["writes"]["alert_create"] == 0
     assert _requests(fhir_client, pid) == []
+
+
+def test_a_server_refusing_the_requests_does_not_fail_the_run(fhir_base_url, fhir_client, unique, own_tag, tmp_path):
+    """The Flags are written and the run is done; the next run creates the missing request."""
+    from support.faultproxy import Fault, FaultProxy
+
+    config, patients = own_tag
+    rules = load_config(config)
+    pid = f"refused-{unique}"
+    patients.append(pid)
+    put(fhir_client, patient(pid), observation(f"{pid}-1", "anc", 0.3, time=days_ago(2), patient=f"Patient/{pid}"))
+    with FaultProxy(fhir_base_url) as proxy:
+        proxy.add(Fault("status", status=403, method="GET", path_regex=r"/CommunicationRequest",
+                        body='{"resourceType": "OperationOutcome", "issue": [{"severity": "error", '
+                             '"code": "forbidden", "diagnostics": "no scope for CommunicationRequest"}]}',
+                        headers={"Content-Type": "application/fhir+json"}))
+        refused = _run(proxy.base_url, rules, tmp_path / "run-1", [pid])
+    assert refused["status"] == "done"
+    assert (refused["writes"]["create"], refused["writes"]["alert_refused"], refused["writes"]["alert_create"]) \
+        == (1, 1, 0)
+    assert _requests(fhir_client, pid) == []
+    later = _run(fhir_base_url, rules, tmp_path / "run-2", [pid])
+    assert (later["writes"]["alert_create"], later["writes"]["alert_refused"]) == (1, 0)
+    (request,) = _requests(fhir_client, pid)
+    fhir_client.request("DELETE", f"CommunicationRequest/{request['id']}")
