@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from leukofhir.config import load_config  # noqa: E402
-from leukofhir.extract import PAGE_SIZE, Window, _history_searches, window_searches  # noqa: E402
+from leukofhir.extract import PAGE_SIZE, Window, history_searches, window_searches  # noqa: E402
 
 
 def instance(port: int) -> tuple[Path, int]:
@@ -61,7 +61,7 @@ def searches(patients: list[str]) -> list[tuple[str, dict]]:
     out += window_searches(Window.parse("2017-03-01", "2017-03-02", "effective"), rules)[:1]
     out += window_searches(Window.parse(now - timedelta(hours=1), now, "lastUpdated"), rules)[:1]
     out += window_searches(Window.parse(now - timedelta(days=365), now, "lastUpdated"), rules)[:1]
-    out += list(_history_searches(rules, patients))
+    out += list(history_searches(rules, patients))
     return out
 
 

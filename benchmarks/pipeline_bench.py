@@ -36,7 +36,7 @@ from evaluate_bench import generate  # noqa: E402  (the same generated CBCs as t
 
 from leukofhir.config import load_config  # noqa: E402
 from leukofhir.extract import (  # noqa: E402
-    PAGE_SIZE, Window, _history_searches, window_searches, patient_batches, touched_patients,
+    PAGE_SIZE, Window, history_searches, window_searches, patient_batches, touched_patients,
 )
 from leukofhir.fhir.client import FhirClient  # noqa: E402
 from leukofhir.load import load_files  # noqa: E402
@@ -96,7 +96,7 @@ def bare_loop(base_url: str, window: Window, types: Counter | None = None) -> tu
             if ref.startswith("Patient/"):
                 patients.add(ref[8:])
     for batch in patient_batches(sorted(patients), BATCH_SIZE):
-        for resource_type, params in _history_searches(rules, batch):
+        for resource_type, params in history_searches(rules, batch):
             page_through(resource_type, params)
     return time.perf_counter() - begin, pages, observations
 

@@ -92,7 +92,7 @@ def window_export(rules: Rules, window: Window) -> ExportRequest:
 
 
 def history_export(rules: Rules) -> ExportRequest:
-    """Everyone's whole history of what the rules read (the searches of extract._history_searches, without the
+    """Everyone's whole history of what the rules read (the searches of extract.history_searches, without the
     patients): the in-scope results and the panel Observations holding results as members, every DiagnosticReport,
     the medication resources and Medications, the BEN Conditions, the Patients, and the project's Flags."""
     types = ["Observation", "DiagnosticReport", *medication_types(rules), _INCLUDED, "Patient", "Flag"]

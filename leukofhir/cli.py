@@ -146,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     from leukofhir.realtime import commands as realtime  # subscribe, listen: the near-real-time path
 
     realtime.add_parsers(sub, _add_server_args)
+    from leukofhir.cds import command as cds  # the CDS Hooks service
+
+    cds.add_parser(sub, _add_server_args)
     return parser
 
 
@@ -190,6 +193,10 @@ def main(argv: list[str] | None = None) -> int:
             from leukofhir.realtime.commands import run
 
             return run(args)
+        if args.command == "cds-hooks":
+            from leukofhir.cds.command import cds_hooks_command
+
+            return cds_hooks_command(args)
     except LeukofhirError as exc:
         # Library code raises typed errors; only here do they become a one-line message and an exit code.
         print(f"leukofhir {args.command}: error: {exc}", file=sys.stderr)

@@ -265,11 +265,21 @@ class Pancytopenia(_Model):
     _check = field_validator("same_count_within", mode="before")(lambda cls, v: _duration(v))
 
 
+class OrderCheck(_Model):
+    """CDS Hooks order-sign: the count below which a draft order of the drug gets a card, and where that comes from."""
+
+    concept: Literal["anc", "wbc"] = "anc"
+    below: float = Field(gt=0)
+    ben_below: float | None = Field(default=None, gt=0)  # patients marked with benign ethnic neutropenia (§2)
+    source: str
+
+
 class Drug(_Model):
     label: str
     rxnorm: list[str] = []
     atc: list[str] = []
     names: list[str] = []
+    order_sign: OrderCheck | None = None
 
     @model_validator(mode="after")
     def _identifiable(self):
@@ -321,6 +331,19 @@ class Validation(_Model):
     _check = field_validator("clock_skew", mode="before")(lambda cls, v: _duration(v))
 
 
+class Alerts(_Model):
+    """Critical results told to the care team: a CommunicationRequest per grade-4 Flag episode (write.py)."""
+
+    communication_requests: bool = True
+
+
+class Cds(_Model):
+    """What the CDS Hooks service's cards name as their source (leukofhir/cds)."""
+
+    source_label: str = "leukofhir leukopenia surveillance"
+    source_url: str = "https://leukofhir.org/docs/cds-hooks"
+
+
 class Rules(_Model):
     """The whole rules file; attribute names follow the YAML keys."""
 
@@ -340,6 +363,8 @@ class Rules(_Model):
     windows: Windows
     priority: dict[Literal[1, 2, 3, 4], Literal["PH", "PM", "PL", "PN"]]
     validation: Validation
+    alerts: Alerts = Alerts()
+    cds: Cds = Cds()
 
     @field_validator("wbc_lln")
     @classmethod

@@ -19,6 +19,8 @@ from typing import Iterator
 from airflow.sdk import ObjectStoragePath, Variable, get_current_context, task
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
+from leukofhir.airflow.notify import failure_notifiers
+
 __all__ = ["bulk_export", "find_patients", "extract", "evaluate", "check_contract", "write_flags", "report",
            "refresh_board", "process_patients", "DEFAULT_ARGS", "PATIENTS_DEFAULT_ARGS", "FHIR_POOL", "BOARD_FOLDER"]
 
@@ -38,6 +40,8 @@ MEMORY_BUDGET_ENV = "LEUKOFHIR_MEMORY_BUDGET"
 # the run starts, so a change needs no new DAG file.
 LAPSE_SWEEP_HOUR_ENV = "LEUKOFHIR_LAPSE_SWEEP_HOUR"
 
+# The site's notifiers (leukofhir/airflow/notify.py: e-mail, Slack), told when a task has failed for good.
+_NOTIFIERS = failure_notifiers()
 DEFAULT_ARGS = {
     # A FHIR server restarting or a network blip must not lose an hour: retry, waiting longer each time.
     "retries": 3,
@@ -45,6 +49,7 @@ DEFAULT_ARGS = {
     "retry_exponential_backoff": True,
     "max_retry_delay": timedelta(minutes=15),
     "execution_timeout": timedelta(hours=2),
+    **({"on_failure_callback": _NOTIFIERS} if _NOTIFIERS else {}),
 }
 # The near-real-time DAG's runs hold one receiver batch (500 patients at most, seconds of work usually): a run that
 # hangs is ended long before two hours, so its pool slot and the patients' Flags are not held up that long.

@@ -18,6 +18,7 @@ from leukofhir.reader import reference_target
 
 __all__ = [
     "Window", "WINDOW_FIELDS", "parse_instant", "fhir_instant", "touched_patients", "patient_batches", "stage_batch",
+    "iter_history", "history_searches",
     "medication_types", "window_searches", "observation_codes", "project_flag_tag", "Subjects", "subject_of",
     "local_patient_id", "deleted_subjects", "changed_patients", "read_time",
 ]
@@ -227,7 +228,7 @@ def patient_batches(patients: list[str], size: int) -> Iterator[list[str]]:
         yield patients[start:start + size]
 
 
-def _history_searches(rules: Rules, patients: list[str]) -> Iterator[tuple[str, dict]]:
+def history_searches(rules: Rules, patients: list[str]) -> Iterator[tuple[str, dict]]:
     """The searches that bring a batch of patients' whole history of what the rules read (clinical-rules §1)."""
     refs = ",".join(f"Patient/{p}" for p in patients)
     # Each result with the reports that list it (their time and blood-count grouping, §1.1 and §2) and the panel
@@ -243,37 +244,50 @@ def _history_searches(rules: Rules, patients: list[str]) -> Iterator[tuple[str, 
     yield "Flag", {"subject": refs, "_tag": project_flag_tag(rules)}
 
 
-def stage_batch(client: FhirClient, patients: list[str], rules: Rules, path: Path) -> dict[str, int]:
-    """Write the batch's resources to one NDJSON file, page by page (never the whole batch in memory); return how
-    many resources of each type were staged. A resource brought twice (an included report listed on two pages)
-    is staged once. The server's time of the first search goes beside it (read_time): what changed after it was not
-    read."""
+def iter_history(client: FhirClient, patients: list[str], rules: Rules, read_at: list | None = None) -> Iterator[dict]:
+    """The patients' whole history of what the rules read (history_searches), page by page, each resource once (an
+    included report listed on two pages is yielded once). `read_at`, when given, gets the server's time of the first
+    search: what changed after it was not read. Ids that are not FHIR ids are a UsageError, never sent."""
     bad = [p for p in patients if not is_valid_id(p)]
     if bad:
         raise UsageError(f"not FHIR ids, never sent to the server: {', '.join(shown(b) for b in bad[:5])}")
-    counts: dict[str, int] = {}
+    return _history(client, patients, rules, read_at)
+
+
+def _history(client: FhirClient, patients: list[str], rules: Rules, read_at: list | None) -> Iterator[dict]:
     seen: set[tuple[str, str, str]] = set()
-    read_at = None
+    for resource_type, params in history_searches(rules, patients):
+        params = {**params, "_count": PAGE_SIZE}
+        for bundle in client.search_pages(resource_type, params):
+            if read_at is not None and not read_at and (bundle.get("meta") or {}).get("lastUpdated"):
+                read_at.append(bundle["meta"]["lastUpdated"])
+            for entry in bundle.get("entry") or []:
+                resource = entry.get("resource")
+                if not isinstance(resource, dict) or (entry.get("search") or {}).get("mode") == "outcome":
+                    continue
+                key = (resource.get("resourceType"), resource.get("id"), (resource.get("meta") or {}).get("versionId"))
+                if key in seen:
+                    continue
+                seen.add(key)
+                yield resource
+
+
+def stage_batch(client: FhirClient, patients: list[str], rules: Rules, path: Path) -> dict[str, int]:
+    """Write the batch's resources (iter_history) to one NDJSON file, page by page (never the whole batch in memory);
+    return how many resources of each type were staged. The server's time of the first search goes beside it
+    (read_time): what changed after it was not read."""
+    counts: dict[str, int] = {}
+    read_at: list[str] = []
+    history = iter_history(client, patients, rules, read_at)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".part")
     with open(tmp, "w", encoding="utf-8") as out:
-        for resource_type, params in _history_searches(rules, patients):
-            params = {**params, "_count": PAGE_SIZE}
-            for bundle in client.search_pages(resource_type, params):
-                read_at = read_at or (bundle.get("meta") or {}).get("lastUpdated")
-                for entry in bundle.get("entry") or []:
-                    resource = entry.get("resource")
-                    if not isinstance(resource, dict) or (entry.get("search") or {}).get("mode") == "outcome":
-                        continue
-                    kind = resource.get("resourceType")
-                    key = (kind, resource.get("id"), (resource.get("meta") or {}).get("versionId"))
-                    if key in seen:
-                        continue
-                    seen.add(key)
-                    out.write(json.dumps(resource, ensure_ascii=True, separators=(",", ":")))
-                    out.write("\n")
-                    counts[kind] = counts.get(kind, 0) + 1
-    _read_time_path(path).write_text(str(read_at or ""), encoding="utf-8")
+        for resource in history:
+            kind = resource.get("resourceType")
+            out.write(json.dumps(resource, ensure_ascii=True, separators=(",", ":")))
+            out.write("\n")
+            counts[kind] = counts.get(kind, 0) + 1
+    _read_time_path(path).write_text(str(read_at[0] if read_at else ""), encoding="utf-8")
     tmp.replace(path)  # a staged file exists only once it is complete
     return counts
 

@@ -168,10 +168,12 @@ class Validated:
     contract: list[dict] = field(default_factory=list)  # the data contract's counts (validate.contract_counts)
 
 
-def validate_rows(normalised: Normalised, parameters: dict, *, keep_frames: bool = False) -> Validated:
+def validate_rows(normalised: Normalised, parameters: dict, *, keep_frames: bool = False,
+                  validate: Callable = validate_batch) -> Validated:
     """Stage 2: the Observation and exposure rows through the Great Expectations suites (value plausibility, units,
     statuses, copies). Failing rows are quarantined, never a failure: the data contract's counts (including the
-    Observations the normaliser quarantined) are judged on a whole run's totals (validate.contract_breaches)."""
+    Observations the normaliser quarantined) are judged on a whole run's totals (validate.contract_breaches).
+    `validate`: validate.validate_batch, or a caller's memo of it (leukofhir/cds)."""
     out = Validated(normalised.observations, normalised.exposures, [], [], 0, [])
     # The Observations the normaliser quarantined count with those GX fails: one count, the same patients.
     checked = {"observations": [_refused(normalised.refused_observations)], "exposures": []}
@@ -179,7 +181,7 @@ def validate_rows(normalised: Normalised, parameters: dict, *, keep_frames: bool
         frame = getattr(out, suite)
         if frame.empty:
             continue
-        result = validate_batch(suite, frame, parameters)
+        result = validate(suite, frame, parameters)
         checked[suite].append((frame, result.reasons))
         if keep_frames:
             out.frames.append((suite, frame))
@@ -252,15 +254,16 @@ class CheckedFlags:
     contract: list[dict] = field(default_factory=list)  # the data contract's counts (validate.contract_counts)
 
 
-def build_flags(specs: list[FlagSpec], rules: Rules, parameters: dict) -> CheckedFlags:
+def build_flags(specs: list[FlagSpec], rules: Rules, parameters: dict,
+                validate: Callable = validate_batch) -> CheckedFlags:
     """Stage 4: each FlagSpec as FHIR JSON (validated with fhir.resources), then the GX `flags` suite over them; a Flag
-    it refuses is not written, and said (capped like read errors)."""
+    it refuses is not written, and said (capped like read errors). `validate`: as validate_rows takes it."""
     checked_shapes: set = set()
     flags = [build_flag(spec, rules, checked_shapes) for spec in specs]
     if not specs:
         return CheckedFlags(flags, 0, [], None, [])
     rows = flag_frame(specs)
-    result = validate_batch("flags", rows, parameters)
+    result = validate("flags", rows, parameters)
     kept = [i for i in range(len(specs)) if str(i) not in result.reasons]
     if result.reasons:
         warn = CappedWarnings(SHOWN_READ_ERRORS, "more Flags not written: their count is flags_rejected in report.json")

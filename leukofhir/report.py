@@ -12,9 +12,10 @@ __all__ = ["merge_reports", "WRITE_ACTIONS"]
 
 EXAMPLES = 5
 # What became of each Flag decided (`conflict`: its version kept moving, write.VERSION_ROUNDS), and `reevaluated`:
-# the patients read and decided again because a version had moved.
+# the patients read and decided again because a version had moved; `alert_*`: the critical results' CommunicationRequests
+# (leukofhir/alerts.py).
 WRITE_ACTIONS = ("create", "update", "withdraw", "delete", "unchanged", "not_created", "refused", "conflict",
-                 "reevaluated")
+                 "reevaluated", "alert_create", "alert_revoke", "alert_refused")
 # Keys of a batch's report.json that are sums (nested dicts of counts are summed key by key).
 _SUMMED = ("read", "read_total", "evaluated", "skipped", "quarantined", "read_errors", "stages", "flags",
            "flags_rejected", "flags_held", "trends_total")

@@ -181,6 +181,9 @@ _WRITE_LABELS = [
     ("not_created", "withdrawn before ever written (not created)"),
     ("conflict", "not written: changed by another writer through every re-evaluation"),
     ("reevaluated", "patients read and evaluated again (their Flag had changed since it was read)"),
+    ("alert_create", "critical results: CommunicationRequests created"),
+    ("alert_revoke", "critical results: CommunicationRequests revoked (Flag withdrawn)"),
+    ("alert_refused", "critical results: batches whose CommunicationRequests the server refused (tried again)"),
 ]
 
 

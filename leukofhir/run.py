@@ -25,6 +25,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Iterator
 
+from leukofhir.alerts import critical_subjects, sync_alerts
 from leukofhir.config import Rules
 from leukofhir.errors import LeukofhirError, UsageError
 from leukofhir.extract import (
@@ -253,9 +254,11 @@ def write_chunk(
     counts: Counter = Counter()
     written: Counter = Counter()  # every write made so far, the batch being written included
     author_ready = dry_run
+    critical: set[str] = set()  # the patients with a grade-4 Flag, wanted or on the server (leukofhir.alerts)
     try:
         for staged in _staged(chunk_dir):
             plan = _plan_batch(rules, staged, _evaluated(chunk_dir, staged))
+            critical |= critical_subjects((d.flag for d in plan.decisions if d.flag), rules)
             if dry_run or not plan.changes:
                 counts.update(plan.counts())
                 continue
@@ -274,6 +277,10 @@ def write_chunk(
             counts["reevaluated"] += done.reevaluated
             if done.refused:
                 write_rejects(rejects, done.refused)
+        if critical and not dry_run and rules.alerts.communication_requests:
+            if not author_ready:
+                ensure_author(client, rules)  # the requests' requester
+            counts.update(sync_alerts(client, rules, sorted(critical)))
     except Exception as exc:
         _save_writes(chunk_dir, counts, error=f"{type(exc).__name__}: {exc}")
         raise

@@ -24,12 +24,13 @@ from support.hostile import (
     send_chunked,
     wait_for,
 )
+from support.cds_process import cds_service
 from support.listen_process import listen_service
 from support.ports import session_port
 
-# One line per service: the CDS Hooks service (issue 20) joins with its own context manager here. Each is called as
-# `manager(workdir, port, nofile=N, tls=(certificate, key) or None)` and yields a support.hostile.Target.
-SERVICES = {"listen": listen_service}
+# One line per service. Each is called as `manager(workdir, port, nofile=N, tls=(certificate, key) or None)` and yields
+# a support.hostile.Target.
+SERVICES = {"listen": listen_service, "cds-hooks": cds_service}
 NOFILE = 256
 # The defaults of every service (leukofhir/service/limits.py), which these tests hold them to.
 HEADER_TIMEOUT, BODY_TIMEOUT, SLACK = Limits().header_timeout, Limits().body_timeout, 5.0
