@@ -408,7 +408,7 @@ def print_report(report: LoadReport, out=None) -> None:
 
 def run_load(client: FhirClient, args) -> int:
     """`leukofhir load` on a client: load, print the report (also of a load that stopped), return the exit code."""
-    from leukofhir.cli import EXIT_INCOMPLETE, EXIT_OK, exit_code
+    from leukofhir.errors import EXIT_INCOMPLETE, EXIT_OK, exit_code
 
     try:
         report = load_files(client, args.files, args.batch_size, getattr(args, "out", None),

@@ -37,6 +37,7 @@ from leukofhir.pipeline import evaluate_files
 from leukofhir.reader import iter_resources
 from leukofhir.report import merge_reports, write_counts
 from leukofhir.report_html import write_report_html
+from leukofhir.stages import progress_bar
 from leukofhir.sweep import lapse_candidates
 from leukofhir.validate import ValidationThresholdError, check_contract, merge_contract
 from leukofhir.write import Plan, ensure_author, plan_writes, write_plan, write_rejects
@@ -425,7 +426,7 @@ def run_pipeline(
                            chunk_size=batch_size, dry_run=dry_run, now=now)
     seconds["find"] = time.perf_counter() - started
     sizes = [len(read_patient_list(c / "patients.json")) for c in chunks]
-    bar = _progress(sum(sizes), progress)
+    bar = progress_bar("evaluating", progress and sum(sizes) > 0, total=sum(sizes), unit=" patients", unit_scale=False)
 
     def timed(step: str, work):
         begin = time.perf_counter()
@@ -464,14 +465,6 @@ def run_pipeline(
             bar.close()
     seconds["total"] = time.perf_counter() - started
     return finish_run(run_dir, seconds)
-
-
-def _progress(total: int, enabled: bool):
-    if enabled and total and sys.stderr.isatty():
-        from tqdm import tqdm
-
-        return tqdm(total=total, unit=" patients", file=sys.stderr, desc="evaluating")
-    return None
 
 
 def check_server(client: FhirClient, rules: Rules, *, window: Window | None = None, dry_run: bool = False,
@@ -522,7 +515,7 @@ def failed_report(run_dir: Path, exc: Exception) -> dict | None:
 
 def run_command(args) -> int:
     """`leukofhir run`: the whole pipeline against a server; prints one summary line; the CLI's exit codes."""
-    from leukofhir.cli import EXIT_DATA, EXIT_INCOMPLETE, EXIT_OK, exit_code
+    from leukofhir.errors import EXIT_DATA, EXIT_INCOMPLETE, EXIT_OK, exit_code
     from leukofhir.config import load_config
     from leukofhir.fhir.errors import FhirError
 

@@ -533,6 +533,12 @@ def new_context():
     return context
 
 
+def prepare() -> None:
+    """Import and set up Great Expectations now (about 2.5 s), once per process: before forking workers, say, so that
+    each starts with it instead of paying for it."""
+    _context()
+
+
 @functools.cache
 def _context():
     """One ephemeral GX context, data source and suite set per process: building them costs far more than a batch."""

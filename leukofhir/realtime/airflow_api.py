@@ -11,7 +11,7 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from leukofhir.errors import LeukofhirError, UsageError
-from leukofhir.fhir.auth import secret
+from leukofhir.fhir.secrets import secret
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import pytest
 
 from leukofhir.cli import main
 from leukofhir.fhir.client import FhirClient
-from leukofhir.cli import EXIT_AUTH, EXIT_SERVER
+from leukofhir.errors import EXIT_AUTH, EXIT_SERVER
 from leukofhir.load import run_load
 from support.faultproxy import Fault, FaultProxy
 

@@ -10,7 +10,8 @@ import pytest
 from support.fhir_builders import at, observation, patient
 
 from leukofhir.config import load_config
-from leukofhir.pipeline import evaluate_files, held_flags
+from leukofhir.pipeline import evaluate_files
+from leukofhir.stages import held_flags
 from leukofhir.validate import (
     ValidationThresholdError, check_contract, contract_breaches, contract_counts, merge_contract, suite_parameters,
     validate_batch,

@@ -11,7 +11,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from requests.auth import HTTPBasicAuth
 
 from leukofhir.errors import UsageError
-from leukofhir.fhir.auth import BearerAuth, check_token, clean_secret, make_auth, secret
+from leukofhir.fhir.auth import BearerAuth, make_auth
+from leukofhir.fhir.secrets import check_token, clean_secret, secret
 from leukofhir.fhir.smart import ASSERTION_LIFETIME, SmartBackendAuth, jwk_thumbprint, load_private_key
 
 SECRET = "s3cr3t-Value"
