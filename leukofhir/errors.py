@@ -1,5 +1,5 @@
-"""Typed errors raised by the library, and the exit code each ends a command with (README, "Bad input"); entry
-points (CLI, Airflow tasks) turn them into exit codes or failures."""
+"""Typed errors raised by the library, and the exit code each ends a command with (docs/bad-input.md); entry points
+(CLI, Airflow tasks) turn them into exit codes or failures."""
 
 from __future__ import annotations
 

@@ -125,7 +125,8 @@ def write_quarantine(path: Path, quarantined: list, read_errors: list[ReadError]
             fh.write(read_error_line(error))
 
 
-def pick_quarantined(wanted: dict, items: Iterable[tuple[object, object]], decode: Callable | None = None) -> Iterator[tuple]:
+def pick_quarantined(wanted: dict, items: Iterable[tuple[object, object]],
+                     decode: Callable | None = None) -> Iterator[tuple]:
     """The one quarantine reader: (key, quarantine.ndjson line) of each of `items` (key, resource) whose key is
     `wanted` (key -> reasons), taken out of `wanted`; stops once none is left. `decode(resource)`: for items read as
     raw JSON, decoded only when wanted."""

@@ -36,8 +36,8 @@ from array import array
 from collections import Counter, defaultdict
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from multiprocessing.connection import wait
 from datetime import datetime, timedelta, timezone
+from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Iterator
 
@@ -343,7 +343,7 @@ def _context_file(folder: Path, partition: int) -> Path:
     return folder / f"part-{partition:04d}.context"
 
 
-# -- between the passes: what must be evaluated together, and where each Medication goes ---------------------------------
+# -- between the passes: what must be evaluated together, and where each Medication goes -------------------------------
 def _linked(links: _Links, partitions: int) -> list[list[int]]:
     """The partitions, grouped: those holding copies or versions of one Observation, or a result and a report (or
     panel) that lists it, are in one group. Each group sorted; groups by their first partition."""
@@ -401,7 +401,8 @@ def _deliver_medications(spill: _Spill) -> None:
                     lo, hi = np.searchsorted(hashes, key_hash, "left"), np.searchsorted(hashes, key_hash, "right")
                     for partition in wanted[lo:hi, 1].tolist():
                         if partition not in contexts:
-                            contexts[partition] = stack.enter_context(open(_context_file(spill.folder, partition), "wb"))
+                            path = _context_file(spill.folder, partition)
+                            contexts[partition] = stack.enter_context(open(path, "wb"))
                         contexts[partition].write(seq + b"\t" + data)
 
 
@@ -431,7 +432,7 @@ def _units(groups: list[list[int]], spill: _Spill, limit: int) -> list[_Unit]:
     return units
 
 
-# -- pass 2: evaluate ----------------------------------------------------------------------------------------------------
+# -- pass 2: evaluate --------------------------------------------------------------------------------------------------
 @dataclass
 class _Job:
     """What every partition's evaluation shares (set before the worker processes fork, so nothing is pickled)."""

@@ -118,7 +118,8 @@ def evaluate_command(args) -> int:
     flags = report["flags"]
     parts = report.get("partitions")
     print(
-        f"read {report['read_total']} resources ({report['read_errors']} read errors): {report['evaluated']} evaluated, "
+        f"read {report['read_total']} resources ({report['read_errors']} read errors): "
+        f"{report['evaluated']} evaluated, "
         f"{sum(report['skipped'].values())} skipped, {sum(report['quarantined'].values())} quarantined; "
         f"{flags['total']} Flags written to {args.out}"
         + (f" (in {parts['evaluated']} partitions by patient)" if parts else ""),

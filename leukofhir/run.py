@@ -22,14 +22,24 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
+from functools import partial
 from pathlib import Path
 from typing import Iterator
 
 from leukofhir.config import Rules
 from leukofhir.errors import LeukofhirError, UsageError
 from leukofhir.extract import (
-    Window, changed_patients, local_patient_id, medication_types, parse_instant, patient_batches, read_patient_list,
-    read_time, stage_batch, touched_patients, write_patient_list,
+    Window,
+    changed_patients,
+    local_patient_id,
+    medication_types,
+    parse_instant,
+    patient_batches,
+    read_patient_list,
+    read_time,
+    stage_batch,
+    touched_patients,
+    write_patient_list,
 )
 from leukofhir.fhir.client import FhirClient
 from leukofhir.fhir.ids import is_valid_id, shown
@@ -444,7 +454,7 @@ def run_pipeline(
             for number, chunk in enumerate(chunks):
                 staged.result()  # this batch's pages are on disk (a failed extract stops the run here)
                 staged = prefetch.submit(extract, chunks[number + 1]) if number + 1 < len(chunks) else None
-                timed("evaluate", lambda: evaluate_chunk(rules, chunk))
+                timed("evaluate", partial(evaluate_chunk, rules, chunk))
                 if bar is not None:
                     bar.update(sizes[number])
         try:
@@ -457,7 +467,7 @@ def run_pipeline(
             bar.set_description("writing")
             bar.reset()
         for number, chunk in enumerate(chunks):
-            timed("write", lambda: write_chunk(client, rules, chunk, dry_run=dry_run, keep_staged=keep_staged))
+            timed("write", partial(write_chunk, client, rules, chunk, dry_run=dry_run, keep_staged=keep_staged))
             if bar is not None:
                 bar.update(sizes[number])
     finally:
@@ -515,11 +525,10 @@ def failed_report(run_dir: Path, exc: Exception) -> dict | None:
 
 def run_command(args) -> int:
     """`leukofhir run`: the whole pipeline against a server; prints one summary line; the CLI's exit codes."""
-    from leukofhir.errors import EXIT_DATA, EXIT_INCOMPLETE, EXIT_OK, exit_code
     from leukofhir.config import load_config
-    from leukofhir.fhir.errors import FhirError
-
+    from leukofhir.errors import EXIT_DATA, EXIT_INCOMPLETE, EXIT_OK, exit_code
     from leukofhir.fhir.client import connect
+    from leukofhir.fhir.errors import FhirError
 
     rules = load_config(args.config)
     patients = [p.strip() for p in args.patients.split(",") if p.strip()] if args.patients else None

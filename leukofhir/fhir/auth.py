@@ -13,6 +13,7 @@ from requests.auth import AuthBase, HTTPBasicAuth
 from leukofhir.errors import UsageError
 from leukofhir.fhir.secrets import check_token, clean_secret, pem, secret
 
+
 class BearerAuth(AuthBase):
     """`Authorization: Bearer <token>`; the token is re-read on `refresh()` so a rotated file is picked up."""
 

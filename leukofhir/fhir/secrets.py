@@ -47,7 +47,8 @@ def secret(name: str, environ=os.environ, *, check: Callable[[str, str], str] = 
         try:
             text = Path(path).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
-            raise UsageError(f"cannot read {name}_FILE ({path}): {getattr(exc, 'strerror', None) or 'not UTF-8'}") from None
+            why = getattr(exc, "strerror", None) or "not UTF-8"
+            raise UsageError(f"cannot read {name}_FILE ({path}): {why}") from None
         return check(text, f"{name}_FILE ({path})")
     return None
 

@@ -19,10 +19,9 @@ from importlib.metadata import packages_distributions
 from pathlib import Path
 
 import pytest
+from conftest import EXTERNAL, ROOT
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
-
-from conftest import EXTERNAL, ROOT
 
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 DECLARED = {canonicalize_name(Requirement(r).name): Requirement(r) for r in PYPROJECT["project"]["dependencies"]}
@@ -150,7 +149,8 @@ def test_evaluate_from_the_wheel_finds_the_suites_inside_it(fresh_venv, tmp_path
     suites = Path(where.stdout.strip())
     assert "site-packages" in str(suites) and sorted(p.name for p in suites.glob("*.json")) == [
         "exposures.json", "flags.json", "observations.json"]
-    done = subprocess.run([str(fresh_venv / "bin" / "leukofhir"), "evaluate", str(bundle), "--out", str(tmp_path / "out")],
+    done = subprocess.run([str(fresh_venv / "bin" / "leukofhir"), "evaluate", str(bundle),
+                           "--out", str(tmp_path / "out")],
                           cwd=tmp_path, capture_output=True, text=True, timeout=600,
                           env={k: v for k, v in os.environ.items() if not k.startswith("LEUKOFHIR_")})
     assert done.returncode == 0, done.stderr[-3000:]

@@ -14,7 +14,7 @@ from leukofhir.cli import main
 from leukofhir.config import DEFAULT_PATH
 from leukofhir.evaluate import FlagSpec, evaluate
 from leukofhir.validate import ValidationThresholdError
-from support.fhir_builders import at, observation, patient, report, statement
+from support.fhir_builders import at, observation, patient, statement
 
 
 def _ndjson(path, resources, extra_lines=()):
@@ -81,7 +81,9 @@ def test_identifiers_stable_across_runs(inputs, tmp_path):
     main(["evaluate", str(inputs), "--out", str(tmp_path / "a")])
     main(["evaluate", str(inputs / "meds.json"), str(inputs / "Patient.ndjson.gz"), str(inputs / "Observation.ndjson"),
           "--out", str(tmp_path / "b")])
-    read = lambda d: sorted(json.loads(x)["identifier"][0]["value"] for x in (tmp_path / d / "Flag.ndjson").open())
+    def read(d):
+        return sorted(json.loads(x)["identifier"][0]["value"] for x in (tmp_path / d / "Flag.ndjson").open())
+
     assert read("a") == read("b") and len(read("a")) == 2
 
 
@@ -251,7 +253,7 @@ def test_the_stages_run_on_their_own_as_an_online_run_would_chain_them(inputs, t
     assert len(lines) == report_["flags"]["total"] and json.loads((out / "report.json").read_text()) == report_
 
 
-# -- clinical-rules v1.3 §4 Lapse: offline as of --as-of (else the latest input time), online as of the run --------------
+# -- clinical-rules v1.3 §4 Lapse: offline as of --as-of (else the latest input time), online as of the run ------------
 def test_as_of_closes_an_episode_without_a_count_for_more_than_90_days(tmp_path):
     _ndjson(tmp_path / "in.ndjson", [patient(), observation("w", "wbc", 2.5, time=at())])
     texts = {}
@@ -305,4 +307,5 @@ def test_a_result_newer_than_the_run_start_is_evaluated_not_set_aside(tmp_path):
     evaluate_chunk(load_config(), chunk)
     report_, (flag,) = _evaluated(chunk)
     assert "after the as-of time" not in report_["skipped"] and report_["as_of"] == "2024-03-03T08:00:00+00:00"
-    assert flag["status"] == "inactive" and flag["period"]["end"] == at(days=2) and "normal again" in flag["code"]["text"]
+    assert (flag["status"] == "inactive" and flag["period"]["end"] == at(days=2)
+            and "normal again" in flag["code"]["text"])
