@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup venv fhir-server browser demo lint test test-unit test-airflow-matrix bench lock clean airflow-stack \
+.PHONY: setup venv fhir-server browser demo lint docs test test-unit test-airflow-matrix bench lock clean airflow-stack \
 	airflow-stack-stop
 
 setup: venv fhir-server
@@ -39,7 +39,11 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 
-test: lint setup browser
+# The documentation site (mkdocs.yml, docs/) into site/; --strict: a broken link or a page left out of nav fails.
+docs: venv
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
+test: lint docs setup browser
 	$(BIN)/pytest -p no:cacheprovider -m "not airflow_matrix" $(PYTEST_ARGS)
 
 test-unit: venv
@@ -67,4 +71,4 @@ lock:
 clean:
 	-scripts/fhir-server stop
 	-scripts/airflow-stack stop
-	rm -rf $(VENV) fhir-server/target build dist *.egg-info
+	rm -rf $(VENV) fhir-server/target build dist *.egg-info site
