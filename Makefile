@@ -47,7 +47,8 @@ test: lint docs setup browser
 	$(BIN)/pytest -p no:cacheprovider -m "not airflow_matrix" $(PYTEST_ARGS)
 
 test-unit: venv
-	$(BIN)/pytest -p no:cacheprovider -m "not fhir and not airflow_server and not stack and not airflow_matrix" $(PYTEST_ARGS)
+	$(BIN)/pytest -p no:cacheprovider -m "not fhir and not airflow_server and not stack and not airflow_matrix and not packaging \
+	  and not service" $(PYTEST_ARGS)
 
 # The wheel installed into fresh venvs with the oldest and the newest supported Airflow, by README "Installing into
 # an existing Airflow", then a backfill against the real HAPI server (tests/matrix; CI runs it after `make test`).

@@ -27,6 +27,9 @@ from support.hostile import (
 from support.listen_process import listen_service
 from support.ports import session_port
 
+# A service process of its own (make test runs it; make test-unit does not).
+pytestmark = pytest.mark.service
+
 # One line per service: the CDS Hooks service (issue 20) joins with its own context manager here. Each is called as
 # `manager(workdir, port, nofile=N, tls=(certificate, key) or None)` and yields a support.hostile.Target.
 SERVICES = {"listen": listen_service}

@@ -92,6 +92,7 @@ def _run(venv, code, cwd, **env):
                           timeout=600, env=dict(clean, **env))
 
 
+@pytest.mark.packaging
 def test_the_fresh_venv_holds_only_locked_versions(fresh_venv):
     frozen = subprocess.run([str(fresh_venv / "bin" / "pip"), "freeze", "--disable-pip-version-check"],
                             capture_output=True, text=True, check=True).stdout.splitlines()
@@ -102,6 +103,7 @@ def test_the_fresh_venv_holds_only_locked_versions(fresh_venv):
         assert LOCK.get(canonicalize_name(name)) == version, f"{line} is not the locked version"
 
 
+@pytest.mark.packaging
 def test_the_wheel_holds_the_dags_the_suites_and_the_demo_sample():
     wheel = _built_wheel()
     with zipfile.ZipFile(wheel) as archive:
@@ -114,6 +116,7 @@ def test_the_wheel_holds_the_dags_the_suites_and_the_demo_sample():
     assert not any(n.startswith(("dags/", "tests/", "scripts/")) for n in names)
 
 
+@pytest.mark.packaging
 def test_hook_provider_and_dags_import_from_the_installed_wheel(fresh_venv, tmp_path):
     dag_files = sorted(str(p) for p in (ROOT / "dags").glob("*.py"))
     code = f"""
@@ -143,6 +146,7 @@ print(json.dumps({{"dag_files": {len(dag_files)}, "dags": dags}}))
         assert '"dags": 0' not in counts
 
 
+@pytest.mark.packaging
 def test_evaluate_from_the_wheel_finds_the_suites_inside_it(fresh_venv, tmp_path):
     bundle = sorted((EXTERNAL / "smart-generated-sample-data-R4-synthea" / "bundles").glob("*.json.gz"))[0]
     where = _run(fresh_venv, "from leukofhir.validate import EXPECTATIONS_DIR as d; print(d)", cwd=tmp_path)
@@ -157,6 +161,7 @@ def test_evaluate_from_the_wheel_finds_the_suites_inside_it(fresh_venv, tmp_path
     assert (tmp_path / "out" / "Flag.ndjson").exists() and (tmp_path / "out" / "report.json").exists()
 
 
+@pytest.mark.packaging
 def test_demo_outside_a_checkout_says_what_it_needs(fresh_venv, tmp_path):
     done = subprocess.run([str(fresh_venv / "bin" / "leukofhir"), "demo"], cwd=tmp_path, capture_output=True,
                           text=True, timeout=600, env=_clean_env())
@@ -165,6 +170,7 @@ def test_demo_outside_a_checkout_says_what_it_needs(fresh_venv, tmp_path):
     assert "site-packages" not in done.stderr  # no path into the install for the user to chase
 
 
+@pytest.mark.packaging
 @pytest.mark.fhir
 def test_demo_from_the_wheel_runs_on_a_given_server(fresh_venv, fhir_base_url, tmp_path):
     """The sample patients and the DAGs travel in the wheel: with --fhir-url the demo needs nothing else."""
