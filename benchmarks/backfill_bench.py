@@ -111,8 +111,8 @@ def task_times(api: Api, run_id: str) -> dict[str, dict]:
     spans: dict[str, list] = defaultdict(list)
     for ti in api.task_instances(DAG, run_id):
         if ti.get("start_date") and ti.get("end_date"):
-            spans[ti["task_id"]].append((datetime.fromisoformat(ti["start_date"]), datetime.fromisoformat(ti["end_date"]),
-                                         ti.get("hostname")))
+            spans[ti["task_id"]].append((datetime.fromisoformat(ti["start_date"]),
+                                         datetime.fromisoformat(ti["end_date"]), ti.get("hostname")))
     out = {}
     for task, items in spans.items():
         out[task] = {"instances": len(items), "task_seconds": sum((e - s).total_seconds() for s, e, _ in items),

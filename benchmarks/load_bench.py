@@ -99,7 +99,8 @@ def main() -> int:
     parser.add_argument("--trials", default="1x200,2x200,4x200", help="WORKERSxBATCH, comma-separated, in order")
     parser.add_argument("--import", dest="bulk_import", action="store_true", help="also a trial of $import")
     parser.add_argument("--data", help="folder for the generated NDJSON and the server's data (default: temporary)")
-    parser.add_argument("--fhir-url", help="a running server (its CPU measured if scripts/fhir-server runs it on --port)")
+    parser.add_argument("--fhir-url",
+                        help="a running server (its CPU measured if scripts/fhir-server runs it on --port)")
     parser.add_argument("--prefix", default="t", help="id prefix of the trials' populations (new ones per run)")
     args = parser.parse_args()
     work = Path(args.data or tempfile.mkdtemp(prefix="leukofhir-load-bench-", dir="/tmp"))

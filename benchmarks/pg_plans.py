@@ -5,10 +5,10 @@ Usage: .venv/bin/python benchmarks/pg_plans.py --port 8510 [--patients 100] [--o
 
 Turns on PostgreSQL's statement log for a moment (ALTER SYSTEM, as the cluster's own user through its socket), runs
 the pipeline's searches once (the first page of each: `Observation?code=<codes>&date=...` over 2015-2020 and over one
-day, by `_lastUpdated` over the last hour and the last year, one batch of --patients patients' whole-history searches with `_revinclude`/`_include`, the project's
-Flags by `_tag` + subjects; the first page of each), turns the log off, and runs EXPLAIN (ANALYZE, BUFFERS) of every
-SELECT HAPI sent for them with its logged parameters. Prints each statement's time and plan (also to --out). Not a
-timed test.
+day, by `_lastUpdated` over the last hour and the last year, one batch of --patients patients' whole-history searches
+with `_revinclude`/`_include`, the project's Flags by `_tag` + subjects; the first page of each), turns the log off,
+and runs EXPLAIN (ANALYZE, BUFFERS) of every SELECT HAPI sent for them with its logged parameters. Prints each
+statement's time and plan (also to --out). Not a timed test.
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ two generated populations (Patients, CBC Observations in DiagnosticReports, Medi
   `leukofhir run` over the small window (its peak RSS) → bare loop (the pipeline's own searches: touched patients,
   then each batch's whole-history searches, every page fetched and decoded with plain requests) → `leukofhir run`
   over the whole window (first run: writes its Flags) → bare loop → `leukofhir run` again (converged: reads
-  everything, writes nothing). Prints Observations/s, the ratio bare / pipeline (target >= 0.8), Flag writes/s, where the time goes, and
-  the peak RSS of the small and the large run (target: large within 1.5x of small). Not a timed test.
+  everything, writes nothing). Prints Observations/s, the ratio bare / pipeline (target >= 0.8), Flag writes/s, where
+  the time goes, and the peak RSS of the small and the large run (target: large within 1.5x of small). Not a timed test.
 """
 
 from __future__ import annotations
@@ -36,7 +36,12 @@ from evaluate_bench import generate  # noqa: E402  (the same generated CBCs as t
 
 from leukofhir.config import load_config  # noqa: E402
 from leukofhir.extract import (  # noqa: E402
-    PAGE_SIZE, Window, history_searches, window_searches, patient_batches, touched_patients,
+    PAGE_SIZE,
+    Window,
+    history_searches,
+    patient_batches,
+    touched_patients,
+    window_searches,
 )
 from leukofhir.fhir.client import FhirClient  # noqa: E402
 from leukofhir.load import load_files  # noqa: E402
@@ -136,7 +141,8 @@ def main() -> int:
             base_url = start_server(args.port, work / "hapi")
         try:
             if started:
-                for (prefix, start, days, _, _), count in ((SMALL, args.small), (LARGE, args.observations - args.small)):
+                sizes = ((SMALL, args.small), (LARGE, args.observations - args.small))
+                for (prefix, start, days, _, _), count in sizes:
                     folder = work / f"data-{prefix}"
                     folder.mkdir(parents=True, exist_ok=True)
                     generate(folder, count, prefix=prefix, start=start, days=days)

@@ -40,7 +40,6 @@ import sys
 import tempfile
 import time
 import uuid
-from collections import defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
 

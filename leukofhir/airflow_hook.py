@@ -13,6 +13,7 @@ from leukofhir.fhir.client import FhirClient
 from leukofhir.fhir.errors import CapabilityError, FhirError, SmartAuthError
 from leukofhir.fhir.urls import base_url_from_parts, redact_url
 
+
 def _extra(extra: dict, name: str):
     """An extra field as the connection form stores it (plain, or `extra__fhir__` prefixed by older UIs)."""
     value = extra.get(name)

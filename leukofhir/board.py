@@ -15,7 +15,12 @@ from typing import Any, Iterable
 from leukofhir.config import Rules, load_config
 from leukofhir.errors import OutputError, UsageError
 from leukofhir.extract import (
-    PAGE_SIZE, local_patient_id, parse_instant, patient_batches, project_flag_tag, subject_of,
+    PAGE_SIZE,
+    local_patient_id,
+    parse_instant,
+    patient_batches,
+    project_flag_tag,
+    subject_of,
 )
 from leukofhir.fhir.client import FhirClient
 from leukofhir.flags import DETAIL_URL

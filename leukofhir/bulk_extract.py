@@ -26,8 +26,16 @@ from urllib.parse import urlencode
 from leukofhir.config import Rules
 from leukofhir.errors import UsageError
 from leukofhir.extract import (
-    Subjects, Window, ben_codes, deleted_subjects, local_patient_id, medication_types, observation_codes,
-    project_flag_tag, subject_of, window_searches,
+    Subjects,
+    Window,
+    ben_codes,
+    deleted_subjects,
+    local_patient_id,
+    medication_types,
+    observation_codes,
+    project_flag_tag,
+    subject_of,
+    window_searches,
 )
 from leukofhir.fhir.bulk import ExportRequest, export
 from leukofhir.fhir.capabilities import check_capabilities, missing_capabilities
@@ -45,7 +53,7 @@ log = logging.getLogger(__name__)
 
 EXTRACT_MODES = ("search", "export", "auto")
 # `auto` exports a window of a year or more: past that, most patients with blood counts are touched anyway, and one
-# export of everything beats a few searches per hundred patients (README "Backfill through $export").
+# export of everything beats a few searches per hundred patients (docs/airflow.md, "Backfill through $export").
 EXPORT_MIN_RANGE = timedelta(days=365)
 EXPORT_DIR = "export"
 STAGED_BY_EXPORT = "export"  # patients.json `staged_by`: the chunk was staged by split_export, not by searches

@@ -6,35 +6,9 @@ import argparse
 import logging
 import sys
 
-from leukofhir.errors import LeukofhirError, OutputError
+from leukofhir.errors import EXIT_INTERRUPTED, LeukofhirError, exit_code
 
 log = logging.getLogger("leukofhir")
-
-# Exit codes (README, "Bad input"). 1 is `load`'s "finished, but some input was not loaded".
-EXIT_OK = 0
-EXIT_INCOMPLETE = 1
-EXIT_USAGE = 2  # unusable arguments or settings: a missing input, a bad --as-of or rules file, an unusable --out
-EXIT_AUTH = 3  # the FHIR server refused our credentials (401) or their rights (403)
-EXIT_SERVER = 4  # the FHIR server failed, vanished or answered something unusable
-EXIT_OUTPUT = 5  # an output could not be written
-EXIT_DATA = 6  # `run`: the run's data failed its contract systemically (rules.yaml `validation`); nothing written
-EXIT_INTERRUPTED = 130
-
-
-def exit_code(error: LeukofhirError) -> int:
-    """The exit code of a typed error that ended a command."""
-    from leukofhir.fhir.errors import AuthError, FhirError
-
-    # An error that wraps another (LoadStopped: the FHIR error that stopped the load) exits as the one it wraps.
-    while not isinstance(error, (FhirError, OutputError)) and isinstance(error.__cause__, LeukofhirError):
-        error = error.__cause__
-    if isinstance(error, AuthError):
-        return EXIT_AUTH
-    if isinstance(error, FhirError):
-        return EXIT_SERVER
-    if isinstance(error, OutputError):
-        return EXIT_OUTPUT
-    return EXIT_USAGE
 
 
 def _fhir_url(value: str) -> str:

@@ -27,7 +27,7 @@ __all__ = ["bulk_export", "find_patients", "extract", "evaluate", "check_contrac
 log = logging.getLogger(__name__)
 
 FHIR_CONN_ID = "fhir_default"
-FHIR_POOL = "fhir_server"  # bounds how many tasks talk to the FHIR server at once (README: create it)
+FHIR_POOL = "fhir_server"  # bounds how many tasks talk to the FHIR server at once (docs/airflow.md: create it)
 # Where run folders go: Airflow Variable `leukofhir_runs` (or AIRFLOW_VAR_LEUKOFHIR_RUNS), e.g. s3://bucket/leukofhir
 # with an Airflow connection; by default a folder beside AIRFLOW_HOME, for a single machine.
 RUNS_VARIABLE = "leukofhir_runs"
@@ -183,7 +183,7 @@ def _fail(exc: Exception):
 
 
 # The export is the server's work, which this task only polls: a ten-year export of a large hospital takes hours
-# (README "Bounded memory", projection: 2-5 h for 10 M results). Its time-out must not end a healthy job; a retry
+# (docs/bounded-memory.md, projection: 2-5 h for 10 M results). Its time-out must not end a healthy job; a retry
 # resumes the same jobs from their status URLs.
 EXPORT_TIMEOUT = timedelta(hours=12)
 
@@ -222,7 +222,8 @@ def find_patients(window_field: str | None = None, exported: dict | None = None,
     `lapse_sweep` (the surveillance DAG): in the one run a day whose data interval holds the sweep hour, the lapse
     sweep's patients too (leukofhir.sweep), evaluated and written as every touched patient."""
     from leukofhir.errors import LeukofhirError
-    from leukofhir.run import check_server, find_patients as find
+    from leukofhir.run import check_server
+    from leukofhir.run import find_patients as find
 
     context = get_current_context()
     params = context["params"]
@@ -388,7 +389,7 @@ def _warn_conflicts(done: dict, url: str) -> None:
 def process_patients() -> dict:
     """The Params' patients, start to end in this one task (leukofhir.run.run_pipeline: find → extract → evaluate →
     write → report in one process). For a receiver's batch of a few patients, each further task would cost a
-    scheduler round and a task process start-up for seconds of work (README, "Near-real-time path")."""
+    scheduler round and a task process start-up for seconds of work (docs/near-real-time.md)."""
     from leukofhir.errors import LeukofhirError
     from leukofhir.run import check_server, failed_report, run_pipeline, summary_line, written_before
 

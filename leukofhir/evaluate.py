@@ -384,9 +384,9 @@ def _nearest(items: list[_Value], times: list[int], at: int, window: int) -> _Va
     i = bisect_right(times, at)
     best = None
     for j in (i - 1, i):
-        if 0 <= j < len(items) and abs(times[j] - at) <= window:
-            if best is None or abs(times[j] - at) < abs(best.time - at):
-                best = items[j]
+        if (0 <= j < len(items) and abs(times[j] - at) <= window
+                and (best is None or abs(times[j] - at) < abs(best.time - at))):
+            best = items[j]
     return best
 
 
@@ -491,9 +491,9 @@ def _associated_drugs(rules: Rules, family: str, onset_ns: int, status: str,
         return drugs
     lookback = int(rules.windows.drug_lookback.total_seconds()) * _NS_PER_S
     for label, ref, ex_start, ex_end in exposures:
-        if ex_start <= onset_ns and (ex_end is None or ex_end >= onset_ns - lookback):
-            if all(ref != r for _, r in drugs):
-                drugs.append((label, ref))
+        if (ex_start <= onset_ns and (ex_end is None or ex_end >= onset_ns - lookback)
+                and all(ref != r for _, r in drugs)):
+            drugs.append((label, ref))
     return drugs
 
 
@@ -604,8 +604,9 @@ def evaluate(
                 any_retracted = True
             else:
                 counted_values[concept_col[i]].append(v)
-        specs.extend(_patient_flags(rules, pid, patients.get(pid), counted_values, all_values if any_retracted else None,
-                                    exposures_by_patient.get(pid, []), episode_gap, as_of_ns, ages))
+        specs.extend(_patient_flags(rules, pid, patients.get(pid), counted_values,
+                                    all_values if any_retracted else None, exposures_by_patient.get(pid, []),
+                                    episode_gap, as_of_ns, ages))
         start = stop
     specs.sort(key=lambda s: (s.patient_id, s.family, s.start))
     return specs
@@ -657,10 +658,10 @@ def _patients_with_low_values(frame: pd.DataFrame, patients: dict[str, PatientIn
 
 def _adult_from(patient_ids, patients: dict[str, PatientInfo], rules: Rules) -> np.ndarray:
     """Per patient, the instant (ns) from which every age-banded threshold is its last (adult) band; the smallest
-    int64 when the birth date is unknown (adult thresholds then, §1.3), the largest when there is only one band."""
+    int64 when the birth date is unknown (adult thresholds then, §1.3) or when no threshold has more than one band."""
     lists = [rules.wbc_lln, rules.lymphopenia.lln, rules.neutropenia.thresholds]
     last_starts = [bands[-2].below for bands in lists if len(bands) > 1]
-    low, high = np.iinfo(np.int64).min, np.iinfo(np.int64).max
+    low = np.iinfo(np.int64).min
     by_birth: dict = {}
     out = np.empty(len(patient_ids), dtype=np.int64)
     for i, pid in enumerate(patient_ids):
@@ -713,7 +714,8 @@ def _exposures_by_patient(exposures: pd.DataFrame | None, rules: Rules) -> dict[
     ends = frame["end"].dt.as_unit("ns")
     ends = [None if pd.isna(e) else int(e.value) for e in ends]
     agents = frame["agent"] if "agent" in frame else [None] * len(frame)
-    for pid, drug, agent, ref, s, e in zip(frame["patient_id"], frame["drug"], agents, frame["resource_id"], starts, ends):
+    columns = zip(frame["patient_id"], frame["drug"], agents, frame["resource_id"], starts, ends)
+    for pid, drug, agent, ref, s, e in columns:
         label = drugs[drug].label if drug in drugs else str(drug)
         if isinstance(agent, str) and agent and agent.lower() != label.lower():
             label = f"{label} ({agent})"  # the class and the agent: "antineoplastic chemotherapy (oxaliplatin)"

@@ -40,7 +40,8 @@ def add_arguments(p) -> None:
     """The command's own options (the server options come from the CLI's shared ones)."""
     p.add_argument("--out", required=True, metavar="DIR", help="where the NDJSON files go (and export.state)")
     p.add_argument("--type", action="append", metavar="TYPE[,TYPE]", help="resource types (_type); default: all")
-    p.add_argument("--since", metavar="INSTANT", help="only resources changed since (_since), e.g. 2024-05-01T00:00:00Z")
+    p.add_argument("--since", metavar="INSTANT",
+                   help="only resources changed since (_since), e.g. 2024-05-01T00:00:00Z")
     p.add_argument("--type-filter", action="append", metavar="TYPE?QUERY",
                    help="_typeFilter, e.g. 'Observation?code=http://loinc.org|6690-2' (repeatable)")
     level = p.add_mutually_exclusive_group()

@@ -61,7 +61,7 @@ class Window:
     field: str = "lastUpdated"
 
     @classmethod
-    def parse(cls, since, until, field: str = "lastUpdated") -> "Window":
+    def parse(cls, since, until, field: str = "lastUpdated") -> Window:
         if field not in WINDOW_FIELDS:
             raise UsageError(f"window field {field!r} must be one of {', '.join(WINDOW_FIELDS)}")
         window = cls(parse_instant(since, "since"), parse_instant(until, "until"), field)

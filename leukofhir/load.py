@@ -368,7 +368,7 @@ class Loader:
         for entry, answer in zip(entries, answers):
             response_ = answer.get("response") if isinstance(answer, dict) else None
             status = response_.get("status") if isinstance(response_, dict) else None
-            if not isinstance(status, str) or not status[:1] == "2":
+            if not isinstance(status, str) or status[:1] != "2":
                 # A transaction is all or nothing (FHIR R4 §3.1.0.11.2), so a non-2xx answer inside a 200 is odd:
                 # the entry is not counted as written.
                 outcome = response_.get("outcome") if isinstance(response_, dict) else None
@@ -408,7 +408,7 @@ def print_report(report: LoadReport, out=None) -> None:
 
 def run_load(client: FhirClient, args) -> int:
     """`leukofhir load` on a client: load, print the report (also of a load that stopped), return the exit code."""
-    from leukofhir.cli import EXIT_INCOMPLETE, EXIT_OK, exit_code
+    from leukofhir.errors import EXIT_INCOMPLETE, EXIT_OK, exit_code
 
     try:
         report = load_files(client, args.files, args.batch_size, getattr(args, "out", None),

@@ -31,15 +31,14 @@ import pickle
 import re
 import shutil
 import struct
-import sys
 import tempfile
 import zlib
 from array import array
 from collections import Counter, defaultdict
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from multiprocessing.connection import wait
 from datetime import datetime, timedelta, timezone
+from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Iterator
 
@@ -51,13 +50,11 @@ from leukofhir.normalise import SKIP_NOT_USED, Normaliser
 from leukofhir.normalise.context import FOREIGN, LocalBases, resource_ref
 from leukofhir.normalise.exposures import MEDICATION_KINDS, medication_key
 from leukofhir.normalise.reports import observation_key
-from leukofhir.pipeline import (
-    SHOWN_READ_ERRORS, CappedWarnings, ReadResult, _Sources, build_flags, build_report, evaluate_rows, finish_outputs,
-    flag_line, quarantine_line, read_error_line, validate_rows,
-)
+from leukofhir.outputs import finish_outputs, flag_line, pick_quarantined, read_error_line
 from leukofhir.reader import ReadError, decode_line, iter_located
 from leukofhir.report import merge_reports
-from leukofhir.validate import check_contract, suite_parameters
+from leukofhir.stages import ReadResult, Sources, progress_bar, read_error_collector, run_stages
+from leukofhir.validate import check_contract, prepare, suite_parameters
 
 __all__ = ["DEFAULT_MEMORY_BUDGET", "ROW_COSTS", "Plan", "PartitionError", "parse_size", "show_size",
            "input_bytes", "estimate_rows", "plan_partitions", "evaluate_partitioned"]
@@ -406,7 +403,7 @@ def _context_file(folder: Path, partition: int) -> Path:
     return folder / f"part-{partition:04d}.context"
 
 
-# -- between the passes: what must be evaluated together, and where each Medication goes ---------------------------------
+# -- between the passes: what must be evaluated together, and where each Medication goes -------------------------------
 def _linked(links: _Links, partitions: int) -> list[list[int]]:
     """The partitions, grouped: those holding copies or versions of one Observation, or a result and a report (or
     panel) that lists it, are in one group. Each group sorted; groups by their first partition."""
@@ -464,7 +461,8 @@ def _deliver_medications(spill: _Spill) -> None:
                     lo, hi = np.searchsorted(hashes, key_hash, "left"), np.searchsorted(hashes, key_hash, "right")
                     for partition in wanted[lo:hi, 1].tolist():
                         if partition not in contexts:
-                            contexts[partition] = stack.enter_context(open(_context_file(spill.folder, partition), "wb"))
+                            path = _context_file(spill.folder, partition)
+                            contexts[partition] = stack.enter_context(open(path, "wb"))
                         contexts[partition].write(seq + b"\t" + data)
                         spill.memory[partition] += ROW_COSTS["Medication"]  # held by each partition it goes to
 
@@ -499,7 +497,7 @@ def _units(groups: list[list[int]], spill: _Spill, limit: int) -> list[_Unit]:
     return units
 
 
-# -- pass 2: evaluate ----------------------------------------------------------------------------------------------------
+# -- pass 2: evaluate --------------------------------------------------------------------------------------------------
 @dataclass
 class _Job:
     """What every partition's evaluation shares (set before the worker processes fork, so nothing is pickled)."""
@@ -554,7 +552,7 @@ def _flag_key(spec) -> str:
 
 
 def _evaluate_unit(number: int) -> dict:
-    """One unit through the stages of pipeline.evaluate_files (no threshold: checked on the totals); its Flags and
+    """One unit through the stages (stages.run_stages; no threshold: checked on the totals); its Flags and
     quarantined resources to files of the unit; returns its report."""
     job = _JOB
     unit = job.units[number]
@@ -568,18 +566,15 @@ def _evaluate_unit(number: int) -> dict:
         kind = resource["resourceType"]
         counts[kind] = counts.get(kind, 0) + 1
         add(resource, seq)
-    normalised = normaliser.finish()
-    read = ReadResult(normalised, Counter(counts), [], _Sources(), [])
-    validated = validate_rows(normalised, job.parameters)
-    evaluation = evaluate_rows(validated.observations, validated.exposures, normalised.patients, job.rules,
-                               as_of=job.as_of, run_time=job.run_time)
-    checked = build_flags(evaluation.specs, job.rules, job.parameters)
-    report, quarantined = build_report([], read, validated, evaluation, checked, job.rules)
+    read = ReadResult(normaliser.finish(), Counter(counts), [], Sources(), [])
+    staged = run_stages(read, job.rules, job.parameters, as_of=job.as_of, run_time=job.run_time)
+    checked, specs = staged.checked, staged.evaluation.specs
     with open(job.folder / f"unit-{number:04d}.flags", "w", encoding="utf-8") as fh:
         for position, flag in zip(checked.kept, checked.flags):
-            fh.write(_flag_key(evaluation.specs[position]) + "\t" + flag_line(flag))
-    _write_unit_quarantine(job.folder, unit, quarantined)
-    report["lapse_horizon"] = evaluation.lapse_horizon
+            fh.write(_flag_key(specs[position]) + "\t" + flag_line(flag))
+    _write_unit_quarantine(job.folder, unit, staged.quarantined)
+    report = staged.report
+    report["lapse_horizon"] = staged.evaluation.lapse_horizon
     return report
 
 
@@ -588,14 +583,7 @@ def _write_unit_quarantine(folder: Path, unit: _Unit, quarantined: list) -> None
     wanted: dict[int, list[str]] = {}
     for seq, _, reasons in sorted(quarantined, key=lambda q: q[0]):
         wanted.setdefault(seq, []).extend(reasons)
-    found: list[tuple[int, str]] = []
-    if wanted:
-        for seq, data in _unit_lines(folder, unit):
-            reasons = wanted.pop(seq, None)
-            if reasons is not None:
-                found.append((seq, quarantine_line(decode_line(data), reasons)))
-                if not wanted:
-                    break
+    found = list(pick_quarantined(wanted, _unit_lines(folder, unit), decode_line)) if wanted else []
     with open(folder / f"unit-{unit.number:04d}.quarantine", "w", encoding="utf-8") as fh:
         for seq, text in sorted(found):
             fh.write(f"{seq}\t{text}")
@@ -607,9 +595,7 @@ def _run_units(job: _Job, workers: int, done, numbers: list[int] | None = None) 
     one long-lived process the allocator keeps some of every earlier unit). `done(number, report)` as each
     finishes."""
     global _JOB
-    from leukofhir.validate import _context
-
-    _context()  # Great Expectations imported and set up once, before forking, not once per unit (about 2.5 s)
+    prepare()  # Great Expectations imported and set up once, before forking, not once per unit
     _JOB = job
     fork = multiprocessing.get_context("fork")
     pending = list(range(len(job.units))) if numbers is None else list(numbers)
@@ -713,7 +699,7 @@ def evaluate_partitioned(files: list[Path], paths, out: Path, rules: Rules, plan
                             show_size(unit.memory), show_size(plan.unit_budget))
         job = _Job(folder, rules, base_url, suite_parameters(rules), as_of, units, run_time)
         reports: dict[int, dict] = {}
-        bar = _bar(sum(u.resources for u in units), "pass 2/2: evaluating", progress)
+        bar = progress_bar("pass 2/2: evaluating", progress, total=sum(u.resources for u in units))
         try:
             def done(number: int, report: dict) -> None:
                 reports[number] = report
@@ -763,15 +749,9 @@ def _again_as_of_the_latest(job: _Job, workers: int, reports: dict[int, dict]) -
 
 def _spill(files: list[Path], folder: Path, plan: Plan, base_url, progress: bool) -> tuple[_Spill, list[ReadError]]:
     """Pass 1: read every file once, spilling each resource to its partition; read errors shown (capped) and kept."""
-    read_errors: list[ReadError] = []
-    warn = CappedWarnings(SHOWN_READ_ERRORS, "more read errors: see quarantine.ndjson")
-
-    def on_read_error(error: ReadError) -> None:
-        warn("%s", error)
-        read_errors.append(error)
-
+    read_errors, on_read_error = read_error_collector()
     spill = _Spill(folder, plan.spilled, base_url)
-    bar = _bar(None, "pass 1/2: partitioning", progress)
+    bar = progress_bar("pass 1/2: partitioning", progress)
     try:
         spill.run(iter_located(files, on_read_error, raw=True),
                   None if bar is None else lambda seq: bar.update(seq - bar.n))
@@ -781,14 +761,6 @@ def _spill(files: list[Path], folder: Path, plan: Plan, base_url, progress: bool
         if bar is not None:
             bar.close()
     return spill, read_errors
-
-
-def _bar(total: int | None, desc: str, enabled: bool):
-    if enabled and sys.stderr.isatty():
-        from tqdm import tqdm
-
-        return tqdm(total=total, unit=" resources", unit_scale=True, file=sys.stderr, desc=desc)
-    return None
 
 
 def _flag_order(line: bytes) -> list:

@@ -12,8 +12,8 @@ __all__ = ["merge_reports", "WRITE_ACTIONS"]
 
 EXAMPLES = 5
 # What became of each Flag decided (`conflict`: its version kept moving, write.VERSION_ROUNDS), and `reevaluated`:
-# the patients read and decided again because a version had moved; `alert_*`: the critical results' CommunicationRequests
-# (leukofhir/alerts.py).
+# the patients read and decided again because a version had moved; `alert_*`: the critical results'
+# CommunicationRequests (leukofhir/alerts.py).
 WRITE_ACTIONS = ("create", "update", "withdraw", "delete", "unchanged", "not_created", "refused", "conflict",
                  "reevaluated", "alert_create", "alert_revoke", "alert_refused")
 # Keys of a batch's report.json that are sums (nested dicts of counts are summed key by key).

@@ -22,6 +22,7 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
+from functools import partial
 from pathlib import Path
 from typing import Iterator
 
@@ -29,8 +30,17 @@ from leukofhir.alerts import critical_subjects, sync_alerts
 from leukofhir.config import Rules
 from leukofhir.errors import LeukofhirError, UsageError
 from leukofhir.extract import (
-    Window, changed_patients, local_patient_id, medication_types, parse_instant, patient_batches, read_patient_list,
-    read_time, stage_batch, touched_patients, write_patient_list,
+    Window,
+    changed_patients,
+    local_patient_id,
+    medication_types,
+    parse_instant,
+    patient_batches,
+    read_patient_list,
+    read_time,
+    stage_batch,
+    touched_patients,
+    write_patient_list,
 )
 from leukofhir.fhir.client import FhirClient
 from leukofhir.fhir.ids import is_valid_id, shown
@@ -38,6 +48,7 @@ from leukofhir.pipeline import evaluate_files
 from leukofhir.reader import iter_resources
 from leukofhir.report import merge_reports, write_counts
 from leukofhir.report_html import write_report_html
+from leukofhir.stages import progress_bar
 from leukofhir.sweep import lapse_candidates
 from leukofhir.validate import ValidationThresholdError, check_contract, merge_contract
 from leukofhir.write import Plan, ensure_author, plan_writes, write_plan, write_rejects
@@ -432,7 +443,7 @@ def run_pipeline(
                            chunk_size=batch_size, dry_run=dry_run, now=now)
     seconds["find"] = time.perf_counter() - started
     sizes = [len(read_patient_list(c / "patients.json")) for c in chunks]
-    bar = _progress(sum(sizes), progress)
+    bar = progress_bar("evaluating", progress and sum(sizes) > 0, total=sum(sizes), unit=" patients", unit_scale=False)
 
     def timed(step: str, work):
         begin = time.perf_counter()
@@ -450,7 +461,7 @@ def run_pipeline(
             for number, chunk in enumerate(chunks):
                 staged.result()  # this batch's pages are on disk (a failed extract stops the run here)
                 staged = prefetch.submit(extract, chunks[number + 1]) if number + 1 < len(chunks) else None
-                timed("evaluate", lambda: evaluate_chunk(rules, chunk))
+                timed("evaluate", partial(evaluate_chunk, rules, chunk))
                 if bar is not None:
                     bar.update(sizes[number])
         try:
@@ -463,7 +474,7 @@ def run_pipeline(
             bar.set_description("writing")
             bar.reset()
         for number, chunk in enumerate(chunks):
-            timed("write", lambda: write_chunk(client, rules, chunk, dry_run=dry_run, keep_staged=keep_staged))
+            timed("write", partial(write_chunk, client, rules, chunk, dry_run=dry_run, keep_staged=keep_staged))
             if bar is not None:
                 bar.update(sizes[number])
     finally:
@@ -471,14 +482,6 @@ def run_pipeline(
             bar.close()
     seconds["total"] = time.perf_counter() - started
     return finish_run(run_dir, seconds)
-
-
-def _progress(total: int, enabled: bool):
-    if enabled and total and sys.stderr.isatty():
-        from tqdm import tqdm
-
-        return tqdm(total=total, unit=" patients", file=sys.stderr, desc="evaluating")
-    return None
 
 
 def check_server(client: FhirClient, rules: Rules, *, window: Window | None = None, dry_run: bool = False,
@@ -529,11 +532,10 @@ def failed_report(run_dir: Path, exc: Exception) -> dict | None:
 
 def run_command(args) -> int:
     """`leukofhir run`: the whole pipeline against a server; prints one summary line; the CLI's exit codes."""
-    from leukofhir.cli import EXIT_DATA, EXIT_INCOMPLETE, EXIT_OK, exit_code
     from leukofhir.config import load_config
-    from leukofhir.fhir.errors import FhirError
-
+    from leukofhir.errors import EXIT_DATA, EXIT_INCOMPLETE, EXIT_OK, exit_code
     from leukofhir.fhir.client import connect
+    from leukofhir.fhir.errors import FhirError
 
     rules = load_config(args.config)
     patients = [p.strip() for p in args.patients.split(",") if p.strip()] if args.patients else None

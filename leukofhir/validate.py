@@ -21,7 +21,8 @@ from leukofhir.errors import ConfigError, LeukofhirError
 # The suites live at the top of the repository (the design card fixes the layout) and travel inside the wheel:
 # leukofhir/expectations links to them in a checkout and holds a copy in an installed package. A site with its own
 # suites points LEUKOFHIR_EXPECTATIONS_DIR at them.
-EXPECTATIONS_DIR = Path(os.environ.get("LEUKOFHIR_EXPECTATIONS_DIR") or Path(__file__).resolve().parent / "expectations")
+EXPECTATIONS_DIR = Path(os.environ.get("LEUKOFHIR_EXPECTATIONS_DIR")
+                        or Path(__file__).resolve().parent / "expectations")
 
 # Which column names a row in messages and examples; ids only, never patient data.
 ID_COLUMN = {"observations": "resource_id", "exposures": "resource_id", "flags": "identifier"}
@@ -531,6 +532,12 @@ def new_context():
     for name in ID_COLUMN:
         context.suites.add(load_suite(EXPECTATIONS_DIR / f"{name}.json"))
     return context
+
+
+def prepare() -> None:
+    """Import and set up Great Expectations now (about 2.5 s), once per process: before forking workers, say, so that
+    each starts with it instead of paying for it."""
+    _context()
 
 
 @functools.cache

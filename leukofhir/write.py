@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from leukofhir.config import Rules
-from leukofhir.fhir.ids import is_valid_id
 from leukofhir.fhir.client import FhirClient
 from leukofhir.fhir.errors import FatalFhirError, VersionConflictError, outcome_summary
+from leukofhir.fhir.ids import is_valid_id
 
 __all__ = ["Change", "Plan", "WriteResult", "Written", "plan_writes", "apply_plan", "write_plan", "ensure_author",
            "author_device", "flag_id", "WITHDRAWN_NOTE", "WRITES", "VERSION_ROUNDS"]
@@ -27,7 +27,8 @@ ID_PREFIX = "leukofhir-"
 WRITES = ("create", "update", "withdraw", "delete")
 # The version a create names in If-Match: none the server ever gives. HAPI 8.8 creates the Flag when nothing was ever
 # at its id and answers 409 HAPI-0989 when anything is or was (a Flag another writer created meanwhile, a deleted one);
-# it ignores If-None-Match and ifNoneExist on a PUT (README "How Flags are written", benchmarks/concurrent_create.py).
+# it ignores If-None-Match and ifNoneExist on a PUT (docs/pipeline.md, "How Flags are written";
+# benchmarks/concurrent_create.py).
 NEW = "0"
 # How many times the patients of a write refused because the Flag's version moved are read and decided again before
 # the write is reported as a conflict.
@@ -38,7 +39,8 @@ def flag_id(identifier: str) -> str:
     """The id a new Flag is written at: derived from its identifier, so any number of writers, at any time, write
     the same resource. Conditional upserts (`PUT Flag?identifier=…`) were not enough: eight simultaneous ones on
     HAPI 8.8 left two Flags with one identifier in 3 runs of 5 (answers 201, 200, 409 and 412); eight PUTs at one
-    id never did (README, "How Flags are written"). An identifier is 40 hex digits: the id is a valid FHIR id."""
+    id never did (docs/pipeline.md, "How Flags are written"). An identifier is 40 hex digits: the id is a valid FHIR
+    id."""
     return ID_PREFIX + identifier
 
 

@@ -15,7 +15,7 @@ from leukofhir.config import Rules
 from leukofhir.evaluate import FlagSpec
 from leukofhir.normalise import Normaliser
 from leukofhir.normalise.patients import PatientInfo
-from leukofhir.pipeline import build_flags, evaluate_rows, validate_rows
+from leukofhir.stages import build_flags, evaluate_rows, validate_rows
 from leukofhir.validate import ValidationResult, suite_parameters, validate_batch
 
 COUNTS_SHOWN = ("wbc", "anc", "lymphocytes_abs", "platelets", "hemoglobin")
@@ -89,7 +89,7 @@ def _digest(rows: pd.DataFrame) -> bytes:
 def evaluate_patient(resources, patient_id: str, rules: Rules, *, base_url: str | None,
                      now: datetime | None = None, validate=validate_batch) -> PatientState:
     """The patient's state from their resources (their whole history, as a run reads it), as of `now` (default: the
-    clock) or their latest result when later, as a run evaluates as of its start (pipeline.evaluate_rows): an episode
+    clock) or their latest result when later, as a run evaluates as of its start (stages.evaluate_rows): an episode
     without a count for too long lapses. A result dated in the future is quarantined against the clock, as a run
     does. `validate`: validate.validate_batch, or a PassedBatches memo of it."""
     now = now or datetime.now(timezone.utc)

@@ -6,10 +6,11 @@ from __future__ import annotations
 from urllib.parse import urlencode
 
 from leukofhir.config import Rules
-from leukofhir.extract import history_searches, iter_history
-from leukofhir.fhir.auth import BearerAuth, check_token
-from leukofhir.fhir.client import FhirClient
 from leukofhir.errors import UsageError
+from leukofhir.extract import history_searches, iter_history
+from leukofhir.fhir.auth import BearerAuth
+from leukofhir.fhir.client import FhirClient
+from leukofhir.fhir.secrets import check_token
 
 PATIENT_TEMPLATE = "{{context.patientId}}"
 FETCH_TIMEOUT = 10.0  # the EHR waits for the answer: short, one retry

@@ -17,9 +17,9 @@ import requests
 
 from leukofhir.errors import UsageError
 from leukofhir.fhir.client import FhirClient
-from leukofhir.fhir.ids import is_resource_type, is_valid_id
 from leukofhir.fhir.errors import FatalFhirError, FhirError, InvalidResponseError, outcome_text
 from leukofhir.fhir.http import retry_after_seconds
+from leukofhir.fhir.ids import is_resource_type, is_valid_id
 from leukofhir.fhir.urls import redact_url
 
 log = logging.getLogger(__name__)

@@ -151,7 +151,7 @@ class FhirClient:
     def close(self) -> None:
         self.session.close()
 
-    def __enter__(self) -> "FhirClient":
+    def __enter__(self) -> FhirClient:
         return self
 
     def __exit__(self, *exc) -> None:

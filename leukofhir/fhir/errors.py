@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from leukofhir.errors import LeukofhirError
+from leukofhir.errors import EXIT_AUTH, EXIT_SERVER, LeukofhirError
 
 
 def outcome_text(body: object) -> str:
@@ -23,6 +23,8 @@ def outcome_text(body: object) -> str:
 
 class FhirError(LeukofhirError):
     """A request the server refused or could not answer. `status` is None for network failures."""
+
+    exit_status = EXIT_SERVER
 
     def __init__(self, message: str, *, status: int | None = None, outcome: dict | None = None, url: str = ""):
         self.status = status
@@ -46,6 +48,8 @@ class VersionConflictError(FatalFhirError):
 
 class AuthError(FatalFhirError):
     """401/403 after one re-authorisation: credentials are wrong or lack the scope."""
+
+    exit_status = EXIT_AUTH
 
 
 class ForeignLinkError(FatalFhirError):

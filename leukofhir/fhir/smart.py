@@ -21,7 +21,7 @@ from requests.auth import AuthBase
 from leukofhir.errors import UsageError
 from leukofhir.fhir.errors import SmartAuthError, TemporaryFhirError
 from leukofhir.fhir.http import TEMPORARY_STATUSES, retry_delay
-from leukofhir.fhir.auth import check_token
+from leukofhir.fhir.secrets import check_token
 from leukofhir.fhir.urls import redact_url
 
 log = logging.getLogger(__name__)

@@ -9,13 +9,27 @@
 """
 
 from leukofhir.normalise.context import (
-    FOREIGN, NAT, Q_FOREIGN_SUBJECT, Q_SUBJECT, Q_SUBJECT_UNRESOLVED, SKIP_NOT_USED, parse_time_ns,
+    FOREIGN,
+    NAT,
+    Q_FOREIGN_SUBJECT,
+    Q_SUBJECT,
+    Q_SUBJECT_UNRESOLVED,
+    SKIP_NOT_USED,
+    parse_time_ns,
 )
 from leukofhir.normalise.exposures import EXPOSURE_COLUMNS, Q_NO_EXPOSURE_TIME, SKIP_DRUG, SKIP_NOT_ENABLED
 from leukofhir.normalise.normaliser import Normalised, Normaliser
 from leukofhir.normalise.observations import (
-    OBSERVATION_COLUMNS, Q_BAD_TIME, Q_NO_TIME, Q_NOT_NUMERIC, Q_RANGE, Q_STATUS, SKIP_DATA_ABSENT,
-    SKIP_OUT_OF_SCOPE, SKIP_PRELIMINARY, SKIP_SUPERSEDED,
+    OBSERVATION_COLUMNS,
+    Q_BAD_TIME,
+    Q_NO_TIME,
+    Q_NOT_NUMERIC,
+    Q_RANGE,
+    Q_STATUS,
+    SKIP_DATA_ABSENT,
+    SKIP_OUT_OF_SCOPE,
+    SKIP_PRELIMINARY,
+    SKIP_SUPERSEDED,
 )
 from leukofhir.normalise.patients import Q_BAD_BIRTHDATE, PatientInfo
 

@@ -1,4 +1,4 @@
-"""Medication exposure (§1.4): MedicationStatement, MedicationRequest, MedicationAdministration and the drug they name."""
+"""Medication exposure (§1.4): MedicationStatement, MedicationRequest, MedicationAdministration, the drug they name."""
 
 from __future__ import annotations
 
@@ -8,8 +8,17 @@ import numpy as np
 import pandas as pd
 
 from leukofhir.normalise.context import (
-    FOREIGN, NAT, Q_FOREIGN_SUBJECT, Q_SUBJECT, Q_SUBJECT_UNRESOLVED, Context, LocalBases, as_list, parse_time_ns,
-    resource_ref, timestamps,
+    FOREIGN,
+    NAT,
+    Q_FOREIGN_SUBJECT,
+    Q_SUBJECT,
+    Q_SUBJECT_UNRESOLVED,
+    Context,
+    LocalBases,
+    as_list,
+    parse_time_ns,
+    resource_ref,
+    timestamps,
 )
 from leukofhir.normalise.patients import Patients
 

@@ -13,7 +13,16 @@ import pandas as pd
 from leukofhir.age import age_span_of_quantity
 from leukofhir.config import fold_unit
 from leukofhir.normalise.context import (
-    FOREIGN, NAT, Q_FOREIGN_SUBJECT, Q_SUBJECT, Q_SUBJECT_UNRESOLVED, Context, as_list, is_number, resource_ref, text,
+    FOREIGN,
+    NAT,
+    Q_FOREIGN_SUBJECT,
+    Q_SUBJECT,
+    Q_SUBJECT_UNRESOLVED,
+    Context,
+    as_list,
+    is_number,
+    resource_ref,
+    text,
     timestamps,
 )
 from leukofhir.normalise.patients import AgeSexRange, Patients
@@ -143,7 +152,8 @@ class _Rows:
 
 
 class Observations:
-    """Reads Observations in scope into compact rows; `finish()` resolves what needs the whole input, builds the frame."""
+    """Reads Observations in scope into compact rows; `finish()` resolves what needs the whole input and builds the
+    frame."""
 
     def __init__(self, context: Context, reports: Reports, patients: Patients):
         self.context = context

@@ -1,4 +1,4 @@
-"""Patients (§1.3): birth date and sex, benign ethnic neutropenia (§2), and which lab ranges fit a patient's age and sex."""
+"""Patients (§1.3): birth date and sex, benign ethnic neutropenia (§2), the lab ranges that fit a patient's age, sex."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def _reached(birth: date, age: AgeSpan) -> int:
 
 
 class Patients:
-    """Reads Patients and BEN-marking Conditions/Observations; answers the age and sex questions of the other readers."""
+    """Reads Patients and BEN-marking Conditions/Observations; answers the other readers' age and sex questions."""
 
     def __init__(self, context: Context):
         self.context = context

@@ -1,4 +1,4 @@
-"""DiagnosticReports and panel Observations (§1.1, §2): the blood count a result belongs to, and its time when it has none."""
+"""DiagnosticReports and panel Observations (§1.1, §2): the blood count a result belongs to, its time if it has none."""
 
 from __future__ import annotations
 

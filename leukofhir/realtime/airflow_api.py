@@ -11,7 +11,7 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from leukofhir.errors import LeukofhirError, UsageError
-from leukofhir.fhir.auth import secret
+from leukofhir.fhir.secrets import secret
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ class AirflowSettings:
     password: str
 
     @classmethod
-    def from_environment(cls, url: str | None = None, environ=os.environ) -> "AirflowSettings":
+    def from_environment(cls, url: str | None = None, environ=os.environ) -> AirflowSettings:
         """URL from the argument or LEUKOFHIR_AIRFLOW_URL; user and password from LEUKOFHIR_AIRFLOW_USER and
         LEUKOFHIR_AIRFLOW_PASSWORD, or the files their *_FILE twins name (never from the command line)."""
         url = url or secret(URL_ENV, environ)

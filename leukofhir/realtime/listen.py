@@ -53,7 +53,7 @@ class BatchPolicy:
     within its 1 s submission interval; a panel split in two costs one more run, never a Flag), or when the
     oldest waiting patient has waited `max_wait` seconds (a steady stream still gets runs; at most one run per
     `max_wait` while notifications keep coming), or when `max_patients` are waiting. The defaults are what
-    benchmarks/realtime_bench.py measured best (README, "Near-real-time path"). A failed trigger is tried
+    benchmarks/realtime_bench.py measured best (docs/near-real-time.md). A failed trigger is tried
     again after 1, 2, 4 ... seconds, at most `retry_max` apart, as long as it takes.
 
     Notifications that name nothing (empty POSTs) are debounced the same way into one surveillance run over a
@@ -156,8 +156,8 @@ class Receiver:
     def _empty_post(self) -> Answer:
         # A Subscription without payload (R4: "no payload ... just a notification"): the server says that something
         # matched and nothing more. Ours always carry a payload, but a site may keep patient data off the hook
-        # channel, or its server may not send payloads: a window run finds what changed (README, "Near-real-time
-        # path").
+        # channel, or its server may not send payloads: a window run finds what changed
+        # (docs/near-real-time.md).
         self.empty_posts += 1
         self.queue.add_window_request()
         log.info("notification without payload (empty POST): a surveillance run over the last minutes will follow")

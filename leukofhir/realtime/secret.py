@@ -7,7 +7,7 @@ import os
 import re
 
 from leukofhir.errors import UsageError
-from leukofhir.fhir.auth import secret
+from leukofhir.fhir.secrets import secret
 
 SECRET_ENV = "LEUKOFHIR_HOOK_SECRET"
 MIN_LENGTH = 16

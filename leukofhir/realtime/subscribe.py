@@ -133,7 +133,8 @@ def _same(existing: dict, wanted: dict) -> bool:
     have, want = existing.get("channel") or {}, wanted["channel"]
     if any(have.get(k) != want[k] for k in ("type", "endpoint", "payload", "header")):
         return False
-    sends_deletes = [e.get("valueBoolean") for e in have.get("extension") or [] if e.get("url") == SEND_DELETES_EXTENSION]
+    sends_deletes = [e.get("valueBoolean") for e in have.get("extension") or []
+                     if e.get("url") == SEND_DELETES_EXTENSION]
     return sends_deletes == [True]
 
 
@@ -163,7 +164,8 @@ def subscribe(client: FhirClient, endpoint: str, secret: str, rules: Rules, *, w
     to `requested`); a missing one is created; extra ones of a kind (e.g. from two runs at once) and kinds the
     rules no longer ask for are deleted. Then waits up to `wait` seconds for the server to activate them."""
     endpoint = check_endpoint(endpoint)
-    wanted = {spec.resource_type: build_subscription(spec, endpoint, secret, rules) for spec in subscription_specs(rules)}
+    wanted = {spec.resource_type: build_subscription(spec, endpoint, secret, rules)
+              for spec in subscription_specs(rules)}
     existing: dict[str, list[dict]] = {}
     for sub in _ours(client, rules):
         existing.setdefault(_kind(sub), []).append(sub)
@@ -202,7 +204,8 @@ def _await_active(client: FhirClient, results: list[SubscriptionResult], wait: f
             result.status, result.matching = current.get("status", "missing"), _matching(current)
             if result.status == "error":
                 raise SubscriptionError(
-                    f"Subscription/{result.id} ({result.resource_type}) is in error: {current.get('error', 'no reason given')}")
+                    f"Subscription/{result.id} ({result.resource_type}) is in error: "
+                    f"{current.get('error', 'no reason given')}")
             if result.status != "active":
                 still.append(result)
         pending = still
@@ -210,7 +213,8 @@ def _await_active(client: FhirClient, results: list[SubscriptionResult], wait: f
             break
         sleep(0.5)
     for result in pending:
-        log.warning("Subscription/%s (%s) is still %s after %.0f s", result.id, result.resource_type, result.status, wait)
+        log.warning("Subscription/%s (%s) is still %s after %.0f s", result.id, result.resource_type, result.status,
+                    wait)
     for result in results:
         if result.matching and result.matching != "IN_MEMORY":
             log.warning("Subscription/%s: the server matches it by %s (a query per change), not in memory",

@@ -41,7 +41,7 @@ class ConnectionGuard:
         """What uvicorn's `http` setting takes: it calls it as it would its own protocol class."""
         return functools.partial(GuardedProtocol, guard=self)
 
-    def admit(self, conn: "GuardedProtocol") -> bool:
+    def admit(self, conn: GuardedProtocol) -> bool:
         if len(self.waiting) + len(self.busy) >= self.cap:
             if not self.waiting:
                 return False
@@ -50,7 +50,7 @@ class ConnectionGuard:
         self.waiting[conn] = None
         return True
 
-    def enter(self, conn: "GuardedProtocol", state: str) -> None:
+    def enter(self, conn: GuardedProtocol, state: str) -> None:
         if state == WAITING:
             self.busy.discard(conn)
             self.waiting.pop(conn, None)
@@ -59,7 +59,7 @@ class ConnectionGuard:
             self.waiting.pop(conn, None)
             self.busy.add(conn)
 
-    def forget(self, conn: "GuardedProtocol") -> None:
+    def forget(self, conn: GuardedProtocol) -> None:
         self.waiting.pop(conn, None)
         self.busy.discard(conn)
 
@@ -107,7 +107,7 @@ class GuardedProtocol(HttpToolsProtocol):
         try:
             tls = await self.loop.start_tls(raw, self, self.guard.ssl_context, server_side=True,
                                             ssl_handshake_timeout=self.guard.limits.header_timeout)
-        except (OSError, asyncio.TimeoutError) as exc:  # its handshake failed (ssl.SSLError is an OSError)
+        except (TimeoutError, OSError) as exc:  # its handshake failed (ssl.SSLError is an OSError)
             if not self._gone:  # (a connection closed at its deadline or the cap was logged then)
                 self.guard.refusals.refused("TLS", f"a connection from {self._peer}", f"no TLS handshake: {exc}")
             self._lost()

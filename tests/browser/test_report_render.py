@@ -8,9 +8,9 @@ import struct
 import subprocess
 
 import pytest
-from support.report_sample import sample_report, sample_trends
 
 from leukofhir.report_html import write_report_html
+from support.report_sample import sample_report, sample_trends
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(

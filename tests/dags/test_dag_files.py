@@ -1,4 +1,5 @@
-"""The DAG files: fast to import, touching no database, connection or network at parse time; shaped as DESIGN.md says."""
+"""The DAG files: fast to import, touching no database, connection or network at parse time; shaped as DESIGN.md
+says."""
 
 from __future__ import annotations
 
@@ -93,8 +94,8 @@ def test_backfill_dag_has_the_params_of_the_design(dags):
 @pytest.mark.parametrize("dag_id", ["leukopenia_surveillance", "leukopenia_backfill"])
 def test_tasks_that_talk_to_the_server_share_the_pool_and_all_retry_with_backoff(dags, dag_id):
     tasks = {t.task_id: t for t in dags[dag_id].tasks}
-    talking = {"find_patients", "extract", "write_flags"} | (
-        {"bulk_export"} if dag_id == "leukopenia_backfill" else {"refresh_board"})
+    talking = ({"find_patients", "extract", "write_flags"}
+               | ({"bulk_export"} if dag_id == "leukopenia_backfill" else {"refresh_board"}))
     assert {tid for tid, t in tasks.items() if t.pool == "fhir_server"} == talking
     for t in tasks.values():
         # The export only polls the server's job: hours for a large backfill, so a longer (still bounded) time-out.
@@ -113,7 +114,7 @@ def test_patients_dag_is_one_task_triggered_with_patients_and_running_at_once(da
     assert type(dag.timetable).__name__ == "NullTimetable"  # triggered by the receiver, never scheduled
     assert dag.is_paused_upon_creation is False  # runs from the receiver must not wait for someone to unpause it
     assert set(dag.params) == {"patients"}
-    (task,) = dag.tasks  # one task: measured faster than the five-task chain (README, "Near-real-time path")
+    (task,) = dag.tasks  # one task: measured faster than the five-task chain (docs/near-real-time.md)
     assert task.task_id == "process_patients" and task.pool == "fhir_server"
     assert task.retries >= 2 and task.retry_exponential_backoff
     assert task.execution_timeout <= timedelta(minutes=30)

@@ -111,8 +111,8 @@ def assert_converged(client, pids: list[str], tmp_path: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize("held", ["surveillance", "patients"])
-def test_the_surveillance_dag_and_a_patients_run_on_one_patient_at_once(  # noqa: F811 - `dags`, the fixture
-        held, dags, fhir_client, fhir_base_url, unique, tmp_path):
+def test_the_surveillance_dag_and_a_patients_run_on_one_patient_at_once(
+        held, dags, fhir_client, fhir_base_url, unique, tmp_path):  # noqa: F811 - `dags`, the fixture
     pid = f"dag-{held}-{unique}"
     put(fhir_client, patient(pid))
     since = server_now(fhir_client)
@@ -143,8 +143,8 @@ def test_the_surveillance_dag_and_a_patients_run_on_one_patient_at_once(  # noqa
     assert writes(again) == NOTHING and versions(project_flags(fhir_client, [pid])) == versions([flag])
 
 
-def test_two_backfills_over_overlapping_windows_at_once(  # noqa: F811 - `dags`, the fixture
-        dags, fhir_client, fhir_base_url, unique, tmp_path):
+def test_two_backfills_over_overlapping_windows_at_once(
+        dags, fhir_client, fhir_base_url, unique, tmp_path):  # noqa: F811 - `dags`, the fixture
     pids = [f"bf{n}-{unique}" for n in range(4)]
     # Clinical dates of this test's own, a century before other tests' (a backfill's window selects by date, and by
     # the period of the project's Flags: an open one overlaps every later window).

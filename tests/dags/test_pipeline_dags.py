@@ -21,7 +21,14 @@ from leukofhir.pipeline import evaluate_files
 from support.contract_data import BAD, broken_feed_on, flags_by_place, held_out, held_out_ids
 from support.fhir_builders import at, days_ago, observation, patient, statement
 from support.server_data import (
-    RULES, flags_by_identifier, pause, project_flags, put, server_now, versions, without_patient,
+    RULES,
+    flags_by_identifier,
+    pause,
+    project_flags,
+    put,
+    server_now,
+    versions,
+    without_patient,
 )
 
 pytestmark = pytest.mark.fhir
@@ -105,7 +112,8 @@ def test_backfill_dag_on_the_sample_data_writes_the_flags_of_the_rules_and_a_rer
     until = server_now(fhir_client) + timedelta(days=1)
     report = run_dag(dags, "leukopenia_backfill", start="1900-01-01", end=until.date().isoformat(), chunks=3)
     assert report["reconciled"] and report["patients_touched"] >= len(ids)
-    # The run evaluates as of its own time (clinical-rules v1.3 §4): offline `evaluate --as-of` that time gives its Flags.
+    # The run evaluates as of its own time (clinical-rules v1.3 §4): offline `evaluate --as-of` that time gives its
+    # Flags.
     offline = evaluate_files(SYNTHEA_BUNDLES, tmp_path, as_of=report["as_of"], progress=False)
     expected = flags_by_identifier([json.loads(line) for line in (tmp_path / "Flag.ndjson").open()])
     assert offline["flags"]["total"] == len(expected) > 0 and offline["as_of"] == report["as_of"]
@@ -298,7 +306,8 @@ def _crossing_patients(unique: str) -> list[dict]:
              "medicationReference": {"reference": f"Medication/{chemo}-med"}}
     stale_flag = {"resourceType": "Flag", "id": f"leukofhir-{unique}0000000000000000000000000000",
                   "meta": {"tag": [{"system": RULES.uris.tag_system, "code": RULES.uris.tag_code}]},
-                  "identifier": [{"system": RULES.uris.identifier_system, "value": f"{unique}0000000000000000000000000000"}],
+                  "identifier": [{"system": RULES.uris.identifier_system,
+                                  "value": f"{unique}0000000000000000000000000000"}],
                   "status": "active", "code": {"text": "Leukopenia"}, "subject": {"reference": f"Patient/{stale}"},
                   "period": {"start": at(days=-5)}}
     dated = observation(f"{panel}-hb", "hemoglobin", 13.5, time=at(days=-40), patient=f"Patient/{panel}")  # touched

@@ -29,7 +29,7 @@ def test_cli_backfill_of_the_surveillance_dag_over_three_intervals(airflow, fhir
     time.sleep(max(0.0, (minute + timedelta(minutes=1, seconds=2) - datetime.now(timezone.utc)).total_seconds()))
     # Created while the DAG is paused (its runs wait, as the README says), then the DAG is unpaused. SQLite: a write
     # that loses a race with the scheduler's is refused at once ("database is locked"); the command is tried again.
-    for attempt in range(5):
+    for _ in range(5):
         done = airflow.cli("backfill", "create", "--dag-id", "leukopenia_surveillance", "--from-date",
                            (minute - timedelta(minutes=2)).isoformat(), "--to-date", minute.isoformat())
         if "database is locked" not in done.stderr:

@@ -20,7 +20,15 @@ from leukofhir.fhir.client import FhirClient
 from leukofhir.load import load_files
 from leukofhir.pipeline import evaluate_files
 from support.celery_stack import (
-    HEARTBEAT_TIMEOUT, WORKER1, WORKER2, alive, kill_worker, reachable_folder, run_stack, stack_env, start_stack,
+    HEARTBEAT_TIMEOUT,
+    WORKER1,
+    WORKER2,
+    alive,
+    kill_worker,
+    reachable_folder,
+    run_stack,
+    stack_env,
+    start_stack,
 )
 from support.faultproxy import Fault, FaultProxy
 from support.fhir_builders import at, observation, patient

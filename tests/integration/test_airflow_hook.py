@@ -45,7 +45,8 @@ def test_airflow_registers_the_connection_type_and_its_form():
     assert ProvidersManagerTaskRuntime().hooks["fhir"].hook_class_name == "leukofhir.airflow_hook.FhirHook"
     manager = ProvidersManager()
     widgets = manager.connection_form_widgets
-    assert {f"extra__fhir__{name}" for name in ("smart_client_id", "smart_private_key_path", "scheme", "auth")} <= set(widgets)
+    names = ("smart_client_id", "smart_private_key_path", "scheme", "auth")
+    assert {f"extra__fhir__{name}" for name in names} <= set(widgets)
     assert manager.field_behaviours["fhir"]["relabeling"]["schema"].startswith("Path")
 
 

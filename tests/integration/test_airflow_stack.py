@@ -10,7 +10,15 @@ from pathlib import Path
 import pytest
 
 from support.celery_stack import (
-    HEARTBEAT_TIMEOUT, WORKER1, WORKER2, alive, kill_worker, reachable_folder, run_stack, stack_env, stack_processes,
+    HEARTBEAT_TIMEOUT,
+    WORKER1,
+    WORKER2,
+    alive,
+    kill_worker,
+    reachable_folder,
+    run_stack,
+    stack_env,
+    stack_processes,
     start_stack,
 )
 
@@ -191,7 +199,8 @@ def test_a_killed_worker_s_tasks_are_retried_on_the_other_worker(stack):
 
     assert alive(worker2) == []
     status = run_stack(stack["env"], "status")
-    assert status.returncode == 1 and "worker2: stopped" in status.stdout and "worker1: running, healthy" in status.stdout
+    assert (status.returncode == 1 and "worker2: stopped" in status.stdout
+            and "worker1: running, healthy" in status.stdout)
 
 
 def test_stop_stops_every_process_it_started(stack):

@@ -12,8 +12,8 @@ import sys
 import time
 
 import pytest
-
 from conftest import EXTERNAL
+
 from leukofhir.errors import UsageError
 from leukofhir.fhir.auth import BearerAuth
 from leukofhir.fhir.bulk import ERRORS_FILE, STATE_FILE, BulkExport, ExportRequest, export
@@ -51,7 +51,8 @@ def _tagged(unique) -> ExportRequest:
 
 
 def _ids(folder, rtype="Patient") -> list[str]:
-    return sorted(json.loads(line)["id"] for f in folder.glob(f"{rtype}.*.ndjson") for line in f.read_text().splitlines())
+    return sorted(json.loads(line)["id"] for f in folder.glob(f"{rtype}.*.ndjson")
+                  for line in f.read_text().splitlines())
 
 
 def _kick_offs(proxy) -> int:

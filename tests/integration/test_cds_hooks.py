@@ -20,7 +20,13 @@ from leukofhir.extract import iter_history
 from leukofhir.load import load_files
 from leukofhir.run import run_pipeline
 from support.cds_process import (
-    ORDER_SIGN, PATIENT_VIEW, CdsProcess, EhrKeys, draft_order, order_sign_request, patient_view_request,
+    ORDER_SIGN,
+    PATIENT_VIEW,
+    CdsProcess,
+    EhrKeys,
+    draft_order,
+    order_sign_request,
+    patient_view_request,
 )
 from support.fhir_builders import days_ago, observation, patient, statement
 from support.ports import session_port

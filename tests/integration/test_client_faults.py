@@ -7,7 +7,7 @@ import pytest
 from leukofhir.fhir.auth import BearerAuth
 from leukofhir.fhir.client import FhirClient
 from leukofhir.fhir.errors import AuthError, FatalFhirError, ForeignLinkError, TemporaryFhirError
-from support.faultproxy import Fault, FaultProxy
+from support.faultproxy import Fault
 
 pytestmark = pytest.mark.fhir
 

@@ -16,7 +16,6 @@ import pytest
 
 from leukofhir.fhir.client import FhirClient
 from leukofhir.fhir.errors import FhirError, RedirectError, TemporaryFhirError
-
 from support.faultproxy import Fault, FaultProxy
 
 pytestmark = pytest.mark.fhir

@@ -10,11 +10,11 @@ import subprocess
 import sys
 
 import pytest
+
+from leukofhir.cli import main
 from support.contract_data import BAD, broken_feed_on, flags_by_place, held_out, held_out_ids, recent
 from support.fhir_builders import observation, patient
 from support.server_data import project_flags, put
-
-from leukofhir.cli import main
 
 pytestmark = pytest.mark.fhir
 

@@ -12,6 +12,7 @@ import pytest
 import requests
 
 from leukofhir.service.limits import DESCRIPTOR_RESERVE, Limits
+from support.cds_process import cds_service
 from support.hostile import (
     closed_within,
     connect,
@@ -24,9 +25,11 @@ from support.hostile import (
     send_chunked,
     wait_for,
 )
-from support.cds_process import cds_service
 from support.listen_process import listen_service
 from support.ports import session_port
+
+# A service process of its own (make test runs it; make test-unit does not).
+pytestmark = pytest.mark.service
 
 # One line per service. Each is called as `manager(workdir, port, nofile=N, tls=(certificate, key) or None)` and yields
 # a support.hostile.Target.

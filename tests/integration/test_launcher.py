@@ -8,7 +8,6 @@ import socket
 import subprocess
 
 import pytest
-
 from conftest import LAUNCHER, ROOT
 
 pytestmark = pytest.mark.fhir
@@ -76,7 +75,7 @@ def test_h2_plans_of_the_pipelines_searches_seek_instead_of_reading_whole_tables
     # At start-up the launcher asks H2 for its plan of each statement shape behind the pipeline's searches, through
     # the settings and the statement inspector it really runs with (fhir-server H2QueryPlans): a token OR-list and a
     # reference OR-list read by the join key, `_revinclude` seeking on its IN list, the id lookup using an index.
-    # Without them, `code=<32 codes>` beside a date took 40 s on 20,000 Observations (README "The local FHIR server").
+    # Without them, `code=<32 codes>` beside a date took 40 s on 20,000 Observations (docs/local-fhir-server.md).
     log = ROOT / "fhir-server" / "target" / f"fhir-server-{launcher_env['FHIR_PORT']}.log"
     text = log.read_text(encoding="utf-8", errors="replace")
     problems = re.findall(r"H2 query plan(?:s could not be checked| for .*)", text)

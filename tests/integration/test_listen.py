@@ -19,10 +19,9 @@ from datetime import datetime, timedelta, timezone
 import jwt
 import pytest
 import requests
-
-from leukofhir.config import load_config
 from conftest import ROOT
 
+from leukofhir.config import load_config
 from leukofhir.realtime.airflow_api import AirflowClient, AirflowError, AirflowSettings
 from leukofhir.realtime.listen import DAG_ID, WINDOW_DAG_ID
 from leukofhir.realtime.secret import authorization_header
@@ -235,7 +234,8 @@ def test_from_the_fhir_server_to_an_airflow_run(listen_env, airflow_api, fhir_ba
                                      for o in panel])
             listener.wait_until(lambda h: h["runs_created"] >= 1)
             listener.wait_drained()
-            assert [r["conf"] for r in _runs_with(airflow_api, {f"Patient/{pid}"})] == [{"patients": [f"Patient/{pid}"]}]
+            runs = _runs_with(airflow_api, {f"Patient/{pid}"})
+            assert [r["conf"] for r in runs] == [{"patients": [f"Patient/{pid}"]}]
 
             fhir_client.request("DELETE", f"Observation/wbc-{unique}")
             listener.wait_until(lambda h: h["runs_created"] >= 2)

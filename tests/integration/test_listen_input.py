@@ -15,6 +15,9 @@ from support.hostile import exchange, request_head
 from support.listen_process import listen_service
 from support.ports import session_port
 
+# A service process of its own (make test runs it; make test-unit does not).
+pytestmark = pytest.mark.service
+
 # Ids in the path as a client may write them: dot-segments, encoded or not; a query, a fragment, a slash inside.
 CRAFTED_IDS = [".", "..", "%2E", "%2E%2E", "%2e%2E", "x%3F_id%3Dvictim%26_count%3D1000", "x%23y", "a%2Fb",
                "x%00y", "%20", "a" * 65]

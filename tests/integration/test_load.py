@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import EXTERNAL
+
 from leukofhir.load import load_files
 
 pytestmark = pytest.mark.fhir

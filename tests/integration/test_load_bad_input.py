@@ -13,10 +13,10 @@ from types import SimpleNamespace
 import pytest
 
 from leukofhir.cli import main
+from leukofhir.errors import EXIT_AUTH, EXIT_SERVER
 from leukofhir.fhir.client import FhirClient
-from leukofhir.cli import EXIT_AUTH, EXIT_SERVER
 from leukofhir.load import run_load
-from support.faultproxy import Fault, FaultProxy
+from support.faultproxy import Fault
 
 pytestmark = pytest.mark.fhir
 

@@ -19,10 +19,9 @@ from importlib.metadata import packages_distributions
 from pathlib import Path
 
 import pytest
+from conftest import EXTERNAL, ROOT
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
-
-from conftest import EXTERNAL, ROOT
 
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 DECLARED = {canonicalize_name(Requirement(r).name): Requirement(r) for r in PYPROJECT["project"]["dependencies"]}
@@ -93,6 +92,7 @@ def _run(venv, code, cwd, **env):
                           timeout=600, env=dict(clean, **env))
 
 
+@pytest.mark.packaging
 def test_the_fresh_venv_holds_only_locked_versions(fresh_venv):
     frozen = subprocess.run([str(fresh_venv / "bin" / "pip"), "freeze", "--disable-pip-version-check"],
                             capture_output=True, text=True, check=True).stdout.splitlines()
@@ -103,6 +103,7 @@ def test_the_fresh_venv_holds_only_locked_versions(fresh_venv):
         assert LOCK.get(canonicalize_name(name)) == version, f"{line} is not the locked version"
 
 
+@pytest.mark.packaging
 def test_the_wheel_holds_the_dags_the_suites_and_the_demo_sample():
     wheel = _built_wheel()
     with zipfile.ZipFile(wheel) as archive:
@@ -115,6 +116,7 @@ def test_the_wheel_holds_the_dags_the_suites_and_the_demo_sample():
     assert not any(n.startswith(("dags/", "tests/", "scripts/")) for n in names)
 
 
+@pytest.mark.packaging
 def test_hook_provider_and_dags_import_from_the_installed_wheel(fresh_venv, tmp_path):
     dag_files = sorted(str(p) for p in (ROOT / "dags").glob("*.py"))
     code = f"""
@@ -144,19 +146,22 @@ print(json.dumps({{"dag_files": {len(dag_files)}, "dags": dags}}))
         assert '"dags": 0' not in counts
 
 
+@pytest.mark.packaging
 def test_evaluate_from_the_wheel_finds_the_suites_inside_it(fresh_venv, tmp_path):
     bundle = sorted((EXTERNAL / "smart-generated-sample-data-R4-synthea" / "bundles").glob("*.json.gz"))[0]
     where = _run(fresh_venv, "from leukofhir.validate import EXPECTATIONS_DIR as d; print(d)", cwd=tmp_path)
     suites = Path(where.stdout.strip())
     assert "site-packages" in str(suites) and sorted(p.name for p in suites.glob("*.json")) == [
         "exposures.json", "flags.json", "observations.json"]
-    done = subprocess.run([str(fresh_venv / "bin" / "leukofhir"), "evaluate", str(bundle), "--out", str(tmp_path / "out")],
+    done = subprocess.run([str(fresh_venv / "bin" / "leukofhir"), "evaluate", str(bundle),
+                           "--out", str(tmp_path / "out")],
                           cwd=tmp_path, capture_output=True, text=True, timeout=600,
                           env={k: v for k, v in os.environ.items() if not k.startswith("LEUKOFHIR_")})
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "out" / "Flag.ndjson").exists() and (tmp_path / "out" / "report.json").exists()
 
 
+@pytest.mark.packaging
 def test_demo_outside_a_checkout_says_what_it_needs(fresh_venv, tmp_path):
     done = subprocess.run([str(fresh_venv / "bin" / "leukofhir"), "demo"], cwd=tmp_path, capture_output=True,
                           text=True, timeout=600, env=_clean_env())
@@ -165,6 +170,7 @@ def test_demo_outside_a_checkout_says_what_it_needs(fresh_venv, tmp_path):
     assert "site-packages" not in done.stderr  # no path into the install for the user to chase
 
 
+@pytest.mark.packaging
 @pytest.mark.fhir
 def test_demo_from_the_wheel_runs_on_a_given_server(fresh_venv, fhir_base_url, tmp_path):
     """The sample patients and the DAGs travel in the wheel: with --fhir-url the demo needs nothing else."""

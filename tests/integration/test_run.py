@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -13,7 +12,7 @@ from leukofhir.config import load_config
 from leukofhir.fhir.client import FhirClient
 from leukofhir.pipeline import evaluate_files
 from leukofhir.run import run_pipeline
-from leukofhir.write import Change, apply_plan, ensure_author, flag_id, plan_writes
+from leukofhir.write import Change, apply_plan, ensure_author, flag_id
 from support.faultproxy import FaultProxy
 from support.fhir_builders import at, days_ago, observation, patient
 from support.server_data import flags_by_identifier, project_flags, put
@@ -28,7 +27,8 @@ def _flag(pid: str, value: str) -> dict:
     return {
         "resourceType": "Flag", "meta": {"tag": [{"system": RULES.uris.tag_system, "code": RULES.uris.tag_code}]},
         "identifier": [{"system": RULES.uris.identifier_system, "value": value}], "status": "active",
-        "code": {"text": "test"}, "subject": {"reference": f"Patient/{pid}"}, "author": {"reference": RULES.uris.author},
+        "code": {"text": "test"}, "subject": {"reference": f"Patient/{pid}"},
+        "author": {"reference": RULES.uris.author},
     }
 
 
@@ -49,26 +49,6 @@ def test_a_refused_write_is_isolated_and_reported_and_the_rest_is_written(fhir_c
     flags = project_flags(fhir_client, pids)
     assert set(flags_by_identifier(flags)) == {c.identifier for c in good}
     assert {f["id"] for f in flags} == {c.flag_id for c in good}  # at the ids derived from their identifiers
-
-
-def test_plan_writes_creates_updates_withdraws_and_leaves_alone():
-    def flag(value, status="active", text="t"):
-        return {**_flag("p", value), "status": status, "code": {"text": text}}
-
-    existing = [{**flag("same"), "id": "1", "meta": {"versionId": "3", "tag": flag("x")["meta"]["tag"]}},
-                {**flag("changed"), "id": "2"}, {**flag("gone"), "id": "3"},
-                {**flag("gone-before", "entered-in-error"), "id": "4"}, {**flag("dup"), "id": "5"},
-                {**flag("dup"), "id": "6"}]
-    desired = [flag("same"), flag("changed", "inactive"), flag("new"), flag("retracted", "entered-in-error"),
-               flag("dup")]
-    plan = plan_writes(desired, existing, RULES)
-    assert {(c.action, c.identifier, c.flag_id) for c in plan.changes} == {
-        ("update", "changed", "2"), ("create", "new", flag_id("new")), ("withdraw", "gone", "3"), ("delete", "dup", "6")}
-    assert plan.unchanged == 3 and plan.not_created == 1  # same, gone-before, dup (kept one); retracted
-    (withdrawn,) = [c.flag for c in plan.changes if c.action == "withdraw"]
-    assert withdrawn["status"] == "entered-in-error" and "withdrawn" in withdrawn["code"]["text"]
-    assert "id" not in withdrawn
-    assert [c.flag_id for c in plan.changes if c.action == "delete"] == ["6"]  # the first by id is kept
 
 
 def test_two_runs_at_once_on_the_same_patients_leave_one_flag_per_identifier(fhir_base_url, fhir_client, unique,
@@ -151,10 +131,10 @@ def test_eight_simultaneous_writes_of_one_new_flag_leave_one_flag(fhir_base_url,
         change = Change("create", value, _flag(pid, value), flag_id(value))
         barrier, results = threading.Barrier(8), []
 
-        def write():
+        def write():  # run by this iteration's threads, joined before the next iteration
             with FhirClient(fhir_base_url, backoff=0.01) as client:
-                barrier.wait()
-                results.append(apply_plan(client, [change]))
+                barrier.wait()  # noqa: B023
+                results.append(apply_plan(client, [change]))  # noqa: B023
 
         threads = [threading.Thread(target=write) for _ in range(8)]
         [t.start() for t in threads]
@@ -169,7 +149,8 @@ def test_a_run_evaluates_as_of_its_own_time_so_an_episode_without_a_count_for_90
     lapsed, followed = f"lapsed-{unique}", f"followed-{unique}"
     last = {lapsed: days_ago(91), followed: days_ago(89)}
     resources = [patient(lapsed), patient(followed)]
-    resources += [observation(f"{pid}-w", "wbc", 2.2, time=time, patient=f"Patient/{pid}") for pid, time in last.items()]
+    resources += [observation(f"{pid}-w", "wbc", 2.2, time=time, patient=f"Patient/{pid}")
+                  for pid, time in last.items()]
     put(fhir_client, *resources)
     with FhirClient(fhir_base_url) as client:
         report = run_pipeline(client, RULES, tmp_path / "run", patients=[lapsed, followed])

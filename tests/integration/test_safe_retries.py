@@ -9,8 +9,8 @@ import pytest
 
 from leukofhir.fhir.client import FhirClient
 from leukofhir.fhir.errors import FatalFhirError, OutcomeUnknownError, TemporaryFhirError
-from support.faultproxy import Fault, FaultProxy
-from support.ports import port_range, is_listening
+from support.faultproxy import Fault
+from support.ports import is_listening, port_range
 
 pytestmark = pytest.mark.fhir
 
@@ -80,16 +80,17 @@ def test_a_search_by_post_is_repeated(proxy, client, sleeps):
 
 def test_a_create_that_never_reached_the_server_is_retried(sleeps):
     closed = next(p for p in port_range() if not is_listening(p))
-    with FhirClient(f"http://127.0.0.1:{closed}/fhir", max_retries=2, backoff=0.5, sleep=sleeps.append) as c:
-        with pytest.raises(TemporaryFhirError, match="cannot connect"):
-            c.request("POST", "Patient", json={"resourceType": "Patient"})
+    with (FhirClient(f"http://127.0.0.1:{closed}/fhir", max_retries=2, backoff=0.5, sleep=sleeps.append) as c,
+          pytest.raises(TemporaryFhirError, match="cannot connect")):
+        c.request("POST", "Patient", json={"resourceType": "Patient"})
     assert sleeps == [0.5, 1.0]  # refused connections: nothing was sent, so trying again is safe
 
 
 def test_409_is_temporary_for_a_conditional_write_only(proxy, client, sleeps, fhir_client, unique):
     pid = f"c409-{unique}"
     fhir_client.update({"resourceType": "Patient", "id": pid})
-    flag = {"resourceType": "Flag", "status": "active", "code": {"text": "t"}, "subject": {"reference": f"Patient/{pid}"},
+    flag = {"resourceType": "Flag", "status": "active", "code": {"text": "t"},
+            "subject": {"reference": f"Patient/{pid}"},
             "identifier": [{"system": "urn:test", "value": unique}]}
     proxy.add(Fault("status", status=409, method="PUT"))
     answer = client.request_json("PUT", f"Flag?identifier=urn:test%7C{unique}", json=flag)

@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import LAUNCHER, ROOT
+
 from leukofhir.fhir.client import FhirClient
 from support.faultproxy import Fault, FaultProxy
 from support.fhir_builders import at, observation, patient

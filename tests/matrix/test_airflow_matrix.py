@@ -1,4 +1,4 @@
-"""Into the Airflow a site already runs, oldest and newest: the wheel goes in by README "Installing into an existing
+"""Into the Airflow a site already runs, oldest and newest: the wheel goes in by docs "Installing into an existing
 Airflow", step by step (the commands read from the page), without moving Airflow or anything else the site had;
 then the provider, the `fhir` connection type, the DAGs deployed and parsed, each form of the connection tested, and
 one `airflow dags test leukopenia_backfill` that writes the Synthea sample's Flags to the real HAPI server.
@@ -33,7 +33,7 @@ from support.server_data import flags_by_identifier, project_flags
 
 pytestmark = [pytest.mark.fhir, pytest.mark.airflow_matrix]
 
-STEPS = steps(ROOT / "README.md")
+STEPS = steps(ROOT / "docs" / "installing-into-airflow.md")
 INSTALL = "Install into the Airflow environment, its Airflow pinned"
 SAMPLE = sorted((EXTERNAL / "smart-generated-sample-data-R4-synthea" / "bundles").glob("*.json.gz"))
 DAG_IDS = {"leukopenia_backfill", "leukopenia_patients", "leukopenia_surveillance"}

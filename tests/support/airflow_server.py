@@ -85,7 +85,7 @@ class LocalAirflow:
                 raise RuntimeError(f"airflow {' '.join(args)} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
         self._prepared = True
 
-    def start(self, timeout: float = 180.0) -> "LocalAirflow":
+    def start(self, timeout: float = 180.0) -> LocalAirflow:
         if not self._prepared:
             self.prepare()
         for component in self.components:
@@ -105,7 +105,7 @@ class LocalAirflow:
             stop_group(process)
         self.processes = {}
 
-    def __enter__(self) -> "LocalAirflow":
+    def __enter__(self) -> LocalAirflow:
         try:
             return self.start()
         except BaseException:
@@ -166,7 +166,7 @@ class LocalAirflow:
             time.sleep(1)
 
 
-# The Airflow settings that matter for the near-real-time path's latency (README, "Near-real-time path"; measured by
+# The Airflow settings that matter for the near-real-time path's latency (docs/near-real-time.md; measured by
 # benchmarks/patients_dag_bench.py and benchmarks/realtime_bench.py): the LocalExecutor's workers come from a
 # forkserver that has imported the pipeline once, so a task process does not import it again.
 LATENCY_SETTINGS = {

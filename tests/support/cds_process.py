@@ -71,7 +71,7 @@ class CdsProcess:
     def _limit(self) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
 
-    def start(self, timeout: float = 60.0) -> "CdsProcess":
+    def start(self, timeout: float = 60.0) -> CdsProcess:
         if is_listening(self.port):
             raise RuntimeError(f"port {self.port} is in use: leukofhir cds-hooks cannot start there")
         with open(self.log, "ab") as log:
@@ -85,7 +85,7 @@ class CdsProcess:
             stop_group(self.proc)
             self.proc = None
 
-    def __enter__(self) -> "CdsProcess":
+    def __enter__(self) -> CdsProcess:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -157,7 +157,7 @@ class FaultProxy:
         with self.lock:
             self.faults.extend(faults)
 
-    def __enter__(self) -> "FaultProxy":
+    def __enter__(self) -> FaultProxy:
         self._thread.start()
         return self
 

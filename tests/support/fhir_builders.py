@@ -68,9 +68,9 @@ def report(rid: str, results: list[str], time: str | None = None, patient_ref: s
     return res
 
 
-def statement(mid: str, drug_text: str | None, *, start: str | None = None, end: str | None = None, point: str | None = None,
-              status: str = "active", patient_ref: str = "Patient/p1", kind: str = "MedicationStatement",
-              coding: list | None = None) -> dict:
+def statement(mid: str, drug_text: str | None, *, start: str | None = None, end: str | None = None,
+              point: str | None = None, status: str = "active", patient_ref: str = "Patient/p1",
+              kind: str = "MedicationStatement", coding: list | None = None) -> dict:
     concept = {**({"text": drug_text} if drug_text else {}), **({"coding": coding} if coding else {})}
     res = {"resourceType": kind, "id": mid, "status": status, "subject": {"reference": patient_ref},
            "medicationCodeableConcept": concept}

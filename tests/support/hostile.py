@@ -75,7 +75,7 @@ def read_response(sock: socket.socket, timeout: float = 10.0) -> tuple[int | Non
         sock.settimeout(max(0.05, deadline - time.monotonic()))
         try:
             chunk = sock.recv(65536)
-        except (socket.timeout, TimeoutError):
+        except TimeoutError:
             break
         except OSError:  # reset
             break
@@ -106,7 +106,7 @@ def closed_within(sock: socket.socket, seconds: float, trickle: bytes = b"", eve
         try:
             if not sock.recv(65536):
                 return time.monotonic() - started
-        except (socket.timeout, TimeoutError):
+        except TimeoutError:
             pass
         except OSError:
             return time.monotonic() - started

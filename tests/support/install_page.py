@@ -1,5 +1,6 @@
-"""The shell steps of README "Installing into an existing Airflow", in page order, so that the test that follows the
-page runs exactly its commands; and a runner that carries the shell's environment from one step to the next."""
+"""The shell steps of the page "Installing into an existing Airflow" (docs/installing-into-airflow.md), in page
+order, so that the test that follows the page runs exactly its commands; and a runner that carries the shell's
+environment from one step to the next."""
 
 from __future__ import annotations
 
@@ -8,14 +9,15 @@ import re
 import subprocess
 from pathlib import Path
 
-SECTION = "## Installing into an existing Airflow"
+PAGE = Path(__file__).resolve().parents[2] / "docs" / "installing-into-airflow.md"
+SECTION = "# Installing into an existing Airflow"
 # The page's example server, and what the test puts in its place (the HAPI server of the session speaks plain HTTP).
 EXAMPLE_HOST, EXAMPLE_PORT = "fhir.hospital.example", "443"
 
 
-def steps(readme: Path) -> dict[str, str]:
+def steps(page: Path = PAGE) -> dict[str, str]:
     """{title: commands}: every ```sh block of the section, titled by its first line (a `# ...` comment)."""
-    text = readme.read_text(encoding="utf-8")
+    text = page.read_text(encoding="utf-8")
     start = text.index(SECTION + "\n")
     end = text.find("\n## ", start + len(SECTION))
     blocks = re.findall(r"^```sh\n(.*?)^```$", text[start:end if end != -1 else None], flags=re.M | re.S)

@@ -44,7 +44,7 @@ class ListenProcess:
     def _limit(self) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
 
-    def start(self, timeout: float = 60.0) -> "ListenProcess":
+    def start(self, timeout: float = 60.0) -> ListenProcess:
         if is_listening(self.port):  # another server there would answer the health check in its place
             raise RuntimeError(f"port {self.port} is in use: leukofhir listen cannot start there")
         with open(self.log, "ab") as log:
@@ -59,7 +59,7 @@ class ListenProcess:
             stop_group(self.proc)
             self.proc = None
 
-    def __enter__(self) -> "ListenProcess":
+    def __enter__(self) -> ListenProcess:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -17,7 +17,8 @@ def sample_report() -> dict:
             "expect_column_pair_values_a_to_be_greater_than_b(panel_wbc, value): value 9.5 above panel_wbc 4.1": 4,
         },
         "quarantine_examples": {
-            "expect_column_values_to_be_in_set(unit): value '10*12/L' not accepted": ["Observation/u1", "Observation/u2"],
+            "expect_column_values_to_be_in_set(unit): value '10*12/L' not accepted": ["Observation/u1",
+                                                                                       "Observation/u2"],
             "expect_column_pair_values_a_to_be_greater_than_b(panel_wbc, value): value 9.5 above panel_wbc 4.1":
                 ["Observation/d7"],
         },

@@ -70,7 +70,7 @@ class SmartAuthServer:
         self.token_url = f"http://127.0.0.1:{self.server.server_address[1]}/auth/token"
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
-    def __enter__(self) -> "SmartAuthServer":
+    def __enter__(self) -> SmartAuthServer:
         self._thread.start()
         return self
 

@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import zlib
-from pathlib import Path
 
 import pytest
 
@@ -241,18 +240,19 @@ def test_only_json_whitespace_makes_a_blank_line(tmp_path):
 
 
 def test_a_quarantined_resource_whose_file_changed_since_it_was_read_is_still_listed(tmp_path):
-    from leukofhir.pipeline import _Sources, _write_quarantine
+    from leukofhir.outputs import write_quarantine
+    from leukofhir.stages import Sources
 
     path = tmp_path / "in.ndjson"
     path.write_text(_lines(patient("p1"), patient("p2")))
-    sources = _Sources()
+    sources = Sources()
     index = sources.path_index(str(path))
     for line in (1, 2):
         sources.file.append(index), sources.line.append(line), sources.entry.append(-1)
     path.write_text(_lines(patient("p1")))  # line 2 is gone
-    _write_quarantine(tmp_path / "q.ndjson", [(0, "Patient/p1", ["a"]), (1, "Patient/p2", ["b"])], [], sources)
+    write_quarantine(tmp_path / "q.ndjson", [(0, "Patient/p1", ["a"]), (1, "Patient/p2", ["b"])], [], sources)
     path.unlink()  # and now the whole file
-    _write_quarantine(tmp_path / "q2.ndjson", [(0, "Patient/p1", ["a"])], [], sources)
+    write_quarantine(tmp_path / "q2.ndjson", [(0, "Patient/p1", ["a"])], [], sources)
     first = [json.loads(x) for x in (tmp_path / "q.ndjson").read_text().splitlines()]
     assert first == [{"resource": patient("p1"), "reasons": ["a"]},
                      {"source": f"{path}:2", "reasons": ["b", "not found again to copy it here"]}]

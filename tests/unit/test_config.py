@@ -110,9 +110,8 @@ def test_unreadable_and_not_yaml(tmp_path):
 )
 def test_a_site_rules_file_changes_the_flags(tmp_path, change, expected):
     """The engine uses what a site file says, not only loads it: the same input, other Flags."""
-    from support.fhir_builders import at, observation, patient
-
     from leukofhir.pipeline import evaluate_files
+    from support.fhir_builders import at, observation, patient
 
     src = tmp_path / "in.ndjson"
     resources = [patient(), observation("a1", "anc", 0.3), observation("a2", "anc", 2.0, time=at(hours=80))]

@@ -7,14 +7,20 @@ from types import SimpleNamespace
 
 import pandas as pd
 import pytest
-from support.fhir_builders import at, observation, patient
 
 from leukofhir.config import load_config
-from leukofhir.pipeline import evaluate_files, held_flags
+from leukofhir.pipeline import evaluate_files
+from leukofhir.stages import held_flags
 from leukofhir.validate import (
-    ValidationThresholdError, check_contract, contract_breaches, contract_counts, merge_contract, suite_parameters,
+    ValidationThresholdError,
+    check_contract,
+    contract_breaches,
+    contract_counts,
+    merge_contract,
+    suite_parameters,
     validate_batch,
 )
+from support.fhir_builders import at, observation, patient
 
 RULES = load_config()
 DEFAULT = RULES.validation

@@ -7,9 +7,9 @@ import json
 import re
 
 from conftest import EXTERNAL
-from support.fhir_builders import at, observation, patient
 
 from leukofhir.cli import main
+from support.fhir_builders import at, observation, patient
 
 HL7 = EXTERNAL / "hl7-fhir-r4-examples"
 

@@ -7,7 +7,6 @@ import re
 
 import pytest
 import yaml
-
 from conftest import ROOT
 
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())

@@ -9,11 +9,12 @@ from datetime import datetime, timezone
 import pytest
 
 import leukofhir.pipeline as pipeline
+import leukofhir.stages as stages
 from leukofhir.cli import main
 from leukofhir.config import DEFAULT_PATH
 from leukofhir.evaluate import FlagSpec, evaluate
 from leukofhir.validate import ValidationThresholdError
-from support.fhir_builders import at, observation, patient, report, statement
+from support.fhir_builders import at, observation, patient, statement
 
 
 def _ndjson(path, resources, extra_lines=()):
@@ -80,7 +81,9 @@ def test_identifiers_stable_across_runs(inputs, tmp_path):
     main(["evaluate", str(inputs), "--out", str(tmp_path / "a")])
     main(["evaluate", str(inputs / "meds.json"), str(inputs / "Patient.ndjson.gz"), str(inputs / "Observation.ndjson"),
           "--out", str(tmp_path / "b")])
-    read = lambda d: sorted(json.loads(x)["identifier"][0]["value"] for x in (tmp_path / d / "Flag.ndjson").open())
+    def read(d):
+        return sorted(json.loads(x)["identifier"][0]["value"] for x in (tmp_path / d / "Flag.ndjson").open())
+
     assert read("a") == read("b") and len(read("a")) == 2
 
 
@@ -155,7 +158,7 @@ def test_a_flag_without_subject_fails_validation_and_is_not_written(inputs, tmp_
         specs[0].patient_id = None
         return specs
 
-    monkeypatch.setattr(pipeline, "evaluate", without_subject)
+    monkeypatch.setattr(stages, "evaluate", without_subject)
     report_ = pipeline.evaluate_files([inputs], tmp_path / "out", progress=False)
     assert report_["flags_rejected"] == 1 and report_["flags"]["total"] == 1
     flags = [json.loads(x) for x in (tmp_path / "out" / "Flag.ndjson").read_text().splitlines()]
@@ -168,7 +171,7 @@ def test_flag_rows_keep_a_missing_value_missing():
     spec = FlagSpec(identifier="a" * 40, patient_id=None, family="leukocytes", condition="leukopenia",
                     code="84828003", display="Leukopenia", grade=2, status="active",
                     start=datetime(2024, 1, 1, tzinfo=timezone.utc), end=None, text="", evidence=[])
-    rows = pipeline.flag_frame([spec])
+    rows = stages.flag_frame([spec])
     assert rows["subject"].isna().all()  # pandas 2's `str` dtype made it the text "None"
     assert rows["row_id"].tolist() == ["0"] and rows["identifier"].tolist() == ["a" * 40]
 
@@ -213,11 +216,11 @@ def test_warnings_about_flags_not_written_are_capped_like_read_errors(inputs, tm
         (spec,) = [s for s in evaluate(*args, **kwargs) if s.display == "Leukopenia"]
         return [spec] * 100  # one identifier 100 times: the Flag suite refuses every one
 
-    monkeypatch.setattr(pipeline, "evaluate", duplicated)
+    monkeypatch.setattr(stages, "evaluate", duplicated)
     report_ = pipeline.evaluate_files([inputs], tmp_path / "out", progress=False)
     assert report_["flags_rejected"] == 100
     shown = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "not written" in r.getMessage()]
-    assert len(shown) == pipeline.SHOWN_READ_ERRORS + 1 and "more" in shown[-1]
+    assert len(shown) == stages.SHOWN_READ_ERRORS + 1 and "more" in shown[-1]
 
 
 def test_the_stages_run_on_their_own_as_an_online_run_would_chain_them(inputs, tmp_path):
@@ -232,12 +235,12 @@ def test_the_stages_run_on_their_own_as_an_online_run_would_chain_them(inputs, t
     _ndjson(extra, [observation("abs", "wbc", 1.5, patient=f"{base}/Patient/p1", time=at(days=3)),
                     observation("far", "wbc", 1.5, patient="https://other.example/fhir/Patient/p1")])
     paths = [inputs, extra]
-    read = pipeline.read_and_normalise(paths, rules, base_url=base, progress=False)
+    read = stages.read_and_normalise(paths, rules, base_url=base, progress=False)
     parameters = suite_parameters(rules)
-    validated = pipeline.validate_rows(read.normalised, parameters)
-    evaluation = pipeline.evaluate_rows(validated.observations, validated.exposures, read.normalised.patients, rules)
-    checked = pipeline.build_flags(evaluation.specs, rules, parameters)
-    report_, quarantined = pipeline.build_report(paths, read, validated, evaluation, checked)
+    validated = stages.validate_rows(read.normalised, parameters)
+    evaluation = stages.evaluate_rows(validated.observations, validated.exposures, read.normalised.patients, rules)
+    checked = stages.build_flags(evaluation.specs, rules, parameters)
+    report_, quarantined = stages.build_report(paths, read, validated, evaluation, checked)
     out = tmp_path / "staged"
     out.mkdir()
     pipeline.write_outputs(out, report_, checked.flags, quarantined, read)
@@ -250,7 +253,7 @@ def test_the_stages_run_on_their_own_as_an_online_run_would_chain_them(inputs, t
     assert len(lines) == report_["flags"]["total"] and json.loads((out / "report.json").read_text()) == report_
 
 
-# -- clinical-rules v1.3 §4 Lapse: offline as of --as-of (else the latest input time), online as of the run --------------
+# -- clinical-rules v1.3 §4 Lapse: offline as of --as-of (else the latest input time), online as of the run ------------
 def test_as_of_closes_an_episode_without_a_count_for_more_than_90_days(tmp_path):
     _ndjson(tmp_path / "in.ndjson", [patient(), observation("w", "wbc", 2.5, time=at())])
     texts = {}
@@ -304,4 +307,5 @@ def test_a_result_newer_than_the_run_start_is_evaluated_not_set_aside(tmp_path):
     evaluate_chunk(load_config(), chunk)
     report_, (flag,) = _evaluated(chunk)
     assert "after the as-of time" not in report_["skipped"] and report_["as_of"] == "2024-03-03T08:00:00+00:00"
-    assert flag["status"] == "inactive" and flag["period"]["end"] == at(days=2) and "normal again" in flag["code"]["text"]
+    assert (flag["status"] == "inactive" and flag["period"]["end"] == at(days=2)
+            and "normal again" in flag["code"]["text"])

@@ -562,7 +562,8 @@ def test_patient_preselection_changes_no_flag(seed, monkeypatch):
     kept = engine._patients_with_low_values(done.observations, done.patients, RULES)
     assert 0 < len(set(kept)) < done.observations["patient_id"].nunique()  # it does leave patients out
     fast = engine.evaluate(done.observations, done.patients, done.exposures, RULES)
-    monkeypatch.setattr(engine, "_patients_with_low_values", lambda frame, patients, rules: frame["patient_id"].to_numpy())
+    monkeypatch.setattr(engine, "_patients_with_low_values",
+                        lambda frame, patients, rules: frame["patient_id"].to_numpy())
     every = engine.evaluate(done.observations, done.patients, done.exposures, RULES)
     assert fast == every and fast
     flagged = {spec.patient_id for spec in fast}
@@ -583,8 +584,9 @@ LAPSED = "no follow-up count for more than 90 days"
 
 
 def _as_of(days: float):
-    from support.fhir_builders import T0
     from datetime import timedelta
+
+    from support.fhir_builders import T0
 
     return T0 + timedelta(days=days)
 
@@ -662,7 +664,8 @@ def test_pancytopenia_lapses_without_a_complete_blood_count_while_leukopenia_goe
     assert (pancytopenia.status, pancytopenia.end) == ("inactive", _as_of(0)) and pancytopenia.text.endswith(LAPSED)
     assert leukopenia.status == "active"
     # A second complete count (all three low) on day 60 keeps the pancytopenia followed until day 150.
-    second = [observation("h2", "hemoglobin", 9.1, time=at(days=60)), observation("p2", "platelets", 81, time=at(days=60))]
+    second = [observation("h2", "hemoglobin", 9.1, time=at(days=60)),
+              observation("p2", "platelets", 81, time=at(days=60))]
     (pancytopenia,) = [s for s in flags_for([ADULT] + count + monthly + second, as_of=_as_of(121))
                        if s.family == "pancytopenia"]
     assert pancytopenia.status == "active"

@@ -11,7 +11,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from requests.auth import HTTPBasicAuth
 
 from leukofhir.errors import UsageError
-from leukofhir.fhir.auth import BearerAuth, check_token, clean_secret, make_auth, secret
+from leukofhir.fhir.auth import BearerAuth, make_auth
+from leukofhir.fhir.secrets import check_token, clean_secret, secret
 from leukofhir.fhir.smart import ASSERTION_LIFETIME, SmartBackendAuth, jwk_thumbprint, load_private_key
 
 SECRET = "s3cr3t-Value"
@@ -76,7 +77,8 @@ def test_auth_refuses_incomplete_settings(kind, environ):
 
 def test_rfc7638_thumbprint_example():
     # RFC 7638 §3.1: this RSA key's thumbprint is NzbLsXh8uDCcd-6MNwXF4W_7noWXFZAfHkxZsRGC9Xs.
-    n = ("0vx7agoebGcQSuuPiLJXZptN9nndrQmbXEps2aiAFbWhM78LhWx4cbbfAAtVT86zwu1RK7aPFFxuhDR1L6tSoc_BJECPebWKRXjBZCiFV4n3oknjhMs"
+    n = ("0vx7agoebGcQSuuPiLJXZptN9nndrQmbXEps2aiAFbWhM78LhWx4cbbfAAtVT86zwu1RK7aPFFxuhDR1L6tSoc_BJECPebWKRXjBZCiFV4n3"
+         "oknjhMs"
          "tn64tZ_2W-5JsGY4Hc5n9yBXArwl93lqt7_RN5w6Cf0h4QyQ5v-65YGjQR0_FDW2QvzqY368QQMicAtaSqzs8KJZgnYb9c7d0zgdAZHzu6qMQvRL"
          "5hajrn1n91CbOpbISD08qNLyrdkt-bFTWhAI4vMQFh6WeZu0fM4lFd2NcRwr3XPksINHaQ-G_xBniIqbw0Ls1jF44-csFCur-kEgU8awapJzKnqDKgw")
     number = int.from_bytes(jwt.utils.base64url_decode(n), "big")

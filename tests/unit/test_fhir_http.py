@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from leukofhir.fhir.errors import outcome_text
 from leukofhir.fhir.http import (
     MAX_RETRY_AFTER,

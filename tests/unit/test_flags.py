@@ -21,14 +21,16 @@ def test_flag_has_every_element_of_section_5():
     Flag.model_validate(flag)
     assert flag["status"] == "active"
     assert flag["identifier"][0]["system"] == "https://leukofhir.org/fhir/flag-episode"
-    assert flag["code"]["coding"] == [{"system": "http://snomed.info/sct", "code": "165517008", "display": "Neutropenia"}]
+    assert flag["code"]["coding"] == [{"system": "http://snomed.info/sct", "code": "165517008",
+                                       "display": "Neutropenia"}]
     assert flag["code"]["text"].startswith("Neutropenia, moderate — ANC 0.9 ×10^9/L on 2024-03-01, CTCAE v5.0 grade 3")
     assert flag["subject"] == {"reference": "Patient/p1"}
     assert flag["period"] == {"start": "2024-03-01T08:00:00Z"}
     assert flag["author"] == {"reference": "Device/leukofhir-rules-engine"}
     codes = [c["coding"][0]["code"] for c in flag["category"]]
     assert codes == ["clinical", "drug"]
-    assert all(c["coding"][0]["system"] == "http://terminology.hl7.org/CodeSystem/flag-category" for c in flag["category"])
+    category = "http://terminology.hl7.org/CodeSystem/flag-category"
+    assert all(c["coding"][0]["system"] == category for c in flag["category"])
     by_url = {}
     for ext in flag["extension"]:
         by_url.setdefault(ext["url"], []).append(ext)

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 
-import pytest
+from conftest import EXTERNAL
 
 from leukofhir.pipeline import evaluate_files
-
-from conftest import EXTERNAL
 
 HL7 = EXTERNAL / "hl7-fhir-r4-examples"
 SYNTHEA = EXTERNAL / "smart-generated-sample-data-R4-synthea"

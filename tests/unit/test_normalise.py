@@ -7,10 +7,18 @@ import math
 import pytest
 
 from leukofhir.normalise import (
-    OBSERVATION_COLUMNS, Q_BAD_TIME, Q_NO_TIME, Q_NOT_NUMERIC, Q_RANGE, Q_SUBJECT, Q_SUBJECT_UNRESOLVED,
-    SKIP_DATA_ABSENT, SKIP_OUT_OF_SCOPE, SKIP_PRELIMINARY, SKIP_SUPERSEDED, Normaliser,
+    OBSERVATION_COLUMNS,
+    Q_BAD_TIME,
+    Q_NO_TIME,
+    Q_NOT_NUMERIC,
+    Q_RANGE,
+    Q_SUBJECT,
+    Q_SUBJECT_UNRESOLVED,
+    SKIP_DATA_ABSENT,
+    SKIP_OUT_OF_SCOPE,
+    SKIP_PRELIMINARY,
+    SKIP_SUPERSEDED,
 )
-from leukofhir.config import load_config
 from support.fhir_builders import at, normalise_all, observation, patient, report, statement
 
 

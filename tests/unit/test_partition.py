@@ -15,7 +15,13 @@ from conftest import EXTERNAL
 from leukofhir.cli import main
 from leukofhir.errors import UsageError
 from leukofhir.partition import (
-    DEFAULT_MEMORY_BUDGET, ROW_COST_OBSERVATION, ROW_COST_OTHER, ROW_COSTS, estimate_rows, input_bytes, parse_size,
+    DEFAULT_MEMORY_BUDGET,
+    ROW_COST_OBSERVATION,
+    ROW_COST_OTHER,
+    ROW_COSTS,
+    estimate_rows,
+    input_bytes,
+    parse_size,
     plan_partitions,
 )
 from leukofhir.pipeline import evaluate_files

@@ -33,7 +33,8 @@ def mutated_observation():
 resources = st.one_of(
     mutated_observation(),
     st.dictionaries(st.text(max_size=8), json_values, max_size=5).map(lambda d: {**d, "resourceType": "Observation"}),
-    st.builds(lambda d, kind: {**d, "resourceType": kind}, st.dictionaries(st.text(max_size=8), json_values, max_size=4),
+    st.builds(lambda d, kind: {**d, "resourceType": kind},
+              st.dictionaries(st.text(max_size=8), json_values, max_size=4),
               st.sampled_from(["Patient", "DiagnosticReport", "MedicationStatement", "MedicationRequest", "Medication",
                                "Specimen"])),
 )

@@ -6,8 +6,8 @@ import gzip
 import json
 
 import pytest
-
 from conftest import EXTERNAL
+
 from leukofhir.reader import ReadError, Source, iter_resources, reference_target
 
 

@@ -6,9 +6,8 @@ import re
 from datetime import date, timedelta
 from html.parser import HTMLParser
 
-from support.report_sample import sample_report
-
 from leukofhir.report_html import bin_per_day, render_report, write_report_html
+from support.report_sample import sample_report
 
 
 class _Text(HTMLParser):

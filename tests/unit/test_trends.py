@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 import re
 
-from support.fhir_builders import at, observation, patient, statement
-
 from leukofhir.pipeline import evaluate_files
 from leukofhir.report_html import render_report
 from leukofhir.trends import MAX_POINTS, merge_trends
+from support.fhir_builders import at, observation, patient, statement
 
 
 def _bundle(resources: list[dict]) -> dict:

@@ -76,3 +76,34 @@ def test_a_plan_decided_again_keeps_the_time_its_data_was_read():
     plan = Plan(plan_writes([_flag("new")], [], RULES).decisions, read_at)
     # No create among the refused ones: nothing to look up on a server.
     assert _over_deleted(None, plan, set()).read_at == read_at
+
+
+def _authored_flag(pid: str, value: str) -> dict:
+    return {
+        "resourceType": "Flag", "meta": {"tag": [{"system": RULES.uris.tag_system, "code": RULES.uris.tag_code}]},
+        "identifier": [{"system": RULES.uris.identifier_system, "value": value}], "status": "active",
+        "code": {"text": "test"}, "subject": {"reference": f"Patient/{pid}"},
+        "author": {"reference": RULES.uris.author},
+    }
+
+
+# The pure Flag diff (it ran with the server tests, in tests/integration/test_run.py, though it needs no server).
+def test_plan_writes_creates_updates_withdraws_and_leaves_alone():
+    def flag(value, status="active", text="t"):
+        return {**_authored_flag("p", value), "status": status, "code": {"text": text}}
+
+    existing = [{**flag("same"), "id": "1", "meta": {"versionId": "3", "tag": flag("x")["meta"]["tag"]}},
+                {**flag("changed"), "id": "2"}, {**flag("gone"), "id": "3"},
+                {**flag("gone-before", "entered-in-error"), "id": "4"}, {**flag("dup"), "id": "5"},
+                {**flag("dup"), "id": "6"}]
+    desired = [flag("same"), flag("changed", "inactive"), flag("new"), flag("retracted", "entered-in-error"),
+               flag("dup")]
+    plan = plan_writes(desired, existing, RULES)
+    assert {(c.action, c.identifier, c.flag_id) for c in plan.changes} == {
+        ("update", "changed", "2"), ("create", "new", flag_id("new")), ("withdraw", "gone", "3"),
+        ("delete", "dup", "6")}
+    assert plan.unchanged == 3 and plan.not_created == 1  # same, gone-before, dup (kept one); retracted
+    (withdrawn,) = [c.flag for c in plan.changes if c.action == "withdraw"]
+    assert withdrawn["status"] == "entered-in-error" and "withdrawn" in withdrawn["code"]["text"]
+    assert "id" not in withdrawn
+    assert [c.flag_id for c in plan.changes if c.action == "delete"] == ["6"]  # the first by id is kept

@@ -10,7 +10,14 @@ from datetime import datetime, timezone
 from airflow.sdk import Param, dag
 
 from leukofhir.dag_tasks import (
-    DEFAULT_ARGS, bulk_export, check_contract, evaluate, extract, find_patients, report, write_flags,
+    DEFAULT_ARGS,
+    bulk_export,
+    check_contract,
+    evaluate,
+    extract,
+    find_patients,
+    report,
+    write_flags,
 )
 
 

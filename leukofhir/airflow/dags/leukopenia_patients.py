@@ -2,7 +2,7 @@
 through the REST API when a FHIR Subscription tells it that a patient's blood count or medication changed, with the
 Param `patients` (["Patient/<id>", ...] or bare ids); each patient's whole history is evaluated as of now and their
 Flags on the FHIR server converge, as in the hourly surveillance DAG (which stays the safety net for notifications
-the server drops). One task: the measured fastest shape for a few patients (README, "Near-real-time path")."""
+the server drops). One task: the measured fastest shape for a few patients (docs/near-real-time.md)."""
 
 from datetime import datetime, timezone
 

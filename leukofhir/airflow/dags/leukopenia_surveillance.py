@@ -11,7 +11,14 @@ from datetime import datetime, timezone
 from airflow.sdk import CronDataIntervalTimetable, Param, dag
 
 from leukofhir.dag_tasks import (
-    DEFAULT_ARGS, check_contract, evaluate, extract, find_patients, refresh_board, report, write_flags,
+    DEFAULT_ARGS,
+    check_contract,
+    evaluate,
+    extract,
+    find_patients,
+    refresh_board,
+    report,
+    write_flags,
 )
 
 # Hourly by default; a site sets its own cron in the environment (read at parse time: no I/O).
