@@ -15,6 +15,7 @@ from leukofhir.config import Rules
 from leukofhir.fhir.ids import is_valid_id
 from leukofhir.fhir.client import FhirClient
 from leukofhir.fhir.errors import FatalFhirError, VersionConflictError, outcome_summary
+from leukofhir.flags import flag_text
 
 __all__ = ["Change", "Plan", "WriteResult", "Written", "plan_writes", "apply_plan", "write_plan", "ensure_author",
            "author_device", "flag_id", "WITHDRAWN_NOTE", "WRITES", "VERSION_ROUNDS"]
@@ -111,21 +112,24 @@ def _identifier(flag: dict, system: str) -> str | None:
 
 def comparable(flag: dict) -> dict:
     """A Flag without what the server adds (id, versionId, lastUpdated, source): two Flags that compare equal need
-    no write. Tags are compared as a set, in case a server reorders them."""
-    out = {k: v for k, v in flag.items() if k not in ("id", "meta", "text")}
-    tags = (flag.get("meta") or {}).get("tag") or []
-    out["tags"] = sorted((t.get("system"), t.get("code")) for t in tags if isinstance(t, dict))
+    no write. Tags and profiles are compared as sets, in case a server reorders them."""
+    out = {k: v for k, v in flag.items() if k not in ("id", "meta")}
+    meta = flag.get("meta") or {}
+    out["tags"] = sorted((t.get("system"), t.get("code")) for t in meta.get("tag") or [] if isinstance(t, dict))
+    out["profiles"] = sorted(str(p) for p in meta.get("profile") or [])
     return out
 
 
-def withdrawn(flag: dict) -> dict:
-    """The Flag as it stays in the chart once withdrawn: same content, status entered-in-error (clinical-rules §4)."""
+def withdrawn(flag: dict, rules: Rules) -> dict:
+    """The Flag as it stays in the chart once withdrawn: same content, status entered-in-error (clinical-rules §4),
+    the project's profile, and its narrative made again."""
     out = {k: copy.deepcopy(v) for k, v in flag.items() if k not in ("id", "meta", "text")}
-    out["meta"] = {"tag": [t for t in (flag.get("meta") or {}).get("tag") or []]}
+    out["meta"] = {"profile": [rules.uris.flag_profile], "tag": [t for t in (flag.get("meta") or {}).get("tag") or []]}
     out["status"] = "entered-in-error"
     code = out.get("code")
     if isinstance(code, dict) and isinstance(code.get("text"), str) and not code["text"].endswith(WITHDRAWN_NOTE):
         code["text"] += WITHDRAWN_NOTE
+    out["text"] = flag_text(out, rules)
     return out
 
 
@@ -177,10 +181,13 @@ def plan_writes(desired: Iterable[dict], existing: Iterable[dict], rules: Rules)
             action = "unchanged" if comparable(current) == comparable(flag) else "update"
             decide(Change(action, key, flag, current["id"], _version_of(current), _subject(current)))
     for key, flag in sorted(on_server.items()):
-        if flag.get("status") == "entered-in-error":
+        target = withdrawn(flag, rules)
+        if flag.get("status") != "entered-in-error":
+            decide(Change("withdraw", key, target, flag["id"], _version_of(flag), _subject(flag)))
+        elif comparable(target) == comparable(flag):
             decide(Change("unchanged", key, flag, flag["id"], _version_of(flag), _subject(flag)))
-        else:
-            decide(Change("withdraw", key, withdrawn(flag), flag["id"], _version_of(flag), _subject(flag)))
+        else:  # withdrawn before its profile or narrative was written, or by another version: brought up to date
+            decide(Change("update", key, target, flag["id"], _version_of(flag), _subject(flag)))
     return plan
 
 
