@@ -13,8 +13,9 @@ from leukofhir.conformance.resources import example_flag
 from leukofhir.demo import SAMPLE_BUNDLES
 from leukofhir.flags import build_flag
 from leukofhir.pipeline import evaluate_files
-from leukofhir.write import withdrawn
+from leukofhir.write import ensure_author, withdrawn
 from support.fhir_builders import at, flags_for, observation, patient, report, statement
+from support.server_data import put
 
 from conftest import EXTERNAL
 
@@ -93,19 +94,17 @@ def test_every_kind_of_flag_validates_against_the_profile_without_a_warning(fhir
 
 
 def test_a_flag_read_back_from_the_server_validates_too(fhir_client, unique):
-    """As stored: with the server's id, versionId, lastUpdated and meta.source."""
+    """As stored: with the server's id, versionId, lastUpdated and meta.source (whose note is allowed by name)."""
     publish(fhir_client, RULES)
     pid = f"fv-{unique}"
-    resources = [patient(pid), observation(f"a-{unique}", "anc", 0.3, patient=f"Patient/{pid}"),
+    # A value below a comparator: its `<` is escaped in the narrative, which must come back exactly as written.
+    resources = [patient(pid), observation(f"a-{unique}", "anc", 0.1, comparator="<", patient=f"Patient/{pid}"),
                  statement(f"m-{unique}", "clozapine", point=at(days=-3), patient_ref=f"Patient/{pid}")]
-    from leukofhir.write import ensure_author
-    from support.server_data import put
-
     put(fhir_client, *resources)
     ensure_author(fhir_client, RULES)
     (spec,) = flags_for(resources)
     flag = build_flag(spec, RULES)
     fhir_client.update({**flag, "id": f"fv-{unique}"})
     stored = fhir_client.read("Flag", f"fv-{unique}")
-    assert stored["meta"].get("source") and stored["text"] == flag["text"]
+    assert stored["meta"].get("source") and stored["text"] == flag["text"] and "&lt;0.1" in flag["text"]["div"]
     assert _problems(fhir_client, stored) == []
