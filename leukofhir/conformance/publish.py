@@ -61,7 +61,8 @@ def _publish_one(client: FhirClient, resource: dict) -> Published:
             continue
         action = "created" if current is None else "updated"
         return Published(kind, rid, resource["url"], action, (written.get("meta") or {}).get("versionId"))
-    raise VersionConflictError(f"{kind}/{resource['id']} kept changing on the server while it was written ({ROUNDS} tries)",
+    raise VersionConflictError(f"{kind}/{resource['id']} kept changing on the server while it was written "
+                               f"({ROUNDS} tries)",
                                status=409, outcome=None)
 
 

@@ -63,8 +63,8 @@ def _problems(client, flag: dict) -> list[str]:
     out = []
     for issue in outcome.get("issue") or []:
         where = ", ".join(issue.get("expression") or issue.get("location") or [])
-        if issue.get("severity") == "information" and (
-                issue.get("diagnostics") == "No issues detected during validation" or where.startswith("Flag.meta.source")):
+        quiet = issue.get("diagnostics") == "No issues detected during validation"
+        if issue.get("severity") == "information" and (quiet or where.startswith("Flag.meta.source")):
             continue  # the server's own meta.source of a stored Flag: allowed by name (issue 21)
         out.append(f"{issue.get('severity')}: {issue.get('diagnostics')} at {where}")
     return out

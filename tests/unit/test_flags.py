@@ -40,7 +40,8 @@ def test_flag_has_every_element_of_section_5():
         {"url": "https://leukofhir.org/fhir/StructureDefinition/ctcae-grade", "valueInteger": 3}]
     assert flag["meta"]["tag"] == [{"system": "https://leukofhir.org/fhir/tag", "code": "leukofhir"}]
     assert flag["meta"]["profile"] == ["https://leukofhir.org/fhir/StructureDefinition/leukofhir-flag"]
-    assert flag["text"]["status"] == "generated" and flag["text"]["div"].startswith('<div xmlns="http://www.w3.org/1999/xhtml">')
+    assert flag["text"]["status"] == "generated"
+    assert flag["text"]["div"].startswith('<div xmlns="http://www.w3.org/1999/xhtml">')
 
 
 def test_priority_mapping_per_grade():
