@@ -75,3 +75,21 @@ def test_a_rules_file_that_still_sets_a_system_is_told_to_set_the_base(tmp_path)
     path.write_text(path.read_text().replace("  tag_code:", "  identifier_system: https://x.example/e\n  tag_code:"))
     with pytest.raises(ConfigError, match="identifier_system is no longer set: every project URL derives from uris"):
         load_config(path)
+
+
+def test_a_flag_and_its_author_use_the_site_base_everywhere(tmp_path):
+    from leukofhir.flags import build_flag
+    from leukofhir.write import author_device, withdrawn
+    from support.fhir_builders import at, flags_for, observation, patient, statement
+
+    rules = load_config(rules_with_base(tmp_path, SITE))
+    default = load_config().uris.base
+    (spec,) = flags_for([patient(), observation("a", "anc", 0.3), statement("m", "clozapine", point=at(days=-3))],
+                        rules)
+    flag = build_flag(spec, rules)
+    for resource in (flag, withdrawn({**flag, "id": "x"}, rules), author_device(rules)):
+        own = {s for s in _strings(resource) if s.startswith("http") and "hl7.org" not in s
+               and "snomed.info" not in s and "w3.org" not in s}
+        assert own and all(s.startswith(SITE + "/") for s in own), own
+        assert default not in json.dumps(resource)
+    assert flag["meta"]["profile"] == [f"{SITE}/StructureDefinition/leukofhir-flag"]
