@@ -14,6 +14,7 @@ from leukofhir.fhir.client import FhirClient
 from leukofhir.pipeline import evaluate_files
 from leukofhir.run import run_pipeline
 from leukofhir.write import Change, apply_plan, ensure_author, flag_id, plan_writes
+from leukofhir.write import withdrawn as withdrawn_flag
 from support.faultproxy import FaultProxy
 from support.fhir_builders import at, days_ago, observation, patient
 from support.server_data import flags_by_identifier, project_flags, put
@@ -57,7 +58,8 @@ def test_plan_writes_creates_updates_withdraws_and_leaves_alone():
 
     existing = [{**flag("same"), "id": "1", "meta": {"versionId": "3", "tag": flag("x")["meta"]["tag"]}},
                 {**flag("changed"), "id": "2"}, {**flag("gone"), "id": "3"},
-                {**flag("gone-before", "entered-in-error"), "id": "4"}, {**flag("dup"), "id": "5"},
+                # As the write step withdrew it (profile, narrative): nothing more to write.
+                {**withdrawn_flag(flag("gone-before"), RULES), "id": "4"}, {**flag("dup"), "id": "5"},
                 {**flag("dup"), "id": "6"}]
     desired = [flag("same"), flag("changed", "inactive"), flag("new"), flag("retracted", "entered-in-error"),
                flag("dup")]
