@@ -520,12 +520,18 @@ def new_context():
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
     from great_expectations.execution_engine import pandas_execution_engine
+    from great_expectations.expectations import expectation as expectation_module
 
     for name in quiet:
         logging.getLogger(name).setLevel(logging.WARNING)
     # GX fingerprints every pandas batch by hashing all of it (twice per validate): about 3 s per million rows,
     # for a marker we never read. GX already skips it above this size; skipping it always keeps validation cheap.
     pandas_execution_engine.HASH_THRESHOLD = 0
+    # GX names an expectation's type from its class name with two regular expressions each time it rebuilds the
+    # expectation's configuration: about 140 times per expectation and batch, a fifth of a small batch's 0.25 s
+    # (benchmarks/cds_bench.py). The name of a class never changes: remember it.
+    if not hasattr(expectation_module.camel_to_snake, "cache_info"):
+        expectation_module.camel_to_snake = functools.cache(expectation_module.camel_to_snake)
     context = gx.get_context(mode="ephemeral")
     # tqdm bars would flood Airflow task logs and the CLI's own progress bar.
     context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)

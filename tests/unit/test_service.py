@@ -52,6 +52,25 @@ def test_json_within_the_depth_is_parsed():
     assert parse_json(b'"just a string"') == "just a string"
 
 
+@pytest.mark.parametrize("text", [
+    '[' * 3 + '"]]]]"' + ']' * 3,  # brackets in a string do not nest
+    '[' * 3 + '"\\"[[[["' + ']' * 3,  # nor after an escaped quote
+    '[' * 3 + '"\\\\", "[[[["' + ']' * 3,  # an escaped backslash ends its string at the quote
+    json.dumps([[["\u00e9[", {"a\\": [1]}]]], ensure_ascii=False),
+    json.dumps([[["x"]]]).encode("utf-16").decode("latin-1"),  # UTF-16: json.loads reads it, its value is walked
+])
+def test_the_depth_of_a_body_is_its_nesting_whatever_its_strings_hold(text):
+    body = text.encode("latin-1") if "\x00" in text else text.encode()
+    value = json.loads(body)
+
+    def depth(v):
+        return 1 + max(map(depth, v.values() if isinstance(v, dict) else v), default=0) \
+            if isinstance(v, (dict, list)) else 0
+    assert parse_json(body, max_depth=depth(value)) == value
+    with pytest.raises(BadBody, match="nests deeper"):
+        parse_json(body, max_depth=depth(value) - 1)
+
+
 # --- bodies -----------------------------------------------------------------------------------------------
 
 def _app() -> FastAPI:

@@ -294,3 +294,19 @@ def test_gx_still_reads_the_fingerprint_threshold_we_lower():
 
     source = inspect.getsource(pandas_execution_engine.PandasExecutionEngine.get_batch_data_and_markers)
     assert "HASH_THRESHOLD" in source
+
+
+def test_gx_still_names_expectation_types_through_the_function_we_remember():
+    """validate.py remembers camel_to_snake where GX's Expectation.configuration calls it; the names stay GX's."""
+    import inspect
+
+    from great_expectations.expectations import expectation
+    from great_expectations.util import camel_to_snake
+
+    from leukofhir.validate import prepare
+
+    prepare()
+    assert "camel_to_snake(self.__class__.__name__)" in inspect.getsource(expectation.Expectation.configuration.fget)
+    assert hasattr(expectation.camel_to_snake, "cache_info")
+    for name in ("ExpectColumnValuesToBeInSet", "ExpectColumnPairValuesAToBeGreaterThanB"):
+        assert expectation.camel_to_snake(name) == camel_to_snake(name)
