@@ -109,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="show the patients' names beside their ids (the page then holds patient data)")
     p.add_argument("--config", metavar="FILE", help="site rules configuration (YAML), replacing the default")
 
+    p = sub.add_parser("conformance", help="put the Flag profile, its extension and value set on a server "
+                       "(idempotent: what is already there is left alone)")
+    _add_server_args(p)
+    p.add_argument("--config", metavar="FILE", help="site rules configuration (YAML): its canonical base and codes")
+
     p = sub.add_parser("demo", help="start the local HAPI server, load the sample data, print a summary")
     p.add_argument("--fhir-url", default=None, type=_fhir_url, help="use this server instead of starting the local one")
     p.add_argument("--out", default="out/demo", metavar="DIR", help="where the demo's Flags and report go")
@@ -156,6 +161,10 @@ def main(argv: list[str] | None = None) -> int:
             from leukofhir.board import board_command
 
             return board_command(args)
+        if args.command == "conformance":
+            from leukofhir.conformance.publish import conformance_command
+
+            return conformance_command(args)
         if args.command == "demo":
             from leukofhir.demo import demo_command
 

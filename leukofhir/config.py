@@ -6,6 +6,7 @@ from datetime import datetime, timedelta
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -32,19 +33,64 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
 
 
+# What a rules file once set itself and now derives from `uris.base` (issue 21: one configurable canonical base).
+_DERIVED_URIS = ("identifier_system", "tag_system", "ctcae_grade_extension")
+
+
+def _check_base(value: str) -> str:
+    """A canonical base: an absolute http(s) URL without query, fragment or trailing slash; no character that would
+    break a token search (`|`, `,`) or need escaping in a URL."""
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("must be an absolute http(s) URL, e.g. https://fhir.hospital.example/leukofhir")
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+        raise ValueError(f"{value!r} must be an absolute http(s) URL without query or fragment, "
+                         "e.g. https://fhir.hospital.example/leukofhir")
+    if value.endswith("/"):
+        raise ValueError(f"{value!r} must not end in '/': the project's URLs are the base, '/', and their own path")
+    bad = sorted({c for c in value if c.isspace() or c in '|,"<>\\{}^`' or ord(c) > 126})
+    if bad:
+        raise ValueError(f"{value!r} must not contain {' '.join(repr(c) for c in bad)}")
+    return value
+
+
 class Uris(_Model):
-    identifier_system: str
-    tag_system: str
+    """The project's own URIs (clinical-rules §4 identity, §5 extension and tag), all from one canonical base."""
+
+    # The canonical base: the profile, the extension, the value set, the identifier and tag systems are URLs under
+    # it (`uris` of a Flag, `leukofhir conformance`). A site sets its own.
+    base: str
+    # Bases the site used before: their Flags are found, rewritten under `base` and never duplicated (README,
+    # "Conformance").
+    previous_bases: list[str] = []
     tag_code: str
-    ctcae_grade_extension: str
     author: str
 
-    @field_validator("ctcae_grade_extension")
+    @model_validator(mode="before")
     @classmethod
-    def _ends_in_ctcae(cls, v: str) -> str:
-        if not v.endswith("/StructureDefinition/ctcae-grade"):
-            raise ValueError("must end in /StructureDefinition/ctcae-grade (clinical-rules §5)")
-        return v
+    def _derived_not_set(cls, data):
+        if isinstance(data, dict):
+            for key in _DERIVED_URIS:
+                if key in data:
+                    raise ValueError(f"{key} is no longer set: every project URL derives from uris.base (e.g. "
+                                     "https://fhir.hospital.example/leukofhir); delete the key and set the base")
+        return data
+
+    @field_validator("base")
+    @classmethod
+    def _base(cls, v: str) -> str:
+        return _check_base(v)
+
+    @field_validator("previous_bases")
+    @classmethod
+    def _previous(cls, v: list[str]) -> list[str]:
+        return [_check_base(b) for b in v]
+
+    @model_validator(mode="after")
+    def _previous_differ(self):
+        if self.base in self.previous_bases:
+            raise ValueError(f"previous_bases lists the current base {self.base}")
+        return self
 
     @field_validator("author")
     @classmethod
@@ -52,6 +98,54 @@ class Uris(_Model):
         if not v.startswith("Device/"):
             raise ValueError("must be a Device reference, e.g. Device/leukofhir-rules-engine (clinical-rules §5)")
         return v
+
+    @field_validator("tag_code")
+    @classmethod
+    def _token(cls, v: str) -> str:
+        if not v or any(c.isspace() or c in "|,\\" for c in v):
+            raise ValueError(f"{v!r} must be a code without spaces, '|', ',' or '\\' (it is searched as a token)")
+        return v
+
+    def under(self, base: str) -> dict[str, str]:
+        """The project's URLs under one canonical base."""
+        return {
+            "identifier_system": f"{base}/flag-episode",
+            "tag_system": f"{base}/tag",
+            "ctcae_grade_extension": f"{base}/StructureDefinition/ctcae-grade",
+            "flag_profile": f"{base}/StructureDefinition/leukofhir-flag",
+            "conditions_value_set": f"{base}/ValueSet/leukofhir-conditions",
+        }
+
+    @cached_property
+    def identifier_system(self) -> str:
+        return self.under(self.base)["identifier_system"]
+
+    @cached_property
+    def tag_system(self) -> str:
+        return self.under(self.base)["tag_system"]
+
+    @cached_property
+    def ctcae_grade_extension(self) -> str:
+        return self.under(self.base)["ctcae_grade_extension"]
+
+    @cached_property
+    def flag_profile(self) -> str:
+        return self.under(self.base)["flag_profile"]
+
+    @cached_property
+    def conditions_value_set(self) -> str:
+        return self.under(self.base)["conditions_value_set"]
+
+    @cached_property
+    def tags(self) -> list[str]:
+        """`system|code` of the project's tag under the base, then under each previous base: a search by all of them
+        (`_tag=a,b`) finds the project's resources written before the base changed."""
+        return [f"{self.under(b)['tag_system']}|{self.tag_code}" for b in (self.base, *self.previous_bases)]
+
+    @cached_property
+    def identifier_systems(self) -> list[str]:
+        """The episode identifier system under the base, then under each previous base."""
+        return [self.under(b)["identifier_system"] for b in (self.base, *self.previous_bases)]
 
 
 ConceptName = Literal[
@@ -341,7 +435,7 @@ class Cds(_Model):
     """What the CDS Hooks service's cards name as their source (leukofhir/cds)."""
 
     source_label: str = "leukofhir leukopenia surveillance"
-    source_url: str = "https://leukofhir.org/docs/cds-hooks"
+    source_url: str = "https://leukofhir.example/docs/cds-hooks"
 
 
 class Rules(_Model):

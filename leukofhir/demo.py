@@ -12,6 +12,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from leukofhir.airflow.install_dags import install_dags
+from leukofhir.config import load_config
+from leukofhir.conformance.publish import publish
 from leukofhir.errors import UsageError
 from leukofhir.fhir.client import FhirClient
 from leukofhir.load import load_files, print_report
@@ -91,6 +93,10 @@ def demo_command(args) -> int:
         report = load_files(client, [str(b) for b in bundles], batch_size=250)
         print_report(report)
         print("\n".join(summarise(client, patient_ids)))
+        # The Flag profile and what it names, so that the server's own $validate checks the Flags it is about to get.
+        published = publish(client, load_config())
+        names = ", ".join(f"{p.resource_type}/{p.id} {p.action}" for p in published)
+        print(f"conformance resources (leukofhir conformance): {names}")
         print(f"\nrunning the Airflow DAG {DAG_ID} (airflow dags test; log: {out_dir / 'airflow-dags-test.log'}) ...",
               flush=True)
         run_dir = run_backfill_dag(base_url, out_dir, datetime.now(timezone.utc) + timedelta(days=1))
@@ -107,8 +113,6 @@ def demo_command(args) -> int:
 
 
 def _server_flags(client: FhirClient, patient_ids: list[str]) -> list[dict]:
-    from leukofhir.config import load_config
-
     uris = load_config().uris
     refs = ",".join(f"Patient/{p}" for p in patient_ids)
     flags = client.search("Flag", {"subject": refs, "_tag": f"{uris.tag_system}|{uris.tag_code}", "_count": 500})

@@ -115,8 +115,18 @@ def ben_codes(rules: Rules) -> str:
 
 
 def project_flag_tag(rules: Rules) -> str:
-    """The `_tag` search value of the project's own Flags."""
-    return f"{rules.uris.tag_system}|{rules.uris.tag_code}"
+    """The `_tag` search value of the project's own Flags: its tag under the canonical base or any previous one."""
+    return ",".join(rules.uris.tags)
+
+
+def previous_base_subjects(client: FhirClient, rules: Rules, subjects: Subjects) -> None:
+    """Add the patients of the project's Flags still tagged under a previous canonical base: each run then rewrites
+    them under the current one (issue 21), and once none is left this one search finds nothing."""
+    if rules.uris.previous_bases:
+        params = {"_tag": ",".join(rules.uris.tags[1:]), "_elements": "subject", "_count": PAGE_SIZE}
+        for resource in client.search("Flag", params):
+            if resource.get("resourceType") == "Flag":
+                subjects.add(resource)
 
 
 class Subjects:
@@ -171,7 +181,7 @@ def touched_patients(client: FhirClient, window: Window, rules: Rules) -> list[s
     lastUpdated: subjects of the in-scope Observations, their DiagnosticReports and the medication resources changed
     in the window; Patients changed in it (a new birth date changes the thresholds); subjects of results and
     medication resources deleted since the window began (`_history?_since=` lists DELETEs, and the version before
-    the delete names the patient).
+    the delete names the patient); patients of the project's Flags still under a previous canonical base.
     effective: subjects of the in-scope Observations and medication resources dated in the window, and of the
     project's own Flags whose period overlaps it (their evidence may have been deleted since)."""
     subjects = Subjects(client.base_url)
@@ -188,6 +198,7 @@ def touched_patients(client: FhirClient, window: Window, rules: Rules) -> list[s
         for resource_type in ["Observation", *medication_types(rules)]:
             for reference in deleted_subjects(client, resource_type, window.since):
                 subjects.add_reference(reference)
+        previous_base_subjects(client, rules, subjects)
     subjects.warn_unusable()
     return sorted(subjects.ids)
 

@@ -6,8 +6,9 @@ from fhir.resources.R4B.flag import Flag
 
 from leukofhir.config import Rules
 from leukofhir.evaluate import FlagSpec, iso_instant
+from leukofhir.narrative import flag_narrative
 
-__all__ = ["build_flag", "flag_row"]
+__all__ = ["build_flag", "flag_row", "flag_text"]
 
 SNOMED = "http://snomed.info/sct"
 CATEGORY_SYSTEM = "http://terminology.hl7.org/CodeSystem/flag-category"
@@ -48,7 +49,7 @@ def build_flag(spec: FlagSpec, rules: Rules, checked_shapes: set | None = None) 
         period["end"] = iso_instant(spec.end)
     flag = {
         "resourceType": "Flag",
-        "meta": {"tag": [{"system": uris.tag_system, "code": uris.tag_code}]},
+        "meta": {"profile": [uris.flag_profile], "tag": [{"system": uris.tag_system, "code": uris.tag_code}]},
         "extension": extension,
         "identifier": [{"system": uris.identifier_system, "value": spec.identifier}],
         "status": spec.status,
@@ -58,12 +59,18 @@ def build_flag(spec: FlagSpec, rules: Rules, checked_shapes: set | None = None) 
         "period": period,
         "author": {"reference": uris.author},
     }
+    flag["text"] = flag_text(flag, rules)
     shape = (spec.status, spec.code, spec.grade, bool(spec.drugs), spec.end is not None, bool(spec.evidence))
     if checked_shapes is None or shape not in checked_shapes:
         Flag.model_validate(flag)  # the R4(B) model checks what we write (DESIGN: write step)
         if checked_shapes is not None:
             checked_shapes.add(shape)
     return flag
+
+
+def flag_text(flag: dict, rules: Rules) -> dict:
+    """The generated narrative of a Flag of the project, from its own elements (narrative.py)."""
+    return flag_narrative(flag, rules.uris.ctcae_grade_extension, PRIORITY_URL, DETAIL_URL)
 
 
 def flag_row(spec: FlagSpec, row_id: str) -> dict:

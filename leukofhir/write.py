@@ -15,7 +15,8 @@ from leukofhir.config import Rules
 from leukofhir.fhir.client import FhirClient
 from leukofhir.fhir.errors import FatalFhirError, VersionConflictError, outcome_summary
 from leukofhir.fhir.ids import is_valid_id
-from leukofhir.fhir.transactions import TransactionWriter
+from leukofhir.fhir.transactions import AUTH_REFUSALS, TransactionWriter
+from leukofhir.flags import flag_text
 
 __all__ = ["Change", "Plan", "WriteResult", "Written", "plan_writes", "apply_plan", "write_plan", "ensure_author",
            "author_device", "flag_id", "WITHDRAWN_NOTE", "WRITES", "VERSION_ROUNDS"]
@@ -58,6 +59,9 @@ class Change:
     flag_id: str | None = None
     version: str | None = None
     subject: str | None = None
+    # Tags of a previous canonical base on the Flag on the server: HAPI keeps a resource's tags across updates (the
+    # tags of what is written are added to them), so they are removed with $meta-delete once the write is done.
+    stale_tags: tuple = ()
 
     @property
     def key(self) -> tuple:
@@ -105,31 +109,67 @@ class WriteResult:
     conflicts: list[dict] = field(default_factory=list)
 
 
-def _identifier(flag: dict, system: str) -> str | None:
+def _identifier(flag: dict, systems: str | tuple[str, ...]) -> str | None:
+    """The Flag's episode identifier value under one of `systems` (the base's, then the previous bases')."""
+    systems = (systems,) if isinstance(systems, str) else systems
     for identifier in flag.get("identifier") or []:
-        if isinstance(identifier, dict) and identifier.get("system") == system and identifier.get("value"):
+        if isinstance(identifier, dict) and identifier.get("system") in systems and identifier.get("value"):
             return identifier["value"]
     return None
 
 
-def comparable(flag: dict) -> dict:
-    """A Flag without what the server adds (id, versionId, lastUpdated, source): two Flags that compare equal need
-    no write. Tags are compared as a set, in case a server reorders them."""
-    out = {k: v for k, v in flag.items() if k not in ("id", "meta", "text")}
-    tags = (flag.get("meta") or {}).get("tag") or []
-    out["tags"] = sorted((t.get("system"), t.get("code")) for t in tags if isinstance(t, dict))
+def rebased(flag: dict, rules: Rules) -> dict:
+    """A Flag of the project written under a previous canonical base, with its identifier system, tag system and
+    extension URL under the current base (issue 21): what the next run writes over it. Other elements unchanged."""
+    current = rules.uris.under(rules.uris.base)
+    moved = {}
+    for base in rules.uris.previous_bases:
+        old = rules.uris.under(base)
+        moved.update({old[key]: current[key] for key in ("identifier_system", "tag_system", "ctcae_grade_extension")})
+    if not moved:
+        return flag
+    out = copy.deepcopy(flag)
+    for identifier in out.get("identifier") or []:
+        if isinstance(identifier, dict) and identifier.get("system") in moved:
+            identifier["system"] = moved[identifier["system"]]
+    for tag in (out.get("meta") or {}).get("tag") or []:
+        if isinstance(tag, dict) and tag.get("system") in moved:
+            tag["system"] = moved[tag["system"]]
+    for ext in out.get("extension") or []:
+        if isinstance(ext, dict) and ext.get("url") in moved:
+            ext["url"] = moved[ext["url"]]
     return out
 
 
-def withdrawn(flag: dict) -> dict:
-    """The Flag as it stays in the chart once withdrawn: same content, status entered-in-error (clinical-rules §4)."""
+def comparable(flag: dict) -> dict:
+    """A Flag without what the server adds (id, versionId, lastUpdated, source): two Flags that compare equal need
+    no write. Tags and profiles are compared as sets, in case a server reorders them."""
+    out = {k: v for k, v in flag.items() if k not in ("id", "meta")}
+    meta = flag.get("meta") or {}
+    out["tags"] = sorted((t.get("system"), t.get("code")) for t in meta.get("tag") or [] if isinstance(t, dict))
+    out["profiles"] = sorted(str(p) for p in meta.get("profile") or [])
+    return out
+
+
+def withdrawn(flag: dict, rules: Rules) -> dict:
+    """The Flag as it stays in the chart once withdrawn: same content, status entered-in-error (clinical-rules §4),
+    the project's profile, its narrative made again, under the current canonical base."""
+    flag = rebased(flag, rules)
     out = {k: copy.deepcopy(v) for k, v in flag.items() if k not in ("id", "meta", "text")}
-    out["meta"] = {"tag": [t for t in (flag.get("meta") or {}).get("tag") or []]}
+    out["meta"] = {"profile": [rules.uris.flag_profile], "tag": [t for t in (flag.get("meta") or {}).get("tag") or []]}
     out["status"] = "entered-in-error"
     code = out.get("code")
     if isinstance(code, dict) and isinstance(code.get("text"), str) and not code["text"].endswith(WITHDRAWN_NOTE):
         code["text"] += WITHDRAWN_NOTE
+    out["text"] = flag_text(out, rules)
     return out
+
+
+def _stale_tags(flag: dict, rules: Rules) -> tuple:
+    """The Flag's tags under a previous canonical base, as (system, code)."""
+    previous = {rules.uris.under(b)["tag_system"] for b in rules.uris.previous_bases}
+    return tuple(sorted((t.get("system"), t.get("code")) for t in (flag.get("meta") or {}).get("tag") or []
+                        if isinstance(t, dict) and t.get("system") in previous))
 
 
 def _subject(flag: dict) -> str | None:
@@ -152,38 +192,45 @@ def plan_writes(desired: Iterable[dict], existing: Iterable[dict], rules: Rules)
       the one at the identifier's own id is kept (else the first by id), the others are deleted.
     A new Flag is written at the id derived from its identifier; one already there keeps its id. Every write of a
     Flag on the server names the version it was decided from (`meta.versionId`); a create names NEW."""
-    system = rules.uris.identifier_system
+    # A Flag written under a previous canonical base is the same episode (the value is a digest of patient, family
+    # and start, the id derives from it): it is updated in place, under the current base.
+    systems = tuple(rules.uris.identifier_systems)
     on_server: dict[str, dict] = {}
     plan = Plan()
     decide = plan.decisions.append
 
     def kept_first(flag: dict) -> tuple:
-        key = _identifier(flag, system)
+        key = _identifier(flag, systems)
         return (key is None or flag.get("id") != flag_id(key), str(flag.get("id")))
 
     for flag in sorted(existing, key=kept_first):
-        key = _identifier(flag, system)
+        key = _identifier(flag, systems)
         if key is None:
-            log.warning("Flag/%s carries the project's tag but no identifier of %s: left alone", flag.get("id"), system)
+            log.warning("Flag/%s carries the project's tag but no identifier of %s: left alone", flag.get("id"),
+                        systems[0])
             continue
         if key in on_server:
             decide(Change("delete", key, flag_id=flag.get("id"), version=_version_of(flag), subject=_subject(flag)))
             continue
         on_server[key] = flag
     for flag in desired:
-        key = _identifier(flag, system)
+        key = _identifier(flag, systems[0])
         current = on_server.pop(key, None)
         if current is None:
             action = "not_created" if flag.get("status") == "entered-in-error" else "create"
             decide(Change(action, key, flag, flag_id(key), NEW, _subject(flag)))
         else:
             action = "unchanged" if comparable(current) == comparable(flag) else "update"
-            decide(Change(action, key, flag, current["id"], _version_of(current), _subject(current)))
+            decide(Change(action, key, flag, current["id"], _version_of(current), _subject(current),
+                          _stale_tags(current, rules)))
     for key, flag in sorted(on_server.items()):
-        if flag.get("status") == "entered-in-error":
+        target, stale = withdrawn(flag, rules), _stale_tags(flag, rules)
+        if flag.get("status") != "entered-in-error":
+            decide(Change("withdraw", key, target, flag["id"], _version_of(flag), _subject(flag), stale))
+        elif comparable(target) == comparable(flag):
             decide(Change("unchanged", key, flag, flag["id"], _version_of(flag), _subject(flag)))
-        else:
-            decide(Change("withdraw", key, withdrawn(flag), flag["id"], _version_of(flag), _subject(flag)))
+        else:  # withdrawn before its profile or narrative was written, or under a previous base: brought up to date
+            decide(Change("update", key, target, flag["id"], _version_of(flag), _subject(flag), stale))
     return plan
 
 
@@ -248,6 +295,9 @@ def apply_plan(client: FhirClient, changes: list[Change], written: Counter | Non
     def count(sent: list[dict], answers: list) -> None:
         for entry in sent:
             result.written[change_of[id(entry)].action] += 1
+        for entry in sent:
+            if change_of[id(entry)].stale_tags:
+                _remove_tags(client, change_of[id(entry)])
 
     def refused(entry: dict, exc: FatalFhirError) -> None:
         change = change_of[id(entry)]
@@ -273,6 +323,20 @@ def apply_plan(client: FhirClient, changes: list[Change], written: Counter | Non
 def _report(change: Change, status: int | None, outcome: dict | None, message: str) -> dict:
     return {"action": change.action, "identifier": change.identifier, "flag_id": change.flag_id,
             "subject": change.subject, "status": status, "outcome": outcome, "message": message}
+
+
+def _remove_tags(client: FhirClient, change: Change) -> None:
+    """$meta-delete the tags of a previous canonical base from a Flag just written (HAPI keeps the version). When it
+    fails the tag stays, the Flag still differs from what is wanted, and the next run writes and removes it again."""
+    tags = [{"system": system, "code": code} for system, code in change.stale_tags]
+    body = {"resourceType": "Parameters", "parameter": [{"name": "meta", "valueMeta": {"tag": tags}}]}
+    try:
+        client.request_json("POST", f"Flag/{change.flag_id}/$meta-delete", json=body)
+    except FatalFhirError as exc:
+        if exc.status in AUTH_REFUSALS:
+            raise
+        log.warning("Flag %s: the tags of the previous base were not removed: HTTP %s: %s", change.identifier,
+                    exc.status, outcome_summary(exc.outcome) or "no OperationOutcome")
 
 
 @dataclass

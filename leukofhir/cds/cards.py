@@ -113,17 +113,20 @@ def order_card(drug_key: str, drug: Drug, order_ref: str | None, state: PatientS
         "detail": "\n".join(lines),
         "indicator": "critical" if critical else "warning",
         "source": _source(rules),
-        "overrideReasons": OVERRIDE_REASONS,
+        "overrideReasons": override_reasons(rules),
     }
     return card
 
 
-# Why a clinician signs anyway; CDS Hooks 2.0 overrideReasons are Codings (the EHR sends back the one chosen).
+# Why a clinician signs anyway; CDS Hooks 2.0 overrideReasons are Codings (the EHR sends back the one chosen), in a
+# code system under the site's canonical base (uris.base), as every project URL.
 OVERRIDE_REASONS = [
-    {"code": "benefit-outweighs-risk", "system": "https://leukofhir.org/fhir/CodeSystem/cds-override",
-     "display": "Benefit outweighs the risk; counts will be monitored"},
-    {"code": "count-rechecked", "system": "https://leukofhir.org/fhir/CodeSystem/cds-override",
-     "display": "A more recent count is acceptable"},
-    {"code": "specialist-advised", "system": "https://leukofhir.org/fhir/CodeSystem/cds-override",
-     "display": "Advised by haematology or oncology"},
+    ("benefit-outweighs-risk", "Benefit outweighs the risk; counts will be monitored"),
+    ("count-rechecked", "A more recent count is acceptable"),
+    ("specialist-advised", "Advised by haematology or oncology"),
 ]
+
+
+def override_reasons(rules: Rules) -> list[dict]:
+    system = f"{rules.uris.base}/CodeSystem/cds-override"
+    return [{"code": code, "system": system, "display": display} for code, display in OVERRIDE_REASONS]

@@ -139,7 +139,7 @@ def _same(existing: dict, wanted: dict) -> bool:
 
 
 def _ours(client: FhirClient, rules: Rules) -> list[dict]:
-    tag = f"{rules.uris.tag_system}|{rules.uris.tag_code}"
+    tag = ",".join(rules.uris.tags)  # also those written under a previous canonical base
     found = list(client.search("Subscription", {"_tag": tag}))
     return sorted((s for s in found if s.get("resourceType") == "Subscription"), key=lambda s: s.get("id", ""))
 

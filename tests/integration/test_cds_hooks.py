@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -219,10 +220,21 @@ def test_order_sign_gives_no_card_when_the_counts_are_normal(cds, fhir_client, u
     assert answer.status_code == 200 and answer.json() == {"cards": []}
 
 
-def _sample_patients() -> list[str]:
-    return sorted(e["resource"]["id"] for path in SAMPLE.glob("*.json.gz")
-                  for e in json.loads(gzip.decompress(path.read_bytes()))["entry"]
-                  if e["resource"]["resourceType"] == "Patient")
+UUID = re.compile(rb"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def _sample_copy(folder: Path, unique: str) -> tuple[Path, list[str]]:
+    """The sample bundles under ids of their own (every resource id and reference made unique to the test): other
+    tests of the session evaluate the sample patients as of now, and their Flags stand at the ids this test's run, as
+    of 2021 and under its own tag, would write (a Flag's id derives from its identifier, not its tag)."""
+    folder.mkdir()
+    patients = []
+    for path in SAMPLE.glob("*.json.gz"):
+        data = UUID.sub(lambda m: m.group(0) + b"-" + unique[:8].encode(), gzip.decompress(path.read_bytes()))
+        (folder / path.name).write_bytes(gzip.compress(data))
+        patients += [e["resource"]["id"] for e in json.loads(data)["entry"]
+                     if e["resource"]["resourceType"] == "Patient"]
+    return folder, sorted(patients)
 
 
 def _recent_patients(client, unique: str) -> list[str]:
@@ -276,10 +288,15 @@ def test_the_cards_agree_with_the_flags_a_run_writes_for_the_sample_data(fhir_ba
     """Every active Flag the run writes for the sample patients has its card, and there is no card without one. The
     sample data ends in December 2020: the run and the service evaluate as of 2021-01-01 (as of now, every episode
     would have lapsed)."""
-    load_files(fhir_client, [str(SAMPLE)])
-    patients = _sample_patients()
-    cards, expected, _, flags = _cards_and_flags(fhir_base_url, fhir_client, tmp_path, f"sample-{unique}", patients,
-                                                 datetime(2021, 1, 1, tzinfo=timezone.utc))
+    from support.server_data import remove_results
+
+    sample, patients = _sample_copy(tmp_path / "sample", unique)
+    assert load_files(fhir_client, [str(sample)]).ok
+    try:
+        cards, expected, _, flags = _cards_and_flags(fhir_base_url, fhir_client, tmp_path, f"sample-{unique}",
+                                                     patients, datetime(2021, 1, 1, tzinfo=timezone.utc))
+    finally:
+        remove_results(fhir_client, patients)  # a later default-tag backfill then wants no Flag for the copies
     assert len(expected) == 1 and len(flags) == 7  # one open episode; six closed ones get no card
     assert cards == expected
 

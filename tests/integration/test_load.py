@@ -115,6 +115,7 @@ def test_demo_loads_the_sample_runs_the_backfill_dag_and_prints_the_flags_read_b
     assert "(FHIR 4.0.1)" in done.stdout
     assert "sample patients' WBC results: 25, of which below 4.0 ×10^9/L: 17" in done.stdout
     assert "running the Airflow DAG leukopenia_backfill" in done.stdout
+    assert "conformance resources (leukofhir conformance): ValueSet/leukofhir-conditions-" in done.stdout
     # The Flags are printed from the server's answer: each line names its Flag/<id> there.
     shown = done.stdout.split("read back from", 1)[1]
     assert shown.count("(Flag/") == 7

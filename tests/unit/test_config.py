@@ -18,7 +18,7 @@ def test_default_file_loads_with_the_contract_values():
     assert rules.units.count["K/uL"] == 1 and rules.units.count["/uL"] == 0.001
     assert rules.windows.drug_lookback.days == 90 and rules.windows.transient_within.total_seconds() == 72 * 3600
     assert rules.priority == {1: "PN", 2: "PL", 3: "PM", 4: "PH"}
-    assert rules.uris.identifier_system == "https://leukofhir.org/fhir/flag-episode"
+    assert rules.uris.identifier_system == "https://leukofhir.example/fhir/flag-episode"
     assert not rules.observations.statuses.preliminary_counts
 
 

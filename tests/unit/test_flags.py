@@ -20,7 +20,7 @@ def test_flag_has_every_element_of_section_5():
     flag = _flag([patient(), observation("a", "anc", 0.9), statement("m", "clozapine", point=at(days=-3))])
     Flag.model_validate(flag)
     assert flag["status"] == "active"
-    assert flag["identifier"][0]["system"] == "https://leukofhir.org/fhir/flag-episode"
+    assert flag["identifier"][0]["system"] == "https://leukofhir.example/fhir/flag-episode"
     assert flag["code"]["coding"] == [{"system": "http://snomed.info/sct", "code": "165517008",
                                        "display": "Neutropenia"}]
     assert flag["code"]["text"].startswith("Neutropenia, moderate — ANC 0.9 ×10^9/L on 2024-03-01, CTCAE v5.0 grade 3")
@@ -38,9 +38,12 @@ def test_flag_has_every_element_of_section_5():
     assert priority["system"] == "http://hl7.org/fhir/flag-priority-code" and priority["code"] == "PM"
     details = [e["valueReference"]["reference"] for e in by_url["http://hl7.org/fhir/StructureDefinition/flag-detail"]]
     assert details == ["Observation/a", "MedicationStatement/m"]
-    assert by_url["https://leukofhir.org/fhir/StructureDefinition/ctcae-grade"] == [
-        {"url": "https://leukofhir.org/fhir/StructureDefinition/ctcae-grade", "valueInteger": 3}]
-    assert flag["meta"]["tag"] == [{"system": "https://leukofhir.org/fhir/tag", "code": "leukofhir"}]
+    assert by_url["https://leukofhir.example/fhir/StructureDefinition/ctcae-grade"] == [
+        {"url": "https://leukofhir.example/fhir/StructureDefinition/ctcae-grade", "valueInteger": 3}]
+    assert flag["meta"]["tag"] == [{"system": "https://leukofhir.example/fhir/tag", "code": "leukofhir"}]
+    assert flag["meta"]["profile"] == ["https://leukofhir.example/fhir/StructureDefinition/leukofhir-flag"]
+    assert flag["text"]["status"] == "generated"
+    assert flag["text"]["div"].startswith('<div xmlns="http://www.w3.org/1999/xhtml">')
 
 
 def test_priority_mapping_per_grade():

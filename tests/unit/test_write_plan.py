@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from leukofhir.config import load_config
-from leukofhir.write import NEW, Change, _entry, apply_plan, flag_id, plan_writes
+from leukofhir.write import NEW, Change, _entry, apply_plan, flag_id, plan_writes, withdrawn
 
 RULES = load_config()
 
@@ -94,7 +94,8 @@ def test_plan_writes_creates_updates_withdraws_and_leaves_alone():
 
     existing = [{**flag("same"), "id": "1", "meta": {"versionId": "3", "tag": flag("x")["meta"]["tag"]}},
                 {**flag("changed"), "id": "2"}, {**flag("gone"), "id": "3"},
-                {**flag("gone-before", "entered-in-error"), "id": "4"}, {**flag("dup"), "id": "5"},
+                # As the write step withdrew it (profile, narrative): nothing more to write.
+                {**withdrawn(flag("gone-before"), RULES), "id": "4"}, {**flag("dup"), "id": "5"},
                 {**flag("dup"), "id": "6"}]
     desired = [flag("same"), flag("changed", "inactive"), flag("new"), flag("retracted", "entered-in-error"),
                flag("dup")]
@@ -103,7 +104,57 @@ def test_plan_writes_creates_updates_withdraws_and_leaves_alone():
         ("update", "changed", "2"), ("create", "new", flag_id("new")), ("withdraw", "gone", "3"),
         ("delete", "dup", "6")}
     assert plan.unchanged == 3 and plan.not_created == 1  # same, gone-before, dup (kept one); retracted
-    (withdrawn,) = [c.flag for c in plan.changes if c.action == "withdraw"]
-    assert withdrawn["status"] == "entered-in-error" and "withdrawn" in withdrawn["code"]["text"]
-    assert "id" not in withdrawn
+    (gone,) = [c.flag for c in plan.changes if c.action == "withdraw"]
+    assert gone["status"] == "entered-in-error" and "withdrawn" in gone["code"]["text"]
+    assert "id" not in gone
     assert [c.flag_id for c in plan.changes if c.action == "delete"] == ["6"]  # the first by id is kept
+
+
+def test_a_flag_under_a_previous_base_is_rewritten_in_place_under_the_current_one(tmp_path):
+    from leukofhir.flags import flag_text
+    from leukofhir.write import comparable, withdrawn
+    from support.site_rules import rules_with_base
+
+    old_base, new_base = "https://old.example/leukofhir", "https://fhir.hospital.example/leukofhir"
+    (tmp_path / "old").mkdir()
+    old = load_config(rules_with_base(tmp_path / "old", old_base))
+    new = load_config(rules_with_base(tmp_path, new_base, [old_base]))
+
+    def under(rules, value, status="active", **kw):
+        flag = _flag(value, status, **kw)
+        flag["meta"]["tag"] = [{"system": rules.uris.tag_system, "code": rules.uris.tag_code}]
+        flag["identifier"][0]["system"] = rules.uris.identifier_system
+        flag["extension"] = [{"url": rules.uris.ctcae_grade_extension, "valueInteger": 2}]
+        flag["meta"]["profile"] = [rules.uris.flag_profile]
+        flag["text"] = flag_text(flag, rules)
+        return flag
+
+    existing = [under(old, "kept", version="3", fid="a"), under(old, "gone", version="5", fid="b"),
+                under(old, "was-withdrawn", "entered-in-error", version="2", fid="c")]
+    plan = plan_writes([under(new, "kept")], existing, new)
+    by_id = {d.flag_id: d for d in plan.decisions}
+    assert {i: (d.action, d.version) for i, d in by_id.items()} == {
+        "a": ("update", "3"), "b": ("withdraw", "5"), "c": ("update", "2")}
+    stale = ((old.uris.tag_system, "leukofhir"),)
+    assert all(d.stale_tags == stale for d in plan.decisions)  # removed after the write ($meta-delete)
+    for decision in plan.decisions:
+        text = str(decision.flag)
+        assert old_base not in text and new_base in text
+        assert decision.flag["meta"]["profile"] == [new.uris.flag_profile]
+    # Once rewritten (the old tag removed), nothing more to write.
+    rewritten = [{**d.flag, "id": d.flag_id, "meta": {**d.flag["meta"], "versionId": "9"}} for d in plan.decisions]
+    again = plan_writes([under(new, "kept")], rewritten, new)
+    assert [d.action for d in again.decisions] == ["unchanged"] * 3 and not any(d.stale_tags for d in again.decisions)
+    assert comparable(withdrawn(rewritten[1], new)) == comparable(rewritten[1])
+
+
+def test_a_flag_written_before_it_had_a_profile_and_narrative_is_brought_up_to_date():
+    from leukofhir.flags import flag_text
+
+    bare = _flag("x", version="1", fid="a")
+    wanted = {**_flag("x"), "meta": {**_flag("x")["meta"], "profile": [RULES.uris.flag_profile]}}
+    wanted["text"] = flag_text(wanted, RULES)
+    assert [d.action for d in plan_writes([wanted], [bare], RULES).decisions] == ["update"]
+    withdrawn_bare = _flag("y", "entered-in-error", version="1", fid="b")
+    (decision,) = plan_writes([], [withdrawn_bare], RULES).decisions
+    assert decision.action == "update" and decision.flag["text"]["status"] == "generated"
