@@ -8,6 +8,7 @@ from airflow.sdk import BaseHook
 
 from leukofhir.errors import LeukofhirError, UsageError
 from leukofhir.fhir.auth import make_auth
+from leukofhir.fhir.auth_kinds import auth_kind
 from leukofhir.fhir.capabilities import check_capabilities
 from leukofhir.fhir.client import FhirClient
 from leukofhir.fhir.errors import CapabilityError, FhirError, SmartAuthError
@@ -42,9 +43,9 @@ class FhirHook(BaseHook):
         conn = self.get_connection(self.fhir_conn_id)
         extra = conn.extra_dejson
         base_url = base_url_from_parts(conn.host, conn.port, conn.schema, _extra(extra, "scheme"))
-        kind = _extra(extra, "auth")
-        if kind is None and _extra(extra, "smart_client_id"):
-            kind = "smart"
+        # Only the connection counts here: environ={} keeps the worker's environment out of it.
+        kind = auth_kind(_extra(extra, "auth"), smart_client_id=_extra(extra, "smart_client_id"),
+                         token=_extra(extra, "token"), user=conn.login, environ={})
         smart = {"client_id": _extra(extra, "smart_client_id"), "key_id": _extra(extra, "smart_key_id"),
                  "scopes": _extra(extra, "smart_scopes"), "token_url": _extra(extra, "smart_token_url"),
                  "private_key_path": _extra(extra, "smart_private_key_path")}
@@ -52,9 +53,8 @@ class FhirHook(BaseHook):
             smart["private_key"] = conn.password
         # A bearer token may sit in the password field (masked in the UI) or in extra.
         token = _extra(extra, "token") or (conn.password if kind == "bearer" else None)
-        password = conn.password if kind in (None, "basic") else None
-        # Only the connection counts here: environ={} keeps the worker's environment out of it.
-        auth = make_auth(kind, token=token, user=conn.login if kind in (None, "basic") else None,
+        password = conn.password if kind == "basic" else None
+        auth = make_auth(kind, token=token, user=conn.login if kind == "basic" else None,
                          password=password, smart=smart, base_url=base_url, environ={})
         try:
             timeout = float(_extra(extra, "timeout") or 60)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
+from leukofhir.fhir.auth_kinds import AUTH_KINDS
+
 
 def _version() -> str:
     try:
@@ -22,7 +24,7 @@ CONN_FIELDS = {
     "scheme": _field("Scheme", "https (default) or http, when host is a bare host name",
                      type="string", enum=["https", "http"], default="https"),
     "auth": _field("Authentication", "none, basic (login/password), bearer (token in password), or smart "
-                   "(SMART Backend Services)", type="string", enum=["none", "basic", "bearer", "smart"]),
+                   "(SMART Backend Services)", type="string", enum=list(AUTH_KINDS)),
     "timeout": _field("Timeout (s)", "seconds per HTTP request", type="number", minimum=1, default=60),
     "max_retries": _field("Retries", "retries of a temporary failure per request", type="integer", minimum=0,
                           maximum=10, default=4),

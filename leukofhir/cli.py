@@ -7,6 +7,7 @@ import logging
 import sys
 
 from leukofhir.errors import EXIT_INTERRUPTED, LeukofhirError, exit_code
+from leukofhir.fhir.auth_kinds import AUTH_KINDS
 
 log = logging.getLogger("leukofhir")
 
@@ -25,7 +26,7 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fhir-url", required=True, type=_fhir_url, help="FHIR base URL, e.g. http://127.0.0.1:8080/fhir")
     p.add_argument(
         "--auth",
-        choices=["none", "basic", "bearer", "smart"],
+        choices=AUTH_KINDS,
         default=None,
         help="authentication; secrets come from LEUKOFHIR_FHIR_TOKEN / LEUKOFHIR_FHIR_USER + "
         "LEUKOFHIR_FHIR_PASSWORD / LEUKOFHIR_SMART_CLIENT_ID + LEUKOFHIR_SMART_PRIVATE_KEY (or *_FILE), "

@@ -10,7 +10,7 @@ from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
 from requests.adapters import HTTPAdapter
 
@@ -18,6 +18,7 @@ from leukofhir.errors import LeukofhirError, OutputError, UsageError
 from leukofhir.fhir.client import FhirClient
 from leukofhir.fhir.errors import AuthError, FatalFhirError, FhirError, outcome_summary
 from leukofhir.fhir.ids import InvalidIdError, resource_path, shown
+from leukofhir.fhir.transactions import IncompleteAnswerError, TransactionWriter, answers
 from leukofhir.reader import ReadError, iter_resources
 
 log = logging.getLogger(__name__)
@@ -66,10 +67,6 @@ class LoadReport:
     @property
     def ok(self) -> bool:
         return not self.rejected and self.stopped is None
-
-
-class IncompleteAnswerError(FhirError):
-    """A transaction answered without a response for every entry sent (FHIR R4 §3.1.0.11.2: one per entry)."""
 
 
 class LoadStopped(LeukofhirError):
@@ -188,6 +185,9 @@ class Loader:
         self.workers = workers
         self.report = LoadReport()
         self.rejects = _Rejects(Path(run_dir) if run_dir is not None else None)
+        # An entry refused alone is sent once more at the end: it may refer to one later in its transaction.
+        self.writer = TransactionWriter(client, self._record, self._refused, stops=_ENDPOINT_REFUSALS,
+                                        second_round=True)
 
     def load(self, paths: Iterable[str]) -> LoadReport:
         """Send every resource; raise LoadStopped (with the report so far) when the server makes going on pointless:
@@ -203,7 +203,7 @@ class Loader:
                     batches = _batches(_spooled(spool, resource_type), self.batch_size)
                     if self.workers == 1:
                         for batch in batches:
-                            self._send(self._entries(batch, index))
+                            self.writer.send(self._entries(batch, index))
                     else:
                         self._send_concurrently(self._entries(batch, index) for batch in batches)
                     log.info("%s: %d written", resource_type, self.report.written[resource_type])
@@ -243,16 +243,16 @@ class Loader:
                 for entries, future in in_flight:
                     if not future.cancel():
                         try:
-                            self._record(entries, future.result())
+                            self._record(entries, answers(entries, future.result()))
                         except Exception:  # noqa: BLE001  (the error that stops the load is the one raised)
                             pass
                 raise
         for entries in refused:
-            self._send_singly(entries)
+            self.writer.isolate(entries)
 
     def _settle(self, entries: list[dict], future: Future, refused: list[list[dict]]) -> None:
-        """One concurrent transaction's answer: recorded, or its entries kept for `_send_singly` when refused."""
-        if not self._answered(entries, future.result):
+        """One concurrent transaction's answer: recorded, or its entries kept to be isolated when refused."""
+        if not self.writer.settle(entries, future.result):
             refused.append(entries)
 
     def _reject(self, ref: str, reason: str, error: FhirError | None = None) -> None:
@@ -307,65 +307,14 @@ class Loader:
             del index[rid]
         return index
 
-    def _send(self, entries: list[dict]) -> None:
-        """One transaction; when the server refuses it, its entries one by one."""
-        if not self._answered(entries, lambda: self.client.transaction(entries)):
-            self._send_singly(entries)
-
-    def _answered(self, entries: list[dict], answer: Callable[[], dict]) -> bool:
-        """Record a transaction's answer (`answer()` returns it or raises): True when that settles it (written, or its
-        one entry refused), False when the server refused a transaction of several entries (to be written entry by
-        entry). AuthError and every FhirError that is not a refusal of the data go up: the load stops (retrying each
-        resource would only repeat them)."""
-        try:
-            self._record(entries, answer())
-            return True
-        except AuthError:
-            raise
-        except FatalFhirError as exc:
-            if exc.status in _ENDPOINT_REFUSALS:
-                raise
-            if len(entries) == 1:
-                self._refused(entries[0], exc)
-                return True
-            log.info("transaction of %d refused (HTTP %s); writing its entries one by one", len(entries), exc.status)
-            return False
-
-    def _send_singly(self, entries: list[dict]) -> None:
-        """The entries of a refused transaction, one transaction each."""
-        # One bad resource fails a whole transaction; write the rest singly so only the bad one is lost.
-        # Entries that fail only because a target comes later in the same batch succeed in the second round.
-        pending = entries
-        for final_round in (False, True):
-            failed = []
-            for entry in pending:
-                try:
-                    self._record([entry], self.client.transaction([entry]))
-                except AuthError:
-                    raise
-                except FatalFhirError as exc:
-                    if final_round:
-                        self._refused(entry, exc)
-                    else:
-                        failed.append(entry)
-            pending = failed
-            if not pending:
-                break
-
     def _refused(self, entry: dict, error: FatalFhirError) -> None:
         ref = entry["request"]["url"]
         self._reject(ref, describe(error), error)
         log.warning("rejected %s: HTTP %s", ref, error.status)
 
-    def _record(self, entries: list[dict], response) -> None:
-        """Count what the transaction-response says was written; every entry sent must have its answer."""
-        answers = response.get("entry") if isinstance(response, dict) else None
-        if not isinstance(answers, list) or len(answers) != len(entries):
-            got = len(answers) if isinstance(answers, list) else 0
-            raise IncompleteAnswerError(
-                f"the server answered {got} of the {len(entries)} entries sent (a transaction-response answers "
-                "every entry)")
-        for entry, answer in zip(entries, answers):
+    def _record(self, entries: list[dict], answered: list) -> None:
+        """Count what the transaction-response says was written (`answered`: its entries, one per entry sent)."""
+        for entry, answer in zip(entries, answered):
             response_ = answer.get("response") if isinstance(answer, dict) else None
             status = response_.get("status") if isinstance(response_, dict) else None
             if not isinstance(status, str) or status[:1] != "2":

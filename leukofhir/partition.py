@@ -56,7 +56,7 @@ from leukofhir.report import merge_reports
 from leukofhir.stages import ReadResult, Sources, progress_bar, read_error_collector, run_stages
 from leukofhir.validate import check_contract, prepare, suite_parameters
 
-__all__ = ["DEFAULT_MEMORY_BUDGET", "ROW_COSTS", "Plan", "PartitionError", "parse_size", "show_size",
+__all__ = ["DEFAULT_MEMORY_BUDGET", "ROW_COSTS", "PartitionPlan", "PartitionError", "parse_size", "show_size",
            "input_bytes", "estimate_rows", "plan_partitions", "evaluate_partitioned"]
 
 log = logging.getLogger(__name__)
@@ -192,7 +192,7 @@ def estimate_rows(files: list[Path]) -> tuple[int, int]:
 
 
 @dataclass(frozen=True)
-class Plan:
+class PartitionPlan:
     """How an input larger than the memory budget is partitioned."""
 
     budget: int  # bytes the rows may take, in all
@@ -211,7 +211,7 @@ class Plan:
         return show_size(self.budget)
 
 
-def plan_partitions(files: list[Path], budget: int | str | None = None, workers: int = 1) -> Plan | None:
+def plan_partitions(files: list[Path], budget: int | str | None = None, workers: int = 1) -> PartitionPlan | None:
     """None when the input's rows fit the budget (evaluated in memory, in this process); else how to partition."""
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise UsageError(f"--workers {workers!r} must be a whole number of at least 1")
@@ -221,7 +221,7 @@ def plan_partitions(files: list[Path], budget: int | str | None = None, workers:
         return None
     per_process = budget / workers
     spilled = min(MAX_SPILLED, max(2, OVERSPLIT * math.ceil(estimate / per_process)))
-    return Plan(budget, workers, estimate, spilled, max(1, int(per_process)), rows)
+    return PartitionPlan(budget, workers, estimate, spilled, max(1, int(per_process)), rows)
 
 
 # -- pass 1: spill -----------------------------------------------------------------------------------------------------
@@ -672,8 +672,8 @@ def _unit_result(folder: Path, number: int, exitcode: int | None) -> dict:
 
 
 # -- the whole run ---------------------------------------------------------------------------------------------------
-def evaluate_partitioned(files: list[Path], paths, out: Path, rules: Rules, plan: Plan, *, as_of: datetime | None,
-                         run_time: datetime | None = None, base_url=None, progress: bool = True,
+def evaluate_partitioned(files: list[Path], paths, out: Path, rules: Rules, plan: PartitionPlan, *,
+                         as_of: datetime | None, run_time: datetime | None = None, base_url=None, progress: bool = True,
                          fail_on_threshold: bool = False, skipped_files: list[str] | None = None) -> dict:
     """evaluate_files for an input above the memory budget: spill by patient (pass 1), evaluate the partitions (pass 2),
     merge their outputs into `out` as the in-memory path writes them; returns the report."""
@@ -747,7 +747,8 @@ def _again_as_of_the_latest(job: _Job, workers: int, reports: dict[int, dict]) -
                    reports.__setitem__, again)
 
 
-def _spill(files: list[Path], folder: Path, plan: Plan, base_url, progress: bool) -> tuple[_Spill, list[ReadError]]:
+def _spill(files: list[Path], folder: Path, plan: PartitionPlan, base_url,
+           progress: bool) -> tuple[_Spill, list[ReadError]]:
     """Pass 1: read every file once, spilling each resource to its partition; read errors shown (capped) and kept."""
     read_errors, on_read_error = read_error_collector()
     spill = _Spill(folder, plan.spilled, base_url)
@@ -785,7 +786,7 @@ def _latest(values: list[str | None]) -> str | None:
 
 
 def _report(paths, skipped_files: list[str], spill: _Spill, read_errors: list[ReadError], parts: list[dict],
-            as_of: datetime | None, plan: Plan, units: list[_Unit], linked: list[list[int]]) -> dict:
+            as_of: datetime | None, plan: PartitionPlan, units: list[_Unit], linked: list[list[int]]) -> dict:
     """The run report of the in-memory path from the partitions' reports and what the first pass counted."""
     read_total = sum(spill.read_counts.values())
     counted = read_total - sum(spill.skipped.values())

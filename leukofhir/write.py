@@ -15,6 +15,7 @@ from leukofhir.config import Rules
 from leukofhir.fhir.client import FhirClient
 from leukofhir.fhir.errors import FatalFhirError, VersionConflictError, outcome_summary
 from leukofhir.fhir.ids import is_valid_id
+from leukofhir.fhir.transactions import AUTH_REFUSALS, TransactionWriter
 from leukofhir.flags import flag_text
 
 __all__ = ["Change", "Plan", "WriteResult", "Written", "plan_writes", "apply_plan", "write_plan", "ensure_author",
@@ -289,46 +290,39 @@ def apply_plan(client: FhirClient, changes: list[Change], written: Counter | Non
             log.warning("Flag %s (%s) not written: the server gave it no version", change.identifier, change.action)
         else:
             sendable.append(change)
-    for start in range(0, len(sendable), ENTRIES_PER_TRANSACTION):
-        _send(client, sendable[start:start + ENTRIES_PER_TRANSACTION], result)
-    return result
+    change_of: dict[int, Change] = {}  # each entry sent → its change
 
+    def count(sent: list[dict], answers: list) -> None:
+        for entry in sent:
+            result.written[change_of[id(entry)].action] += 1
+        for entry in sent:
+            if change_of[id(entry)].stale_tags:
+                _remove_tags(client, change_of[id(entry)])
 
-def _report(change: Change, status: int | None, outcome: dict | None, message: str) -> dict:
-    return {"action": change.action, "identifier": change.identifier, "flag_id": change.flag_id,
-            "subject": change.subject, "status": status, "outcome": outcome, "message": message}
-
-
-def _send(client: FhirClient, changes: list[Change], result: WriteResult) -> None:
-    # One retry policy: the client's (leukofhir.fhir.http), which repeats a 409 from a simultaneous writer. A version
-    # conflict, or any other refusal, is found by halving, so every other entry is still written.
-    try:
-        response = client.transaction([_entry(c) for c in changes])
-    except FatalFhirError as exc:
-        if exc.status in (401, 403):
-            raise
-        if len(changes) > 1:  # all or nothing: find the refused entries
-            middle = len(changes) // 2
-            _send(client, changes[:middle], result)
-            _send(client, changes[middle:], result)
-            return
-        change = changes[0]
+    def refused(entry: dict, exc: FatalFhirError) -> None:
+        change = change_of[id(entry)]
         conflict = isinstance(exc, VersionConflictError)
         (result.conflicts if conflict else result.refused).append(_report(change, exc.status, exc.outcome, str(exc)))
         # Codes and element paths only: the outcome's text may quote patient data (rejects.ndjson has it all).
         log.log(logging.INFO if conflict else logging.WARNING, "Flag %s (%s) %s: HTTP %s: %s", change.identifier,
                 change.action, "not written, its version moved" if conflict else "refused", exc.status,
                 outcome_summary(exc.outcome) or "no OperationOutcome")
-        return
-    answers = response.get("entry") or []
-    if len(answers) != len(changes):
-        raise FatalFhirError(f"transaction-response has {len(answers)} entries for {len(changes)} sent",
-                             status=None, outcome=response)
-    for change in changes:
-        result.written[change.action] += 1
-    for change in changes:
-        if change.stale_tags:
-            _remove_tags(client, change)
+
+    # One retry policy: the client's (leukofhir.fhir.http), which repeats a 409 from a simultaneous writer. A version
+    # conflict, or any other refusal, is isolated by halving, so every other entry is still written.
+    writer = TransactionWriter(client, count, refused)
+    for start in range(0, len(sendable), ENTRIES_PER_TRANSACTION):
+        entries = []
+        for change in sendable[start:start + ENTRIES_PER_TRANSACTION]:
+            entries.append(_entry(change))
+            change_of[id(entries[-1])] = change
+        writer.send(entries)
+    return result
+
+
+def _report(change: Change, status: int | None, outcome: dict | None, message: str) -> dict:
+    return {"action": change.action, "identifier": change.identifier, "flag_id": change.flag_id,
+            "subject": change.subject, "status": status, "outcome": outcome, "message": message}
 
 
 def _remove_tags(client: FhirClient, change: Change) -> None:
@@ -339,7 +333,7 @@ def _remove_tags(client: FhirClient, change: Change) -> None:
     try:
         client.request_json("POST", f"Flag/{change.flag_id}/$meta-delete", json=body)
     except FatalFhirError as exc:
-        if exc.status in (401, 403):
+        if exc.status in AUTH_REFUSALS:
             raise
         log.warning("Flag %s: the tags of the previous base were not removed: HTTP %s: %s", change.identifier,
                     exc.status, outcome_summary(exc.outcome) or "no OperationOutcome")

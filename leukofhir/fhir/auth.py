@@ -11,7 +11,10 @@ import requests
 from requests.auth import AuthBase, HTTPBasicAuth
 
 from leukofhir.errors import UsageError
+from leukofhir.fhir.auth_kinds import AUTH_KINDS, auth_kind
 from leukofhir.fhir.secrets import check_token, clean_secret, pem, secret
+
+__all__ = ["AUTH_KINDS", "BearerAuth", "make_auth"]
 
 
 class BearerAuth(AuthBase):
@@ -32,9 +35,6 @@ class BearerAuth(AuthBase):
         return request
 
 
-AUTH_KINDS = ("none", "basic", "bearer", "smart")
-
-
 def make_auth(kind: str | None, *, token: str | None = None, user: str | None = None,
               password: str | None = None, smart: dict | None = None, base_url: str | None = None,
               environ=os.environ) -> AuthBase | None:
@@ -45,15 +45,7 @@ def make_auth(kind: str | None, *, token: str | None = None, user: str | None = 
     (client_id, private_key or private_key_path, key_id, scopes, token_url); `base_url` is where the token endpoint
     is discovered when none is given."""
     smart = {k: v for k, v in (smart or {}).items() if v not in (None, "")}
-    if kind is None:
-        if smart.get("client_id") or secret("LEUKOFHIR_SMART_CLIENT_ID", environ):
-            kind = "smart"
-        elif token or secret("LEUKOFHIR_FHIR_TOKEN", environ, check=check_token):
-            kind = "bearer"
-        elif user or secret("LEUKOFHIR_FHIR_USER", environ):
-            kind = "basic"
-        else:
-            kind = "none"
+    kind = auth_kind(kind, smart_client_id=smart.get("client_id"), token=token, user=user, environ=environ)
     if kind == "none":
         return None
     if kind == "bearer":
