@@ -12,20 +12,9 @@ from leukofhir.extract import Window, read_patient_list
 from leukofhir.run import chunk_dirs, run_pipeline
 from support.fhir_builders import days_ago, observation, patient, statement
 from support.server_data import project_flags, put, versions
-from support.site_rules import rules_with_base
+from support.site_rules import rules_with_base, strings_in
 
 pytestmark = pytest.mark.fhir
-
-
-def _strings(value):
-    if isinstance(value, dict):
-        for v in value.values():
-            yield from _strings(v)
-    elif isinstance(value, list):
-        for v in value:
-            yield from _strings(v)
-    elif isinstance(value, str):
-        yield value
 
 
 def _read(run_dir) -> list[str]:
@@ -74,7 +63,7 @@ def test_flags_move_to_a_new_base_in_place_and_validate_against_its_profile(fhir
     assert project_flags(fhir_client, pids, old) == []  # nothing left under the old base's tag
     for flag in after.values():
         assert flag["meta"]["versionId"] == "2"
-        assert not [s for s in _strings(flag) if old_base in s], flag["id"]
+        assert not [s for s in strings_in(flag) if old_base in s], flag["id"]
         assert flag["meta"]["profile"] == [new.uris.flag_profile]
         assert flag["identifier"][0]["system"] == f"{new_base}/flag-episode"
         assert _validate(fhir_client, flag, new.uris.flag_profile) == []

@@ -19,3 +19,15 @@ def rules_with_base(folder: Path, base: str, previous: list[str] | None = None, 
     path = Path(folder) / "rules.yaml"
     path.write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False), encoding="utf-8")
     return path
+
+
+def strings_in(value):
+    """Every string in a FHIR resource (or a list of them), at any depth: where a canonical base may show."""
+    if isinstance(value, dict):
+        for v in value.values():
+            yield from strings_in(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from strings_in(v)
+    elif isinstance(value, str):
+        yield value

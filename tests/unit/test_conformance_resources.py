@@ -10,20 +10,9 @@ from leukofhir.config import load_config
 from leukofhir.conformance.resources import conformance_resources
 from leukofhir.errors import ConfigError
 from leukofhir.fhir.ids import is_valid_id
-from support.site_rules import rules_with_base
+from support.site_rules import rules_with_base, strings_in
 
 SITE = "https://fhir.hospital.example/leukofhir"
-
-
-def _strings(value):
-    if isinstance(value, dict):
-        for v in value.values():
-            yield from _strings(v)
-    elif isinstance(value, list):
-        for v in value:
-            yield from _strings(v)
-    elif isinstance(value, str):
-        yield value
 
 
 def test_resources_are_filled_with_the_site_base(tmp_path):
@@ -39,7 +28,7 @@ def test_resources_are_filled_with_the_site_base(tmp_path):
     assert "{{" not in text and default not in text
     assert rules.uris.flag_profile == f"{SITE}/StructureDefinition/leukofhir-flag"
     # Every URL of the project in them is under the site's base; the others are FHIR's and terminologies'.
-    own = {s for s in _strings(resources) if s.startswith("http") and "hl7.org" not in s and "snomed.info" not in s}
+    own = {s for s in strings_in(resources) if s.startswith("http") and "hl7.org" not in s and "snomed.info" not in s}
     assert own and all(s.startswith(SITE + "/") for s in own), own
     for resource in resources:
         assert is_valid_id(resource["id"]) and resource["id"].startswith("leukofhir-")
@@ -88,7 +77,7 @@ def test_a_flag_and_its_author_use_the_site_base_everywhere(tmp_path):
                         rules)
     flag = build_flag(spec, rules)
     for resource in (flag, withdrawn({**flag, "id": "x"}, rules), author_device(rules)):
-        own = {s for s in _strings(resource) if s.startswith("http") and "hl7.org" not in s
+        own = {s for s in strings_in(resource) if s.startswith("http") and "hl7.org" not in s
                and "snomed.info" not in s and "w3.org" not in s}
         assert own and all(s.startswith(SITE + "/") for s in own), own
         assert default not in json.dumps(resource)
