@@ -15,21 +15,10 @@ from leukofhir.errors import UsageError
 from leukofhir.outputs import finish_outputs, remove_outputs, write_ndjson, write_quarantine
 from leukofhir.partition import evaluate_partitioned, plan_partitions
 from leukofhir.reader import expand_paths
-from leukofhir.stages import (  # the stage functions, also importable from here as they were before stages.py
-    ReadResult,
-    build_flags,
-    build_report,
-    evaluate_rows,
-    read_and_normalise,
-    run_stages,
-    validate_rows,
-)
+from leukofhir.stages import ReadResult, read_and_normalise, run_stages
 from leukofhir.validate import check_contract, suite_parameters
 
-# The stage functions are defined once, in leukofhir.stages; they are named here too only so that callers written
-# before it (and branches open when it came) keep working: new code imports them from leukofhir.stages.
-__all__ = ["evaluate_files", "evaluate_command", "write_outputs", "parse_as_of", "read_and_normalise", "validate_rows",
-           "evaluate_rows", "build_flags", "build_report"]
+__all__ = ["evaluate_files", "evaluate_command", "write_outputs", "parse_as_of"]
 
 
 def parse_as_of(text: str | datetime | None) -> datetime | None:
@@ -84,7 +73,7 @@ def evaluate_files(
 
     `as_of` (offline `--as-of`): evaluate as of that time (later results set aside; open episodes lapse as of it,
     v1.3 §4); default the latest input time. `run_time` (an online run: when it started): evaluate as of it, or as of
-    the latest input time when that is later; no result is set aside (evaluate_rows).
+    the latest input time when that is later; no result is set aside (stages.evaluate_rows).
 
     `memory_budget` (bytes, or a size such as "64MB"; default partition.DEFAULT_MEMORY_BUDGET): an input whose rows
     would take more is partitioned by patient and evaluated a partition at a time, in `workers` processes
