@@ -37,6 +37,7 @@ demo: setup
 # yet: the code base gets one formatter pass of its own.
 lint: venv
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
 
 # The documentation site (mkdocs.yml, docs/) into site/; --strict: a broken link or a page left out of nav fails.

@@ -45,8 +45,12 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="leukofhir-stack-bench-"))
     os.chmod(folder, 0o755)  # PostgreSQL's own user must reach its data folder
     (folder / "dags").mkdir()
-    env = dict(os.environ, AIRFLOW_STACK_PORT=str(args.port), AIRFLOW_STACK_DIR=str(folder / "stack"),
-               AIRFLOW_STACK_DAGS_FOLDER=str(ROOT / "dags"))
+    env = dict(
+        os.environ,
+        AIRFLOW_STACK_PORT=str(args.port),
+        AIRFLOW_STACK_DIR=str(folder / "stack"),
+        AIRFLOW_STACK_DAGS_FOLDER=str(ROOT / "dags"),
+    )
     try:
         first = run(env, "start")
         print(f"start, new instance (initdb, migrate): {first:.1f} s")

@@ -72,7 +72,7 @@ def delete_flags(client: FhirClient) -> int:
     tag = f"{rules.uris.tag_system}|{rules.uris.tag_code}"
     ids = [f["id"] for f in client.search("Flag", {"_tag": tag, "_elements": "id", "_count": 500})]
     for start in range(0, len(ids), 100):
-        client.transaction([{"request": {"method": "DELETE", "url": f"Flag/{i}"}} for i in ids[start:start + 100]])
+        client.transaction([{"request": {"method": "DELETE", "url": f"Flag/{i}"}} for i in ids[start : start + 100]])
     return len(ids)
 
 
@@ -111,13 +111,17 @@ def task_times(api: Api, run_id: str) -> dict[str, dict]:
     spans: dict[str, list] = defaultdict(list)
     for ti in api.task_instances(DAG, run_id):
         if ti.get("start_date") and ti.get("end_date"):
-            spans[ti["task_id"]].append((datetime.fromisoformat(ti["start_date"]),
-                                         datetime.fromisoformat(ti["end_date"]), ti.get("hostname")))
+            spans[ti["task_id"]].append(
+                (datetime.fromisoformat(ti["start_date"]), datetime.fromisoformat(ti["end_date"]), ti.get("hostname"))
+            )
     out = {}
     for task, items in spans.items():
-        out[task] = {"instances": len(items), "task_seconds": sum((e - s).total_seconds() for s, e, _ in items),
-                     "wall_seconds": (max(e for _, e, _ in items) - min(s for s, _, _ in items)).total_seconds(),
-                     "hosts": sorted({h for *_, h in items if h})}
+        out[task] = {
+            "instances": len(items),
+            "task_seconds": sum((e - s).total_seconds() for s, e, _ in items),
+            "wall_seconds": (max(e for _, e, _ in items) - min(s for s, _, _ in items)).total_seconds(),
+            "hosts": sorted({h for *_, h in items if h}),
+        }
     return out
 
 
@@ -140,22 +144,31 @@ def main() -> int:
     base_url = args.fhir_url or start_server(args.fhir_port, work / "hapi")
     # DAGs paused at creation: the hourly surveillance DAG would otherwise run at once against the same server, beside
     # the backfill being measured; only the backfill DAG is unpaused.
-    env = dict(os.environ, AIRFLOW_STACK_PORT=str(args.stack_port), AIRFLOW_STACK_DIR=str(work / "stack"),
-               AIRFLOW_STACK_FHIR_URL=base_url, AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION="True")
+    env = dict(
+        os.environ,
+        AIRFLOW_STACK_PORT=str(args.stack_port),
+        AIRFLOW_STACK_DIR=str(work / "stack"),
+        AIRFLOW_STACK_FHIR_URL=base_url,
+        AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION="True",
+    )
     results = []
     try:
         with FhirClient(base_url, timeout=300) as client:
             if not args.no_load:
                 data = work / "data"
                 data.mkdir()
-                generate(data, args.observations, prefix="bb", start=datetime(2016, 1, 1, tzinfo=timezone.utc),
-                         days=4 * 360)
+                generate(
+                    data, args.observations, prefix="bb", start=datetime(2016, 1, 1, tzinfo=timezone.utc), days=4 * 360
+                )
                 begin = time.perf_counter()
                 report = load_files(client, sorted(data.glob("*.ndjson")), batch_size=500)
                 if not report.ok:
                     sys.exit(f"the load did not go through: {report.rejected[:3]} {report.stopped or ''}")
-                print(f"loaded {sum(report.written.values()):,} resources ({args.observations:,} Observations) in "
-                      f"{time.perf_counter() - begin:.0f} s", flush=True)
+                print(
+                    f"loaded {sum(report.written.values()):,} resources ({args.observations:,} Observations) in "
+                    f"{time.perf_counter() - begin:.0f} s",
+                    flush=True,
+                )
                 shutil.rmtree(data)
             begin = time.perf_counter()
             started = run_stack(env, "start")
@@ -166,8 +179,10 @@ def main() -> int:
             unpause(api, DAG)
             hapi = fhir_pid(args.fhir_port)
             if hapi is None:
-                print(f"no pid file for a FHIR server on port {args.fhir_port}: HAPI's CPU seconds not measured",
-                      flush=True)
+                print(
+                    f"no pid file for a FHIR server on port {args.fhir_port}: HAPI's CPU seconds not measured",
+                    flush=True,
+                )
             for workers in [int(w) for w in args.workers.split(",")]:
                 set_workers(env, workers)
                 for run in range(args.runs):
@@ -176,19 +191,32 @@ def main() -> int:
                     worker_pids = [p for part in ("worker1", "worker2") for p in parts.get(part, [])]
                     cpu_hapi, cpu_workers = cpu_seconds([hapi] if hapi else []), cpu_seconds(worker_pids)
                     begin = time.perf_counter()
-                    run_id = api.trigger(DAG, conf={"start": "2015-01-01", "end": "2020-01-01", "chunks": args.chunks,
-                                                    "extract": args.extract})
+                    run_id = api.trigger(
+                        DAG,
+                        conf={
+                            "start": "2015-01-01",
+                            "end": "2020-01-01",
+                            "chunks": args.chunks,
+                            "extract": args.extract,
+                        },
+                    )
                     state = api.wait_for_run(DAG, run_id, timeout=6 * 3600)
                     seconds = time.perf_counter() - begin
                     worker_pids = [p for part in ("worker1", "worker2") for p in stack_processes(env).get(part, [])]
-                    folder = work / "stack" / "airflow" / "leukofhir-runs" / DAG / re.sub(r"[^A-Za-z0-9._-]+", "_",
-                                                                                          run_id)
+                    folder = (
+                        work / "stack" / "airflow" / "leukofhir-runs" / DAG / re.sub(r"[^A-Za-z0-9._-]+", "_", run_id)
+                    )
                     report = json.loads((folder / "report.json").read_text())
                     result = {
-                        "workers": workers, "run": run + 1, "state": state, "seconds": round(seconds, 1),
-                        "flags_deleted_before": deleted, "writes": report["writes"],
+                        "workers": workers,
+                        "run": run + 1,
+                        "state": state,
+                        "seconds": round(seconds, 1),
+                        "flags_deleted_before": deleted,
+                        "writes": report["writes"],
                         "observations_read": report["read"].get("Observation", 0),
-                        "patients": report["patients_touched"], "extract": report.get("extract"),
+                        "patients": report["patients_touched"],
+                        "extract": report.get("extract"),
                         "cpu_hapi": round(cpu_seconds([hapi] if hapi else []) - cpu_hapi, 1),
                         "cpu_workers": round(cpu_seconds(worker_pids) - cpu_workers, 1),
                         "tasks": task_times(api, run_id),
@@ -204,12 +232,17 @@ def main() -> int:
     for r in results:
         tasks = r["tasks"]
         order = ["bulk_export", "find_patients", "extract", "evaluate", "write_flags", "report"]
-        shown = "; ".join(f"{t} {tasks[t]['wall_seconds']:.0f} s wall / {tasks[t]['task_seconds']:.0f} s in "
-                          f"{tasks[t]['instances']}" for t in order if t in tasks)
-        print(f"{r['workers']} worker(s), run {r['run']}: {r['state']} in {r['seconds']:.0f} s, "
-              f"{r['observations_read']:,} Observations of {r['patients']:,} patients "
-              f"({r['observations_read'] / r['seconds']:,.0f}/s), Flags created {r['writes']['create']}; "
-              f"CPU: HAPI {r['cpu_hapi']:.0f} s, workers {r['cpu_workers']:.0f} s; {shown}")
+        shown = "; ".join(
+            f"{t} {tasks[t]['wall_seconds']:.0f} s wall / {tasks[t]['task_seconds']:.0f} s in {tasks[t]['instances']}"
+            for t in order
+            if t in tasks
+        )
+        print(
+            f"{r['workers']} worker(s), run {r['run']}: {r['state']} in {r['seconds']:.0f} s, "
+            f"{r['observations_read']:,} Observations of {r['patients']:,} patients "
+            f"({r['observations_read'] / r['seconds']:,.0f}/s), Flags created {r['writes']['create']}; "
+            f"CPU: HAPI {r['cpu_hapi']:.0f} s, workers {r['cpu_workers']:.0f} s; {shown}"
+        )
     return 0
 
 

@@ -51,8 +51,9 @@ def history(pid: str, years: int, now: datetime) -> tuple[dict, int]:
             observations.append(observation(oid, concept, value, time=when, patient=ref))
             ids.append(oid)
         reports.append(report(f"{pid}-r{week}", ids, when, ref))
-    medication = statement(f"{pid}-cloz", "clozapine 200 mg", start=(now - timedelta(days=400)).strftime("%Y-%m-%d"),
-                           patient_ref=ref)
+    medication = statement(
+        f"{pid}-cloz", "clozapine 200 mg", start=(now - timedelta(days=400)).strftime("%Y-%m-%d"), patient_ref=ref
+    )
 
     def bundle(resources):
         return {"resourceType": "Bundle", "type": "searchset", "entry": [{"resource": r} for r in resources]}
@@ -94,8 +95,10 @@ def main() -> int:
                             times.append(elapsed * 1000)
                 times.sort()
                 p95 = times[int(round(0.95 * (len(times) - 1)))]
-                print(f"| {name} | {args.years} years, {count:,} Observations | {len(body) / 1e6:.1f} MB | "
-                      f"{len(times)} | {statistics.median(times):.0f} ms | {p95:.0f} ms | {times[-1]:.0f} ms |")
+                print(
+                    f"| {name} | {args.years} years, {count:,} Observations | {len(body) / 1e6:.1f} MB | "
+                    f"{len(times)} | {statistics.median(times):.0f} ms | {p95:.0f} ms | {times[-1]:.0f} ms |"
+                )
     return 0
 
 

@@ -50,10 +50,14 @@ def one_round(base: str, patient: str, way: str, writers: int) -> tuple[Counter,
     lock = threading.Lock()
 
     def write(n: int) -> None:
-        flag = {"resourceType": "Flag", "id": flag_id, "status": "active", "code": {"text": f"writer {n}"},
-                "subject": {"reference": f"Patient/{patient}"}}
-        entry = {"resource": flag,
-                 "request": {"method": "PUT", "url": f"Flag/{flag_id}", **WAYS[way]}}
+        flag = {
+            "resourceType": "Flag",
+            "id": flag_id,
+            "status": "active",
+            "code": {"text": f"writer {n}"},
+            "subject": {"reference": f"Patient/{patient}"},
+        }
+        entry = {"resource": flag, "request": {"method": "PUT", "url": f"Flag/{flag_id}", **WAYS[way]}}
         bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [entry]}
         with requests.Session() as session:
             barrier.wait()
@@ -71,8 +75,9 @@ def one_round(base: str, patient: str, way: str, writers: int) -> tuple[Counter,
         thread.start()
     for thread in threads:
         thread.join()
-    history = requests.get(f"{base}/Flag/{flag_id}/_history", headers={"Accept": FHIR_JSON,
-                                                                       "Cache-Control": "no-cache"}, timeout=60).json()
+    history = requests.get(
+        f"{base}/Flag/{flag_id}/_history", headers={"Accept": FHIR_JSON, "Cache-Control": "no-cache"}, timeout=60
+    ).json()
     return answers, len(history.get("entry") or [])
 
 
@@ -85,8 +90,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     base = args.fhir_url.rstrip("/")
     patient = f"bench-{uuid.uuid4().hex[:12]}"
-    requests.put(f"{base}/Patient/{patient}", json={"resourceType": "Patient", "id": patient},
-                 headers={"Content-Type": FHIR_JSON}, timeout=60).raise_for_status()
+    requests.put(
+        f"{base}/Patient/{patient}",
+        json={"resourceType": "Patient", "id": patient},
+        headers={"Content-Type": FHIR_JSON},
+        timeout=60,
+    ).raise_for_status()
     for way in args.ways.split(","):
         applied: Counter = Counter()
         answers: Counter = Counter()

@@ -48,8 +48,12 @@ from support.listen_process import listen_service  # noqa: E402
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\u2028]")
 # In a request's path: a carriage return starting a forged record, ANSI escapes (clear the screen, red) and a NUL,
 # a line feed, a Unicode line separator.
-FORGED = ["x%0D2030-01-01 00:00:00,000 ERROR forged", "x%1B[2J%1B[31mred%00nul", "x%0A2030-01-01 forged",
-          "x%E2%80%A82030-01-01 forged"]
+FORGED = [
+    "x%0D2030-01-01 00:00:00,000 ERROR forged",
+    "x%1B[2J%1B[31mred%00nul",
+    "x%0A2030-01-01 forged",
+    "x%E2%80%A82030-01-01 forged",
+]
 
 
 def valid(target, timeout=3.0):
@@ -63,8 +67,10 @@ def idle_300(target) -> str:
         while time.monotonic() - started < 20:
             try:
                 if 200 <= valid(target) < 300:
-                    return (f"notification accepted after {time.monotonic() - started:.2f} s; "
-                            f"{open_descriptors(target.pid)} descriptors open")
+                    return (
+                        f"notification accepted after {time.monotonic() - started:.2f} s; "
+                        f"{open_descriptors(target.pid)} descriptors open"
+                    )
             except requests.RequestException:
                 time.sleep(0.2)
         return f"no notification accepted in 20 s ({open_descriptors(target.pid)} descriptors open)"
@@ -77,12 +83,16 @@ def slow_clients(target) -> dict[str, str]:
     sockets = {name: connect(target.port) for name in cases}
     sockets["slow body"].sendall(head)
     with ThreadPoolExecutor(3) as pool:
-        futures = {name: pool.submit(closed_within, sockets[name], limit, trickle, 1.0)
-                   for name, (trickle, limit) in cases.items()}
+        futures = {
+            name: pool.submit(closed_within, sockets[name], limit, trickle, 1.0)
+            for name, (trickle, limit) in cases.items()
+        }
     for sock in sockets.values():
         sock.close()
-    return {name: (f"closed after {f.result():.1f} s" if f.result() else f"open after {cases[name][1]} s")
-            for name, f in futures.items()}
+    return {
+        name: (f"closed after {f.result():.1f} s" if f.result() else f"open after {cases[name][1]} s")
+        for name, f in futures.items()
+    }
 
 
 def head_flood(target) -> str:
@@ -97,8 +107,10 @@ def chunked(target) -> str:
     head = request_head("PUT", "/notify/Observation/big", dict(target.auth(), **{"Transfer-Encoding": "chunked"}))
     status, sent = send_chunked(target.port, head, 50_000_000)
     rss2, peak2 = memory_kib(target.pid)
-    return (f"answer {status} after {sent / 1e6:.1f} MB sent; RSS {rss / 1024:.0f} → {rss2 / 1024:.0f} MB, "
-            f"peak {peak / 1024:.0f} → {peak2 / 1024:.0f} MB")
+    return (
+        f"answer {status} after {sent / 1e6:.1f} MB sent; RSS {rss / 1024:.0f} → {rss2 / 1024:.0f} MB, "
+        f"peak {peak / 1024:.0f} → {peak2 / 1024:.0f} MB"
+    )
 
 
 def deep_json(target) -> str:
@@ -113,8 +125,10 @@ def log_forgery(target) -> str:
         for path in [f"/notify/{forged}" for forged in FORGED] + ["/notify/Observation/" + "a" * 60_000]:
             exchange(target.port, request_head("PUT", path, dict(headers, **{"Content-Length": "0"})), timeout=5)
     text = target.log_text()
-    return (f"{len(CONTROL.findall(text))} control characters in the log; longest line "
-            f"{max(len(line) for line in text.splitlines()):,} characters")
+    return (
+        f"{len(CONTROL.findall(text))} control characters in the log; longest line "
+        f"{max(len(line) for line in text.splitlines()):,} characters"
+    )
 
 
 def refusals(target) -> str:
@@ -123,8 +137,11 @@ def refusals(target) -> str:
         for i in range(300):
             session.put(f"{target.url}/notify/Observation/r{i}", data=b"{}", timeout=10)
     time.sleep(11)  # past the summary interval
-    lines = [line for line in target.log_text().splitlines()[before:] if "/notify/Observation/r" in line
-             or "more in the last" in line]
+    lines = [
+        line
+        for line in target.log_text().splitlines()[before:]
+        if "/notify/Observation/r" in line or "more in the last" in line
+    ]
     return f"{len(lines)} log lines for 300 refused requests"
 
 
@@ -136,13 +153,19 @@ def main() -> int:
     args = parser.parse_args()
     print("| case | result |\n|---|---|")
     with tempfile.TemporaryDirectory(prefix="hostile-bench-") as tmp:
-        for name, case in (("idle 300", idle_300), ("slow", slow_clients), ("head flood", head_flood),
-                           ("chunked 50 MB", chunked), ("deep JSON", deep_json), ("log", log_forgery),
-                           ("refusals", refusals)):
+        for name, case in (
+            ("idle 300", idle_300),
+            ("slow", slow_clients),
+            ("head flood", head_flood),
+            ("chunked 50 MB", chunked),
+            ("deep JSON", deep_json),
+            ("log", log_forgery),
+            ("refusals", refusals),
+        ):
             # A fresh receiver per case: one case's sockets or memory never weigh on the next.
             with listen_service(Path(tmp) / name, args.port, nofile=args.nofile, cwd=args.source) as target:
                 result = case(target)
-            for key, value in (result.items() if isinstance(result, dict) else [(name, result)]):
+            for key, value in result.items() if isinstance(result, dict) else [(name, result)]:
                 print(f"| {key} | {value} |", flush=True)
     return 0
 

@@ -60,15 +60,33 @@ def bulk_import(base_url: str, folder: Path, port: int) -> None:
     session = requests.Session()
     try:
         for rtype in sorted((f.stem for f in folder.glob("*.ndjson")), key=TYPE_ORDER.index):
-            body = {"resourceType": "Parameters", "parameter": [
-                {"name": "inputFormat", "valueCode": "application/fhir+ndjson"},
-                {"name": "inputSource", "valueUri": f"http://127.0.0.1:{port}/"},
-                {"name": "storageDetail", "part": [{"name": "type", "valueCode": "https"},
-                                                   {"name": "maxBatchResourceCount", "valueString": "500"}]},
-                {"name": "input", "part": [{"name": "type", "valueCode": rtype},
-                                           {"name": "url", "valueUri": f"http://127.0.0.1:{port}/{rtype}.ndjson"}]}]}
-            answer = session.post(f"{base_url}/$import", json=body, timeout=300,
-                                  headers={"Prefer": "respond-async", "Content-Type": "application/fhir+json"})
+            body = {
+                "resourceType": "Parameters",
+                "parameter": [
+                    {"name": "inputFormat", "valueCode": "application/fhir+ndjson"},
+                    {"name": "inputSource", "valueUri": f"http://127.0.0.1:{port}/"},
+                    {
+                        "name": "storageDetail",
+                        "part": [
+                            {"name": "type", "valueCode": "https"},
+                            {"name": "maxBatchResourceCount", "valueString": "500"},
+                        ],
+                    },
+                    {
+                        "name": "input",
+                        "part": [
+                            {"name": "type", "valueCode": rtype},
+                            {"name": "url", "valueUri": f"http://127.0.0.1:{port}/{rtype}.ndjson"},
+                        ],
+                    },
+                ],
+            }
+            answer = session.post(
+                f"{base_url}/$import",
+                json=body,
+                timeout=300,
+                headers={"Prefer": "respond-async", "Content-Type": "application/fhir+json"},
+            )
             if answer.status_code != 202:
                 sys.exit(f"$import of {rtype}: HTTP {answer.status_code} {answer.text[:1000]}")
             poll = answer.headers["Content-Location"]
@@ -99,8 +117,9 @@ def main() -> int:
     parser.add_argument("--trials", default="1x200,2x200,4x200", help="WORKERSxBATCH, comma-separated, in order")
     parser.add_argument("--import", dest="bulk_import", action="store_true", help="also a trial of $import")
     parser.add_argument("--data", help="folder for the generated NDJSON and the server's data (default: temporary)")
-    parser.add_argument("--fhir-url",
-                        help="a running server (its CPU measured if scripts/fhir-server runs it on --port)")
+    parser.add_argument(
+        "--fhir-url", help="a running server (its CPU measured if scripts/fhir-server runs it on --port)"
+    )
     parser.add_argument("--prefix", default="t", help="id prefix of the trials' populations (new ones per run)")
     args = parser.parse_args()
     work = Path(args.data or tempfile.mkdtemp(prefix="leukofhir-load-bench-", dir="/tmp"))
@@ -127,10 +146,22 @@ def main() -> int:
                 used = cpu_used(before, cpu(args.port))
                 per = {k: round(v / written * 1000, 2) for k, v in used.items()}
                 label = "$import" if workers == "import" else f"{workers} worker(s) x {batch}"
-                print(json.dumps({"db": db, "trial": number, "how": label, "resources": written,
-                                  "seconds": round(seconds, 1), "per_second": round(written / seconds),
-                                  "cpu_seconds": used, "cpu_ms_per_resource": per,
-                                  "load_average": [load_before, load_average()]}), flush=True)
+                print(
+                    json.dumps(
+                        {
+                            "db": db,
+                            "trial": number,
+                            "how": label,
+                            "resources": written,
+                            "seconds": round(seconds, 1),
+                            "per_second": round(written / seconds),
+                            "cpu_seconds": used,
+                            "cpu_ms_per_resource": per,
+                            "load_average": [load_before, load_average()],
+                        }
+                    ),
+                    flush=True,
+                )
     finally:
         if not args.fhir_url:
             stop_server(args.port)

@@ -52,8 +52,9 @@ def measure_run(airflow: LocalAirflow, client: FhirClient, shape: str, tag: str)
     dag_id = SHAPES[shape]
     conf = {"patients": [f"Patient/{pid}"], **({"chunks": 1} if shape == "chain" else {})}
     run_id = f"bench-{tag}"
-    answer = airflow.api("POST", f"dags/{dag_id}/dagRuns", json={"dag_run_id": run_id, "logical_date": None,
-                                                                 "conf": conf})
+    answer = airflow.api(
+        "POST", f"dags/{dag_id}/dagRuns", json={"dag_run_id": run_id, "logical_date": None, "conf": conf}
+    )
     answer.raise_for_status()
     (run,) = airflow.wait_for_runs(dag_id, 1, seconds=600, dag_run_id=run_id)
     if run["state"] != "success":
@@ -63,10 +64,15 @@ def measure_run(airflow: LocalAirflow, client: FhirClient, shape: str, tag: str)
     queued, started = instant(run["queued_at"]), instant(run["start_date"])
     own = sum((instant(t["end_date"]) - instant(t["start_date"])).total_seconds() for t in tasks)
     written = instant(flag["meta"]["lastUpdated"])
-    return {"shape": shape, "to_flag": (written - queued).total_seconds(),
-            "queue_wait": (started - queued).total_seconds(), "tasks": len(tasks), "task_seconds": own,
-            "run_seconds": (instant(run["end_date"]) - queued).total_seconds(),
-            "between_tasks": (instant(tasks[-1]["end_date"]) - instant(tasks[0]["start_date"])).total_seconds() - own}
+    return {
+        "shape": shape,
+        "to_flag": (written - queued).total_seconds(),
+        "queue_wait": (started - queued).total_seconds(),
+        "tasks": len(tasks),
+        "task_seconds": own,
+        "run_seconds": (instant(run["end_date"]) - queued).total_seconds(),
+        "between_tasks": (instant(tasks[-1]["end_date"]) - instant(tasks[0]["start_date"])).total_seconds() - own,
+    }
 
 
 def main() -> int:
@@ -83,34 +89,46 @@ def main() -> int:
         base_url = args.fhir_url or start_server(args.fhir_port, work / "hapi")
         try:
             for config in args.configs.split(","):
-                env = {"AIRFLOW_CONN_FHIR_DEFAULT": json.dumps({"conn_type": "fhir", "host": base_url}),
-                       **CONFIGS[config]}
-                with LocalAirflow(work / f"airflow-{config}", args.airflow_port, dags_folder=ROOT / "dags",
-                                  extra_env=env) as airflow, FhirClient(base_url, timeout=120) as client:
+                env = {
+                    "AIRFLOW_CONN_FHIR_DEFAULT": json.dumps({"conn_type": "fhir", "host": base_url}),
+                    **CONFIGS[config],
+                }
+                with (
+                    LocalAirflow(
+                        work / f"airflow-{config}", args.airflow_port, dags_folder=ROOT / "dags", extra_env=env
+                    ) as airflow,
+                    FhirClient(base_url, timeout=120) as client,
+                ):
                     for dag_id in SHAPES.values():
                         airflow.unpause(dag_id)
                     # One warm-up run of each (the first task of a fresh Airflow also pays for cold disk caches).
                     for shape in SHAPES:
                         measure_run(airflow, client, shape, f"warm-{config}-{shape}-{uuid.uuid4().hex[:8]}")
                     for n in range(args.runs):
-                        for shape in (SHAPES if n % 2 == 0 else reversed(list(SHAPES))):
+                        for shape in SHAPES if n % 2 == 0 else reversed(list(SHAPES)):
                             m = measure_run(airflow, client, shape, f"{config}-{shape}-{n}-{uuid.uuid4().hex[:8]}")
                             results.setdefault(f"{config}/{shape}", []).append(m)
-                            print(f"{config:8} {shape:6} trigger→Flag {m['to_flag']:5.1f} s  queued "
-                                  f"{m['queue_wait']:4.1f} s  {m['tasks']} task(s) {m['task_seconds']:5.1f} s  "
-                                  f"between tasks {m['between_tasks']:5.1f} s  run {m['run_seconds']:5.1f} s",
-                                  flush=True)
+                            print(
+                                f"{config:8} {shape:6} trigger→Flag {m['to_flag']:5.1f} s  queued "
+                                f"{m['queue_wait']:4.1f} s  {m['tasks']} task(s) {m['task_seconds']:5.1f} s  "
+                                f"between tasks {m['between_tasks']:5.1f} s  run {m['run_seconds']:5.1f} s",
+                                flush=True,
+                            )
                         time.sleep(1)
         finally:
             if not args.fhir_url:
                 stop_server(args.fhir_port)
     print("\nmedians (seconds)      trigger→Flag  queued  tasks' own  between tasks  whole run")
     for key, runs in results.items():
-        med = {k: statistics.median(r[k] for r in runs)
-               for k in ("to_flag", "queue_wait", "task_seconds", "between_tasks", "run_seconds")}
-        print(f"{key:22} {med['to_flag']:12.1f} {med['queue_wait']:7.1f} {med['task_seconds']:11.1f} "
-              f"{med['between_tasks']:14.1f} {med['run_seconds']:10.1f}   (runs: {len(runs)}; trigger→Flag "
-              f"{min(r['to_flag'] for r in runs):.1f}-{max(r['to_flag'] for r in runs):.1f})")
+        med = {
+            k: statistics.median(r[k] for r in runs)
+            for k in ("to_flag", "queue_wait", "task_seconds", "between_tasks", "run_seconds")
+        }
+        print(
+            f"{key:22} {med['to_flag']:12.1f} {med['queue_wait']:7.1f} {med['task_seconds']:11.1f} "
+            f"{med['between_tasks']:14.1f} {med['run_seconds']:10.1f}   (runs: {len(runs)}; trigger→Flag "
+            f"{min(r['to_flag'] for r in runs):.1f}-{max(r['to_flag'] for r in runs):.1f})"
+        )
     return 0
 
 

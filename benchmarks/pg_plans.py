@@ -43,10 +43,32 @@ def psql(home: Path, pg_port: int, sql: str, database: str = "hapi") -> str:
     import pwd
 
     user = pwd.getpwuid(owner).pw_name
-    prefix = ["setpriv", f"--reuid={user}", f"--regid={pwd.getpwuid(owner).pw_gid}", "--init-groups", "--"] \
-        if owner != 0 and subprocess.os.getuid() == 0 else []
-    done = subprocess.run([*prefix, "psql", "-X", "-q", "-h", str(home / "run"), "-p", str(pg_port), "-U", user,
-                           "-d", database, "-v", "ON_ERROR_STOP=1"], input=sql, capture_output=True, text=True)
+    prefix = (
+        ["setpriv", f"--reuid={user}", f"--regid={pwd.getpwuid(owner).pw_gid}", "--init-groups", "--"]
+        if owner != 0 and subprocess.os.getuid() == 0
+        else []
+    )
+    done = subprocess.run(
+        [
+            *prefix,
+            "psql",
+            "-X",
+            "-q",
+            "-h",
+            str(home / "run"),
+            "-p",
+            str(pg_port),
+            "-U",
+            user,
+            "-d",
+            database,
+            "-v",
+            "ON_ERROR_STOP=1",
+        ],
+        input=sql,
+        capture_output=True,
+        text=True,
+    )
     if done.returncode:
         raise RuntimeError(done.stderr[-2000:])
     return done.stdout
@@ -99,8 +121,10 @@ def main() -> int:
     base = f"http://127.0.0.1:{args.port}/fhir"
     session = requests.Session()
     session.headers.update({"Accept": "application/fhir+json", "Cache-Control": "no-cache"})
-    ids = [e["resource"]["id"] for e in session.get(f"{base}/Patient", params={"_count": args.patients,
-                                                                                "_elements": "id"}).json()["entry"]]
+    ids = [
+        e["resource"]["id"]
+        for e in session.get(f"{base}/Patient", params={"_count": args.patients, "_elements": "id"}).json()["entry"]
+    ]
     log_file = home / "postgres.log"
     offset = log_file.stat().st_size
     psql(home, pg_port, "ALTER SYSTEM SET log_min_duration_statement = 0; SELECT pg_reload_conf();", "postgres")
@@ -111,8 +135,10 @@ def main() -> int:
             params = {**params, "_count": PAGE_SIZE}
             begin = time.perf_counter()
             answer = session.post(f"{base}/{resource_type}/_search", data=params, timeout=600)
-            shown.append(f"{resource_type} {sorted(params)}: HTTP {answer.status_code}, "
-                         f"{len(answer.json().get('entry') or [])} entries, {time.perf_counter() - begin:.2f} s")
+            shown.append(
+                f"{resource_type} {sorted(params)}: HTTP {answer.status_code}, "
+                f"{len(answer.json().get('entry') or [])} entries, {time.perf_counter() - begin:.2f} s"
+            )
     finally:
         psql(home, pg_port, "ALTER SYSTEM RESET log_min_duration_statement; SELECT pg_reload_conf();", "postgres")
     with open(log_file, encoding="utf-8", errors="replace") as fh:

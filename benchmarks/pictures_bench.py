@@ -57,17 +57,24 @@ def pictures(observations: int) -> None:
     trends_json = len(json.dumps(report["trends"]))
     html_with, html_without = len(render_report(report)), len(render_report(plain))
     print(f"{observations:,} Observations, {len(checked.flags):,} Flags; read..build_flags {stages:.1f} s")
-    print(f"trend series: +{with_trends - without:.3f} s ({with_trends - without:.3f} / {stages:.1f} s of the stages, "
-          f"{(with_trends - without) / stages:.2%}); {len(report['trends'])} pictures, {trends_json / 1024:.0f} kB "
-          f"in report.json, report.html {html_without / 1024:.0f} kB -> {html_with / 1024:.0f} kB")
+    print(
+        f"trend series: +{with_trends - without:.3f} s ({with_trends - without:.3f} / {stages:.1f} s of the stages, "
+        f"{(with_trends - without) / stages:.2%}); {len(report['trends'])} pictures, {trends_json / 1024:.0f} kB "
+        f"in report.json, report.html {html_without / 1024:.0f} kB -> {html_with / 1024:.0f} kB"
+    )
 
 
 def board(flags: int) -> None:
     rng = random.Random(7)
     base = "http://127.0.0.1:8080/fhir"
     as_of = datetime(2025, 3, 1, tzinfo=timezone.utc)
-    conditions = ["Leukopenia", "Neutropenia", "Agranulocytosis", "Lymphocyte count below reference range",
-                  "Pancytopenia"]
+    conditions = [
+        "Leukopenia",
+        "Neutropenia",
+        "Agranulocytosis",
+        "Lymphocyte count below reference range",
+        "Pancytopenia",
+    ]
     made = []
     for i in range(flags):
         start = as_of - timedelta(days=rng.uniform(0, 3650))
@@ -75,13 +82,26 @@ def board(flags: int) -> None:
         grade = rng.randint(1, 4)
         ext = [{"url": "https://leukofhir.org/fhir/StructureDefinition/ctcae-grade", "valueInteger": grade}]
         if rng.random() < 0.3:
-            ext.append({"url": "http://hl7.org/fhir/StructureDefinition/flag-detail",
-                        "valueReference": {"reference": f"MedicationStatement/m{i}", "display": "clozapine"}})
+            ext.append(
+                {
+                    "url": "http://hl7.org/fhir/StructureDefinition/flag-detail",
+                    "valueReference": {"reference": f"MedicationStatement/m{i}", "display": "clozapine"},
+                }
+            )
         display = rng.choice(conditions)
-        made.append({"resourceType": "Flag", "status": status, "subject": {"reference": f"Patient/p{i}"},
-                     "code": {"coding": [{"display": display}],
-                              "text": f"{display} — WBC 2.1 ×10^9/L on {start:%Y-%m-%d}, CTCAE v5.0 grade {grade}"},
-                     "period": {"start": start.strftime("%Y-%m-%dT%H:%M:%SZ")}, "extension": ext})
+        made.append(
+            {
+                "resourceType": "Flag",
+                "status": status,
+                "subject": {"reference": f"Patient/p{i}"},
+                "code": {
+                    "coding": [{"display": display}],
+                    "text": f"{display} — WBC 2.1 ×10^9/L on {start:%Y-%m-%d}, CTCAE v5.0 grade {grade}",
+                },
+                "period": {"start": start.strftime("%Y-%m-%dT%H:%M:%SZ")},
+                "extension": ext,
+            }
+        )
     t0 = time.perf_counter()
     counted = Board(as_of=as_of, server=base)
     for flag in made:
@@ -90,8 +110,10 @@ def board(flags: int) -> None:
     t1 = time.perf_counter()
     page = render_board(counted)
     t2 = time.perf_counter()
-    print(f"board: {flags:,} Flags counted in {t1 - t0:.2f} s ({flags / (t1 - t0):,.0f} Flags/s), rendered in "
-          f"{t2 - t1:.3f} s; board.html {len(page) / 1024:.0f} kB ({len(counted.rows):,} table rows)")
+    print(
+        f"board: {flags:,} Flags counted in {t1 - t0:.2f} s ({flags / (t1 - t0):,.0f} Flags/s), rendered in "
+        f"{t2 - t1:.3f} s; board.html {len(page) / 1024:.0f} kB ({len(counted.rows):,} table rows)"
+    )
 
 
 def main() -> None:

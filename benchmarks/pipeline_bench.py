@@ -60,8 +60,9 @@ def start_server(port: int, data: Path) -> str:
 
 
 def stop_server(port: int) -> None:
-    subprocess.run([str(ROOT / "scripts" / "fhir-server"), "stop"], env=dict(os.environ, FHIR_PORT=str(port)),
-                   capture_output=True)
+    subprocess.run(
+        [str(ROOT / "scripts" / "fhir-server"), "stop"], env=dict(os.environ, FHIR_PORT=str(port)), capture_output=True
+    )
 
 
 def bare_loop(base_url: str, window: Window, types: Counter | None = None) -> tuple[float, int, int]:
@@ -109,9 +110,28 @@ def bare_loop(base_url: str, window: Window, types: Counter | None = None) -> tu
 def pipeline(base_url: str, since: str, until: str, out: Path) -> dict:
     """`leukofhir run` in a fresh process (its peak RSS its own); returns the report and that process's peak."""
     begin = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "leukofhir.cli", "run", "--fhir-url", base_url, "--since", since,
-                           "--until", until, "--window-field", "effective", "--out", str(out), "--timeout", "300"],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "leukofhir.cli",
+            "run",
+            "--fhir-url",
+            base_url,
+            "--since",
+            since,
+            "--until",
+            until,
+            "--window-field",
+            "effective",
+            "--out",
+            str(out),
+            "--timeout",
+            "300",
+        ],
+        capture_output=True,
+        text=True,
+    )
     seconds = time.perf_counter() - begin
     if done.returncode:
         sys.exit(f"leukofhir run failed ({done.returncode}):\n{done.stderr[-3000:]}")
@@ -151,8 +171,11 @@ def main() -> int:
                         loaded = load_files(client, [str(folder)], batch_size=500)
                     total = sum(loaded.written.values())
                     seconds = time.perf_counter() - begin
-                    print(f"loaded {total:,} resources ({count:,} Observations) in {seconds:.0f} s "
-                          f"({total / seconds:,.0f} resources/s)", flush=True)
+                    print(
+                        f"loaded {total:,} resources ({count:,} Observations) in {seconds:.0f} s "
+                        f"({total / seconds:,.0f} resources/s)",
+                        flush=True,
+                    )
                     if not loaded.ok:
                         sys.exit(f"load refused {len(loaded.rejected)} resources: {loaded.rejected[:3]}")
             window = Window.parse(LARGE[3], LARGE[4], "effective")
@@ -163,8 +186,11 @@ def main() -> int:
             small = pipeline(base_url, SMALL[3], SMALL[4], work / "run-small")
             small_rss = rss_mb()
             small_obs = small["read"].get("Observation", 0)
-            print(f"small window run: {small_obs:,} Observations in {small['wall_seconds']:.1f} s, peak RSS "
-                  f"{small_rss:,.0f} MB", flush=True)
+            print(
+                f"small window run: {small_obs:,} Observations in {small['wall_seconds']:.1f} s, peak RSS "
+                f"{small_rss:,.0f} MB",
+                flush=True,
+            )
             bare1, pages, obs = bare_loop(base_url, window)
             print(f"bare requests loop: {pages:,} pages, {obs:,} Observations in {bare1:.1f} s", flush=True)
             first = pipeline(base_url, LARGE[3], LARGE[4], work / "run-first")
@@ -172,19 +198,27 @@ def main() -> int:
             print(f"bare requests loop again: {bare2:.1f} s", flush=True)
             again = pipeline(base_url, LARGE[3], LARGE[4], work / "run-again")
             large_rss = rss_mb()  # the largest of all the runs' peaks
-            for name, run, bare in (("first run (writes the Flags)", first, bare1),
-                                    ("converged re-run (writes nothing)", again, bare2)):
+            for name, run, bare in (
+                ("first run (writes the Flags)", first, bare1),
+                ("converged re-run (writes nothing)", again, bare2),
+            ):
                 run_obs = run["read"].get("Observation", 0)
                 steps = ", ".join(f"{k} {v:.1f} s" for k, v in run["seconds"].items() if k != "total")
-                print(f"leukofhir run, {name}: {run_obs:,} Observations in {run['wall_seconds']:.1f} s "
-                      f"= {run_obs / run['wall_seconds']:,.0f} Observations/s; ratio bare / pipeline "
-                      f"{bare / run['wall_seconds']:.2f} (target >= 0.8); steps: {steps}; writes {run['writes']}")
+                print(
+                    f"leukofhir run, {name}: {run_obs:,} Observations in {run['wall_seconds']:.1f} s "
+                    f"= {run_obs / run['wall_seconds']:,.0f} Observations/s; ratio bare / pipeline "
+                    f"{bare / run['wall_seconds']:.2f} (target >= 0.8); steps: {steps}; writes {run['writes']}"
+                )
             written = sum(first["writes"][k] for k in ("create", "update", "withdraw"))
-            print(f"Flag writes: {written:,} in {first['seconds']['write']:.1f} s "
-                  f"= {written / max(first['seconds']['write'], 1e-9):,.0f} Flags/s")
-            print(f"peak RSS: {small_obs:,}-Observation window {small_rss:,.0f} MB; "
-                  f"{again['read'].get('Observation', 0):,}-Observation window {large_rss:,.0f} MB = "
-                  f"{large_rss / small_rss:.2f}x (target <= 1.5x)")
+            print(
+                f"Flag writes: {written:,} in {first['seconds']['write']:.1f} s "
+                f"= {written / max(first['seconds']['write'], 1e-9):,.0f} Flags/s"
+            )
+            print(
+                f"peak RSS: {small_obs:,}-Observation window {small_rss:,.0f} MB; "
+                f"{again['read'].get('Observation', 0):,}-Observation window {large_rss:,.0f} MB = "
+                f"{large_rss / small_rss:.2f}x (target <= 1.5x)"
+            )
         finally:
             if started:
                 stop_server(args.port)

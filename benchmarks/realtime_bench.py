@@ -76,8 +76,10 @@ def log_time(text: str) -> datetime:
 
 
 def cbc(pid: str, when: str) -> list[dict]:
-    results = [observation(f"{pid}-{concept.replace('_', '-')}", concept, value, time=when, patient=f"Patient/{pid}")
-               for concept, value in PANEL]
+    results = [
+        observation(f"{pid}-{concept.replace('_', '-')}", concept, value, time=when, patient=f"Patient/{pid}")
+        for concept, value in PANEL
+    ]
     return [*results, report(f"{pid}-cbc", [o["id"] for o in results], time=when, patient_ref=f"Patient/{pid}")]
 
 
@@ -96,8 +98,9 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
 
-def breakdown(pids: list[str], client: FhirClient, flags: dict[str, dict], airflow: LocalAirflow,
-              listen_log: Path) -> list[dict]:
+def breakdown(
+    pids: list[str], client: FhirClient, flags: dict[str, dict], airflow: LocalAirflow, listen_log: Path
+) -> list[dict]:
     received: dict[str, datetime] = {}
     formed: dict[str, datetime] = {}
     for line in listen_log.read_text().splitlines():
@@ -121,15 +124,21 @@ def breakdown(pids: list[str], client: FhirClient, flags: dict[str, dict], airfl
         evaluation = steps["find"] + steps["extract"] + steps["evaluate"]
         task_start = instant(task["start_date"])
         pipeline_start = (flagged - task_start).total_seconds() - evaluation - steps["write"]
-        rows.append({
-            "patient": pid, "total": (flagged - written).total_seconds(),
-            "delivery": (received[ref] - written).total_seconds(),
-            "debounce": (formed[run["dag_run_id"]] - received[ref]).total_seconds(),
-            "trigger": (instant(run["queued_at"]) - formed[run["dag_run_id"]]).total_seconds(),
-            "queued": (task_start - instant(run["queued_at"])).total_seconds(),
-            "start-up": pipeline_start, "evaluation": evaluation, "write": steps["write"],
-            "run": run["dag_run_id"], "run_patients": len(run["conf"]["patients"]),
-        })
+        rows.append(
+            {
+                "patient": pid,
+                "total": (flagged - written).total_seconds(),
+                "delivery": (received[ref] - written).total_seconds(),
+                "debounce": (formed[run["dag_run_id"]] - received[ref]).total_seconds(),
+                "trigger": (instant(run["queued_at"]) - formed[run["dag_run_id"]]).total_seconds(),
+                "queued": (task_start - instant(run["queued_at"])).total_seconds(),
+                "start-up": pipeline_start,
+                "evaluation": evaluation,
+                "write": steps["write"],
+                "run": run["dag_run_id"],
+                "run_patients": len(run["conf"]["patients"]),
+            }
+        )
     return rows
 
 
@@ -140,11 +149,18 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=12, help="seed of the arrival times (the same stream each run)")
     parser.add_argument("--debounce", type=float, help="the receiver's --debounce (default: its own, 1 s)")
     parser.add_argument("--max-wait", type=float, help="the receiver's --max-wait (default: its own, 5 s)")
-    parser.add_argument("--airflow-defaults", action="store_true",
-                        help="Airflow's own settings instead of the README's latency settings")
-    parser.add_argument("--set", action="append", default=[], metavar="AIRFLOW__SECTION__KEY=VALUE",
-                        help="one more Airflow setting (repeatable), "
-                             "e.g. AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME=0.25")
+    parser.add_argument(
+        "--airflow-defaults",
+        action="store_true",
+        help="Airflow's own settings instead of the README's latency settings",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="AIRFLOW__SECTION__KEY=VALUE",
+        help="one more Airflow setting (repeatable), e.g. AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME=0.25",
+    )
     parser.add_argument("--fhir-port", type=int, default=8695)
     parser.add_argument("--airflow-port", type=int, default=8696)
     parser.add_argument("--listen-port", type=int, default=8697)
@@ -159,15 +175,23 @@ def main() -> int:
     print(f"load average at start: {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} ({os.cpu_count()} cores)", flush=True)
     base_url = start_server(args.fhir_port, work / "hapi")
     try:
-        env = {"AIRFLOW_CONN_FHIR_DEFAULT": json.dumps({"conn_type": "fhir", "host": base_url}),
-               **({} if args.airflow_defaults else LATENCY_SETTINGS), **dict(kv.split("=", 1) for kv in args.set)}
-        receiver_args = [*(["--debounce", str(args.debounce)] if args.debounce is not None else []),
-                         *(["--max-wait", str(args.max_wait)] if args.max_wait is not None else [])]
-        with LocalAirflow(work / "airflow", args.airflow_port, dags_folder=ROOT / "dags", extra_env=env) as airflow, \
-                FhirClient(base_url, timeout=120) as client:
+        env = {
+            "AIRFLOW_CONN_FHIR_DEFAULT": json.dumps({"conn_type": "fhir", "host": base_url}),
+            **({} if args.airflow_defaults else LATENCY_SETTINGS),
+            **dict(kv.split("=", 1) for kv in args.set),
+        }
+        receiver_args = [
+            *(["--debounce", str(args.debounce)] if args.debounce is not None else []),
+            *(["--max-wait", str(args.max_wait)] if args.max_wait is not None else []),
+        ]
+        with (
+            LocalAirflow(work / "airflow", args.airflow_port, dags_folder=ROOT / "dags", extra_env=env) as airflow,
+            FhirClient(base_url, timeout=120) as client,
+        ):
             listen_env = dict(os.environ, TZ="UTC", LEUKOFHIR_HOOK_SECRET=SECRET, **airflow.receiver_environment())
-            with ListenProcess(work / "listen", args.listen_port, listen_env, fhir_url=base_url,
-                               args=tuple(receiver_args)) as listener:
+            with ListenProcess(
+                work / "listen", args.listen_port, listen_env, fhir_url=base_url, args=tuple(receiver_args)
+            ) as listener:
                 subscribe(client, f"{listener.url}/notify", SECRET, rules)
                 try:
                     put(client, *(patient(p) for p in [*pids, f"warm-{tag}"]))
@@ -199,17 +223,21 @@ def main() -> int:
     load = os.getloadavg()
     runs = {r["run"]: r["run_patients"] for r in rows}
     print(f"load average at end: {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
-    print(f"\n{len(rows)} patients, {len(runs)} runs of {DAG_ID} ({statistics.mean(runs.values()):.1f} patients a run "
-          f"on average, at most {max(runs.values())}); receiver: {' '.join(receiver_args) or 'defaults'}; Airflow: "
-          f"{'defaults' if args.airflow_defaults else 'latency settings'} {' '.join(args.set)}")
+    print(
+        f"\n{len(rows)} patients, {len(runs)} runs of {DAG_ID} ({statistics.mean(runs.values()):.1f} patients a run "
+        f"on average, at most {max(runs.values())}); receiver: {' '.join(receiver_args) or 'defaults'}; Airflow: "
+        f"{'defaults' if args.airflow_defaults else 'latency settings'} {' '.join(args.set)}"
+    )
     print(f"scheduler process CPU while the CBCs came: {scheduler_cpu:.0%} of a core")
     print(f"{'seconds':12} {'median':>7} {'p95':>7} {'max':>7}")
     for part in ("total", *PARTS):
         values = [r[part] for r in rows]
         print(f"{part:12} {statistics.median(values):7.1f} {percentile(values, 0.95):7.1f} {max(values):7.1f}")
     total = [r["total"] for r in rows]
-    print(f"\nObservation → Flag: median {statistics.median(total):.1f} s, p95 {percentile(total, 0.95):.1f} s, "
-          f"max {max(total):.1f} s (target p95 < 60 s, aim < 15 s)")
+    print(
+        f"\nObservation → Flag: median {statistics.median(total):.1f} s, p95 {percentile(total, 0.95):.1f} s, "
+        f"max {max(total):.1f} s (target p95 < 60 s, aim < 15 s)"
+    )
     (work / "latency.json").write_text(json.dumps(rows, indent=1))
     print(f"per patient: {work / 'latency.json'}")
     return 0

@@ -32,16 +32,28 @@ def generate_medications(folder: Path, statements: int, seed: int = 7) -> None:
     patients = max(1, statements // 10)
     with open(folder / "Patient.ndjson", "w") as fh:
         for p in range(patients):
-            fh.write(json.dumps({"resourceType": "Patient", "id": f"p{p}", "gender": "female",
-                                 "birthDate": "1960-01-01"}) + "\n")
+            fh.write(
+                json.dumps({"resourceType": "Patient", "id": f"p{p}", "gender": "female", "birthDate": "1960-01-01"})
+                + "\n"
+            )
     with open(folder / "MedicationStatement.ndjson", "w") as fh:
         for m in range(statements):
             begin = start + timedelta(days=rng.randint(0, 1000))
-            fh.write(json.dumps({
-                "resourceType": "MedicationStatement", "id": f"m{m}", "status": "active",
-                "medicationCodeableConcept": {"text": rng.choice(DRUGS)},
-                "subject": {"reference": f"Patient/p{rng.randrange(patients)}"},
-                "effectivePeriod": {"start": begin.isoformat(), "end": (begin + timedelta(days=120)).isoformat()}}))
+            fh.write(
+                json.dumps(
+                    {
+                        "resourceType": "MedicationStatement",
+                        "id": f"m{m}",
+                        "status": "active",
+                        "medicationCodeableConcept": {"text": rng.choice(DRUGS)},
+                        "subject": {"reference": f"Patient/p{rng.randrange(patients)}"},
+                        "effectivePeriod": {
+                            "start": begin.isoformat(),
+                            "end": (begin + timedelta(days=120)).isoformat(),
+                        },
+                    }
+                )
+            )
             fh.write("\n")
 
 
@@ -64,13 +76,19 @@ def measure(root: Path, shape: str, size: int) -> dict:
     if not folder.exists():
         folder.mkdir(parents=True)
         SHAPES[shape](folder, size)
-    run = subprocess.run([sys.executable, __file__, "--child", str(folder), str(root / f"{shape}-{size}-out")],
-                         capture_output=True, text=True, check=True)
+    run = subprocess.run(
+        [sys.executable, __file__, "--child", str(folder), str(root / f"{shape}-{size}-out")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     result = json.loads(run.stdout.strip().splitlines()[-1])
     read = result["read"]
-    result["rows"] = {"Observation": read.get("Observation", 0),
-                      "medication": sum(read.get(k, 0) for k in MEDICATION_KINDS),
-                      "other": sum(v for k, v in read.items() if k != "Observation" and k not in MEDICATION_KINDS)}
+    result["rows"] = {
+        "Observation": read.get("Observation", 0),
+        "medication": sum(read.get(k, 0) for k in MEDICATION_KINDS),
+        "other": sum(v for k, v in read.items() if k != "Observation" and k not in MEDICATION_KINDS),
+    }
     result["bytes"] = sum(p.stat().st_size for p in folder.iterdir())
     return result
 
@@ -95,10 +113,12 @@ def main() -> int:
             slopes[shape] = (delta, rows)
             total = sum(rows.values())
             bases.append(small["peak_kb"] * 1024 - delta / total * sum(small["rows"].values()))
-            print(f"{shape}: {small['rows']} rows ({small['bytes'] / 2**20:,.0f} MB) peak "
-                  f"{small['peak_kb'] / 1024:,.0f} MB; {large['rows']} rows ({large['bytes'] / 2**20:,.0f} MB) peak "
-                  f"{large['peak_kb'] / 1024:,.0f} MB; {delta / total:,.0f} bytes per row, "
-                  f"{delta / (large['bytes'] - small['bytes']):.2f} per byte")
+            print(
+                f"{shape}: {small['rows']} rows ({small['bytes'] / 2**20:,.0f} MB) peak "
+                f"{small['peak_kb'] / 1024:,.0f} MB; {large['rows']} rows ({large['bytes'] / 2**20:,.0f} MB) peak "
+                f"{large['peak_kb'] / 1024:,.0f} MB; {delta / total:,.0f} bytes per row, "
+                f"{delta / (large['bytes'] - small['bytes']):.2f} per byte"
+            )
         # Compact: Observations (and their Patients, a tenth as many: charged to the Observations, a margin).
         delta, rows = slopes["compact"]
         observation = delta / (rows["Observation"] + rows["other"])
@@ -108,8 +128,10 @@ def main() -> int:
         # DiagnosticReports listing them; their verbose Observations' extra strings too).
         delta, rows = slopes["synthea"]
         other = max(0.0, delta - observation * rows["Observation"] - medication * rows["medication"]) / rows["other"]
-        print(f"bytes per row: Observation {observation:,.0f}, medication {medication:,.0f}, other {other:,.0f}; "
-              f"fixed base (intercept) {min(bases) / 2**20:,.0f}-{max(bases) / 2**20:,.0f} MB")
+        print(
+            f"bytes per row: Observation {observation:,.0f}, medication {medication:,.0f}, other {other:,.0f}; "
+            f"fixed base (intercept) {min(bases) / 2**20:,.0f}-{max(bases) / 2**20:,.0f} MB"
+        )
     return 0
 
 

@@ -45,10 +45,18 @@ def measured(step: str, port: int, action, db: str) -> dict:
     resources, extra = action()
     seconds = time.perf_counter() - begin
     used = cpu_used(before, cpu(port))
-    result = {"db": db, "step": step, "resources": resources, "seconds": round(seconds, 1),
-              "per_second": round(resources / seconds) if seconds else None, "cpu_seconds": used,
-              "cpu_ms_per_resource": {k: round(v / max(resources, 1) * 1000, 3) for k, v in used.items()},
-              "load_average": [load_before, load_average()], "rss_mb": rss_mb(port), **extra}
+    result = {
+        "db": db,
+        "step": step,
+        "resources": resources,
+        "seconds": round(seconds, 1),
+        "per_second": round(resources / seconds) if seconds else None,
+        "cpu_seconds": used,
+        "cpu_ms_per_resource": {k: round(v / max(resources, 1) * 1000, 3) for k, v in used.items()},
+        "load_average": [load_before, load_average()],
+        "rss_mb": rss_mb(port),
+        **extra,
+    }
     print(json.dumps(result), flush=True)
     return result
 
@@ -106,8 +114,12 @@ def main() -> int:
     base_url = start_server(args.port, data / "server", args.db, args.heap)
     try:
         if "load" in steps:
-            measured("load", args.port, lambda: load_step(base_url, data, args.observations, args.workers,
-                                                          args.batch_size), args.db)
+            measured(
+                "load",
+                args.port,
+                lambda: load_step(base_url, data, args.observations, args.workers, args.batch_size),
+                args.db,
+            )
         if "pager" in steps:
             measured("pager", args.port, lambda: pager_step(base_url), args.db)
         if "export" in steps:

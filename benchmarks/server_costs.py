@@ -88,6 +88,7 @@ def load_average() -> str:
 def rss_mb(port: int) -> dict[str, float]:
     """Resident memory of the JVM, and of PostgreSQL's processes together (shared buffers counted once per process
     that touched them: an upper bound)."""
+
     def rss(pid: int) -> int:
         try:
             for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -96,10 +97,14 @@ def rss_mb(port: int) -> dict[str, float]:
         except OSError:
             pass
         return 0
+
     out = {"java": rss(java_pid(port) or 0) / 1024, "postgres": 0.0}
     master = postmaster_pid(port)
     if master:
-        pids = [master] + [int(e.name) for e in Path("/proc").iterdir()
-                           if e.name.isdigit() and (_stat(int(e.name)) or ["", "0"])[1] == str(master)]
+        pids = [master] + [
+            int(e.name)
+            for e in Path("/proc").iterdir()
+            if e.name.isdigit() and (_stat(int(e.name)) or ["", "0"])[1] == str(master)
+        ]
         out["postgres"] = sum(rss(p) for p in pids) / 1024
     return out

@@ -33,21 +33,23 @@ def synthetic_observations(n: int, seed: int = 0) -> pd.DataFrame:
     concept, code, unit, low, high = (np.array([p[i] for p in PANEL])[slot] for i in range(5))
     ids = pd.Series(np.arange(n)).astype(str)
     panel = np.arange(n) // len(PANEL)
-    frame = pd.DataFrame({
-        "row_id": ids,
-        "resource_id": "Observation/" + ids,
-        "version": "1",
-        "patient_id": "Patient/" + pd.Series(panel // 20).astype(str),
-        "concept": concept,
-        "code": code,
-        "value": rng.uniform(low.astype(float), high.astype(float)),
-        "comparator": None,
-        "unit": unit,
-        "status": "final",
-        "time": pd.Timestamp("2020-01-01", tz="UTC") + pd.to_timedelta(panel * 600, unit="s"),
-        "lln": np.nan,
-        "panel": "DiagnosticReport/" + pd.Series(panel).astype(str),
-    })
+    frame = pd.DataFrame(
+        {
+            "row_id": ids,
+            "resource_id": "Observation/" + ids,
+            "version": "1",
+            "patient_id": "Patient/" + pd.Series(panel // 20).astype(str),
+            "concept": concept,
+            "code": code,
+            "value": rng.uniform(low.astype(float), high.astype(float)),
+            "comparator": None,
+            "unit": unit,
+            "status": "final",
+            "time": pd.Timestamp("2020-01-01", tz="UTC") + pd.to_timedelta(panel * 600, unit="s"),
+            "lln": np.nan,
+            "panel": "DiagnosticReport/" + pd.Series(panel).astype(str),
+        }
+    )
     frame.loc[frame.index[::997], "unit"] = "10*12/L"
     return frame
 
@@ -74,11 +76,15 @@ def main() -> None:
         counting.append(time.perf_counter() - started)
     best = min(timings)
     print(f"GX setup (once per process): {setup:.2f} s")
-    print(f"validate_batch on {args.rows:,} Observation rows: {best:.2f} s ({args.rows / best:,.0f} rows/s); "
-          f"runs: {', '.join(f'{t:.2f}' for t in timings)} s")
+    print(
+        f"validate_batch on {args.rows:,} Observation rows: {best:.2f} s ({args.rows / best:,.0f} rows/s); "
+        f"runs: {', '.join(f'{t:.2f}' for t in timings)} s"
+    )
     print(f"valid {len(result.valid):,}, quarantined {len(result.reasons):,}")
-    print(f"contract_counts on the same rows: {min(counting):.2f} s ({min(counting) / best:.0%} of validate_batch); "
-          f"runs: {', '.join(f'{t:.2f}' for t in counting)} s")
+    print(
+        f"contract_counts on the same rows: {min(counting):.2f} s ({min(counting) / best:.0%} of validate_batch); "
+        f"runs: {', '.join(f'{t:.2f}' for t in counting)} s"
+    )
 
 
 if __name__ == "__main__":

@@ -82,8 +82,22 @@ def age_reached_ns(birth: date, age: AgeSpan) -> int:
 
 # UCUM and common unit words of a FHIR Age (Range.low/high of referenceRange.age) -> AgeSpan unit.
 _AGE_UNITS = {
-    "a": "y", "yr": "y", "year": "y", "years": "y", "mo": "m", "month": "m", "months": "m",
-    "wk": "w", "week": "w", "weeks": "w", "d": "d", "day": "d", "days": "d", "h": "h", "hour": "h", "hours": "h",
+    "a": "y",
+    "yr": "y",
+    "year": "y",
+    "years": "y",
+    "mo": "m",
+    "month": "m",
+    "months": "m",
+    "wk": "w",
+    "week": "w",
+    "weeks": "w",
+    "d": "d",
+    "day": "d",
+    "days": "d",
+    "h": "h",
+    "hour": "h",
+    "hours": "h",
     "min": "min",
 }
 

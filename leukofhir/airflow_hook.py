@@ -44,18 +44,34 @@ class FhirHook(BaseHook):
         extra = conn.extra_dejson
         base_url = base_url_from_parts(conn.host, conn.port, conn.schema, _extra(extra, "scheme"))
         # Only the connection counts here: environ={} keeps the worker's environment out of it.
-        kind = auth_kind(_extra(extra, "auth"), smart_client_id=_extra(extra, "smart_client_id"),
-                         token=_extra(extra, "token"), user=conn.login, environ={})
-        smart = {"client_id": _extra(extra, "smart_client_id"), "key_id": _extra(extra, "smart_key_id"),
-                 "scopes": _extra(extra, "smart_scopes"), "token_url": _extra(extra, "smart_token_url"),
-                 "private_key_path": _extra(extra, "smart_private_key_path")}
+        kind = auth_kind(
+            _extra(extra, "auth"),
+            smart_client_id=_extra(extra, "smart_client_id"),
+            token=_extra(extra, "token"),
+            user=conn.login,
+            environ={},
+        )
+        smart = {
+            "client_id": _extra(extra, "smart_client_id"),
+            "key_id": _extra(extra, "smart_key_id"),
+            "scopes": _extra(extra, "smart_scopes"),
+            "token_url": _extra(extra, "smart_token_url"),
+            "private_key_path": _extra(extra, "smart_private_key_path"),
+        }
         if kind == "smart" and not smart["private_key_path"]:
             smart["private_key"] = conn.password
         # A bearer token may sit in the password field (masked in the UI) or in extra.
         token = _extra(extra, "token") or (conn.password if kind == "bearer" else None)
         password = conn.password if kind == "basic" else None
-        auth = make_auth(kind, token=token, user=conn.login if kind == "basic" else None,
-                         password=password, smart=smart, base_url=base_url, environ={})
+        auth = make_auth(
+            kind,
+            token=token,
+            user=conn.login if kind == "basic" else None,
+            password=password,
+            smart=smart,
+            base_url=base_url,
+            environ={},
+        )
         try:
             timeout = float(_extra(extra, "timeout") or 60)
             max_retries = int(_extra(extra, "max_retries") if _extra(extra, "max_retries") is not None else 4)
@@ -83,5 +99,7 @@ class FhirHook(BaseHook):
                 return False, f"connection settings: {exc}"
             except Exception as exc:  # the UI shows the message; never str(exc), which may quote a setting
                 return False, f"unexpected {type(exc).__name__} talking to {redact_url(client.base_url)}"
-        return True, (f"FHIR server {redact_url(client.base_url)} answers (fhirVersion "
-                      f"{statement.get('fhirVersion')}) and declares everything leukofhir needs")
+        return True, (
+            f"FHIR server {redact_url(client.base_url)} answers (fhirVersion "
+            f"{statement.get('fhirVersion')}) and declares everything leukofhir needs"
+        )

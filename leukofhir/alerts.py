@@ -30,8 +30,13 @@ CLOSED = {"revoked", "entered-in-error", "completed"}  # a request the care team
 RECIPIENT_TYPES = {"Practitioner", "PractitionerRole", "Organization"}
 ALERT_ACTIONS = ("alert_create", "alert_revoke", "alert_refused")
 # The concept whose lowest value a critical Flag's request names, by the Flag's SNOMED code's condition.
-_LOWEST_CONCEPT = {"leukopenia": "wbc", "neutropenia": "anc", "agranulocytosis": "anc",
-                   "lymphopenia": "lymphocytes_abs", "pancytopenia": "wbc"}
+_LOWEST_CONCEPT = {
+    "leukopenia": "wbc",
+    "neutropenia": "anc",
+    "agranulocytosis": "anc",
+    "lymphopenia": "lymphocytes_abs",
+    "pancytopenia": "wbc",
+}
 
 
 def request_id(identifier: str) -> str:
@@ -67,24 +72,37 @@ def is_critical(flag: dict, rules: Rules) -> bool:
 
 def critical_subjects(flags: Iterable[dict], rules: Rules) -> set[str]:
     """The patients ("Patient/<id>") of the critical Flags among `flags`."""
-    return {ref for flag in flags if is_critical(flag, rules)
-            and isinstance(ref := (flag.get("subject") or {}).get("reference"), str)}
+    return {
+        ref
+        for flag in flags
+        if is_critical(flag, rules) and isinstance(ref := (flag.get("subject") or {}).get("reference"), str)
+    }
 
 
 def _lowest_observation(client: FhirClient, flag: dict, rules: Rules) -> str | None:
     """The evidence Observation with the lowest value of the Flag's concept, its units converted as the rules
     convert them (§1.2); the first piece of evidence when none can be compared."""
-    evidence = [e["valueReference"]["reference"] for e in flag.get("extension") or []
-                if isinstance(e, dict) and e.get("url") == DETAIL_URL
-                and isinstance((e.get("valueReference") or {}).get("reference"), str)
-                and e["valueReference"]["reference"].startswith("Observation/")]
+    evidence = [
+        e["valueReference"]["reference"]
+        for e in flag.get("extension") or []
+        if isinstance(e, dict)
+        and e.get("url") == DETAIL_URL
+        and isinstance((e.get("valueReference") or {}).get("reference"), str)
+        and e["valueReference"]["reference"].startswith("Observation/")
+    ]
     if not evidence:
         return None
     ids = [ref.split("/", 1)[1] for ref in evidence if is_valid_id(ref.split("/", 1)[1])]
-    condition = {c.snomed: name for name, c in (("leukopenia", rules.leukopenia), ("neutropenia", rules.neutropenia),
-                                                 ("agranulocytosis", rules.agranulocytosis),
-                                                 ("lymphopenia", rules.lymphopenia),
-                                                 ("pancytopenia", rules.pancytopenia))}.get(_code(flag))
+    condition = {
+        c.snomed: name
+        for name, c in (
+            ("leukopenia", rules.leukopenia),
+            ("neutropenia", rules.neutropenia),
+            ("agranulocytosis", rules.agranulocytosis),
+            ("lymphopenia", rules.lymphopenia),
+            ("pancytopenia", rules.pancytopenia),
+        )
+    }.get(_code(flag))
     normaliser = Normaliser(rules, base_url=client.base_url)
     for index, resource in enumerate(client.search("Observation", {"_id": ",".join(ids), "_count": PAGE_SIZE})):
         normaliser.add(resource, index)
@@ -139,14 +157,19 @@ def build_request(flag: dict, rules: Rules, lowest: str | None, recipients: list
 def _put(client: FhirClient, resource: dict, version: str) -> bool:
     """PUT with If-Match (NEW for a create: refused when anything is or was at the id); False when refused for a
     version that moved (another run wrote it first: the next run decides again)."""
-    entry = {"resource": resource, "request": {"method": "PUT", "url": f"CommunicationRequest/{resource['id']}",
-                                               "ifMatch": f'W/"{version}"'}}
+    entry = {
+        "resource": resource,
+        "request": {"method": "PUT", "url": f"CommunicationRequest/{resource['id']}", "ifMatch": f'W/"{version}"'},
+    }
     try:
         client.transaction([entry])
     except FatalFhirError as exc:
         if exc.status in (409, 412):
-            log.info("CommunicationRequest/%s not written, its version moved: %s", resource["id"],
-                     outcome_summary(exc.outcome) or exc.status)
+            log.info(
+                "CommunicationRequest/%s not written, its version moved: %s",
+                resource["id"],
+                outcome_summary(exc.outcome) or exc.status,
+            )
             return False
         raise
     return True
@@ -174,28 +197,43 @@ def sync_alerts(client: FhirClient, rules: Rules, subjects: Iterable[str], now: 
             # The Flags are written; a server that refuses the requests (no CommunicationRequest support, a token
             # without its scope) must not fail the run for them. The next run tries again: a missing one is created.
             counts["alert_refused"] += 1
-            log.warning("critical-result CommunicationRequests of %d patient(s) not written: HTTP %s: %s", len(batch),
-                        exc.status, outcome_summary(exc.outcome) or type(exc).__name__)
+            log.warning(
+                "critical-result CommunicationRequests of %d patient(s) not written: HTTP %s: %s",
+                len(batch),
+                exc.status,
+                outcome_summary(exc.outcome) or type(exc).__name__,
+            )
     return counts
 
 
 def _sync_batch(client: FhirClient, rules: Rules, batch: list[str], now: datetime, counts: Counter) -> None:
     """One batch of patients (sync_alerts), their counts added to `counts`."""
     refs = ",".join(f"Patient/{p}" for p in batch)
-    flags = [f for f in client.search("Flag", {"subject": refs, "_tag": project_flag_tag(rules),
-                                               "_count": PAGE_SIZE})
-             if is_critical(f, rules) and _identifier(f, rules)]
+    flags = [
+        f
+        for f in client.search("Flag", {"subject": refs, "_tag": project_flag_tag(rules), "_count": PAGE_SIZE})
+        if is_critical(f, rules) and _identifier(f, rules)
+    ]
     wanted = {request_id(_identifier(f, rules)): f for f in flags if f.get("status") == "active"}
     withdrawn = {request_id(_identifier(f, rules)): f for f in flags if f.get("status") == "entered-in-error"}
     if not wanted and not withdrawn:
         return
-    existing = {r.get("id"): r for r in client.search(
-        "CommunicationRequest", {"_id": ",".join(sorted({*wanted, *withdrawn})), "_count": PAGE_SIZE})}
+    existing = {
+        r.get("id"): r
+        for r in client.search(
+            "CommunicationRequest", {"_id": ",".join(sorted({*wanted, *withdrawn})), "_count": PAGE_SIZE}
+        )
+    }
     for rid, flag in sorted(wanted.items()):
         if rid in existing:
             continue
-        request = build_request(flag, rules, _lowest_observation(client, flag, rules),
-                                _recipients(client, flag["subject"]["reference"]), now)
+        request = build_request(
+            flag,
+            rules,
+            _lowest_observation(client, flag, rules),
+            _recipients(client, flag["subject"]["reference"]),
+            now,
+        )
         if _put(client, request, NEW):
             counts["alert_create"] += 1
     for rid in sorted(withdrawn):

@@ -89,8 +89,9 @@ class Board:
         for drug in drugs:
             self.drug_classes[drug] += 1
         patient = local_patient_id(subject_of(flag), base_url) or str(subject_of(flag) or "")
-        self.rows.append((grade, start.isoformat() if start else "", patient, condition, _decisive(flag),
-                          ", ".join(drugs)))
+        self.rows.append(
+            (grade, start.isoformat() if start else "", patient, condition, _decisive(flag), ", ".join(drugs))
+        )
         if len(self.rows) > 2 * MAX_TABLE_ROWS:  # kept bounded while reading
             self._trim()
 
@@ -100,8 +101,10 @@ class Board:
 
     def weeks(self) -> list[tuple[str, int]]:
         first = _first_week(self.as_of)
-        return [(f"week of {first + timedelta(weeks=i):%Y-%m-%d}", self.per_week.get(first + timedelta(weeks=i), 0))
-                for i in range(WEEKS)]
+        return [
+            (f"week of {first + timedelta(weeks=i):%Y-%m-%d}", self.per_week.get(first + timedelta(weeks=i), 0))
+            for i in range(WEEKS)
+        ]
 
 
 def _first_week(as_of: datetime) -> date:
@@ -243,14 +246,12 @@ def _slug(text: str) -> str:
 
 
 def _card(key: str, label: str, value: int) -> str:
-    return (f'<div class="card"><div class="n" id="{key}">{value:,}</div>'
-            f'<div class="l">{_e(label)}</div></div>')
+    return f'<div class="card"><div class="n" id="{key}">{value:,}</div><div class="l">{_e(label)}</div></div>'
 
 
 def _table(header: Iterable[str], rows: list[str], numeric_from: int = 1, css: str = "") -> str:
-    th = "".join(f'<th{" class=num" if i >= numeric_from else ""} scope="col">{h}</th>'
-                 for i, h in enumerate(header))
-    return f'<table{css}><thead><tr>{th}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+    th = "".join(f'<th{" class=num" if i >= numeric_from else ""} scope="col">{h}</th>' for i, h in enumerate(header))
+    return f"<table{css}><thead><tr>{th}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 
 
 def render_board(board: Board) -> str:
@@ -274,8 +275,10 @@ def render_board(board: Board) -> str:
         rows = []
         for c in active_conditions:
             cells = "".join(f'<td class="num" id="active-{_slug(c)}-g{g}">{board.active[c, g]:,}</td>' for g in GRADES)
-            rows.append(f"<tr><th scope=\"row\">{_e(c)}</th>{cells}"
-                        f'<td class="num" id="active-{_slug(c)}">{sum(board.active[c, g] for g in GRADES):,}</td></tr>')
+            rows.append(
+                f'<tr><th scope="row">{_e(c)}</th>{cells}'
+                f'<td class="num" id="active-{_slug(c)}">{sum(board.active[c, g] for g in GRADES):,}</td></tr>'
+            )
         parts.append(_table(["condition", *(f"grade {g}" for g in GRADES), "all"], rows))
     else:
         parts.append('<p class="empty">No active Flags.</p>')
@@ -283,48 +286,73 @@ def render_board(board: Board) -> str:
     if conditions:
         rows = []
         for c in conditions:
-            cells = "".join(f'<td class="num" id="flags-{_slug(c)}-{_slug(_STATUS_LABEL[s])}">'
-                            f"{board.by_condition_status[c, s]:,}</td>" for s in STATUSES)
+            cells = "".join(
+                f'<td class="num" id="flags-{_slug(c)}-{_slug(_STATUS_LABEL[s])}">'
+                f"{board.by_condition_status[c, s]:,}</td>"
+                for s in STATUSES
+            )
             rows.append(f'<tr><th scope="row">{_e(c)}</th>{cells}</tr>')
-        totals = "".join(f'<td class="num" id="count-{_slug(_STATUS_LABEL[s])}">{board.by_status[s]:,}</td>'
-                         for s in STATUSES)
+        totals = "".join(
+            f'<td class="num" id="count-{_slug(_STATUS_LABEL[s])}">{board.by_status[s]:,}</td>' for s in STATUSES
+        )
         rows.append(f'<tr><th scope="row">all conditions</th>{totals}</tr>')
         parts.append(_table(["condition", *(_STATUS_LABEL[s] for s in STATUSES)], rows))
     else:
         parts.append('<p class="empty">No project Flags on the server.</p>')
     parts.append("<h2>Active drug-associated Flags by drug class</h2>")
     if board.drug_classes:
-        rows = [f'<tr><th scope="row">{_e(d)}</th><td class="num" id="drug-{_slug(d)}">{n:,}</td></tr>'
-                for d, n in sorted(board.drug_classes.items(), key=lambda kv: (-kv[1], kv[0]))]
+        rows = [
+            f'<tr><th scope="row">{_e(d)}</th><td class="num" id="drug-{_slug(d)}">{n:,}</td></tr>'
+            for d, n in sorted(board.drug_classes.items(), key=lambda kv: (-kv[1], kv[0]))
+        ]
         parts.append(_table(["drug class", "active Flags"], rows))
     else:
         parts.append('<p class="empty">No active drug-associated Flags.</p>')
     weeks = board.weeks()
-    parts.append(f'<h2>New Flags per week, last year</h2><p class="sub">By the week their episode began; '
-                 f'<span id="new-year">{sum(n for _, n in weeks):,}</span> in all.</p>')
+    parts.append(
+        f'<h2>New Flags per week, last year</h2><p class="sub">By the week their episode began; '
+        f'<span id="new-year">{sum(n for _, n in weeks):,}</span> in all.</p>'
+    )
     parts.append(bar_chart(weeks, "New Flags per week over the last year, by the start of their episode", "weekly"))
     parts.append("<h2>Patients with an active Flag</h2>")
     if board.rows:
         names = board.names
-        rows = [f'<tr><td class="ids">{_e(patient)}</td>'
-                + (f"<td>{_e(names.get(patient, ''))}</td>" if names is not None else "") + f"<td>{_e(condition)}</td>"
-                f'<td class="num" data-sort="{grade}">{grade or "—"}</td>'
-                f'<td class="date" data-sort="{_e(since)}">{_e(since[:10])}</td>'
-                f"<td>{_e(count)}</td><td>{_e(drugs)}</td></tr>"
-                for grade, since, patient, condition, count, drugs in board.rows]
-        header = [f"<button type=\"button\">{h}</button>" for h in
-                  ("patient", *(("name",) if names is not None else ()), "condition", "grade", "since",
-                   "decisive count", "drug class")]
+        rows = [
+            f'<tr><td class="ids">{_e(patient)}</td>'
+            + (f"<td>{_e(names.get(patient, ''))}</td>" if names is not None else "")
+            + f"<td>{_e(condition)}</td>"
+            f'<td class="num" data-sort="{grade}">{grade or "—"}</td>'
+            f'<td class="date" data-sort="{_e(since)}">{_e(since[:10])}</td>'
+            f"<td>{_e(count)}</td><td>{_e(drugs)}</td></tr>"
+            for grade, since, patient, condition, count, drugs in board.rows
+        ]
+        header = [
+            f'<button type="button">{h}</button>'
+            for h in (
+                "patient",
+                *(("name",) if names is not None else ()),
+                "condition",
+                "grade",
+                "since",
+                "decisive count",
+                "drug class",
+            )
+        ]
         parts.append(_table(header, rows, numeric_from=99, css=' class="sortable" id="patients"'))
         if board.by_status["active"] > len(board.rows):
-            parts.append(f'<p class="more">The first {len(board.rows):,} of {board.by_status["active"]:,} active '
-                         "Flags: the worst grade first, then the latest.</p>")
+            parts.append(
+                f'<p class="more">The first {len(board.rows):,} of {board.by_status["active"]:,} active '
+                "Flags: the worst grade first, then the latest.</p>"
+            )
     else:
         parts.append('<p class="empty">No active Flags.</p>')
-    return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-            '<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>leukofhir board</title><style>{STYLE}{CHART_STYLE}</style></head>\n<body>\n"
-            + "\n".join(parts) + f"\n<script>{SCRIPT}</script>\n</body></html>\n")
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>leukofhir board</title><style>{STYLE}{CHART_STYLE}</style></head>\n<body>\n"
+        + "\n".join(parts)
+        + f"\n<script>{SCRIPT}</script>\n</body></html>\n"
+    )
 
 
 def write_board(board: Board, out_dir: str | Path) -> Path:

@@ -46,8 +46,16 @@ from leukofhir.normalise.exposures import medication_key
 from leukofhir.reader import iter_located
 from leukofhir.run import start_run
 
-__all__ = ["EXTRACT_MODES", "EXPORT_MIN_RANGE", "choose_extract", "window_export", "history_export", "run_exports",
-           "split_export", "STAGED_BY_EXPORT"]
+__all__ = [
+    "EXTRACT_MODES",
+    "EXPORT_MIN_RANGE",
+    "choose_extract",
+    "window_export",
+    "history_export",
+    "run_exports",
+    "split_export",
+    "STAGED_BY_EXPORT",
+]
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +101,9 @@ def window_export(rules: Rules, window: Window) -> ExportRequest:
     so the server selects the same resources either way; plus, by `_lastUpdated`, the Patients changed in it."""
     searches = window_searches(window, rules)
     if window.field == "lastUpdated":
-        searches.append(("Patient", {"_lastUpdated": [f"ge{window.as_dict()['since']}",
-                                                      f"lt{window.as_dict()['until']}"]}))
+        searches.append(
+            ("Patient", {"_lastUpdated": [f"ge{window.as_dict()['since']}", f"lt{window.as_dict()['until']}"]})
+        )
     types = tuple(dict.fromkeys(t for t, _ in searches))
     return ExportRequest(types=types, type_filters=tuple(_type_filter(t, p) for t, p in searches))
 
@@ -104,18 +113,27 @@ def history_export(rules: Rules) -> ExportRequest:
     patients): the in-scope results and the panel Observations holding results as members, every DiagnosticReport,
     the medication resources and Medications, the BEN Conditions, the Patients, and the project's Flags."""
     types = ["Observation", "DiagnosticReport", *medication_types(rules), _INCLUDED, "Patient", "Flag"]
-    filters = [_type_filter("Observation", {"code": observation_codes(rules)}),
-               # A panel's results may be its members (the HL7 panel style): every panel Observation comes along.
-               "Observation?has-member:missing=false",
-               _type_filter("Flag", {"_tag": project_flag_tag(rules)})]
+    filters = [
+        _type_filter("Observation", {"code": observation_codes(rules)}),
+        # A panel's results may be its members (the HL7 panel style): every panel Observation comes along.
+        "Observation?has-member:missing=false",
+        _type_filter("Flag", {"_tag": project_flag_tag(rules)}),
+    ]
     if rules.ben.codes:
         types.append("Condition")
         filters.append(_type_filter("Condition", {"code": ben_codes(rules)}))
     return ExportRequest(types=tuple(types), type_filters=tuple(filters))
 
 
-def run_exports(client: FhirClient, rules: Rules, folder: Path, window: Window, *,
-                on_file: Callable[[Path], None] | None = None, max_wait: float = 6 * 3600.0) -> dict:
+def run_exports(
+    client: FhirClient,
+    rules: Rules,
+    folder: Path,
+    window: Window,
+    *,
+    on_file: Callable[[Path], None] | None = None,
+    max_wait: float = 6 * 3600.0,
+) -> dict:
     """The window's export into folder/window, the histories' into folder/history. An export already complete there is
     kept; one begun is resumed from its status URL. `on_file(path)` is told of every file saved (a task copies it
     to object storage at once, so a crash keeps it). Returns resources exported per export and type."""
@@ -123,12 +141,20 @@ def run_exports(client: FhirClient, rules: Rules, folder: Path, window: Window, 
     for name, request in (("window", window_export(rules, window)), ("history", history_export(rules))):
         result = export(client, Path(folder) / name, request, max_wait=max_wait, reuse_complete=True, on_file=on_file)
         if result.errors:
-            log.warning("the %s export: the server reported %d errors (%s); see %s", name, result.errors,
-                        ", ".join(f"{c} x{n}" for c, n in sorted(result.error_codes.items())),
-                        Path(folder) / name / "export-errors.log")
+            log.warning(
+                "the %s export: the server reported %d errors (%s); see %s",
+                name,
+                result.errors,
+                ", ".join(f"{c} x{n}" for c, n in sorted(result.error_codes.items())),
+                Path(folder) / name / "export-errors.log",
+            )
         counts[name] = dict(sorted(result.counts.items()))
-        log.info("%s export%s: %s", name, " (resumed)" if result.resumed else "",
-                 ", ".join(f"{t} {n}" for t, n in counts[name].items()) or "nothing")
+        log.info(
+            "%s export%s: %s",
+            name,
+            " (resumed)" if result.resumed else "",
+            ", ".join(f"{t} {n}" for t, n in counts[name].items()) or "nothing",
+        )
     return counts
 
 
@@ -161,8 +187,18 @@ def _unreadable(error) -> None:
     raise UsageError(f"the export holds a line that cannot be read: {error}")
 
 
-def split_export(folder: Path, run_dir: Path, server: str, rules: Rules, window: Window, *, chunks: int = 1,
-                 dry_run: bool = False, client: FhirClient | None = None, keep_export: bool = False) -> list[Path]:
+def split_export(
+    folder: Path,
+    run_dir: Path,
+    server: str,
+    rules: Rules,
+    window: Window,
+    *,
+    chunks: int = 1,
+    dry_run: bool = False,
+    client: FhirClient | None = None,
+    keep_export: bool = False,
+) -> list[Path]:
     """The touched patients (from the window's export), cut into `chunks` as find_patients does, and each chunk's
     whole history staged from the histories' export as one NDJSON file (chunks/NNNNN/staged/batch-00001.ndjson,
     which evaluate_chunk partitions when it is large). A Medication goes with every chunk that references it. The
@@ -175,14 +211,27 @@ def split_export(folder: Path, run_dir: Path, server: str, rules: Rules, window:
     if (run_dir / "chunks").exists():
         shutil.rmtree(run_dir / "chunks")
     ids = _touched(folder, rules, window, server, client)
-    chunk_dirs = start_run(run_dir, server, ids, window=window, patients_given=False, chunks=chunks, dry_run=dry_run,
-                           extract="export", staged_by=STAGED_BY_EXPORT)
-    chunk_of = {pid: n for n, chunk in enumerate(chunk_dirs)
-                for pid in json.loads((chunk / "patients.json").read_text(encoding="utf-8"))["patients"]}
+    chunk_dirs = start_run(
+        run_dir,
+        server,
+        ids,
+        window=window,
+        patients_given=False,
+        chunks=chunks,
+        dry_run=dry_run,
+        extract="export",
+        staged_by=STAGED_BY_EXPORT,
+    )
+    chunk_of = {
+        pid: n
+        for n, chunk in enumerate(chunk_dirs)
+        for pid in json.loads((chunk / "patients.json").read_text(encoding="utf-8"))["patients"]
+    }
     counts = _stage(folder / "history", chunk_dirs, chunk_of, server)
     for chunk, staged in zip(chunk_dirs, counts):
-        log.info("chunk %s: staged %s", chunk.name, ", ".join(f"{t} {n}" for t, n in sorted(staged.items()))
-                 or "nothing")
+        log.info(
+            "chunk %s: staged %s", chunk.name, ", ".join(f"{t} {n}" for t, n in sorted(staged.items())) or "nothing"
+        )
     (run_dir / "chunks").mkdir(parents=True, exist_ok=True)
     done.write_text(json.dumps({"chunks": len(chunk_dirs), "patients": len(ids)}) + "\n", encoding="utf-8")
     if not keep_export:

@@ -45,11 +45,20 @@ def _memory_budget(value: str) -> int:
 
 
 def _add_memory_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--memory-budget", type=_memory_budget, metavar="SIZE",
-                   help="memory the input's rows may take, e.g. 64MB or 2GB (default 768MB, for a 2-core 4 GB worker); "
-                   "a larger input is partitioned by patient and evaluated a partition at a time")
-    p.add_argument("--workers", type=int, default=1, metavar="N",
-                   help="processes evaluating partitions at once, sharing the memory budget (default 1)")
+    p.add_argument(
+        "--memory-budget",
+        type=_memory_budget,
+        metavar="SIZE",
+        help="memory the input's rows may take, e.g. 64MB or 2GB (default 768MB, for a 2-core 4 GB worker); "
+        "a larger input is partitioned by patient and evaluated a partition at a time",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="processes evaluating partitions at once, sharing the memory budget (default 1)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,11 +70,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_server_args(p)
     p.add_argument("files", nargs="+", metavar="FILE_OR_DIR")
     p.add_argument("--batch-size", type=int, default=200, help="resources per transaction Bundle (default 200)")
-    p.add_argument("--workers", type=int, default=1, metavar="N",
-                   help="transactions sent at once (default 1); every resource of a type is written before the next "
-                   "type starts, so referenced resources still come first")
-    p.add_argument("--out", metavar="DIR", help="run folder for rejects.ndjson (the server's full reasons, which "
-                   "may quote patient data); default: a fresh private folder, made only if something is rejected")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="transactions sent at once (default 1); every resource of a type is written before the next "
+        "type starts, so referenced resources still come first",
+    )
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        help="run folder for rejects.ndjson (the server's full reasons, which "
+        "may quote patient data); default: a fresh private folder, made only if something is rejected",
+    )
 
     p = sub.add_parser("evaluate", help="offline: FHIR files in, Flags + quarantine + report out")
     p.add_argument("files", nargs="+", metavar="FILE_OR_DIR")
@@ -73,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--as-of", metavar="TIME", help="evaluate as of this instant (ISO 8601); default: latest input")
     p.add_argument("--config", metavar="FILE", help="site rules configuration (YAML), replacing the default")
     p.add_argument(
-        "--data-docs", action="store_true",
+        "--data-docs",
+        action="store_true",
         help="also write GX's own Data Docs site to DIR/gx-data-docs/ (its pages load styles from public CDNs)",
     )
     _add_memory_args(p)
@@ -82,18 +101,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_server_args(p)
     p.add_argument("--since", metavar="TIME", help="window start (ISO 8601 date or date-time; UTC if no zone)")
     p.add_argument("--until", metavar="TIME", help="window end, exclusive")
-    p.add_argument("--window-field", choices=["lastUpdated", "effective"], default="lastUpdated",
-                   help="what the window selects on: the server's _lastUpdated (default) or the clinical date")
+    p.add_argument(
+        "--window-field",
+        choices=["lastUpdated", "effective"],
+        default="lastUpdated",
+        help="what the window selects on: the server's _lastUpdated (default) or the clinical date",
+    )
     p.add_argument("--patients", metavar="ID,...", help="evaluate exactly these patients instead of a window")
-    p.add_argument("--lapse-sweep", action="store_true",
-                   help="also evaluate the patients whose active Flags have had no count for longer than the lapse "
-                   "(the surveillance DAG's daily sweep); alone, or added to a window or to --patients")
+    p.add_argument(
+        "--lapse-sweep",
+        action="store_true",
+        help="also evaluate the patients whose active Flags have had no count for longer than the lapse "
+        "(the surveillance DAG's daily sweep); alone, or added to a window or to --patients",
+    )
     p.add_argument("--dry-run", action="store_true", help="write nothing to the server; report what would be written")
     p.add_argument("--out", metavar="DIR", help="run folder for the reports (default: a fresh out/run-<time>)")
     p.add_argument("--config", metavar="FILE", help="site rules configuration (YAML), replacing the default")
     p.add_argument("--batch-size", type=int, default=100, help="patients read per set of searches (default 100)")
-    p.add_argument("--keep-staged", action="store_true",
-                   help="keep the staged server pages (NDJSON) in the run folder after evaluation")
+    p.add_argument(
+        "--keep-staged",
+        action="store_true",
+        help="keep the staged server pages (NDJSON) in the run folder after evaluation",
+    )
 
     p = sub.add_parser("export", help="Bulk Data $export from a server to NDJSON that `evaluate` reads")
     _add_server_args(p)
@@ -105,12 +134,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_server_args(p)
     p.add_argument("--out", required=True, metavar="DIR", help="where board.html goes")
     p.add_argument("--as-of", metavar="TIME", help="count new Flags up to this instant (ISO 8601); default: now")
-    p.add_argument("--names", action="store_true",
-                   help="show the patients' names beside their ids (the page then holds patient data)")
+    p.add_argument(
+        "--names",
+        action="store_true",
+        help="show the patients' names beside their ids (the page then holds patient data)",
+    )
     p.add_argument("--config", metavar="FILE", help="site rules configuration (YAML), replacing the default")
 
-    p = sub.add_parser("conformance", help="put the Flag profile, its extension and value set on a server "
-                       "(idempotent: what is already there is left alone)")
+    p = sub.add_parser(
+        "conformance",
+        help="put the Flag profile, its extension and value set on a server "
+        "(idempotent: what is already there is left alone)",
+    )
     _add_server_args(p)
     p.add_argument("--config", metavar="FILE", help="site rules configuration (YAML): its canonical base and codes")
 
@@ -118,8 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fhir-url", default=None, type=_fhir_url, help="use this server instead of starting the local one")
     p.add_argument("--out", default="out/demo", metavar="DIR", help="where the demo's Flags and report go")
 
-    p = sub.add_parser("install-dags", help="write the DAG file that imports the package's DAGs into an Airflow "
-                       "dags folder")
+    p = sub.add_parser(
+        "install-dags", help="write the DAG file that imports the package's DAGs into an Airflow dags folder"
+    )
     p.add_argument("folder", metavar="DAGS_FOLDER", help="the Airflow dags folder ([core] dags_folder)")
     p.add_argument("--force", action="store_true", help="replace a leukofhir_dags.py that differs (a local edit)")
 

@@ -18,6 +18,7 @@ __all__ = ["Rules", "AgeSpan", "load_config", "fold_unit", "DEFAULT_PATH"]  # Ag
 
 DEFAULT_PATH = Path(__file__).with_name("rules.yaml")
 
+
 def _span(value) -> AgeSpan:
     return value if isinstance(value, AgeSpan) else AgeSpan(value)
 
@@ -44,8 +45,10 @@ def _check_base(value: str) -> str:
         raise ValueError("must be an absolute http(s) URL, e.g. https://fhir.hospital.example/leukofhir")
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
-        raise ValueError(f"{value!r} must be an absolute http(s) URL without query or fragment, "
-                         "e.g. https://fhir.hospital.example/leukofhir")
+        raise ValueError(
+            f"{value!r} must be an absolute http(s) URL without query or fragment, "
+            "e.g. https://fhir.hospital.example/leukofhir"
+        )
     if value.endswith("/"):
         raise ValueError(f"{value!r} must not end in '/': the project's URLs are the base, '/', and their own path")
     bad = sorted({c for c in value if c.isspace() or c in '|,"<>\\{}^`' or ord(c) > 126})
@@ -72,8 +75,10 @@ class Uris(_Model):
         if isinstance(data, dict):
             for key in _DERIVED_URIS:
                 if key in data:
-                    raise ValueError(f"{key} is no longer set: every project URL derives from uris.base (e.g. "
-                                     "https://fhir.hospital.example/leukofhir); delete the key and set the base")
+                    raise ValueError(
+                        f"{key} is no longer set: every project URL derives from uris.base (e.g. "
+                        "https://fhir.hospital.example/leukofhir); delete the key and set the base"
+                    )
         return data
 
     @field_validator("base")
@@ -149,8 +154,19 @@ class Uris(_Model):
 
 
 ConceptName = Literal[
-    "wbc", "anc", "neutrophils_pct", "bands_pct", "bands_abs", "lymphocytes_abs", "lymphocytes_pct",
-    "monocytes_pct", "monocytes_abs", "eosinophils_abs", "basophils_abs", "hemoglobin", "platelets",
+    "wbc",
+    "anc",
+    "neutrophils_pct",
+    "bands_pct",
+    "bands_abs",
+    "lymphocytes_abs",
+    "lymphocytes_pct",
+    "monocytes_pct",
+    "monocytes_abs",
+    "eosinophils_abs",
+    "basophils_abs",
+    "hemoglobin",
+    "platelets",
 ]
 UnitKind = Literal["count", "percent", "hemoglobin"]
 
@@ -229,9 +245,11 @@ class Units(_Model):
                 folded = fold_unit(unit)
                 first = seen.setdefault(folded, (key, unit, factor))
                 if first[2] != factor:
-                    raise ValueError(f"{key} {unit!r} (factor {factor:g}) and {first[0]} {first[1]!r} (factor "
-                                     f"{first[2]:g}) differ only in case or spaces: a count's unit is matched ignoring "
-                                     "both (clinical-rules v1.3 §1.2), so they must have the same factor")
+                    raise ValueError(
+                        f"{key} {unit!r} (factor {factor:g}) and {first[0]} {first[1]!r} (factor "
+                        f"{first[2]:g}) differ only in case or spaces: a count's unit is matched ignoring "
+                        "both (clinical-rules v1.3 §1.2), so they must have the same factor"
+                    )
         return self
 
     @cached_property
@@ -404,8 +422,10 @@ class Windows(_Model):
     @field_validator("history_lookback", mode="before")
     @classmethod
     def _removed(cls, v):
-        raise ValueError("removed in rules v1.1: each patient's whole history is evaluated (convergence, "
-                         "clinical-rules §4), so there is no look-back to set; delete the key")
+        raise ValueError(
+            "removed in rules v1.1: each patient's whole history is evaluated (convergence, "
+            "clinical-rules §4), so there is no look-back to set; delete the key"
+        )
 
 
 class Validation(_Model):

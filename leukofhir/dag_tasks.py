@@ -21,8 +21,21 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from leukofhir.airflow.notify import failure_notifiers
 
-__all__ = ["bulk_export", "find_patients", "extract", "evaluate", "check_contract", "write_flags", "report",
-           "refresh_board", "process_patients", "DEFAULT_ARGS", "PATIENTS_DEFAULT_ARGS", "FHIR_POOL", "BOARD_FOLDER"]
+__all__ = [
+    "bulk_export",
+    "find_patients",
+    "extract",
+    "evaluate",
+    "check_contract",
+    "write_flags",
+    "report",
+    "refresh_board",
+    "process_patients",
+    "DEFAULT_ARGS",
+    "PATIENTS_DEFAULT_ARGS",
+    "FHIR_POOL",
+    "BOARD_FOLDER",
+]
 
 log = logging.getLogger(__name__)
 
@@ -154,8 +167,11 @@ def _window(context, window_field: str | None):
 def _by_interval(context, window_field: str | None) -> bool:
     """Whether this run's window is its data interval: a scheduled run (or a backfill) of the surveillance DAG."""
     params = context["params"]
-    return (window_field == "lastUpdated" and not (params.get("start") or params.get("end"))
-            and context.get("data_interval_start") is not None)
+    return (
+        window_field == "lastUpdated"
+        and not (params.get("start") or params.get("end"))
+        and context.get("data_interval_start") is not None
+    )
 
 
 def _sweeps(context, window) -> bool:
@@ -215,8 +231,9 @@ def bulk_export(window_field: str | None = None) -> dict:
 
 
 @task(pool=FHIR_POOL)
-def find_patients(window_field: str | None = None, exported: dict | None = None, lapse_sweep: bool = False
-                  ) -> list[str]:
+def find_patients(
+    window_field: str | None = None, exported: dict | None = None, lapse_sweep: bool = False
+) -> list[str]:
     """The touched patients of the window (or the Params' patients), cut into `chunks` folders: their URLs. After an
     export (`exported` from bulk_export), from the window's export, each chunk staged from the histories' export.
     `lapse_sweep` (the surveillance DAG): in the one run a day whose data interval holds the sweep hour, the lapse
@@ -238,13 +255,28 @@ def find_patients(window_field: str | None = None, exported: dict | None = None,
                 from leukofhir.bulk_extract import EXPORT_DIR, split_export
 
                 check_server(client, rules, window=window, dry_run=dry_run, extract="export")
-                chunks = split_export(run_dir / EXPORT_DIR, run_dir, client.base_url, rules, window,
-                                      chunks=int(params.get("chunks") or 1), dry_run=dry_run, client=client)
+                chunks = split_export(
+                    run_dir / EXPORT_DIR,
+                    run_dir,
+                    client.base_url,
+                    rules,
+                    window,
+                    chunks=int(params.get("chunks") or 1),
+                    dry_run=dry_run,
+                    client=client,
+                )
             else:
                 check_server(client, rules, window=window, dry_run=dry_run)
-                chunks = find(client, rules, run_dir, window=window, patients=patients,
-                              sweep=lapse_sweep and _sweeps(context, window),
-                              chunks=int(params.get("chunks") or 1), dry_run=dry_run)
+                chunks = find(
+                    client,
+                    rules,
+                    run_dir,
+                    window=window,
+                    patients=patients,
+                    sweep=lapse_sweep and _sweeps(context, window),
+                    chunks=int(params.get("chunks") or 1),
+                    dry_run=dry_run,
+                )
         if by_export:
             _remove_remote(exported["export"])  # staged in the chunks now
     except LeukofhirError as exc:
@@ -346,13 +378,15 @@ def report() -> dict:
     verdict = done["contract_verdict"]
     # What the run folder says is final: trying again would read the same folder.
     if verdict and not verdict["passed"]:
-        raise AirflowFailException(f"the data failed its contract, no chunk written: {verdict['message']}; see "
-                                   f"{url}/report.html")
+        raise AirflowFailException(
+            f"the data failed its contract, no chunk written: {verdict['message']}; see {url}/report.html"
+        )
     if done["status"] == "failed":
         from leukofhir.run import written_before
 
-        raise AirflowFailException(f"{done['error']}; {written_before(done)}; re-running is safe; see "
-                                   f"{url}/report.html")
+        raise AirflowFailException(
+            f"{done['error']}; {written_before(done)}; re-running is safe; see {url}/report.html"
+        )
     return {"patients_touched": done["patients_touched"], **done["writes"]}
 
 
@@ -381,8 +415,12 @@ def _warn_conflicts(done: dict, url: str) -> None:
     from leukofhir.write import VERSION_ROUNDS
 
     if done["writes"].get("conflict"):
-        log.warning("%d Flag write(s) in conflict after %d re-evaluations; see %s/report.html",
-                    done["writes"]["conflict"], VERSION_ROUNDS, url)
+        log.warning(
+            "%d Flag write(s) in conflict after %d re-evaluations; see %s/report.html",
+            done["writes"]["conflict"],
+            VERSION_ROUNDS,
+            url,
+        )
 
 
 @task(pool=FHIR_POOL)

@@ -31,9 +31,11 @@ def start_local_server() -> str:
     """Start (or reuse) the project's HAPI server; its launcher prints the base URL last."""
     script = ROOT / "scripts" / "fhir-server"
     if not script.exists():
-        raise UsageError("no FHIR server to run the demo on: give --fhir-url of a running FHIR R4 server (the demo "
-                         "loads 5 sample patients into it and writes their Flags), or run it from a source checkout "
-                         "of leukofhir, whose scripts/fhir-server builds and starts a local HAPI server (`make demo`)")
+        raise UsageError(
+            "no FHIR server to run the demo on: give --fhir-url of a running FHIR R4 server (the demo "
+            "loads 5 sample patients into it and writes their Flags), or run it from a source checkout "
+            "of leukofhir, whose scripts/fhir-server builds and starts a local HAPI server (`make demo`)"
+        )
     done = subprocess.run([str(script), "start"], capture_output=True, text=True)
     if done.returncode != 0:
         raise UsageError(f"the local FHIR server did not start:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
@@ -97,13 +99,17 @@ def demo_command(args) -> int:
         published = publish(client, load_config())
         names = ", ".join(f"{p.resource_type}/{p.id} {p.action}" for p in published)
         print(f"conformance resources (leukofhir conformance): {names}")
-        print(f"\nrunning the Airflow DAG {DAG_ID} (airflow dags test; log: {out_dir / 'airflow-dags-test.log'}) ...",
-              flush=True)
+        print(
+            f"\nrunning the Airflow DAG {DAG_ID} (airflow dags test; log: {out_dir / 'airflow-dags-test.log'}) ...",
+            flush=True,
+        )
         run_dir = run_backfill_dag(base_url, out_dir, datetime.now(timezone.utc) + timedelta(days=1))
         run = json.loads((run_dir / "report.json").read_text(encoding="utf-8"))
         writes = run["writes"]
-        print(f"  {run['patients_touched']} patients evaluated; Flags created {writes['create']}, updated "
-              f"{writes['update']}, withdrawn {writes['withdraw']}, unchanged {writes['unchanged']}")
+        print(
+            f"  {run['patients_touched']} patients evaluated; Flags created {writes['create']}, updated "
+            f"{writes['update']}, withdrawn {writes['withdraw']}, unchanged {writes['unchanged']}"
+        )
         flags = _server_flags(client, patient_ids)
     print(f"\nthe sample patients' Flags, read back from {base_url}:")
     for line in flag_lines(flags):
@@ -121,8 +127,10 @@ def _server_flags(client: FhirClient, patient_ids: list[str]) -> list[dict]:
 
 def flag_lines(flags: list[dict]) -> list[str]:
     """One line per Flag: its id, status, patient and text (the text holds values, dates and grades, no names)."""
-    return [f"{flag['status']:<9} {flag['subject']['reference']}: {flag['code']['text']}  (Flag/{flag['id']})"
-            for flag in flags]
+    return [
+        f"{flag['status']:<9} {flag['subject']['reference']}: {flag['code']['text']}  (Flag/{flag['id']})"
+        for flag in flags
+    ]
 
 
 def _patient_ids(bundles: list[Path]) -> list[str]:

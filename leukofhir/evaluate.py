@@ -15,8 +15,16 @@ from leukofhir.age import age_reached_ns
 from leukofhir.config import AgeBand, Grades, Rules
 from leukofhir.normalise import PatientInfo
 
-__all__ = ["FlagSpec", "Point", "evaluate", "episode_identifier", "iso_instant", "lapse_horizon", "FAMILIES",
-           "default_threshold"]
+__all__ = [
+    "FlagSpec",
+    "Point",
+    "evaluate",
+    "episode_identifier",
+    "iso_instant",
+    "lapse_horizon",
+    "FAMILIES",
+    "default_threshold",
+]
 
 FAMILIES = ("leukocytes", "granulocytes", "lymphocytes", "pancytopenia")
 # Low-count findings that may be drug-associated (§3); lymphopenia is not among them.
@@ -40,7 +48,7 @@ class Point:
 
     @property
     def summary(self) -> str:
-        """"ANC 0.9 ×10^9/L" for the Flag text."""
+        """ "ANC 0.9 ×10^9/L" for the Flag text."""
         text = ", ".join(_shown(*value) for value in self.shown)
         return text + _DERIVED if self.derived else text
 
@@ -162,8 +170,7 @@ class _PatientRules:
             known = self._ages(rules, birth)
             if ages is not None:
                 ages[birth] = known
-        (self.age_known, self.wbc_lln, self.anc_threshold, self.lymph_lln, self.lab_only_until,
-         self.adult_from) = known
+        (self.age_known, self.wbc_lln, self.anc_threshold, self.lymph_lln, self.lab_only_until, self.adult_from) = known
 
     @staticmethod
     def _ages(rules: Rules, birth: date | None) -> tuple:
@@ -218,8 +225,11 @@ class _PatientRules:
             if self.age_known and v.time < self.adult_from:
                 lln = defaults.under_18
             else:
-                lln = defaults.male if self.gender == "male" else (
-                    defaults.female if self.gender == "female" else defaults.other)
+                lln = (
+                    defaults.male
+                    if self.gender == "male"
+                    else (defaults.female if self.gender == "female" else defaults.other)
+                )
         return _below(v.value, v.comparator, lln)
 
     def platelets_low(self, v: _Value) -> bool:
@@ -228,8 +238,10 @@ class _PatientRules:
     # pancytopenia (§2): leukopenia + low hemoglobin + low platelets in one blood count
     def blood_count_point(self, wbc: Point, w: _Value, hb: _Value, plt: _Value) -> Point:
         p = self.rules.pancytopenia
-        summary = wbc.shown + (("hemoglobin", hb.value, hb.comparator, "g/dL"),
-                               ("platelets", plt.value, plt.comparator, _UNIT))
+        summary = wbc.shown + (
+            ("hemoglobin", hb.value, hb.comparator, "g/dL"),
+            ("platelets", plt.value, plt.comparator, _UNIT),
+        )
         refs = (w.ref, hb.ref, plt.ref)
         retracted = w.retracted or hb.retracted or plt.retracted
         if not (wbc.low and self.hemoglobin_low(hb) and self.platelets_low(plt)):
@@ -333,8 +345,16 @@ def _worst_at_one_instant(group: list[Point]) -> Point:
     refs = list(worst.refs)
     for p in lows:
         refs.extend(r for r in p.refs if r not in refs)
-    return Point(worst.time, True, worst.grade, worst.condition, worst.shown, tuple(refs),
-                 all(p.retracted for p in lows), worst.derived)
+    return Point(
+        worst.time,
+        True,
+        worst.grade,
+        worst.condition,
+        worst.shown,
+        tuple(refs),
+        all(p.retracted for p in lows),
+        worst.derived,
+    )
 
 
 def _blood_counts(rules, patient, wbc_values, wbc_points, values) -> list[Point]:
@@ -372,10 +392,16 @@ def _blood_counts(rules, patient, wbc_values, wbc_points, values) -> list[Point]
             counted.add(plt.ref)
     if not any(p.low for p in points):
         return points  # no pancytopenic count: no episode for the values below to end
-    points.extend(patient.not_pancytopenic(v, "hemoglobin", "g/dL") for v in hbs
-                  if v.ref not in counted and not patient.hemoglobin_low(v))
-    points.extend(patient.not_pancytopenic(v, "platelets", _UNIT) for v in plts
-                  if v.ref not in counted and not patient.platelets_low(v))
+    points.extend(
+        patient.not_pancytopenic(v, "hemoglobin", "g/dL")
+        for v in hbs
+        if v.ref not in counted and not patient.hemoglobin_low(v)
+    )
+    points.extend(
+        patient.not_pancytopenic(v, "platelets", _UNIT)
+        for v in plts
+        if v.ref not in counted and not patient.platelets_low(v)
+    )
     points.sort(key=lambda p: (p.time, p.refs))
     return points
 
@@ -384,8 +410,11 @@ def _nearest(items: list[_Value], times: list[int], at: int, window: int) -> _Va
     i = bisect_right(times, at)
     best = None
     for j in (i - 1, i):
-        if (0 <= j < len(items) and abs(times[j] - at) <= window
-                and (best is None or abs(times[j] - at) < abs(best.time - at))):
+        if (
+            0 <= j < len(items)
+            and abs(times[j] - at) <= window
+            and (best is None or abs(times[j] - at) < abs(best.time - at))
+        ):
             best = items[j]
     return best
 
@@ -482,8 +511,9 @@ def _period_and_status(rules: Rules, episode: _Episode, status: str) -> tuple[da
     return start, end, status, transient
 
 
-def _associated_drugs(rules: Rules, family: str, onset_ns: int, status: str,
-                      exposures: list[tuple]) -> list[tuple[str, str]]:
+def _associated_drugs(
+    rules: Rules, family: str, onset_ns: int, status: str, exposures: list[tuple]
+) -> list[tuple[str, str]]:
     """(label, medication reference) of each exposure overlapping [onset − look-back, onset] (§3); the finding time
     is the episode's onset. Lymphopenia and retracted Flags are never drug-associated."""
     drugs: list[tuple[str, str]] = []
@@ -491,15 +521,26 @@ def _associated_drugs(rules: Rules, family: str, onset_ns: int, status: str,
         return drugs
     lookback = int(rules.windows.drug_lookback.total_seconds()) * _NS_PER_S
     for label, ref, ex_start, ex_end in exposures:
-        if (ex_start <= onset_ns and (ex_end is None or ex_end >= onset_ns - lookback)
-                and all(ref != r for _, r in drugs)):
+        if (
+            ex_start <= onset_ns
+            and (ex_end is None or ex_end >= onset_ns - lookback)
+            and all(ref != r for _, r in drugs)
+        ):
             drugs.append((label, ref))
     return drugs
 
 
-def _flag_text(rules: Rules, meta, worst: Point, episode: _Episode, status: str, end: datetime | None,
-               transient: bool, drugs: list[tuple[str, str]]) -> str:
-    """"Neutropenia, moderate — ANC 0.9 ×10^9/L on 2011-03-04, CTCAE v5.0 grade 3", then what became of it (§5)."""
+def _flag_text(
+    rules: Rules,
+    meta,
+    worst: Point,
+    episode: _Episode,
+    status: str,
+    end: datetime | None,
+    transient: bool,
+    drugs: list[tuple[str, str]],
+) -> str:
+    """ "Neutropenia, moderate — ANC 0.9 ×10^9/L on 2011-03-04, CTCAE v5.0 grade 3", then what became of it (§5)."""
     severity = ""
     if worst.condition == "neutropenia":
         word = rules.neutropenia.severity_words.get(worst.grade)
@@ -557,7 +598,9 @@ def evaluate(
     counted = set(statuses.counted) | ({"preliminary"} if statuses.preliminary_counts else set())
     wanted = (
         observations["status"].isin(counted | {statuses.retracted})
-        & observations["value"].notna() & observations["time"].notna() & observations["patient_id"].notna()
+        & observations["value"].notna()
+        & observations["time"].notna()
+        & observations["patient_id"].notna()
     )
     if as_of is not None:
         wanted &= observations["time"] <= pd.Timestamp(as_of)
@@ -573,8 +616,11 @@ def evaluate(
     frame = frame.sort_values(["patient_id", "time", "resource_id"], kind="mergesort")
     patient_col = frame["patient_id"].tolist()
     concept_col = frame["concept"].tolist()
-    time_col = frame["time"].astype("int64").tolist() if frame["time"].dt.unit == "ns" else (
-        frame["time"].dt.as_unit("ns").astype("int64").tolist())
+    time_col = (
+        frame["time"].astype("int64").tolist()
+        if frame["time"].dt.unit == "ns"
+        else (frame["time"].dt.as_unit("ns").astype("int64").tolist())
+    )
     value_col = frame["value"].tolist()
     comparator_col = frame["comparator"].tolist()
     lln_col = frame["lln"].astype("float64").tolist()
@@ -604,9 +650,19 @@ def evaluate(
                 any_retracted = True
             else:
                 counted_values[concept_col[i]].append(v)
-        specs.extend(_patient_flags(rules, pid, patients.get(pid), counted_values,
-                                    all_values if any_retracted else None, exposures_by_patient.get(pid, []),
-                                    episode_gap, as_of_ns, ages))
+        specs.extend(
+            _patient_flags(
+                rules,
+                pid,
+                patients.get(pid),
+                counted_values,
+                all_values if any_retracted else None,
+                exposures_by_patient.get(pid, []),
+                episode_gap,
+                as_of_ns,
+                ages,
+            )
+        )
         start = stop
     specs.sort(key=lambda s: (s.patient_id, s.family, s.start))
     return specs
@@ -677,8 +733,9 @@ def _adult_from(patient_ids, patients: dict[str, PatientInfo], rules: Rules) -> 
     return out
 
 
-def _patient_flags(rules, pid, info, counted_values, all_values, exposures, episode_gap, as_of, ages=None
-                   ) -> list[FlagSpec]:
+def _patient_flags(
+    rules, pid, info, counted_values, all_values, exposures, episode_gap, as_of, ages=None
+) -> list[FlagSpec]:
     patient = _PatientRules(rules, info, ages)
     specs = []
     real = _points(rules, patient, counted_values)

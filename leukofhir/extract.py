@@ -17,10 +17,25 @@ from leukofhir.fhir.ids import is_valid_id, shown
 from leukofhir.reader import reference_target
 
 __all__ = [
-    "Window", "WINDOW_FIELDS", "parse_instant", "fhir_instant", "touched_patients", "patient_batches", "stage_batch",
-    "iter_history", "history_searches",
-    "medication_types", "window_searches", "observation_codes", "project_flag_tag", "Subjects", "subject_of",
-    "local_patient_id", "deleted_subjects", "changed_patients", "read_time",
+    "Window",
+    "WINDOW_FIELDS",
+    "parse_instant",
+    "fhir_instant",
+    "touched_patients",
+    "patient_batches",
+    "stage_batch",
+    "iter_history",
+    "history_searches",
+    "medication_types",
+    "window_searches",
+    "observation_codes",
+    "project_flag_tag",
+    "Subjects",
+    "subject_of",
+    "local_patient_id",
+    "deleted_subjects",
+    "changed_patients",
+    "read_time",
 ]
 
 log = logging.getLogger(__name__)
@@ -34,6 +49,8 @@ CLINICAL_DATE = {
     "MedicationAdministration": "effective-time",
 }
 PAGE_SIZE = 500
+
+
 def parse_instant(text: str | datetime, what: str = "time") -> datetime:
     """An ISO 8601 date or date-time as an aware UTC datetime (a date, or a time without zone, is read as UTC)."""
     if isinstance(text, datetime):
@@ -66,8 +83,10 @@ class Window:
             raise UsageError(f"window field {field!r} must be one of {', '.join(WINDOW_FIELDS)}")
         window = cls(parse_instant(since, "since"), parse_instant(until, "until"), field)
         if window.until <= window.since:
-            raise UsageError(f"the window is empty: until ({fhir_instant(window.until)}) must be after since "
-                             f"({fhir_instant(window.since)})")
+            raise UsageError(
+                f"the window is empty: until ({fhir_instant(window.until)}) must be after since "
+                f"({fhir_instant(window.since)})"
+            )
         return window
 
     def as_dict(self) -> dict:
@@ -170,8 +189,9 @@ def window_searches(window: Window, rules: Rules) -> list[tuple[str, dict]]:
     searches = [(t, {**extra, **_window_params(window, t)}) for t, extra in dated]
     if window.field == "effective":
         # A Flag's `date` is its period: ge/lt select the project's Flags whose period overlaps the window.
-        searches.append(("Flag", {"_tag": project_flag_tag(rules),
-                                  "date": _window_params(window, "Observation")["date"]}))
+        searches.append(
+            ("Flag", {"_tag": project_flag_tag(rules), "date": _window_params(window, "Observation")["date"]})
+        )
     return searches
 
 
@@ -236,7 +256,7 @@ def patient_batches(patients: list[str], size: int) -> Iterator[list[str]]:
     if size < 1:
         raise UsageError("the batch size must be at least 1")
     for start in range(0, len(patients), size):
-        yield patients[start:start + size]
+        yield patients[start : start + size]
 
 
 def history_searches(rules: Rules, patients: list[str]) -> Iterator[tuple[str, dict]]:
@@ -244,8 +264,14 @@ def history_searches(rules: Rules, patients: list[str]) -> Iterator[tuple[str, d
     refs = ",".join(f"Patient/{p}" for p in patients)
     # Each result with the reports that list it (their time and blood-count grouping, §1.1 and §2) and the panel
     # Observations that hold it as a member (the HL7 panel style).
-    yield "Observation", {"subject": refs, "code": observation_codes(rules),
-                          "_revinclude": ["DiagnosticReport:result", "Observation:has-member"]}
+    yield (
+        "Observation",
+        {
+            "subject": refs,
+            "code": observation_codes(rules),
+            "_revinclude": ["DiagnosticReport:result", "Observation:has-member"],
+        },
+    )
     for resource_type in medication_types(rules):
         # The drug may sit in a referenced Medication (§1.4): brought along, once per page.
         yield resource_type, {"subject": refs, "_include": f"{resource_type}:medication"}

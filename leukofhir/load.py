@@ -26,10 +26,30 @@ log = logging.getLogger(__name__)
 # Referential integrity is enforced on write, so targets go before the resources that point at them.
 # Resources of one type keep their input order; types not listed go after these, Flags last of all.
 TYPE_ORDER = [
-    "Organization", "Location", "Practitioner", "PractitionerRole", "Patient", "RelatedPerson", "Device",
-    "Medication", "Encounter", "Condition", "Goal", "CarePlan", "Procedure", "Specimen", "ServiceRequest",
-    "Observation", "DiagnosticReport", "MedicationRequest", "MedicationStatement", "MedicationAdministration",
-    "Immunization", "AllergyIntolerance", "Claim", "ExplanationOfBenefit",
+    "Organization",
+    "Location",
+    "Practitioner",
+    "PractitionerRole",
+    "Patient",
+    "RelatedPerson",
+    "Device",
+    "Medication",
+    "Encounter",
+    "Condition",
+    "Goal",
+    "CarePlan",
+    "Procedure",
+    "Specimen",
+    "ServiceRequest",
+    "Observation",
+    "DiagnosticReport",
+    "MedicationRequest",
+    "MedicationStatement",
+    "MedicationAdministration",
+    "Immunization",
+    "AllergyIntolerance",
+    "Claim",
+    "ExplanationOfBenefit",
 ]
 
 
@@ -159,8 +179,10 @@ def _batches(items: Iterable[dict], size: int) -> Iterator[list[dict]]:
 
 def _entry(resource: dict) -> dict:
     # Type and id were checked when spooled (Loader._spool); resource_path checks again: nothing unchecked goes out.
-    return {"resource": resource,
-            "request": {"method": "PUT", "url": resource_path(resource["resourceType"], resource["id"])}}
+    return {
+        "resource": resource,
+        "request": {"method": "PUT", "url": resource_path(resource["resourceType"], resource["id"])},
+    }
 
 
 # Transactions in flight at once: more than the server's connection pool (HAPI's is 20 here) would only queue there.
@@ -174,8 +196,7 @@ class Loader:
     `workers`: transactions in flight at once (threads on the one client). Every resource of a type is written before
     the next type starts, so targets still come before the resources that refer to them."""
 
-    def __init__(self, client: FhirClient, batch_size: int = 200, run_dir: str | Path | None = None,
-                 workers: int = 1):
+    def __init__(self, client: FhirClient, batch_size: int = 200, run_dir: str | Path | None = None, workers: int = 1):
         if batch_size < 1:
             raise UsageError("batch size must be at least 1")
         if not 1 <= workers <= MAX_WORKERS:
@@ -186,8 +207,9 @@ class Loader:
         self.report = LoadReport()
         self.rejects = _Rejects(Path(run_dir) if run_dir is not None else None)
         # An entry refused alone is sent once more at the end: it may refer to one later in its transaction.
-        self.writer = TransactionWriter(client, self._record, self._refused, stops=_ENDPOINT_REFUSALS,
-                                        second_round=True)
+        self.writer = TransactionWriter(
+            client, self._record, self._refused, stops=_ENDPOINT_REFUSALS, second_round=True
+        )
 
     def load(self, paths: Iterable[str]) -> LoadReport:
         """Send every resource; raise LoadStopped (with the report so far) when the server makes going on pointless:
@@ -290,8 +312,9 @@ class Loader:
                     line = json.dumps(res, separators=(",", ":"), allow_nan=False)
                 except ValueError:
                     # json.loads reads them, JSON (RFC 8259 §6) and FHIR do not: no request could carry them.
-                    self._reject(f"{rtype} at {item.source}",
-                                 "holds NaN or Infinity, which JSON does not allow; not sent")
+                    self._reject(
+                        f"{rtype} at {item.source}", "holds NaN or Infinity, which JSON does not allow; not sent"
+                    )
                     continue
                 self.report.read[rtype] += 1
                 if rid in index and index[rid] != rtype:
@@ -328,8 +351,9 @@ class Loader:
             self.report.outcomes[status] += 1
 
 
-def load_files(client: FhirClient, paths: Iterable[str], batch_size: int = 200,
-               run_dir: str | Path | None = None, workers: int = 1) -> LoadReport:
+def load_files(
+    client: FhirClient, paths: Iterable[str], batch_size: int = 200, run_dir: str | Path | None = None, workers: int = 1
+) -> LoadReport:
     """Load the files (see Loader); raises LoadStopped, with the report so far, when the load ends early."""
     return Loader(client, batch_size, run_dir, workers).load(paths)
 
@@ -347,12 +371,15 @@ def print_report(report: LoadReport, out=None) -> None:
     if len(report.rejected) > SHOWN_REJECTED:
         print(f"  ... and {len(report.rejected) - SHOWN_REJECTED} more rejected", file=out)
     if report.rejects_path is not None:
-        print(f"  every reject, with the server's full reasons (may quote patient data): {report.rejects_path}",
-              file=out)
+        print(
+            f"  every reject, with the server's full reasons (may quote patient data): {report.rejects_path}", file=out
+        )
     if report.stopped:
         print(f"  stopped: {report.stopped}", file=out)
-        print("  (loading the same files again is safe: resources keep their ids, and unchanged ones stay as they are)",
-              file=out)
+        print(
+            "  (loading the same files again is safe: resources keep their ids, and unchanged ones stay as they are)",
+            file=out,
+        )
 
 
 def run_load(client: FhirClient, args) -> int:
@@ -360,8 +387,9 @@ def run_load(client: FhirClient, args) -> int:
     from leukofhir.errors import EXIT_INCOMPLETE, EXIT_OK, exit_code
 
     try:
-        report = load_files(client, args.files, args.batch_size, getattr(args, "out", None),
-                            getattr(args, "workers", 1))
+        report = load_files(
+            client, args.files, args.batch_size, getattr(args, "out", None), getattr(args, "workers", 1)
+        )
     except LoadStopped as stop:
         print_report(stop.report)
         print(f"leukofhir load: error: {stop}", file=sys.stderr)

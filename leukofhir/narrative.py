@@ -12,7 +12,7 @@ _STATE = {"active": "active", "inactive": "inactive", "entered-in-error": "withd
 
 
 def _day(instant: str | None) -> str:
-    """"2024-03-01T08:00:00Z" → "2024-03-01 08:00 UTC" (the Flag's instants are UTC)."""
+    """ "2024-03-01T08:00:00Z" → "2024-03-01 08:00 UTC" (the Flag's instants are UTC)."""
     if not instant:
         return "?"
     return f"{instant[:10]} {instant[11:16]} UTC" if len(instant) >= 16 else instant
@@ -64,14 +64,22 @@ def flag_narrative(flag: dict, grade_url: str, priority_url: str, detail_url: st
     drug_category = any(c.get("code") == "drug" for cat in flag.get("category") or [] for c in cat.get("coding") or [])
     rows = [
         ("Condition", f"{coding.get('display', '?')} (SNOMED CT {coding.get('code', '?')})"),
-        ("Grade", f"CTCAE v5.0 grade {grade}" + (f", priority {priority} ({_PRIORITY.get(priority, '?')})"
-                                                  if priority else "")),
+        (
+            "Grade",
+            f"CTCAE v5.0 grade {grade}"
+            + (f", priority {priority} ({_PRIORITY.get(priority, '?')})" if priority else ""),
+        ),
         ("Finding", code.get("text") or ""),
-        ("Drug association", "possibly drug-associated: " + ", ".join(drugs) if drug_category and drugs
-         else "possibly drug-associated" if drug_category else "none found"),
+        (
+            "Drug association",
+            "possibly drug-associated: " + ", ".join(drugs)
+            if drug_category and drugs
+            else "possibly drug-associated"
+            if drug_category
+            else "none found",
+        ),
         ("State", _state(flag)),
         ("Evidence", _listed(evidence)),
     ]
-    body = "".join(f"<tr><th>{_escaped(name)}</th><td>{_escaped(value)}</td></tr>"
-                   for name, value in rows)
+    body = "".join(f"<tr><th>{_escaped(name)}</th><td>{_escaped(value)}</td></tr>" for name, value in rows)
     return {"status": "generated", "div": f'<div xmlns="{XHTML}"><table><tbody>{body}</tbody></table></div>'}

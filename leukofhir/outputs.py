@@ -14,27 +14,49 @@ from leukofhir.errors import OutputError, UsageError
 from leukofhir.reader import ReadError, Source, iter_resources
 from leukofhir.report_html import write_report_html
 
-__all__ = ["OUTPUTS", "finish_outputs", "remove_outputs", "write_ndjson", "write_quarantine", "pick_quarantined",
-           "flag_line", "quarantine_line", "read_error_line"]
+__all__ = [
+    "OUTPUTS",
+    "finish_outputs",
+    "remove_outputs",
+    "write_ndjson",
+    "write_quarantine",
+    "pick_quarantined",
+    "flag_line",
+    "quarantine_line",
+    "read_error_line",
+]
 
 log = logging.getLogger(__name__)
 
 OUTPUTS = ("Flag.ndjson", "quarantine.ndjson", "report.html", "report.json")
 
 
-def finish_outputs(out: Path, report: dict, write_flags: Callable[[Path], None],
-                   write_quarantine: Callable[[Path], None], data_docs: tuple | None = None) -> None:
+def finish_outputs(
+    out: Path,
+    report: dict,
+    write_flags: Callable[[Path], None],
+    write_quarantine: Callable[[Path], None],
+    data_docs: tuple | None = None,
+) -> None:
     """The run's files: `write_flags(path)` writes Flag.ndjson, `write_quarantine(path)` quarantine.ndjson, then
     report.html and report.json, and GX's Data Docs when asked; the report gets `reconciled` here. Each file is
     written under a temporary name and renamed into place once all are written, report.json last: a folder holds a
     finished run exactly when its report.json is there. A write that fails is an OutputError and leaves no output
     behind."""
-    evaluated, skipped, quarantined_count = (report["evaluated"], sum(report["skipped"].values()),
-                                             sum(report["quarantined"].values()))
+    evaluated, skipped, quarantined_count = (
+        report["evaluated"],
+        sum(report["skipped"].values()),
+        sum(report["quarantined"].values()),
+    )
     report["reconciled"] = report["read_total"] == evaluated + skipped + quarantined_count
     if not report["reconciled"]:
-        log.error("report does not reconcile: %s read, %s evaluated, %s skipped, %s quarantined",
-                  report["read_total"], evaluated, skipped, quarantined_count)
+        log.error(
+            "report does not reconcile: %s read, %s evaluated, %s skipped, %s quarantined",
+            report["read_total"],
+            evaluated,
+            skipped,
+            quarantined_count,
+        )
     target = out
     try:
         if data_docs is not None:
@@ -109,8 +131,10 @@ def write_quarantine(path: Path, quarantined: list, read_errors: list[ReadError]
         wanted[file].setdefault((line, entry), []).extend(reasons)
     with open(path, "w", encoding="utf-8") as fh:
         for file, by_position in sorted(wanted.items()):
-            items = ((_position(item.source), item.resource)
-                     for item in iter_resources([sources.paths[file]], lambda error: None))
+            items = (
+                (_position(item.source), item.resource)
+                for item in iter_resources([sources.paths[file]], lambda error: None)
+            )
             try:
                 for _, text in pick_quarantined(by_position, items):
                     fh.write(text)
@@ -125,8 +149,9 @@ def write_quarantine(path: Path, quarantined: list, read_errors: list[ReadError]
             fh.write(read_error_line(error))
 
 
-def pick_quarantined(wanted: dict, items: Iterable[tuple[object, object]],
-                     decode: Callable | None = None) -> Iterator[tuple]:
+def pick_quarantined(
+    wanted: dict, items: Iterable[tuple[object, object]], decode: Callable | None = None
+) -> Iterator[tuple]:
     """The one quarantine reader: (key, quarantine.ndjson line) of each of `items` (key, resource) whose key is
     `wanted` (key -> reasons), taken out of `wanted`; stops once none is left. `decode(resource)`: for items read as
     raw JSON, decoded only when wanted."""

@@ -56,8 +56,18 @@ from leukofhir.report import merge_reports
 from leukofhir.stages import ReadResult, Sources, progress_bar, read_error_collector, run_stages
 from leukofhir.validate import check_contract, prepare, suite_parameters
 
-__all__ = ["DEFAULT_MEMORY_BUDGET", "ROW_COSTS", "PartitionPlan", "PartitionError", "parse_size", "show_size",
-           "input_bytes", "estimate_rows", "plan_partitions", "evaluate_partitioned"]
+__all__ = [
+    "DEFAULT_MEMORY_BUDGET",
+    "ROW_COSTS",
+    "PartitionPlan",
+    "PartitionError",
+    "parse_size",
+    "show_size",
+    "input_bytes",
+    "estimate_rows",
+    "plan_partitions",
+    "evaluate_partitioned",
+]
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +83,12 @@ DEFAULT_MEMORY_BUDGET = 768 << 20
 ROW_COST_OBSERVATION = 512
 ROW_COST_MEDICATION = 432
 ROW_COST_OTHER = 736  # Patient, DiagnosticReport, Condition, Flag, Medication (a Medication is held as context)
-ROW_COSTS = {"Observation": ROW_COST_OBSERVATION, "Medication": ROW_COST_OTHER,
-             **{kind: ROW_COST_MEDICATION for kind in MEDICATION_KINDS},
-             **{kind: ROW_COST_OTHER for kind in ("Patient", "DiagnosticReport", "Condition", "Flag")}}
+ROW_COSTS = {
+    "Observation": ROW_COST_OBSERVATION,
+    "Medication": ROW_COST_OTHER,
+    **{kind: ROW_COST_MEDICATION for kind in MEDICATION_KINDS},
+    **{kind: ROW_COST_OTHER for kind in ("Patient", "DiagnosticReport", "Condition", "Flag")},
+}
 SAMPLE_BYTES = 1 << 18  # read at the start, middle and end of each file to count its rows per byte
 GZIP_RATIO = 5  # a .gz whose recorded size is not plausible holds at least this many times its size (FHIR JSON: 8-20)
 OVERSPLIT = 4  # partitions spilled per partition evaluated: packed by their counted rows into the evaluated ones
@@ -183,8 +196,10 @@ def estimate_rows(files: list[Path]) -> tuple[int, int]:
             if not data:
                 continue
             kinds = Counter(_RESOURCE_TYPE.findall(data))
-            per_byte = (sum(ROW_COSTS.get(k.decode(), 0) * n for k, n in kinds.items()) / len(data),
-                        sum(n for k, n in kinds.items() if k.decode() in ROW_COSTS) / len(data))
+            per_byte = (
+                sum(ROW_COSTS.get(k.decode(), 0) * n for k, n in kinds.items()) / len(data),
+                sum(n for k, n in kinds.items() if k.decode() in ROW_COSTS) / len(data),
+            )
             densest = max(densest, per_byte)
         memory += size * densest[0]
         rows += size * densest[1]
@@ -242,15 +257,16 @@ class _Links:
     def flush(self) -> None:
         if not self.hashes:
             return
-        records = np.stack([np.frombuffer(self.hashes, dtype=np.int64), np.frombuffer(self.codes, dtype=np.int64)],
-                           axis=1)
+        records = np.stack(
+            [np.frombuffer(self.hashes, dtype=np.int64), np.frombuffer(self.codes, dtype=np.int64)], axis=1
+        )
         slices = records[:, 0] % JOIN_FILES
         order = np.argsort(slices, kind="stable")
         bounds = np.searchsorted(slices[order], np.arange(JOIN_FILES + 1))
         for j in range(JOIN_FILES):
             if bounds[j] < bounds[j + 1]:
                 with open(self.paths[j], "ab") as fh:
-                    records[order[bounds[j]:bounds[j + 1]]].tofile(fh)
+                    records[order[bounds[j] : bounds[j + 1]]].tofile(fh)
         self.hashes, self.codes = array("q"), array("q")
 
     def load(self, j: int) -> np.ndarray:
@@ -520,7 +536,7 @@ def _lines(path: Path) -> Iterator[bytes]:
 
 
 def _seq(line: bytes) -> int:
-    return int(line[:line.index(b"\t")])
+    return int(line[: line.index(b"\t")])
 
 
 def _unit_lines(folder: Path, unit: _Unit) -> Iterator[tuple[int, bytes]]:
@@ -663,8 +679,10 @@ def _peak_rss() -> int:
 def _unit_result(folder: Path, number: int, exitcode: int | None) -> dict:
     path = _result_file(folder, number)
     if not path.exists():
-        raise PartitionError(f"the process evaluating partition {number} died (exit code {exitcode}): out of memory? "
-                             "lower --memory-budget or --workers")
+        raise PartitionError(
+            f"the process evaluating partition {number} died (exit code {exitcode}): out of memory? "
+            "lower --memory-budget or --workers"
+        )
     kind, value = pickle.loads(path.read_bytes())
     if kind == "error":
         raise value
@@ -672,9 +690,20 @@ def _unit_result(folder: Path, number: int, exitcode: int | None) -> dict:
 
 
 # -- the whole run ---------------------------------------------------------------------------------------------------
-def evaluate_partitioned(files: list[Path], paths, out: Path, rules: Rules, plan: PartitionPlan, *,
-                         as_of: datetime | None, run_time: datetime | None = None, base_url=None, progress: bool = True,
-                         fail_on_threshold: bool = False, skipped_files: list[str] | None = None) -> dict:
+def evaluate_partitioned(
+    files: list[Path],
+    paths,
+    out: Path,
+    rules: Rules,
+    plan: PartitionPlan,
+    *,
+    as_of: datetime | None,
+    run_time: datetime | None = None,
+    base_url=None,
+    progress: bool = True,
+    fail_on_threshold: bool = False,
+    skipped_files: list[str] | None = None,
+) -> dict:
     """evaluate_files for an input above the memory budget: spill by patient (pass 1), evaluate the partitions (pass 2),
     merge their outputs into `out` as the in-memory path writes them; returns the report."""
     try:
@@ -682,49 +711,82 @@ def evaluate_partitioned(files: list[Path], paths, out: Path, rules: Rules, plan
     except OSError as exc:
         raise OutputError(f"cannot make the partitions' folder in {out}: {exc.strerror or exc}") from None
     try:
-        log.info("input rows about %s, above the memory budget %s: partitioning by patient (%d files, %d worker%s)",
-                 plan.shown_estimate, plan.shown_budget, plan.spilled, plan.workers, "s" if plan.workers > 1 else "")
+        log.info(
+            "input rows about %s, above the memory budget %s: partitioning by patient (%d files, %d worker%s)",
+            plan.shown_estimate,
+            plan.shown_budget,
+            plan.spilled,
+            plan.workers,
+            "s" if plan.workers > 1 else "",
+        )
         spill, read_errors = _spill(files, folder, plan, base_url, progress)
         groups = _linked(spill.links, plan.spilled)
         _deliver_medications(spill)
         units = _units(groups, spill, plan.unit_budget)
         linked = [g for g in groups if len(g) > 1 and sum(spill.counts[p] for p in g)]
         if linked:
-            log.info("%d group(s) of partitions evaluated together: results copied under another patient, or listed "
-                     "by another patient's report", len(linked))
+            log.info(
+                "%d group(s) of partitions evaluated together: results copied under another patient, or listed "
+                "by another patient's report",
+                len(linked),
+            )
         for unit in units:
             if unit.memory > plan.unit_budget:
-                log.warning("partition %d's rows take about %s, above one process's share of the memory budget (%s): "
-                            "its patients (or patients linked by their data) cannot be split further", unit.number,
-                            show_size(unit.memory), show_size(plan.unit_budget))
+                log.warning(
+                    "partition %d's rows take about %s, above one process's share of the memory budget (%s): "
+                    "its patients (or patients linked by their data) cannot be split further",
+                    unit.number,
+                    show_size(unit.memory),
+                    show_size(plan.unit_budget),
+                )
         job = _Job(folder, rules, base_url, suite_parameters(rules), as_of, units, run_time)
         reports: dict[int, dict] = {}
         bar = progress_bar("pass 2/2: evaluating", progress, total=sum(u.resources for u in units))
         try:
+
             def done(number: int, report: dict) -> None:
                 reports[number] = report
                 if bar is not None:
                     bar.update(units[number].resources)
+
             _run_units(job, plan.workers, done)
             if as_of is None:
                 _again_as_of_the_latest(job, plan.workers, reports)
         finally:
             if bar is not None:
                 bar.close()
-        report = _report(paths, skipped_files or [], spill, read_errors, [reports[n] for n in range(len(units))],
-                         as_of, plan, units, linked)
+        report = _report(
+            paths,
+            skipped_files or [],
+            spill,
+            read_errors,
+            [reports[n] for n in range(len(units))],
+            as_of,
+            plan,
+            units,
+            linked,
+        )
         parts = report["partitions"]
-        log.info("%d partitions: rows estimated at up to %s each (%s per process); their processes peaked at up to %s",
-                 len(units), show_size(parts["largest_estimated"]), show_size(plan.unit_budget),
-                 show_size(parts["largest_peak_rss"]))
+        log.info(
+            "%d partitions: rows estimated at up to %s each (%s per process); their processes peaked at up to %s",
+            len(units),
+            show_size(parts["largest_estimated"]),
+            show_size(plan.unit_budget),
+            show_size(parts["largest_peak_rss"]),
+        )
         if fail_on_threshold:
             check_contract(report["contract"], rules.validation)
         numbers = range(len(units))
         finish_outputs(
-            out, report,
+            out,
+            report,
             lambda target: _merge(target, [folder / f"unit-{n:04d}.flags" for n in numbers], _flag_order),
-            lambda target: _merge(target, [folder / f"unit-{n:04d}.quarantine" for n in numbers], _seq,
-                                  [read_error_line(e).encode("utf-8") for e in read_errors]),
+            lambda target: _merge(
+                target,
+                [folder / f"unit-{n:04d}.quarantine" for n in numbers],
+                _seq,
+                [read_error_line(e).encode("utf-8") for e in read_errors],
+            ),
         )
         return report
     finally:
@@ -741,21 +803,30 @@ def _again_as_of_the_latest(job: _Job, workers: int, reports: dict[int, dict]) -
     latest = max(times.values())
     again = [n for n, r in sorted(reports.items()) if r["lapse_horizon"] is not None and r["lapse_horizon"] < latest]
     if again:
-        log.info("%d partition(s) evaluated again as of the input's latest time %s: open episodes lapse by then",
-                 len(again), latest.isoformat())
-        _run_units(_Job(job.folder, job.rules, job.base_url, job.parameters, None, job.units, latest), workers,
-                   reports.__setitem__, again)
+        log.info(
+            "%d partition(s) evaluated again as of the input's latest time %s: open episodes lapse by then",
+            len(again),
+            latest.isoformat(),
+        )
+        _run_units(
+            _Job(job.folder, job.rules, job.base_url, job.parameters, None, job.units, latest),
+            workers,
+            reports.__setitem__,
+            again,
+        )
 
 
-def _spill(files: list[Path], folder: Path, plan: PartitionPlan, base_url,
-           progress: bool) -> tuple[_Spill, list[ReadError]]:
+def _spill(
+    files: list[Path], folder: Path, plan: PartitionPlan, base_url, progress: bool
+) -> tuple[_Spill, list[ReadError]]:
     """Pass 1: read every file once, spilling each resource to its partition; read errors shown (capped) and kept."""
     read_errors, on_read_error = read_error_collector()
     spill = _Spill(folder, plan.spilled, base_url)
     bar = progress_bar("pass 1/2: partitioning", progress)
     try:
-        spill.run(iter_located(files, on_read_error, raw=True),
-                  None if bar is None else lambda seq: bar.update(seq - bar.n))
+        spill.run(
+            iter_located(files, on_read_error, raw=True), None if bar is None else lambda seq: bar.update(seq - bar.n)
+        )
     except OSError as exc:
         raise OutputError(f"cannot write the partitions in {folder}: {exc.strerror or exc}") from None
     finally:
@@ -765,7 +836,7 @@ def _spill(files: list[Path], folder: Path, plan: PartitionPlan, base_url,
 
 
 def _flag_order(line: bytes) -> list:
-    return json.loads(line[:line.index(b"\t")])
+    return json.loads(line[: line.index(b"\t")])
 
 
 def _merge(target: Path, parts: list[Path], key, tail: list[bytes] = ()) -> None:
@@ -775,7 +846,7 @@ def _merge(target: Path, parts: list[Path], key, tail: list[bytes] = ()) -> None
         sources = [stack.enter_context(open(p, "rb")) for p in parts]
         with open(target, "wb") as out:
             for line in heapq.merge(*sources, key=key):
-                out.write(line[line.index(b"\t") + 1:])
+                out.write(line[line.index(b"\t") + 1 :])
             for line in tail:
                 out.write(line)
 
@@ -785,16 +856,30 @@ def _latest(values: list[str | None]) -> str | None:
     return max(present, key=datetime.fromisoformat) if present else None
 
 
-def _report(paths, skipped_files: list[str], spill: _Spill, read_errors: list[ReadError], parts: list[dict],
-            as_of: datetime | None, plan: PartitionPlan, units: list[_Unit], linked: list[list[int]]) -> dict:
+def _report(
+    paths,
+    skipped_files: list[str],
+    spill: _Spill,
+    read_errors: list[ReadError],
+    parts: list[dict],
+    as_of: datetime | None,
+    plan: PartitionPlan,
+    units: list[_Unit],
+    linked: list[list[int]],
+) -> dict:
     """The run report of the in-memory path from the partitions' reports and what the first pass counted."""
     read_total = sum(spill.read_counts.values())
     counted = read_total - sum(spill.skipped.values())
     first_pass = {
-        "read": dict(spill.read_counts), "read_total": read_total, "evaluated": spill.evaluated,
-        "skipped": dict(spill.skipped), "quarantined": {}, "read_errors": len(read_errors),
+        "read": dict(spill.read_counts),
+        "read_total": read_total,
+        "evaluated": spill.evaluated,
+        "skipped": dict(spill.skipped),
+        "quarantined": {},
+        "read_errors": len(read_errors),
         "stages": {"read": read_total, "normalised": counted, "validated": counted, "evaluated": spill.evaluated},
-        "flags": {"total": 0}, "flags_rejected": 0,
+        "flags": {"total": 0},
+        "flags_rejected": 0,
     }
     merged = merge_reports([first_pass, *parts])
     expectations = sorted(merged["expectations"], key=lambda e: SUITES.index(e["suite"]))
@@ -802,8 +887,21 @@ def _report(paths, skipped_files: list[str], spill: _Spill, read_errors: list[Re
         "inputs": [str(p) for p in paths],
         "skipped_files": skipped_files,
         "as_of": as_of.isoformat() if as_of is not None else _latest([p["as_of"] for p in parts]),
-        **{k: merged[k] for k in ("read", "read_total", "evaluated", "skipped", "quarantined", "quarantine_examples",
-                                  "read_errors", "stages", "flags_held", "contract")},
+        **{
+            k: merged[k]
+            for k in (
+                "read",
+                "read_total",
+                "evaluated",
+                "skipped",
+                "quarantined",
+                "quarantine_examples",
+                "read_errors",
+                "stages",
+                "flags_held",
+                "contract",
+            )
+        },
         "expectations": expectations,
         "flags": merged["flags"],
         "flags_rejected": merged["flags_rejected"],
@@ -812,16 +910,21 @@ def _report(paths, skipped_files: list[str], spill: _Spill, read_errors: list[Re
         "trends": merged["trends"],
         "trends_total": merged["trends_total"],
         "partitions": {
-            "memory_budget": plan.budget, "estimated": plan.estimate, "estimated_rows": plan.rows,
-            "workers": plan.workers, "spilled": plan.spilled, "evaluated": len(units), "linked_groups": len(linked),
+            "memory_budget": plan.budget,
+            "estimated": plan.estimate,
+            "estimated_rows": plan.rows,
+            "workers": plan.workers,
+            "spilled": plan.spilled,
+            "evaluated": len(units),
+            "linked_groups": len(linked),
             "largest_bytes": max((u.size for u in units), default=0),
             "largest_estimated": max((u.memory for u in units), default=0),
             "largest_peak_rss": max((p.get("peak_rss") or 0 for p in parts), default=0),
             # Each evaluated partition: its rows, bytes of JSON, the memory its rows were estimated to take (packed
             # up to memory_budget / workers) and the peak RSS its process measured (rows and its own base).
-            "units": [{"rows": u.resources, "bytes": u.size, "estimated": u.memory, "peak_rss": p.get("peak_rss")}
-                      for u, p in zip(units, parts)],
+            "units": [
+                {"rows": u.resources, "bytes": u.size, "estimated": u.memory, "peak_rss": p.get("peak_rss")}
+                for u, p in zip(units, parts)
+            ],
         },
     }
-
-

@@ -32,12 +32,18 @@ def parse_as_of(text: str | datetime | None) -> datetime | None:
     return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
-def write_outputs(out: Path, report: dict, flags: list[dict], quarantined: list, read: ReadResult,
-                  data_docs: tuple | None = None) -> None:
+def write_outputs(
+    out: Path, report: dict, flags: list[dict], quarantined: list, read: ReadResult, data_docs: tuple | None = None
+) -> None:
     """Flag.ndjson, quarantine.ndjson (each rejected resource re-read from its file, with its reasons), report.json
     and report.html, and GX's Data Docs when asked (`data_docs` = (frames, parameters)): see finish_outputs."""
-    finish_outputs(out, report, lambda path: write_ndjson(path, flags),
-                   lambda path: write_quarantine(path, quarantined, read.read_errors, read.sources), data_docs)
+    finish_outputs(
+        out,
+        report,
+        lambda path: write_ndjson(path, flags),
+        lambda path: write_quarantine(path, quarantined, read.read_errors, read.sources),
+        data_docs,
+    )
 
 
 def _output_dir(out_dir) -> Path:
@@ -52,8 +58,17 @@ def _output_dir(out_dir) -> Path:
 
 
 def evaluate_files(
-    paths, out_dir, as_of=None, config=None, progress: bool = True, *, fail_on_threshold: bool = False,
-    data_docs: bool = False, base_url=None, memory_budget: int | str | None = None, workers: int = 1,
+    paths,
+    out_dir,
+    as_of=None,
+    config=None,
+    progress: bool = True,
+    *,
+    fail_on_threshold: bool = False,
+    data_docs: bool = False,
+    base_url=None,
+    memory_budget: int | str | None = None,
+    workers: int = 1,
     run_time=None,
 ) -> dict:
     """Read, normalise, validate and evaluate the files; write Flag.ndjson, quarantine.ndjson, report.json and
@@ -88,19 +103,32 @@ def evaluate_files(
     files = expand_paths(paths, skipped_files)
     plan = plan_partitions(files, memory_budget, workers)
     if plan is not None and data_docs:
-        raise UsageError(f"--data-docs needs every row in memory, and this input needs about {plan.shown_estimate} "
-                         f"(memory budget {plan.shown_budget}): raise --memory-budget or leave --data-docs out")
+        raise UsageError(
+            f"--data-docs needs every row in memory, and this input needs about {plan.shown_estimate} "
+            f"(memory budget {plan.shown_budget}): raise --memory-budget or leave --data-docs out"
+        )
     out = _output_dir(out_dir)
     remove_outputs(out)
     if plan is not None:
-        return evaluate_partitioned(files, paths, out, rules, plan, as_of=as_of_given, run_time=run_time,
-                                    base_url=base_url, progress=progress, fail_on_threshold=fail_on_threshold,
-                                    skipped_files=skipped_files)
+        return evaluate_partitioned(
+            files,
+            paths,
+            out,
+            rules,
+            plan,
+            as_of=as_of_given,
+            run_time=run_time,
+            base_url=base_url,
+            progress=progress,
+            fail_on_threshold=fail_on_threshold,
+            skipped_files=skipped_files,
+        )
     read = read_and_normalise(files, rules, base_url=base_url, progress=progress)
     read.skipped_files[:0] = skipped_files
     parameters = suite_parameters(rules)
-    staged = run_stages(read, rules, parameters, paths=paths, as_of=as_of_given, run_time=run_time,
-                        keep_frames=data_docs)
+    staged = run_stages(
+        read, rules, parameters, paths=paths, as_of=as_of_given, run_time=run_time, keep_frames=data_docs
+    )
     report, checked = staged.report, staged.checked
     if fail_on_threshold:
         check_contract(report["contract"], rules.validation)
@@ -112,8 +140,13 @@ def evaluate_files(
 def evaluate_command(args) -> int:
     """`leukofhir evaluate`: run, print a one-line summary, exit 0 (errors in arguments raise UsageError)."""
     report = evaluate_files(
-        args.files, args.out, as_of=args.as_of, config=args.config, data_docs=getattr(args, "data_docs", False),
-        memory_budget=getattr(args, "memory_budget", None), workers=getattr(args, "workers", 1),
+        args.files,
+        args.out,
+        as_of=args.as_of,
+        config=args.config,
+        data_docs=getattr(args, "data_docs", False),
+        memory_budget=getattr(args, "memory_budget", None),
+        workers=getattr(args, "workers", 1),
     )
     flags = report["flags"]
     parts = report.get("partitions")

@@ -16,7 +16,14 @@ import msgspec
 from leukofhir.errors import UsageError
 
 __all__ = [
-    "Source", "ReadError", "Item", "expand_paths", "iter_resources", "iter_located", "reference_target", "decode_line",
+    "Source",
+    "ReadError",
+    "Item",
+    "expand_paths",
+    "iter_resources",
+    "iter_located",
+    "reference_target",
+    "decode_line",
 ]
 
 
@@ -83,8 +90,13 @@ def expand_paths(paths: Iterable[str | os.PathLike], skipped: list[str] | None =
             if others:
                 names = ", ".join(str(Path(f).relative_to(p)) for f in others[:SHOWN_SKIPPED_FILES])
                 more = f" and {len(others) - SHOWN_SKIPPED_FILES} more" if len(others) > SHOWN_SKIPPED_FILES else ""
-                log.warning("%s: skipped %d files that are not FHIR data (.json, .ndjson or .jsonl, plain or .gz): "
-                            "%s%s", p, len(others), names, more)
+                log.warning(
+                    "%s: skipped %d files that are not FHIR data (.json, .ndjson or .jsonl, plain or .gz): %s%s",
+                    p,
+                    len(others),
+                    names,
+                    more,
+                )
                 if skipped is not None:
                     skipped.extend(others)
             elif not files:
@@ -187,7 +199,7 @@ def _salvage(inflate, data: bytes) -> bytes:
     while start < len(view):
         before = inflate.copy()
         try:
-            out += inflate.decompress(view[start: start + step])
+            out += inflate.decompress(view[start : start + step])
         except zlib.error:
             if step == 1:
                 break
@@ -218,7 +230,7 @@ def _deeper_than(value, limit: int) -> bool:
         node, depth = pop()
         if depth > limit:
             return True
-        for child in (node.values() if type(node) is dict else node):
+        for child in node.values() if type(node) is dict else node:
             kind = type(child)
             if kind is dict or kind is list:
                 push((child, depth + 1))
@@ -425,8 +437,13 @@ def _ndjson_located(path: Path, name: str, on_error: Callable[[ReadError], None]
                 except _BadLine as bad:
                     if line[-1:] != b"\n" and _gzip_problem(fh):
                         # The damage cut this line short: the one error of the file says so and where.
-                        on_error(ReadError(Source(name, line=number), f"{_gzip_problem(fh)}: the file ends in the "
-                                           f"middle of this line, after line {number - 1}"))
+                        on_error(
+                            ReadError(
+                                Source(name, line=number),
+                                f"{_gzip_problem(fh)}: the file ends in the "
+                                f"middle of this line, after line {number - 1}",
+                            )
+                        )
                         return
                     on_error(ReadError(Source(name, line=number), str(bad)))
                     continue

@@ -14,11 +14,34 @@ EXAMPLES = 5
 # What became of each Flag decided (`conflict`: its version kept moving, write.VERSION_ROUNDS), and `reevaluated`:
 # the patients read and decided again because a version had moved; `alert_*`: the critical results'
 # CommunicationRequests (leukofhir/alerts.py).
-WRITE_ACTIONS = ("create", "update", "withdraw", "delete", "unchanged", "not_created", "refused", "conflict",
-                 "reevaluated", "alert_create", "alert_revoke", "alert_refused")
+WRITE_ACTIONS = (
+    "create",
+    "update",
+    "withdraw",
+    "delete",
+    "unchanged",
+    "not_created",
+    "refused",
+    "conflict",
+    "reevaluated",
+    "alert_create",
+    "alert_revoke",
+    "alert_refused",
+)
 # Keys of a batch's report.json that are sums (nested dicts of counts are summed key by key).
-_SUMMED = ("read", "read_total", "evaluated", "skipped", "quarantined", "read_errors", "stages", "flags",
-           "flags_rejected", "flags_held", "trends_total")
+_SUMMED = (
+    "read",
+    "read_total",
+    "evaluated",
+    "skipped",
+    "quarantined",
+    "read_errors",
+    "stages",
+    "flags",
+    "flags_rejected",
+    "flags_held",
+    "trends_total",
+)
 
 
 def _add(total: dict, part: dict) -> None:
@@ -68,16 +91,22 @@ def merge_reports(batch_reports: Iterable[dict]) -> dict:
         _merge_expectations(expectations, report.get("expectations") or [])
         contracts.append(report.get("contract"))
         reconciled = reconciled and bool(report.get("reconciled", True))
-    merged = {k: _sorted(summed.get(k, {} if k in ("read", "skipped", "quarantined", "stages") else 0))
-              for k in _SUMMED if k != "flags"}
+    merged = {
+        k: _sorted(summed.get(k, {} if k in ("read", "skipped", "quarantined", "stages") else 0))
+        for k in _SUMMED
+        if k != "flags"
+    }
     flags = summed.get("flags") or {}
-    merged["flags"] = {"total": flags.get("total", 0),
-                       **{k: _sorted(flags.get(k, {})) for k in ("by_code", "by_status", "by_code_status", "per_day")}}
+    merged["flags"] = {
+        "total": flags.get("total", 0),
+        **{k: _sorted(flags.get(k, {})) for k in ("by_code", "by_status", "by_code_status", "per_day")},
+    }
     merged["quarantine_examples"] = _sorted(examples)
     merged["expectations"] = list(expectations.values())
     merged["contract"] = merge_contract(contracts)
     merged["reconciled"] = reconciled and merged["read_total"] == (
-        merged["evaluated"] + sum(merged["skipped"].values()) + sum(merged["quarantined"].values()))
+        merged["evaluated"] + sum(merged["skipped"].values()) + sum(merged["quarantined"].values())
+    )
     merged["batches"] = batches
     merged["trends"] = trends
     return merged

@@ -16,7 +16,8 @@ __all__ = ["write_report_html", "render_report", "bin_per_day", "MAX_BARS"]
 MAX_ROWS = 50
 MAX_INPUT_FILES = 20
 
-STYLE = """
+STYLE = (
+    """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif;
   margin:0;padding:24px 32px;color:#1d2433;background:#f6f7f9}
 h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #d5d9e0;padding-bottom:4px}
@@ -34,7 +35,9 @@ code,.ids{font-family:ui-monospace,"SFMono-Regular",Menlo,Consolas,monospace;fon
 .more,.empty{color:#5a6372;font-style:italic}.why{color:#5a6372;font-size:12px;max-width:420px}
 figure.trend{background:#fff;border:1px solid #d5d9e0;border-radius:6px;margin:8px 0;padding:8px 12px;width:max-content}
 figcaption{margin-bottom:4px}.legend{color:#5a6372;font-size:12px;max-width:760px}
-""" + CHART_STYLE
+"""
+    + CHART_STYLE
+)
 
 
 def write_report_html(report: dict, path: str | os.PathLike) -> Path:
@@ -105,8 +108,7 @@ def _header(report: dict) -> str:
     if window:
         field = window.get("field") or "lastUpdated"
         source = (
-            f"Window <b>{_e(window.get('since', '—'))}</b> to <b>{_e(window.get('until', '—'))}</b> "
-            f"(by {_e(field)})"
+            f"Window <b>{_e(window.get('since', '—'))}</b> to <b>{_e(window.get('until', '—'))}</b> (by {_e(field)})"
         )
     elif sweep:
         source = ""  # the sweep alone: said below
@@ -129,9 +131,11 @@ def _sweep(sweep: Any) -> str:
     """The daily lapse sweep's part of a run (leukofhir.sweep): the patients it added to the run."""
     if not isinstance(sweep, dict):
         return ""
-    return (f' Lapse sweep: <b id="sweep-added">{_n(sweep.get("added", 0))}</b> patients added '
-            f'({_n(sweep.get("candidates", 0))} whose active Flags may have lapsed, of '
-            f'{_n(sweep.get("flags_read", 0))} active Flags read).')
+    return (
+        f' Lapse sweep: <b id="sweep-added">{_n(sweep.get("added", 0))}</b> patients added '
+        f"({_n(sweep.get('candidates', 0))} whose active Flags may have lapsed, of "
+        f"{_n(sweep.get('flags_read', 0))} active Flags read)."
+    )
 
 
 def _failure(report: dict) -> str:
@@ -141,8 +145,8 @@ def _failure(report: dict) -> str:
     return (
         '<div class="recon bad" id="failure"><span class="bad">This run stopped before the end</span>: '
         f'<span id="error">{_e(report.get("error") or "no reason recorded")}</span>. The Flag counts below are what '
-        f'it wrote before it stopped; {_n(report.get("patients_not_written", 0))} patients were not written '
-        f'({_n(report.get("chunks_written", 0))} of {_n(report.get("chunks", 0))} batches done). Running it again is '
+        f"it wrote before it stopped; {_n(report.get('patients_not_written', 0))} patients were not written "
+        f"({_n(report.get('chunks_written', 0))} of {_n(report.get('chunks', 0))} batches done). Running it again is "
         "safe: every write names the version it was decided from, and a re-run writes only what is still missing.</div>"
     )
 
@@ -153,8 +157,12 @@ def _counts(report: dict) -> str:
     skipped = _total(report.get("skipped"))
     quarantined = _total(report.get("quarantined"))
     cards = [
-        ("read", read), ("evaluated", evaluated), ("skipped", skipped), ("quarantined", quarantined),
-        ("read errors", report.get("read_errors", 0)), ("Flags", (report.get("flags") or {}).get("total", 0)),
+        ("read", read),
+        ("evaluated", evaluated),
+        ("skipped", skipped),
+        ("quarantined", quarantined),
+        ("read errors", report.get("read_errors", 0)),
+        ("Flags", (report.get("flags") or {}).get("total", 0)),
     ]
     html = ['<h2>Counts</h2><div class="cards">']
     html += [
@@ -176,8 +184,12 @@ def _counts(report: dict) -> str:
 
 
 _WRITE_LABELS = [
-    ("create", "created"), ("update", "updated"), ("withdraw", "withdrawn"), ("unchanged", "unchanged"),
-    ("refused", "refused by the server"), ("delete", "duplicates deleted"),
+    ("create", "created"),
+    ("update", "updated"),
+    ("withdraw", "withdrawn"),
+    ("unchanged", "unchanged"),
+    ("refused", "refused by the server"),
+    ("delete", "duplicates deleted"),
     ("not_created", "withdrawn before ever written (not created)"),
     ("conflict", "not written: changed by another writer through every re-evaluation"),
     ("reevaluated", "patients read and evaluated again (their Flag had changed since it was read)"),
@@ -194,11 +206,18 @@ def _writes(report: dict) -> str:
         return ""
     dry = bool(report.get("dry_run"))
     title = "Flags on the server (dry run: nothing was written)" if dry else "Flags on the server"
-    intro = (f'<p>Patients touched: <b id="patients-touched">{_n(report.get("patients_touched", 0))}</b>'
-             f'{" &middot; server <code>" + _e(report["server"]) + "</code>" if report.get("server") else ""}</p>')
-    rows = [[_e(("would be " if dry and key in ("create", "update", "withdraw", "delete") else "") + label),
-             f'<span id="writes-{key}">{_n(writes.get(key, 0))}</span>']
-            for key, label in _WRITE_LABELS if key in writes]
+    intro = (
+        f'<p>Patients touched: <b id="patients-touched">{_n(report.get("patients_touched", 0))}</b>'
+        f"{' &middot; server <code>' + _e(report['server']) + '</code>' if report.get('server') else ''}</p>"
+    )
+    rows = [
+        [
+            _e(("would be " if dry and key in ("create", "update", "withdraw", "delete") else "") + label),
+            f'<span id="writes-{key}">{_n(writes.get(key, 0))}</span>',
+        ]
+        for key, label in _WRITE_LABELS
+        if key in writes
+    ]
     return _table(title, ["Flags", "count"], rows).replace("<table>", intro + "<table>", 1)
 
 
@@ -232,16 +251,18 @@ def _expectations(results: list[dict]) -> str:
     rows = []
     for r in results:
         ok = r.get("success")
-        rows.append([
-            _e(r.get("suite", "")),
-            f"<code>{_e(r.get('name', ''))}</code>"
-            + (f'<div class="why">{_e(r["why"])}</div>' if r.get("why") else ""),
-            f"<code>{_e(r.get('column', ''))}</code>",
-            '<span class="ok">passed</span>' if ok else '<span class="bad">failed</span>',
-            _n(r.get("unexpected_count", 0)),
-            _n(r.get("element_count", 0)),
-            _ids(r.get("examples")),
-        ])
+        rows.append(
+            [
+                _e(r.get("suite", "")),
+                f"<code>{_e(r.get('name', ''))}</code>"
+                + (f'<div class="why">{_e(r["why"])}</div>' if r.get("why") else ""),
+                f"<code>{_e(r.get('column', ''))}</code>",
+                '<span class="ok">passed</span>' if ok else '<span class="bad">failed</span>',
+                _n(r.get("unexpected_count", 0)),
+                _n(r.get("element_count", 0)),
+                _ids(r.get("examples")),
+            ]
+        )
     return _table(
         "Data contract (Great Expectations)",
         ["suite", "expectation", "column", "result", "failing rows", "rows checked", "examples"],
@@ -258,19 +279,39 @@ def _contract(report: dict) -> str:
     verdict = report.get("contract_verdict")
     said = ""
     if verdict:
-        said = ('<p>Judged on the whole run: <span class="ok">passed</span></p>' if verdict.get("passed") else
-                f'<p>Judged on the whole run: <span class="bad">failed</span>, nothing written. '
-                f'{_e(verdict.get("message"))}</p>')
-    rows = [[_e(scope_name(s)), _n(s["failed"]), _n(s["rows"]), f"{s['failed'] / s['rows']:.1%}", _n(s["patients"]),
-             _ids(s.get("examples"))]
-            for s in report.get("contract") or [] if s.get("failed")]
-    return "<h2>Data contract by suite and feed</h2>" + said + _table(
-        None, ["suite or feed", "failing rows", "rows", "share", "patients", "examples"], rows, numeric=(1, 2, 3, 4),
-        empty="No failing rows.")
+        said = (
+            '<p>Judged on the whole run: <span class="ok">passed</span></p>'
+            if verdict.get("passed")
+            else f'<p>Judged on the whole run: <span class="bad">failed</span>, nothing written. '
+            f"{_e(verdict.get('message'))}</p>"
+        )
+    rows = [
+        [
+            _e(scope_name(s)),
+            _n(s["failed"]),
+            _n(s["rows"]),
+            f"{s['failed'] / s['rows']:.1%}",
+            _n(s["patients"]),
+            _ids(s.get("examples")),
+        ]
+        for s in report.get("contract") or []
+        if s.get("failed")
+    ]
+    return (
+        "<h2>Data contract by suite and feed</h2>"
+        + said
+        + _table(
+            None,
+            ["suite or feed", "failing rows", "rows", "share", "patients", "examples"],
+            rows,
+            numeric=(1, 2, 3, 4),
+            empty="No failing rows.",
+        )
+    )
 
 
 def _flags(flags: dict) -> str:
-    html = [f"<h2>Flags</h2><p>Total Flags: <b id=\"flags-total\">{_n(flags.get('total', 0))}</b></p>"]
+    html = [f'<h2>Flags</h2><p>Total Flags: <b id="flags-total">{_n(flags.get("total", 0))}</b></p>']
     by_code_status = flags.get("by_code_status") or {}
     statuses = sorted({key.rsplit("|", 1)[-1] for key in by_code_status} | set(flags.get("by_status") or {}))
     conditions = sorted(
@@ -304,9 +345,9 @@ def _table(
     if not rows:
         return f'{heading}<p class="empty">{_e(empty)}</p>'
     shown = rows if limit is None else rows[:limit]
-    th = "".join(f'<th{" class=num" if i in numeric else ""}>{_e(h)}</th>' for i, h in enumerate(header))
+    th = "".join(f"<th{' class=num' if i in numeric else ''}>{_e(h)}</th>" for i, h in enumerate(header))
     body = "".join(
-        "<tr>" + "".join(f'<td{" class=num" if i in numeric else ""}>{c}</td>' for i, c in enumerate(r)) + "</tr>"
+        "<tr>" + "".join(f"<td{' class=num' if i in numeric else ''}>{c}</td>" for i, c in enumerate(r)) + "</tr>"
         for r in shown
     )
     more = ""
@@ -333,16 +374,21 @@ def _trends(report: dict) -> str:
     html = ["<h2>Evidence per Flag</h2>"]
     if not trends:
         return html[0] + '<p class="empty">No Flags to picture.</p>'
-    html.append('<p class="legend">Filled triangles: low values; open circles: values at or above the threshold; '
-                "hatched band: the episode; solid line: the threshold (LLN); dashed lines: CTCAE v5.0 grade "
-                "boundaries; bars below: exposure to an associated drug.</p>")
+    html.append(
+        '<p class="legend">Filled triangles: low values; open circles: values at or above the threshold; '
+        "hatched band: the episode; solid line: the threshold (LLN); dashed lines: CTCAE v5.0 grade "
+        "boundaries; bars below: exposure to an associated drug.</p>"
+    )
     if total > len(trends):
-        html.append(f'<p class="more">{len(trends):,} of {total:,} Flags pictured: active ones first, the worst grade, '
-                    "the latest episode; every Flag is in Flag.ndjson.</p>")
+        html.append(
+            f'<p class="more">{len(trends):,} of {total:,} Flags pictured: active ones first, the worst grade, '
+            "the latest episode; every Flag is in Flag.ndjson.</p>"
+        )
     for i, trend in enumerate(trends, 1):
         period = f"{_e(trend['start'][:10])} – {_e((trend.get('end') or 'open')[:10])}"
         html.append(
             f'<figure class="trend" id="trend-{_e(trend["flag"])}"><figcaption><b>{_e(trend["condition"])}</b>, '
-            f'grade {_e(trend["grade"])}, {_e(trend["status"])}, {period} &middot; Flag <code>{_e(trend["flag"])}'
-            f"</code></figcaption>" + trend_chart(trend, f"trend-chart-{i}") + "</figure>")
+            f"grade {_e(trend['grade'])}, {_e(trend['status'])}, {period} &middot; Flag <code>{_e(trend['flag'])}"
+            f"</code></figcaption>" + trend_chart(trend, f"trend-chart-{i}") + "</figure>"
+        )
     return "".join(html)

@@ -54,8 +54,16 @@ from leukofhir.validate import ValidationThresholdError, check_contract, merge_c
 from leukofhir.write import Plan, ensure_author, plan_writes, write_plan, write_rejects
 
 __all__ = [
-    "BATCH_SIZE", "find_patients", "extract_chunk", "evaluate_chunk", "judge_contract", "write_chunk", "finish_run",
-    "run_pipeline", "chunk_dirs", "default_run_dir",
+    "BATCH_SIZE",
+    "find_patients",
+    "extract_chunk",
+    "evaluate_chunk",
+    "judge_contract",
+    "write_chunk",
+    "finish_run",
+    "run_pipeline",
+    "chunk_dirs",
+    "default_run_dir",
 ]
 
 log = logging.getLogger(__name__)
@@ -95,9 +103,17 @@ def _check_patient_ids(patients: list[str]) -> list[str]:
 
 
 def find_patients(
-    client: FhirClient, rules: Rules, run_dir: Path, *, window: Window | None = None,
-    patients: list[str] | None = None, sweep: bool = False, chunks: int = 1, chunk_size: int | None = None,
-    dry_run: bool = False, now: datetime | None = None,
+    client: FhirClient,
+    rules: Rules,
+    run_dir: Path,
+    *,
+    window: Window | None = None,
+    patients: list[str] | None = None,
+    sweep: bool = False,
+    chunks: int = 1,
+    chunk_size: int | None = None,
+    dry_run: bool = False,
+    now: datetime | None = None,
 ) -> list[Path]:
     """Step 1: the touched patients (of the window, or the list given), and with `sweep` the lapse sweep's candidates
     (leukofhir.sweep: the patients whose active project Flags may have lapsed as of the run's start), split into
@@ -123,8 +139,18 @@ def find_patients(
         added = sorted(set(found.patients) - set(ids))
         swept = {"candidates": len(found.patients), "flags_read": found.flags_read, "added": len(added)}
         ids = sorted([*ids, *added])
-    return start_run(run_dir, client.base_url, ids, window=window, patients_given=patients is not None, chunks=chunks,
-                     chunk_size=chunk_size, dry_run=dry_run, started=started, sweep=swept)
+    return start_run(
+        run_dir,
+        client.base_url,
+        ids,
+        window=window,
+        patients_given=patients is not None,
+        chunks=chunks,
+        chunk_size=chunk_size,
+        dry_run=dry_run,
+        started=started,
+        sweep=swept,
+    )
 
 
 def _run_start(now: datetime | None) -> datetime:
@@ -132,17 +158,35 @@ def _run_start(now: datetime | None) -> datetime:
     return parse_instant(now or datetime.now(timezone.utc)).replace(microsecond=0)
 
 
-def start_run(run_dir: Path, server: str, ids: list[str], *, window: Window | None, patients_given: bool,
-              chunks: int = 1, chunk_size: int | None = None, dry_run: bool = False, extract: str = "search",
-              started: datetime | None = None, sweep: dict | None = None, **chunk_meta) -> list[Path]:
+def start_run(
+    run_dir: Path,
+    server: str,
+    ids: list[str],
+    *,
+    window: Window | None,
+    patients_given: bool,
+    chunks: int = 1,
+    chunk_size: int | None = None,
+    dry_run: bool = False,
+    extract: str = "search",
+    started: datetime | None = None,
+    sweep: dict | None = None,
+    **chunk_meta,
+) -> list[Path]:
     """run.json, and the sorted patient ids cut into contiguous chunk folders (`chunks` of them, or of `chunk_size`
     patients), each with its patients.json (and `chunk_meta`). `extract`: how the histories are read (search,
     export); `started`: the run's start (default: now); `sweep`: the lapse sweep's counts, when it ran."""
     log.info("%d patients touched", len(ids))
-    meta = {"server": server, "dry_run": dry_run, "extract": extract,
-            "started": _run_start(started).isoformat(timespec="seconds"),
-            "window": window.as_dict() if window else None, "patients_given": patients_given,
-            "patients_touched": len(ids), "sweep": sweep}
+    meta = {
+        "server": server,
+        "dry_run": dry_run,
+        "extract": extract,
+        "started": _run_start(started).isoformat(timespec="seconds"),
+        "window": window.as_dict() if window else None,
+        "patients_given": patients_given,
+        "patients_touched": len(ids),
+        "sweep": sweep,
+    }
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "run.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
     (run_dir / CONTRACT_FILE).unlink(missing_ok=True)  # a retried run is judged again
@@ -176,8 +220,13 @@ def extract_chunk(client: FhirClient, rules: Rules, chunk_dir: Path, batch_size:
     totals: dict[str, int] = {}
     for number, batch in enumerate(patient_batches(patients, batch_size), start=1):
         counts = stage_batch(client, batch, rules, chunk_dir / "staged" / f"batch-{number:05d}.ndjson")
-        log.info("chunk %s batch %d: %d patients, staged %s", chunk_dir.name, number, len(batch),
-                 ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "nothing")
+        log.info(
+            "chunk %s batch %d: %d patients, staged %s",
+            chunk_dir.name,
+            number,
+            len(batch),
+            ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "nothing",
+        )
         for kind, n in counts.items():
             totals[kind] = totals.get(kind, 0) + n
     return totals
@@ -198,9 +247,16 @@ def evaluate_chunk(rules: Rules, chunk_dir: Path, *, memory_budget=None, workers
     desired = quarantined = 0
     for staged in _staged(chunk_dir):
         # As of the run's start, so that an open episode without a count for too long lapses (v1.3 §4).
-        report = evaluate_files([staged], _evaluated(chunk_dir, staged), config=rules, progress=False,
-                                base_url=meta["server"], memory_budget=memory_budget, workers=workers,
-                                run_time=meta["started"])
+        report = evaluate_files(
+            [staged],
+            _evaluated(chunk_dir, staged),
+            config=rules,
+            progress=False,
+            base_url=meta["server"],
+            memory_budget=memory_budget,
+            workers=workers,
+            run_time=meta["started"],
+        )
         desired += report["flags"]["total"]
         quarantined += sum(report["quarantined"].values())
     return {"flags_desired": desired, "quarantined": quarantined}
@@ -210,8 +266,11 @@ def evaluation_reports(chunk_dir) -> list[dict]:
     """The report of every staged batch of a chunk (a local path or an ObjectStoragePath); UnevaluatedError for a
     staged batch that has none."""
     staged = chunk_dir / "staged"
-    names = sorted(p.name for p in staged.iterdir() if p.name.startswith("batch-") and p.name.endswith(".ndjson")) \
-        if staged.exists() else []
+    names = (
+        sorted(p.name for p in staged.iterdir() if p.name.startswith("batch-") and p.name.endswith(".ndjson"))
+        if staged.exists()
+        else []
+    )
     reports = []
     for name in names:
         path = chunk_dir / "evaluated" / name.removesuffix(".ndjson") / "report.json"
@@ -228,8 +287,9 @@ def judge_contract(rules: Rules, run_dir) -> list[dict]:
     a systemic failure raises ValidationThresholdError. `run_dir`: a local path or an ObjectStoragePath. Returns
     the run's contract counts."""
     run_dir = Path(run_dir) if isinstance(run_dir, str) else run_dir
-    scopes = merge_contract(report.get("contract") for chunk in chunk_dirs(run_dir)
-                            for report in evaluation_reports(chunk))
+    scopes = merge_contract(
+        report.get("contract") for chunk in chunk_dirs(run_dir) for report in evaluation_reports(chunk)
+    )
     verdict = {"passed": True, "message": None}
     try:
         check_contract(scopes, rules.validation)
@@ -278,9 +338,13 @@ def write_chunk(
                 author_ready = True
             before = Counter(written)
             try:
-                done = write_plan(client, plan, _decide_again(client, rules, chunk_dir / "redecided" / staged.stem,
-                                                              meta),
-                                  changed=_changed_since(client, rules, meta["server"], unknown_read), written=written)
+                done = write_plan(
+                    client,
+                    plan,
+                    _decide_again(client, rules, chunk_dir / "redecided" / staged.stem, meta),
+                    changed=_changed_since(client, rules, meta["server"], unknown_read),
+                    written=written,
+                )
             except Exception:
                 counts.update(written - before)  # this batch's writes so far: nothing else of it is known
                 raise
@@ -356,8 +420,9 @@ def _decide_again(client: FhirClient, rules: Rules, folder: Path, meta: dict):
         patients = sorted({pid for s in subjects if (pid := local_patient_id(s, server)) is not None})
         staged = here / "staged.ndjson"
         stage_batch(client, patients, rules, staged)
-        evaluate_files([staged], here / "evaluated", config=rules, progress=False, base_url=server,
-                       run_time=meta["started"])
+        evaluate_files(
+            [staged], here / "evaluated", config=rules, progress=False, base_url=server, run_time=meta["started"]
+        )
         return _plan_batch(rules, staged, here / "evaluated")
 
     return redecide
@@ -375,22 +440,29 @@ def finish_run(run_dir: Path, seconds: dict | None = None, error: str | None = N
     run_dir = Path(run_dir)
     meta = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
     chunks = chunk_dirs(run_dir) if (run_dir / "chunks").exists() else []
-    evaluated = [d for chunk in chunks for d in sorted((chunk / "evaluated").glob("batch-*"))
-                 if (d / "report.json").exists()]  # a batch whose evaluation did not finish has none
+    evaluated = [
+        d for chunk in chunks for d in sorted((chunk / "evaluated").glob("batch-*")) if (d / "report.json").exists()
+    ]  # a batch whose evaluation did not finish has none
     report = merge_reports(json.loads((d / "report.json").read_text(encoding="utf-8")) for d in evaluated)
-    writes = {c: json.loads((c / "writes.json").read_text(encoding="utf-8")) for c in chunks
-              if (c / "writes.json").exists()}
+    writes = {
+        c: json.loads((c / "writes.json").read_text(encoding="utf-8")) for c in chunks if (c / "writes.json").exists()
+    }
     unwritten = [c for c in chunks if c not in writes or "error" in writes[c]]
     error = error or next((w["error"] for w in writes.values() if "error" in w), None)
     if error is None and unwritten:
         error = f"{len(unwritten)} of {len(chunks)} chunk(s) not written"
     verdict = run_dir / CONTRACT_FILE
     report = {
-        "server": meta["server"], "window": meta["window"], "sweep": meta.get("sweep"),
+        "server": meta["server"],
+        "window": meta["window"],
+        "sweep": meta.get("sweep"),
         "extract": meta.get("extract", "search"),
-        "as_of": meta["started"], "dry_run": meta["dry_run"],
-        "status": "failed" if error else "done", **({"error": error} if error else {}),
-        "patients_touched": meta["patients_touched"], "chunks": len(chunks),
+        "as_of": meta["started"],
+        "dry_run": meta["dry_run"],
+        "status": "failed" if error else "done",
+        **({"error": error} if error else {}),
+        "patients_touched": meta["patients_touched"],
+        "chunks": len(chunks),
         **report,
         # The contract's verdict on the whole run (judge_contract); None when the run stopped before it was judged.
         "contract_verdict": json.loads(verdict.read_text(encoding="utf-8")) if verdict.exists() else None,
@@ -417,9 +489,18 @@ def _concatenate(target: Path, parts: list[Path]) -> None:
 
 
 def run_pipeline(
-    client: FhirClient, rules: Rules, run_dir: Path, *, window: Window | None = None,
-    patients: list[str] | None = None, lapse_sweep: bool = False, dry_run: bool = False, batch_size: int = BATCH_SIZE,
-    progress: bool = False, keep_staged: bool = False, now: datetime | None = None,
+    client: FhirClient,
+    rules: Rules,
+    run_dir: Path,
+    *,
+    window: Window | None = None,
+    patients: list[str] | None = None,
+    lapse_sweep: bool = False,
+    dry_run: bool = False,
+    batch_size: int = BATCH_SIZE,
+    progress: bool = False,
+    keep_staged: bool = False,
+    now: datetime | None = None,
 ) -> dict:
     """The whole run in this process, one batch at a time (a chunk per batch): what `leukofhir run` does, with the
     step functions the DAG tasks call.
@@ -439,8 +520,17 @@ def run_pipeline(
     seconds = dict.fromkeys(("find", "extract", "evaluate", "write"), 0.0)
     started = time.perf_counter()
     # One chunk per batch, so memory is bounded by the batch (two at most: one evaluated while the next is staged).
-    chunks = find_patients(client, rules, run_dir, window=window, patients=patients, sweep=lapse_sweep,
-                           chunk_size=batch_size, dry_run=dry_run, now=now)
+    chunks = find_patients(
+        client,
+        rules,
+        run_dir,
+        window=window,
+        patients=patients,
+        sweep=lapse_sweep,
+        chunk_size=batch_size,
+        dry_run=dry_run,
+        now=now,
+    )
     seconds["find"] = time.perf_counter() - started
     sizes = [len(read_patient_list(c / "patients.json")) for c in chunks]
     bar = progress_bar("evaluating", progress and sum(sizes) > 0, total=sum(sizes), unit=" patients", unit_scale=False)
@@ -484,16 +574,18 @@ def run_pipeline(
     return finish_run(run_dir, seconds)
 
 
-def check_server(client: FhirClient, rules: Rules, *, window: Window | None = None, dry_run: bool = False,
-                 extract: str = "search") -> None:
+def check_server(
+    client: FhirClient, rules: Rules, *, window: Window | None = None, dry_run: bool = False, extract: str = "search"
+) -> None:
     """Before anything is read or written: the server declares every search (or the export), history and write the
     run needs."""
     from leukofhir.fhir.capabilities import check_capabilities
 
     history = ["Observation", *medication_types(rules)] if window is not None and window.field == "lastUpdated" else []
     if extract == "export":
-        check_capabilities(client, need_export="system", resource_types=["Flag"], write_flags=not dry_run,
-                           history_types=history)
+        check_capabilities(
+            client, need_export="system", resource_types=["Flag"], write_flags=not dry_run, history_types=history
+        )
         return
     types = ["Observation", "DiagnosticReport", *medication_types(rules), "Patient", "Flag"]
     check_capabilities(client, resource_types=types, write_flags=not dry_run, history_types=history)
@@ -509,8 +601,12 @@ def summary_line(report: dict, run_dir: Path) -> str:
         + (f", {report['flags_held']} left as they are (evidence quarantined)" if report.get("flags_held") else "")
         + (f", in conflict {writes['conflict']}" if writes.get("conflict") else "")
         + f"; {sum(report['quarantined'].values())} resources quarantined"
-        + (f"; lapse sweep: {sweep['added']} patients added ({sweep['candidates']} whose active Flags may have "
-           f"lapsed, of {sweep['flags_read']} active Flags read)" if (sweep := report.get("sweep")) else "")
+        + (
+            f"; lapse sweep: {sweep['added']} patients added ({sweep['candidates']} whose active Flags may have "
+            f"lapsed, of {sweep['flags_read']} active Flags read)"
+            if (sweep := report.get("sweep"))
+            else ""
+        )
         + f"; report: {run_dir / 'report.html'}"
     )
 
@@ -518,9 +614,11 @@ def summary_line(report: dict, run_dir: Path) -> str:
 def written_before(report: dict) -> str:
     """What a failed run had written when it stopped, in words."""
     writes = report["writes"]
-    return (f"written before it stopped: Flags created {writes['create']}, updated {writes['update']}, withdrawn "
-            f"{writes['withdraw']}; {report['chunks_written']} of {report['chunks']} batches done, "
-            f"{report['patients_not_written']} patients not written")
+    return (
+        f"written before it stopped: Flags created {writes['create']}, updated {writes['update']}, withdrawn "
+        f"{writes['withdraw']}; {report['chunks_written']} of {report['chunks']} batches done, "
+        f"{report['patients_not_written']} patients not written"
+    )
 
 
 def failed_report(run_dir: Path, exc: Exception) -> dict | None:
@@ -542,23 +640,41 @@ def run_command(args) -> int:
     if patients is not None and (args.since or args.until):
         raise UsageError("give either --since/--until or --patients, not both")
     sweep_alone = args.lapse_sweep and not (args.since or args.until)
-    window = None if patients is not None or sweep_alone else Window.parse(
-        args.since or _missing("--since"), args.until or _missing("--until"), args.window_field)
+    window = (
+        None
+        if patients is not None or sweep_alone
+        else Window.parse(args.since or _missing("--since"), args.until or _missing("--until"), args.window_field)
+    )
     run_dir = Path(args.out) if args.out else default_run_dir()
     try:
         with connect(args.fhir_url, args.auth, timeout=args.timeout) as client:
             check_server(client, rules, window=window, dry_run=args.dry_run)
-            report = run_pipeline(client, rules, run_dir, window=window, patients=patients,
-                                  lapse_sweep=args.lapse_sweep, dry_run=args.dry_run, batch_size=args.batch_size,
-                                  progress=True, keep_staged=args.keep_staged)
+            report = run_pipeline(
+                client,
+                rules,
+                run_dir,
+                window=window,
+                patients=patients,
+                lapse_sweep=args.lapse_sweep,
+                dry_run=args.dry_run,
+                batch_size=args.batch_size,
+                progress=True,
+                keep_staged=args.keep_staged,
+            )
     except (ValidationThresholdError, FhirError) as exc:
         failed = failed_report(run_dir, exc)
         # Every write names the version it was decided from, and a re-run writes only what is still missing.
-        after = "" if failed is None else (f"; {written_before(failed)}; re-running is safe; report: "
-                                           f"{run_dir / 'report.html'}")
+        after = (
+            ""
+            if failed is None
+            else (f"; {written_before(failed)}; re-running is safe; report: {run_dir / 'report.html'}")
+        )
         if isinstance(exc, ValidationThresholdError):
-            print(f"leukofhir run: the data failed its contract, nothing written: {exc}"
-                  + (after or f" (run folder {run_dir})"), file=sys.stderr)
+            print(
+                f"leukofhir run: the data failed its contract, nothing written: {exc}"
+                + (after or f" (run folder {run_dir})"),
+                file=sys.stderr,
+            )
             return EXIT_DATA
         if failed is None:
             print(f"leukofhir run: the FHIR server cannot be used: {exc} (run folder {run_dir})", file=sys.stderr)

@@ -23,9 +23,23 @@ from leukofhir.trends import flag_trends
 from leukofhir.validate import contract_counts, merge_contract, validate_batch
 
 __all__ = [
-    "run_stages", "read_and_normalise", "validate_rows", "evaluate_rows", "build_flags", "build_report", "held_flags",
-    "flag_frame", "read_error_collector", "progress_bar", "CappedWarnings", "Sources", "ReadResult", "Validated",
-    "Evaluation", "CheckedFlags", "Staged",
+    "run_stages",
+    "read_and_normalise",
+    "validate_rows",
+    "evaluate_rows",
+    "build_flags",
+    "build_report",
+    "held_flags",
+    "flag_frame",
+    "read_error_collector",
+    "progress_bar",
+    "CappedWarnings",
+    "Sources",
+    "ReadResult",
+    "Validated",
+    "Evaluation",
+    "CheckedFlags",
+    "Staged",
 ]
 
 log = logging.getLogger(__name__)
@@ -80,8 +94,15 @@ def _reading(items, enabled: bool):
     return items if bar is None else bar
 
 
-def progress_bar(desc: str, enabled: bool, *, total: int | None = None, iterable=None, unit: str = " resources",
-                 unit_scale: bool = True):
+def progress_bar(
+    desc: str,
+    enabled: bool,
+    *,
+    total: int | None = None,
+    iterable=None,
+    unit: str = " resources",
+    unit_scale: bool = True,
+):
     """The one progress bar of a run (tqdm, on stderr), or None when not wanted or stderr is not a terminal (a log
     file, an Airflow task): over `iterable` when given, else updated by the caller."""
     if enabled and sys.stderr.isatty():
@@ -168,8 +189,9 @@ class Validated:
     contract: list[dict] = field(default_factory=list)  # the data contract's counts (validate.contract_counts)
 
 
-def validate_rows(normalised: Normalised, parameters: dict, *, keep_frames: bool = False,
-                  validate: Callable = validate_batch) -> Validated:
+def validate_rows(
+    normalised: Normalised, parameters: dict, *, keep_frames: bool = False, validate: Callable = validate_batch
+) -> Validated:
     """Stage 2: the Observation and exposure rows through the Great Expectations suites (value plausibility, units,
     statuses, copies). Failing rows are quarantined, never a failure: the data contract's counts (including the
     Observations the normaliser quarantined) are judged on a whole run's totals (validate.contract_breaches).
@@ -215,8 +237,14 @@ class Evaluation:
     lapse_horizon: datetime | None = None
 
 
-def evaluate_rows(observations: pd.DataFrame, exposures: pd.DataFrame, patients: dict, rules: Rules,
-                  as_of: datetime | None = None, run_time: datetime | None = None) -> Evaluation:
+def evaluate_rows(
+    observations: pd.DataFrame,
+    exposures: pd.DataFrame,
+    patients: dict,
+    rules: Rules,
+    as_of: datetime | None = None,
+    run_time: datetime | None = None,
+) -> Evaluation:
     """Stage 3: the rules as of `as_of`; later rows are out of this evaluation and counted as skipped, as are
     entered-in-error rows (they only retract, §1.1). Without `as_of`: as of the latest input time, or as of
     `run_time` (a run against a server: the time it started) when that is later, so that an open episode lapses as of
@@ -254,8 +282,9 @@ class CheckedFlags:
     contract: list[dict] = field(default_factory=list)  # the data contract's counts (validate.contract_counts)
 
 
-def build_flags(specs: list[FlagSpec], rules: Rules, parameters: dict,
-                validate: Callable = validate_batch) -> CheckedFlags:
+def build_flags(
+    specs: list[FlagSpec], rules: Rules, parameters: dict, validate: Callable = validate_batch
+) -> CheckedFlags:
     """Stage 4: each FlagSpec as FHIR JSON (validated with fhir.resources), then the GX `flags` suite over them; a Flag
     it refuses is not written, and said (capped like read errors). `validate`: as validate_rows takes it."""
     checked_shapes: set = set()
@@ -271,13 +300,26 @@ def build_flags(specs: list[FlagSpec], rules: Rules, parameters: dict,
             warn("Flag %s not written: %s", specs[int(row_id)].identifier, result.reasons[row_id])
         flags = [flags[i] for i in kept]
     rejected = sorted({specs[int(row_id)].identifier for row_id in result.reasons})
-    return CheckedFlags(flags, len(result.reasons), list(result.expectations), rows, rejected, kept,
-                        contract_counts("flags", (rows, result.reasons)))
+    return CheckedFlags(
+        flags,
+        len(result.reasons),
+        list(result.expectations),
+        rows,
+        rejected,
+        kept,
+        contract_counts("flags", (rows, result.reasons)),
+    )
 
 
 # -- stage 5: the run report -------------------------------------------------------------------------------------------
-def build_report(paths, read: ReadResult, validated: Validated, evaluation: Evaluation,
-                 checked: CheckedFlags, rules: Rules | None = None) -> tuple[dict, list]:
+def build_report(
+    paths,
+    read: ReadResult,
+    validated: Validated,
+    evaluation: Evaluation,
+    checked: CheckedFlags,
+    rules: Rules | None = None,
+) -> tuple[dict, list]:
     """The run report (counts that reconcile: read = evaluated + skipped + quarantined) and every quarantined row;
     with `rules`, the trend pictures' series of the Flags written too (leukofhir.trends, capped)."""
     normalised = read.normalised
@@ -322,8 +364,9 @@ def build_report(paths, read: ReadResult, validated: Validated, evaluation: Eval
         "contract": merge_contract([validated.contract, checked.contract]),
     }
     if rules is not None:
-        report["trends"] = flag_trends(evaluation.specs, checked.kept, validated.observations, validated.exposures,
-                                       normalised.patients, rules)
+        report["trends"] = flag_trends(
+            evaluation.specs, checked.kept, validated.observations, validated.exposures, normalised.patients, rules
+        )
         report["trends_total"] = len(checked.flags)
     return report, quarantined
 
@@ -337,8 +380,9 @@ def held_flags(existing_flags: list[dict], quarantined: list) -> list[str]:
     if not refs:
         return []
     for flag in existing_flags:
-        evidence = {_reference(e.get("valueReference")) for e in _dicts(flag.get("extension"))
-                    if e.get("url") == DETAIL_URL}
+        evidence = {
+            _reference(e.get("valueReference")) for e in _dicts(flag.get("extension")) if e.get("url") == DETAIL_URL
+        }
         if not refs.isdisjoint(evidence):
             held.update(i["value"] for i in _dicts(flag.get("identifier")) if isinstance(i.get("value"), str))
     return sorted(held)
@@ -394,14 +438,23 @@ class Staged:
     quarantined: list
 
 
-def run_stages(read: ReadResult, rules: Rules, parameters: dict, *, paths=(), as_of: datetime | None = None,
-               run_time: datetime | None = None, keep_frames: bool = False) -> Staged:
+def run_stages(
+    read: ReadResult,
+    rules: Rules,
+    parameters: dict,
+    *,
+    paths=(),
+    as_of: datetime | None = None,
+    run_time: datetime | None = None,
+    keep_frames: bool = False,
+) -> Staged:
     """What was read and normalised (stage 1: read_and_normalise, or a partition's reader) → validate → the rules as of
     `as_of` (evaluate_rows) → Flags built and checked → the run report. The one place that says the order; drivers
     differ only in where the rows come from and where the results go."""
     validated = validate_rows(read.normalised, parameters, keep_frames=keep_frames)
-    evaluation = evaluate_rows(validated.observations, validated.exposures, read.normalised.patients, rules,
-                               as_of=as_of, run_time=run_time)
+    evaluation = evaluate_rows(
+        validated.observations, validated.exposures, read.normalised.patients, rules, as_of=as_of, run_time=run_time
+    )
     checked = build_flags(evaluation.specs, rules, parameters)
     report, quarantined = build_report(paths, read, validated, evaluation, checked, rules)
     return Staged(validated, evaluation, checked, report, quarantined)

@@ -81,9 +81,11 @@ def _periods(start: date, last: date, unit: str) -> list[date]:
 def _labelled(ident: str, title: str, desc: str, width: int, height: int, extra: str = "") -> str:
     """The opening of an accessible chart: role img, named by its <title> and described by its <desc>; `ident` must be
     unique in the page (the ids of its title, description and pattern start with it)."""
-    return (f'<svg role="img" aria-labelledby="{ident}-title {ident}-desc" width="{width}" height="{height}" '
-            f'viewBox="0 0 {width} {height}"{extra}><title id="{ident}-title">{_e(title)}</title>'
-            f'<desc id="{ident}-desc">{_e(desc)}</desc>')
+    return (
+        f'<svg role="img" aria-labelledby="{ident}-title {ident}-desc" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}"{extra}><title id="{ident}-title">{_e(title)}</title>'
+        f'<desc id="{ident}-desc">{_e(desc)}</desc>'
+    )
 
 
 def bar_chart(bars: list[tuple[str, int]], title: str, ident: str = "bars", width: int = 760, height: int = 220) -> str:
@@ -93,8 +95,11 @@ def bar_chart(bars: list[tuple[str, int]], title: str, ident: str = "bars", widt
     peak = max((n for _, n in bars), default=0) or 1
     step = plot_w / max(len(bars), 1)
     total = sum(n for _, n in bars)
-    desc = (f"{len(bars)} bars from {bars[0][0]} to {bars[-1][0]}; {total:,} in all, at most {peak:,} in one."
-            if bars else "No data.")
+    desc = (
+        f"{len(bars)} bars from {bars[0][0]} to {bars[-1][0]}; {total:,} in all, at most {peak:,} in one."
+        if bars
+        else "No data."
+    )
     opening = _labelled(ident, title, desc, width, height, ' class="bars"')
     parts = [
         opening,
@@ -158,37 +163,53 @@ def trend_chart(trend: dict, ident: str, width: int = 680) -> str:
     measure, unit = trend.get("measure", ""), trend.get("unit", "")
     lows = [p for p in points if p[2]]
     lowest = min(points, key=lambda p: p[1]) if points else None
-    desc = (f"{measure} in {unit}, {len(points)} values from {t0:%Y-%m-%d} to {t1:%Y-%m-%d}, {len(lows)} low"
-            + (f"; lowest {_number(lowest[1])} on {lowest[0]:%Y-%m-%d}" if lowest else "")
-            + f". Episode from {start:%Y-%m-%d} " + (f"to {end:%Y-%m-%d}" if end else "still open")
-            + ". Lines: " + ", ".join(f"{label} {_number(v)}" for label, v in lines)
-            + "".join(f". Exposure to {label} from {s:%Y-%m-%d}" + (f" to {e:%Y-%m-%d}" if e else ", ongoing")
-                      for label, s, e in drugs if s) + ".")
+    desc = (
+        f"{measure} in {unit}, {len(points)} values from {t0:%Y-%m-%d} to {t1:%Y-%m-%d}, {len(lows)} low"
+        + (f"; lowest {_number(lowest[1])} on {lowest[0]:%Y-%m-%d}" if lowest else "")
+        + f". Episode from {start:%Y-%m-%d} "
+        + (f"to {end:%Y-%m-%d}" if end else "still open")
+        + ". Lines: "
+        + ", ".join(f"{label} {_number(v)}" for label, v in lines)
+        + "".join(
+            f". Exposure to {label} from {s:%Y-%m-%d}" + (f" to {e:%Y-%m-%d}" if e else ", ongoing")
+            for label, s, e in drugs
+            if s
+        )
+        + "."
+    )
     title = f"{trend.get('condition', '')}, grade {trend.get('grade', '')}: {measure} over the episode"
     opening = _labelled(ident, title, desc, width, height, ' class="trend"')
-    parts = [opening,
-             f'<defs><pattern id="{ident}-hatch" width="6" height="6" patternUnits="userSpaceOnUse" '
-             f'patternTransform="rotate(45)"><rect width="6" height="6" fill="#fdf3e3"/>'
-             f'<line x1="0" y1="0" x2="0" y2="6" stroke="#e0b872" stroke-width="2"/></pattern></defs>']
+    parts = [
+        opening,
+        f'<defs><pattern id="{ident}-hatch" width="6" height="6" patternUnits="userSpaceOnUse" '
+        f'patternTransform="rotate(45)"><rect width="6" height="6" fill="#fdf3e3"/>'
+        f'<line x1="0" y1="0" x2="0" y2="6" stroke="#e0b872" stroke-width="2"/></pattern></defs>',
+    ]
     x_start, x_end = x(start), x(end or t1)
-    parts.append(f'<rect class="episode" x="{x_start:.1f}" y="{top}" width="{max(x_end - x_start, 2):.1f}" '
-                 f'height="{plot_h}" fill="url(#{ident}-hatch)"/>')
+    parts.append(
+        f'<rect class="episode" x="{x_start:.1f}" y="{top}" width="{max(x_end - x_start, 2):.1f}" '
+        f'height="{plot_h}" fill="url(#{ident}-hatch)"/>'
+    )
     parts.append(f'<line class="episode-edge" x1="{x_start:.1f}" y1="{top}" x2="{x_start:.1f}" y2="{axis_y}"/>')
     if end:
         parts.append(f'<line class="episode-edge" x1="{x_end:.1f}" y1="{top}" x2="{x_end:.1f}" y2="{axis_y}"/>')
     parts.append(f'<text x="{x_start + 3:.1f}" y="{top + 11}">episode{"" if end else " (open)"}</text>')
     for i, (label, value) in enumerate(lines):
         kind = "lln" if i == 0 else "grade"
-        parts.append(f'<line class="{kind}" x1="{left}" y1="{y(value):.1f}" x2="{left + plot_w}" y2="{y(value):.1f}"/>'
-                     f'<text x="{left + plot_w + 4}" y="{y(value) + 4:.1f}">{_e(label)} {_number(value)}</text>')
-    parts.append(f'<line class="axis" x1="{left}" y1="{axis_y}" x2="{left + plot_w}" y2="{axis_y}"/>'
-                 f'<line class="axis" x1="{left}" y1="{top}" x2="{left}" y2="{axis_y}"/>'
-                 f'<text x="{left - 6}" y="{top + 4}" text-anchor="end">{_number(peak)}</text>'
-                 f'<text x="{left - 6}" y="{axis_y}" text-anchor="end">0</text>'
-                 f'<text x="{left}" y="{axis_y + 14}">{t0:%Y-%m-%d}</text>'
-                 f'<text x="{left + plot_w}" y="{axis_y + 14}" text-anchor="end">{t1:%Y-%m-%d}</text>'
-                 f'<text x="{left + plot_w / 2:.1f}" y="{axis_y + 14}" text-anchor="middle">{_e(measure)} '
-                 f'({_e(unit)})</text>')
+        parts.append(
+            f'<line class="{kind}" x1="{left}" y1="{y(value):.1f}" x2="{left + plot_w}" y2="{y(value):.1f}"/>'
+            f'<text x="{left + plot_w + 4}" y="{y(value) + 4:.1f}">{_e(label)} {_number(value)}</text>'
+        )
+    parts.append(
+        f'<line class="axis" x1="{left}" y1="{axis_y}" x2="{left + plot_w}" y2="{axis_y}"/>'
+        f'<line class="axis" x1="{left}" y1="{top}" x2="{left}" y2="{axis_y}"/>'
+        f'<text x="{left - 6}" y="{top + 4}" text-anchor="end">{_number(peak)}</text>'
+        f'<text x="{left - 6}" y="{axis_y}" text-anchor="end">0</text>'
+        f'<text x="{left}" y="{axis_y + 14}">{t0:%Y-%m-%d}</text>'
+        f'<text x="{left + plot_w}" y="{axis_y + 14}" text-anchor="end">{t1:%Y-%m-%d}</text>'
+        f'<text x="{left + plot_w / 2:.1f}" y="{axis_y + 14}" text-anchor="middle">{_e(measure)} '
+        f"({_e(unit)})</text>"
+    )
     if len(points) > 1:
         path = " ".join(f"{x(t):.1f},{y(v):.1f}" for t, v, _, _ in points)
         parts.append(f'<polyline class="series" points="{path}"/>')
@@ -196,18 +217,22 @@ def trend_chart(trend: dict, ident: str, width: int = 680) -> str:
         cx, cy = x(t), y(v)
         shown = f"{t:%Y-%m-%d %H:%M}: {comparator or ''}{_number(v)} {unit}{' (low)' if low else ''}"
         if low:  # a downward triangle: "low" by its shape, not its colour
-            shape = (f'<path class="low" d="M{cx - 5:.1f},{cy - 4:.1f} L{cx + 5:.1f},{cy - 4:.1f} '
-                     f'L{cx:.1f},{cy + 5:.1f} Z">')
+            shape = (
+                f'<path class="low" d="M{cx - 5:.1f},{cy - 4:.1f} L{cx + 5:.1f},{cy - 4:.1f} L{cx:.1f},{cy + 5:.1f} Z">'
+            )
             parts.append(f"{shape}<title>{_e(shown)}</title></path>")
         else:
-            parts.append(f'<circle class="normal" cx="{cx:.1f}" cy="{cy:.1f}" r="3.5"><title>{_e(shown)}</title>'
-                         "</circle>")
+            parts.append(
+                f'<circle class="normal" cx="{cx:.1f}" cy="{cy:.1f}" r="3.5"><title>{_e(shown)}</title></circle>'
+            )
     for i, (label, s, e) in enumerate(drugs):
         if s is None:
             continue
         by = axis_y + 32 + 16 * i
         x1, x2 = x(s), x(e or t1)
-        parts.append(f'<rect class="drug" x="{x1:.1f}" y="{by - 9}" width="{max(x2 - x1, 2):.1f}" height="8">'
-                     f'<title>{_e(label)}</title></rect><text x="{left + plot_w + 4}" y="{by}">{_e(label)}</text>')
+        parts.append(
+            f'<rect class="drug" x="{x1:.1f}" y="{by - 9}" width="{max(x2 - x1, 2):.1f}" height="8">'
+            f'<title>{_e(label)}</title></rect><text x="{left + plot_w + 4}" y="{by}">{_e(label)}</text>'
+        )
     parts.append("</svg>")
     return "".join(parts)

@@ -52,13 +52,17 @@ def evidence_time(observation: dict) -> int | None:
     if observation.get("status") == _RETRACTED:
         return None
     period = observation.get("effectivePeriod")
-    value = observation.get("effectiveDateTime") or observation.get("effectiveInstant") or (
-        period.get("start") if isinstance(period, dict) else None)
+    value = (
+        observation.get("effectiveDateTime")
+        or observation.get("effectiveInstant")
+        or (period.get("start") if isinstance(period, dict) else None)
+    )
     return parse_time_ns(value)
 
 
-def candidates(flags: Iterable[dict], times: Mapping[str, int | None], as_of: datetime, lapse: timedelta,
-               base_url: str) -> set[str]:
+def candidates(
+    flags: Iterable[dict], times: Mapping[str, int | None], as_of: datetime, lapse: timedelta, base_url: str
+) -> set[str]:
     """The patients (ids) of the active `flags` whose newest evidence time (`times`: Observation id → evidence_time,
     absent when the Observation is gone) is more than `lapse` before `as_of`, or who have no evidence time at all.
 
@@ -87,14 +91,22 @@ def lapse_candidates(client: FhirClient, rules: Rules, as_of: datetime) -> Sweep
     R4 gives Flag no `status` search parameter (HAPI 8.8 answers HAPI-0524): an active Flag's period has no end, and
     `date=ge<as_of>` selects the Flags whose period reaches the as-of, so the server sends the open ones (active, and
     withdrawn ones left open), not every Flag the project ever closed; the status is then read here."""
-    params = {"_tag": project_flag_tag(rules), "date": f"ge{fhir_instant(as_of)}",
-              "_elements": "status,subject,extension", "_count": PAGE_SIZE}
+    params = {
+        "_tag": project_flag_tag(rules),
+        "date": f"ge{fhir_instant(as_of)}",
+        "_elements": "status,subject,extension",
+        "_count": PAGE_SIZE,
+    }
     found: set[str] = set()
     read = 0
     for bundle in client.search_pages("Flag", params):
-        flags = [e["resource"] for e in bundle.get("entry") or []
-                 if isinstance(e.get("resource"), dict) and e["resource"].get("resourceType") == "Flag"
-                 and e["resource"].get("status") == "active"]
+        flags = [
+            e["resource"]
+            for e in bundle.get("entry") or []
+            if isinstance(e.get("resource"), dict)
+            and e["resource"].get("resourceType") == "Flag"
+            and e["resource"].get("status") == "active"
+        ]
         read += len(flags)
         # Patients already found need no look-up; an Observation named by several Flags is looked up once.
         pending = [f for f in flags if local_patient_id(subject_of(f), client.base_url) not in found]

@@ -22,8 +22,12 @@ MAX_DRUGS = 4
 MARGIN_MIN, MARGIN_MAX = timedelta(days=14), timedelta(days=182)
 UNIT = "×10^9/L"
 # The values each family is judged on (pancytopenia: its WBC, the count that opens and closes it).
-_MEASURE = {"leukocytes": ("wbc", "WBC"), "pancytopenia": ("wbc", "WBC"), "granulocytes": ("anc", "ANC"),
-            "lymphocytes": ("lymphocytes_abs", "lymphocytes")}
+_MEASURE = {
+    "leukocytes": ("wbc", "WBC"),
+    "pancytopenia": ("wbc", "WBC"),
+    "granulocytes": ("anc", "ANC"),
+    "lymphocytes": ("lymphocytes_abs", "lymphocytes"),
+}
 _STATUS_RANK = {"active": 0, "inactive": 1}
 
 
@@ -42,27 +46,40 @@ def merge_trends(parts: Iterable[list[dict]], limit: int = MAX_TRENDS) -> list[d
     return sorted((t for part in parts for t in part or []), key=_trend_order)[:limit]
 
 
-def flag_trends(specs: list[FlagSpec], kept: list[int], observations: pd.DataFrame, exposures: pd.DataFrame,
-                patients: dict, rules: Rules, limit: int = MAX_TRENDS) -> list[dict]:
+def flag_trends(
+    specs: list[FlagSpec],
+    kept: list[int],
+    observations: pd.DataFrame,
+    exposures: pd.DataFrame,
+    patients: dict,
+    rules: Rules,
+    limit: int = MAX_TRENDS,
+) -> list[dict]:
     """The series of up to `limit` of the Flags written (`kept`: their positions in `specs`), plain JSON: the Flag's
     identifier (no patient id), condition, grade, status and period; the values it rests on around the episode, each
     marked low or not as the rules judge it; the threshold and grade boundaries; the associated drugs' exposures."""
-    chosen = sorted((specs[i] for i in kept),
-                    key=lambda s: _order(s.status, s.grade, iso_instant(s.start), s.identifier))[:limit]
+    chosen = sorted(
+        (specs[i] for i in kept), key=lambda s: _order(s.status, s.grade, iso_instant(s.start), s.identifier)
+    )[:limit]
     if not chosen or observations is None or observations.empty:
         return []
-    wanted = (observations["patient_id"].isin({s.patient_id for s in chosen})
-              & observations["concept"].isin({c for c, _ in _MEASURE.values()})
-              & (observations["status"] != rules.observations.statuses.retracted)
-              & observations["value"].notna() & observations["time"].notna())
+    wanted = (
+        observations["patient_id"].isin({s.patient_id for s in chosen})
+        & observations["concept"].isin({c for c, _ in _MEASURE.values()})
+        & (observations["status"] != rules.observations.statuses.retracted)
+        & observations["value"].notna()
+        & observations["time"].notna()
+    )
     rows = observations.loc[wanted, ["patient_id", "concept", "resource_id", "time", "value", "comparator", "lln"]]
     rows = rows.sort_values(["patient_id", "concept", "time", "resource_id"], kind="mergesort")
     series = {key: frame for key, frame in rows.groupby(["patient_id", "concept"], sort=False)}
     periods = {}
     if exposures is not None and not exposures.empty:
         for ref, start, end in zip(exposures["resource_id"], exposures["start"], exposures["end"]):
-            periods[ref] = (None if pd.isna(start) else iso_instant(start.to_pydatetime()),
-                            None if pd.isna(end) else iso_instant(end.to_pydatetime()))
+            periods[ref] = (
+                None if pd.isna(start) else iso_instant(start.to_pydatetime()),
+                None if pd.isna(end) else iso_instant(end.to_pydatetime()),
+            )
     return [_trend(spec, series, periods, patients.get(spec.patient_id), rules) for spec in chosen]
 
 
@@ -80,8 +97,9 @@ def _trend(spec: FlagSpec, series: dict, periods: dict, info, rules: Rules) -> d
         shown = frame[frame["resource_id"].isin(evidence)]
         last = max([spec.end or spec.start] + ([shown["time"].max().to_pydatetime()] if len(shown) else []))
         margin = min(max((last - spec.start) / 4, MARGIN_MIN), MARGIN_MAX)
-        around = frame[(frame["time"] >= pd.Timestamp(spec.start - margin))
-                       & (frame["time"] <= pd.Timestamp(last + margin))]
+        around = frame[
+            (frame["time"] >= pd.Timestamp(spec.start - margin)) & (frame["time"] <= pd.Timestamp(last + margin))
+        ]
         for i in _sample(around["resource_id"].isin(evidence).tolist()):
             row = around.iloc[i]
             time = row["time"].to_pydatetime()
@@ -93,9 +111,16 @@ def _trend(spec: FlagSpec, series: dict, periods: dict, info, rules: Rules) -> d
     main = _threshold(rules, info, family, spec.start, _first_lln(frame, evidence))
     drugs = [[label, *periods.get(ref, (None, None))] for label, ref in spec.drugs[:MAX_DRUGS]]
     return {
-        "flag": spec.identifier, "condition": spec.display, "grade": spec.grade, "status": spec.status,
-        "start": iso_instant(spec.start), "end": iso_instant(spec.end) if spec.end else None,
-        "measure": measure, "unit": UNIT, "lines": _lines(rules, family, main), "points": points,
+        "flag": spec.identifier,
+        "condition": spec.display,
+        "grade": spec.grade,
+        "status": spec.status,
+        "start": iso_instant(spec.start),
+        "end": iso_instant(spec.end) if spec.end else None,
+        "measure": measure,
+        "unit": UNIT,
+        "lines": _lines(rules, family, main),
+        "points": points,
         "drugs": [d for d in drugs if d[1]],
     }
 
@@ -136,7 +161,8 @@ def _threshold(rules: Rules, info, family: str, at: datetime, lln) -> float:
 def _lines(rules: Rules, family: str, main: float) -> list[list]:
     """The threshold first, then the CTCAE v5.0 grade boundaries below it."""
     grades = {"granulocytes": rules.neutropenia.grades, "lymphocytes": rules.lymphopenia.grades}.get(
-        family, rules.leukopenia.grades)
+        family, rules.leukopenia.grades
+    )
     lines = [["threshold" if family == "granulocytes" else "LLN", main]]
     for label, value in (("G2 <", grades.g2_below), ("G3 <", grades.g3_below), ("G4 <", grades.g4_below)):
         if value is not None and value < main:

@@ -21,8 +21,9 @@ from leukofhir.errors import ConfigError, LeukofhirError
 # The suites live at the top of the repository (the design card fixes the layout) and travel inside the wheel:
 # leukofhir/expectations links to them in a checkout and holds a copy in an installed package. A site with its own
 # suites points LEUKOFHIR_EXPECTATIONS_DIR at them.
-EXPECTATIONS_DIR = Path(os.environ.get("LEUKOFHIR_EXPECTATIONS_DIR")
-                        or Path(__file__).resolve().parent / "expectations")
+EXPECTATIONS_DIR = Path(
+    os.environ.get("LEUKOFHIR_EXPECTATIONS_DIR") or Path(__file__).resolve().parent / "expectations"
+)
 
 # Which column names a row in messages and examples; ids only, never patient data.
 ID_COLUMN = {"observations": "resource_id", "exposures": "resource_id", "flags": "identifier"}
@@ -74,7 +75,11 @@ def suite_parameters(config: Rules, now: datetime | None = None) -> dict:
         "flag_codes": sorted(
             condition.snomed
             for condition in (
-                config.leukopenia, config.neutropenia, config.agranulocytosis, config.lymphopenia, config.pancytopenia
+                config.leukopenia,
+                config.neutropenia,
+                config.agranulocytosis,
+                config.lymphopenia,
+                config.pancytopenia,
             )
         ),
         # Not GX parameters: validate_batch turns these into the helper columns plausible_max and panel_wbc.
@@ -151,14 +156,26 @@ def _with_helper_columns(rows: pd.DataFrame, parameters: dict) -> pd.DataFrame:
             found = where >= 0
             panel_wbc[differential[found]] = highest.to_numpy()[where[found]]
     earlier_copies, differing_copies = _copies(rows)
-    return rows.assign(plausible_max=plausible_max, panel_wbc=panel_wbc, earlier_copies=earlier_copies,
-                       differing_copies=differing_copies)
+    return rows.assign(
+        plausible_max=plausible_max,
+        panel_wbc=panel_wbc,
+        earlier_copies=earlier_copies,
+        differing_copies=differing_copies,
+    )
 
 
 # What a copy of a resource may differ in from the first copy read, as bits of the `differing_copies` helper column.
-_COPY_FIELDS = (("patient_id", "subject"), ("concept", "code"), ("code", "code"), ("value", "value"),
-                ("comparator", "comparator"), ("unit", "unit"), ("status", "status"), ("time", "time"),
-                ("lln", "reference range"))
+_COPY_FIELDS = (
+    ("patient_id", "subject"),
+    ("concept", "code"),
+    ("code", "code"),
+    ("value", "value"),
+    ("comparator", "comparator"),
+    ("unit", "unit"),
+    ("status", "status"),
+    ("time", "time"),
+    ("lln", "reference range"),
+)
 
 
 def _copies(rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
@@ -216,7 +233,8 @@ def _naive_pair_columns(suite: str, frame: pd.DataFrame) -> tuple[pd.DataFrame, 
     (Pandas4Warning: it drops the zone). Naive UTC compares exactly the same; `_collect` puts the zone back on the
     values it reports, so reasons still read `2025-01-01T00:00:00+00:00`."""
     columns = [
-        c for c in _suite_columns(suite, ("column_A", "column_B"))
+        c
+        for c in _suite_columns(suite, ("column_A", "column_B"))
         if c in frame.columns and isinstance(frame[c].dtype, pd.DatetimeTZDtype)
     ]
     if not columns:
@@ -289,8 +307,10 @@ def _explain(name: str, kwargs: dict, entry: dict) -> str:
         return f"{b} {_show(entry.get(b))} {word} {a} {_show(entry.get(a))}"
     column = kwargs["column"]
     if column == "differing_copies":
-        return (f"another copy of this id and version, read before it, differs in {_copy_fields(entry.get(column))}: "
-                "the first copy read goes on, this one is quarantined")
+        return (
+            f"another copy of this id and version, read before it, differs in {_copy_fields(entry.get(column))}: "
+            "the first copy read goes on, this one is quarantined"
+        )
     if column == "earlier_copies":
         return "an identical copy of this id and version was read before it: the first copy goes on"
     if column == "value" and name == "expect_column_values_to_not_be_null":
@@ -352,9 +372,12 @@ def contract_counts(suite: str, *parts: tuple[pd.DataFrame, dict[str, list[str]]
         if not reasons:
             continue
         failing = np.flatnonzero(rows["row_id"].isin(list(reasons)).to_numpy())
-        for row_id, rid, patient, feed in zip(rows["row_id"].to_numpy()[failing],
-                                              rows[ID_COLUMN[suite]].to_numpy()[failing],
-                                              rows[PATIENT_COLUMN[suite]].to_numpy()[failing], feed_of[failing]):
+        for row_id, rid, patient, feed in zip(
+            rows["row_id"].to_numpy()[failing],
+            rows[ID_COLUMN[suite]].to_numpy()[failing],
+            rows[PATIENT_COLUMN[suite]].to_numpy()[failing],
+            feed_of[failing],
+        ):
             labels = sorted({reason.split(": ", 1)[0] for reason in reasons[row_id]})  # the expectation, not the detail
             for target, patients in (here[0], here[feed + 1]) if feeds else here[:1]:
                 target["failed"] += 1
@@ -409,8 +432,7 @@ def _plain(value):
 
 
 def _scope(suite: str, feed: dict | None, rows: int) -> dict:
-    return {"suite": suite, "feed": feed, "rows": rows, "failed": 0, "patients": 0, "expectations": {},
-            "examples": []}
+    return {"suite": suite, "feed": feed, "rows": rows, "failed": 0, "patients": 0, "expectations": {}, "examples": []}
 
 
 def merge_contract(parts) -> list[dict]:
@@ -422,8 +444,11 @@ def merge_contract(parts) -> list[dict]:
             key = (scope["suite"], json.dumps(scope["feed"], sort_keys=True))
             total = merged.get(key)
             if total is None:
-                merged[key] = {**scope, "expectations": dict(scope["expectations"]),
-                               "examples": list(scope["examples"])}
+                merged[key] = {
+                    **scope,
+                    "expectations": dict(scope["expectations"]),
+                    "examples": list(scope["examples"]),
+                }
                 continue
             for count in ("rows", "failed", "patients"):
                 total[count] += scope[count]
@@ -437,8 +462,12 @@ def merge_contract(parts) -> list[dict]:
 def _scope_order(scope: dict) -> tuple:
     """Suites in their order, each suite's total first, then its feeds, most failing rows first."""
     order = list(ID_COLUMN)
-    return (order.index(scope["suite"]) if scope["suite"] in order else len(order), scope["feed"] is not None,
-            -scope["failed"], json.dumps(scope["feed"], sort_keys=True))
+    return (
+        order.index(scope["suite"]) if scope["suite"] in order else len(order),
+        scope["feed"] is not None,
+        -scope["failed"],
+        json.dumps(scope["feed"], sort_keys=True),
+    )
 
 
 def contract_breaches(scopes, settings) -> list[dict]:
@@ -449,9 +478,13 @@ def contract_breaches(scopes, settings) -> list[dict]:
     limit = settings.max_failure_rate
     if limit is None:
         return []
-    return [s for s in scopes
-            if s["failed"] >= settings.min_failing_rows and s["patients"] >= settings.min_failing_patients
-            and s["failed"] > limit * s["rows"]]
+    return [
+        s
+        for s in scopes
+        if s["failed"] >= settings.min_failing_rows
+        and s["patients"] >= settings.min_failing_patients
+        and s["failed"] > limit * s["rows"]
+    ]
 
 
 def check_contract(scopes, settings) -> None:
@@ -466,10 +499,11 @@ def contract_message(breaches: list[dict], settings) -> str:
     """The failing scopes (the first few) and the contract they fail, in one line."""
     shown = "; ".join(_breach_text(b) for b in breaches[:MAX_BREACHES_SHOWN])
     more = len(breaches) - MAX_BREACHES_SHOWN
-    return (f"{shown}{f'; and {more} more' if more > 0 else ''} (the contract: at most "
-            f"{settings.max_failure_rate:.1%} of a suite's or a feed's rows failing, unless fewer than "
-            f"{settings.min_failing_rows} rows or {settings.min_failing_patients} patients)")
-
+    return (
+        f"{shown}{f'; and {more} more' if more > 0 else ''} (the contract: at most "
+        f"{settings.max_failure_rate:.1%} of a suite's or a feed's rows failing, unless fewer than "
+        f"{settings.min_failing_rows} rows or {settings.min_failing_patients} patients)"
+    )
 
 
 def scope_name(scope: dict) -> str:
@@ -485,10 +519,12 @@ def scope_name(scope: dict) -> str:
 
 def _breach_text(scope: dict) -> str:
     worst = sorted(scope["expectations"].items(), key=lambda item: (-item[1], item[0]))[:3]
-    return (f"{scope_name(scope)}: {scope['failed']} of {scope['rows']} rows ({scope['failed'] / scope['rows']:.1%}) "
-            f"from {scope['patients']} patients fail validation: "
-            + ", ".join(f"{label} {n} rows" for label, n in worst)
-            + f", e.g. {', '.join(scope['examples'][:3]) or 'no id'}")
+    return (
+        f"{scope_name(scope)}: {scope['failed']} of {scope['rows']} rows ({scope['failed'] / scope['rows']:.1%}) "
+        f"from {scope['patients']} patients fail validation: "
+        + ", ".join(f"{label} {n} rows" for label, n in worst)
+        + f", e.g. {', '.join(scope['examples'][:3]) or 'no id'}"
+    )
 
 
 def load_suite(path: Path):

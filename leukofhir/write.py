@@ -18,8 +18,21 @@ from leukofhir.fhir.ids import is_valid_id
 from leukofhir.fhir.transactions import AUTH_REFUSALS, TransactionWriter
 from leukofhir.flags import flag_text
 
-__all__ = ["Change", "Plan", "WriteResult", "Written", "plan_writes", "apply_plan", "write_plan", "ensure_author",
-           "author_device", "flag_id", "WITHDRAWN_NOTE", "WRITES", "VERSION_ROUNDS"]
+__all__ = [
+    "Change",
+    "Plan",
+    "WriteResult",
+    "Written",
+    "plan_writes",
+    "apply_plan",
+    "write_plan",
+    "ensure_author",
+    "author_device",
+    "flag_id",
+    "WITHDRAWN_NOTE",
+    "WRITES",
+    "VERSION_ROUNDS",
+]
 
 log = logging.getLogger(__name__)
 
@@ -168,8 +181,13 @@ def withdrawn(flag: dict, rules: Rules) -> dict:
 def _stale_tags(flag: dict, rules: Rules) -> tuple:
     """The Flag's tags under a previous canonical base, as (system, code)."""
     previous = {rules.uris.under(b)["tag_system"] for b in rules.uris.previous_bases}
-    return tuple(sorted((t.get("system"), t.get("code")) for t in (flag.get("meta") or {}).get("tag") or []
-                        if isinstance(t, dict) and t.get("system") in previous))
+    return tuple(
+        sorted(
+            (t.get("system"), t.get("code"))
+            for t in (flag.get("meta") or {}).get("tag") or []
+            if isinstance(t, dict) and t.get("system") in previous
+        )
+    )
 
 
 def _subject(flag: dict) -> str | None:
@@ -206,8 +224,9 @@ def plan_writes(desired: Iterable[dict], existing: Iterable[dict], rules: Rules)
     for flag in sorted(existing, key=kept_first):
         key = _identifier(flag, systems)
         if key is None:
-            log.warning("Flag/%s carries the project's tag but no identifier of %s: left alone", flag.get("id"),
-                        systems[0])
+            log.warning(
+                "Flag/%s carries the project's tag but no identifier of %s: left alone", flag.get("id"), systems[0]
+            )
             continue
         if key in on_server:
             decide(Change("delete", key, flag_id=flag.get("id"), version=_version_of(flag), subject=_subject(flag)))
@@ -221,8 +240,17 @@ def plan_writes(desired: Iterable[dict], existing: Iterable[dict], rules: Rules)
             decide(Change(action, key, flag, flag_id(key), NEW, _subject(flag)))
         else:
             action = "unchanged" if comparable(current) == comparable(flag) else "update"
-            decide(Change(action, key, flag, current["id"], _version_of(current), _subject(current),
-                          _stale_tags(current, rules)))
+            decide(
+                Change(
+                    action,
+                    key,
+                    flag,
+                    current["id"],
+                    _version_of(current),
+                    _subject(current),
+                    _stale_tags(current, rules),
+                )
+            )
     for key, flag in sorted(on_server.items()):
         target, stale = withdrawn(flag, rules), _stale_tags(flag, rules)
         if flag.get("status") != "entered-in-error":
@@ -240,8 +268,11 @@ def _entry(change: Change) -> dict:
     if not is_valid_id(change.flag_id):
         raise ValueError(f"Flag id {change.flag_id!r} is not a FHIR id")  # never put into a URL
     url = f"Flag/{change.flag_id}"
-    request = {"method": "DELETE" if change.action == "delete" else "PUT", "url": url,
-               "ifMatch": f'W/"{change.if_match}"'}
+    request = {
+        "method": "DELETE" if change.action == "delete" else "PUT",
+        "url": url,
+        "ifMatch": f'W/"{change.if_match}"',
+    }
     if change.action == "delete":
         return {"request": request}
     return {"resource": {**change.flag, "id": change.flag_id}, "request": request}
@@ -285,8 +316,14 @@ def apply_plan(client: FhirClient, changes: list[Change], written: Counter | Non
     for change in changes:
         if change.if_match is None:
             # Never written blindly: without the version it was decided from, a write could undo a newer one.
-            result.refused.append(_report(change, None, None, "the Flag on the server has no meta.versionId, so it "
-                                                              "cannot be written over safely"))
+            result.refused.append(
+                _report(
+                    change,
+                    None,
+                    None,
+                    "the Flag on the server has no meta.versionId, so it cannot be written over safely",
+                )
+            )
             log.warning("Flag %s (%s) not written: the server gave it no version", change.identifier, change.action)
         else:
             sendable.append(change)
@@ -304,16 +341,22 @@ def apply_plan(client: FhirClient, changes: list[Change], written: Counter | Non
         conflict = isinstance(exc, VersionConflictError)
         (result.conflicts if conflict else result.refused).append(_report(change, exc.status, exc.outcome, str(exc)))
         # Codes and element paths only: the outcome's text may quote patient data (rejects.ndjson has it all).
-        log.log(logging.INFO if conflict else logging.WARNING, "Flag %s (%s) %s: HTTP %s: %s", change.identifier,
-                change.action, "not written, its version moved" if conflict else "refused", exc.status,
-                outcome_summary(exc.outcome) or "no OperationOutcome")
+        log.log(
+            logging.INFO if conflict else logging.WARNING,
+            "Flag %s (%s) %s: HTTP %s: %s",
+            change.identifier,
+            change.action,
+            "not written, its version moved" if conflict else "refused",
+            exc.status,
+            outcome_summary(exc.outcome) or "no OperationOutcome",
+        )
 
     # One retry policy: the client's (leukofhir.fhir.http), which repeats a 409 from a simultaneous writer. A version
     # conflict, or any other refusal, is isolated by halving, so every other entry is still written.
     writer = TransactionWriter(client, count, refused)
     for start in range(0, len(sendable), ENTRIES_PER_TRANSACTION):
         entries = []
-        for change in sendable[start:start + ENTRIES_PER_TRANSACTION]:
+        for change in sendable[start : start + ENTRIES_PER_TRANSACTION]:
             entries.append(_entry(change))
             change_of[id(entries[-1])] = change
         writer.send(entries)
@@ -321,8 +364,15 @@ def apply_plan(client: FhirClient, changes: list[Change], written: Counter | Non
 
 
 def _report(change: Change, status: int | None, outcome: dict | None, message: str) -> dict:
-    return {"action": change.action, "identifier": change.identifier, "flag_id": change.flag_id,
-            "subject": change.subject, "status": status, "outcome": outcome, "message": message}
+    return {
+        "action": change.action,
+        "identifier": change.identifier,
+        "flag_id": change.flag_id,
+        "subject": change.subject,
+        "status": status,
+        "outcome": outcome,
+        "message": message,
+    }
 
 
 def _remove_tags(client: FhirClient, change: Change) -> None:
@@ -335,8 +385,12 @@ def _remove_tags(client: FhirClient, change: Change) -> None:
     except FatalFhirError as exc:
         if exc.status in AUTH_REFUSALS:
             raise
-        log.warning("Flag %s: the tags of the previous base were not removed: HTTP %s: %s", change.identifier,
-                    exc.status, outcome_summary(exc.outcome) or "no OperationOutcome")
+        log.warning(
+            "Flag %s: the tags of the previous base were not removed: HTTP %s: %s",
+            change.identifier,
+            exc.status,
+            outcome_summary(exc.outcome) or "no OperationOutcome",
+        )
 
 
 @dataclass
@@ -350,9 +404,15 @@ class Written:
     reevaluated: int = 0
 
 
-def write_plan(client: FhirClient, plan: Plan, redecide: Callable[[list[str]], Plan], *,
-               changed: Callable[[list[str], datetime | None], set[str]] | None = None,
-               rounds: int = VERSION_ROUNDS, written: Counter | None = None) -> Written:
+def write_plan(
+    client: FhirClient,
+    plan: Plan,
+    redecide: Callable[[list[str]], Plan],
+    *,
+    changed: Callable[[list[str], datetime | None], set[str]] | None = None,
+    rounds: int = VERSION_ROUNDS,
+    written: Counter | None = None,
+) -> Written:
     """Apply the plan, then decide again, from the server's data now, the patients whose decision may be stale, and
     apply that, up to `rounds` times:
     - a write the server refused because the Flag's version moved since it was read (another writer wrote it);
@@ -393,8 +453,15 @@ def write_plan(client: FhirClient, plan: Plan, redecide: Callable[[list[str]], P
                 out.counts[decision.action] += 1
         if not again:
             return out
-        log.info("%d Flag writes found their version moved, %d patients written had new data: %d patients read and "
-                 "decided again (round %d of %d)", len(stale), len(moved), len(again), round_number + 1, rounds)
+        log.info(
+            "%d Flag writes found their version moved, %d patients written had new data: %d patients read and "
+            "decided again (round %d of %d)",
+            len(stale),
+            len(moved),
+            len(again),
+            round_number + 1,
+            rounds,
+        )
         out.reevaluated += len(again)
         created = {c["flag_id"] for c in result.conflicts if c["action"] == "create"}
         plan = _over_deleted(client, redecide(sorted(again)), created)
@@ -409,8 +476,9 @@ def _over_deleted(client: FhirClient, plan: Plan, refused_creates: set[str]) -> 
         if decision.action == "create" and decision.flag_id in refused_creates:
             version = _deleted_version(client, decision.flag_id)
             if version is not None:
-                decision = Change(decision.action, decision.identifier, decision.flag, decision.flag_id, version,
-                                  decision.subject)
+                decision = Change(
+                    decision.action, decision.identifier, decision.flag, decision.flag_id, version, decision.subject
+                )
         decisions.append(decision)
     return Plan(decisions, plan.read_at)
 
@@ -418,8 +486,9 @@ def _over_deleted(client: FhirClient, plan: Plan, refused_creates: set[str]) -> 
 def _deleted_version(client: FhirClient, resource_id: str) -> str | None:
     """The version of the deletion of Flag/`resource_id` when its last version is one, else None."""
     try:
-        bundle = client.request_json("GET", f"Flag/{resource_id}/_history", params={"_count": 1},
-                                     headers={"Cache-Control": "no-cache"})
+        bundle = client.request_json(
+            "GET", f"Flag/{resource_id}/_history", params={"_count": 1}, headers={"Cache-Control": "no-cache"}
+        )
     except FatalFhirError as exc:
         if exc.status in (404, 410):
             return None

@@ -82,8 +82,9 @@ def own_tag(fhir_client, unique, tmp_path):
 @pytest.fixture(scope="session")
 def airflow_db():
     """Airflow's metadata database (SQLite in the session's AIRFLOW_HOME), migrated once: dag.test() needs it."""
-    done = subprocess.run([str(Path(sys.executable).with_name("airflow")), "db", "migrate"], capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("airflow")), "db", "migrate"], capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     return os.environ["AIRFLOW_HOME"]
 

@@ -21,10 +21,13 @@ SHIPPED_DAGS = {
 def dag_file_text() -> str:
     """The DAG file: a docstring and one import per shipped DAG (its text names both "airflow" and "dag", which
     Airflow's safe mode looks for before it parses a file)."""
-    imports = "".join(f"from leukofhir.airflow.dags.{module} import {name}  # noqa: F401\n"
-                      for module, name in SHIPPED_DAGS.items())
-    return ('"""leukofhir\'s Airflow DAGs, defined in the installed leukofhir package; written by `leukofhir '
-            'install-dags`."""\n\n' + imports)
+    imports = "".join(
+        f"from leukofhir.airflow.dags.{module} import {name}  # noqa: F401\n" for module, name in SHIPPED_DAGS.items()
+    )
+    return (
+        '"""leukofhir\'s Airflow DAGs, defined in the installed leukofhir package; written by `leukofhir '
+        'install-dags`."""\n\n' + imports
+    )
 
 
 def install_dags(folder: str | os.PathLike, *, force: bool = False) -> tuple[Path, bool]:
@@ -32,8 +35,9 @@ def install_dags(folder: str | os.PathLike, *, force: bool = False) -> tuple[Pat
     own edit) is kept unless `force`."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise UsageError(f"{folder} is not a folder: give the Airflow dags folder (`airflow config get-value core "
-                         "dags_folder`)")
+        raise UsageError(
+            f"{folder} is not a folder: give the Airflow dags folder (`airflow config get-value core dags_folder`)"
+        )
     target = folder / DAG_FILE_NAME
     text = dag_file_text()
     try:
@@ -41,8 +45,9 @@ def install_dags(folder: str | os.PathLike, *, force: bool = False) -> tuple[Pat
         if current == text:
             return target, False
         if current is not None and not force:
-            raise UsageError(f"{target} exists and differs from the file leukofhir writes: keep it, or replace it "
-                             "with --force")
+            raise UsageError(
+                f"{target} exists and differs from the file leukofhir writes: keep it, or replace it with --force"
+            )
         partial = target.with_name(f".{DAG_FILE_NAME}.partial")  # no dot-file is parsed, and the rename is atomic
         partial.write_text(text, encoding="utf-8")
         partial.replace(target)

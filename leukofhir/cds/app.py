@@ -49,24 +49,38 @@ class CdsService:
 
     def warm(self) -> None:
         """Validate one made-up result before the first request: GX's import and context take seconds, once."""
-        count = {"resourceType": "Observation", "id": "warm", "status": "final",
-                 "subject": {"reference": "Patient/warm"},
-                 "code": {"coding": [{"system": "http://loinc.org", "code": "6690-2"}]},
-                 "effectiveDateTime": "2020-01-01T00:00:00Z",
-                 "valueQuantity": {"value": 5.0, "system": "http://unitsofmeasure.org", "code": "10*9/L"}}
+        count = {
+            "resourceType": "Observation",
+            "id": "warm",
+            "status": "final",
+            "subject": {"reference": "Patient/warm"},
+            "code": {"coding": [{"system": "http://loinc.org", "code": "6690-2"}]},
+            "effectiveDateTime": "2020-01-01T00:00:00Z",
+            "valueQuantity": {"value": 5.0, "system": "http://unitsofmeasure.org", "code": "10*9/L"},
+        }
         evaluate_patient([count], "Patient/warm", self.rules, base_url=self.reader.base_url)
 
     def discovery(self) -> dict:
-        return {"services": [
-            {"hook": "patient-view", "id": PATIENT_VIEW, "title": "Leukopenia surveillance",
-             "description": "Open leukopenia, neutropenia, agranulocytosis, lymphopenia and pancytopenia episodes of "
-                            "the patient, by the same rules as the chart's Flags (CTCAE v5.0 grades).",
-             "prefetch": self.templates},
-            {"hook": "order-sign", "id": ORDER_SIGN, "title": "Low counts and drugs that lower them",
-             "description": "A warning when a draft order is for a drug associated with low white counts (clozapine, "
-                            "cytotoxic chemotherapy, valproate, interferons...) and the patient's counts are low.",
-             "prefetch": self.templates},
-        ]}
+        return {
+            "services": [
+                {
+                    "hook": "patient-view",
+                    "id": PATIENT_VIEW,
+                    "title": "Leukopenia surveillance",
+                    "description": "Open leukopenia, neutropenia, agranulocytosis, lymphopenia and pancytopenia "
+                    "episodes of the patient, by the same rules as the chart's Flags (CTCAE v5.0 grades).",
+                    "prefetch": self.templates,
+                },
+                {
+                    "hook": "order-sign",
+                    "id": ORDER_SIGN,
+                    "title": "Low counts and drugs that lower them",
+                    "description": "A warning when a draft order is for a drug associated with low white counts "
+                    "(clozapine, cytotoxic chemotherapy, valproate, interferons...) and the patient's counts are low.",
+                    "prefetch": self.templates,
+                },
+            ]
+        }
 
     def audience(self, path: str) -> str:
         return self.public_url + path
@@ -90,17 +104,32 @@ class CdsService:
         except FhirError as exc:
             log.warning("%s Patient/%s: the FHIR server cannot be read now: %s", hook, patient_id, exc)
             return Answer(503, {"detail": "the patient's data cannot be read from the FHIR server now"})
-        state = evaluate_patient(resources, f"Patient/{patient_id}", self.rules, base_url=self.reader.base_url,
-                                 now=self.as_of, validate=self.validate)
+        state = evaluate_patient(
+            resources,
+            f"Patient/{patient_id}",
+            self.rules,
+            base_url=self.reader.base_url,
+            now=self.as_of,
+            validate=self.validate,
+        )
         if hook == "patient-view":
             cards = patient_view_cards(state, self.rules)
         else:
             drugs = self.rules.medications.drugs
-            cards = [card for order in self.orders.listed_drugs(context.get("draftOrders"))
-                     if (card := order_card(order.drug_key, drugs[order.drug_key], order.reference, state,
-                                            self.rules)) is not None]
-        log.info("%s Patient/%s: %d card(s), %s, %.0f ms", hook, patient_id, len(cards),
-                 "fetched" if fetched else "prefetched", (time.perf_counter() - started) * 1000)
+            cards = [
+                card
+                for order in self.orders.listed_drugs(context.get("draftOrders"))
+                if (card := order_card(order.drug_key, drugs[order.drug_key], order.reference, state, self.rules))
+                is not None
+            ]
+        log.info(
+            "%s Patient/%s: %d card(s), %s, %.0f ms",
+            hook,
+            patient_id,
+            len(cards),
+            "fetched" if fetched else "prefetched",
+            (time.perf_counter() - started) * 1000,
+        )
         return Answer(200, {"cards": cards})
 
 
@@ -126,8 +155,12 @@ def create_app(service: CdsService, tokens: TokenChecker, cors_origins: list[str
         from starlette.middleware.cors import CORSMiddleware
 
         # The CDS Hooks sandbox calls from the browser: its origin, configured, may read the answers.
-        app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type"])
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
 
     def refused(why: str) -> JSONResponse:
         return JSONResponse({"detail": why}, status_code=401, headers={"WWW-Authenticate": "Bearer"})

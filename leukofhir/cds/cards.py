@@ -14,8 +14,13 @@ GRANULOCYTES = {"neutropenia", "agranulocytosis"}
 # The condition families whose open episode makes a drug that lowers counts a concern at order-sign (§4 families).
 ORDER_FAMILIES = {"leukocytes", "granulocytes", "pancytopenia"}
 CARD_NAMESPACE = uuid.UUID("5b0c5f0e-3f57-4a38-9e0b-6a2b5f1e7c11")  # card uuids derived from Flag identifiers
-SHOWN_NAMES = {"wbc": "WBC", "anc": "ANC", "lymphocytes_abs": "Lymphocytes", "platelets": "Platelets",
-               "hemoglobin": "Hemoglobin"}
+SHOWN_NAMES = {
+    "wbc": "WBC",
+    "anc": "ANC",
+    "lymphocytes_abs": "Lymphocytes",
+    "platelets": "Platelets",
+    "hemoglobin": "Hemoglobin",
+}
 
 
 def indicator(spec: FlagSpec, rules: Rules) -> str:
@@ -26,9 +31,9 @@ def indicator(spec: FlagSpec, rules: Rules) -> str:
 
 
 def summary(spec: FlagSpec) -> str:
-    """"Agranulocytosis: ANC 0.3 ×10^9/L on 2026-12-01, grade 4" from the Flag's own text (its first clause)."""
+    """ "Agranulocytosis: ANC 0.3 ×10^9/L on 2026-12-01, grade 4" from the Flag's own text (its first clause)."""
     head = spec.text.split("; ", 1)[0].replace(" — ", ": ", 1).replace("CTCAE v5.0 grade", "grade")
-    return head if len(head) < SUMMARY_MAX else head[:SUMMARY_MAX - 2] + "…"
+    return head if len(head) < SUMMARY_MAX else head[: SUMMARY_MAX - 2] + "…"
 
 
 def _source(rules: Rules) -> dict:
@@ -38,19 +43,26 @@ def _source(rules: Rules) -> dict:
 def _counts_table(latest: dict[str, Count]) -> str:
     if not latest:
         return ""
-    rows = [f"| {SHOWN_NAMES.get(c.concept, c.concept)} | {c.shown} | {c.time.date().isoformat()} |"
-            for c in latest.values()]
+    rows = [
+        f"| {SHOWN_NAMES.get(c.concept, c.concept)} | {c.shown} | {c.time.date().isoformat()} |"
+        for c in latest.values()
+    ]
     return "\n".join(["| count | last value | date |", "|---|---|---|", *rows])
 
 
 def episode_card(spec: FlagSpec, state: PatientState, rules: Rules) -> dict:
     """The card of one open episode (patient-view)."""
-    lines = [f"**{spec.text}**", "",
-             f"Open since {spec.start.date().isoformat()}; the project's Flag in the chart says the same."]
+    lines = [
+        f"**{spec.text}**",
+        "",
+        f"Open since {spec.start.date().isoformat()}; the project's Flag in the chart says the same.",
+    ]
     if spec.drugs:
         drugs = ", ".join(sorted({label for label, _ in spec.drugs}))
-        lines += ["", f"Possibly drug-associated (exposure within {rules.windows.drug_lookback.days} days before): "
-                      f"{drugs}."]
+        lines += [
+            "",
+            f"Possibly drug-associated (exposure within {rules.windows.drug_lookback.days} days before): {drugs}.",
+        ]
     table = _counts_table(state.latest)
     if table:
         lines += ["", "Last counts:", "", table]
@@ -81,35 +93,49 @@ def order_card(drug_key: str, drug: Drug, order_ref: str | None, state: PatientS
     if check is not None:
         ben = bool(state.info and state.info.ben)
         threshold = check.ben_below if ben and check.ben_below is not None else check.below
-    below = count is not None and threshold is not None and (count.value < threshold or count.comparator == "<"
-                                                             and count.value <= threshold)
+    below = (
+        count is not None
+        and threshold is not None
+        and (count.value < threshold or count.comparator == "<" and count.value <= threshold)
+    )
     if not episodes and not below:
         return None
     worst = max(episodes, key=lambda s: s.grade, default=None)
-    agranulocytic = (count is not None and check is not None and check.concept == "anc"
-                     and count.value < rules.agranulocytosis.below)
+    agranulocytic = (
+        count is not None and check is not None and check.concept == "anc" and count.value < rules.agranulocytosis.below
+    )
     critical = (worst is not None and indicator(worst, rules) == "critical") or agranulocytic
     if below:
-        head = f"{drug.label.capitalize()} ordered: {SHOWN_NAMES[check.concept]} {count.shown} on " \
-               f"{count.time.date().isoformat()}, below {threshold:g}"
+        head = (
+            f"{drug.label.capitalize()} ordered: {SHOWN_NAMES[check.concept]} {count.shown} on "
+            f"{count.time.date().isoformat()}, below {threshold:g}"
+        )
     else:
         head = f"{drug.label.capitalize()} ordered with {summary(worst)[0].lower()}{summary(worst)[1:]}"
     lines = []
     if below:
-        lines.append(f"The last {SHOWN_NAMES[check.concept]} is {count.shown} on {count.time.date().isoformat()}, "
-                     f"below the threshold {threshold:g} ×10^9/L for {drug.label}.")
+        lines.append(
+            f"The last {SHOWN_NAMES[check.concept]} is {count.shown} on {count.time.date().isoformat()}, "
+            f"below the threshold {threshold:g} ×10^9/L for {drug.label}."
+        )
     for spec in episodes:
         lines.append(f"Open episode: {spec.text}.")
     if check is not None:
-        lines += ["", f"Threshold source: {check.source}" + (
-            f" (general population {check.below:g}, benign ethnic neutropenia {check.ben_below:g} ×10^9/L)"
-            if check.ben_below is not None else "")]
+        lines += [
+            "",
+            f"Threshold source: {check.source}"
+            + (
+                f" (general population {check.below:g}, benign ethnic neutropenia {check.ben_below:g} ×10^9/L)"
+                if check.ben_below is not None
+                else ""
+            ),
+        ]
     table = _counts_table(state.latest)
     if table:
         lines += ["", "Last counts:", "", table]
     card = {
         "uuid": str(uuid.uuid5(CARD_NAMESPACE, f"{state.patient_id}|{order_ref}|{drug_key}")),
-        "summary": head if len(head) < SUMMARY_MAX else head[:SUMMARY_MAX - 2] + "…",
+        "summary": head if len(head) < SUMMARY_MAX else head[: SUMMARY_MAX - 2] + "…",
         "detail": "\n".join(lines),
         "indicator": "critical" if critical else "warning",
         "source": _source(rules),

@@ -92,8 +92,15 @@ def _digest(rows: pd.DataFrame, hash_key: str) -> bytes:
     return hashlib.sha256(header.encode() + values).digest()
 
 
-def evaluate_patient(resources, patient_id: str, rules: Rules, *, base_url: str | None,
-                     now: datetime | None = None, validate=validate_batch) -> PatientState:
+def evaluate_patient(
+    resources,
+    patient_id: str,
+    rules: Rules,
+    *,
+    base_url: str | None,
+    now: datetime | None = None,
+    validate=validate_batch,
+) -> PatientState:
     """The patient's state from their resources (their whole history, as a run reads it), as of `now` (default: the
     clock) or their latest result when later, as a run evaluates as of its start (stages.evaluate_rows): an episode
     without a count for too long lapses. A result dated in the future is quarantined against the clock, as a run
@@ -110,19 +117,25 @@ def evaluate_patient(resources, patient_id: str, rules: Rules, *, base_url: str 
     checked = build_flags(evaluation.specs, rules, parameters, validate)
     specs = [evaluation.specs[i] for i in checked.kept] if checked.kept or not evaluation.specs else []
     mine = [s for s in specs if s.patient_id == patient_id]
-    return PatientState(patient_id, mine, _latest(validated.observations, patient_id, rules),
-                        normalised.patients.get(patient_id))
+    return PatientState(
+        patient_id, mine, _latest(validated.observations, patient_id, rules), normalised.patients.get(patient_id)
+    )
 
 
 def _latest(rows: pd.DataFrame, patient_id: str, rules: Rules) -> dict[str, Count]:
     if rows.empty:
         return {}
     retracted = rules.observations.statuses.retracted
-    mine = rows[(rows["patient_id"] == patient_id) & (rows["status"] != retracted) & rows["time"].notna()
-                & rows["concept"].isin(COUNTS_SHOWN)]
+    mine = rows[
+        (rows["patient_id"] == patient_id)
+        & (rows["status"] != retracted)
+        & rows["time"].notna()
+        & rows["concept"].isin(COUNTS_SHOWN)
+    ]
     latest: dict[str, Count] = {}
     for row in mine.sort_values("time", kind="stable").groupby("concept", sort=False).tail(1).itertuples(index=False):
         comparator = row.comparator if isinstance(row.comparator, str) and row.comparator else None
-        latest[row.concept] = Count(row.concept, float(row.value), comparator, row.time.to_pydatetime(),
-                                    str(row.resource_id))
+        latest[row.concept] = Count(
+            row.concept, float(row.value), comparator, row.time.to_pydatetime(), str(row.resource_id)
+        )
     return latest

@@ -73,8 +73,9 @@ class PatientReader:
         return self.client.base_url
 
     def read(self, patient_id: str, fhir_server, fhir_authorization) -> list[dict]:
-        if fhir_server is not None and (not isinstance(fhir_server, str)
-                                        or not same_server(fhir_server, self.client.base_url)):
+        if fhir_server is not None and (
+            not isinstance(fhir_server, str) or not same_server(fhir_server, self.client.base_url)
+        ):
             # The service must not be made to call arbitrary URLs (or send a token there).
             raise BadHookRequest("fhirServer is not the FHIR server this service reads; it reads no other")
         if fhir_server is not None and isinstance(fhir_authorization, dict):
@@ -84,7 +85,8 @@ class PatientReader:
                 token = check_token(str(fhir_authorization.get("access_token") or ""), "fhirAuthorization.access_token")
             except UsageError as exc:
                 raise BadHookRequest(str(exc)) from None
-            with FhirClient(self.client.base_url, BearerAuth(lambda: token), timeout=FETCH_TIMEOUT,
-                            max_retries=1) as client:
+            with FhirClient(
+                self.client.base_url, BearerAuth(lambda: token), timeout=FETCH_TIMEOUT, max_retries=1
+            ) as client:
                 return list(iter_history(client, [patient_id], self.rules))
         return list(iter_history(self.client, [patient_id], self.rules))

@@ -23,8 +23,11 @@ def _resources(draft_orders) -> list[dict]:
         return []
     if draft_orders.get("resourceType") != "Bundle":
         return [draft_orders]
-    return [e["resource"] for e in draft_orders.get("entry") or []
-            if isinstance(e, dict) and isinstance(e.get("resource"), dict)]
+    return [
+        e["resource"]
+        for e in draft_orders.get("entry") or []
+        if isinstance(e, dict) and isinstance(e.get("resource"), dict)
+    ]
 
 
 class OrderMatcher:
@@ -56,8 +59,9 @@ class OrderMatcher:
         if not isinstance(target, str):
             return None
         if target.startswith("#"):
-            medication = next((c for c in order.get("contained") or []
-                               if isinstance(c, dict) and c.get("id") == target[1:]), None)
+            medication = next(
+                (c for c in order.get("contained") or [] if isinstance(c, dict) and c.get("id") == target[1:]), None
+            )
         else:
             medication = medications.get(target)
         return self.exposures.drug_of_medication(medication) if isinstance(medication, dict) else None

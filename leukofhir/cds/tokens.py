@@ -56,8 +56,9 @@ class Issuer:
                 document = json.loads(Path(self.source).read_text(encoding="utf-8"))
             keys = jwt.PyJWKSet.from_dict(document).keys
         except (OSError, ValueError, requests.RequestException, jwt.PyJWTError) as exc:
-            log.warning("the JWKS of issuer %s (%s) cannot be read: %s", shown(self.iss, 200), self.source,
-                        type(exc).__name__)
+            log.warning(
+                "the JWKS of issuer %s (%s) cannot be read: %s", shown(self.iss, 200), self.source, type(exc).__name__
+            )
             return
         self._keys = {k.key_id: k for k in keys if k.key_id}
 
@@ -115,8 +116,15 @@ class TokenChecker:
         if key is None:
             raise TokenRefused("the JWT's kid names no key of its issuer's JWKS")
         try:
-            claims = jwt.decode(token, key, algorithms=[header["alg"]], audience=audience, issuer=issuer.iss,
-                                leeway=LEEWAY, options={"require": ["iss", "aud", "exp", "jti"]})
+            claims = jwt.decode(
+                token,
+                key,
+                algorithms=[header["alg"]],
+                audience=audience,
+                issuer=issuer.iss,
+                leeway=LEEWAY,
+                options={"require": ["iss", "aud", "exp", "jti"]},
+            )
         except jwt.ExpiredSignatureError:
             raise TokenRefused("the JWT has expired") from None
         except jwt.InvalidAudienceError:

@@ -37,8 +37,11 @@ def _content(resource: dict) -> dict:
 def _same_url(client: FhirClient, resource: dict) -> dict | None:
     """The resource of this type with this canonical URL on the server, if any: HAPI keeps one per URL and version
     (HAPI-0902), so one loaded by hand at another id is the one to update."""
-    found = [r for r in client.search(resource["resourceType"], {"url": resource["url"]})
-             if r.get("resourceType") == resource["resourceType"]]
+    found = [
+        r
+        for r in client.search(resource["resourceType"], {"url": resource["url"]})
+        if r.get("resourceType") == resource["resourceType"]
+    ]
     return next((r for r in found if r.get("id") == resource["id"]), found[0] if found else None)
 
 
@@ -61,9 +64,11 @@ def _publish_one(client: FhirClient, resource: dict) -> Published:
             continue
         action = "created" if current is None else "updated"
         return Published(kind, rid, resource["url"], action, (written.get("meta") or {}).get("versionId"))
-    raise VersionConflictError(f"{kind}/{resource['id']} kept changing on the server while it was written "
-                               f"({ROUNDS} tries)",
-                               status=409, outcome=None)
+    raise VersionConflictError(
+        f"{kind}/{resource['id']} kept changing on the server while it was written ({ROUNDS} tries)",
+        status=409,
+        outcome=None,
+    )
 
 
 def publish(client: FhirClient, rules: Rules) -> list[Published]:

@@ -12,8 +12,11 @@ __all__ = ["conformance_resources", "example_flag", "resource_id", "TEMPLATES"]
 
 TEMPLATES = Path(__file__).resolve().parent
 # Loaded in this order: the value set and the extension before the profile that names them.
-_FILES = ("ValueSet-leukofhir-conditions.json", "StructureDefinition-ctcae-grade.json",
-          "StructureDefinition-leukofhir-flag.json")
+_FILES = (
+    "ValueSet-leukofhir-conditions.json",
+    "StructureDefinition-ctcae-grade.json",
+    "StructureDefinition-leukofhir-flag.json",
+)
 _EXAMPLE = "Flag-example.json"
 
 
@@ -56,8 +59,12 @@ def resource_id(resource: dict) -> str:
 
 
 def _load(name: str, rules: Rules) -> dict:
-    names = {"{{base}}": rules.uris.base, "{{version}}": _version(), "{{tag_code}}": rules.uris.tag_code,
-             "{{conditions}}": _conditions(rules)}
+    names = {
+        "{{base}}": rules.uris.base,
+        "{{version}}": _version(),
+        "{{tag_code}}": rules.uris.tag_code,
+        "{{conditions}}": _conditions(rules),
+    }
     return _fill(json.loads((TEMPLATES / name).read_text(encoding="utf-8")), names)
 
 

@@ -35,9 +35,16 @@ class BearerAuth(AuthBase):
         return request
 
 
-def make_auth(kind: str | None, *, token: str | None = None, user: str | None = None,
-              password: str | None = None, smart: dict | None = None, base_url: str | None = None,
-              environ=os.environ) -> AuthBase | None:
+def make_auth(
+    kind: str | None,
+    *,
+    token: str | None = None,
+    user: str | None = None,
+    password: str | None = None,
+    smart: dict | None = None,
+    base_url: str | None = None,
+    environ=os.environ,
+) -> AuthBase | None:
     """Choose and check the auth strategy. Explicit values (from an Airflow connection) win over the environment:
     LEUKOFHIR_FHIR_TOKEN, LEUKOFHIR_FHIR_USER, LEUKOFHIR_FHIR_PASSWORD, and for SMART Backend Services
     LEUKOFHIR_SMART_CLIENT_ID, LEUKOFHIR_SMART_PRIVATE_KEY, LEUKOFHIR_SMART_KEY_ID, LEUKOFHIR_SMART_SCOPES,
@@ -62,8 +69,11 @@ def make_auth(kind: str | None, *, token: str | None = None, user: str | None = 
         return BearerAuth(from_env)
     if kind == "basic":
         user = clean_secret(user, "the connection's login") if user else secret("LEUKOFHIR_FHIR_USER", environ)
-        password = (clean_secret(password, "the connection's password") if password
-                    else secret("LEUKOFHIR_FHIR_PASSWORD", environ))
+        password = (
+            clean_secret(password, "the connection's password")
+            if password
+            else secret("LEUKOFHIR_FHIR_PASSWORD", environ)
+        )
         if not user or password is None:
             raise UsageError("basic auth needs a user and a password (LEUKOFHIR_FHIR_USER, LEUKOFHIR_FHIR_PASSWORD)")
         # RFC 7617 §2.1: UTF-8 (requests would encode str as Latin-1 and fail on other characters).
@@ -92,13 +102,21 @@ def _smart_auth(settings: dict, base_url: str | None, environ) -> AuthBase:
             raise UsageError(f"cannot read {key_source}: {getattr(exc, 'strerror', None) or 'not UTF-8'}") from None
     else:
         key = secret("LEUKOFHIR_SMART_PRIVATE_KEY", environ, check=pem)
-        key_source = ("LEUKOFHIR_SMART_PRIVATE_KEY" if environ.get("LEUKOFHIR_SMART_PRIVATE_KEY")
-                      else f"LEUKOFHIR_SMART_PRIVATE_KEY_FILE ({environ.get('LEUKOFHIR_SMART_PRIVATE_KEY_FILE')})")
+        key_source = (
+            "LEUKOFHIR_SMART_PRIVATE_KEY"
+            if environ.get("LEUKOFHIR_SMART_PRIVATE_KEY")
+            else f"LEUKOFHIR_SMART_PRIVATE_KEY_FILE ({environ.get('LEUKOFHIR_SMART_PRIVATE_KEY_FILE')})"
+        )
     if not client_id or not key:
-        raise UsageError("SMART auth needs a client id and a private key (LEUKOFHIR_SMART_CLIENT_ID and "
-                         "LEUKOFHIR_SMART_PRIVATE_KEY_FILE, or the connection's smart_client_id and private key)")
+        raise UsageError(
+            "SMART auth needs a client id and a private key (LEUKOFHIR_SMART_CLIENT_ID and "
+            "LEUKOFHIR_SMART_PRIVATE_KEY_FILE, or the connection's smart_client_id and private key)"
+        )
     return SmartBackendAuth(
-        client_id=client_id, private_key=key, key_source=key_source, base_url=base_url,
+        client_id=client_id,
+        private_key=key,
+        key_source=key_source,
+        base_url=base_url,
         token_url=setting("token_url", "LEUKOFHIR_SMART_TOKEN_URL"),
         key_id=setting("key_id", "LEUKOFHIR_SMART_KEY_ID"),
         scopes=setting("scopes", "LEUKOFHIR_SMART_SCOPES") or DEFAULT_SCOPES,

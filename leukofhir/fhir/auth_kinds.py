@@ -10,8 +10,14 @@ from leukofhir.fhir.secrets import check_token, secret
 AUTH_KINDS = ("none", "basic", "bearer", "smart")
 
 
-def auth_kind(kind: str | None, *, smart_client_id: str | None = None, token: str | None = None,
-              user: str | None = None, environ=os.environ) -> str:
+def auth_kind(
+    kind: str | None,
+    *,
+    smart_client_id: str | None = None,
+    token: str | None = None,
+    user: str | None = None,
+    environ=os.environ,
+) -> str:
     """`kind` when named; else inferred from what is given, then from the environment: SMART with a client id
     (LEUKOFHIR_SMART_CLIENT_ID), bearer with a token (LEUKOFHIR_FHIR_TOKEN), basic with a user (LEUKOFHIR_FHIR_USER),
     otherwise none."""

@@ -104,10 +104,18 @@ class BulkExport:
     seconds, so the server's value is honoured only within that cap. Gives up after `max_wait` seconds,
     leaving the status URL in `out_dir/export.state` so the same command resumes the job."""
 
-    def __init__(self, client: FhirClient, out_dir: str | os.PathLike, *, max_interval: float = 60.0,
-                 max_wait: float = 6 * 3600.0, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] | None = None, reuse_complete: bool = False,
-                 on_file: Callable[[Path], None] | None = None):
+    def __init__(
+        self,
+        client: FhirClient,
+        out_dir: str | os.PathLike,
+        *,
+        max_interval: float = 60.0,
+        max_wait: float = 6 * 3600.0,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] | None = None,
+        reuse_complete: bool = False,
+        on_file: Callable[[Path], None] | None = None,
+    ):
         self.client = client
         self.out_dir = Path(out_dir)
         self.max_interval = max_interval
@@ -126,8 +134,13 @@ class BulkExport:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         state = self._load_state()
         result = ExportResult(self.out_dir)
-        if self.reuse_complete and state and state.get("request") == request.as_dict() and state.get("complete") \
-                and all((self.out_dir / name).exists() for name in state.get("done") or {}):
+        if (
+            self.reuse_complete
+            and state
+            and state.get("request") == request.as_dict()
+            and state.get("complete")
+            and all((self.out_dir / name).exists() for name in state.get("done") or {})
+        ):
             log.info("the export in %s is complete already: kept", self.out_dir)
             result.resumed = True
             for name, lines in sorted(state["done"].items()):
@@ -143,8 +156,11 @@ class BulkExport:
             except FatalFhirError as exc:
                 if exc.status not in (404, 410):
                     raise
-                log.warning("the export job at %s is gone (HTTP %s); starting a new one",
-                            redact_url(state["status_url"]), exc.status)
+                log.warning(
+                    "the export job at %s is gone (HTTP %s); starting a new one",
+                    redact_url(state["status_url"]),
+                    exc.status,
+                )
                 state = self._start(request, state)
                 manifest = self.poll(state["status_url"])
         else:
@@ -169,20 +185,26 @@ class BulkExport:
 
     def kick_off(self, request: ExportRequest) -> str:
         """Start the job; its status URL (Bulk Data IG: 202 Accepted with Content-Location)."""
-        response = self.client.request("GET", request.path, params=request.params(),
-                                       headers={"Accept": "application/fhir+json", "Prefer": "respond-async"})
+        response = self.client.request(
+            "GET",
+            request.path,
+            params=request.params(),
+            headers={"Accept": "application/fhir+json", "Prefer": "respond-async"},
+        )
         location = response.headers.get("Content-Location")
         response.close()
         if response.status_code != 202 or not location:
-            raise BulkExportError(f"$export kick-off at {redact_url(self.client.url(request.path))} answered HTTP "
-                                  f"{response.status_code}" + ("" if location else " without a Content-Location"),
-                                  status=response.status_code)
+            raise BulkExportError(
+                f"$export kick-off at {redact_url(self.client.url(request.path))} answered HTTP "
+                f"{response.status_code}" + ("" if location else " without a Content-Location"),
+                status=response.status_code,
+            )
         log.info("export job started: %s", redact_url(location))
         return location
 
     def poll_interval(self, polls: int, retry_after: str | None) -> float:
         """The wait before the next poll: 1, 2, 4 … s up to `max_interval`, or the server's shorter Retry-After."""
-        interval = min(2.0 ** polls, self.max_interval)
+        interval = min(2.0**polls, self.max_interval)
         asked = retry_after_seconds(retry_after)
         return interval if asked is None else min(asked, interval)
 
@@ -195,29 +217,41 @@ class BulkExport:
             if response.status_code == 200:
                 return self._check_manifest(self.client.decode(response), shown)
             if response.status_code != 202:
-                raise BulkExportError(f"export status {shown}: unexpected HTTP {response.status_code}",
-                                      status=response.status_code, url=shown)
+                raise BulkExportError(
+                    f"export status {shown}: unexpected HTTP {response.status_code}",
+                    status=response.status_code,
+                    url=shown,
+                )
             wait = self.poll_interval(polls, response.headers.get("Retry-After"))
-            log.info("export in progress (%s); next poll in %.0fs (server asked %s)",
-                     response.headers.get("X-Progress") or "no X-Progress", wait,
-                     response.headers.get("Retry-After") or "nothing")
+            log.info(
+                "export in progress (%s); next poll in %.0fs (server asked %s)",
+                response.headers.get("X-Progress") or "no X-Progress",
+                wait,
+                response.headers.get("Retry-After") or "nothing",
+            )
             response.close()
             if self._clock() - started + wait > self.max_wait:
-                raise BulkExportError(f"export not finished after {self.max_wait:.0f}s; the same command resumes "
-                                      f"it from {shown}", url=shown)
+                raise BulkExportError(
+                    f"export not finished after {self.max_wait:.0f}s; the same command resumes it from {shown}",
+                    url=shown,
+                )
             self._sleep(wait)
             polls += 1
 
     @staticmethod
     def _check_manifest(manifest: dict, shown: str) -> dict:
         outputs, errors = manifest.get("output"), manifest.get("error", [])
-        if not isinstance(outputs, list) or not isinstance(errors, list) or not all(
-                isinstance(o, dict) and isinstance(o.get("url"), str) for o in outputs + errors):
+        if (
+            not isinstance(outputs, list)
+            or not isinstance(errors, list)
+            or not all(isinstance(o, dict) and isinstance(o.get("url"), str) for o in outputs + errors)
+        ):
             raise BulkExportError(f"export status {shown}: the manifest has no usable output list", url=shown)
         for o in outputs:
             if not is_resource_type(str(o.get("type"))):
-                raise BulkExportError(f"export status {shown}: output type {o.get('type')!r} is not a resource type",
-                                      url=shown)
+                raise BulkExportError(
+                    f"export status {shown}: output type {o.get('type')!r} is not a resource type", url=shown
+                )
         return manifest
 
     # --- downloads ------------------------------------------------------------------------------------
@@ -250,8 +284,9 @@ class BulkExport:
         The token goes only where the manifest says it is needed (and only to the server's own origin)."""
         shown = redact_url(url)
         for attempt in range(self.client.max_retries + 1):
-            response = self.client.request("GET", url, headers={"Accept": NDJSON}, stream=True,
-                                           authenticate=requires_token)
+            response = self.client.request(
+                "GET", url, headers={"Accept": NDJSON}, stream=True, authenticate=requires_token
+            )
             kind = (response.headers.get("Content-Type") or "").split(";")[0].strip().lower()
             if kind in _NOT_NDJSON:
                 response.close()
@@ -271,16 +306,26 @@ class BulkExport:
             except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
                 part.unlink(missing_ok=True)
                 if attempt == self.client.max_retries:
-                    raise BulkExportError(f"GET {shown}: download cut off {attempt + 1} times "
-                                          f"({type(exc).__name__})", url=shown) from None
-                log.warning("GET %s: download cut off (%s); retry %d of %d", shown, type(exc).__name__,
-                            attempt + 1, self.client.max_retries)
+                    raise BulkExportError(
+                        f"GET {shown}: download cut off {attempt + 1} times ({type(exc).__name__})", url=shown
+                    ) from None
+                log.warning(
+                    "GET %s: download cut off (%s); retry %d of %d",
+                    shown,
+                    type(exc).__name__,
+                    attempt + 1,
+                    self.client.max_retries,
+                )
                 continue
             finally:
                 response.close()
             os.replace(part, path)
-            log.info("%s: %d resources%s", path.name, lines,
-                     " (gzip)" if "gzip" in response.headers.get("Content-Encoding", "") else "")
+            log.info(
+                "%s: %d resources%s",
+                path.name,
+                lines,
+                " (gzip)" if "gzip" in response.headers.get("Content-Encoding", "") else "",
+            )
             return lines
         raise AssertionError("unreachable")
 

@@ -40,9 +40,14 @@ def _names(items) -> set[str]:
     return {str(i.get("name") or i.get("code")) for i in items or [] if isinstance(i, dict)}
 
 
-def missing_capabilities(statement: dict, *, need_export: bool | str = False,
-                         resource_types: Iterable[str] | None = None, write_flags: bool = True,
-                         history_types: Iterable[str] = ()) -> list[str]:
+def missing_capabilities(
+    statement: dict,
+    *,
+    need_export: bool | str = False,
+    resource_types: Iterable[str] | None = None,
+    write_flags: bool = True,
+    history_types: Iterable[str] = (),
+) -> list[str]:
     """Each thing the CapabilityStatement does not declare, in words (empty when everything is there)."""
     missing: list[str] = []
     version = str(statement.get("fhirVersion") or "")
@@ -87,25 +92,38 @@ def missing_capabilities(statement: dict, *, need_export: bool | str = False,
             raise ValueError(f"unknown $export level {level!r} (system, patient or group)")
         holder = rest if EXPORT_LEVELS[level] is None else resources.get(EXPORT_LEVELS[level]) or {}
         if "export" not in _names(holder.get("operation")):
-            missing.append(f"Bulk Data $export at {level} level"
-                           + ("" if level == "system" else f" ({EXPORT_LEVELS[level]}/…/$export)"))
+            missing.append(
+                f"Bulk Data $export at {level} level"
+                + ("" if level == "system" else f" ({EXPORT_LEVELS[level]}/…/$export)")
+            )
     return missing
 
 
-def check_capabilities(client: FhirClient, *, need_export: bool | str = False,
-                       resource_types: Iterable[str] | None = None, write_flags: bool = True,
-                       history_types: Iterable[str] = ()) -> dict:
+def check_capabilities(
+    client: FhirClient,
+    *,
+    need_export: bool | str = False,
+    resource_types: Iterable[str] | None = None,
+    write_flags: bool = True,
+    history_types: Iterable[str] = (),
+) -> dict:
     """Read the server's CapabilityStatement once and raise CapabilityError naming everything a run needs and
     the server does not declare: FHIR 4.0.x; the searches of REQUIRED_SEARCH for `resource_types` (all of them
     when None, none for []); update of Flag and transactions when `write_flags` and Flag is among the
     types; the type-level history of `history_types`; `$export` at `need_export` level (True = system, "patient",
     "group"). Returns the statement."""
     statement = client.capabilities()
-    missing = missing_capabilities(statement, need_export=need_export, resource_types=resource_types,
-                                   write_flags=write_flags, history_types=history_types)
+    missing = missing_capabilities(
+        statement,
+        need_export=need_export,
+        resource_types=resource_types,
+        write_flags=write_flags,
+        history_types=history_types,
+    )
     where = redact_url(client.base_url)
     if missing:
-        raise CapabilityError(f"the FHIR server {where} lacks what leukofhir needs: " + "; ".join(missing),
-                              missing=missing, url=where)
+        raise CapabilityError(
+            f"the FHIR server {where} lacks what leukofhir needs: " + "; ".join(missing), missing=missing, url=where
+        )
     log.info("FHIR server %s (FHIR %s) declares everything needed", where, statement.get("fhirVersion"))
     return statement

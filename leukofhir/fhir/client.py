@@ -86,8 +86,10 @@ def _tls_failure(exc: requests.exceptions.SSLError) -> str:
         inner = getattr(cause, "reason", None) or (cause.args[0] if cause.args else None)
         cause = inner if isinstance(inner, BaseException) else None
     if getattr(cause, "reason", None) in _NOT_TLS:
-        return ("the server answered plain HTTP, not TLS: use an http:// URL (in an Airflow `fhir` connection, set "
-                "the extra `scheme` to `http`, or give the host as http://host:port/path)")
+        return (
+            "the server answered plain HTTP, not TLS: use an http:// URL (in an Airflow `fhir` connection, set "
+            "the extra `scheme` to `http`, or give the host as http://host:port/path)"
+        )
     return "TLS verification failed (the server's certificate is not trusted; a private CA goes in REQUESTS_CA_BUNDLE)"
 
 
@@ -162,8 +164,18 @@ class FhirClient:
 
     # --- one request ----------------------------------------------------------------------------------
 
-    def request(self, method: str, path: str, *, params=None, json=None, data=None, headers=None,
-                stream: bool = False, authenticate: bool = True) -> requests.Response:
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params=None,
+        json=None,
+        data=None,
+        headers=None,
+        stream: bool = False,
+        authenticate: bool = True,
+    ) -> requests.Response:
         """Send one request with the retry policy of `leukofhir.fhir.http`; raise a typed error on failure.
 
         Retried: temporary statuses (and a 409 from a simultaneous writer, or to a conditional write) and network
@@ -175,8 +187,10 @@ class FhirClient:
         method = method.upper()
         url = self.url(path)
         if authenticate and not same_origin(url, self.base_url):
-            raise ForeignLinkError(f"refusing to send a request for {self.base_url} to another origin: "
-                                   f"{redact_url(url)}", url=redact_url(url))
+            raise ForeignLinkError(
+                f"refusing to send a request for {self.base_url} to another origin: {redact_url(url)}",
+                url=redact_url(url),
+            )
         send_headers = dict(headers or {})
         if json is not None:
             send_headers.setdefault("Content-Type", FHIR_JSON)
@@ -190,8 +204,15 @@ class FhirClient:
             shown = redact_url(self._with_params(url, params))
             try:
                 response = self.session.request(
-                    method, url, params=params, json=json, data=data, headers=send_headers, stream=stream,
-                    timeout=(CONNECT_TIMEOUT, self.timeout), allow_redirects=False,
+                    method,
+                    url,
+                    params=params,
+                    json=json,
+                    data=data,
+                    headers=send_headers,
+                    stream=stream,
+                    timeout=(CONNECT_TIMEOUT, self.timeout),
+                    allow_redirects=False,
                     **({} if authenticate else {"auth": _no_auth}),
                 )
             except requests.exceptions.SSLError as exc:
@@ -201,12 +222,15 @@ class FhirClient:
                 if sent and not safe:
                     raise OutcomeUnknownError(
                         f"{method} {shown}: {reason} after the request was sent; it may or may not have been "
-                        "applied, so it is not repeated", url=shown) from None
+                        "applied, so it is not repeated",
+                        url=shown,
+                    ) from None
                 attempt += 1
                 reasons.append(reason)
                 if attempt > self.max_retries:
-                    raise TemporaryFhirError(f"{method} {shown}: no answer after {attempt} tries ({reason})",
-                                             url=shown) from None
+                    raise TemporaryFhirError(
+                        f"{method} {shown}: no answer after {attempt} tries ({reason})", url=shown
+                    ) from None
                 self._wait(method, shown, reason, attempt, None)
                 continue
             except requests.RequestException as exc:
@@ -231,16 +255,23 @@ class FhirClient:
             outcome = _outcome(response) if status in (409, 412) else None  # which kind of conflict
             if is_temporary(status, conditional_write=conditional, outcome=outcome):
                 if status not in NOT_APPLIED_STATUSES and status != 409 and not safe:
-                    raise self._error(method, shown, response, attempt, cls=OutcomeUnknownError,
-                                      note="it may or may not have been applied, so it is not repeated")
+                    raise self._error(
+                        method,
+                        shown,
+                        response,
+                        attempt,
+                        cls=OutcomeUnknownError,
+                        note="it may or may not have been applied, so it is not repeated",
+                    )
                 attempt += 1
                 reasons.append(f"HTTP {status}")
                 if attempt <= self.max_retries:
                     response.close()
                     self._wait(method, shown, f"HTTP {status}", attempt, response.headers.get("Retry-After"))
                     continue
-            raise self._error(method, shown, response, attempt, reauthorised=reauthorised,
-                              preconditioned=preconditioned)
+            raise self._error(
+                method, shown, response, attempt, reauthorised=reauthorised, preconditioned=preconditioned
+            )
 
     def request_json(self, method: str, path: str, *, allow_empty: bool = False, **kwargs) -> dict:
         """`request`, then the body as a JSON object: every JSON answer the client uses is decoded here."""
@@ -260,11 +291,16 @@ class FhirClient:
             raise InvalidResponseError(
                 f"{method} {shown}: HTTP {response.status_code} but the body is not JSON ({kind}, "
                 f"{len(response.content)} bytes); is {self.base_url} the FHIR server's base URL?",
-                status=response.status_code, url=shown) from None
+                status=response.status_code,
+                url=shown,
+            ) from None
         if not isinstance(body, dict):
             raise InvalidResponseError(
                 f"{method} {shown}: HTTP {response.status_code} but the body is not a JSON object "
-                f"(a JSON {type(body).__name__})", status=response.status_code, url=shown)
+                f"(a JSON {type(body).__name__})",
+                status=response.status_code,
+                url=shown,
+            )
         return body
 
     def _wait(self, method: str, shown: str, reason: str, attempt: int, retry_after: str | None) -> None:
@@ -282,12 +318,19 @@ class FhirClient:
         target = urljoin(response.url, location)
         if not same_origin(target, self.base_url):
             where = "{}://{}".format(*urlsplit(redact_url(target))[:2])
-            raise RedirectError(f"{method} {shown}: HTTP {status} redirect to another origin ({where}) not followed: "
-                                "it would receive the request", status=status, url=shown)
+            raise RedirectError(
+                f"{method} {shown}: HTTP {status} redirect to another origin ({where}) not followed: "
+                "it would receive the request",
+                status=status,
+                url=shown,
+            )
         if method not in ("GET", "HEAD"):
-            raise RedirectError(f"{method} {shown}: HTTP {status} redirect to {redact_url(target)} not followed: "
-                                "a write is never redirected (its body would go where the caller did not send it)",
-                                status=status, url=shown)
+            raise RedirectError(
+                f"{method} {shown}: HTTP {status} redirect to {redact_url(target)} not followed: "
+                "a write is never redirected (its body would go where the caller did not send it)",
+                status=status,
+                url=shown,
+            )
         if redirects >= MAX_REDIRECTS:
             raise RedirectError(f"{method} {shown}: more than {MAX_REDIRECTS} redirects", status=status, url=shown)
         log.info("%s %s: HTTP %d, following to %s", method, shown, status, redact_url(target))
@@ -299,9 +342,18 @@ class FhirClient:
             return url
         return requests.Request("GET", url, params=params).prepare().url or url
 
-    def _error(self, method: str, shown: str, response: requests.Response, attempt: int, *,
-               reauthorised: bool = False, cls: type[FhirError] | None = None, note: str = "",
-               preconditioned: bool = False) -> FhirError:
+    def _error(
+        self,
+        method: str,
+        shown: str,
+        response: requests.Response,
+        attempt: int,
+        *,
+        reauthorised: bool = False,
+        cls: type[FhirError] | None = None,
+        note: str = "",
+        preconditioned: bool = False,
+    ) -> FhirError:
         body = _outcome(response)
         status = response.status_code
         # Codes, element paths and message ids only: an OperationOutcome's text may quote patient data (the
@@ -365,8 +417,9 @@ class FhirClient:
                     url = link["url"]
             if url and not same_origin(url, self.base_url):
                 # Following it would send our Authorization header to someone else.
-                raise ForeignLinkError(f"refusing next link to another origin: {urlsplit(redact_url(url)).netloc}",
-                                       url=redact_url(url))
+                raise ForeignLinkError(
+                    f"refusing next link to another origin: {urlsplit(redact_url(url)).netloc}", url=redact_url(url)
+                )
 
     def search(self, resource_type: str, params: dict | None = None) -> Iterator[dict]:
         """Yield the matching resources (search.mode `match`; `include`d ones too, `outcome` entries never)."""

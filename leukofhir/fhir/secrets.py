@@ -31,8 +31,9 @@ def check_token(value: str, where: str) -> str:
     """A bearer token fit for an Authorization header (a bad one would make requests raise an error quoting it)."""
     value = clean_secret(value, where)
     if not _B64TOKEN.fullmatch(value):
-        raise UsageError(f"{where} is not a usable bearer token (RFC 6750: letters, digits and -._~+/ then =; "
-                         "no spaces)")
+        raise UsageError(
+            f"{where} is not a usable bearer token (RFC 6750: letters, digits and -._~+/ then =; no spaces)"
+        )
     return value
 
 

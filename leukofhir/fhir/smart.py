@@ -66,12 +66,19 @@ def jwk_thumbprint(public_key) -> str:
     numbers = public_key.public_numbers()
     if isinstance(public_key, rsa.RSAPublicKey):
         n, e = numbers.n, numbers.e
-        members = {"e": _b64(e.to_bytes((e.bit_length() + 7) // 8, "big")), "kty": "RSA",
-                   "n": _b64(n.to_bytes((n.bit_length() + 7) // 8, "big"))}
+        members = {
+            "e": _b64(e.to_bytes((e.bit_length() + 7) // 8, "big")),
+            "kty": "RSA",
+            "n": _b64(n.to_bytes((n.bit_length() + 7) // 8, "big")),
+        }
     else:
         size = (public_key.curve.key_size + 7) // 8
-        members = {"crv": "P-384", "kty": "EC", "x": _b64(numbers.x.to_bytes(size, "big")),
-                   "y": _b64(numbers.y.to_bytes(size, "big"))}
+        members = {
+            "crv": "P-384",
+            "kty": "EC",
+            "x": _b64(numbers.x.to_bytes(size, "big")),
+            "y": _b64(numbers.y.to_bytes(size, "big")),
+        }
     canonical = json.dumps(members, separators=(",", ":"), sort_keys=True).encode()
     return _b64(hashlib.sha256(canonical).digest())
 
@@ -81,10 +88,21 @@ class SmartBackendAuth(AuthBase):
     `private_key_jwt` client authentication). The token endpoint is given, or discovered from
     `[base]/.well-known/smart-configuration`. Nothing secret is ever logged or put in a message."""
 
-    def __init__(self, *, client_id: str, private_key: str | bytes, base_url: str | None = None,
-                 token_url: str | None = None, key_id: str | None = None, scopes: str = DEFAULT_SCOPES,
-                 key_source: str = "the private key", timeout: float = 30.0, max_retries: int = 2,
-                 clock: Callable[[], float] = time.time, sleep: Callable[[float], None] = time.sleep):
+    def __init__(
+        self,
+        *,
+        client_id: str,
+        private_key: str | bytes,
+        base_url: str | None = None,
+        token_url: str | None = None,
+        key_id: str | None = None,
+        scopes: str = DEFAULT_SCOPES,
+        key_source: str = "the private key",
+        timeout: float = 30.0,
+        max_retries: int = 2,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
         if not client_id:
             raise UsageError("SMART Backend Services needs a client id")
         if not token_url and not base_url:
@@ -137,14 +155,18 @@ class SmartBackendAuth(AuthBase):
         where = f"{self.base_url}.well-known/smart-configuration"
         shown = redact_url(where)
         try:
-            response = self._session.get(where, headers={"Accept": "application/json"}, timeout=self.timeout,
-                                         allow_redirects=False)
+            response = self._session.get(
+                where, headers={"Accept": "application/json"}, timeout=self.timeout, allow_redirects=False
+            )
         except requests.RequestException as exc:
             raise TemporaryFhirError(f"SMART discovery: GET {shown} failed ({type(exc).__name__})", url=shown) from None
         if response.status_code != 200:
-            raise SmartAuthError(f"SMART discovery: GET {shown} answered HTTP {response.status_code}; give the token "
-                                 "endpoint instead (smart_token_url / LEUKOFHIR_SMART_TOKEN_URL)",
-                                 status=response.status_code, url=shown)
+            raise SmartAuthError(
+                f"SMART discovery: GET {shown} answered HTTP {response.status_code}; give the token "
+                "endpoint instead (smart_token_url / LEUKOFHIR_SMART_TOKEN_URL)",
+                status=response.status_code,
+                url=shown,
+            )
         try:
             endpoint = response.json().get("token_endpoint")
         except (ValueError, AttributeError):
@@ -159,8 +181,13 @@ class SmartBackendAuth(AuthBase):
     def _assertion(self, token_url: str) -> str:
         # The claims SMART Backend Services requires, and no iat: a server checks iat against its own clock, and a
         # client clock a little ahead would make the assertion "issued in the future".
-        claims = {"iss": self.client_id, "sub": self.client_id, "aud": token_url,
-                  "exp": int(self._clock()) + ASSERTION_LIFETIME, "jti": uuid.uuid4().hex}
+        claims = {
+            "iss": self.client_id,
+            "sub": self.client_id,
+            "aud": token_url,
+            "exp": int(self._clock()) + ASSERTION_LIFETIME,
+            "jti": uuid.uuid4().hex,
+        }
         return jwt.encode(claims, self._key, algorithm=self.algorithm, headers={"kid": self.key_id, "typ": "JWT"})
 
     def _fetch(self) -> None:
@@ -170,22 +197,40 @@ class SmartBackendAuth(AuthBase):
         while True:
             # A fresh assertion (fresh jti) per try: the endpoint refuses a replayed one.
             assertion = self._assertion(token_url)
-            form = {"grant_type": "client_credentials", "scope": self.scopes,
-                    "client_assertion_type": ASSERTION_TYPE, "client_assertion": assertion}
+            form = {
+                "grant_type": "client_credentials",
+                "scope": self.scopes,
+                "client_assertion_type": ASSERTION_TYPE,
+                "client_assertion": assertion,
+            }
             try:
-                response = self._session.post(token_url, data=form, headers={"Accept": "application/json"},
-                                              timeout=self.timeout, allow_redirects=False)
+                response = self._session.post(
+                    token_url,
+                    data=form,
+                    headers={"Accept": "application/json"},
+                    timeout=self.timeout,
+                    allow_redirects=False,
+                )
                 status, reason = response.status_code, f"HTTP {response.status_code}"
             except requests.RequestException as exc:
                 response, status, reason = None, None, type(exc).__name__
             if status is None or status in TEMPORARY_STATUSES:
                 attempt += 1
                 if attempt > self.max_retries:
-                    raise TemporaryFhirError(f"SMART token endpoint {shown}: no token after {attempt} tries ({reason})",
-                                             status=status, url=shown)
+                    raise TemporaryFhirError(
+                        f"SMART token endpoint {shown}: no token after {attempt} tries ({reason})",
+                        status=status,
+                        url=shown,
+                    )
                 delay = retry_delay(attempt, response.headers.get("Retry-After") if response is not None else None)
-                log.warning("SMART token endpoint %s: %s; retry %d of %d in %.1fs", shown, reason, attempt,
-                            self.max_retries, delay)
+                log.warning(
+                    "SMART token endpoint %s: %s; retry %d of %d in %.1fs",
+                    shown,
+                    reason,
+                    attempt,
+                    self.max_retries,
+                    delay,
+                )
                 self._sleep(delay)
                 continue
             body = self._body(response)
@@ -208,16 +253,18 @@ class SmartBackendAuth(AuthBase):
         error = str(body.get("error") or "no error code")
         description = " ".join(str(body.get("error_description") or "").split())[:300]
         description = description.replace(assertion, "<assertion>")  # never echo what we sent
-        return (f"SMART token endpoint {shown} refused the client (HTTP {status}): {error}"
-                + (f": {description}" if description else ""))
+        return f"SMART token endpoint {shown} refused the client (HTTP {status}): {error}" + (
+            f": {description}" if description else ""
+        )
 
     def _accept(self, body: dict, shown: str) -> None:
         token = body.get("access_token")
         if not isinstance(token, str) or not token:
             raise SmartAuthError(f"SMART token endpoint {shown} answered without an access_token", url=shown)
         if str(body.get("token_type", "")).lower() != "bearer":
-            raise SmartAuthError(f"SMART token endpoint {shown}: token_type {body.get('token_type')!r} is not "
-                                 "bearer", url=shown)
+            raise SmartAuthError(
+                f"SMART token endpoint {shown}: token_type {body.get('token_type')!r} is not bearer", url=shown
+            )
         token = check_token(token, f"the access token from {shown}")
         try:
             lifetime = float(body.get("expires_in", DEFAULT_TOKEN_LIFETIME))
@@ -226,11 +273,11 @@ class SmartBackendAuth(AuthBase):
         granted = set(str(body.get("scope") or self.scopes).split())
         missing = [s for s in self.scopes.split() if s not in granted]
         if missing:
-            log.warning("SMART token endpoint %s granted fewer scopes than asked; missing: %s", shown,
-                        " ".join(missing))
+            log.warning(
+                "SMART token endpoint %s granted fewer scopes than asked; missing: %s", shown, " ".join(missing)
+            )
         self._token = token
         # Refresh ahead of expiry (half the lifetime at most a minute early), so no request carries a token
         # that expires in flight.
         self._refresh_at = self._clock() + lifetime - min(60.0, lifetime / 2)
-        log.info("SMART access token obtained from %s for client %s (valid %ds)", shown, self.client_id,
-                 int(lifetime))
+        log.info("SMART access token obtained from %s for client %s (valid %ds)", shown, self.client_id, int(lifetime))

@@ -26,7 +26,8 @@ def answers(entries: list[dict], response) -> list:
         count = len(got) if isinstance(got, list) else 0
         raise IncompleteAnswerError(
             f"the server answered {count} of the {len(entries)} entries sent (a transaction-response answers "
-            "every entry)")
+            "every entry)"
+        )
     return got
 
 
@@ -39,9 +40,15 @@ class TransactionWriter:
     may have referred to one written later in its transaction). Nothing is retried here: the client's retry policy
     (leukofhir.fhir.http) is the only one."""
 
-    def __init__(self, client: FhirClient, written: Callable[[list[dict], list], None],
-                 refused: Callable[[dict, FatalFhirError], None], *, stops: frozenset[int] = frozenset(),
-                 second_round: bool = False):
+    def __init__(
+        self,
+        client: FhirClient,
+        written: Callable[[list[dict], list], None],
+        refused: Callable[[dict, FatalFhirError], None],
+        *,
+        stops: frozenset[int] = frozenset(),
+        second_round: bool = False,
+    ):
         self.client = client
         self.written = written
         self.refused = refused

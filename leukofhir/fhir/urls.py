@@ -77,12 +77,14 @@ def check_base_url(value: str, *, allow_userinfo: bool = False) -> str:
     if "@" in parts.netloc and not allow_userinfo:
         raise UsageError(
             f"{shown} carries credentials, and a command line is visible to other users of the machine: use "
-            "--auth basic with LEUKOFHIR_FHIR_USER and LEUKOFHIR_FHIR_PASSWORD (or *_FILE) instead")
+            "--auth basic with LEUKOFHIR_FHIR_USER and LEUKOFHIR_FHIR_PASSWORD (or *_FILE) instead"
+        )
     return value.strip()
 
 
-def base_url_from_parts(host: str | None, port: int | None = None, path: str | None = None,
-                        scheme: str | None = None) -> str:
+def base_url_from_parts(
+    host: str | None, port: int | None = None, path: str | None = None, scheme: str | None = None
+) -> str:
     """A base URL from an Airflow connection's fields: `host` is a host name (maybe with a path), or a whole base
     URL as in Airflow's HTTP provider; `port` and `path` (the connection's schema field) are added when the host
     does not already give them; `scheme` (from extra) defaults to https, so a bare host never means plain HTTP."""

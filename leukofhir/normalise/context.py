@@ -36,8 +36,12 @@ def parse_time_ns(text) -> int | None:
     try:
         if len(text) <= 10:
             parts = text.split("-")
-            moment = datetime(int(parts[0]), int(parts[1]) if len(parts) > 1 else 1,
-                              int(parts[2]) if len(parts) > 2 else 1, tzinfo=timezone.utc)
+            moment = datetime(
+                int(parts[0]),
+                int(parts[1]) if len(parts) > 1 else 1,
+                int(parts[2]) if len(parts) > 2 else 1,
+                tzinfo=timezone.utc,
+            )
         else:
             moment = datetime.fromisoformat(text)
             if moment.tzinfo is None:
@@ -75,7 +79,7 @@ def is_number(value) -> bool:
 
 
 def resource_ref(resource: dict) -> str | None:
-    """"Type/id" of a resource, or None without an id."""
+    """ "Type/id" of a resource, or None without an id."""
     rid = resource.get("id")
     return f"{resource.get('resourceType')}/{rid}" if isinstance(rid, str) and rid else None
 
@@ -125,7 +129,7 @@ class LocalBases:
             normalised = f"{_origin(scheme, host)}{slash}{path}"
             for prefix in self.prefixes:
                 if normalised.startswith(prefix):
-                    return reference_target(normalised[len(prefix):])
+                    return reference_target(normalised[len(prefix) :])
             return FOREIGN
         return reference_target(reference)
 

@@ -67,9 +67,13 @@ class Exposures:
         self._atc = [(prefix.upper(), key) for key, d in meds.drugs.items() for prefix in d.atc]
         names = {name.lower(): key for key, d in meds.drugs.items() for name in d.names}
         self._drug_names = names
-        self._drug_pattern = re.compile(
-            r"\b(" + "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True)) + r")\b", re.IGNORECASE
-        ) if names else None
+        self._drug_pattern = (
+            re.compile(
+                r"\b(" + "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True)) + r")\b", re.IGNORECASE
+            )
+            if names
+            else None
+        )
         self.medications: dict[str, tuple[str, str | None] | None] = {}  # "Medication/x" -> (drug key, agent)
         # (index, ref, patient, (drug key, agent) | "Medication/x" still to resolve, start, end, status)
         self._rows: list[tuple] = []

@@ -29,8 +29,19 @@ from leukofhir.normalise.patients import AgeSexRange, Patients
 from leukofhir.normalise.reports import Reports
 
 OBSERVATION_COLUMNS = [
-    "row_id", "resource_id", "version", "patient_id", "concept", "code", "value", "comparator",
-    "unit", "status", "time", "lln", "panel",
+    "row_id",
+    "resource_id",
+    "version",
+    "patient_id",
+    "concept",
+    "code",
+    "value",
+    "comparator",
+    "unit",
+    "status",
+    "time",
+    "lln",
+    "panel",
 ]
 
 # Skip reasons (counted, never quarantined: clinical-rules §1.1 "ignored, not quarantined").
@@ -244,8 +255,9 @@ class Observations:
         ranges = r.get("referenceRange")
         rows = self.rows
         if isinstance(ranges, list) and ranges:
-            lln, problem = self._reference(ranges, factors, factor, value, len(rows.index), concept in self._low_check,
-                                           count_units)
+            lln, problem = self._reference(
+                ranges, factors, factor, value, len(rows.index), concept in self._low_check, count_units
+            )
             if problem:
                 self._refuse(index, r, problem, concept, patient)
                 return
@@ -275,8 +287,9 @@ class Observations:
             patient = self._patient_of(r)
         quantity = r.get("valueQuantity")
         unit = sent_unit(quantity, self._ucum) if isinstance(quantity, dict) else None
-        self.refused.append((str(index), resource_ref(r), patient if isinstance(patient, str) else None, concept, unit,
-                             reason))
+        self.refused.append(
+            (str(index), resource_ref(r), patient if isinstance(patient, str) else None, concept, unit, reason)
+        )
 
     def _out_of_scope(self, r: dict) -> None:
         """Not a concept of §1.1: a panel's members take its time and panel; a BEN code marks its patient (§2)."""
@@ -288,8 +301,16 @@ class Observations:
             return
         self._skipped[SKIP_OUT_OF_SCOPE] += 1
 
-    def _reference(self, ranges: list, factors: dict, value_factor: float | None, value: float, position: int,
-                   low_check: bool, count_units: _CountUnits | None) -> tuple[float, str | None]:
+    def _reference(
+        self,
+        ranges: list,
+        factors: dict,
+        value_factor: float | None,
+        value: float,
+        position: int,
+        low_check: bool,
+        count_units: _CountUnits | None,
+    ) -> tuple[float, str | None]:
         """The LLN of §1.3 when a range applies to everyone; ranges for some patients are kept to resolve later."""
         lln = _NAN
         specific: list[AgeSexRange] = []
@@ -355,8 +376,9 @@ class Observations:
                 times[i] = time
             else:
                 found.append((int(rows.index[i]), rids[i], [Q_NO_TIME]))
-                self.refused.append((str(rows.index[i]), rids[i], patients[i], rows.concept[i], rows.unit[i],
-                                     Q_NO_TIME))
+                self.refused.append(
+                    (str(rows.index[i]), rids[i], patients[i], rows.concept[i], rows.unit[i], Q_NO_TIME)
+                )
                 keep[i] = False
         typeless = {p for p in set(patients) if p.startswith("?")}
         if typeless:
@@ -368,8 +390,9 @@ class Observations:
                         patients[i] = resolved
                     else:
                         found.append((int(rows.index[i]), rids[i], [Q_SUBJECT_UNRESOLVED]))
-                        self.refused.append((str(rows.index[i]), rids[i], None, rows.concept[i], rows.unit[i],
-                                             Q_SUBJECT_UNRESOLVED))
+                        self.refused.append(
+                            (str(rows.index[i]), rids[i], None, rows.concept[i], rows.unit[i], Q_SUBJECT_UNRESOLVED)
+                        )
                         keep[i] = False
         ctx.quarantined.extend(sorted(found, key=lambda q: q[0]))
         range_low = self.patients.range_low

@@ -93,8 +93,9 @@ class Patients:
         codings = block.get("coding") if isinstance(block, dict) else None
         if not isinstance(codings, list):
             return False
-        if not any(isinstance(c, dict) and (text(c.get("system")), text(c.get("code"))) in self._ben_codes
-                   for c in codings):
+        if not any(
+            isinstance(c, dict) and (text(c.get("system")), text(c.get("code"))) in self._ben_codes for c in codings
+        ):
             return False
         patient = self.context.patient_of(r)
         if patient is None or patient is FOREIGN:

@@ -7,8 +7,12 @@ from leukofhir.normalise.context import FOREIGN, Context, LocalBases, resource_r
 
 def observation_key(bases: LocalBases, reference) -> str | None:
     """`Observation/<id>` for a local reference to an Observation (or to an untyped id), else None."""
-    if type(reference) is str and len(reference) > 12 and reference.startswith("Observation/") \
-            and reference.find("/", 12) < 0:
+    if (
+        type(reference) is str
+        and len(reference) > 12
+        and reference.startswith("Observation/")
+        and reference.find("/", 12) < 0
+    ):
         return reference  # already the key: no new string (a report lists every result of a run)
     target = bases.target(reference)
     if target is FOREIGN:
@@ -39,6 +43,7 @@ class Reports:
 
         def key_of(reference):
             return observation_key(bases, reference)
+
         for item in references:
             if isinstance(item, dict):
                 key = key_of(item.get("reference"))

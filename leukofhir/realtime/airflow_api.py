@@ -70,8 +70,9 @@ class AirflowClient:
     def _login(self) -> str:
         url = f"{self.settings.url}/auth/token"
         try:
-            response = self.session.post(url, json={"username": self.settings.user, "password": self.settings.password},
-                                         timeout=self.timeout)
+            response = self.session.post(
+                url, json={"username": self.settings.user, "password": self.settings.password}, timeout=self.timeout
+            )
         except requests.RequestException as exc:
             raise AirflowError(f"POST {url}: no answer ({type(exc).__name__})") from exc
         if response.status_code not in (200, 201):
@@ -88,13 +89,15 @@ class AirflowClient:
             if self._token is None:
                 self._token = self._login()
             try:
-                response = self.session.request(method, url, headers={"Authorization": f"Bearer {self._token}"},
-                                                timeout=self.timeout, **kwargs)
+                response = self.session.request(
+                    method, url, headers={"Authorization": f"Bearer {self._token}"}, timeout=self.timeout, **kwargs
+                )
             except requests.RequestException as exc:
                 raise AirflowError(f"{method} {url}: no answer ({type(exc).__name__})") from exc
             if response.status_code in (401, 403) and attempt == 1:
-                log.info("Airflow refused the token (HTTP %d: %s): logging in again", response.status_code,
-                         _detail(response))
+                log.info(
+                    "Airflow refused the token (HTTP %d: %s): logging in again", response.status_code, _detail(response)
+                )
                 self._token = None  # refreshed once; a second refusal is an error
                 continue
             return response
@@ -118,11 +121,15 @@ class AirflowClient:
         """Every run of `dag_id` (paged by 100), oldest first."""
         runs, offset = [], 0
         while True:
-            response = self.request("GET", f"/api/v2/dags/{quote(dag_id, safe='')}/dagRuns",
-                                     params={"limit": 100, "offset": offset, "order_by": "id"})
+            response = self.request(
+                "GET",
+                f"/api/v2/dags/{quote(dag_id, safe='')}/dagRuns",
+                params={"limit": 100, "offset": offset, "order_by": "id"},
+            )
             if response.status_code != 200:
-                raise AirflowError(f"GET dagRuns of {dag_id}: HTTP {response.status_code}: {_detail(response)}",
-                                   response.status_code)
+                raise AirflowError(
+                    f"GET dagRuns of {dag_id}: HTTP {response.status_code}: {_detail(response)}", response.status_code
+                )
             page = response.json().get("dag_runs") or []
             runs.extend(page)
             offset += len(page)

@@ -106,8 +106,11 @@ class Receiver:
                 resource = parse_json(body)
             except BadBody as exc:
                 return Answer(400, f"{ref}: {exc}")
-            if not isinstance(resource, dict) or resource.get("resourceType") != resource_type \
-                    or str(resource.get("id", resource_id)) != resource_id:
+            if (
+                not isinstance(resource, dict)
+                or resource.get("resourceType") != resource_type
+                or str(resource.get("id", resource_id)) != resource_id
+            ):
                 return Answer(400, f"{ref}: the body is not that resource")
         else:
             resource = self._last_version(ref)
@@ -137,8 +140,9 @@ class Receiver:
             log.warning("DELETE %s: no FHIR server configured to look up its patient", ref)
             return None
         try:
-            bundle = self.fhir.request("GET", f"{ref}/_history", params={"_count": 10},
-                                       headers={"Cache-Control": "no-cache"}).json()
+            bundle = self.fhir.request(
+                "GET", f"{ref}/_history", params={"_count": 10}, headers={"Cache-Control": "no-cache"}
+            ).json()
         except FatalFhirError as exc:
             if exc.status in (404, 410):
                 log.warning("DELETE %s: the server has no history of it", ref)
@@ -187,8 +191,17 @@ def patient_of(resource: dict, base_url: str) -> str | None:
 class Dispatcher:
     """Forms batches from the queue and starts their Airflow runs, in a background thread."""
 
-    def __init__(self, queue: PatientQueue, airflow: AirflowClient, policy: BatchPolicy, *,
-                 dag_id: str = DAG_ID, window_dag_id: str = WINDOW_DAG_ID, clock=time.time, tick: float = 0.2):
+    def __init__(
+        self,
+        queue: PatientQueue,
+        airflow: AirflowClient,
+        policy: BatchPolicy,
+        *,
+        dag_id: str = DAG_ID,
+        window_dag_id: str = WINDOW_DAG_ID,
+        clock=time.time,
+        tick: float = 0.2,
+    ):
         self.queue, self.airflow, self.policy = queue, airflow, policy
         self.dag_id, self.window_dag_id = dag_id, window_dag_id
         self._clock, self._tick = clock, tick
@@ -247,20 +260,26 @@ class Dispatcher:
         try:
             outcome = self.airflow.trigger_dag_run(dag_id, batch.run_id, conf, note=f"leukofhir listen: {what}")
         except AirflowError as exc:
-            delay = min(2.0 ** batch.attempts, self.policy.retry_max)
+            delay = min(2.0**batch.attempts, self.policy.retry_max)
             self.stats["trigger_failures"] += 1
             log.warning("run %s (%s) not accepted: %s; trying again in %.0f s", batch.run_id, what, exc, delay)
             self.queue.retry_later(batch, delay)
             return
         self.queue.accepted(batch)
         self.stats["runs_created" if outcome == "created" else "runs_existing"] += 1
-        log.info("run %s of %s %s: %s", batch.run_id, dag_id,
-                 "created" if outcome == "created" else "already existed (an earlier answer was lost)", what)
+        log.info(
+            "run %s of %s %s: %s",
+            batch.run_id,
+            dag_id,
+            "created" if outcome == "created" else "already existed (an earlier answer was lost)",
+            what,
+        )
 
 
 def create_app(receiver: Receiver, secret: str, dispatcher: Dispatcher | None = None) -> FastAPI:
     """The FastAPI application: any path takes notifications (the FHIR server appends /Type/id to the
     endpoint); GET /healthz answers without the secret, with counts only."""
+
     @asynccontextmanager
     async def lifespan(app):
         if dispatcher is not None:
@@ -282,8 +301,9 @@ def create_app(receiver: Receiver, secret: str, dispatcher: Dispatcher | None = 
     async def notification(path: str, request: Request):
         # Refusals are logged, summarised, by the service's RequestGuard from these answers (leukofhir/service).
         if not is_authorized(request.headers.get("authorization"), secret):
-            return JSONResponse({"detail": "no valid shared secret"}, status_code=401,
-                                headers={"WWW-Authenticate": "Bearer"})
+            return JSONResponse(
+                {"detail": "no valid shared secret"}, status_code=401, headers={"WWW-Authenticate": "Bearer"}
+            )
         body = await request.body()  # counted as it arrives, refused at MAX_BODY_BYTES (leukofhir/service)
         raw_path = request.scope["raw_path"].decode("latin-1")
         answer = await run_in_threadpool(receiver.handle, request.method, raw_path, body)
@@ -306,8 +326,13 @@ def listen_command(args) -> int:
     secret = hook_secret()
     limits = service_limits.from_arguments(args, LIMITS)
     airflow = AirflowClient(AirflowSettings.from_environment(args.airflow_url))
-    policy = BatchPolicy(debounce=args.debounce, max_wait=args.max_wait, max_patients=args.max_batch,
-                         retry_max=args.retry_max, window_lookback=args.window_lookback)
+    policy = BatchPolicy(
+        debounce=args.debounce,
+        max_wait=args.max_wait,
+        max_patients=args.max_batch,
+        retry_max=args.retry_max,
+        window_lookback=args.window_lookback,
+    )
     queue = PatientQueue(args.queue)
     # Read while the FHIR server waits for our answer: short, one retry; a failure answers 503 (it retries).
     fhir = FhirClient(args.fhir_url, make_auth(args.auth), timeout=min(args.timeout, 10.0), max_retries=1)
@@ -317,8 +342,16 @@ def listen_command(args) -> int:
     app = create_app(Receiver(queue, fhir), secret, Dispatcher(queue, airflow, policy))
     log.info("starting on %s://%s:%d (queue %s: %s)", scheme, args.host, args.port, queue.path, queue.counts())
     try:
-        serve(app, name="leukofhir listen", host=args.host, port=args.port, limits=limits,
-              refusals=Refusals(log), certfile=args.ssl_certfile, keyfile=args.ssl_keyfile)
+        serve(
+            app,
+            name="leukofhir listen",
+            host=args.host,
+            port=args.port,
+            limits=limits,
+            refusals=Refusals(log),
+            certfile=args.ssl_certfile,
+            keyfile=args.ssl_keyfile,
+        )
     finally:
         queue.close()
         airflow.close()

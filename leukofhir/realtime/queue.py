@@ -94,23 +94,31 @@ class PatientQueue:
     def add(self, patients: list[str]) -> None:
         """Record touched patients; a patient already waiting stays once (its last_seen moves on)."""
         now = self._clock()
-        self._tx(lambda db: db.executemany(
-            "INSERT INTO pending (patient, first_seen, last_seen) VALUES (?, ?, ?) "
-            "ON CONFLICT(patient) DO UPDATE SET last_seen = excluded.last_seen",
-            [(p, now, now) for p in patients]))
+        self._tx(
+            lambda db: db.executemany(
+                "INSERT INTO pending (patient, first_seen, last_seen) VALUES (?, ?, ?) "
+                "ON CONFLICT(patient) DO UPDATE SET last_seen = excluded.last_seen",
+                [(p, now, now) for p in patients],
+            )
+        )
 
     def pending_state(self) -> PendingState:
         with self._lock:
             count, first, last = self._db.execute(
-                "SELECT COUNT(*), MIN(first_seen), MAX(last_seen) FROM pending").fetchone()
+                "SELECT COUNT(*), MIN(first_seen), MAX(last_seen) FROM pending"
+            ).fetchone()
         return PendingState(count, first, last)
 
     def add_window_request(self) -> None:
         """Record a notification that names nothing: it asks for a window batch."""
         now = self._clock()
-        self._tx(lambda db: db.execute(
-            "INSERT INTO window_pending (one, first_seen, last_seen) VALUES (1, ?, ?) "
-            "ON CONFLICT(one) DO UPDATE SET last_seen = excluded.last_seen", (now, now)))
+        self._tx(
+            lambda db: db.execute(
+                "INSERT INTO window_pending (one, first_seen, last_seen) VALUES (1, ?, ?) "
+                "ON CONFLICT(one) DO UPDATE SET last_seen = excluded.last_seen",
+                (now, now),
+            )
+        )
 
     def window_state(self) -> PendingState:
         with self._lock:
@@ -120,6 +128,7 @@ class PatientQueue:
     def form_window_batch(self, lookback: float, run_id_prefix: str) -> Batch | None:
         """The pending window request as a batch: from where the last window ended, but at most `lookback` seconds
         before the first notification, to now."""
+
         def move(db):
             row = db.execute("SELECT first_seen FROM window_pending").fetchone()
             if row is None:
@@ -131,16 +140,21 @@ class PatientQueue:
                 start = last[0]
             window = (_iso(start), _iso(now))
             batch = self._insert_batch(db, run_id_prefix, now, [], window)
-            db.execute("INSERT INTO window_end (one, at) VALUES (1, ?) ON CONFLICT(one) DO UPDATE SET at = excluded.at",
-                       (now,))
+            db.execute(
+                "INSERT INTO window_end (one, at) VALUES (1, ?) ON CONFLICT(one) DO UPDATE SET at = excluded.at", (now,)
+            )
             db.execute("DELETE FROM window_pending")
             return batch
+
         return self._tx(move)
 
-    def _insert_batch(self, db, run_id_prefix: str, now: float, patients: list[str],
-                      window: tuple[str, str] | None = None) -> Batch:
-        cur = db.execute("INSERT INTO batch (run_id, created, patients, next_attempt, window) VALUES ('', ?, ?, ?, ?)",
-                         (now, json.dumps(patients), now, json.dumps(window) if window else None))
+    def _insert_batch(
+        self, db, run_id_prefix: str, now: float, patients: list[str], window: tuple[str, str] | None = None
+    ) -> Batch:
+        cur = db.execute(
+            "INSERT INTO batch (run_id, created, patients, next_attempt, window) VALUES ('', ?, ?, ?, ?)",
+            (now, json.dumps(patients), now, json.dumps(window) if window else None),
+        )
         seq = cur.lastrowid
         # Unique across restarts and across a recreated queue file: creation time and sequence number.
         stamp = datetime.fromtimestamp(now, timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
@@ -150,24 +164,29 @@ class PatientQueue:
 
     def form_batch(self, max_patients: int, run_id_prefix: str) -> Batch | None:
         """Move up to `max_patients` waiting patients (longest waiting first) into a new batch with its run id."""
+
         def move(db):
-            rows = db.execute("SELECT patient FROM pending ORDER BY first_seen, patient LIMIT ?",
-                              (max_patients,)).fetchall()
+            rows = db.execute(
+                "SELECT patient FROM pending ORDER BY first_seen, patient LIMIT ?", (max_patients,)
+            ).fetchall()
             if not rows:
                 return None
             batch = self._insert_batch(db, run_id_prefix, self._clock(), sorted(r[0] for r in rows))
             db.executemany("DELETE FROM pending WHERE patient = ?", rows)
             return batch
+
         return self._tx(move)
 
     def due_batches(self) -> list[Batch]:
         now = self._clock()
         with self._lock:
             rows = self._db.execute(
-                "SELECT seq, run_id, patients, attempts, window FROM batch WHERE next_attempt <= ? ORDER BY seq",
-                (now,)).fetchall()
-        return [Batch(seq, run_id, json.loads(p), attempts, tuple(json.loads(w)) if w else None)
-                for seq, run_id, p, attempts, w in rows]
+                "SELECT seq, run_id, patients, attempts, window FROM batch WHERE next_attempt <= ? ORDER BY seq", (now,)
+            ).fetchall()
+        return [
+            Batch(seq, run_id, json.loads(p), attempts, tuple(json.loads(w)) if w else None)
+            for seq, run_id, p, attempts, w in rows
+        ]
 
     def accepted(self, batch: Batch) -> None:
         """The run holding this batch exists in Airflow: its patients leave the queue."""
@@ -175,17 +194,25 @@ class PatientQueue:
 
     def retry_later(self, batch: Batch, delay: float) -> None:
         now = self._clock()
-        self._tx(lambda db: db.execute(
-            "UPDATE batch SET attempts = attempts + 1, next_attempt = ? WHERE seq = ?", (now + delay, batch.seq)))
+        self._tx(
+            lambda db: db.execute(
+                "UPDATE batch SET attempts = attempts + 1, next_attempt = ? WHERE seq = ?", (now + delay, batch.seq)
+            )
+        )
 
     def counts(self) -> dict[str, int]:
         with self._lock:
             pending = self._db.execute("SELECT COUNT(*) FROM pending").fetchone()[0]
             batches, waiting = self._db.execute(
-                "SELECT COUNT(*), COALESCE(SUM(json_array_length(patients)), 0) FROM batch").fetchone()
+                "SELECT COUNT(*), COALESCE(SUM(json_array_length(patients)), 0) FROM batch"
+            ).fetchone()
             windows = self._db.execute("SELECT COUNT(*) FROM window_pending").fetchone()[0]
-        return {"pending_patients": pending, "unaccepted_batches": batches, "patients_in_unaccepted_batches": waiting,
-                "pending_window_requests": windows}
+        return {
+            "pending_patients": pending,
+            "unaccepted_batches": batches,
+            "patients_in_unaccepted_batches": waiting,
+            "pending_window_requests": windows,
+        }
 
 
 def _iso(seconds: float) -> str:

@@ -64,21 +64,33 @@ def subscription_specs(rules: Rules) -> list[SubscriptionSpec]:
       change (`entered-in-error`, `not-taken`) matters too."""
     system = rules.observations.code_system
     tokens = ",".join(f"{system}|{code}" for code in rules.code_to_concept)
-    specs = [SubscriptionSpec(
-        "Observation", f"Observation?code={tokens}",
-        "leukofhir: re-evaluate a patient's leukopenia Flags when one of their blood counts changes")]
+    specs = [
+        SubscriptionSpec(
+            "Observation",
+            f"Observation?code={tokens}",
+            "leukofhir: re-evaluate a patient's leukopenia Flags when one of their blood counts changes",
+        )
+    ]
     meds = rules.medications
-    for resource_type, enabled in (("MedicationStatement", True), ("MedicationRequest", meds.include_requests),
-                                   ("MedicationAdministration", meds.include_administrations)):
+    for resource_type, enabled in (
+        ("MedicationStatement", True),
+        ("MedicationRequest", meds.include_requests),
+        ("MedicationAdministration", meds.include_administrations),
+    ):
         if enabled:
-            specs.append(SubscriptionSpec(
-                resource_type, f"{resource_type}?",
-                f"leukofhir: re-evaluate a patient's leukopenia Flags when their {resource_type} changes"))
+            specs.append(
+                SubscriptionSpec(
+                    resource_type,
+                    f"{resource_type}?",
+                    f"leukofhir: re-evaluate a patient's leukopenia Flags when their {resource_type} changes",
+                )
+            )
     for spec in specs:
         if len(spec.criteria) > MAX_CRITERIA_LENGTH:
             raise SubscriptionError(
                 f"Subscription criteria for {spec.resource_type} is {len(spec.criteria)} characters, more than "
-                f"{MAX_CRITERIA_LENGTH}: too many codes in the rules file for one criteria")
+                f"{MAX_CRITERIA_LENGTH}: too many codes in the rules file for one criteria"
+            )
     return specs
 
 
@@ -90,8 +102,11 @@ def check_endpoint(endpoint: str) -> str:
     if parts.query or parts.fragment:
         raise UsageError("--endpoint must not have a query or fragment: the server appends /Type/id to it")
     if parts.scheme == "http" and not _is_loopback(parts.hostname):
-        log.warning("endpoint %s is plain http on a non-loopback host: the shared secret and the resources "
-                    "travel unencrypted; use https", endpoint)
+        log.warning(
+            "endpoint %s is plain http on a non-loopback host: the shared secret and the resources "
+            "travel unencrypted; use https",
+            endpoint,
+        )
     return endpoint.rstrip("/")
 
 
@@ -133,8 +148,9 @@ def _same(existing: dict, wanted: dict) -> bool:
     have, want = existing.get("channel") or {}, wanted["channel"]
     if any(have.get(k) != want[k] for k in ("type", "endpoint", "payload", "header")):
         return False
-    sends_deletes = [e.get("valueBoolean") for e in have.get("extension") or []
-                     if e.get("url") == SEND_DELETES_EXTENSION]
+    sends_deletes = [
+        e.get("valueBoolean") for e in have.get("extension") or [] if e.get("url") == SEND_DELETES_EXTENSION
+    ]
     return sends_deletes == [True]
 
 
@@ -155,8 +171,15 @@ def _matching(subscription: dict) -> str:
     return ""
 
 
-def subscribe(client: FhirClient, endpoint: str, secret: str, rules: Rules, *, wait: float = 30.0,
-              sleep: Callable[[float], None] = time.sleep) -> list[SubscriptionResult]:
+def subscribe(
+    client: FhirClient,
+    endpoint: str,
+    secret: str,
+    rules: Rules,
+    *,
+    wait: float = 30.0,
+    sleep: Callable[[float], None] = time.sleep,
+) -> list[SubscriptionResult]:
     """Make the server hold exactly one Subscription of the project per spec, pointing at `endpoint`.
 
     Ours are found by the project's tag (R4 Subscription has no identifier). An existing one that already
@@ -164,8 +187,9 @@ def subscribe(client: FhirClient, endpoint: str, secret: str, rules: Rules, *, w
     to `requested`); a missing one is created; extra ones of a kind (e.g. from two runs at once) and kinds the
     rules no longer ask for are deleted. Then waits up to `wait` seconds for the server to activate them."""
     endpoint = check_endpoint(endpoint)
-    wanted = {spec.resource_type: build_subscription(spec, endpoint, secret, rules)
-              for spec in subscription_specs(rules)}
+    wanted = {
+        spec.resource_type: build_subscription(spec, endpoint, secret, rules) for spec in subscription_specs(rules)
+    }
     existing: dict[str, list[dict]] = {}
     for sub in _ours(client, rules):
         existing.setdefault(_kind(sub), []).append(sub)
@@ -205,7 +229,8 @@ def _await_active(client: FhirClient, results: list[SubscriptionResult], wait: f
             if result.status == "error":
                 raise SubscriptionError(
                     f"Subscription/{result.id} ({result.resource_type}) is in error: "
-                    f"{current.get('error', 'no reason given')}")
+                    f"{current.get('error', 'no reason given')}"
+                )
             if result.status != "active":
                 still.append(result)
         pending = still
@@ -213,12 +238,16 @@ def _await_active(client: FhirClient, results: list[SubscriptionResult], wait: f
             break
         sleep(0.5)
     for result in pending:
-        log.warning("Subscription/%s (%s) is still %s after %.0f s", result.id, result.resource_type, result.status,
-                    wait)
+        log.warning(
+            "Subscription/%s (%s) is still %s after %.0f s", result.id, result.resource_type, result.status, wait
+        )
     for result in results:
         if result.matching and result.matching != "IN_MEMORY":
-            log.warning("Subscription/%s: the server matches it by %s (a query per change), not in memory",
-                        result.id, result.matching)
+            log.warning(
+                "Subscription/%s: the server matches it by %s (a query per change), not in memory",
+                result.id,
+                result.matching,
+            )
 
 
 def unsubscribe(client: FhirClient, rules: Rules) -> list[SubscriptionResult]:

@@ -47,8 +47,11 @@ def parse_json(body: bytes, max_depth: int = Limits.max_json_depth):
 
 def _is_utf8(body) -> bool:
     # json.loads reads UTF-16 and UTF-32 bodies too (by their first bytes); only UTF-8 ones are scanned as bytes.
-    return isinstance(body, (bytes, bytearray)) and not (len(body) > 1 and (body[0] == 0 or body[1] == 0)) \
+    return (
+        isinstance(body, (bytes, bytearray))
+        and not (len(body) > 1 and (body[0] == 0 or body[1] == 0))
         and not body.startswith((b"\xff\xfe", b"\xfe\xff"))
+    )
 
 
 _QUOTE = ord('"')
@@ -189,6 +192,11 @@ def _reason(detail: bytes, status: int) -> str:
 
 async def _answer(send, status: int, detail: str) -> None:
     body = json.dumps({"detail": detail}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": body})

@@ -91,8 +91,9 @@ class GuardedProtocol(HttpToolsProtocol):
         self._peer = peer[0] if isinstance(peer, tuple) else "?"
         if self._gone:  # refused at the cap, or closed (evicted, timed out) before it got here
             if self._refused:
-                self.guard.refusals.refused(503, f"a connection from {self._peer}",
-                                            f"all {self.guard.cap} connections are busy with requests")
+                self.guard.refusals.refused(
+                    503, f"a connection from {self._peer}", f"all {self.guard.cap} connections are busy with requests"
+                )
                 if self.guard.ssl_context is None:
                     transport.write(_CLOSING[503])
             transport.close()
@@ -105,8 +106,13 @@ class GuardedProtocol(HttpToolsProtocol):
 
     async def _start_tls(self, raw) -> None:
         try:
-            tls = await self.loop.start_tls(raw, self, self.guard.ssl_context, server_side=True,
-                                            ssl_handshake_timeout=self.guard.limits.header_timeout)
+            tls = await self.loop.start_tls(
+                raw,
+                self,
+                self.guard.ssl_context,
+                server_side=True,
+                ssl_handshake_timeout=self.guard.limits.header_timeout,
+            )
         except (TimeoutError, OSError) as exc:  # its handshake failed (ssl.SSLError is an OSError)
             if not self._gone:  # (a connection closed at its deadline or the cap was logged then)
                 self.guard.refusals.refused("TLS", f"a connection from {self._peer}", f"no TLS handshake: {exc}")

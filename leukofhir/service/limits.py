@@ -37,21 +37,45 @@ class Limits:
 def add_arguments(parser: argparse.ArgumentParser, defaults: Limits = Limits()) -> None:
     """The options every HTTP service command takes (README, "Deploying the receiver")."""
     group = parser.add_argument_group("connections (what a slow or hostile client may hold)")
-    group.add_argument("--header-timeout", type=float, default=defaults.header_timeout, metavar="S",
-                       help="seconds from a connection's start to its request's complete head "
-                            f"({defaults.header_timeout:g})")
-    group.add_argument("--body-timeout", type=float, default=defaults.body_timeout, metavar="S",
-                       help=f"seconds from the head to the body's last byte ({defaults.body_timeout:g})")
-    group.add_argument("--keep-alive-timeout", type=float, default=defaults.keep_alive, metavar="S",
-                       help=f"seconds an idle connection stays open between requests ({defaults.keep_alive:g})")
-    group.add_argument("--max-connections", type=int, default=defaults.max_connections, metavar="N",
-                       help=f"connections held at once ({defaults.max_connections}; at most the descriptor "
-                            f"limit less {DESCRIPTOR_RESERVE})")
+    group.add_argument(
+        "--header-timeout",
+        type=float,
+        default=defaults.header_timeout,
+        metavar="S",
+        help=f"seconds from a connection's start to its request's complete head ({defaults.header_timeout:g})",
+    )
+    group.add_argument(
+        "--body-timeout",
+        type=float,
+        default=defaults.body_timeout,
+        metavar="S",
+        help=f"seconds from the head to the body's last byte ({defaults.body_timeout:g})",
+    )
+    group.add_argument(
+        "--keep-alive-timeout",
+        type=float,
+        default=defaults.keep_alive,
+        metavar="S",
+        help=f"seconds an idle connection stays open between requests ({defaults.keep_alive:g})",
+    )
+    group.add_argument(
+        "--max-connections",
+        type=int,
+        default=defaults.max_connections,
+        metavar="N",
+        help=f"connections held at once ({defaults.max_connections}; at most the descriptor "
+        f"limit less {DESCRIPTOR_RESERVE})",
+    )
 
 
 def from_arguments(args: argparse.Namespace, defaults: Limits = Limits()) -> Limits:
-    limits = replace(defaults, header_timeout=args.header_timeout, body_timeout=args.body_timeout,
-                     keep_alive=args.keep_alive_timeout, max_connections=args.max_connections)
+    limits = replace(
+        defaults,
+        header_timeout=args.header_timeout,
+        body_timeout=args.body_timeout,
+        keep_alive=args.keep_alive_timeout,
+        max_connections=args.max_connections,
+    )
     for name in ("header_timeout", "body_timeout", "keep_alive"):
         if not getattr(limits, name) > 0:
             raise UsageError(f"--{name.replace('_', '-')} must be more than 0 seconds")
@@ -77,9 +101,15 @@ def connection_cap(limits: Limits, descriptors: int) -> int:
     """How many connections the service holds at once: what was asked for, within the descriptors it has."""
     available = descriptors - DESCRIPTOR_RESERVE
     if available < MIN_CONNECTIONS:
-        raise UsageError(f"the descriptor limit ({descriptors}) leaves {max(available, 0)} for connections, fewer "
-                         f"than {MIN_CONNECTIONS}: raise it (systemd: LimitNOFILE=; a shell: ulimit -n)")
+        raise UsageError(
+            f"the descriptor limit ({descriptors}) leaves {max(available, 0)} for connections, fewer "
+            f"than {MIN_CONNECTIONS}: raise it (systemd: LimitNOFILE=; a shell: ulimit -n)"
+        )
     if limits.max_connections > available:
-        log.warning("--max-connections %d lowered to %d: the descriptor limit is %d (README, \"Deploying the "
-                    "receiver\")", limits.max_connections, available, descriptors)
+        log.warning(
+            '--max-connections %d lowered to %d: the descriptor limit is %d (README, "Deploying the receiver")',
+            limits.max_connections,
+            available,
+            descriptors,
+        )
     return min(limits.max_connections, available)

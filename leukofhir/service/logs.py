@@ -21,6 +21,7 @@ def escape_controls(text: str, keep_newlines: bool = False) -> str:
         if keep_newlines and char == "\n":
             return char
         return f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}"
+
     return _CONTROL.sub(escape, text)
 
 

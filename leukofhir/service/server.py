@@ -47,8 +47,17 @@ class _CountedRecords(logging.Filter):
         return True
 
 
-def serve(app, *, name: str, host: str, port: int, limits: Limits, refusals: Refusals,
-          certfile: str | None = None, keyfile: str | None = None) -> None:
+def serve(
+    app,
+    *,
+    name: str,
+    host: str,
+    port: int,
+    limits: Limits,
+    refusals: Refusals,
+    certfile: str | None = None,
+    keyfile: str | None = None,
+) -> None:
     """Serve `app` until stopped (SIGINT/SIGTERM). Refusals are logged through `refusals` (the application
     shares it, so all of a service's refusals are summarised together)."""
     import uvicorn
@@ -61,15 +70,36 @@ def serve(app, *, name: str, host: str, port: int, limits: Limits, refusals: Ref
     for name in ("uvicorn.error", "asyncio"):
         logging.getLogger(name).addFilter(_CountedRecords(refusals))
     config = uvicorn.Config(
-        RequestGuard(app, limits, refusals), host=host, port=port, http=guard.protocol_factory(), ws="none",
+        RequestGuard(app, limits, refusals),
+        host=host,
+        port=port,
+        http=guard.protocol_factory(),
+        ws="none",
         # uvloop 0.23 starts reading a new connection after connection_made even when it paused it there: the
         # ClientHello would reach the HTTP parser before start_tls takes over. asyncio's loop keeps the pause, but
         # accepts up to `backlog` sockets at once before any of them is seen here: bounded below what the
         # descriptor reserve leaves free, or a burst of idle sockets exhausts the descriptors before one is closed.
-        loop="asyncio" if context else "auto", backlog=TLS_BACKLOG if context else 2048,
-        lifespan="on", log_config=None, log_level="warning", access_log=False, server_header=False,
-        timeout_keep_alive=limits.keep_alive, timeout_graceful_shutdown=10)
-    log.info("%s on %s://%s:%d: at most %d connections (descriptor limit %d), head within %g s, body within %g s, "
-             "bodies up to %d bytes", name, "https" if context else "http", host, port, cap, descriptors,
-             limits.header_timeout, limits.body_timeout, limits.max_body_bytes)
+        loop="asyncio" if context else "auto",
+        backlog=TLS_BACKLOG if context else 2048,
+        lifespan="on",
+        log_config=None,
+        log_level="warning",
+        access_log=False,
+        server_header=False,
+        timeout_keep_alive=limits.keep_alive,
+        timeout_graceful_shutdown=10,
+    )
+    log.info(
+        "%s on %s://%s:%d: at most %d connections (descriptor limit %d), head within %g s, body within %g s, "
+        "bodies up to %d bytes",
+        name,
+        "https" if context else "http",
+        host,
+        port,
+        cap,
+        descriptors,
+        limits.header_timeout,
+        limits.body_timeout,
+        limits.max_body_bytes,
+    )
     uvicorn.Server(config).run()

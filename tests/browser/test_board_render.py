@@ -59,14 +59,25 @@ def test_the_board_of_the_sample_data_shows_the_flags_on_the_server(fhir_base_ur
     # As of a day after the latest episode began, so the last year's chart has bars (the sample ends in 2020).
     as_of = max(_start(f) for f in flags if f["status"] != "entered-in-error") + timedelta(days=1)
     out = tmp_path / "board"
-    command = [sys.executable, "-m", "leukofhir.cli", "board", "--fhir-url", fhir_base_url, "--out", str(out),
-               "--as-of", as_of.isoformat()]
+    command = [
+        sys.executable,
+        "-m",
+        "leukofhir.cli",
+        "board",
+        "--fhir-url",
+        fhir_base_url,
+        "--out",
+        str(out),
+        "--as-of",
+        as_of.isoformat(),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     page = out / "board.html"
     html = page.read_text(encoding="utf-8")
     assert not re.search(r"<(script|link|img|iframe)[^>]*\b(src|href)=", html) and "http" not in re.sub(
-        r"<code>[^<]*</code>", "", html)  # nothing from the network (the server's URL is shown as text only)
+        r"<code>[^<]*</code>", "", html
+    )  # nothing from the network (the server's URL is shown as text only)
 
     dom = _chromium(tmp_path, "--dump-dom", page.as_uri()).stdout
     by_status = Counter(f["status"] for f in flags)
@@ -77,8 +88,11 @@ def test_the_board_of_the_sample_data_shows_the_flags_on_the_server(fhir_base_ur
     for (condition, status), n in by_condition.items():
         assert _shown(dom, f"flags-{_slug(condition)}-{STATUS_IDS[status]}") == n, (condition, status)
     # The sample patients' own Flags are all there, counted by condition as the run reported them.
-    ours = Counter(f["code"]["coding"][0]["display"] for f in flags
-                   if f["subject"]["reference"].split("/")[-1] in ids and f["status"] != "entered-in-error")
+    ours = Counter(
+        f["code"]["coding"][0]["display"]
+        for f in flags
+        if f["subject"]["reference"].split("/")[-1] in ids and f["status"] != "entered-in-error"
+    )
     wanted = Counter()
     for key, n in done["flags"]["by_code_status"].items():
         condition, status = key.rsplit("|", 1)
@@ -102,12 +116,23 @@ def _grade(flag: dict) -> int:
 def _flag(patient: str, display: str, grade: int, start: str, drug: str | None = None) -> dict:
     extension = [{"url": "https://example.org/StructureDefinition/ctcae-grade", "valueInteger": grade}]
     if drug:
-        extension.append({"url": "http://hl7.org/fhir/StructureDefinition/flag-detail",
-                          "valueReference": {"reference": "MedicationStatement/m", "display": drug}})
-    return {"resourceType": "Flag", "status": "active", "subject": {"reference": f"Patient/{patient}"},
-            "code": {"coding": [{"display": display}], "text": f"{display} — WBC 1.{grade} ×10^9/L on {start[:10]}, "
-                                                              f"CTCAE v5.0 grade {grade}"},
-            "period": {"start": start}, "extension": extension}
+        extension.append(
+            {
+                "url": "http://hl7.org/fhir/StructureDefinition/flag-detail",
+                "valueReference": {"reference": "MedicationStatement/m", "display": drug},
+            }
+        )
+    return {
+        "resourceType": "Flag",
+        "status": "active",
+        "subject": {"reference": f"Patient/{patient}"},
+        "code": {
+            "coding": [{"display": display}],
+            "text": f"{display} — WBC 1.{grade} ×10^9/L on {start[:10]}, CTCAE v5.0 grade {grade}",
+        },
+        "period": {"start": start},
+        "extension": extension,
+    }
 
 
 _CLICK = """<script>addEventListener("load", function () {
@@ -121,10 +146,11 @@ _CLICK = """<script>addEventListener("load", function () {
 def test_the_patients_table_sorts_in_the_browser_and_drug_classes_are_counted(tmp_path):
     as_of = datetime(2025, 3, 1, tzinfo=timezone.utc)
     board = Board(as_of=as_of, server="https://fhir.example/fhir")
-    for flag in (_flag("p1", "Leukopenia", 2, "2025-02-27T10:00:00Z", "clozapine"),
-                 _flag("p2", "Agranulocytosis", 4, "2024-06-01T10:00:00Z",
-                       "antineoplastic chemotherapy (oxaliplatin)"),
-                 _flag("p3", "Leukopenia", 3, "2025-02-20T10:00:00Z", "clozapine")):
+    for flag in (
+        _flag("p1", "Leukopenia", 2, "2025-02-27T10:00:00Z", "clozapine"),
+        _flag("p2", "Agranulocytosis", 4, "2024-06-01T10:00:00Z", "antineoplastic chemotherapy (oxaliplatin)"),
+        _flag("p3", "Leukopenia", 3, "2025-02-20T10:00:00Z", "clozapine"),
+    ):
         board.add(flag, "https://fhir.example/fhir")
     page = tmp_path / "board.html"
     page.write_text(render_board(board).replace("</body>", _CLICK + "</body>"), encoding="utf-8")
@@ -149,8 +175,19 @@ def test_names_are_shown_only_when_the_site_asks(fhir_base_url, fhir_client, uni
     done = run_pipeline(fhir_client, load_config(config), tmp_path / "run", patients=[pid])
     assert done["writes"]["create"] == 1
     for names, out in ((False, tmp_path / "ids"), (True, tmp_path / "names")):
-        command = [sys.executable, "-m", "leukofhir.cli", "board", "--fhir-url", fhir_base_url, "--out", str(out),
-                   "--config", str(config), *(["--names"] if names else [])]
+        command = [
+            sys.executable,
+            "-m",
+            "leukofhir.cli",
+            "board",
+            "--fhir-url",
+            fhir_base_url,
+            "--out",
+            str(out),
+            "--config",
+            str(config),
+            *(["--names"] if names else []),
+        ]
         result = subprocess.run(command, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-2000:]
         assert "Kowalska" not in result.stderr  # never in the log

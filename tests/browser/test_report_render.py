@@ -20,8 +20,15 @@ pytestmark = pytest.mark.skipif(
 
 def _chromium(tmp_path, *args: str) -> subprocess.CompletedProcess:
     command = [
-        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}", *args,
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--no-first-run",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        *args,
     ]
     return subprocess.run(command, capture_output=True, text=True, timeout=120, check=True)
 
@@ -36,8 +43,13 @@ def test_the_rendered_dom_shows_the_key_numbers(tmp_path, report_file):
     text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom))
     assert "leukofhir run report" in text
     assert "read 18,853 = evaluated 17,901 + skipped 917 + quarantined 35: reconciles" in text
-    for card, number in [("read", "18,853"), ("evaluated", "17,901"), ("skipped", "917"), ("quarantined", "35"),
-                         ("Flags", "57")]:
+    for card, number in [
+        ("read", "18,853"),
+        ("evaluated", "17,901"),
+        ("skipped", "917"),
+        ("quarantined", "35"),
+        ("Flags", "57"),
+    ]:
         assert re.search(rf'id="count-{card}"><div class="n">{number}</div>', dom), card
     assert 'id="flags-total">57<' in dom
     assert "Observation/u1" in text and "expect_column_values_to_be_in_set" in text

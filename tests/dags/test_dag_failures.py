@@ -28,6 +28,7 @@ def run_folder(dag_id: str, run_id: str) -> Path:
 @pytest.fixture
 def connection_through(fhir_connection):
     """Point the `fhir_default` connection at another base URL (a proxy) for one test."""
+
     def through(base_url: str) -> None:
         os.environ["AIRFLOW_CONN_FHIR_DEFAULT"] = json.dumps({"conn_type": "fhir", "host": base_url})
 
@@ -35,19 +36,29 @@ def connection_through(fhir_connection):
     through(fhir_connection)
 
 
-def test_the_report_of_a_backfill_whose_server_vanishes_says_what_was_written(dags, connection_through,  # noqa: F811
-                                                                              monkeypatch,
-                                                                              fhir_base_url, fhir_client, unique):
+def test_the_report_of_a_backfill_whose_server_vanishes_says_what_was_written(
+    dags,  # noqa: F811 - `dags`, the fixture
+    connection_through,
+    monkeypatch,
+    fhir_base_url,
+    fhir_client,
+    unique,
+):
     pids = [f"vanish{n}-{unique}" for n in range(6)]
-    put(fhir_client, *(patient(p) for p in pids),
-        *(observation(f"{p}-w", "wbc", 2.0 + n / 10, time=at(), patient=f"Patient/{p}") for n, p in enumerate(pids)))
+    put(
+        fhir_client,
+        *(patient(p) for p in pids),
+        *(observation(f"{p}-w", "wbc", 2.0 + n / 10, time=at(), patient=f"Patient/{p}") for n, p in enumerate(pids)),
+    )
     dag = _parse()["leukopenia_backfill"]
     for task in dag.tasks:
         monkeypatch.setattr(task, "retries", 0)  # the failure itself, not Airflow's retries minutes apart
     with FaultProxy(fhir_base_url) as proxy:
         # The first chunk's transaction goes through; every try of the second chunk's loses its connection.
-        proxy.add(Fault("delay", method="POST", path_regex=TRANSACTION),
-                  *[Fault("reset", method="POST", path_regex=TRANSACTION) for _ in range(5)])
+        proxy.add(
+            Fault("delay", method="POST", path_regex=TRANSACTION),
+            *[Fault("reset", method="POST", path_regex=TRANSACTION) for _ in range(5)],
+        )
         connection_through(proxy.base_url)
         run = dag.test(run_conf={"patients": pids, "chunks": 2})
     assert run.state == "failed"
@@ -61,9 +72,14 @@ def test_the_report_of_a_backfill_whose_server_vanishes_says_what_was_written(da
     assert states["report"] == "failed" and states["find_patients"] == "success"
 
 
-def test_a_patients_run_whose_server_vanishes_leaves_its_report(dags, connection_through, fhir_base_url,  # noqa: F811
-                                                                monkeypatch,
-                                                                fhir_client, unique):
+def test_a_patients_run_whose_server_vanishes_leaves_its_report(
+    dags,  # noqa: F811 - `dags`, the fixture
+    connection_through,
+    fhir_base_url,
+    monkeypatch,
+    fhir_client,
+    unique,
+):
     pid = f"vanish-p-{unique}"
     put(fhir_client, patient(pid), observation(f"{pid}-w", "wbc", 2.0, time=at(), patient=f"Patient/{pid}"))
     dag = _parse()["leukopenia_patients"]

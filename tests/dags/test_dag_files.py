@@ -42,13 +42,17 @@ print(json.dumps({"airflow": airflow_s, "dags": out, "heavy": heavy, "touched": 
 def test_every_dag_file_imports_fast_and_touches_nothing(tmp_path):
     assert {p.stem for p in DAG_FILES} >= {"leukopenia_surveillance", "leukopenia_backfill", "leukopenia_patients"}
     env = {
-        "PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "AIRFLOW_HOME": str(tmp_path / "airflow"),
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "AIRFLOW_HOME": str(tmp_path / "airflow"),
         # A database that cannot exist, and proxies that go nowhere: any use at parse time fails loudly.
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{tmp_path}/no/such/dir/airflow.db",
-        "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
+        "HTTP_PROXY": "http://127.0.0.1:9",
+        "HTTPS_PROXY": "http://127.0.0.1:9",
     }
-    done = subprocess.run([sys.executable, "-c", _PROBE, *map(str, DAG_FILES)], capture_output=True, text=True,
-                          env=env, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", _PROBE, *map(str, DAG_FILES)], capture_output=True, text=True, env=env, timeout=120
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["touched"] == []
@@ -74,8 +78,15 @@ def test_surveillance_dag_windows_its_data_interval_one_run_at_a_time(dags):
     dag = dags["leukopenia_surveillance"]
     assert dag.max_active_runs == 1 and dag.catchup is False
     assert type(dag.timetable).__name__ == "CronDataIntervalTimetable"
-    assert [t.task_id for t in dag.topological_sort()] == ["find_patients", "extract", "evaluate", "check_contract",
-                                                         "write_flags", "report", "refresh_board"]
+    assert [t.task_id for t in dag.topological_sort()] == [
+        "find_patients",
+        "extract",
+        "evaluate",
+        "check_contract",
+        "write_flags",
+        "report",
+        "refresh_board",
+    ]
     board = dag.get_task("refresh_board")
     assert board.trigger_rule == "all_done" and board.upstream_task_ids == {"write_flags"}  # even after a stop
     assert dag.get_task("report").downstream_task_ids == set()  # a leaf: the run fails when its report says so
@@ -87,15 +98,23 @@ def test_backfill_dag_has_the_params_of_the_design(dags):
     assert set(dag.params) == {"start", "end", "window_field", "chunks", "patients", "dry_run", "extract"}
     assert dag.params["window_field"] == "effective" and dag.params["dry_run"] is False
     assert dag.params["extract"] == "search"  # $export only when asked for (or auto)
-    assert [t.task_id for t in dag.topological_sort()] == ["bulk_export", "find_patients", "extract", "evaluate",
-                                                         "check_contract", "write_flags", "report"]
+    assert [t.task_id for t in dag.topological_sort()] == [
+        "bulk_export",
+        "find_patients",
+        "extract",
+        "evaluate",
+        "check_contract",
+        "write_flags",
+        "report",
+    ]
 
 
 @pytest.mark.parametrize("dag_id", ["leukopenia_surveillance", "leukopenia_backfill"])
 def test_tasks_that_talk_to_the_server_share_the_pool_and_all_retry_with_backoff(dags, dag_id):
     tasks = {t.task_id: t for t in dags[dag_id].tasks}
-    talking = ({"find_patients", "extract", "write_flags"}
-               | ({"bulk_export"} if dag_id == "leukopenia_backfill" else {"refresh_board"}))
+    talking = {"find_patients", "extract", "write_flags"} | (
+        {"bulk_export"} if dag_id == "leukopenia_backfill" else {"refresh_board"}
+    )
     assert {tid for tid, t in tasks.items() if t.pool == "fhir_server"} == talking
     for t in tasks.values():
         # The export only polls the server's job: hours for a large backfill, so a longer (still bounded) time-out.
@@ -120,16 +139,19 @@ def test_patients_dag_is_one_task_triggered_with_patients_and_running_at_once(da
     assert task.execution_timeout <= timedelta(minutes=30)
 
 
-@pytest.mark.parametrize("patients, valid", [
-    (["Patient/p1", "p2", "Patient/a-b.c"], True),
-    ([], False),  # a run for nobody
-    (["Patient/a b"], False),  # not FHIR ids: refused when the run is triggered, not inside the task
-    (["Patient/x?_id=y"], False),
-    (["Patient/.."], False),  # dot-segments: `Patient/..` in a URL is the server's base
-    (["."], False),
-    (["Observation/o1"], False),
-    ("Patient/p1", False),
-])
+@pytest.mark.parametrize(
+    "patients, valid",
+    [
+        (["Patient/p1", "p2", "Patient/a-b.c"], True),
+        ([], False),  # a run for nobody
+        (["Patient/a b"], False),  # not FHIR ids: refused when the run is triggered, not inside the task
+        (["Patient/x?_id=y"], False),
+        (["Patient/.."], False),  # dot-segments: `Patient/..` in a URL is the server's base
+        (["."], False),
+        (["Observation/o1"], False),
+        ("Patient/p1", False),
+    ],
+)
 def test_patients_dag_param_takes_fhir_patient_ids_only(dags, patients, valid):
     from airflow.sdk.definitions.param import ParamsDict
     from airflow.sdk.exceptions import ParamValidationError

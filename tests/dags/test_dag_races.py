@@ -51,13 +51,22 @@ class HeldDag:
     def __init__(self, proxy: FaultProxy, home: Path, dag_id: str, **conf):
         self.held = Fault("hold", method="POST", path_regex=TRANSACTION, seconds=WAIT)
         proxy.add(self.held)
-        env = dict(os.environ, AIRFLOW_HOME=str(home), AIRFLOW__CORE__LOAD_EXAMPLES="False",
-                   AIRFLOW__CORE__DAGS_FOLDER=str(ROOT / "dags"),
-                   AIRFLOW_CONN_FHIR_DEFAULT=json.dumps({"conn_type": "fhir", "host": proxy.base_url}))
+        env = dict(
+            os.environ,
+            AIRFLOW_HOME=str(home),
+            AIRFLOW__CORE__LOAD_EXAMPLES="False",
+            AIRFLOW__CORE__DAGS_FOLDER=str(ROOT / "dags"),
+            AIRFLOW_CONN_FHIR_DEFAULT=json.dumps({"conn_type": "fhir", "host": proxy.base_url}),
+        )
         home.mkdir(parents=True)
         self.log = open(home / "dag-test.log", "w+")
-        self.process = subprocess.Popen([sys.executable, "-c", DAG_TEST, dag_id, json.dumps(conf)], env=env,
-                                        stdout=self.log, stderr=subprocess.STDOUT, text=True)
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", DAG_TEST, dag_id, json.dumps(conf)],
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
 
     def wait_held(self) -> None:
         for _ in range(WAIT * 10):
@@ -112,7 +121,13 @@ def assert_converged(client, pids: list[str], tmp_path: Path) -> list[dict]:
 
 @pytest.mark.parametrize("held", ["surveillance", "patients"])
 def test_the_surveillance_dag_and_a_patients_run_on_one_patient_at_once(
-        held, dags, fhir_client, fhir_base_url, unique, tmp_path):  # noqa: F811 - `dags`, the fixture
+    held,
+    dags,  # noqa: F811 - `dags`, the fixture
+    fhir_client,
+    fhir_base_url,
+    unique,
+    tmp_path,
+):
     pid = f"dag-{held}-{unique}"
     put(fhir_client, patient(pid))
     since = server_now(fhir_client)
@@ -121,8 +136,11 @@ def test_the_surveillance_dag_and_a_patients_run_on_one_patient_at_once(
     until = server_now(fhir_client)
     window = {"start": since.isoformat(), "end": until.isoformat()}
     with FaultProxy(fhir_base_url) as proxy:
-        slow = (HeldDag(proxy, tmp_path / "held", "leukopenia_surveillance", **window) if held == "surveillance"
-                else HeldDag(proxy, tmp_path / "held", "leukopenia_patients", patients=[pid]))
+        slow = (
+            HeldDag(proxy, tmp_path / "held", "leukopenia_surveillance", **window)
+            if held == "surveillance"
+            else HeldDag(proxy, tmp_path / "held", "leukopenia_patients", patients=[pid])
+        )
         try:
             slow.wait_held()  # it read the low count and wants an active Flag; its write waits
             put(fhir_client, _wbc(pid, "ok", 6.0, 1))  # a normal count within 72 h: a transient low
@@ -130,8 +148,9 @@ def test_the_surveillance_dag_and_a_patients_run_on_one_patient_at_once(
             if held == "surveillance":
                 fast = run_dag(dags, "leukopenia_patients", patients=[pid])
             else:
-                fast = run_dag(dags, "leukopenia_surveillance", start=since.isoformat(),
-                               end=server_now(fhir_client).isoformat())
+                fast = run_dag(
+                    dags, "leukopenia_surveillance", start=since.isoformat(), end=server_now(fhir_client).isoformat()
+                )
             assert fast["writes"]["create"] == 1
             late = slow.release()
         finally:
@@ -143,8 +162,7 @@ def test_the_surveillance_dag_and_a_patients_run_on_one_patient_at_once(
     assert writes(again) == NOTHING and versions(project_flags(fhir_client, [pid])) == versions([flag])
 
 
-def test_two_backfills_over_overlapping_windows_at_once(
-        dags, fhir_client, fhir_base_url, unique, tmp_path):  # noqa: F811 - `dags`, the fixture
+def test_two_backfills_over_overlapping_windows_at_once(dags, fhir_client, fhir_base_url, unique, tmp_path):  # noqa: F811 - `dags`, the fixture
     pids = [f"bf{n}-{unique}" for n in range(4)]
     # Clinical dates of this test's own, a century before other tests' (a backfill's window selects by date, and by
     # the period of the project's Flags: an open one overlaps every later window).
@@ -153,9 +171,12 @@ def test_two_backfills_over_overlapping_windows_at_once(
     def wbc(pid: str, suffix: str, value: float, days: float) -> dict:
         return _wbc(pid, suffix, value, day0 + days)
 
-    put(fhir_client, *(patient(p, birth="1880-01-01") for p in pids),
+    put(
+        fhir_client,
+        *(patient(p, birth="1880-01-01") for p in pids),
         *(wbc(p, "low", 2.0 + n / 10, n) for n, p in enumerate(pids)),
-        wbc(pids[3], "ok", 6.0, 20))
+        wbc(pids[3], "ok", 6.0, 20),
+    )
     first = {"start": at(days=day0 - 10), "end": at(days=day0 + 10), "chunks": 2}
     second = {"start": at(days=day0 - 5), "end": at(days=day0 + 30), "chunks": 2}
     with FaultProxy(fhir_base_url) as proxy:
@@ -164,8 +185,12 @@ def test_two_backfills_over_overlapping_windows_at_once(
             slow.wait_held()  # a chunk's write waits; the other chunk was staged from reads as old
             # Meanwhile patient 0 recovers within 72 h, patient 2's low is corrected to normal and patient 3's recovery
             # is entered in error; the second backfill writes what that means for 0, 1 and 3 (2: nothing).
-            put(fhir_client, wbc(pids[0], "ok", 6.5, 1), {**wbc(pids[2], "low", 5.5, 2), "status": "corrected"},
-                {**wbc(pids[3], "ok", 6.0, 20), "status": "entered-in-error"})
+            put(
+                fhir_client,
+                wbc(pids[0], "ok", 6.5, 1),
+                {**wbc(pids[2], "low", 5.5, 2), "status": "corrected"},
+                {**wbc(pids[3], "ok", 6.0, 20), "status": "entered-in-error"},
+            )
             fast = run_dag(dags, "leukopenia_backfill", **second)
             assert fast["writes"]["create"] == 3
             late = slow.release()

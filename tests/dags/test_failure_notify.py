@@ -74,14 +74,23 @@ def test_a_failed_dag_run_mails_the_site_with_ids_only(airflow_db, smtp_server, 
     task, never the error's text (it may quote a server's answer)."""
     home = tmp_path / "airflow"
     home.mkdir()
-    env = dict(os.environ, AIRFLOW_HOME=str(home), AIRFLOW__CORE__LOAD_EXAMPLES="False",
-               AIRFLOW__CORE__DAGS_FOLDER=str(ROOT / "dags"),
-               AIRFLOW_CONN_FHIR_DEFAULT=json.dumps({"conn_type": "fhir", "host": "http://127.0.0.1:9/fhir"}),
-               AIRFLOW_CONN_SMTP_NOTIFY=json.dumps({
-                   "conn_type": "smtp", "host": "127.0.0.1", "port": smtp_server,
-                   "extra": {"disable_ssl": True, "disable_tls": True, "from_email": "leukofhir@hospital.example"}}),
-               LEUKOFHIR_NOTIFY_EMAIL="oncall@hospital.example, lab-it@hospital.example",
-               LEUKOFHIR_NOTIFY_SMTP_CONN="smtp_notify")
+    env = dict(
+        os.environ,
+        AIRFLOW_HOME=str(home),
+        AIRFLOW__CORE__LOAD_EXAMPLES="False",
+        AIRFLOW__CORE__DAGS_FOLDER=str(ROOT / "dags"),
+        AIRFLOW_CONN_FHIR_DEFAULT=json.dumps({"conn_type": "fhir", "host": "http://127.0.0.1:9/fhir"}),
+        AIRFLOW_CONN_SMTP_NOTIFY=json.dumps(
+            {
+                "conn_type": "smtp",
+                "host": "127.0.0.1",
+                "port": smtp_server,
+                "extra": {"disable_ssl": True, "disable_tls": True, "from_email": "leukofhir@hospital.example"},
+            }
+        ),
+        LEUKOFHIR_NOTIFY_EMAIL="oncall@hospital.example, lab-it@hospital.example",
+        LEUKOFHIR_NOTIFY_SMTP_CONN="smtp_notify",
+    )
     done = subprocess.run([sys.executable, "-c", DAG_TEST], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     outcome = json.loads(done.stdout.strip().splitlines()[-1])
@@ -97,10 +106,17 @@ def test_a_failed_dag_run_mails_the_site_with_ids_only(airflow_db, smtp_server, 
 
 
 def test_without_a_notifier_configured_the_dags_have_no_callback():
-    probe = ("import json, sys; from leukofhir.dag_tasks import DEFAULT_ARGS; "
-             "print(json.dumps([type(n).__name__ for n in DEFAULT_ARGS.get('on_failure_callback', [])]))")
+    probe = (
+        "import json, sys; from leukofhir.dag_tasks import DEFAULT_ARGS; "
+        "print(json.dumps([type(n).__name__ for n in DEFAULT_ARGS.get('on_failure_callback', [])]))"
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("LEUKOFHIR_NOTIFY_")}
-    names = [json.loads(subprocess.run([sys.executable, "-c", probe], env=e, capture_output=True, text=True,
-                                       cwd=ROOT, check=True).stdout)
-             for e in (env, dict(env, LEUKOFHIR_NOTIFY_EMAIL="oncall@hospital.example"))]
+    names = [
+        json.loads(
+            subprocess.run(
+                [sys.executable, "-c", probe], env=e, capture_output=True, text=True, cwd=ROOT, check=True
+            ).stdout
+        )
+        for e in (env, dict(env, LEUKOFHIR_NOTIFY_EMAIL="oncall@hospital.example"))
+    ]
     assert names == [[], ["SmtpNotifier"]]

@@ -17,8 +17,12 @@ PACKAGE_DAGS = ROOT / "leukofhir" / "airflow" / "dags"
 
 
 def _imports(path) -> set[tuple[str, str]]:
-    return {(node.module, alias.name) for node in ast.walk(ast.parse(path.read_text()))
-            if isinstance(node, ast.ImportFrom) for alias in node.names}
+    return {
+        (node.module, alias.name)
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ImportFrom)
+        for alias in node.names
+    }
 
 
 def test_the_dag_file_imports_every_dag_module_the_package_ships():
@@ -26,8 +30,12 @@ def test_the_dag_file_imports_every_dag_module_the_package_ships():
     assert set(SHIPPED_DAGS) == modules
     # Each name imported is the DAG its module defines at module level.
     for module, name in SHIPPED_DAGS.items():
-        assigned = {t.id for node in ast.parse((PACKAGE_DAGS / f"{module}.py").read_text()).body
-                    if isinstance(node, ast.Assign) for t in node.targets}
+        assigned = {
+            t.id
+            for node in ast.parse((PACKAGE_DAGS / f"{module}.py").read_text()).body
+            if isinstance(node, ast.Assign)
+            for t in node.targets
+        }
         assert name in assigned, f"{module}.py defines no module-level {name}"
 
 
@@ -61,7 +69,11 @@ def test_a_second_install_changes_nothing_and_a_local_edit_is_kept_unless_forced
 
 
 def test_the_command_needs_an_existing_folder(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "leukofhir.cli", "install-dags", str(tmp_path / "missing")],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "leukofhir.cli", "install-dags", str(tmp_path / "missing")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2 and "is not a folder" in done.stderr and "dags_folder" in done.stderr
     assert not (tmp_path / "missing").exists()

@@ -82,8 +82,9 @@ def run_dag_failing(dag_id: str, **conf) -> tuple[Path, dict[str, list[tuple[str
     run = _parse()[dag_id].test(run_conf=conf)
     assert run.state == "failed", f"{dag_id} run {run.run_id} ended {run.state}"
     with create_session() as session:
-        rows = session.query(TaskInstance).filter(TaskInstance.dag_id == dag_id,
-                                                  TaskInstance.run_id == run.run_id).all()
+        rows = (
+            session.query(TaskInstance).filter(TaskInstance.dag_id == dag_id, TaskInstance.run_id == run.run_id).all()
+        )
         tasks: dict[str, list[tuple[str, int]]] = {}
         for ti in sorted(rows, key=lambda ti: ti.map_index):
             tasks.setdefault(ti.task_id, []).append((str(ti.state), ti.try_number))
@@ -104,11 +105,11 @@ def standing(flags: list[dict]) -> set:
     return {without_patient(f) for f in flags if f["status"] != "entered-in-error"}
 
 
-def test_backfill_dag_on_the_sample_data_writes_the_flags_of_the_rules_and_a_rerun_writes_nothing(dags, fhir_client,
-                                                                                                  tmp_path):
+def test_backfill_dag_on_the_sample_data_writes_the_flags_of_the_rules_and_a_rerun_writes_nothing(
+    dags, fhir_client, tmp_path
+):
     assert load_files(fhir_client, SYNTHEA_BUNDLES, batch_size=250).ok
-    ids = sorted(json.load(gzip.open(p, "rt"))["entry"][0]["resource"]["id"]
-                 for p in SYNTHEA_BUNDLES)
+    ids = sorted(json.load(gzip.open(p, "rt"))["entry"][0]["resource"]["id"] for p in SYNTHEA_BUNDLES)
     until = server_now(fhir_client) + timedelta(days=1)
     report = run_dag(dags, "leukopenia_backfill", start="1900-01-01", end=until.date().isoformat(), chunks=3)
     assert report["reconciled"] and report["patients_touched"] >= len(ids)
@@ -142,8 +143,11 @@ def test_backfill_dag_dry_run_writes_nothing_and_reports_what_it_would(dags, fhi
 
 def test_patients_dag_evaluates_exactly_the_patients_named_and_a_rerun_writes_nothing(dags, fhir_client, unique):
     named, bare, other = (f"{kind}-{unique}" for kind in ("named", "bare", "other"))
-    put(fhir_client, *(patient(p) for p in (named, bare, other)),
-        *(observation(f"{p}-w", "wbc", 1.7, time=at(), patient=f"Patient/{p}") for p in (named, bare, other)))
+    put(
+        fhir_client,
+        *(patient(p) for p in (named, bare, other)),
+        *(observation(f"{p}-w", "wbc", 1.7, time=at(), patient=f"Patient/{p}") for p in (named, bare, other)),
+    )
     # As the receiver sends them (Patient/<id>), or bare ids as a person would type them.
     report = run_dag(dags, "leukopenia_patients", patients=[f"Patient/{named}", bare])
     assert report["patients_touched"] == 2 and report["writes"]["create"] == 2 and report["reconciled"]
@@ -171,9 +175,11 @@ def _history(pid: str, part: int) -> list[dict]:
     ref = f"Patient/{pid}"
     if part == 1:
         return [observation(f"{pid}-a", "wbc", 3.1, time=_ago(60), patient=ref)]
-    return [observation(f"{pid}-b", "wbc", 1.8, time=_ago(58), patient=ref),
-            observation(f"{pid}-c", "wbc", 6.5, time=_ago(51), patient=ref),
-            observation(f"{pid}-d", "wbc", 2.6, time=_ago(20), patient=ref)]
+    return [
+        observation(f"{pid}-b", "wbc", 1.8, time=_ago(58), patient=ref),
+        observation(f"{pid}-c", "wbc", 6.5, time=_ago(51), patient=ref),
+        observation(f"{pid}-d", "wbc", 2.6, time=_ago(20), patient=ref),
+    ]
 
 
 def test_surveillance_windows_in_any_order_give_the_same_flags(dags, fhir_client, unique):
@@ -223,8 +229,10 @@ def test_a_recovery_in_a_later_window_closes_the_flag_an_earlier_window_opened(d
 
 def test_amended_deleted_and_retracted_results_withdraw_their_flags(dags, fhir_client, unique):
     amended, deleted, retracted = (f"{kind}-{unique}" for kind in ("amd", "del", "eie"))
-    low = {pid: observation(f"{pid}-low", "wbc", 1.2, time=days_ago(5), patient=f"Patient/{pid}")
-           for pid in (amended, deleted, retracted)}
+    low = {
+        pid: observation(f"{pid}-low", "wbc", 1.2, time=days_ago(5), patient=f"Patient/{pid}")
+        for pid in (amended, deleted, retracted)
+    }
     put(fhir_client, *(patient(p) for p in low))
     t0 = server_now(fhir_client)
     put(fhir_client, *low.values())
@@ -234,8 +242,10 @@ def test_amended_deleted_and_retracted_results_withdraw_their_flags(dags, fhir_c
     before = {pid: project_flags(fhir_client, [pid]) for pid in low}
     assert all(len(flags) == 1 and flags[0]["status"] == "active" for flags in before.values())
 
-    put(fhir_client, {**low[amended], "status": "amended", "valueQuantity": {**low[amended]["valueQuantity"],
-                                                                             "value": 6.1}})
+    put(
+        fhir_client,
+        {**low[amended], "status": "amended", "valueQuantity": {**low[amended]["valueQuantity"], "value": 6.1}},
+    )
     put(fhir_client, {**low[retracted], "status": "entered-in-error"})
     fhir_client.request("DELETE", f"Observation/{deleted}-low")
     pause()
@@ -252,14 +262,37 @@ def _ten_years(pid: str) -> list[list[dict]]:
     recover, one closed by the episode gap, one drug-associated, one still open at the end (its last count 50 days
     ago)."""
     ref = f"Patient/{pid}"
-    values = [(0, 6.2), (30, 3.4), (33, 5.5), (400, 2.9), (700, 1.4), (705, 0.8), (720, 4.6), (1100, 3.7),
-              (1500, 7.0), (1800, 2.2), (2200, 3.9), (2600, 6.1), (2900, 0.9), (3300, 1.9), (3600, 2.5)]
+    values = [
+        (0, 6.2),
+        (30, 3.4),
+        (33, 5.5),
+        (400, 2.9),
+        (700, 1.4),
+        (705, 0.8),
+        (720, 4.6),
+        (1100, 3.7),
+        (1500, 7.0),
+        (1800, 2.2),
+        (2200, 3.9),
+        (2600, 6.1),
+        (2900, 0.9),
+        (3300, 1.9),
+        (3600, 2.5),
+    ]
     deliveries: list[list[dict]] = [[] for _ in range(5)]
     for n, (day, wbc) in enumerate(values):
         deliveries[min(day // 730, 4)].append(
-            observation(f"{pid}-w{n}", "wbc", wbc, time=_ago(3650 - day), patient=ref))
-    deliveries[3].append(statement(f"{pid}-chemo", "Oxaliplatin 100 MG Injection", start=_ago(3650 - 2850),
-                                   end=_ago(3650 - 2880), patient_ref=ref))
+            observation(f"{pid}-w{n}", "wbc", wbc, time=_ago(3650 - day), patient=ref)
+        )
+    deliveries[3].append(
+        statement(
+            f"{pid}-chemo",
+            "Oxaliplatin 100 MG Injection",
+            start=_ago(3650 - 2850),
+            end=_ago(3650 - 2880),
+            patient_ref=ref,
+        )
+    )
     return deliveries
 
 
@@ -278,42 +311,80 @@ def test_a_ten_year_backfill_and_ten_years_of_incremental_runs_give_the_same_fla
     assert standing(flags_once) == standing(flags_step)
     assert len(standing(flags_once)) >= 4
     assert sum(f[0] == "active" for f in standing(flags_once)) == 1  # the one still open at the end
-    assert any("possibly drug-associated: antineoplastic chemotherapy (oxaliplatin)" in f[2]
-               for f in standing(flags_once))
+    assert any(
+        "possibly drug-associated: antineoplastic chemotherapy (oxaliplatin)" in f[2] for f in standing(flags_once)
+    )
 
 
 def _desired_flags(run_folder: Path) -> dict[str, dict]:
     """The Flags a run wanted (every chunk's evaluated batches), as compared for writes, by identifier."""
-    return flags_by_identifier([json.loads(line) for path in sorted(run_folder.glob("chunks/*/evaluated/*/Flag.ndjson"))
-                                for line in path.read_text().splitlines()])
+    return flags_by_identifier(
+        [
+            json.loads(line)
+            for path in sorted(run_folder.glob("chunks/*/evaluated/*/Flag.ndjson"))
+            for line in path.read_text().splitlines()
+        ]
+    )
 
 
 def _crossing_patients(unique: str) -> list[dict]:
     """Patients whose Flags need more than their Observations: a panel timing its untimed members, a chemotherapy
     order naming its drug only in a referenced Medication, a project Flag no longer supported (withdrawn)."""
     panel, chemo, stale = (f"{kind}-{unique}" for kind in ("pnl", "chm", "stl"))
-    members = [observation(f"{panel}-w{n}", "wbc", value, time=False, patient=f"Patient/{panel}")
-               for n, value in enumerate((1.6, 6.2))]
-    panel_obs = {"resourceType": "Observation", "id": f"{panel}-cbc", "status": "final",
-                 "code": {"coding": [{"system": "http://loinc.org", "code": "58410-2"}]},
-                 "subject": {"reference": f"Patient/{panel}"}, "effectiveDateTime": at(days=-30),
-                 "hasMember": [{"reference": f"Observation/{m['id']}"} for m in members[:1]]}
-    later = {**panel_obs, "id": f"{panel}-cbc2", "effectiveDateTime": at(days=-20),
-             "hasMember": [{"reference": f"Observation/{members[1]['id']}"}]}
+    members = [
+        observation(f"{panel}-w{n}", "wbc", value, time=False, patient=f"Patient/{panel}")
+        for n, value in enumerate((1.6, 6.2))
+    ]
+    panel_obs = {
+        "resourceType": "Observation",
+        "id": f"{panel}-cbc",
+        "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "58410-2"}]},
+        "subject": {"reference": f"Patient/{panel}"},
+        "effectiveDateTime": at(days=-30),
+        "hasMember": [{"reference": f"Observation/{m['id']}"} for m in members[:1]],
+    }
+    later = {
+        **panel_obs,
+        "id": f"{panel}-cbc2",
+        "effectiveDateTime": at(days=-20),
+        "hasMember": [{"reference": f"Observation/{members[1]['id']}"}],
+    }
     medication = {"resourceType": "Medication", "id": f"{chemo}-med", "code": {"text": "Cisplatin 50 MG Injection"}}
-    order = {"resourceType": "MedicationRequest", "id": f"{chemo}-mr", "status": "active", "intent": "order",
-             "subject": {"reference": f"Patient/{chemo}"}, "authoredOn": at(days=-12),
-             "medicationReference": {"reference": f"Medication/{chemo}-med"}}
-    stale_flag = {"resourceType": "Flag", "id": f"leukofhir-{unique}0000000000000000000000000000",
-                  "meta": {"tag": [{"system": RULES.uris.tag_system, "code": RULES.uris.tag_code}]},
-                  "identifier": [{"system": RULES.uris.identifier_system,
-                                  "value": f"{unique}0000000000000000000000000000"}],
-                  "status": "active", "code": {"text": "Leukopenia"}, "subject": {"reference": f"Patient/{stale}"},
-                  "period": {"start": at(days=-5)}}
+    order = {
+        "resourceType": "MedicationRequest",
+        "id": f"{chemo}-mr",
+        "status": "active",
+        "intent": "order",
+        "subject": {"reference": f"Patient/{chemo}"},
+        "authoredOn": at(days=-12),
+        "medicationReference": {"reference": f"Medication/{chemo}-med"},
+    }
+    stale_flag = {
+        "resourceType": "Flag",
+        "id": f"leukofhir-{unique}0000000000000000000000000000",
+        "meta": {"tag": [{"system": RULES.uris.tag_system, "code": RULES.uris.tag_code}]},
+        "identifier": [{"system": RULES.uris.identifier_system, "value": f"{unique}0000000000000000000000000000"}],
+        "status": "active",
+        "code": {"text": "Leukopenia"},
+        "subject": {"reference": f"Patient/{stale}"},
+        "period": {"start": at(days=-5)},
+    }
     dated = observation(f"{panel}-hb", "hemoglobin", 13.5, time=at(days=-40), patient=f"Patient/{panel}")  # touched
-    return [patient(panel), patient(chemo), patient(stale), *members, dated, panel_obs, later, medication, order,
-            observation(f"{chemo}-w", "wbc", 1.9, time=at(days=-10), patient=f"Patient/{chemo}"),
-            observation(f"{stale}-w", "wbc", 5.9, time=at(days=-5), patient=f"Patient/{stale}"), stale_flag]
+    return [
+        patient(panel),
+        patient(chemo),
+        patient(stale),
+        *members,
+        dated,
+        panel_obs,
+        later,
+        medication,
+        order,
+        observation(f"{chemo}-w", "wbc", 1.9, time=at(days=-10), patient=f"Patient/{chemo}"),
+        observation(f"{stale}-w", "wbc", 5.9, time=at(days=-5), patient=f"Patient/{stale}"),
+        stale_flag,
+    ]
 
 
 def test_backfill_by_export_gives_the_flags_of_the_backfill_by_search(dags, fhir_client, unique):
@@ -321,8 +392,11 @@ def test_backfill_by_export_gives_the_flags_of_the_backfill_by_search(dags, fhir
     nothing), on the sample data and on patients whose Flags need their panels, Medications and project Flags."""
     assert load_files(fhir_client, SYNTHEA_BUNDLES, batch_size=250).ok
     put(fhir_client, *_crossing_patients(unique))
-    window = {"start": "1900-01-01", "end": (server_now(fhir_client) + timedelta(days=1)).date().isoformat(),
-              "chunks": 3}
+    window = {
+        "start": "1900-01-01",
+        "end": (server_now(fhir_client) + timedelta(days=1)).date().isoformat(),
+        "chunks": 3,
+    }
     by_search, search_folder = run_dag_folder(dags, "leukopenia_backfill", extract="search", dry_run=True, **window)
     by_export, export_folder = run_dag_folder(dags, "leukopenia_backfill", extract="export", dry_run=True, **window)
     assert (by_search["extract"], by_export["extract"]) == ("search", "export")
@@ -392,8 +466,10 @@ def test_a_broken_feed_fails_the_backfill_before_any_chunk_writes(dags, fhir_cli
     assert project_flags(fhir_client, good + bad) == []
     report = json.loads((folder / "report.json").read_text(encoding="utf-8"))
     assert report["contract_verdict"]["passed"] is False and report["chunks_written"] == 0
-    assert "observations feed wbc in 'K/uL-new': 60 of 60 rows (100.0%) from 12 patients" in \
-        report["contract_verdict"]["message"]
+    assert (
+        "observations feed wbc in 'K/uL-new': 60 of 60 rows (100.0%) from 12 patients"
+        in report["contract_verdict"]["message"]
+    )
     assert tasks["report"] == [("failed", 1)]  # the run says why, once
 
 
@@ -412,12 +488,15 @@ def scheduled_surveillance(logical_date: datetime) -> tuple[dict, list[str]]:
 
 def _board_numbers() -> dict:
     html = (Path(os.environ["AIRFLOW_HOME"]) / "leukofhir-runs" / "board" / "board.html").read_text(encoding="utf-8")
-    return {key: int(re.search(rf'id="{key}">([\d,]+)<', html).group(1).replace(",", ""))
-            for key in ("count-total", "count-active", "count-inactive")}
+    return {
+        key: int(re.search(rf'id="{key}">([\d,]+)<', html).group(1).replace(",", ""))
+        for key in ("count-total", "count-active", "count-inactive")
+    }
 
 
-def test_the_surveillance_run_whose_interval_holds_midnight_utc_sweeps_lapsed_flags(dags, fhir_client, unique,
-                                                                                    tmp_path, monkeypatch, own_tag):
+def test_the_surveillance_run_whose_interval_holds_midnight_utc_sweeps_lapsed_flags(
+    dags, fhir_client, unique, tmp_path, monkeypatch, own_tag
+):
     from leukofhir.config import load_config
     from leukofhir.run import run_pipeline
 

@@ -22,6 +22,7 @@ def airflow(fhir_base_url, tmp_path_factory):
         # The settings the README gives the near-real-time path, so the tests run tasks as production would.
         **LATENCY_SETTINGS,
     }
-    with LocalAirflow(tmp_path_factory.mktemp("airflow-e2e"), session_port(9), dags_folder=ROOT / "dags",
-                      extra_env=env) as stack:
+    with LocalAirflow(
+        tmp_path_factory.mktemp("airflow-e2e"), session_port(9), dags_folder=ROOT / "dags", extra_env=env
+    ) as stack:
         yield stack

@@ -30,8 +30,16 @@ def test_cli_backfill_of_the_surveillance_dag_over_three_intervals(airflow, fhir
     # Created while the DAG is paused (its runs wait, as the README says), then the DAG is unpaused. SQLite: a write
     # that loses a race with the scheduler's is refused at once ("database is locked"); the command is tried again.
     for _ in range(5):
-        done = airflow.cli("backfill", "create", "--dag-id", "leukopenia_surveillance", "--from-date",
-                           (minute - timedelta(minutes=2)).isoformat(), "--to-date", minute.isoformat())
+        done = airflow.cli(
+            "backfill",
+            "create",
+            "--dag-id",
+            "leukopenia_surveillance",
+            "--from-date",
+            (minute - timedelta(minutes=2)).isoformat(),
+            "--to-date",
+            minute.isoformat(),
+        )
         if "database is locked" not in done.stderr:
             break
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
@@ -46,12 +54,21 @@ def test_cli_backfill_of_the_surveillance_dag_over_three_intervals(airflow, fhir
 
 def test_backfill_dag_triggered_through_the_rest_api_with_conf(airflow, fhir_client, unique):
     pids = [f"e2e-b{n}-{unique}" for n in range(3)]
-    put(fhir_client, *(patient(p) for p in pids),
-        *(observation(f"{p}-a", "anc", 0.3, time=at(days=-400), patient=f"Patient/{p}") for p in pids))
+    put(
+        fhir_client,
+        *(patient(p) for p in pids),
+        *(observation(f"{p}-a", "anc", 0.3, time=at(days=-400), patient=f"Patient/{p}") for p in pids),
+    )
     run_id = f"e2e-{unique}"
-    answer = airflow.api("POST", "dags/leukopenia_backfill/dagRuns", json={
-        "dag_run_id": run_id, "logical_date": None,
-        "conf": {"start": at(days=-401)[:10], "end": at(days=-399)[:10], "window_field": "effective", "chunks": 2}})
+    answer = airflow.api(
+        "POST",
+        "dags/leukopenia_backfill/dagRuns",
+        json={
+            "dag_run_id": run_id,
+            "logical_date": None,
+            "conf": {"start": at(days=-401)[:10], "end": at(days=-399)[:10], "window_field": "effective", "chunks": 2},
+        },
+    )
     assert answer.status_code in (200, 201), answer.text
     (run,) = airflow.wait_for_runs("leukopenia_backfill", 1, dag_run_id=run_id)
     assert run["state"] == "success"

@@ -121,8 +121,9 @@ def test_the_backfill_runs_its_chunks_on_both_workers(stack, fhir_proxy, fhir_cl
     assert flags_by_identifier(project_flags(fhir_client, ids)) == expected(report["as_of"])
 
 
-def test_a_worker_killed_in_the_middle_of_a_backfill_leaves_the_flags_of_a_clean_run(stack, fhir_proxy, fhir_client,
-                                                                                      sample):
+def test_a_worker_killed_in_the_middle_of_a_backfill_leaves_the_flags_of_a_clean_run(
+    stack, fhir_proxy, fhir_client, sample
+):
     ids, expected = sample
     api = stack["api"]
     # The run must write the sample's Flags again: those of the clean run above are deleted first.

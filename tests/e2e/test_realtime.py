@@ -28,11 +28,13 @@ def listener(airflow, fhir_base_url, tmp_path_factory):
     # The hourly DAG is paused: whatever reaches the chart here came through the Subscription and the receiver.
     assert airflow.api("PATCH", "dags/leukopenia_surveillance", json={"is_paused": True}).ok
     env = dict(os.environ, LEUKOFHIR_HOOK_SECRET=SECRET, **airflow.receiver_environment())
-    with ListenProcess(tmp_path_factory.mktemp("listen"), session_port(10), env, fhir_url=fhir_base_url,
-                       args=()) as process:
+    with ListenProcess(
+        tmp_path_factory.mktemp("listen"), session_port(10), env, fhir_url=fhir_base_url, args=()
+    ) as process:
         subscribe = [*CLI, "subscribe", "--fhir-url", fhir_base_url]
-        done = subprocess.run([*subscribe, "--endpoint", f"{process.url}/notify"], env=env, capture_output=True,
-                              text=True, timeout=120)
+        done = subprocess.run(
+            [*subscribe, "--endpoint", f"{process.url}/notify"], env=env, capture_output=True, text=True, timeout=120
+        )
         assert done.returncode == 0, done.stderr
         try:
             yield process
@@ -67,8 +69,11 @@ def test_a_low_wbc_becomes_a_flag_and_its_recovery_closes_it(airflow, listener, 
     assert closed["period"] == {"start": low, "end": ok}
 
     # Two runs of the near-real-time DAG, started by the receiver, did it; the hourly DAG ran nothing meanwhile.
-    runs = [r for r in airflow.wait_for_runs("leukopenia_patients", 2, seconds=120)
-            if f"Patient/{pid}" in r["conf"]["patients"]]
+    runs = [
+        r
+        for r in airflow.wait_for_runs("leukopenia_patients", 2, seconds=120)
+        if f"Patient/{pid}" in r["conf"]["patients"]
+    ]
     assert len(runs) == 2 and {r["state"] for r in runs} == {"success"}
     assert all(r["dag_run_id"].startswith("leukofhir_realtime__") and r["run_type"] == "manual" for r in runs)
     assert {r["dag_run_id"] for r in airflow.runs("leukopenia_surveillance")} == scheduled_before

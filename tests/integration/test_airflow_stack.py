@@ -96,8 +96,12 @@ def _pid(stack, part: str) -> int:
 def instance():
     """The environment of a stack instance that is not started, on FHIR_TEST_PORT + 5 ... + 8."""
     folder = reachable_folder()
-    env = dict(os.environ, AIRFLOW_STACK_PORT=str(int(os.environ.get("FHIR_TEST_PORT", "8181")) + 5),
-               AIRFLOW_STACK_DIR=str(folder / "stack"), AIRFLOW_STACK_DAGS_FOLDER=str(folder))
+    env = dict(
+        os.environ,
+        AIRFLOW_STACK_PORT=str(int(os.environ.get("FHIR_TEST_PORT", "8181")) + 5),
+        AIRFLOW_STACK_DIR=str(folder / "stack"),
+        AIRFLOW_STACK_DAGS_FOLDER=str(folder),
+    )
     try:
         yield env
     finally:
@@ -199,8 +203,9 @@ def test_a_killed_worker_s_tasks_are_retried_on_the_other_worker(stack):
 
     assert alive(worker2) == []
     status = run_stack(stack["env"], "status")
-    assert (status.returncode == 1 and "worker2: stopped" in status.stdout
-            and "worker1: running, healthy" in status.stdout)
+    assert (
+        status.returncode == 1 and "worker2: stopped" in status.stdout and "worker1: running, healthy" in status.stdout
+    )
 
 
 def test_stop_stops_every_process_it_started(stack):

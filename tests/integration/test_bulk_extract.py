@@ -42,14 +42,16 @@ def test_the_window_export_selects_with_the_searches_of_the_searching_path():
         assert ("Patient" in filters) == (field == "lastUpdated")
     history = history_export(RULES)
     assert f"Observation?code={observation_codes(RULES)}" in [unquote(f) for f in history.type_filters]
-    assert {"Observation", "DiagnosticReport", "MedicationStatement", "Medication", "Patient", "Flag"} <= \
-        set(history.types)
+    assert {"Observation", "DiagnosticReport", "MedicationStatement", "Medication", "Patient", "Flag"} <= set(
+        history.types
+    )
     assert not any("date" in f or "_lastUpdated" in f for f in history.type_filters)  # whole histories
 
 
 @pytest.mark.fhir
-def test_a_process_killed_in_the_middle_of_the_exports_resumes_the_same_jobs(fhir_base_url, fhir_client, unique,
-                                                                              tmp_path):
+def test_a_process_killed_in_the_middle_of_the_exports_resumes_the_same_jobs(
+    fhir_base_url, fhir_client, unique, tmp_path
+):
     pid = f"bulk-{unique}"
     put(fhir_client, patient(pid), observation(f"{pid}-w", "wbc", 1.4, time=at(), patient=f"Patient/{pid}"))
     folder = tmp_path / "export"
@@ -67,8 +69,12 @@ def test_a_process_killed_in_the_middle_of_the_exports_resumes_the_same_jobs(fhi
             "    run_exports(client, load_config(), Path(sys.argv[2]), Window.parse('2024-01-01', '2024-06-01', "
             "'effective'), max_wait=600)\n"
         )
-        process = subprocess.Popen([sys.executable, "-c", script, proxy.base_url, str(folder)],
-                                   env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        process = subprocess.Popen(
+            [sys.executable, "-c", script, proxy.base_url, str(folder)],
+            env=dict(os.environ),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         state = folder / "history" / STATE_FILE
         deadline = time.monotonic() + 300
         while not state.exists():
@@ -93,7 +99,10 @@ def test_a_process_killed_in_the_middle_of_the_exports_resumes_the_same_jobs(fhi
     assert counts["window"]["Observation"] >= 1 and counts["history"]["Patient"] >= 1
     finished = json.loads(state.read_text())
     assert finished["complete"] is True and finished["status_url"] == started["status_url"]
-    exported = [json.loads(line)["id"] for f in (folder / "history").glob("Observation.*.ndjson")
-                for line in f.read_text().splitlines()]
+    exported = [
+        json.loads(line)["id"]
+        for f in (folder / "history").glob("Observation.*.ndjson")
+        for line in f.read_text().splitlines()
+    ]
     assert f"{pid}-w" in exported
     assert not list(Path(folder).rglob("*.part"))

@@ -24,8 +24,11 @@ def _read(run_dir) -> list[str]:
 
 def _validate(client, flag: dict, profile: str) -> list[str]:
     outcome = client.request_json("POST", "Flag/$validate", params={"profile": profile}, json=flag)
-    return [f"{i['severity']}: {i.get('diagnostics')}" for i in outcome.get("issue") or []
-            if i.get("severity") in ("fatal", "error", "warning")]
+    return [
+        f"{i['severity']}: {i.get('diagnostics')}"
+        for i in outcome.get("issue") or []
+        if i.get("severity") in ("fatal", "error", "warning")
+    ]
 
 
 def test_flags_move_to_a_new_base_in_place_and_validate_against_its_profile(fhir_client, unique, tmp_path, own_tag):
@@ -38,20 +41,32 @@ def test_flags_move_to_a_new_base_in_place_and_validate_against_its_profile(fhir
     now = datetime.now(timezone.utc).replace(microsecond=0)
     pids = [f"cb{n}-{unique}" for n in range(3)]
     on_server += pids
-    put(fhir_client, *(patient(p) for p in pids),
+    put(
+        fhir_client,
+        *(patient(p) for p in pids),
         observation(f"{pids[0]}-a", "anc", 0.3, time=days_ago(5, now=now), patient=f"Patient/{pids[0]}"),
         statement(f"{pids[0]}-m", "clozapine", start=days_ago(30, now=now), patient_ref=f"Patient/{pids[0]}"),
         observation(f"{pids[1]}-w", "wbc", 2.0, time=days_ago(9, now=now), patient=f"Patient/{pids[1]}"),
         observation(f"{pids[1]}-w2", "wbc", 5.0, time=days_ago(8, now=now), patient=f"Patient/{pids[1]}"),
-        observation(f"{pids[2]}-l", "lymphocytes_abs", 0.4, time=days_ago(3, now=now), patient=f"Patient/{pids[2]}"))
+        observation(f"{pids[2]}-l", "lymphocytes_abs", 0.4, time=days_ago(3, now=now), patient=f"Patient/{pids[2]}"),
+    )
 
     first = run_pipeline(fhir_client, old, tmp_path / "first", patients=pids, now=now)
     assert first["writes"]["create"] == 3
     before = {f["id"]: f for f in project_flags(fhir_client, pids, old)}
     assert all(f["meta"]["profile"] == [old.uris.flag_profile] for f in before.values())
     # Patient 2's low result is withdrawn by its lab: under the new base its Flag is withdrawn, not duplicated.
-    put(fhir_client, observation(f"{pids[2]}-l", "lymphocytes_abs", 0.4, time=days_ago(3, now=now),
-                                 patient=f"Patient/{pids[2]}", status="entered-in-error"))
+    put(
+        fhir_client,
+        observation(
+            f"{pids[2]}-l",
+            "lymphocytes_abs",
+            0.4,
+            time=days_ago(3, now=now),
+            patient=f"Patient/{pids[2]}",
+            status="entered-in-error",
+        ),
+    )
 
     publish(fhir_client, new)
     # A window that touches none of these patients: the run finds them by their Flags under the previous base.

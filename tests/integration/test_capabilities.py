@@ -49,11 +49,13 @@ def test_each_missing_thing_is_named(statement):
     _without_param(edited, "Flag", "date")  # the lapse sweep's search for open Flags
     for name in ("subject", "patient"):
         _without_param(edited, "MedicationRequest", name)
-    _resource(edited, "Flag")["interaction"] = [i for i in _resource(edited, "Flag")["interaction"]
-                                                if i["code"] != "update"]
+    _resource(edited, "Flag")["interaction"] = [
+        i for i in _resource(edited, "Flag")["interaction"] if i["code"] != "update"
+    ]
     _resource(edited, "Flag")["versioning"] = "versioned"  # versions kept, If-Match not honoured
-    _resource(edited, "Observation")["interaction"] = [i for i in _resource(edited, "Observation")["interaction"]
-                                                       if i["code"] != "history-type"]
+    _resource(edited, "Observation")["interaction"] = [
+        i for i in _resource(edited, "Observation")["interaction"] if i["code"] != "history-type"
+    ]
     edited["rest"][0]["operation"] = [o for o in edited["rest"][0]["operation"] if o["name"] != "export"]
     edited["rest"][0]["resource"] = [r for r in edited["rest"][0]["resource"] if r["type"] != "MedicationStatement"]
     missing = missing_capabilities(edited, need_export=True, history_types=["Observation"])
@@ -82,8 +84,9 @@ def test_parameters_declared_for_all_resources_count(statement):
 
 def test_resource_types_and_write_flags_narrow_the_check(statement):
     edited = copy.deepcopy(statement)
-    _resource(edited, "Flag")["interaction"] = [i for i in _resource(edited, "Flag")["interaction"]
-                                                if i["code"] != "update"]
+    _resource(edited, "Flag")["interaction"] = [
+        i for i in _resource(edited, "Flag")["interaction"] if i["code"] != "update"
+    ]
     _without_param(edited, "Flag", "_tag")
     assert missing_capabilities(edited, resource_types=["Observation"]) == []
     assert missing_capabilities(edited, resource_types=["Flag"], write_flags=False) == ["search Flag by _tag"]
@@ -92,20 +95,50 @@ def test_resource_types_and_write_flags_narrow_the_check(statement):
 
 def test_a_lacking_server_is_refused_before_anything_else(fhir_base_url, statement, tmp_path):
     edited = copy.deepcopy(statement)
-    _resource(edited, "Group")["operation"] = [o for o in _resource(edited, "Group")["operation"]
-                                               if o["name"] != "export"]
+    _resource(edited, "Group")["operation"] = [
+        o for o in _resource(edited, "Group")["operation"] if o["name"] != "export"
+    ]
     with FaultProxy(fhir_base_url) as proxy:
-        proxy.add(Fault("status", status=200, body=json.dumps(edited), path_regex="/metadata",
-                        headers={"Content-Type": "application/fhir+json"}))
+        proxy.add(
+            Fault(
+                "status",
+                status=200,
+                body=json.dumps(edited),
+                path_regex="/metadata",
+                headers={"Content-Type": "application/fhir+json"},
+            )
+        )
         with FhirClient(proxy.base_url) as client, pytest.raises(CapabilityError) as err:
             check_capabilities(client, need_export="group", resource_types=[])
         assert err.value.missing == ["Bulk Data $export at group level (Group/…/$export)"]
         assert "lacks what leukofhir needs" in str(err.value)
 
-        proxy.add(Fault("status", status=200, body=json.dumps(edited), path_regex="/metadata",
-                        headers={"Content-Type": "application/fhir+json"}))
-        done = subprocess.run([sys.executable, "-m", "leukofhir.cli", "export", "--fhir-url", proxy.base_url,
-                               "--group", "g1", "--out", str(tmp_path / "out")], capture_output=True, text=True,
-                              timeout=300, env=dict(os.environ))
+        proxy.add(
+            Fault(
+                "status",
+                status=200,
+                body=json.dumps(edited),
+                path_regex="/metadata",
+                headers={"Content-Type": "application/fhir+json"},
+            )
+        )
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "leukofhir.cli",
+                "export",
+                "--fhir-url",
+                proxy.base_url,
+                "--group",
+                "g1",
+                "--out",
+                str(tmp_path / "out"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=dict(os.environ),
+        )
         assert done.returncode == 4 and "Bulk Data $export at group level" in done.stderr  # server lacking
         assert [p for _, p, _ in proxy.requests if "metadata" not in p] == []  # no kick-off, no read

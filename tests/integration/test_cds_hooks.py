@@ -59,8 +59,11 @@ def _agranulocytosis_patient(client, unique: str, *, drug: str | None = None) ->
     """A patient with ANC 0.3 three days ago (agranulocytosis, open) on the server."""
     pid = f"cds-{unique}"
     ref = f"Patient/{pid}"
-    resources = [patient(pid), observation(f"{pid}-anc1", "anc", 2.4, time=days_ago(40), patient=ref),
-                 observation(f"{pid}-anc2", "anc", 0.3, time=days_ago(3), patient=ref)]
+    resources = [
+        patient(pid),
+        observation(f"{pid}-anc1", "anc", 2.4, time=days_ago(40), patient=ref),
+        observation(f"{pid}-anc2", "anc", 0.3, time=days_ago(3), patient=ref),
+    ]
     if drug:
         resources.append(statement(f"{pid}-med", drug, start=days_ago(30), patient_ref=ref))
     put(client, *resources)
@@ -74,8 +77,11 @@ def _prefetch(client, pid: str) -> dict:
     prefetch = {}
     for key, template in templates.items():
         kind = template.split("?", 1)[0].split("/", 1)[0]
-        matching = [r for r in resources if r["resourceType"] == kind
-                    or (kind == "Observation" and r["resourceType"] == "DiagnosticReport")]
+        matching = [
+            r
+            for r in resources
+            if r["resourceType"] == kind or (kind == "Observation" and r["resourceType"] == "DiagnosticReport")
+        ]
         prefetch[key] = {"resourceType": "Bundle", "type": "searchset", "entry": [{"resource": r} for r in matching]}
     prefetch["patient"] = next(r for r in resources if r["resourceType"] == "Patient")
     return prefetch
@@ -85,8 +91,10 @@ def test_discovery_lists_both_services_with_their_prefetch(cds):
     answer = requests.get(cds.url + "/cds-services", timeout=10)
     assert answer.status_code == 200
     services = {s["id"]: s for s in answer.json()["services"]}
-    assert {k: s["hook"] for k, s in services.items()} == {"leukopenia-patient-view": "patient-view",
-                                                         "leukopenia-order-sign": "order-sign"}
+    assert {k: s["hook"] for k, s in services.items()} == {
+        "leukopenia-patient-view": "patient-view",
+        "leukopenia-order-sign": "order-sign",
+    }
     prefetch = services["leukopenia-patient-view"]["prefetch"]
     assert prefetch["patient"] == "Patient/{{context.patientId}}"
     assert "751-8" in prefetch["observations"] and "{{context.patientId}}" in prefetch["observations"]
@@ -95,9 +103,15 @@ def test_discovery_lists_both_services_with_their_prefetch(cds):
 
 def test_the_configured_browser_origin_may_call_it_and_no_other(cds):
     for origin, allowed in ((SANDBOX, True), ("https://evil.example", False)):
-        preflight = requests.options(cds.url + PATIENT_VIEW, timeout=10, headers={
-            "Origin": origin, "Access-Control-Request-Method": "POST",
-            "Access-Control-Request-Headers": "authorization,content-type"})
+        preflight = requests.options(
+            cds.url + PATIENT_VIEW,
+            timeout=10,
+            headers={
+                "Origin": origin,
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization,content-type",
+            },
+        )
         assert (preflight.headers.get("Access-Control-Allow-Origin") == origin) is allowed, preflight.headers
         discovery = requests.get(cds.url + "/cds-services", headers={"Origin": origin}, timeout=10)
         assert (discovery.headers.get("Access-Control-Allow-Origin") == origin) is allowed
@@ -118,11 +132,19 @@ def test_patient_view_with_prefetch_gives_a_critical_card(cds, fhir_client, uniq
 
 def test_patient_view_without_prefetch_reads_the_configured_server(cds, fhir_client, fhir_base_url, unique):
     pid = _agranulocytosis_patient(fhir_client, unique)
-    for extra in ({}, {"fhirServer": fhir_base_url}, {"fhirServer": fhir_base_url + "/",
-                                                      "fhirAuthorization": {"access_token": "ehr-token-1",
-                                                                            "token_type": "Bearer",
-                                                                            "scope": "patient/*.read",
-                                                                            "subject": "cds-service"}}):
+    for extra in (
+        {},
+        {"fhirServer": fhir_base_url},
+        {
+            "fhirServer": fhir_base_url + "/",
+            "fhirAuthorization": {
+                "access_token": "ehr-token-1",
+                "token_type": "Bearer",
+                "scope": "patient/*.read",
+                "subject": "cds-service",
+            },
+        },
+    ):
         answer = _post(cds, PATIENT_VIEW, patient_view_request(pid, **extra))
         assert answer.status_code == 200, answer.text
         assert [c["indicator"] for c in answer.json()["cards"]] == ["critical"]
@@ -130,25 +152,35 @@ def test_patient_view_without_prefetch_reads_the_configured_server(cds, fhir_cli
 
 def test_a_request_naming_another_fhir_server_is_refused(cds, fhir_client, unique):
     pid = _agranulocytosis_patient(fhir_client, unique)
-    answer = _post(cds, PATIENT_VIEW, patient_view_request(pid, fhirServer="http://127.0.0.1:9/fhir",
-                                                           fhirAuthorization={"access_token": "t",
-                                                                              "token_type": "Bearer"}))
+    answer = _post(
+        cds,
+        PATIENT_VIEW,
+        patient_view_request(
+            pid, fhirServer="http://127.0.0.1:9/fhir", fhirAuthorization={"access_token": "t", "token_type": "Bearer"}
+        ),
+    )
     assert answer.status_code == 400
     assert "fhirServer" in answer.json()["detail"]
 
 
 def test_no_counts_no_card_and_normal_counts_no_card(cds, fhir_client, unique):
     empty, normal = f"cds-empty-{unique}", f"cds-normal-{unique}"
-    put(fhir_client, patient(empty), patient(normal),
-        observation(f"{normal}-wbc", "wbc", 6.1, time=days_ago(2), patient=f"Patient/{normal}"))
+    put(
+        fhir_client,
+        patient(empty),
+        patient(normal),
+        observation(f"{normal}-wbc", "wbc", 6.1, time=days_ago(2), patient=f"Patient/{normal}"),
+    )
     for pid in (empty, normal, f"never-{unique}"):
         answer = _post(cds, PATIENT_VIEW, patient_view_request(pid))
         assert answer.status_code == 200, answer.text
         assert answer.json() == {"cards": []}
 
 
-@pytest.mark.parametrize("case", ["missing", "not bearer", "other key", "wrong aud", "expired", "untrusted iss",
-                                  "HS256", "no jti", "replayed"])
+@pytest.mark.parametrize(
+    "case",
+    ["missing", "not bearer", "other key", "wrong aud", "expired", "untrusted iss", "HS256", "no jti", "replayed"],
+)
 def test_a_bad_or_missing_jwt_is_a_401(cds, case, tmp_path):
     audience = cds.url + PATIENT_VIEW
     body = patient_view_request("nobody")
@@ -160,12 +192,24 @@ def test_a_bad_or_missing_jwt_is_a_401(cds, case, tmp_path):
         "wrong aud": cds.auth(ORDER_SIGN),
         "expired": cds.keys.header(audience, expires_in=-600),
         "untrusted iss": stranger.header(audience, issuer="https://other-ehr.example.org"),
-        "HS256": {"Authorization": "Bearer " + jwt.encode({"iss": cds.keys.issuer, "aud": audience, "jti": "x",
-                                                           "exp": 4102444800}, "secret" * 8, algorithm="HS256",
-                                                          headers={"kid": "es"})},
-        "no jti": {"Authorization": "Bearer " + jwt.encode(
-            {"iss": cds.keys.issuer, "aud": audience, "exp": 4102444800}, cds.keys.keys["es"][0], algorithm="ES384",
-            headers={"kid": "es"})},
+        "HS256": {
+            "Authorization": "Bearer "
+            + jwt.encode(
+                {"iss": cds.keys.issuer, "aud": audience, "jti": "x", "exp": 4102444800},
+                "secret" * 8,
+                algorithm="HS256",
+                headers={"kid": "es"},
+            )
+        },
+        "no jti": {
+            "Authorization": "Bearer "
+            + jwt.encode(
+                {"iss": cds.keys.issuer, "aud": audience, "exp": 4102444800},
+                cds.keys.keys["es"][0],
+                algorithm="ES384",
+                headers={"kid": "es"},
+            )
+        },
     }.get(case)
     if case == "replayed":
         headers = cds.auth(PATIENT_VIEW, jti=f"once-{uuid.uuid4().hex}")
@@ -183,9 +227,11 @@ def test_both_signing_algorithms_are_accepted(cds):
 
 def test_order_sign_warns_for_clozapine_and_chemotherapy_not_for_an_unrelated_drug(cds, fhir_client, unique):
     pid = _agranulocytosis_patient(fhir_client, unique)
-    orders = [draft_order("o-cloz", pid, rxnorm=CLOZAPINE, text="clozapine 25 MG Oral Tablet"),
-              draft_order("o-cis", pid, text="Cisplatin 50 MG Injection"),
-              draft_order("o-amox", pid, rxnorm=AMOXICILLIN, text="amoxicillin 500 MG Oral Capsule")]
+    orders = [
+        draft_order("o-cloz", pid, rxnorm=CLOZAPINE, text="clozapine 25 MG Oral Tablet"),
+        draft_order("o-cis", pid, text="Cisplatin 50 MG Injection"),
+        draft_order("o-amox", pid, rxnorm=AMOXICILLIN, text="amoxicillin 500 MG Oral Capsule"),
+    ]
     answer = _post(cds, ORDER_SIGN, order_sign_request(pid, orders))
     assert answer.status_code == 200, answer.text
     cards = answer.json()["cards"]
@@ -202,10 +248,21 @@ def test_order_sign_warns_for_clozapine_and_chemotherapy_not_for_an_unrelated_dr
 
 def test_order_sign_reads_a_contained_medication_by_atc(cds, fhir_client, unique):
     pid = _agranulocytosis_patient(fhir_client, unique)
-    order = {"resourceType": "MedicationRequest", "id": "o-contained", "status": "draft", "intent": "order",
-             "subject": {"reference": f"Patient/{pid}"}, "medicationReference": {"reference": "#m1"},
-             "contained": [{"resourceType": "Medication", "id": "m1", "code": {"coding": [
-                 {"system": "http://www.whocc.no/atc", "code": "L01XA01"}]}}]}
+    order = {
+        "resourceType": "MedicationRequest",
+        "id": "o-contained",
+        "status": "draft",
+        "intent": "order",
+        "subject": {"reference": f"Patient/{pid}"},
+        "medicationReference": {"reference": "#m1"},
+        "contained": [
+            {
+                "resourceType": "Medication",
+                "id": "m1",
+                "code": {"coding": [{"system": "http://www.whocc.no/atc", "code": "L01XA01"}]},
+            }
+        ],
+    }
     answer = _post(cds, ORDER_SIGN, order_sign_request(pid, [order]))
     assert answer.status_code == 200, answer.text
     (card,) = answer.json()["cards"]
@@ -232,8 +289,9 @@ def _sample_copy(folder: Path, unique: str) -> tuple[Path, list[str]]:
     for path in SAMPLE.glob("*.json.gz"):
         data = UUID.sub(lambda m: m.group(0) + b"-" + unique[:8].encode(), gzip.decompress(path.read_bytes()))
         (folder / path.name).write_bytes(gzip.compress(data))
-        patients += [e["resource"]["id"] for e in json.loads(data)["entry"]
-                     if e["resource"]["resourceType"] == "Patient"]
+        patients += [
+            e["resource"]["id"] for e in json.loads(data)["entry"] if e["resource"]["resourceType"] == "Patient"
+        ]
     return folder, sorted(patients)
 
 
@@ -249,11 +307,15 @@ def _recent_patients(client, unique: str) -> list[str]:
         "lapsed": [("wbc", 2.5, 200)],
     }.items():
         pid = f"cds-{name}-{unique}"
-        made[pid] = [patient(pid)] + [observation(f"{pid}-{i}", concept, value, time=days_ago(days),
-                                                  patient=f"Patient/{pid}")
-                                      for i, (concept, value, days) in enumerate(rows)]
-    made[f"cds-agran-{unique}"].append(statement(f"cds-agran-{unique}-med", "clozapine 200 mg", start=days_ago(60),
-                                                 patient_ref=f"Patient/cds-agran-{unique}"))
+        made[pid] = [patient(pid)] + [
+            observation(f"{pid}-{i}", concept, value, time=days_ago(days), patient=f"Patient/{pid}")
+            for i, (concept, value, days) in enumerate(rows)
+        ]
+    made[f"cds-agran-{unique}"].append(
+        statement(
+            f"cds-agran-{unique}-med", "clozapine 200 mg", start=days_ago(60), patient_ref=f"Patient/cds-agran-{unique}"
+        )
+    )
     put(client, *(r for resources in made.values() for r in resources))
     return sorted(made)
 
@@ -268,11 +330,13 @@ def _cards_and_flags(fhir_base_url, fhir_client, tmp_path, name, patients, as_of
     report = run_pipeline(fhir_client, rules, tmp_path / f"run-{name}", patients=patients, now=as_of)
     assert report["status"] == "done"
     flags = project_flags(fhir_client, patients, rules)
-    expected = {(f["subject"]["reference"], str(uuid.uuid5(CARD_NAMESPACE, f["identifier"][0]["value"])))
-                for f in flags if f["status"] == "active"}
+    expected = {
+        (f["subject"]["reference"], str(uuid.uuid5(CARD_NAMESPACE, f["identifier"][0]["value"])))
+        for f in flags
+        if f["status"] == "active"
+    }
     args = ("--config", str(config)) + (("--as-of", as_of.isoformat()) if as_of else ())
-    with CdsProcess(tmp_path / f"svc-{name}", session_port(18), fhir_base_url, EhrKeys(tmp_path), args=args) \
-            as service:
+    with CdsProcess(tmp_path / f"svc-{name}", session_port(18), fhir_base_url, EhrKeys(tmp_path), args=args) as service:
         cards, indicators = set(), {}
         for pid in patients:
             answer = _post(service, PATIENT_VIEW, patient_view_request(pid))
@@ -283,8 +347,7 @@ def _cards_and_flags(fhir_base_url, fhir_client, tmp_path, name, patients, as_of
     return cards, expected, indicators, flags
 
 
-def test_the_cards_agree_with_the_flags_a_run_writes_for_the_sample_data(fhir_base_url, fhir_client, unique,
-                                                                          tmp_path):
+def test_the_cards_agree_with_the_flags_a_run_writes_for_the_sample_data(fhir_base_url, fhir_client, unique, tmp_path):
     """Every active Flag the run writes for the sample patients has its card, and there is no card without one. The
     sample data ends in December 2020: the run and the service evaluate as of 2021-01-01 (as of now, every episode
     would have lapsed)."""
@@ -293,19 +356,30 @@ def test_the_cards_agree_with_the_flags_a_run_writes_for_the_sample_data(fhir_ba
     sample, patients = _sample_copy(tmp_path / "sample", unique)
     assert load_files(fhir_client, [str(sample)]).ok
     try:
-        cards, expected, _, flags = _cards_and_flags(fhir_base_url, fhir_client, tmp_path, f"sample-{unique}",
-                                                     patients, datetime(2021, 1, 1, tzinfo=timezone.utc))
+        cards, expected, _, flags = _cards_and_flags(
+            fhir_base_url,
+            fhir_client,
+            tmp_path,
+            f"sample-{unique}",
+            patients,
+            datetime(2021, 1, 1, tzinfo=timezone.utc),
+        )
     finally:
         remove_results(fhir_client, patients)  # a later default-tag backfill then wants no Flag for the copies
     assert len(expected) == 1 and len(flags) == 7  # one open episode; six closed ones get no card
     assert cards == expected
 
 
-def test_the_cards_agree_with_the_flags_for_recent_counts_of_every_severity(fhir_base_url, fhir_client, unique,
-                                                                             tmp_path):
+def test_the_cards_agree_with_the_flags_for_recent_counts_of_every_severity(
+    fhir_base_url, fhir_client, unique, tmp_path
+):
     patients = _recent_patients(fhir_client, unique)
-    cards, expected, indicators, _ = _cards_and_flags(fhir_base_url, fhir_client, tmp_path, f"recent-{unique}",
-                                                      patients)
+    cards, expected, indicators, _ = _cards_and_flags(
+        fhir_base_url, fhir_client, tmp_path, f"recent-{unique}", patients
+    )
     assert cards == expected
-    assert indicators == {f"cds-agran-{unique}": "critical", f"cds-leuko-{unique}": "warning",
-                          f"cds-lymph-{unique}": "info"}
+    assert indicators == {
+        f"cds-agran-{unique}": "critical",
+        f"cds-leuko-{unique}": "warning",
+        f"cds-lymph-{unique}": "info",
+    }

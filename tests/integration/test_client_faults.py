@@ -20,8 +20,19 @@ def client(proxy, sleeps):
 
 @pytest.mark.parametrize(
     "status, retried",
-    [(408, True), (429, True), (500, True), (502, True), (503, True), (504, True),
-     (400, False), (404, False), (409, False), (412, False), (422, False)],
+    [
+        (408, True),
+        (429, True),
+        (500, True),
+        (502, True),
+        (503, True),
+        (504, True),
+        (400, False),
+        (404, False),
+        (409, False),
+        (412, False),
+        (422, False),
+    ],
 )
 def test_status_classification(proxy, client, sleeps, status, retried):
     proxy.add(Fault("status", status=status, path_regex="/metadata"))
@@ -43,8 +54,10 @@ def test_retry_budget_is_bounded_and_backs_off(proxy, client, sleeps):
 
 
 def test_retry_after_is_honoured_but_bounded(proxy, client, sleeps):
-    proxy.add(Fault("status", status=429, headers={"Retry-After": "7"}, path_regex="/metadata"),
-              Fault("status", status=503, headers={"Retry-After": "3600"}, path_regex="/metadata"))
+    proxy.add(
+        Fault("status", status=429, headers={"Retry-After": "7"}, path_regex="/metadata"),
+        Fault("status", status=503, headers={"Retry-After": "3600"}, path_regex="/metadata"),
+    )
     client.capabilities()
     assert sleeps == [7.0, 60.0]
 
@@ -56,10 +69,15 @@ def test_connection_reset_is_retried(proxy, client, sleeps):
 
 
 def test_operation_outcome_reaches_the_error_its_text_only_the_exception(proxy, client):
-    outcome = ('{"resourceType":"OperationOutcome","issue":[{"severity":"error","code":"processing",'
-               '"diagnostics":"HAPI-0000: the server says no to Patient.birthDate \\"1970-01-01\\""}]}')
-    proxy.add(Fault("status", status=422, body=outcome, headers={"Content-Type": "application/fhir+json"},
-                    path_regex="/Patient"))
+    outcome = (
+        '{"resourceType":"OperationOutcome","issue":[{"severity":"error","code":"processing",'
+        '"diagnostics":"HAPI-0000: the server says no to Patient.birthDate \\"1970-01-01\\""}]}'
+    )
+    proxy.add(
+        Fault(
+            "status", status=422, body=outcome, headers={"Content-Type": "application/fhir+json"}, path_regex="/Patient"
+        )
+    )
     with pytest.raises(FatalFhirError, match=r"HTTP 422: error processing at Patient.birthDate \[HAPI-0000\]") as err:
         list(client.search("Patient", {"_count": 1}))
     # The message carries codes, paths and message ids; the text (which may quote patient data) stays in .outcome.
@@ -69,11 +87,22 @@ def test_operation_outcome_reaches_the_error_its_text_only_the_exception(proxy, 
 
 def test_next_link_to_another_origin_is_refused(proxy, client, fhir_client, unique):
     for i in range(3):
-        fhir_client.update({"resourceType": "Patient", "id": f"fl{i}-{unique}",
-                            "meta": {"tag": [{"system": "urn:test", "code": unique}]}})
+        fhir_client.update(
+            {
+                "resourceType": "Patient",
+                "id": f"fl{i}-{unique}",
+                "meta": {"tag": [{"system": "urn:test", "code": unique}]},
+            }
+        )
     host = proxy.base_url.split("//")[1].split("/")[0]
-    proxy.add(Fault("rewrite", pattern=f'"url" ?: ?"http://{host}', replacement='"url":"https://evil.example',
-                    path_regex="/Patient"))
+    proxy.add(
+        Fault(
+            "rewrite",
+            pattern=f'"url" ?: ?"http://{host}',
+            replacement='"url":"https://evil.example',
+            path_regex="/Patient",
+        )
+    )
     pages = client.search_pages("Patient", {"_tag": f"urn:test|{unique}", "_count": 1})
     with pytest.raises(ForeignLinkError):
         list(pages)

@@ -37,8 +37,13 @@ def client(proxy):
 
 
 def _cli(*args, env=None, timeout=300):
-    return subprocess.run([sys.executable, "-m", "leukofhir.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=dict(os.environ, **(env or {})))
+    return subprocess.run(
+        [sys.executable, "-m", "leukofhir.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=dict(os.environ, **(env or {})),
+    )
 
 
 def _ndjson(path, resources):
@@ -47,6 +52,7 @@ def _ndjson(path, resources):
 
 
 # --- 9.5: a 200 answer that is not JSON -----------------------------------------------------------------------
+
 
 def test_a_200_that_is_not_json_is_a_typed_error(proxy, client):
     proxy.add(Fault("status", status=200, body=HTML, headers={"Content-Type": "text/html"}, path_regex="/metadata"))
@@ -58,8 +64,15 @@ def test_a_200_that_is_not_json_is_a_typed_error(proxy, client):
 
 
 def test_a_200_that_is_json_but_not_an_object_is_a_typed_error(proxy, client):
-    proxy.add(Fault("status", status=200, body='["a", "list"]', headers={"Content-Type": "application/json"},
-                    path_regex="/Patient"))
+    proxy.add(
+        Fault(
+            "status",
+            status=200,
+            body='["a", "list"]',
+            headers={"Content-Type": "application/json"},
+            path_regex="/Patient",
+        )
+    )
     with pytest.raises(FhirError, match="not a JSON object"):
         list(client.search("Patient", {"_count": 1}))
 
@@ -76,10 +89,13 @@ def test_load_ends_with_one_line_when_the_server_answers_html(proxy, unique, tmp
 
 # --- 9.10: redirects --------------------------------------------------------------------------------------------
 
+
 def test_a_write_redirected_to_another_origin_sends_nothing_there(proxy, elsewhere, client, unique):
     proxy.add(Fault("status", status=307, headers={"Location": f"{elsewhere.base_url}/"}, method="POST"))
-    entry = {"resource": {"resourceType": "Patient", "id": f"rd-{unique}"},
-             "request": {"method": "PUT", "url": f"Patient/rd-{unique}"}}
+    entry = {
+        "resource": {"resourceType": "Patient", "id": f"rd-{unique}"},
+        "request": {"method": "PUT", "url": f"Patient/rd-{unique}"},
+    }
     with pytest.raises(RedirectError) as err:
         client.transaction([entry])
     assert "another origin" in str(err.value)
@@ -94,16 +110,18 @@ def test_a_read_redirected_to_another_origin_is_not_followed(proxy, elsewhere, c
 
 
 def test_a_write_is_never_redirected_even_to_the_same_origin(proxy, client, unique):
-    proxy.add(Fault("status", status=307, headers={"Location": f"{proxy.base_url}/Patient/moved-{unique}"},
-                    method="PUT"))
+    proxy.add(
+        Fault("status", status=307, headers={"Location": f"{proxy.base_url}/Patient/moved-{unique}"}, method="PUT")
+    )
     with pytest.raises(RedirectError, match="not followed"):
         client.update({"resourceType": "Patient", "id": f"rw-{unique}"})
     assert [m for m, p, _ in proxy.requests] == ["PUT"]
 
 
 def test_a_read_redirected_on_the_same_origin_is_followed(proxy, client):
-    proxy.add(Fault("status", status=302, headers={"Location": f"{proxy.base_url}/metadata?moved=1"},
-                    path_regex="/metadata$"))
+    proxy.add(
+        Fault("status", status=302, headers={"Location": f"{proxy.base_url}/metadata?moved=1"}, path_regex="/metadata$")
+    )
     assert client.capabilities()["resourceType"] == "CapabilityStatement"
     assert [p.rsplit("/", 1)[1] for _, p, _ in proxy.requests] == ["metadata", "metadata?moved=1"]
 
@@ -115,8 +133,9 @@ TOKEN = "tok-9f2c1d7e5b3a"
 
 def test_a_token_with_a_trailing_newline_works_and_is_never_printed(proxy, unique, tmp_path):
     path = _ndjson(tmp_path / "p.ndjson", [{"resourceType": "Patient", "id": f"nl-{unique}"}])
-    done = _cli("load", "--fhir-url", proxy.base_url, "--auth", "bearer", str(path),
-                env={"LEUKOFHIR_FHIR_TOKEN": TOKEN + "\n"})
+    done = _cli(
+        "load", "--fhir-url", proxy.base_url, "--auth", "bearer", str(path), env={"LEUKOFHIR_FHIR_TOKEN": TOKEN + "\n"}
+    )
     assert done.returncode == 0, done.stderr[-500:].replace(TOKEN, "<TOKEN>")
     assert TOKEN not in done.stdout + done.stderr
     assert {h.get("Authorization") for m, _, h in proxy.requests} == {f"Bearer {TOKEN}"}
@@ -127,8 +146,15 @@ def test_a_malformed_token_is_refused_by_name_not_by_value(proxy, tmp_path, bad)
     path = _ndjson(tmp_path / "p.ndjson", [{"resourceType": "Patient", "id": "never-sent"}])
     token_file = tmp_path / "token"
     token_file.write_text(bad)
-    done = _cli("load", "--fhir-url", proxy.base_url, "--auth", "bearer", str(path),
-                env={"LEUKOFHIR_FHIR_TOKEN_FILE": str(token_file)})
+    done = _cli(
+        "load",
+        "--fhir-url",
+        proxy.base_url,
+        "--auth",
+        "bearer",
+        str(path),
+        env={"LEUKOFHIR_FHIR_TOKEN_FILE": str(token_file)},
+    )
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "LEUKOFHIR_FHIR_TOKEN_FILE" in done.stderr
     assert TOKEN not in done.stdout + done.stderr

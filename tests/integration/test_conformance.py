@@ -18,18 +18,27 @@ CLI = [sys.executable, "-m", "leukofhir.cli"]
 
 
 def _history(client, resource: dict) -> int:
-    bundle = client.request_json("GET", f"{resource['resourceType']}/{resource['id']}/_history",
-                                 headers={"Cache-Control": "no-cache"})
+    bundle = client.request_json(
+        "GET", f"{resource['resourceType']}/{resource['id']}/_history", headers={"Cache-Control": "no-cache"}
+    )
     return len(bundle.get("entry") or [])
 
 
-def test_the_command_loads_the_resources_once_and_a_second_run_writes_nothing(fhir_base_url, fhir_client, unique,
-                                                                             tmp_path):
+def test_the_command_loads_the_resources_once_and_a_second_run_writes_nothing(
+    fhir_base_url, fhir_client, unique, tmp_path
+):
     base = f"https://site-{unique}.example/leukofhir"  # the test's own resources on the session's server
     config = rules_with_base(tmp_path, base)
     resources = conformance_resources(load_config(config))
-    runs = [subprocess.run([*CLI, "conformance", "--fhir-url", fhir_base_url, "--config", str(config)],
-                           capture_output=True, text=True, timeout=300) for _ in range(2)]
+    runs = [
+        subprocess.run(
+            [*CLI, "conformance", "--fhir-url", fhir_base_url, "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        for _ in range(2)
+    ]
     for done in runs:
         assert done.returncode == 0, done.stderr[-2000:]
     first, second = ([line.split()[:2] for line in done.stdout.splitlines()] for done in runs)

@@ -23,17 +23,23 @@ CLI = [sys.executable, "-m", "leukofhir.cli"]
 
 def run(url: str, out, *patients: str, batch_size: int | None = None) -> int:
     """`leukofhir run --patients ...`, in this process (the console script's own main)."""
-    return main(["run", "--fhir-url", url, "--patients", ",".join(patients), "--out", str(out)]
-                + (["--batch-size", str(batch_size)] if batch_size else []))
+    return main(
+        ["run", "--fhir-url", url, "--patients", ",".join(patients), "--out", str(out)]
+        + (["--batch-size", str(batch_size)] if batch_size else [])
+    )
 
 
 def quarantine(folder) -> dict[str, list[str]]:
-    return {q["resource"]["id"]: q["reasons"] for q in map(json.loads, (folder / "quarantine.ndjson").open())
-            if "resource" in q}
+    return {
+        q["resource"]["id"]: q["reasons"]
+        for q in map(json.loads, (folder / "quarantine.ndjson").open())
+        if "resource" in q
+    }
 
 
-def test_one_run_batches_and_one_patient_at_a_time_give_the_same_flags(fhir_base_url, fhir_client, unique, tmp_path,
-                                                                      capsys):
+def test_one_run_batches_and_one_patient_at_a_time_give_the_same_flags(
+    fhir_base_url, fhir_client, unique, tmp_path, capsys
+):
     batchings = {}
     # One run over all 13 patients (one batch).
     ids = held_out_ids(f"one-{unique}")
@@ -48,7 +54,8 @@ def test_one_run_batches_and_one_patient_at_a_time_give_the_same_flags(fhir_base
     assert reasons[f"{bad}-unit"] == [
         "expect_column_values_to_be_in_set(unit): unknown unit 'furlong' for wbc",
         "expect_column_values_to_not_be_null(value): value missing: unit 'furlong' cannot be converted to the unit of "
-        "wbc (§1.2)"]
+        "wbc (§1.2)",
+    ]
     assert reasons[f"{bad}-text"] == ["value is not a Quantity with a numeric value"]
     assert [f[0] for f in batchings["one run"][BAD]] == ["active"]
     assert report["contract_verdict"] == {"passed": True, "message": None}
@@ -72,8 +79,21 @@ def test_one_run_batches_and_one_patient_at_a_time_give_the_same_flags(fhir_base
     # The bad patient batched with a good one, as the receiver batches arrivals: the real console script, exit 0.
     ids = held_out_ids(f"pair-{unique}")
     put(fhir_client, *held_out(f"pair-{unique}"))
-    done = subprocess.run([*CLI, "run", "--fhir-url", fhir_base_url, "--patients", f"{ids[BAD]},{ids[1]}",
-                           "--out", str(tmp_path / "pair")], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            *CLI,
+            "run",
+            "--fhir-url",
+            fhir_base_url,
+            "--patients",
+            f"{ids[BAD]},{ids[1]}",
+            "--out",
+            str(tmp_path / "pair"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "2 patients touched; Flags created 2" in done.stdout and "2 resources quarantined" in done.stdout
     pair = flags_by_place(fhir_client, ids)
@@ -87,17 +107,24 @@ def test_one_run_batches_and_one_patient_at_a_time_give_the_same_flags(fhir_base
 
 def test_a_flag_whose_evidence_is_quarantined_is_left_as_it_is(fhir_base_url, fhir_client, unique, tmp_path):
     pid, other = f"held-{unique}", f"held-other-{unique}"
-    put(fhir_client, patient(pid), patient(other),
+    put(
+        fhir_client,
+        patient(pid),
+        patient(other),
         observation(f"{pid}-low", "wbc", 2.0, time=recent(), patient=f"Patient/{pid}"),
-        observation(f"{other}-low", "wbc", 2.0, time=recent(), patient=f"Patient/{other}"))
+        observation(f"{other}-low", "wbc", 2.0, time=recent(), patient=f"Patient/{other}"),
+    )
     assert run(fhir_base_url, tmp_path / "first", pid, other) == 0
     (flag,) = project_flags(fhir_client, [pid])
     assert flag["status"] == "active"
     # The laboratory re-sends the result in a unit nobody knows: without it the rules would withdraw the Flag. It
     # stays as it is until the data is mended, while the other patient's Flag is judged as ever (here: closed by a
     # recovery).
-    put(fhir_client, observation(f"{pid}-low", "wbc", 2.0, unit="furlong", time=recent(), patient=f"Patient/{pid}"),
-        observation(f"{other}-ok", "wbc", 6.0, time=recent(days=1), patient=f"Patient/{other}"))
+    put(
+        fhir_client,
+        observation(f"{pid}-low", "wbc", 2.0, unit="furlong", time=recent(), patient=f"Patient/{pid}"),
+        observation(f"{other}-ok", "wbc", 6.0, time=recent(days=1), patient=f"Patient/{other}"),
+    )
     assert run(fhir_base_url, tmp_path / "second", pid, other) == 0
     report = json.loads((tmp_path / "second" / "report.json").read_text())
     assert report["flags_held"] == 1 and report["writes"]["withdraw"] == 0 and report["writes"]["update"] == 1
@@ -113,14 +140,30 @@ def test_a_flag_whose_evidence_is_quarantined_is_left_as_it_is(fhir_base_url, fh
 def test_a_broken_feed_stops_the_whole_run_before_any_batch_writes(fhir_base_url, fhir_client, unique, tmp_path):
     with broken_feed_on(fhir_client, f"feed-{unique}") as (good, bad):
         # Batches of 4 patients: the good patients' batch comes first, and no batch alone has 50 failing rows.
-        done = subprocess.run([*CLI, "run", "--fhir-url", fhir_base_url, "--patients", ",".join(good + bad),
-                               "--batch-size", "4", "--out", str(tmp_path / "feed")],
-                              capture_output=True, text=True, timeout=600)
+        done = subprocess.run(
+            [
+                *CLI,
+                "run",
+                "--fhir-url",
+                fhir_base_url,
+                "--patients",
+                ",".join(good + bad),
+                "--batch-size",
+                "4",
+                "--out",
+                str(tmp_path / "feed"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert done.returncode == 6, done.stderr[-2000:]
         assert "the data failed its contract, nothing written" in done.stderr
-        assert ("observations feed wbc in 'K/uL-new': 60 of 60 rows (100.0%) from 12 patients fail validation: "
-                "expect_column_values_to_be_in_set(unit) 60 rows, expect_column_values_to_not_be_null(value) 60 rows, "
-                "e.g. Observation/" in done.stderr)
+        assert (
+            "observations feed wbc in 'K/uL-new': 60 of 60 rows (100.0%) from 12 patients fail validation: "
+            "expect_column_values_to_be_in_set(unit) 60 rows, expect_column_values_to_not_be_null(value) 60 rows, "
+            "e.g. Observation/" in done.stderr
+        )
         assert project_flags(fhir_client, good + bad) == []
         report = json.loads((tmp_path / "feed" / "report.json").read_text())
         assert report["contract_verdict"]["passed"] is False and report["chunks"] == 4

@@ -26,8 +26,9 @@ def _run(base_url, rules, folder, patients):
         return run_pipeline(client, rules, folder, patients=patients)
 
 
-def test_a_grade_4_flag_has_exactly_one_request_after_any_number_of_runs(fhir_base_url, fhir_client, unique, own_tag,
-                                                                         tmp_path):
+def test_a_grade_4_flag_has_exactly_one_request_after_any_number_of_runs(
+    fhir_base_url, fhir_client, unique, own_tag, tmp_path
+):
     config, patients = own_tag
     rules = load_config(config)
     pid, mild = f"crit-{unique}", f"mild-{unique}"
@@ -35,12 +36,17 @@ def test_a_grade_4_flag_has_exactly_one_request_after_any_number_of_runs(fhir_ba
     ref = f"Patient/{pid}"
     gp = {"resourceType": "Practitioner", "id": f"gp-{unique}", "name": [{"family": "Example"}]}
     person = dict(patient(pid), generalPractitioner=[{"reference": f"Practitioner/gp-{unique}"}])
-    put(fhir_client, gp, person, patient(mild),
+    put(
+        fhir_client,
+        gp,
+        person,
+        patient(mild),
         observation(f"{pid}-1", "anc", 2.2, time=days_ago(30), patient=ref),
         observation(f"{pid}-2", "anc", 0.45, time=days_ago(6), patient=ref),
         observation(f"{pid}-3", "anc", 0.2, time=days_ago(4), patient=ref),
         observation(f"{pid}-4", "anc", 0.4, time=days_ago(2), patient=ref),
-        observation(f"{mild}-1", "wbc", 1.6, time=days_ago(3), patient=f"Patient/{mild}"))
+        observation(f"{mild}-1", "wbc", 1.6, time=days_ago(3), patient=f"Patient/{mild}"),
+    )
 
     # Two runs at once, then two more: one request, written by exactly one of them.
     with ThreadPoolExecutor(2) as pool:
@@ -63,8 +69,10 @@ def test_a_grade_4_flag_has_exactly_one_request_after_any_number_of_runs(fhir_ba
     assert request["payload"] == [{"contentString": flag["code"]["text"]}]
 
     # The low results turn out to be a mistake: the Flag is withdrawn and its request revoked, once.
-    put(fhir_client, *(observation(f"{pid}-{n}", "anc", 2.0, time=days_ago(d), patient=ref)
-                       for n, d in ((2, 6), (3, 4), (4, 2))))
+    put(
+        fhir_client,
+        *(observation(f"{pid}-{n}", "anc", 2.0, time=days_ago(d), patient=ref) for n, d in ((2, 6), (3, 4), (4, 2))),
+    )
     withdrawn = _run(fhir_base_url, rules, tmp_path / "run-5", [pid])
     assert (withdrawn["writes"]["withdraw"], withdrawn["writes"]["alert_revoke"]) == (1, 1)
     (request,) = _requests(fhir_client, pid)
@@ -76,8 +84,10 @@ def test_a_grade_4_flag_has_exactly_one_request_after_any_number_of_runs(fhir_ba
 
 def test_a_site_can_turn_the_requests_off(fhir_base_url, fhir_client, unique, own_tag, tmp_path):
     config, patients = own_tag
-    config.write_text(config.read_text(encoding="utf-8").replace("communication_requests: true",
-                                                                 "communication_requests: false"), encoding="utf-8")
+    config.write_text(
+        config.read_text(encoding="utf-8").replace("communication_requests: true", "communication_requests: false"),
+        encoding="utf-8",
+    )
     rules = load_config(config)
     pid = f"off-{unique}"
     patients.append(pid)
@@ -97,14 +107,24 @@ def test_a_server_refusing_the_requests_does_not_fail_the_run(fhir_base_url, fhi
     patients.append(pid)
     put(fhir_client, patient(pid), observation(f"{pid}-1", "anc", 0.3, time=days_ago(2), patient=f"Patient/{pid}"))
     with FaultProxy(fhir_base_url) as proxy:
-        proxy.add(Fault("status", status=403, method="GET", path_regex=r"/CommunicationRequest",
-                        body='{"resourceType": "OperationOutcome", "issue": [{"severity": "error", '
-                             '"code": "forbidden", "diagnostics": "no scope for CommunicationRequest"}]}',
-                        headers={"Content-Type": "application/fhir+json"}))
+        proxy.add(
+            Fault(
+                "status",
+                status=403,
+                method="GET",
+                path_regex=r"/CommunicationRequest",
+                body='{"resourceType": "OperationOutcome", "issue": [{"severity": "error", '
+                '"code": "forbidden", "diagnostics": "no scope for CommunicationRequest"}]}',
+                headers={"Content-Type": "application/fhir+json"},
+            )
+        )
         refused = _run(proxy.base_url, rules, tmp_path / "run-1", [pid])
     assert refused["status"] == "done"
-    assert (refused["writes"]["create"], refused["writes"]["alert_refused"], refused["writes"]["alert_create"]) \
-        == (1, 1, 0)
+    assert (refused["writes"]["create"], refused["writes"]["alert_refused"], refused["writes"]["alert_create"]) == (
+        1,
+        1,
+        0,
+    )
     assert _requests(fhir_client, pid) == []
     later = _run(fhir_base_url, rules, tmp_path / "run-2", [pid])
     assert (later["writes"]["alert_create"], later["writes"]["alert_refused"]) == (1, 0)

@@ -42,8 +42,9 @@ def pg(fhir_server_env):
         pytest.skip("FHIR_BASE_URL names an outside server: the launcher is not in charge of servers here")
     folder = Path(tempfile.mkdtemp(prefix="leukofhir-pg-"))
     folder.chmod(0o755)  # PostgreSQL's own user (`postgres` when root) reaches its cluster under it
-    env = dict(os.environ, FHIR_PORT=str(PORT), FHIR_PG_PORT=str(PG_PORT), FHIR_DB="postgres",
-               FHIR_DATA_DIR=str(folder))
+    env = dict(
+        os.environ, FHIR_PORT=str(PORT), FHIR_PG_PORT=str(PG_PORT), FHIR_DB="postgres", FHIR_DATA_DIR=str(folder)
+    )
     started = _launcher(env, "start", timeout=900)
     if started.returncode != 0:
         pytest.fail(f"the PostgreSQL-backed server did not start:\n{started.stdout[-2000:]}\n{started.stderr[-4000:]}")
@@ -69,8 +70,12 @@ def _run_backfill(base_url: str, until: str) -> dict:
         else:
             os.environ["AIRFLOW_CONN_FHIR_DEFAULT"] = previous
     assert run.state == "success", f"backfill run {run.run_id} on {base_url} ended {run.state}"
-    folder = Path(os.environ["AIRFLOW_HOME"]) / "leukofhir-runs" / "leukopenia_backfill" / re.sub(
-        r"[^A-Za-z0-9._-]+", "_", run.run_id)
+    folder = (
+        Path(os.environ["AIRFLOW_HOME"])
+        / "leukofhir-runs"
+        / "leukopenia_backfill"
+        / re.sub(r"[^A-Za-z0-9._-]+", "_", run.run_id)
+    )
     return json.loads((folder / "report.json").read_text(encoding="utf-8"))
 
 
@@ -118,7 +123,7 @@ def _listening() -> dict[int, set[str]]:
             address, port = local.split(":")
             raw = bytes.fromhex(address)
             # The kernel prints each 32-bit word in host (little-endian) order.
-            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
             ip = ipaddress.ip_address(raw)
             found.setdefault(int(port, 16), set()).add(str(getattr(ip, "ipv4_mapped", None) or ip))
     return found
@@ -127,8 +132,11 @@ def _listening() -> dict[int, set[str]]:
 def test_the_start_up_check_of_postgresqls_query_plans_passes(pg):
     log = (ROOT / "fhir-server" / "target" / f"fhir-server-{PORT}.log").read_text(encoding="utf-8", errors="replace")
     assert "PostgreSQL is not ready" not in log
-    assert re.search(r"PostgreSQL query plans: the 9 indexes of the pipeline's searches \(.*idx_rl_tgt_v2.*\), "
-                     r"autovacuum ok", log)
+    assert re.search(
+        r"PostgreSQL query plans: the 9 indexes of the pipeline's searches \(.*idx_rl_tgt_v2.*\), "
+        r"autovacuum ok",
+        log,
+    )
 
 
 def test_a_restart_keeps_the_data_and_stop_stops_postgresql_too(pg, unique):

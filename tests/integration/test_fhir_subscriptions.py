@@ -79,13 +79,23 @@ def _await_status(fhir_client, sid: str, status: str, timeout: float = 30.0) -> 
 def test_rest_hook_delivers_the_observation_to_a_listener(fhir_client, unique):
     fhir_client.update(patient(f"p-{unique}"))
     with HookListener() as hook:
-        sub = fhir_client.request("POST", "Subscription", json={
-            "resourceType": "Subscription", "status": "requested", "reason": f"test {unique}",
-            "criteria": "Observation?code=http://loinc.org|6690-2",
-            "channel": {"type": "rest-hook", "endpoint": hook.url, "payload": "application/fhir+json",
-                        "header": [f"Authorization: Bearer {SECRET}"],
-                        "extension": [{"url": SEND_DELETES_EXTENSION, "valueBoolean": True}]},
-        }).json()
+        sub = fhir_client.request(
+            "POST",
+            "Subscription",
+            json={
+                "resourceType": "Subscription",
+                "status": "requested",
+                "reason": f"test {unique}",
+                "criteria": "Observation?code=http://loinc.org|6690-2",
+                "channel": {
+                    "type": "rest-hook",
+                    "endpoint": hook.url,
+                    "payload": "application/fhir+json",
+                    "header": [f"Authorization: Bearer {SECRET}"],
+                    "extension": [{"url": SEND_DELETES_EXTENSION, "valueBoolean": True}],
+                },
+            },
+        ).json()
         try:
             active = _await_status(fhir_client, sub["id"], "active")
             assert active["status"] == "active"
@@ -151,8 +161,11 @@ def test_subscribe_twice_leaves_one_subscription_of_each_kind(fhir_client, uniqu
         dup = dict(next(s for s in held if s["criteria"].startswith("MedicationStatement")))
         dup.pop("id")
         dup.pop("meta")
-        fhir_client.request("POST", "Subscription", json=dict(
-            dup, meta={"tag": [{"system": rules.uris.tag_system, "code": rules.uris.tag_code}]}))
+        fhir_client.request(
+            "POST",
+            "Subscription",
+            json=dict(dup, meta={"tag": [{"system": rules.uris.tag_system, "code": rules.uris.tag_code}]}),
+        )
         third = subscribe(fhir_client, endpoint + "-moved", SECRET, rules)
         assert [r.resource_type for r in third if r.action == "removed"] == ["MedicationStatement"]
         assert sorted(r.resource_type for r in third if r.action == "updated") == kinds

@@ -25,9 +25,15 @@ def _author(client) -> None:
     """The Flags' author must exist before a Flag names it (referential integrity on write, as in production).
     The pipeline's write step ensures it (ensure_author); here a minimal Device, PUT so it is idempotent."""
     device_id = RULES.uris.author.split("/", 1)[1]
-    client.request("PUT", f"Device/{device_id}", json={
-        "resourceType": "Device", "id": device_id,
-        "deviceName": [{"name": "leukofhir rules engine", "type": "user-friendly-name"}]})
+    client.request(
+        "PUT",
+        f"Device/{device_id}",
+        json={
+            "resourceType": "Device",
+            "id": device_id,
+            "deviceName": [{"name": "leukofhir rules engine", "type": "user-friendly-name"}],
+        },
+    )
 
 
 def _without_server_fields(resource: dict) -> dict:
@@ -61,7 +67,10 @@ def test_flags_from_build_flag_are_stored_and_read_back_unchanged(fhir_client, u
     ]
     specs = flags_for(resources)
     assert {(s.condition, s.status) for s in specs} == {
-        ("leukopenia", "inactive"), ("agranulocytosis", "active"), ("lymphopenia", "entered-in-error")}
+        ("leukopenia", "inactive"),
+        ("agranulocytosis", "active"),
+        ("lymphopenia", "entered-in-error"),
+    }
     _author(fhir_client)
     for resource in resources:
         _put(fhir_client, resource)
@@ -69,11 +78,13 @@ def test_flags_from_build_flag_are_stored_and_read_back_unchanged(fhir_client, u
         sent = build_flag(spec, RULES)
         identifier = sent["identifier"][0]
         written = fhir_client.request(
-            "PUT", f"Flag?identifier={identifier['system']}|{identifier['value']}", json=sent).json()
+            "PUT", f"Flag?identifier={identifier['system']}|{identifier['value']}", json=sent
+        ).json()
         read = fhir_client.read("Flag", written["id"])
         assert _without_server_fields(read) == sent, spec.condition
         assert read["meta"]["versionId"] == "1" and read["meta"]["lastUpdated"]
         # The same Flag again (a re-run): the server stores nothing new.
         again = fhir_client.request(
-            "PUT", f"Flag?identifier={identifier['system']}|{identifier['value']}", json=sent).json()
+            "PUT", f"Flag?identifier={identifier['system']}|{identifier['value']}", json=sent
+        ).json()
         assert again["id"] == written["id"] and fhir_client.read("Flag", written["id"]) == read

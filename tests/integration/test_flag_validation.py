@@ -33,13 +33,18 @@ def _case_flags() -> list[dict]:
         "neutropenia moderate": [observation("a", "anc", 0.9)],
         "agranulocytosis, chemotherapy by text": [
             observation("a", "anc", 0.3),
-            statement("m", 'Oxaliplatin 5 MG/ML "brand" <Injectable> & Solution', start=at(days=-20))],
+            statement("m", 'Oxaliplatin 5 MG/ML "brand" <Injectable> & Solution', start=at(days=-20)),
+        ],
         "agranulocytosis below a comparator": [observation("a", "anc", 0.1, comparator="<")],
         "derived ANC": [observation("w", "wbc", 3.0, time=at(0)), observation("n", "neutrophils_pct", 10, time=at(0))],
         "lymphopenia": [observation("l", "lymphocytes_abs", 0.4)],
         "retracted evidence": [observation("l", "lymphocytes_abs", 0.4, status="entered-in-error")],
-        "pancytopenia": [observation("w", "wbc", 1.8), observation("h", "hemoglobin", 8.0),
-                         observation("p", "platelets", 40), report("r", ["w", "h", "p"])],
+        "pancytopenia": [
+            observation("w", "wbc", 1.8),
+            observation("h", "hemoglobin", 8.0),
+            observation("p", "platelets", 40),
+            report("r", ["w", "h", "p"]),
+        ],
     }
     flags = []
     for name, resources in cases.items():
@@ -97,8 +102,11 @@ def test_a_flag_read_back_from_the_server_validates_too(fhir_client, unique):
     publish(fhir_client, RULES)
     pid = f"fv-{unique}"
     # A value below a comparator: its `<` is escaped in the narrative, which must come back exactly as written.
-    resources = [patient(pid), observation(f"a-{unique}", "anc", 0.1, comparator="<", patient=f"Patient/{pid}"),
-                 statement(f"m-{unique}", "clozapine", point=at(days=-3), patient_ref=f"Patient/{pid}")]
+    resources = [
+        patient(pid),
+        observation(f"a-{unique}", "anc", 0.1, comparator="<", patient=f"Patient/{pid}"),
+        statement(f"m-{unique}", "clozapine", point=at(days=-3), patient_ref=f"Patient/{pid}"),
+    ]
     put(fhir_client, *resources)
     ensure_author(fhir_client, RULES)
     (spec,) = flags_for(resources)

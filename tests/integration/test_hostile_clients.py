@@ -49,8 +49,9 @@ def service(request, tmp_path):
 def _valid(service, timeout: float = 5.0) -> int:
     method, path, body = service.valid()
     headers = dict(service.auth(), **{"Content-Type": "application/fhir+json"})
-    return requests.request(method, service.url + path, data=body, headers=headers, timeout=timeout,
-                            verify=service.verify).status_code
+    return requests.request(
+        method, service.url + path, data=body, headers=headers, timeout=timeout, verify=service.verify
+    ).status_code
 
 
 def _accepted_within(service, seconds: float) -> bool:
@@ -59,6 +60,7 @@ def _accepted_within(service, seconds: float) -> bool:
             return 200 <= _valid(service, timeout=2.0) < 300
         except requests.RequestException:
             return False
+
     return bool(wait_for(attempt, seconds, every=0.1))
 
 
@@ -82,8 +84,10 @@ def test_slow_clients_are_cut_off(service):
     sockets = {name: connect(service.port) for name in cases}
     sockets["slow body"].sendall(head)
     with ThreadPoolExecutor(len(cases)) as pool:
-        closed = {name: pool.submit(closed_within, sockets[name], limit + SLACK, trickle, 1.0)
-                  for name, (trickle, limit) in cases.items()}
+        closed = {
+            name: pool.submit(closed_within, sockets[name], limit + SLACK, trickle, 1.0)
+            for name, (trickle, limit) in cases.items()
+        }
         closed = {name: future.result() for name, future in closed.items()}
     for sock in sockets.values():
         sock.close()
@@ -103,8 +107,9 @@ def test_a_chunked_body_over_the_cap_is_refused_as_it_arrives(service):
     method, path = service.json_target
     assert _valid(service) in (200, 201)  # warm: the first request's own allocations are not the body's
     peak_before = memory_kib(service.pid)[1]
-    head = request_head(method, path, dict(service.auth(), **{"Transfer-Encoding": "chunked",
-                                                              "Content-Type": "application/json"}))
+    head = request_head(
+        method, path, dict(service.auth(), **{"Transfer-Encoding": "chunked", "Content-Type": "application/json"})
+    )
     status, sent = send_chunked(service.port, head, 50 * 1024 * 1024)
     peak_after = memory_kib(service.pid)[1]
     assert status == 413
@@ -130,8 +135,12 @@ def test_json_nested_100000_deep_is_a_400(service):
 def test_no_control_character_from_a_request_reaches_the_log(service):
     # A carriage return starting a forged record, ANSI escapes (clear the screen, red) and a NUL, a line feed, a
     # Unicode line separator; in the last segment, in the middle, alone.
-    forged = ["x%0D2030-01-01 00:00:00,000 ERROR forged", "x%1B[2J%1B[31mred%00nul", "x%0A2030-01-01 forged",
-              "x%E2%80%A82030-01-01 forged"]
+    forged = [
+        "x%0D2030-01-01 00:00:00,000 ERROR forged",
+        "x%1B[2J%1B[31mred%00nul",
+        "x%0A2030-01-01 forged",
+        "x%E2%80%A82030-01-01 forged",
+    ]
     paths = [p for f in forged for p in (f"/notify/Observation/{f}", f"/notify/{f}/Observation/x", f"/{f}")]
     for headers in ({}, service.auth()):  # refused before the secret is checked, and after
         for path in paths + ["/notify/Observation/" + "a" * 60_000]:
@@ -147,11 +156,12 @@ def test_no_control_character_from_a_request_reaches_the_log(service):
 
 def test_repeated_refusals_are_summarised(service):
     with requests.Session() as session:
-        statuses = [session.put(f"{service.url}/notify/Observation/r{i}", data=b"{}", timeout=10).status_code
-                    for i in range(300)]
+        statuses = [
+            session.put(f"{service.url}/notify/Observation/r{i}", data=b"{}", timeout=10).status_code
+            for i in range(300)
+        ]
     assert set(statuses) == {401}
-    summary = wait_for(lambda: re.search(r"refused (\d+) more in the last 10 s \(401 ×\d+\)", service.log_text()),
-                       15.0)
+    summary = wait_for(lambda: re.search(r"refused (\d+) more in the last 10 s \(401 ×\d+\)", service.log_text()), 15.0)
     assert summary, service.log_text()[-2000:]
     log = service.log_text()
     refused_lines = [line for line in log.splitlines() if "refused" in line]

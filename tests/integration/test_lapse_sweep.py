@@ -31,8 +31,9 @@ def _read(run_dir) -> list[str]:
     return [p for chunk in chunk_dirs(run_dir) for p in read_patient_list(chunk / "patients.json")]
 
 
-def test_the_sweep_closes_a_flag_whose_patient_has_had_no_count_for_longer_than_the_lapse(fhir_base_url, fhir_client,
-                                                                                           unique, tmp_path, own_tag):
+def test_the_sweep_closes_a_flag_whose_patient_has_had_no_count_for_longer_than_the_lapse(
+    fhir_base_url, fhir_client, unique, tmp_path, own_tag
+):
     # The project's Flags of this test only: their own tag (the sweep reads every active project Flag of the server).
     config, put_on_server = own_tag
     rules = load_config(config)
@@ -40,14 +41,17 @@ def test_the_sweep_closes_a_flag_whose_patient_has_had_no_count_for_longer_than_
     old, recent, deleted, untimed = (f"{kind}-{unique}" for kind in ("old", "recent", "deleted", "untimed"))
     put_on_server += [old, recent, deleted, untimed]
     count_time = days_ago(89, now=now)
-    put(fhir_client, *(patient(p) for p in (old, recent, deleted, untimed)),
+    put(
+        fhir_client,
+        *(patient(p) for p in (old, recent, deleted, untimed)),
         observation(f"{old}-w", "wbc", 2.1, time=count_time, patient=f"Patient/{old}"),
         observation(f"{recent}-w", "wbc", 2.1, time=days_ago(10, now=now), patient=f"Patient/{recent}"),
         observation(f"{deleted}-w", "wbc", 2.1, time=days_ago(10, now=now), patient=f"Patient/{deleted}"),
         # Its time is its report's: the sweep does not look reports up, so this Flag is a candidate every day, and
         # the rules, reading the report, keep it as it is.
         observation(f"{untimed}-w", "wbc", 2.1, time=False, patient=f"Patient/{untimed}"),
-        report(f"{untimed}-r", [f"{untimed}-w"], time=days_ago(10, now=now), patient_ref=f"Patient/{untimed}"))
+        report(f"{untimed}-r", [f"{untimed}-w"], time=days_ago(10, now=now), patient_ref=f"Patient/{untimed}"),
+    )
     pids = [old, recent, deleted, untimed]
 
     first = run_pipeline(fhir_client, rules, tmp_path / "first", patients=pids, now=now)
@@ -80,8 +84,22 @@ def test_the_sweep_closes_a_flag_whose_patient_has_had_no_count_for_longer_than_
     assert versions(project_flags(fhir_client, pids, rules)) == versions(after.values())
 
     # By hand, as of now (the command has no other time): nothing lapses yet, the summary says what the sweep did.
-    done = subprocess.run([*CLI, "run", "--fhir-url", fhir_base_url, "--lapse-sweep", "--config", str(config),
-                           "--out", str(tmp_path / "cli")], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            *CLI,
+            "run",
+            "--fhir-url",
+            fhir_base_url,
+            "--lapse-sweep",
+            "--config",
+            str(config),
+            "--out",
+            str(tmp_path / "cli"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "1 patients touched; Flags created 0, updated 0, withdrawn 0, unchanged 1" in done.stdout
     assert "lapse sweep: 1 patients added (1 whose active Flags may have lapsed, of 2 active Flags read)" in done.stdout
@@ -98,13 +116,20 @@ def test_the_sweep_added_to_a_window_evaluates_each_patient_once(fhir_client, un
     now = datetime.now(timezone.utc).replace(microsecond=0)
     lapsing, touched = f"lapsing-{unique}", f"touched-{unique}"
     put_on_server += [lapsing, touched]
-    put(fhir_client, patient(lapsing), patient(touched),
-        observation(f"{lapsing}-w", "wbc", 2.1, time=days_ago(89, now=now), patient=f"Patient/{lapsing}"))
+    put(
+        fhir_client,
+        patient(lapsing),
+        patient(touched),
+        observation(f"{lapsing}-w", "wbc", 2.1, time=days_ago(89, now=now), patient=f"Patient/{lapsing}"),
+    )
     run_pipeline(fhir_client, rules, tmp_path / "first", patients=[lapsing], now=now)
     since = server_now(fhir_client)
     # In the window: a new count of the lapsing patient (it follows the episode up) and a new patient's count.
-    put(fhir_client, observation(f"{lapsing}-w2", "wbc", 2.4, time=days_ago(1, now=now), patient=f"Patient/{lapsing}"),
-        observation(f"{touched}-w", "wbc", 1.9, time=days_ago(1, now=now), patient=f"Patient/{touched}"))
+    put(
+        fhir_client,
+        observation(f"{lapsing}-w2", "wbc", 2.4, time=days_ago(1, now=now), patient=f"Patient/{lapsing}"),
+        observation(f"{touched}-w", "wbc", 1.9, time=days_ago(1, now=now), patient=f"Patient/{touched}"),
+    )
     pause()
     window = Window.parse(since, server_now(fhir_client))
     later = now + timedelta(days=2)
@@ -114,5 +139,7 @@ def test_the_sweep_added_to_a_window_evaluates_each_patient_once(fhir_client, un
     assert done["sweep"] == {"candidates": 1, "flags_read": 1, "added": 0}
     assert done["patients_touched"] == 2 and _read(tmp_path / "window") == sorted([lapsing, touched])
     flags = {f["subject"]["reference"]: f for f in project_flags(fhir_client, [lapsing, touched], rules)}
-    assert {ref: f["status"] for ref, f in flags.items()} == {f"Patient/{lapsing}": "active",
-                                                              f"Patient/{touched}": "active"}
+    assert {ref: f["status"] for ref, f in flags.items()} == {
+        f"Patient/{lapsing}": "active",
+        f"Patient/{touched}": "active",
+    }

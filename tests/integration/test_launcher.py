@@ -66,8 +66,11 @@ def test_start_that_is_not_healthy_in_time_fails_with_the_log_tail_and_leaves_no
 
 def _servers() -> set[str]:
     # Only this checkout's servers: other checkouts on a shared machine start and stop theirs meanwhile.
-    found = subprocess.run(["pgrep", "-f", f"{ROOT}/fhir-server/target/fhir-server.jar.*org.leukofhir.fhirserver"],
-                           capture_output=True, text=True)
+    found = subprocess.run(
+        ["pgrep", "-f", f"{ROOT}/fhir-server/target/fhir-server.jar.*org.leukofhir.fhirserver"],
+        capture_output=True,
+        text=True,
+    )
     return set(found.stdout.split())
 
 

@@ -39,8 +39,9 @@ SECRET = "listen-test-secret-0123456789"
 
 @pytest.fixture(scope="module")
 def airflow_api(tmp_path_factory):
-    with LocalAirflow(tmp_path_factory.mktemp("airflow"), session_port(2), dags_folder=ROOT / "dags",
-                      scheduler=False) as airflow:
+    with LocalAirflow(
+        tmp_path_factory.mktemp("airflow"), session_port(2), dags_folder=ROOT / "dags", scheduler=False
+    ) as airflow:
         yield airflow
 
 
@@ -90,8 +91,10 @@ def test_debounce_collapses_a_panel_into_one_run(listen_env, airflow_api, tmp_pa
     pid = f"Patient/cbc-{unique}"
     marker = f"SENSITIVE-{unique}"  # resource content: must reach neither the log nor the run
     # Ids as a FHIR server makes them ([A-Za-z0-9-.]: no underscore); the receiver refuses any other with a 400.
-    panel = [observation(f"{concept.replace('_', '-')}-{unique}", concept, 1.0, patient=pid, note=[{"text": marker}])
-             for concept in ("wbc", "anc", "neutrophils_pct", "lymphocytes_abs", "hemoglobin", "platelets")]
+    panel = [
+        observation(f"{concept.replace('_', '-')}-{unique}", concept, 1.0, patient=pid, note=[{"text": marker}])
+        for concept in ("wbc", "anc", "neutrophils_pct", "lymphocytes_abs", "hemoglobin", "platelets")
+    ]
     with ListenProcess(tmp_path, session_port(3), listen_env) as listener:
         with requests.Session() as session:
             assert [_notify(listener, o, session=session) for o in panel] == [200] * len(panel)
@@ -110,8 +113,11 @@ def test_debounce_collapses_a_panel_into_one_run(listen_env, airflow_api, tmp_pa
 
 def test_a_burst_for_100_patients_gives_few_runs_with_each_patient_once(listen_env, airflow_api, tmp_path, unique):
     patients = {f"Patient/b{i:03d}-{unique}" for i in range(100)}
-    resources = [observation(f"{kind}{i:03d}-{unique}", kind, 1.0, patient=f"Patient/b{i:03d}-{unique}")
-                 for i in range(100) for kind in ("wbc", "anc")]
+    resources = [
+        observation(f"{kind}{i:03d}-{unique}", kind, 1.0, patient=f"Patient/b{i:03d}-{unique}")
+        for i in range(100)
+        for kind in ("wbc", "anc")
+    ]
     max_wait = 4.0
     with ListenProcess(tmp_path, session_port(3), listen_env) as listener:
         started = time.monotonic()
@@ -169,8 +175,11 @@ def test_a_restarted_receiver_keeps_its_queue(listen_env, airflow_api, tmp_path,
 def test_a_lost_answer_does_not_start_a_second_run(airflow_api, tmp_path, unique):
     patients = {f"Patient/l{i}-{unique}" for i in range(3)}
     with FaultProxy(airflow_api.url) as proxy:
-        env = dict(os.environ, LEUKOFHIR_HOOK_SECRET=SECRET,
-                   **dict(airflow_api.receiver_environment(), LEUKOFHIR_AIRFLOW_URL=proxy.base_url))
+        env = dict(
+            os.environ,
+            LEUKOFHIR_HOOK_SECRET=SECRET,
+            **dict(airflow_api.receiver_environment(), LEUKOFHIR_AIRFLOW_URL=proxy.base_url),
+        )
         # Airflow creates the run, and the answer never reaches the receiver: it tries again with the same id.
         proxy.add(Fault("drop", method="POST", path_regex=r"/dagRuns$"))
         with ListenProcess(tmp_path, session_port(3), env) as listener:
@@ -186,8 +195,9 @@ def test_a_lost_answer_does_not_start_a_second_run(airflow_api, tmp_path, unique
 
 
 def _status_with_token(server: LocalAirflow, token: str) -> int:
-    return requests.get(f"{server.url}/api/v2/dags/{DAG_ID}", headers={"Authorization": f"Bearer {token}"},
-                        timeout=10).status_code
+    return requests.get(
+        f"{server.url}/api/v2/dags/{DAG_ID}", headers={"Authorization": f"Bearer {token}"}, timeout=10
+    ).status_code
 
 
 def test_a_refused_token_is_replaced_once(airflow_api, unique):
@@ -202,8 +212,11 @@ def test_a_refused_token_is_replaced_once(airflow_api, unique):
         assert good != "not-a-token"
         # ... and an expired one is 401 "Token Expired" (this one signed with the server's own key).
         claims = jwt.decode(good, options={"verify_signature": False})
-        expired = jwt.encode(dict(claims, exp=int(time.time()) - 3600),
-                             airflow_api.env["AIRFLOW__API_AUTH__JWT_SECRET"], algorithm="HS512")
+        expired = jwt.encode(
+            dict(claims, exp=int(time.time()) - 3600),
+            airflow_api.env["AIRFLOW__API_AUTH__JWT_SECRET"],
+            algorithm="HS512",
+        )
         assert _status_with_token(airflow_api, expired) == 401
         client._token = expired
         assert client.trigger_dag_run(DAG_ID, f"token-{unique}", conf) == "exists"  # same run id: 409
@@ -228,10 +241,13 @@ def test_from_the_fhir_server_to_an_airflow_run(listen_env, airflow_api, fhir_ba
     with ListenProcess(tmp_path, session_port(3), listen_env, fhir_url=fhir_base_url) as listener:
         subscribe(fhir_client, f"{listener.url}/notify", SECRET, rules)
         try:
-            panel = [observation(f"{c.replace('_', '-')}-{unique}", c, 1.0, patient=f"Patient/{pid}")
-                     for c in ("wbc", "anc", "lymphocytes_abs", "hemoglobin", "platelets")]
-            fhir_client.transaction([{"resource": o, "request": {"method": "PUT", "url": f"Observation/{o['id']}"}}
-                                     for o in panel])
+            panel = [
+                observation(f"{c.replace('_', '-')}-{unique}", c, 1.0, patient=f"Patient/{pid}")
+                for c in ("wbc", "anc", "lymphocytes_abs", "hemoglobin", "platelets")
+            ]
+            fhir_client.transaction(
+                [{"resource": o, "request": {"method": "PUT", "url": f"Observation/{o['id']}"}} for o in panel]
+            )
             listener.wait_until(lambda h: h["runs_created"] >= 1)
             listener.wait_drained()
             runs = _runs_with(airflow_api, {f"Patient/{pid}"})
@@ -246,8 +262,11 @@ def test_from_the_fhir_server_to_an_airflow_run(listen_env, airflow_api, fhir_ba
 
 def _window_runs(airflow: LocalAirflow, after: str) -> list[dict]:
     """The receiver's window runs of the surveillance DAG whose window ends after `after` (ISO 8601)."""
-    return [r for r in airflow.runs(WINDOW_DAG_ID) if r["dag_run_id"].startswith("leukofhir_realtime_window__")
-            and r["conf"]["end"] > after]
+    return [
+        r
+        for r in airflow.runs(WINDOW_DAG_ID)
+        if r["dag_run_id"].startswith("leukofhir_realtime_window__") and r["conf"]["end"] > after
+    ]
 
 
 def _instant(text: str) -> datetime:
@@ -258,8 +277,7 @@ def test_notifications_without_payload_start_one_surveillance_window(listen_env,
     before = datetime.now(timezone.utc)
     with ListenProcess(tmp_path, session_port(3), listen_env) as listener:
         for _ in range(3):  # what HAPI sends for a Subscription without payload
-            answer = requests.post(f"{listener.url}/notify", headers={"Authorization": f"Bearer {SECRET}"},
-                                   timeout=10)
+            answer = requests.post(f"{listener.url}/notify", headers={"Authorization": f"Bearer {SECRET}"}, timeout=10)
             assert answer.status_code == 200
         health = listener.wait_drained()
     after = datetime.now(timezone.utc)
@@ -273,8 +291,9 @@ def test_notifications_without_payload_start_one_surveillance_window(listen_env,
 
 
 @pytest.mark.fhir
-def test_a_subscription_without_payload_gives_a_window_that_holds_the_change(listen_env, airflow_api, fhir_base_url,
-                                                                            fhir_client, tmp_path, unique):
+def test_a_subscription_without_payload_gives_a_window_that_holds_the_change(
+    listen_env, airflow_api, fhir_base_url, fhir_client, tmp_path, unique
+):
     rules = load_config()
     pid = f"nopayload-{unique}"
     fhir_client.update(patient(pid))
@@ -293,8 +312,7 @@ def test_a_subscription_without_payload_gives_a_window_that_holds_the_change(lis
             listener.wait_until(lambda h: h["runs_created"] >= 1)
         finally:
             unsubscribe(fhir_client, rules)
-    (run,) = [r for r in _window_runs(airflow_api, changed.isoformat())
-              if _instant(r["conf"]["start"]) <= changed]
+    (run,) = [r for r in _window_runs(airflow_api, changed.isoformat()) if _instant(r["conf"]["start"]) <= changed]
     assert _instant(run["conf"]["start"]) <= changed < _instant(run["conf"]["end"])
     log = listener.log.read_text()
     assert "notification without payload" in log and "PUT Observation" not in log  # HAPI named nothing

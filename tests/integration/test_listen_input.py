@@ -19,8 +19,19 @@ from support.ports import session_port
 pytestmark = pytest.mark.service
 
 # Ids in the path as a client may write them: dot-segments, encoded or not; a query, a fragment, a slash inside.
-CRAFTED_IDS = [".", "..", "%2E", "%2E%2E", "%2e%2E", "x%3F_id%3Dvictim%26_count%3D1000", "x%23y", "a%2Fb",
-               "x%00y", "%20", "a" * 65]
+CRAFTED_IDS = [
+    ".",
+    "..",
+    "%2E",
+    "%2E%2E",
+    "%2e%2E",
+    "x%3F_id%3Dvictim%26_count%3D1000",
+    "x%23y",
+    "a%2Fb",
+    "x%00y",
+    "%20",
+    "a" * 65,
+]
 # A line break in the path: the router's path pattern (no DOTALL) does not match it, so it is FastAPI's 404.
 LINE_BREAK_ID = "x%0D%0Ay"
 
@@ -57,15 +68,18 @@ def test_a_line_break_in_the_path_is_refused(receiver):
     assert _pending(receiver) == 0
 
 
-@pytest.mark.parametrize("reference, reason", [
-    ("Patient/.", "not a valid FHIR id"),
-    ("Patient/..", "not a valid FHIR id"),
-    ("Patient/p?_id=victim", "not a valid FHIR id"),
-    ("Patient/p#x", "not a valid FHIR id"),
-    ("https://other.example/fhir/Patient/p", "another server"),
-    ("https://fhir.hospital.example/r4evil/Patient/p", "another server"),
-    ("http://fhir.hospital.example/r4/Patient/p", "another server"),
-])
+@pytest.mark.parametrize(
+    "reference, reason",
+    [
+        ("Patient/.", "not a valid FHIR id"),
+        ("Patient/..", "not a valid FHIR id"),
+        ("Patient/p?_id=victim", "not a valid FHIR id"),
+        ("Patient/p#x", "not a valid FHIR id"),
+        ("https://other.example/fhir/Patient/p", "another server"),
+        ("https://fhir.hospital.example/r4evil/Patient/p", "another server"),
+        ("http://fhir.hospital.example/r4/Patient/p", "another server"),
+    ],
+)
 def test_a_subject_that_is_no_local_patient_is_a_400(receiver, reference, reason):
     body = json.dumps(observation("o1", "wbc", 1.0, patient=reference)).encode()
     status, detail = _send(receiver, "PUT", "/notify/Observation/o1", body)
@@ -74,8 +88,13 @@ def test_a_subject_that_is_no_local_patient_is_a_400(receiver, reference, reason
 
 
 def test_subjects_of_this_server_are_queued(receiver):
-    for i, reference in enumerate(("Patient/p1", "https://fhir.hospital.example/r4/Patient/p2",
-                                   "https://fhir.hospital.example/r4/Patient/p3/_history/2")):
+    for i, reference in enumerate(
+        (
+            "Patient/p1",
+            "https://fhir.hospital.example/r4/Patient/p2",
+            "https://fhir.hospital.example/r4/Patient/p3/_history/2",
+        )
+    ):
         body = json.dumps(observation(f"o{i}", "wbc", 1.0, patient=reference)).encode()
         assert _send(receiver, "PUT", f"/notify/Observation/o{i}", body)[0] == 200
     assert _pending(receiver) == 3

@@ -42,9 +42,7 @@ def test_synthea_bundles_load_twice_with_the_same_counts_and_versions(fhir_clien
     first = load_files(fhir_client, SYNTHEA_BUNDLES, batch_size=250)
     assert first.ok, first.rejected[:3]
     assert dict(first.read) == expected and dict(first.written) == expected
-    patient_ids = sorted(
-        json.load(gzip.open(p, "rt"))["entry"][0]["resource"]["id"] for p in SYNTHEA_BUNDLES
-    )
+    patient_ids = sorted(json.load(gzip.open(p, "rt"))["entry"][0]["resource"]["id"] for p in SYNTHEA_BUNDLES)
     counts = _server_counts(fhir_client, patient_ids)
     assert counts == {k: expected[k] for k in counts}
     sample = next(iter(fhir_client.search("Observation", {"subject": f"Patient/{patient_ids[0]}", "_count": 1})))
@@ -64,21 +62,27 @@ def _ndjson(path, resources):
 
 def _obs(oid, subject):
     return {
-        "resourceType": "Observation", "id": oid, "status": "final",
+        "resourceType": "Observation",
+        "id": oid,
+        "status": "final",
         "code": {"coding": [{"system": "http://loinc.org", "code": "6690-2"}]},
-        "subject": {"reference": subject}, "effectiveDateTime": "2024-05-01T08:00:00Z",
+        "subject": {"reference": subject},
+        "effectiveDateTime": "2024-05-01T08:00:00Z",
         "valueQuantity": {"value": 2.5, "unit": "10*3/uL"},
     }
 
 
 def test_rejected_resource_is_reported_and_the_rest_is_loaded(fhir_client, unique, tmp_path):
     pid = f"ld-{unique}"
-    path = _ndjson(tmp_path / "mixed.ndjson", [
-        _obs(f"ok1-{unique}", f"urn:uuid:{pid}"),      # Synthea-style reference, rewritten to Patient/<id>
-        _obs(f"bad-{unique}", f"Patient/nobody-{unique}"),  # referential integrity: no such patient
-        {"resourceType": "Patient", "id": pid},
-        _obs(f"ok2-{unique}", f"Patient/{pid}"),
-    ])
+    path = _ndjson(
+        tmp_path / "mixed.ndjson",
+        [
+            _obs(f"ok1-{unique}", f"urn:uuid:{pid}"),  # Synthea-style reference, rewritten to Patient/<id>
+            _obs(f"bad-{unique}", f"Patient/nobody-{unique}"),  # referential integrity: no such patient
+            {"resourceType": "Patient", "id": pid},
+            _obs(f"ok2-{unique}", f"Patient/{pid}"),
+        ],
+    )
     (tmp_path / "broken.ndjson").write_text('{"resourceType": "Patient", "id": "x"\n')
     report = load_files(fhir_client, [path, tmp_path / "broken.ndjson"], batch_size=10, run_dir=tmp_path / "run")
     rejected = dict(report.rejected)
@@ -96,20 +100,32 @@ def test_rejected_resource_is_reported_and_the_rest_is_loaded(fhir_client, uniqu
 
 def test_load_command_exit_code_and_summary(fhir_base_url, unique, tmp_path):
     path = _ndjson(tmp_path / "one.ndjson", [{"resourceType": "Patient", "id": f"cli-{unique}"}])
-    ok = subprocess.run([sys.executable, "-m", "leukofhir.cli", "load", "--fhir-url", fhir_base_url, str(path)],
-                        capture_output=True, text=True, timeout=300)
+    ok = subprocess.run(
+        [sys.executable, "-m", "leukofhir.cli", "load", "--fhir-url", fhir_base_url, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert ok.returncode == 0, ok.stderr
     assert "read 1 resources, wrote 1, rejected 0" in ok.stdout
     bad = _ndjson(tmp_path / "bad.ndjson", [_obs(f"o-{unique}", f"Patient/none-{unique}")])
-    refused = subprocess.run([sys.executable, "-m", "leukofhir.cli", "load", "--fhir-url", fhir_base_url, str(bad)],
-                             capture_output=True, text=True, timeout=300)
+    refused = subprocess.run(
+        [sys.executable, "-m", "leukofhir.cli", "load", "--fhir-url", fhir_base_url, str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert refused.returncode == 1
     assert f"REJECTED Observation/o-{unique}" in refused.stdout
 
 
 def test_demo_loads_the_sample_runs_the_backfill_dag_and_prints_the_flags_read_back(fhir_base_url, tmp_path):
-    done = subprocess.run([sys.executable, "-m", "leukofhir.cli", "demo", "--fhir-url", fhir_base_url,
-                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [sys.executable, "-m", "leukofhir.cli", "demo", "--fhir-url", fhir_base_url, "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stderr[-2000:] + done.stdout[-2000:]
     assert "read 2084 resources, wrote 2084, rejected 0" in done.stdout
     assert "(FHIR 4.0.1)" in done.stdout
@@ -131,16 +147,19 @@ def test_workers_load_what_one_worker_loads_targets_first_and_the_refused_entry_
     def population(tag: str) -> list[dict]:
         patients = [{"resourceType": "Patient", "id": f"{tag}-p{n}-{unique}"} for n in range(5)]
         members = [_obs(f"{tag}-m{n}-{unique}", f"Patient/{tag}-p{n % 5}-{unique}") for n in range(8)]
-        panel = {**_obs(f"{tag}-a-panel-{unique}", f"Patient/{tag}-p0-{unique}"),
-                 "hasMember": [{"reference": f"Observation/{tag}-m2-{unique}"}]}
+        panel = {
+            **_obs(f"{tag}-a-panel-{unique}", f"Patient/{tag}-p0-{unique}"),
+            "hasMember": [{"reference": f"Observation/{tag}-m2-{unique}"}],
+        }
         bad = _obs(f"{tag}-bad-{unique}", f"Patient/nobody-{unique}")
         return [*members[:3], bad, panel, *members[3:], *patients]  # Observations first in the file
 
     reports = {}
     for workers in (1, 3):
         path = _ndjson(tmp_path / f"w{workers}.ndjson", population(f"w{workers}"))
-        reports[workers] = load_files(fhir_client, [path], batch_size=2, run_dir=tmp_path / f"run{workers}",
-                                      workers=workers)
+        reports[workers] = load_files(
+            fhir_client, [path], batch_size=2, run_dir=tmp_path / f"run{workers}", workers=workers
+        )
     for workers, report in reports.items():
         assert dict(report.read) == {"Observation": 10, "Patient": 5}
         assert dict(report.written) == {"Observation": 9, "Patient": 5}

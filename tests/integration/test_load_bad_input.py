@@ -47,6 +47,7 @@ def proxied(proxy):
 
 # --- 9.1 a deeply nested line ---------------------------------------------------------------------------------------
 
+
 def test_load_goes_on_past_a_deeply_nested_line(fhir_base_url, unique, tmp_path, capsys):
     path = tmp_path / "in.ndjson"
     deep = '{"resourceType":"Patient","id":"deep-%s","x":%s1%s}' % (unique, "[" * 1000, "]" * 1000)
@@ -59,11 +60,16 @@ def test_load_goes_on_past_a_deeply_nested_line(fhir_base_url, unique, tmp_path,
 
 # --- 9.6 401/403: stop at the first one --------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("status", [401, 403])
 def test_load_stops_at_the_first_authentication_failure(proxy, proxied, unique, tmp_path, status):
     path = _ndjson(tmp_path / "p.ndjson", _patients(f"auth{status}-{unique}", 30))
-    refusal = Fault("status", status=status, headers={"Content-Type": "application/fhir+json"},
-                    body='{"resourceType":"OperationOutcome","issue":[{"severity":"error","code":"security"}]}')
+    refusal = Fault(
+        "status",
+        status=status,
+        headers={"Content-Type": "application/fhir+json"},
+        body='{"resourceType":"OperationOutcome","issue":[{"severity":"error","code":"security"}]}',
+    )
     proxy.add(*[refusal] * 100)
     code, out = _run(proxied, [path], tmp_path, batch_size=5)
     assert code == EXIT_AUTH == 3
@@ -74,18 +80,24 @@ def test_load_stops_at_the_first_authentication_failure(proxy, proxied, unique, 
 
 # --- 9.7 every entry sent has its response; a server that dies mid-load ------------------------------------------
 
+
 def test_an_empty_transaction_response_is_not_success(proxy, proxied, unique, tmp_path):
     path = _ndjson(tmp_path / "p.ndjson", _patients(f"empty-{unique}", 3))
-    proxy.add(Fault("status", status=200, headers={"Content-Type": "application/fhir+json"},
-                    body='{"resourceType":"Bundle","type":"transaction-response","entry":[]}'))
+    proxy.add(
+        Fault(
+            "status",
+            status=200,
+            headers={"Content-Type": "application/fhir+json"},
+            body='{"resourceType":"Bundle","type":"transaction-response","entry":[]}',
+        )
+    )
     code, out = _run(proxied, [path], tmp_path)
     assert code == EXIT_SERVER == 4
     assert "read 3 resources, wrote 0" in out
     assert "answered 0 of the 3 entries sent" in out
 
 
-def test_a_server_that_dies_mid_load_leaves_a_report_of_what_was_written(fhir_client, proxy, proxied, unique,
-                                                                         tmp_path):
+def test_a_server_that_dies_mid_load_leaves_a_report_of_what_was_written(fhir_client, proxy, proxied, unique, tmp_path):
     path = _ndjson(tmp_path / "p.ndjson", _patients(f"dies-{unique}", 25))
     # The first transaction goes through, then every connection is dropped without an answer.
     proxy.add(Fault("delay", seconds=0), *[Fault("reset")] * 100)
@@ -98,6 +110,7 @@ def test_a_server_that_dies_mid_load_leaves_a_report_of_what_was_written(fhir_cl
 
 
 # --- 9.9 ids checked before they go near a URL ----------------------------------------------------------------------
+
 
 def test_ids_that_are_not_fhir_ids_are_refused_before_any_request(fhir_client, proxy, proxied, unique, tmp_path):
     victim = {"resourceType": "Patient", "id": f"victim-{unique}", "gender": "female"}
@@ -136,14 +149,23 @@ def test_client_read_and_update_refuse_ids_that_are_not_fhir_ids(fhir_client, un
 
 # --- 9.13 server refusals: ids, paths and codes on stdout; the full text in the rejects file ---------------------
 
+
 def test_refusals_show_ids_paths_and_codes_and_the_full_text_goes_to_the_rejects_file(
-        fhir_base_url, unique, tmp_path, capsys, caplog):
+    fhir_base_url, unique, tmp_path, capsys, caplog
+):
     caplog.set_level(logging.DEBUG)
-    path = _ndjson(tmp_path / "p.ndjson", [
-        {"resourceType": "Patient", "id": f"bd-{unique}", "birthDate": "1970-13-45",
-         "name": [{"family": "Zyxwvutsrq"}]},
-        {"resourceType": "Patient", "id": f"good-{unique}"},
-    ])
+    path = _ndjson(
+        tmp_path / "p.ndjson",
+        [
+            {
+                "resourceType": "Patient",
+                "id": f"bd-{unique}",
+                "birthDate": "1970-13-45",
+                "name": [{"family": "Zyxwvutsrq"}],
+            },
+            {"resourceType": "Patient", "id": f"good-{unique}"},
+        ],
+    )
     run_dir = tmp_path / "run"
     assert main(["load", "--fhir-url", fhir_base_url, str(path), "--out", str(run_dir)]) == 1
     captured = capsys.readouterr()
@@ -176,7 +198,8 @@ def test_nan_and_infinity_are_refused_before_any_request(proxy, proxied, unique,
     path.write_text(
         '{"resourceType":"Observation","id":"nan-%s","status":"final","valueQuantity":{"value":NaN}}\n'
         '{"resourceType":"Observation","id":"inf-%s","status":"final","valueQuantity":{"value":1e400}}\n'
-        '{"resourceType":"Patient","id":"fine-nan-%s"}\n' % (unique, unique, unique))
+        '{"resourceType":"Patient","id":"fine-nan-%s"}\n' % (unique, unique, unique)
+    )
     code, out = _run(proxied, [path], tmp_path)
     assert code == 1
     assert "read 1 resources, wrote 1, rejected 2" in out

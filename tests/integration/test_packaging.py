@@ -25,8 +25,12 @@ from packaging.utils import canonicalize_name
 
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 DECLARED = {canonicalize_name(Requirement(r).name): Requirement(r) for r in PYPROJECT["project"]["dependencies"]}
-LOCK = {canonicalize_name(name): version for name, _, version in
-        (line.partition("==") for line in (ROOT / "requirements.lock").read_text().splitlines() if "==" in line)}
+LOCK = {
+    canonicalize_name(name): version
+    for name, _, version in (
+        line.partition("==") for line in (ROOT / "requirements.lock").read_text().splitlines() if "==" in line
+    )
+}
 
 
 def _third_party_imports(folders) -> set[str]:
@@ -51,8 +55,11 @@ def test_every_imported_module_is_a_declared_dependency():
 
 
 def test_declared_ranges_have_floors_no_cap_without_a_known_break_and_hold_the_locked_versions():
-    lines = {line.strip().split('"')[1]: line for line in (ROOT / "pyproject.toml").read_text().splitlines()
-             if line.strip().startswith('"') and any(line.strip()[1:].startswith(r.name) for r in DECLARED.values())}
+    lines = {
+        line.strip().split('"')[1]: line
+        for line in (ROOT / "pyproject.toml").read_text().splitlines()
+        if line.strip().startswith('"') and any(line.strip()[1:].startswith(r.name) for r in DECLARED.values())
+    }
     for name, requirement in DECLARED.items():
         assert name in LOCK, f"{name} is declared but not pinned in requirements.lock"
         assert requirement.specifier.contains(LOCK[name]), f"lock pins {name}=={LOCK[name]} outside {requirement}"
@@ -66,8 +73,23 @@ def test_declared_ranges_have_floors_no_cap_without_a_known_break_and_hold_the_l
 def _built_wheel() -> Path:
     """The wheel built from this checkout (once per session)."""
     dist = Path(tempfile.mkdtemp(prefix="leukofhir-wheel-"))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--disable-pip-version-check", "-w",
-                    str(dist), str(ROOT)], check=True, timeout=900, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "-w",
+            str(dist),
+            str(ROOT),
+        ],
+        check=True,
+        timeout=900,
+        capture_output=True,
+    )
     (wheel,) = dist.glob("leukofhir-*.whl")
     return wheel
 
@@ -79,23 +101,44 @@ def fresh_venv(tmp_path_factory):
     wheel = _built_wheel()
     venv = work / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
-    installed = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check",
-                                "-c", str(ROOT / "requirements.lock"), str(wheel)],
-                               capture_output=True, text=True, timeout=1800)
+    installed = subprocess.run(
+        [
+            str(venv / "bin" / "pip"),
+            "install",
+            "-q",
+            "--disable-pip-version-check",
+            "-c",
+            str(ROOT / "requirements.lock"),
+            str(wheel),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert installed.returncode == 0, installed.stderr[-3000:]
     return venv
 
 
 def _run(venv, code, cwd, **env):
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("LEUKOFHIR_", "PYTHON"))}
-    return subprocess.run([str(venv / "bin" / "python"), "-c", code], cwd=cwd, capture_output=True, text=True,
-                          timeout=600, env=dict(clean, **env))
+    return subprocess.run(
+        [str(venv / "bin" / "python"), "-c", code],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(clean, **env),
+    )
 
 
 @pytest.mark.packaging
 def test_the_fresh_venv_holds_only_locked_versions(fresh_venv):
-    frozen = subprocess.run([str(fresh_venv / "bin" / "pip"), "freeze", "--disable-pip-version-check"],
-                            capture_output=True, text=True, check=True).stdout.splitlines()
+    frozen = subprocess.run(
+        [str(fresh_venv / "bin" / "pip"), "freeze", "--disable-pip-version-check"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
     for line in frozen:
         name, _, version = line.split(" @ ")[0].partition("==")
         if canonicalize_name(name) in ("leukofhir", "pip", "setuptools"):
@@ -152,19 +195,32 @@ def test_evaluate_from_the_wheel_finds_the_suites_inside_it(fresh_venv, tmp_path
     where = _run(fresh_venv, "from leukofhir.validate import EXPECTATIONS_DIR as d; print(d)", cwd=tmp_path)
     suites = Path(where.stdout.strip())
     assert "site-packages" in str(suites) and sorted(p.name for p in suites.glob("*.json")) == [
-        "exposures.json", "flags.json", "observations.json"]
-    done = subprocess.run([str(fresh_venv / "bin" / "leukofhir"), "evaluate", str(bundle),
-                           "--out", str(tmp_path / "out")],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                          env={k: v for k, v in os.environ.items() if not k.startswith("LEUKOFHIR_")})
+        "exposures.json",
+        "flags.json",
+        "observations.json",
+    ]
+    done = subprocess.run(
+        [str(fresh_venv / "bin" / "leukofhir"), "evaluate", str(bundle), "--out", str(tmp_path / "out")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={k: v for k, v in os.environ.items() if not k.startswith("LEUKOFHIR_")},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "out" / "Flag.ndjson").exists() and (tmp_path / "out" / "report.json").exists()
 
 
 @pytest.mark.packaging
 def test_demo_outside_a_checkout_says_what_it_needs(fresh_venv, tmp_path):
-    done = subprocess.run([str(fresh_venv / "bin" / "leukofhir"), "demo"], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=600, env=_clean_env())
+    done = subprocess.run(
+        [str(fresh_venv / "bin" / "leukofhir"), "demo"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=_clean_env(),
+    )
     assert done.returncode == 2, done.stderr[-3000:]
     assert "give --fhir-url of a running FHIR R4 server" in done.stderr and "source checkout" in done.stderr
     assert "site-packages" not in done.stderr  # no path into the install for the user to chase
@@ -174,9 +230,14 @@ def test_demo_outside_a_checkout_says_what_it_needs(fresh_venv, tmp_path):
 @pytest.mark.fhir
 def test_demo_from_the_wheel_runs_on_a_given_server(fresh_venv, fhir_base_url, tmp_path):
     """The sample patients and the DAGs travel in the wheel: with --fhir-url the demo needs nothing else."""
-    done = subprocess.run([str(fresh_venv / "bin" / "leukofhir"), "demo", "--fhir-url", fhir_base_url, "--out",
-                           str(tmp_path / "demo")], cwd=tmp_path, capture_output=True, text=True, timeout=1200,
-                          env=_clean_env(AIRFLOW__CORE__LOAD_EXAMPLES="False"))
+    done = subprocess.run(
+        [str(fresh_venv / "bin" / "leukofhir"), "demo", "--fhir-url", fhir_base_url, "--out", str(tmp_path / "demo")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        env=_clean_env(AIRFLOW__CORE__LOAD_EXAMPLES="False"),
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "loading 5 Synthea patient bundles" in done.stdout and "patients evaluated" in done.stdout
     assert "read back from" in done.stdout and "(Flag/" in done.stdout
@@ -184,5 +245,4 @@ def test_demo_from_the_wheel_runs_on_a_given_server(fresh_venv, fhir_base_url, t
 
 
 def _clean_env(**extra) -> dict:
-    return dict({k: v for k, v in os.environ.items() if not k.startswith(("LEUKOFHIR_", "PYTHON", "AIRFLOW"))},
-                **extra)
+    return dict({k: v for k, v in os.environ.items() if not k.startswith(("LEUKOFHIR_", "PYTHON", "AIRFLOW"))}, **extra)

@@ -26,15 +26,19 @@ def _patients(unique: str) -> tuple[list[str], list[dict]]:
     for n, pid in enumerate(pids):
         ref = f"Patient/{pid}"
         resources.append(patient(pid, birth=f"19{50 + n}-04-0{1 + n % 8}", gender="male" if n % 2 else "female"))
-        obs = [observation(f"{pid}-w{d}", "wbc", value, time=at(days=d), patient=ref)
-               for d, value in ((0, 3.0 - n * 0.2), (4, 5.0 + n), (30, 2.5))]
-        obs += [observation(f"{pid}-a{d}", "anc", value, time=at(days=d), patient=ref)
-                for d, value in ((0, 0.9), (6, 1.8))]
-        obs += [observation(f"{pid}-h", "hemoglobin", 8.5, time=at(days=30), patient=ref),
-                observation(f"{pid}-p", "platelets", 60, time=at(days=30), patient=ref)]
+        obs = [
+            observation(f"{pid}-w{d}", "wbc", value, time=at(days=d), patient=ref)
+            for d, value in ((0, 3.0 - n * 0.2), (4, 5.0 + n), (30, 2.5))
+        ]
+        obs += [
+            observation(f"{pid}-a{d}", "anc", value, time=at(days=d), patient=ref) for d, value in ((0, 0.9), (6, 1.8))
+        ]
+        obs += [
+            observation(f"{pid}-h", "hemoglobin", 8.5, time=at(days=30), patient=ref),
+            observation(f"{pid}-p", "platelets", 60, time=at(days=30), patient=ref),
+        ]
         resources += obs
-        resources.append(report(f"{pid}-r", [f"{pid}-w30", f"{pid}-h", f"{pid}-p"], time=at(days=30),
-                                patient_ref=ref))
+        resources.append(report(f"{pid}-r", [f"{pid}-w30", f"{pid}-h", f"{pid}-p"], time=at(days=30), patient_ref=ref))
         if n % 3 == 0:
             resources.append(statement(f"{pid}-m", "Clozapine 100 MG Oral Tablet", start=at(days=-60), patient_ref=ref))
     return pids, resources
@@ -46,8 +50,9 @@ def small_pages(monkeypatch):
     monkeypatch.setattr("leukofhir.extract.PAGE_SIZE", 10)
 
 
-def test_retries_and_lost_answers_end_with_the_flags_of_a_clean_run(fhir_base_url, fhir_client, unique, tmp_path,
-                                                                   small_pages):
+def test_retries_and_lost_answers_end_with_the_flags_of_a_clean_run(
+    fhir_base_url, fhir_client, unique, tmp_path, small_pages
+):
     pids, resources = _patients(unique)
     put(fhir_client, *resources)
 
@@ -56,7 +61,7 @@ def test_retries_and_lost_answers_end_with_the_flags_of_a_clean_run(fhir_base_ur
             Fault("status", status=429, headers={"Retry-After": "1"}, path_regex=r"/Observation\?"),
             Fault("status", status=503, path_regex=r"/Patient\?"),
             Fault("reset", path_regex=r"/MedicationStatement\?"),
-            Fault("truncate", path_regex=r"_getpages="),   # a next page cut off mid-transfer
+            Fault("truncate", path_regex=r"_getpages="),  # a next page cut off mid-transfer
             Fault("truncate", path_regex=r"/Flag\?"),
             Fault("drop", method="POST", path_regex=r"/fhir/?$"),  # the first transaction applied, its answer lost
             Fault("status", status=502, method="POST", path_regex=r"/fhir/?$"),

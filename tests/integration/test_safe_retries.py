@@ -22,8 +22,11 @@ def client(proxy, sleeps):
 
 
 def _tagged_patient(unique, n=0):
-    return {"resourceType": "Patient", "meta": {"tag": [{"system": "urn:test", "code": unique}]},
-            "name": [{"family": f"Retry{n}"}]}
+    return {
+        "resourceType": "Patient",
+        "meta": {"tag": [{"system": "urn:test", "code": unique}]},
+        "name": [{"family": f"Retry{n}"}],
+    }
 
 
 def _posts(proxy, path_end=""):
@@ -39,8 +42,9 @@ def test_a_create_whose_answer_is_lost_is_not_repeated(proxy, client, sleeps, fh
     assert fhir_client.count("Patient", {"_tag": f"urn:test|{unique}"}) == 1
 
 
-@pytest.mark.parametrize("status, retried", [(503, True), (429, True), (408, True), (500, False), (502, False),
-                                             (504, False)])
+@pytest.mark.parametrize(
+    "status, retried", [(503, True), (429, True), (408, True), (500, False), (502, False), (504, False)]
+)
 def test_a_create_is_retried_only_when_the_server_says_it_did_nothing(proxy, client, sleeps, status, retried):
     proxy.add(Fault("status", status=status, method="POST"))
     if retried:
@@ -53,10 +57,19 @@ def test_a_create_is_retried_only_when_the_server_says_it_did_nothing(proxy, cli
 
 
 def test_a_transaction_of_puts_is_repeated_after_a_lost_answer(proxy, client, sleeps, fhir_client, unique):
-    entries = [{"resource": {"resourceType": "Patient", "id": f"tx{i}-{unique}"},
-                "request": {"method": "PUT", "url": f"Patient/tx{i}-{unique}"}} for i in range(2)]
-    entries.append({"resource": dict(_tagged_patient(unique), resourceType="Patient"),
-                    "request": {"method": "PUT", "url": f"Patient?_tag=urn:test|{unique}"}})
+    entries = [
+        {
+            "resource": {"resourceType": "Patient", "id": f"tx{i}-{unique}"},
+            "request": {"method": "PUT", "url": f"Patient/tx{i}-{unique}"},
+        }
+        for i in range(2)
+    ]
+    entries.append(
+        {
+            "resource": dict(_tagged_patient(unique), resourceType="Patient"),
+            "request": {"method": "PUT", "url": f"Patient?_tag=urn:test|{unique}"},
+        }
+    )
     proxy.add(Fault("late", seconds=3, method="POST"))
     answer = client.transaction(entries)
     assert [e["response"]["status"][:3] for e in answer["entry"]] == ["200"] * 3  # the first try had created them
@@ -80,8 +93,10 @@ def test_a_search_by_post_is_repeated(proxy, client, sleeps):
 
 def test_a_create_that_never_reached_the_server_is_retried(sleeps):
     closed = next(p for p in port_range() if not is_listening(p))
-    with (FhirClient(f"http://127.0.0.1:{closed}/fhir", max_retries=2, backoff=0.5, sleep=sleeps.append) as c,
-          pytest.raises(TemporaryFhirError, match="cannot connect")):
+    with (
+        FhirClient(f"http://127.0.0.1:{closed}/fhir", max_retries=2, backoff=0.5, sleep=sleeps.append) as c,
+        pytest.raises(TemporaryFhirError, match="cannot connect"),
+    ):
         c.request("POST", "Patient", json={"resourceType": "Patient"})
     assert sleeps == [0.5, 1.0]  # refused connections: nothing was sent, so trying again is safe
 
@@ -89,9 +104,13 @@ def test_a_create_that_never_reached_the_server_is_retried(sleeps):
 def test_409_is_temporary_for_a_conditional_write_only(proxy, client, sleeps, fhir_client, unique):
     pid = f"c409-{unique}"
     fhir_client.update({"resourceType": "Patient", "id": pid})
-    flag = {"resourceType": "Flag", "status": "active", "code": {"text": "t"},
-            "subject": {"reference": f"Patient/{pid}"},
-            "identifier": [{"system": "urn:test", "value": unique}]}
+    flag = {
+        "resourceType": "Flag",
+        "status": "active",
+        "code": {"text": "t"},
+        "subject": {"reference": f"Patient/{pid}"},
+        "identifier": [{"system": "urn:test", "value": unique}],
+    }
     proxy.add(Fault("status", status=409, method="PUT"))
     answer = client.request_json("PUT", f"Flag?identifier=urn:test%7C{unique}", json=flag)
     assert answer["resourceType"] == "Flag" and sleeps == [0.5]

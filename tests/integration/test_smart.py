@@ -35,8 +35,9 @@ KID = "test-key-1"
 
 
 def _pem(key) -> str:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption()).decode()
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
 
 
 @pytest.fixture(scope="module")
@@ -97,21 +98,30 @@ def assert_nothing_secret(secrets: list[str], texts: list[str], folders: list[Pa
 
 
 def _cli(*args, env, timeout=600):
-    return subprocess.run([sys.executable, "-m", "leukofhir.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=dict(os.environ, **env))
+    return subprocess.run(
+        [sys.executable, "-m", "leukofhir.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=dict(os.environ, **env),
+    )
 
 
 def _smart_env(key_file) -> dict:
-    return {"LEUKOFHIR_SMART_CLIENT_ID": CLIENT_ID, "LEUKOFHIR_SMART_PRIVATE_KEY_FILE": str(key_file),
-            "LEUKOFHIR_SMART_KEY_ID": KID}
+    return {
+        "LEUKOFHIR_SMART_CLIENT_ID": CLIENT_ID,
+        "LEUKOFHIR_SMART_PRIVATE_KEY_FILE": str(key_file),
+        "LEUKOFHIR_SMART_KEY_ID": KID,
+    }
 
 
 def _bearers(proxy) -> list[str]:
     return [h.get("Authorization", "") for _, p, h in proxy.requests if "/.well-known/" not in p]
 
 
-def test_a_run_reads_and_writes_with_a_token_bought_by_a_signed_assertion(guarded, auth_server, key_file, rsa_key,
-                                                                          tmp_path, unique, caplog):
+def test_a_run_reads_and_writes_with_a_token_bought_by_a_signed_assertion(
+    guarded, auth_server, key_file, rsa_key, tmp_path, unique, caplog
+):
     caplog.set_level(logging.DEBUG)
     env = _smart_env(key_file)
     pid = f"smart-{unique}"
@@ -126,18 +136,36 @@ def test_a_run_reads_and_writes_with_a_token_bought_by_a_signed_assertion(guarde
     # The pipeline's kind of write, in process: a conditional upsert of a Flag in a transaction, then a search.
     auth = make_auth("smart", base_url=guarded.base_url, environ=env)
     with FhirClient(guarded.base_url, auth) as client:
-        flag = {"resourceType": "Flag", "status": "active", "code": {"text": "test"},
-                "identifier": [{"system": "urn:leukofhir:test", "value": unique}],
-                "subject": {"reference": f"Patient/{pid}"}}
-        entry = {"resource": flag, "request": {"method": "PUT",
-                                               "url": f"Flag?identifier=urn:leukofhir:test%7C{unique}"}}
+        flag = {
+            "resourceType": "Flag",
+            "status": "active",
+            "code": {"text": "test"},
+            "identifier": [{"system": "urn:leukofhir:test", "value": unique}],
+            "subject": {"reference": f"Patient/{pid}"},
+        }
+        entry = {
+            "resource": flag,
+            "request": {"method": "PUT", "url": f"Flag?identifier=urn:leukofhir:test%7C{unique}"},
+        }
         answer = client.transaction([entry])
         assert answer["entry"][0]["response"]["status"].startswith("201")
         assert [f["id"] for f in client.search("Flag", {"subject": f"Patient/{pid}"})]
 
     out = tmp_path / "export"
-    exported = _cli("export", "--fhir-url", guarded.base_url, "--auth", "smart", "--type", "Patient",
-                    "--since", "2000-01-01T00:00:00Z", "--out", str(out), env=env)
+    exported = _cli(
+        "export",
+        "--fhir-url",
+        guarded.base_url,
+        "--auth",
+        "smart",
+        "--type",
+        "Patient",
+        "--since",
+        "2000-01-01T00:00:00Z",
+        "--out",
+        str(out),
+        env=env,
+    )
     assert exported.returncode == 0, exported.stderr[-800:]
     patients = [json.loads(line)["id"] for f in out.glob("Patient.*.ndjson") for line in f.read_text().splitlines()]
     assert pid in patients
@@ -147,8 +175,11 @@ def test_a_run_reads_and_writes_with_a_token_bought_by_a_signed_assertion(guarde
     assert len(issued) == 3  # one per process and client: cached, not one per request
     assert all(b.startswith("Bearer ") and b[7:] in issued for b in _bearers(guarded))  # the gate checked each
     assert any("/Binary/" in p for _, p, _ in guarded.requests)  # downloads went with the token as well
-    assert_nothing_secret(_secrets(auth_server, rsa_key),
-                          [loaded.stdout, loaded.stderr, exported.stdout, exported.stderr, caplog.text], [tmp_path])
+    assert_nothing_secret(
+        _secrets(auth_server, rsa_key),
+        [loaded.stdout, loaded.stderr, exported.stdout, exported.stderr, caplog.text],
+        [tmp_path],
+    )
 
 
 def test_an_ec_p384_key_signs_es384(fhir_base_url, tmp_path):
@@ -164,8 +195,13 @@ def test_an_ec_p384_key_signs_es384(fhir_base_url, tmp_path):
 
 def test_the_token_is_cached_and_refreshed_before_it_expires(guarded, auth_server, rsa_key):
     offset = [0.0]
-    auth = SmartBackendAuth(client_id=CLIENT_ID, private_key=_pem(rsa_key), key_id=KID, base_url=guarded.base_url,
-                            clock=lambda: time.time() + offset[0])
+    auth = SmartBackendAuth(
+        client_id=CLIENT_ID,
+        private_key=_pem(rsa_key),
+        key_id=KID,
+        base_url=guarded.base_url,
+        clock=lambda: time.time() + offset[0],
+    )
     with FhirClient(guarded.base_url, auth) as client:
         for _ in range(5):
             client.capabilities()
@@ -193,13 +229,22 @@ def test_a_revoked_token_is_replaced_once_then_the_error_says_revoked(guarded, a
     assert_nothing_secret(_secrets(auth_server, rsa_key), [message])
 
 
-def test_a_wrong_key_fails_saying_so_without_showing_a_secret(guarded, auth_server, other_rsa_key, rsa_key,
-                                                             tmp_path):
+def test_a_wrong_key_fails_saying_so_without_showing_a_secret(guarded, auth_server, other_rsa_key, rsa_key, tmp_path):
     wrong = tmp_path / "keys" / "wrong.pem"
     wrong.parent.mkdir()
     wrong.write_text(_pem(other_rsa_key))
-    done = _cli("export", "--fhir-url", guarded.base_url, "--auth", "smart", "--type", "Patient",
-                "--out", str(tmp_path / "out"), env=_smart_env(wrong))
+    done = _cli(
+        "export",
+        "--fhir-url",
+        guarded.base_url,
+        "--auth",
+        "smart",
+        "--type",
+        "Patient",
+        "--out",
+        str(tmp_path / "out"),
+        env=_smart_env(wrong),
+    )
     assert done.returncode == 3, done.stderr[-800:]  # credentials refused
     assert "Traceback" not in done.stderr
     (line,) = [x for x in done.stderr.splitlines() if "error:" in x]
@@ -211,8 +256,13 @@ def test_a_wrong_key_fails_saying_so_without_showing_a_secret(guarded, auth_serv
 def test_an_expired_assertion_fails_saying_so(guarded, auth_server, rsa_key, caplog):
     caplog.set_level(logging.DEBUG)
     # A client clock ten minutes slow: its assertion's exp is already past for the server.
-    auth = SmartBackendAuth(client_id=CLIENT_ID, private_key=_pem(rsa_key), key_id=KID, base_url=guarded.base_url,
-                            clock=lambda: time.time() - 600)
+    auth = SmartBackendAuth(
+        client_id=CLIENT_ID,
+        private_key=_pem(rsa_key),
+        key_id=KID,
+        base_url=guarded.base_url,
+        clock=lambda: time.time() - 600,
+    )
     with FhirClient(guarded.base_url, auth) as client, pytest.raises(SmartAuthError) as err:
         client.capabilities()
     assert "expired" in str(err.value) and "invalid_client" in str(err.value)
@@ -222,17 +272,30 @@ def test_an_expired_assertion_fails_saying_so(guarded, auth_server, rsa_key, cap
 
 def test_the_authorization_server_really_verifies_assertions(auth_server, rsa_key):
     """The checks the client is tested against are real: a replayed jti and a wrong aud are refused."""
+
     def assertion(**changes):
         now = int(time.time())
-        claims = {"iss": CLIENT_ID, "sub": CLIENT_ID, "aud": auth_server.token_url, "exp": now + 200,
-                  "jti": uuid.uuid4().hex, **changes}
+        claims = {
+            "iss": CLIENT_ID,
+            "sub": CLIENT_ID,
+            "aud": auth_server.token_url,
+            "exp": now + 200,
+            "jti": uuid.uuid4().hex,
+            **changes,
+        }
         return jwt.encode(claims, rsa_key, algorithm="RS384", headers={"kid": KID})
 
     def ask(signed):
-        return requests.post(auth_server.token_url, timeout=10, data={
-            "grant_type": "client_credentials", "scope": "system/Patient.rs",
-            "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
-            "client_assertion": signed})
+        return requests.post(
+            auth_server.token_url,
+            timeout=10,
+            data={
+                "grant_type": "client_credentials",
+                "scope": "system/Patient.rs",
+                "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+                "client_assertion": signed,
+            },
+        )
 
     once = assertion()
     assert ask(once).status_code == 200
@@ -247,18 +310,27 @@ def test_the_authorization_server_really_verifies_assertions(auth_server, rsa_ke
 def test_the_airflow_connection_takes_the_smart_settings(guarded, auth_server, key_file, rsa_key, monkeypatch):
     from leukofhir.airflow_hook import FhirHook
 
-    extra = {"scheme": "http", "auth": "smart", "smart_client_id": CLIENT_ID, "smart_key_id": KID,
-             "smart_private_key_path": str(key_file)}
+    extra = {
+        "scheme": "http",
+        "auth": "smart",
+        "smart_client_id": CLIENT_ID,
+        "smart_key_id": KID,
+        "smart_private_key_path": str(key_file),
+    }
     host, path = guarded.base_url.split("//", 1)[1].split("/", 1)
     hostname, port = host.split(":")
-    monkeypatch.setenv("AIRFLOW_CONN_FHIR_SMART", json.dumps(
-        {"conn_type": "fhir", "host": hostname, "port": int(port), "schema": path, "extra": extra}))
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_FHIR_SMART",
+        json.dumps({"conn_type": "fhir", "host": hostname, "port": int(port), "schema": path, "extra": extra}),
+    )
     ok, message = FhirHook("fhir_smart").test_connection()
     assert ok, message
     # The key may also sit in the (masked, secrets-backend held) password field.
     del extra["smart_private_key_path"]
-    monkeypatch.setenv("AIRFLOW_CONN_FHIR_SMART_PW", json.dumps(
-        {"conn_type": "fhir", "host": guarded.base_url, "password": _pem(rsa_key), "extra": extra}))
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_FHIR_SMART_PW",
+        json.dumps({"conn_type": "fhir", "host": guarded.base_url, "password": _pem(rsa_key), "extra": extra}),
+    )
     with FhirHook("fhir_smart_pw").get_client() as client:
         assert client.count("Patient") >= 0
     assert auth_server.refusals == [] and auth_server.token_requests == 2

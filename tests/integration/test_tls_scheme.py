@@ -30,7 +30,16 @@ def test_a_connection_without_scheme_to_a_plain_http_server_names_the_extra_sche
     ok, message = FhirHook().test_connection()
     assert not ok and message.startswith("FHIR server:") and "set the extra `scheme` to `http`" in message
     # The setting it names is the fix: the same connection with that extra reaches the server.
-    monkeypatch.setenv("AIRFLOW_CONN_FHIR_DEFAULT", json.dumps({
-        "conn_type": "fhir", "host": where.hostname, "port": where.port, "schema": where.path.strip("/"),
-        "extra": {"scheme": "http"}}))
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_FHIR_DEFAULT",
+        json.dumps(
+            {
+                "conn_type": "fhir",
+                "host": where.hostname,
+                "port": where.port,
+                "schema": where.path.strip("/"),
+                "extra": {"scheme": "http"},
+            }
+        ),
+    )
     assert FhirHook().test_connection()[0] is True

@@ -41,13 +41,33 @@ def _patients(unique: str, tag: str, n: int = 10) -> tuple[list[str], list[dict]
 
 
 def _run(base_url: str, pids: list[str], out: Path, *extra: str, timeout: float = WAIT) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, "run", "--fhir-url", base_url, "--patients", ",".join(pids), "--batch-size", "5",
-                           "--out", str(out), *extra], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [
+            *CLI,
+            "run",
+            "--fhir-url",
+            base_url,
+            "--patients",
+            ",".join(pids),
+            "--batch-size",
+            "5",
+            "--out",
+            str(out),
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _start_run(base_url: str, pids: list[str], out: Path) -> subprocess.Popen:
-    return subprocess.Popen([*CLI, "run", "--fhir-url", base_url, "--patients", ",".join(pids), "--batch-size", "5",
-                             "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [*CLI, "run", "--fhir-url", base_url, "--patients", ",".join(pids), "--batch-size", "5", "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _writes(out: Path) -> dict:
@@ -75,8 +95,9 @@ def wait_for(condition, seconds: float = 60) -> bool:
 
 
 @pytest.mark.parametrize("transaction", [1, 2])
-def test_a_run_killed_at_a_transaction_converges_on_the_next_run(transaction, fhir_base_url, fhir_client, unique,
-                                                                  tmp_path):
+def test_a_run_killed_at_a_transaction_converges_on_the_next_run(
+    transaction, fhir_base_url, fhir_client, unique, tmp_path
+):
     pids, resources = _patients(unique, f"kill{transaction}-")
     put(fhir_client, *resources)
     with FaultProxy(fhir_base_url) as proxy:
@@ -97,21 +118,26 @@ def test_a_run_killed_at_a_transaction_converges_on_the_next_run(transaction, fh
     assert_converges(fhir_base_url, fhir_client, pids, tmp_path)
 
 
-def test_a_server_that_vanishes_mid_run_ends_it_with_exit_4_what_was_written_and_a_report(fhir_base_url, fhir_client,
-                                                                                        unique, tmp_path):
+def test_a_server_that_vanishes_mid_run_ends_it_with_exit_4_what_was_written_and_a_report(
+    fhir_base_url, fhir_client, unique, tmp_path
+):
     pids, resources = _patients(unique, "gone-")
     put(fhir_client, *resources)
     with FaultProxy(fhir_base_url) as proxy:
         # The first batch is written; every try of the second one's transaction loses its connection.
-        proxy.add(Fault("delay", method="POST", path_regex=TRANSACTION),
-                  *[Fault("reset", method="POST", path_regex=TRANSACTION) for _ in range(5)])
+        proxy.add(
+            Fault("delay", method="POST", path_regex=TRANSACTION),
+            *[Fault("reset", method="POST", path_regex=TRANSACTION) for _ in range(5)],
+        )
         out = tmp_path / "failed"
         done = _run(proxy.base_url, pids, out)
     assert done.returncode == 4, done.stderr[-3000:]
     message = done.stderr.strip().splitlines()[-1]
     assert "the FHIR server failed during the run" in message and "Traceback" not in done.stderr
-    assert "written before it stopped: Flags created 5, updated 0, withdrawn 0; 1 of 2 batches done, 5 patients " \
-           "not written; re-running is safe" in message
+    assert (
+        "written before it stopped: Flags created 5, updated 0, withdrawn 0; 1 of 2 batches done, 5 patients "
+        "not written; re-running is safe" in message
+    )
     assert message.endswith(f"report: {out / 'report.html'}")
     report = json.loads((out / "report.json").read_text())
     assert report["status"] == "failed" and "no answer after 5 tries" in report["error"]

@@ -102,8 +102,9 @@ NOW = datetime.now(timezone.utc)
 
 def _wbc(pid: str, suffix: str, value: float, days: float, **extra) -> dict:
     """A WBC `days` after the start of the races' month (30 days ago)."""
-    return observation(f"{pid}-{suffix}", "wbc", value, time=days_ago(30 - days, now=NOW), patient=f"Patient/{pid}",
-                       **extra)
+    return observation(
+        f"{pid}-{suffix}", "wbc", value, time=days_ago(30 - days, now=NOW), patient=f"Patient/{pid}", **extra
+    )
 
 
 def _flagged(client, base_url, pid, tmp_path, *resources):
@@ -120,8 +121,10 @@ def _amended(resource: dict, value: float) -> dict:
 def _one(expect_status: str, expect_grade: int, text: str | None = None):
     def check(flags: list[dict]) -> bool:
         (flag,) = flags
-        return (flag["status"], grade(flag)) == (expect_status, expect_grade) and (text is None
-                                                                                  or text in flag["code"]["text"])
+        return (flag["status"], grade(flag)) == (expect_status, expect_grade) and (
+            text is None or text in flag["code"]["text"]
+        )
+
     return check
 
 
@@ -129,52 +132,76 @@ def race(name: str, client, base_url: str, pid: str, tmp_path) -> Race:
     low = _wbc(pid, "low", 2.0, 0)
     if name == "create, recovered meanwhile":
         # The issue's first case: R1 wants an active Flag; a normal count arrives; R2 writes it inactive.
-        return Race(lambda: put(client, low),
-                    lambda: put(client, _wbc(pid, "ok", 6.0, 1)),
-                    _one("inactive", 2, "transient low count"))
+        return Race(
+            lambda: put(client, low),
+            lambda: put(client, _wbc(pid, "ok", 6.0, 1)),
+            _one("inactive", 2, "transient low count"),
+        )
     if name == "create, its recovery retracted meanwhile":
         # The issue's second case: R1 wants the Flag closed; the normal count is marked entered-in-error.
         ok = _wbc(pid, "ok", 6.0, 1)
-        return Race(lambda: put(client, low, ok),
-                    lambda: put(client, {**ok, "status": "entered-in-error"}),
-                    _one("active", 2))
+        return Race(
+            lambda: put(client, low, ok), lambda: put(client, {**ok, "status": "entered-in-error"}), _one("active", 2)
+        )
     if name == "escalation, recovered meanwhile":
-        return Race(lambda: (_flagged(client, base_url, pid, tmp_path, _wbc(pid, "g1", 3.5, 0)),
-                             put(client, _wbc(pid, "g3", 1.5, 2))),
-                    lambda: put(client, _wbc(pid, "ok", 6.0, 6)),
-                    _one("inactive", 3))
+        return Race(
+            lambda: (
+                _flagged(client, base_url, pid, tmp_path, _wbc(pid, "g1", 3.5, 0)),
+                put(client, _wbc(pid, "g3", 1.5, 2)),
+            ),
+            lambda: put(client, _wbc(pid, "ok", 6.0, 6)),
+            _one("inactive", 3),
+        )
     if name == "escalation retracted meanwhile":
         # R2 finds the Flag on the server right (grade 1) and writes nothing: only R1's check of its data saves it.
         lower = _wbc(pid, "g3", 1.5, 2)
-        return Race(lambda: (_flagged(client, base_url, pid, tmp_path, _wbc(pid, "g1", 3.5, 0)), put(client, lower)),
-                    lambda: put(client, {**lower, "status": "entered-in-error"}),
-                    _one("active", 1))
+        return Race(
+            lambda: (_flagged(client, base_url, pid, tmp_path, _wbc(pid, "g1", 3.5, 0)), put(client, lower)),
+            lambda: put(client, {**lower, "status": "entered-in-error"}),
+            _one("active", 1),
+        )
     if name == "recovery, amended back to low meanwhile":
         ok = _wbc(pid, "ok", 6.0, 5)
-        return Race(lambda: (_flagged(client, base_url, pid, tmp_path, low), put(client, ok)),
-                    lambda: put(client, _amended(ok, 2.5)),
-                    _one("active", 2))
+        return Race(
+            lambda: (_flagged(client, base_url, pid, tmp_path, low), put(client, ok)),
+            lambda: put(client, _amended(ok, 2.5)),
+            _one("active", 2),
+        )
     if name == "withdrawal (amended), amended low again meanwhile":
-        return Race(lambda: (_flagged(client, base_url, pid, tmp_path, low), put(client, _amended(low, 6.0))),
-                    lambda: put(client, _amended(low, 1.5)),
-                    _one("active", 3))
+        return Race(
+            lambda: (_flagged(client, base_url, pid, tmp_path, low), put(client, _amended(low, 6.0))),
+            lambda: put(client, _amended(low, 1.5)),
+            _one("active", 3),
+        )
     if name == "withdrawal (deleted), a new low meanwhile":
+
         def before():
             _flagged(client, base_url, pid, tmp_path, low)
             client.request("DELETE", f"Observation/{low['id']}")
+
         return Race(before, lambda: put(client, _wbc(pid, "again", 1.2, 0)), _one("active", 3))
     if name == "withdrawal (entered-in-error), corrected meanwhile":
-        return Race(lambda: (_flagged(client, base_url, pid, tmp_path, low),
-                             put(client, {**low, "status": "entered-in-error"})),
-                    lambda: put(client, {**low, "status": "corrected"}),
-                    _one("active", 2))
+        return Race(
+            lambda: (
+                _flagged(client, base_url, pid, tmp_path, low),
+                put(client, {**low, "status": "entered-in-error"}),
+            ),
+            lambda: put(client, {**low, "status": "corrected"}),
+            _one("active", 2),
+        )
     raise ValueError(name)
 
 
-RACES = ["create, recovered meanwhile", "create, its recovery retracted meanwhile", "escalation, recovered meanwhile",
-         "escalation retracted meanwhile", "recovery, amended back to low meanwhile",
-         "withdrawal (amended), amended low again meanwhile", "withdrawal (deleted), a new low meanwhile",
-         "withdrawal (entered-in-error), corrected meanwhile"]
+RACES = [
+    "create, recovered meanwhile",
+    "create, its recovery retracted meanwhile",
+    "escalation, recovered meanwhile",
+    "escalation retracted meanwhile",
+    "recovery, amended back to low meanwhile",
+    "withdrawal (amended), amended low again meanwhile",
+    "withdrawal (deleted), a new low meanwhile",
+    "withdrawal (entered-in-error), corrected meanwhile",
+]
 
 
 def written(report: dict) -> dict:
@@ -244,8 +271,9 @@ def test_a_held_new_write_lands_after_the_stale_one(name, fhir_base_url, fhir_cl
     assert r1_report["writes"]["conflict"] == r2_report["writes"]["conflict"] == 0
 
 
-def test_a_flag_that_keeps_moving_is_reported_as_a_conflict_and_never_written_blindly(fhir_base_url, fhir_client,
-                                                                                    unique, tmp_path):
+def test_a_flag_that_keeps_moving_is_reported_as_a_conflict_and_never_written_blindly(
+    fhir_base_url, fhir_client, unique, tmp_path
+):
     pid = f"busy-{unique}"
     put(fhir_client, patient(pid), _wbc(pid, "low", 2.0, 0))
     run(fhir_base_url, [pid], tmp_path / "first")
@@ -264,8 +292,12 @@ def test_a_flag_that_keeps_moving_is_reported_as_a_conflict_and_never_written_bl
 
     out = tmp_path / "busy"
     with FaultProxy(fhir_base_url, gate=another_writer) as proxy:
-        done = subprocess.run([*CLI, "run", "--fhir-url", proxy.base_url, "--patients", pid, "--out", str(out)],
-                              capture_output=True, text=True, timeout=WAIT)
+        done = subprocess.run(
+            [*CLI, "run", "--fhir-url", proxy.base_url, "--patients", pid, "--out", str(out)],
+            capture_output=True,
+            text=True,
+            timeout=WAIT,
+        )
     (now,) = project_flags(fhir_client, [pid])
     assert now["code"]["text"] == f"edited by another writer, {len(edits)}"  # the other writer's stands
     assert done.returncode == 1, done.stderr[-3000:]  # done, but a write was not applied

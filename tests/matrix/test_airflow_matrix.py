@@ -40,8 +40,12 @@ DAG_IDS = {"leukopenia_backfill", "leukopenia_patients", "leukopenia_surveillanc
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 DECLARED = [Requirement(r) for r in PROJECT["dependencies"]]
 WHEEL = ROOT / "dist" / f"leukofhir-{PROJECT['version']}-py3-none-any.whl"
-LOCK = {canonicalize_name(n): v for n, _, v in (line.partition("==") for line in
-                                                (ROOT / "requirements.lock").read_text().splitlines() if "==" in line)}
+LOCK = {
+    canonicalize_name(n): v
+    for n, _, v in (
+        line.partition("==") for line in (ROOT / "requirements.lock").read_text().splitlines() if "==" in line
+    )
+}
 
 
 def _floor(requirement: Requirement) -> str:
@@ -59,8 +63,13 @@ SITES = {
 
 
 def _installed(venv: Path) -> dict[str, str]:
-    listed = subprocess.run([str(venv / "bin" / "pip"), "list", "--format", "json", "--disable-pip-version-check"],
-                            capture_output=True, text=True, check=True, timeout=300).stdout
+    listed = subprocess.run(
+        [str(venv / "bin" / "pip"), "list", "--format", "json", "--disable-pip-version-check"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    ).stdout
     return {canonicalize_name(d["name"]): d["version"] for d in json.loads(listed)}
 
 
@@ -70,8 +79,9 @@ def wheel():
     title = f"Build the wheel: dist/{WHEEL.name}"
     assert title in STEPS and f"dist/{WHEEL.name}" in STEPS[INSTALL], f"the page must build and install {WHEEL.name}"
     WHEEL.unlink(missing_ok=True)
-    done = subprocess.run(["bash", "-euc", STEPS[title]], cwd=ROOT, capture_output=True, text=True, timeout=900,
-                          env=clean_environ())
+    done = subprocess.run(
+        ["bash", "-euc", STEPS[title]], cwd=ROOT, capture_output=True, text=True, timeout=900, env=clean_environ()
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert WHEEL.exists()
     return WHEEL
@@ -84,8 +94,11 @@ class Site:
     def __init__(self, name: str, folder: Path):
         self.name, self.venv, self.home = name, folder / "venv", folder / "airflow"
         (self.home / "dags").mkdir(parents=True)
-        env = clean_environ(PATH=f"{self.venv / 'bin'}:{os.environ['PATH']}", AIRFLOW_HOME=str(self.home),
-                            AIRFLOW__CORE__LOAD_EXAMPLES="False")
+        env = clean_environ(
+            PATH=f"{self.venv / 'bin'}:{os.environ['PATH']}",
+            AIRFLOW_HOME=str(self.home),
+            AIRFLOW__CORE__LOAD_EXAMPLES="False",
+        )
         self.shell = Shell(env, cwd=ROOT, state=folder / "shell.env")
         self.before: dict[str, str] = {}
         self.after: dict[str, str] = {}
@@ -93,8 +106,9 @@ class Site:
     def step(self, title: str, base_url: str | None = None, timeout: float = 900) -> str:
         commands = STEPS[title] if base_url is None else on_server(STEPS[title], base_url)
         done = self.shell.run(commands, timeout=timeout)
-        assert done.returncode == 0, \
+        assert done.returncode == 0, (
             f"{self.name}: step {title!r} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        )
         return done.stdout
 
     def run(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -122,16 +136,21 @@ def site(request, wheel, tmp_path_factory):
     site.step(INSTALL, timeout=1800)
     site.after = _installed(site.venv)
     versions = ", ".join(f"{canonicalize_name(r.name)} {site.after.get(canonicalize_name(r.name))}" for r in DECLARED)
-    print(f"\n{request.param}: Airflow and leukofhir installed in {time.monotonic() - started:.0f} s: {versions}",
-          file=sys.stderr)
+    print(
+        f"\n{request.param}: Airflow and leukofhir installed in {time.monotonic() - started:.0f} s: {versions}",
+        file=sys.stderr,
+    )
     return site
 
 
 def test_installing_leukofhir_moves_neither_airflow_nor_anything_the_site_had(site):
     expected = OLDEST_AIRFLOW if site.name == "oldest" else NEWEST_AIRFLOW
     assert site.before["apache-airflow"] == site.after["apache-airflow"] == expected
-    moved = {name: (version, site.after.get(name)) for name, version in site.before.items()
-             if site.after.get(name) != version}
+    moved = {
+        name: (version, site.after.get(name))
+        for name, version in site.before.items()
+        if site.after.get(name) != version
+    }
     assert moved == {}, f"installing leukofhir changed the site's packages: {moved}"
     assert site.after["leukofhir"] == PROJECT["version"]
     if site.name == "oldest":  # the floors are what this environment runs
@@ -158,11 +177,15 @@ def test_the_dags_deploy_from_the_wheel_and_parse_without_errors(site):
     assert {Path(d["fileloc"]).name for d in dags.values()} == {"leukofhir_dags.py"}
 
 
-@pytest.mark.parametrize("form", ["The connection in URI form: the scheme is the extra `scheme` (https unless it "
-                                  "says http)",
-                                  "The connection in JSON form: host may hold the whole base URL",
-                                  "The connection in Airflow's database, as the UI's Admin → Connections → Add (type "
-                                  '"FHIR server") stores it'], ids=["uri", "json", "database"])
+@pytest.mark.parametrize(
+    "form",
+    [
+        "The connection in URI form: the scheme is the extra `scheme` (https unless it says http)",
+        "The connection in JSON form: host may hold the whole base URL",
+        "The connection in Airflow's database, as the UI's Admin → Connections → Add (type \"FHIR server\") stores it",
+    ],
+    ids=["uri", "json", "database"],
+)
 def test_each_form_of_the_connection_passes_the_connection_test(site, form, fhir_base_url):
     site.step(form, fhir_base_url)
     tested = site.step("Test the connection")
@@ -204,8 +227,14 @@ def _dags_test(site: Site, dag_id: str, conf: dict, log_path: Path, timeout: flo
     """`airflow dags test` that fails at the first failed task: it would otherwise wait out the DAG's retry delays
     (minutes) and, while it waits, ignore SIGTERM; so its process group is killed."""
     with open(log_path, "w") as log:
-        process = subprocess.Popen(["airflow", "dags", "test", dag_id, "--conf", json.dumps(conf)], cwd=site.home,
-                                   env=site.shell.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            ["airflow", "dags", "test", dag_id, "--conf", json.dumps(conf)],
+            cwd=site.home,
+            env=site.shell.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     deadline = time.monotonic() + timeout
     try:
         while process.poll() is None and time.monotonic() < deadline:
@@ -218,7 +247,8 @@ def _dags_test(site: Site, dag_id: str, conf: dict, log_path: Path, timeout: flo
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
     text = log_path.read_text(errors="replace")
-    assert not stopped, f"{site.name}: airflow dags test {dag_id}: a task failed (or it ran over {timeout:.0f} s):\n" \
-                        f"{text[-4000:]}"
+    assert not stopped, (
+        f"{site.name}: airflow dags test {dag_id}: a task failed (or it ran over {timeout:.0f} s):\n{text[-4000:]}"
+    )
     assert process.returncode == 0, f"{site.name}: airflow dags test exited {process.returncode}:\n{text[-4000:]}"
     return text

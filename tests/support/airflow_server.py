@@ -30,8 +30,16 @@ class LocalAirflow:
     """`with LocalAirflow(home, port, dags_folder=..., extra_env={...}) as airflow:` then `airflow.api(...)`,
     `airflow.runs(...)`, `airflow.cli(...)`; `stop()` and `start()` again for an outage."""
 
-    def __init__(self, home: Path, port: int, *, dags_folder: Path, scheduler: bool = True,
-                 extra_env: dict[str, str] | None = None, pool_slots: int = 2):
+    def __init__(
+        self,
+        home: Path,
+        port: int,
+        *,
+        dags_folder: Path,
+        scheduler: bool = True,
+        extra_env: dict[str, str] | None = None,
+        pool_slots: int = 2,
+    ):
         self.home = Path(home)
         self.home.mkdir(parents=True, exist_ok=True)
         self.port = port
@@ -42,33 +50,37 @@ class LocalAirflow:
         passwords = self.home / "passwords.json"
         passwords.write_text(json.dumps(self.passwords), encoding="utf-8")
         # Nothing of the test session's own Airflow settings, connections or variables leaks in: only what is here.
-        self.env = {k: v for k, v in os.environ.items()
-                    if not k.startswith(("AIRFLOW__", "AIRFLOW_CONN_", "AIRFLOW_VAR_"))}
-        self.env.update({
-            "AIRFLOW_HOME": str(self.home),
-            "AIRFLOW__CORE__DAGS_FOLDER": str(dags_folder),
-            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-            # SQLite takes one writer at a time: a process waits its turn behind the scheduler instead of failing on
-            # "database is locked" after the default 5 s.
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{self.home}/airflow.db?timeout=60",
-            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
-            # Two cores: a handful of task processes, not Airflow's default 32.
-            "AIRFLOW__CORE__PARALLELISM": "4",
-            "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
-            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.url}/execution/",
-            "AIRFLOW__CORE__AUTH_MANAGER":
-                "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager",
-            # SimpleAuthManager: role `user` may trigger DAG runs, not administer Airflow.
-            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{ADMIN}:admin,{USER}:user",
-            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
-            "AIRFLOW__API__HOST": "127.0.0.1",
-            "AIRFLOW__API__PORT": str(port),
-            "AIRFLOW__API__WORKERS": "1",
-            "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(64),
-            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
-            "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "5",
-            **(extra_env or {}),
-        })
+        self.env = {
+            k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW__", "AIRFLOW_CONN_", "AIRFLOW_VAR_"))
+        }
+        self.env.update(
+            {
+                "AIRFLOW_HOME": str(self.home),
+                "AIRFLOW__CORE__DAGS_FOLDER": str(dags_folder),
+                "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+                # SQLite takes one writer at a time: a process waits its turn behind the scheduler instead of failing on
+                # "database is locked" after the default 5 s.
+                "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{self.home}/airflow.db?timeout=60",
+                "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+                # Two cores: a handful of task processes, not Airflow's default 32.
+                "AIRFLOW__CORE__PARALLELISM": "4",
+                "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
+                "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.url}/execution/",
+                "AIRFLOW__CORE__AUTH_MANAGER": (
+                    "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager"
+                ),
+                # SimpleAuthManager: role `user` may trigger DAG runs, not administer Airflow.
+                "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{ADMIN}:admin,{USER}:user",
+                "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
+                "AIRFLOW__API__HOST": "127.0.0.1",
+                "AIRFLOW__API__PORT": str(port),
+                "AIRFLOW__API__WORKERS": "1",
+                "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(64),
+                "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+                "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "5",
+                **(extra_env or {}),
+            }
+        )
         self.processes: dict[str, subprocess.Popen] = {}
         self._clients: dict[str, AirflowClient] = {}
         self._prepared = False
@@ -78,8 +90,11 @@ class LocalAirflow:
 
     def prepare(self) -> None:
         """The database, the pool, and the DAGs serialized into it (at once, not at the dag-processor's first pass)."""
-        for args in (("db", "migrate"), ("pools", "set", FHIR_POOL, str(self.pool_slots), "FHIR server requests"),
-                     ("dags", "reserialize")):
+        for args in (
+            ("db", "migrate"),
+            ("pools", "set", FHIR_POOL, str(self.pool_slots), "FHIR server requests"),
+            ("dags", "reserialize"),
+        ):
             done = self.cli(*args)
             if done.returncode != 0:
                 raise RuntimeError(f"airflow {' '.join(args)} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
@@ -91,13 +106,20 @@ class LocalAirflow:
         for component in self.components:
             with open(self.home / f"{component}.log", "ab") as log:
                 self.processes[component] = subprocess.Popen(
-                    [AIRFLOW, component], env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        wait_healthy(self.processes["api-server"], f"{self.url}/api/v2/monitor/health", timeout,
-                     self.home / "api-server.log", "airflow api-server")
+                    [AIRFLOW, component], env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                )
+        wait_healthy(
+            self.processes["api-server"],
+            f"{self.url}/api/v2/monitor/health",
+            timeout,
+            self.home / "api-server.log",
+            "airflow api-server",
+        )
         for component, process in self.processes.items():
             if process.poll() is not None:
-                raise RuntimeError(f"airflow {component} exited ({process.returncode}); "
-                                   f"see {self.home}/{component}.log")
+                raise RuntimeError(
+                    f"airflow {component} exited ({process.returncode}); see {self.home}/{component}.log"
+                )
         return self
 
     def stop(self) -> None:
@@ -124,8 +146,11 @@ class LocalAirflow:
 
     def receiver_environment(self) -> dict[str, str]:
         """What `leukofhir listen` reads to reach this Airflow, as the user `leukofhir`."""
-        return {"LEUKOFHIR_AIRFLOW_URL": self.url, "LEUKOFHIR_AIRFLOW_USER": USER,
-                "LEUKOFHIR_AIRFLOW_PASSWORD": self.passwords[USER]}
+        return {
+            "LEUKOFHIR_AIRFLOW_URL": self.url,
+            "LEUKOFHIR_AIRFLOW_USER": USER,
+            "LEUKOFHIR_AIRFLOW_PASSWORD": self.passwords[USER],
+        }
 
     def client(self, user: str = ADMIN) -> AirflowClient:
         """The package's Airflow REST client as `user` (one per user, closed with this Airflow)."""
@@ -161,8 +186,10 @@ class LocalAirflow:
                 if process.poll() is not None:
                     raise RuntimeError(f"airflow {component} exited; see {self.home}/{component}.log")
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{count} {dag_id} run(s) {match} not ended after {seconds:.0f} s: "
-                                   f"{[(r['dag_run_id'], r['state']) for r in found]}; see {self.home}/*.log")
+                raise TimeoutError(
+                    f"{count} {dag_id} run(s) {match} not ended after {seconds:.0f} s: "
+                    f"{[(r['dag_run_id'], r['state']) for r in found]}; see {self.home}/*.log"
+                )
             time.sleep(1)
 
 

@@ -31,8 +31,10 @@ class EhrKeys:
 
     def __init__(self, folder: Path, issuer: str = ISSUER):
         self.issuer = issuer
-        self.keys = {"rs": (rsa.generate_private_key(public_exponent=65537, key_size=2048), "RS384"),
-                     "es": (ec.generate_private_key(ec.SECP384R1()), "ES384")}
+        self.keys = {
+            "rs": (rsa.generate_private_key(public_exponent=65537, key_size=2048), "RS384"),
+            "es": (ec.generate_private_key(ec.SECP384R1()), "ES384"),
+        }
         jwks = {"keys": []}
         for kid, (key, alg) in self.keys.items():
             public = json.loads(jwt.algorithms.get_default_algorithms()[alg].to_jwk(key.public_key()))
@@ -40,12 +42,27 @@ class EhrKeys:
         self.jwks = Path(folder) / "ehr-jwks.json"
         self.jwks.write_text(json.dumps(jwks), encoding="utf-8")
 
-    def token(self, audience: str, *, kid: str = "es", expires_in: int = 300, jti: str | None = None,
-              issuer: str | None = None, **claims) -> str:
+    def token(
+        self,
+        audience: str,
+        *,
+        kid: str = "es",
+        expires_in: int = 300,
+        jti: str | None = None,
+        issuer: str | None = None,
+        **claims,
+    ) -> str:
         key, alg = self.keys[kid]
         now = int(time.time())
-        body = {"iss": issuer or self.issuer, "sub": "ehr-client", "aud": audience, "iat": now,
-                "exp": now + expires_in, "jti": jti or uuid.uuid4().hex, **claims}
+        body = {
+            "iss": issuer or self.issuer,
+            "sub": "ehr-client",
+            "aud": audience,
+            "iat": now,
+            "exp": now + expires_in,
+            "jti": jti or uuid.uuid4().hex,
+            **claims,
+        }
         return jwt.encode(body, key, algorithm=alg, headers={"kid": kid, "typ": "JWT"})
 
     def header(self, audience: str, **kwargs) -> dict[str, str]:
@@ -53,8 +70,18 @@ class EhrKeys:
 
 
 class CdsProcess:
-    def __init__(self, workdir: Path, port: int, fhir_url: str, keys: EhrKeys, *, args: tuple[str, ...] = (),
-                 nofile: int | None = None, tls: tuple[Path, Path] | None = None, env: dict | None = None):
+    def __init__(
+        self,
+        workdir: Path,
+        port: int,
+        fhir_url: str,
+        keys: EhrKeys,
+        *,
+        args: tuple[str, ...] = (),
+        nofile: int | None = None,
+        tls: tuple[Path, Path] | None = None,
+        env: dict | None = None,
+    ):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port, self.keys, self.nofile = port, keys, nofile
@@ -64,8 +91,22 @@ class CdsProcess:
             args = (*args, "--ssl-certfile", str(tls[0]), "--ssl-keyfile", str(tls[1]))
         self.log = self.workdir / "cds-hooks.log"
         self.env = env or dict(os.environ)
-        self.cmd = [sys.executable, "-m", "leukofhir.cli", "-v", "cds-hooks", "--port", str(port), "--fhir-url",
-                    fhir_url, "--public-url", self.url, "--trusted-issuer", f"{keys.issuer}={keys.jwks}", *args]
+        self.cmd = [
+            sys.executable,
+            "-m",
+            "leukofhir.cli",
+            "-v",
+            "cds-hooks",
+            "--port",
+            str(port),
+            "--fhir-url",
+            fhir_url,
+            "--public-url",
+            self.url,
+            "--trusted-issuer",
+            f"{keys.issuer}={keys.jwks}",
+            *args,
+        ]
         self.proc: subprocess.Popen | None = None
 
     def _limit(self) -> None:
@@ -75,8 +116,14 @@ class CdsProcess:
         if is_listening(self.port):
             raise RuntimeError(f"port {self.port} is in use: leukofhir cds-hooks cannot start there")
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True, preexec_fn=self._limit if self.nofile else None)
+            self.proc = subprocess.Popen(
+                self.cmd,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=self._limit if self.nofile else None,
+            )
         wait_healthy(self.proc, f"{self.url}/healthz", timeout, self.log, "leukofhir cds-hooks", self.verify)
         return self
 
@@ -98,8 +145,12 @@ class CdsProcess:
 
 def patient_view_request(patient_id: str, prefetch: dict | None = None, **extra) -> dict:
     """A patient-view request shaped as the CDS Hooks 2.0 specification's example."""
-    request = {"hookInstance": str(uuid.uuid4()), "hook": "patient-view",
-               "context": {"userId": "Practitioner/example", "patientId": patient_id}, **extra}
+    request = {
+        "hookInstance": str(uuid.uuid4()),
+        "hook": "patient-view",
+        "context": {"userId": "Practitioner/example", "patientId": patient_id},
+        **extra,
+    }
     if prefetch is not None:
         request["prefetch"] = prefetch
     return request
@@ -107,10 +158,16 @@ def patient_view_request(patient_id: str, prefetch: dict | None = None, **extra)
 
 def order_sign_request(patient_id: str, orders: list[dict], prefetch: dict | None = None, **extra) -> dict:
     """An order-sign request: the draft MedicationRequests in context.draftOrders, a Bundle."""
-    request = {"hookInstance": str(uuid.uuid4()), "hook": "order-sign",
-               "context": {"userId": "Practitioner/example", "patientId": patient_id,
-                           "draftOrders": {"resourceType": "Bundle", "type": "collection",
-                                           "entry": [{"resource": o} for o in orders]}}, **extra}
+    request = {
+        "hookInstance": str(uuid.uuid4()),
+        "hook": "order-sign",
+        "context": {
+            "userId": "Practitioner/example",
+            "patientId": patient_id,
+            "draftOrders": {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": o} for o in orders]},
+        },
+        **extra,
+    }
     if prefetch is not None:
         request["prefetch"] = prefetch
     return request
@@ -122,13 +179,25 @@ def draft_order(order_id: str, patient_id: str, *, rxnorm: str | None = None, te
         concept["coding"] = [{"system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": rxnorm}]
     if text:
         concept["text"] = text
-    return {"resourceType": "MedicationRequest", "id": order_id, "status": "draft", "intent": "order",
-            "subject": {"reference": f"Patient/{patient_id}"}, "medicationCodeableConcept": concept}
+    return {
+        "resourceType": "MedicationRequest",
+        "id": order_id,
+        "status": "draft",
+        "intent": "order",
+        "subject": {"reference": f"Patient/{patient_id}"},
+        "medicationCodeableConcept": concept,
+    }
 
 
 @contextmanager
-def cds_service(workdir: Path, port: int, *, nofile: int | None = None, tls: tuple[Path, Path] | None = None,
-                fhir_url: str = "http://127.0.0.1:9/fhir") -> Iterator[Target]:
+def cds_service(
+    workdir: Path,
+    port: int,
+    *,
+    nofile: int | None = None,
+    tls: tuple[Path, Path] | None = None,
+    fhir_url: str = "http://127.0.0.1:9/fhir",
+) -> Iterator[Target]:
     """The CDS service as the hostile-client tests see it (tests/support/hostile.py): a valid request is a
     patient-view with a complete (empty) prefetch, so no FHIR server is needed."""
     keys = EhrKeys(workdir)
@@ -136,12 +205,22 @@ def cds_service(workdir: Path, port: int, *, nofile: int | None = None, tls: tup
         from leukofhir.cds.fetch import prefetch_templates
         from leukofhir.config import load_config
 
-        empty = {key: {"resourceType": "Bundle", "type": "searchset", "entry": []}
-                 for key in prefetch_templates(load_config())}
+        empty = {
+            key: {"resourceType": "Bundle", "type": "searchset", "entry": []}
+            for key in prefetch_templates(load_config())
+        }
         empty["patient"] = {"resourceType": "Patient", "id": "hostile"}
 
         def valid() -> tuple[str, str, bytes]:
             return "POST", PATIENT_VIEW, json.dumps(patient_view_request("hostile", empty)).encode()
 
-        yield Target(port=port, pid=service.proc.pid, log=service.log, scheme="https" if tls else "http",
-                     verify=service.verify, auth=service.auth, valid=valid, json_target=("POST", PATIENT_VIEW))
+        yield Target(
+            port=port,
+            pid=service.proc.pid,
+            log=service.log,
+            scheme="https" if tls else "http",
+            verify=service.verify,
+            auth=service.auth,
+            valid=valid,
+            json_target=("POST", PATIENT_VIEW),
+        )

@@ -28,12 +28,14 @@ def run_stack(env, *args, timeout=900) -> subprocess.CompletedProcess:
 
 def stack_env(port_offset: int, folder: Path, **extra) -> dict:
     """The environment of a stack instance on FHIR_TEST_PORT + offset ... + offset + 3, its state under `folder`,
-    tasks of a killed worker failed after HEARTBEAT_TIMEOUT."""
+    tasks of a killed worker failed after HEARTBEAT_TIMEOUT. DAGs start paused and `Api.trigger` unpauses the one it
+    runs: a scheduled DAG (the hourly surveillance) running at an hour's turn would otherwise write the Flags a test
+    has just deleted, and the run under test would find them there already."""
     return dict(
         os.environ,
         AIRFLOW_STACK_PORT=str(int(os.environ.get("FHIR_TEST_PORT", "8181")) + port_offset),
         AIRFLOW_STACK_DIR=str(folder / "stack"),
-        AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION="False",
+        AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION="True",
         AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT=str(HEARTBEAT_TIMEOUT),
         AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL="5",
         **extra,
@@ -69,8 +71,12 @@ class Api:
         while self.session.get(f"{self.url}/api/v2/dags/{dag_id}", timeout=30).status_code != 200:
             assert time.monotonic() < deadline, f"{dag_id} was not parsed in {timeout} s"
             time.sleep(2)
-        response = self.session.post(f"{self.url}/api/v2/dags/{dag_id}/dagRuns",
-                                     json={"logical_date": None, **({"conf": conf} if conf else {})}, timeout=30)
+        self.session.patch(f"{self.url}/api/v2/dags/{dag_id}", json={"is_paused": False}, timeout=30).raise_for_status()
+        response = self.session.post(
+            f"{self.url}/api/v2/dags/{dag_id}/dagRuns",
+            json={"logical_date": None, **({"conf": conf} if conf else {})},
+            timeout=30,
+        )
         response.raise_for_status()
         return response.json()["dag_run_id"]
 
@@ -84,8 +90,11 @@ class Api:
         """Wait until both workers run instances of a mapped task; map index -> host name of those running."""
         deadline = time.monotonic() + timeout
         while True:
-            running = {ti["map_index"]: ti["hostname"] for ti in self.task_instances(dag_id, run_id)
-                       if ti["task_id"] == task_id and ti["state"] == "running"}
+            running = {
+                ti["map_index"]: ti["hostname"]
+                for ti in self.task_instances(dag_id, run_id)
+                if ti["task_id"] == task_id and ti["state"] == "running"
+            }
             if {WORKER1, WORKER2} <= set(running.values()):
                 return running
             assert time.monotonic() < deadline, f"{task_id} did not run on both workers: {running}"

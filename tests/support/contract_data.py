@@ -41,17 +41,23 @@ def held_out(prefix: str) -> list[dict]:
         ref = f"Patient/{pid}"
         resources.append(patient(pid))
         if n == BAD:
-            resources += [observation(f"{pid}-low", "wbc", 2.2, time=recent(days=0), patient=ref),
-                          observation(f"{pid}-unit", "wbc", 3.0, unit="furlong", time=recent(days=1), patient=ref),
-                          string_valued(f"{pid}-text", pid, "1.9", days=2)]
+            resources += [
+                observation(f"{pid}-low", "wbc", 2.2, time=recent(days=0), patient=ref),
+                observation(f"{pid}-unit", "wbc", 3.0, unit="furlong", time=recent(days=1), patient=ref),
+                string_valued(f"{pid}-text", pid, "1.9", days=2),
+            ]
         elif n % 3 == 0:
             resources.append(observation(f"{pid}-w", "wbc", 2.0 + n / 10, time=recent(days=n), patient=ref))
         elif n % 3 == 1:
-            resources += [observation(f"{pid}-w", "wbc", 2.5, time=recent(days=n), patient=ref),
-                          observation(f"{pid}-w2", "wbc", 6.0, time=recent(days=n + 2), patient=ref)]
+            resources += [
+                observation(f"{pid}-w", "wbc", 2.5, time=recent(days=n), patient=ref),
+                observation(f"{pid}-w2", "wbc", 6.0, time=recent(days=n + 2), patient=ref),
+            ]
         else:
-            resources += [observation(f"{pid}-w", "wbc", 5.0, time=recent(days=n), patient=ref),
-                          observation(f"{pid}-a", "anc", 0.8, time=recent(days=n), patient=ref)]
+            resources += [
+                observation(f"{pid}-w", "wbc", 5.0, time=recent(days=n), patient=ref),
+                observation(f"{pid}-a", "anc", 0.8, time=recent(days=n), patient=ref),
+            ]
     return resources
 
 
@@ -65,8 +71,13 @@ def broken_feed_on(client, prefix: str, **options):
         yield good, bad
     finally:
         broken = [r for r in resources if r["resourceType"] == "Observation" and r["valueQuantity"]["unit"] == NEW_UNIT]
-        put(client, *({**r, "valueQuantity": {**r["valueQuantity"], "unit": "10*9/L", "system": UCUM, "code": "10*9/L"}}
-                      for r in broken))
+        put(
+            client,
+            *(
+                {**r, "valueQuantity": {**r["valueQuantity"], "unit": "10*9/L", "system": UCUM, "code": "10*9/L"}}
+                for r in broken
+            ),
+        )
 
 
 NEW_UNIT = "K/uL-new"
@@ -80,10 +91,14 @@ def broken_feed(prefix: str, bad_patients: int = 12, results_each: int = 5) -> t
     good = [f"{prefix}-a-good{n}" for n in range(4)]
     bad = [f"{prefix}-b-bad{n:02d}" for n in range(bad_patients)]
     resources = [patient(p) for p in good + bad]
-    resources += [observation(f"{p}-w", "wbc", 1.8, time=recent(days=n), patient=f"Patient/{p}")
-                  for n, p in enumerate(good)]
-    resources += [observation(f"{p}-w{k}", "wbc", 2.0 + k, unit=NEW_UNIT, time=recent(days=k), patient=f"Patient/{p}")
-                  for p in bad for k in range(results_each)]
+    resources += [
+        observation(f"{p}-w", "wbc", 1.8, time=recent(days=n), patient=f"Patient/{p}") for n, p in enumerate(good)
+    ]
+    resources += [
+        observation(f"{p}-w{k}", "wbc", 2.0 + k, unit=NEW_UNIT, time=recent(days=k), patient=f"Patient/{p}")
+        for p in bad
+        for k in range(results_each)
+    ]
     return resources, good, bad
 
 

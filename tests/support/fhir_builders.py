@@ -9,8 +9,13 @@ LOINC = "http://loinc.org"
 T0 = datetime(2024, 3, 1, 8, 0, tzinfo=timezone.utc)
 
 CODES = {
-    "wbc": "6690-2", "anc": "751-8", "neutrophils_pct": "770-8", "bands_pct": "764-1", "lymphocytes_abs": "731-0",
-    "hemoglobin": "718-7", "platelets": "777-3",
+    "wbc": "6690-2",
+    "anc": "751-8",
+    "neutrophils_pct": "770-8",
+    "bands_pct": "764-1",
+    "lymphocytes_abs": "731-0",
+    "hemoglobin": "718-7",
+    "platelets": "777-3",
 }
 UNITS = {"hemoglobin": "g/dL", "neutrophils_pct": "%", "bands_pct": "%", "lymphocytes_pct": "%"}
 
@@ -28,9 +33,20 @@ def days_ago(days: float = 0, hours: float = 0, now: datetime | None = None) -> 
     return (now - timedelta(days=days, hours=hours)).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def observation(oid: str, concept: str, value, *, time: str | None = None, patient: str = "Patient/p1",
-                unit: str | None = None, status: str = "final", low=None, comparator: str | None = None,
-                code: str | None = None, **extra) -> dict:
+def observation(
+    oid: str,
+    concept: str,
+    value,
+    *,
+    time: str | None = None,
+    patient: str = "Patient/p1",
+    unit: str | None = None,
+    status: str = "final",
+    low=None,
+    comparator: str | None = None,
+    code: str | None = None,
+    **extra,
+) -> dict:
     unit = unit or UNITS.get(concept, "10*9/L")
     res = {
         "resourceType": "Observation",
@@ -61,19 +77,39 @@ def patient(pid: str = "p1", birth: str | None = "1970-05-05", gender: str | Non
 
 
 def report(rid: str, results: list[str], time: str | None = None, patient_ref: str = "Patient/p1") -> dict:
-    res = {"resourceType": "DiagnosticReport", "id": rid, "status": "final", "code": {"text": "CBC"},
-           "subject": {"reference": patient_ref}, "result": [{"reference": f"Observation/{r}"} for r in results]}
+    res = {
+        "resourceType": "DiagnosticReport",
+        "id": rid,
+        "status": "final",
+        "code": {"text": "CBC"},
+        "subject": {"reference": patient_ref},
+        "result": [{"reference": f"Observation/{r}"} for r in results],
+    }
     if time:
         res["effectiveDateTime"] = time
     return res
 
 
-def statement(mid: str, drug_text: str | None, *, start: str | None = None, end: str | None = None,
-              point: str | None = None, status: str = "active", patient_ref: str = "Patient/p1",
-              kind: str = "MedicationStatement", coding: list | None = None) -> dict:
+def statement(
+    mid: str,
+    drug_text: str | None,
+    *,
+    start: str | None = None,
+    end: str | None = None,
+    point: str | None = None,
+    status: str = "active",
+    patient_ref: str = "Patient/p1",
+    kind: str = "MedicationStatement",
+    coding: list | None = None,
+) -> dict:
     concept = {**({"text": drug_text} if drug_text else {}), **({"coding": coding} if coding else {})}
-    res = {"resourceType": kind, "id": mid, "status": status, "subject": {"reference": patient_ref},
-           "medicationCodeableConcept": concept}
+    res = {
+        "resourceType": kind,
+        "id": mid,
+        "status": status,
+        "subject": {"reference": patient_ref},
+        "medicationCodeableConcept": concept,
+    }
     if kind == "MedicationRequest":
         res["intent"] = "order"
         res["authoredOn"] = point or start

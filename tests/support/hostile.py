@@ -112,15 +112,16 @@ def closed_within(sock: socket.socket, seconds: float, trickle: bytes = b"", eve
             return time.monotonic() - started
         if position < len(trickle):
             try:
-                sock.sendall(trickle[position:position + 1])
+                sock.sendall(trickle[position : position + 1])
             except OSError:
                 return time.monotonic() - started
             position += 1
     return None
 
 
-def send_chunked(port: int, head: bytes, total: int, chunk: int = 64 * 1024,
-                 timeout: float = 60.0) -> tuple[int | None, int]:
+def send_chunked(
+    port: int, head: bytes, total: int, chunk: int = 64 * 1024, timeout: float = 60.0
+) -> tuple[int | None, int]:
     """A chunked body of `total` bytes after `head` (which says Transfer-Encoding: chunked): (status of the
     answer, bytes of body sent before the server answered or closed)."""
     piece = b"%x\r\n" % chunk + b"[" * chunk + b"\r\n"
@@ -171,14 +172,21 @@ def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
     now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-            .sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )
     cert_file, key_file = folder / "tls-cert.pem", folder / "tls-key.pem"
     cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    key_file.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     return cert_file, key_file

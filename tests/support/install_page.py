@@ -20,7 +20,7 @@ def steps(page: Path = PAGE) -> dict[str, str]:
     text = page.read_text(encoding="utf-8")
     start = text.index(SECTION + "\n")
     end = text.find("\n## ", start + len(SECTION))
-    blocks = re.findall(r"^```sh\n(.*?)^```$", text[start:end if end != -1 else None], flags=re.M | re.S)
+    blocks = re.findall(r"^```sh\n(.*?)^```$", text[start : end if end != -1 else None], flags=re.M | re.S)
     titled = {}
     for block in blocks:
         first, _, rest = block.partition("\n")
@@ -36,11 +36,14 @@ def on_server(commands: str, base_url: str) -> str:
     hostport, _, path = rest.partition("/")
     host, _, port = hostport.partition(":")
     assert scheme == "http" and path == "fhir", base_url
-    return (commands.replace(f"https://{EXAMPLE_HOST}/fhir", base_url)
-            .replace(f"{EXAMPLE_HOST}:{EXAMPLE_PORT}", f"{host}:{port}")
-            .replace(f"--conn-port {EXAMPLE_PORT}", f"--conn-port {port}")
-            .replace(EXAMPLE_HOST, host)
-            .replace("scheme=https", "scheme=http").replace('"scheme": "https"', '"scheme": "http"'))
+    return (
+        commands.replace(f"https://{EXAMPLE_HOST}/fhir", base_url)
+        .replace(f"{EXAMPLE_HOST}:{EXAMPLE_PORT}", f"{host}:{port}")
+        .replace(f"--conn-port {EXAMPLE_PORT}", f"--conn-port {port}")
+        .replace(EXAMPLE_HOST, host)
+        .replace("scheme=https", "scheme=http")
+        .replace('"scheme": "https"', '"scheme": "http"')
+    )
 
 
 class Shell:
@@ -52,8 +55,9 @@ class Shell:
 
     def run(self, commands: str, timeout: float = 900) -> subprocess.CompletedProcess:
         script = f"set -euo pipefail\n{commands}\nenv -0 > {self.state}\n"
-        done = subprocess.run(["bash", "-c", script], cwd=self.cwd, env=self.env, capture_output=True, text=True,
-                              timeout=timeout)
+        done = subprocess.run(
+            ["bash", "-c", script], cwd=self.cwd, env=self.env, capture_output=True, text=True, timeout=timeout
+        )
         if done.returncode == 0:
             pairs = (item.partition("=") for item in self.state.read_text().split("\0") if item)
             self.env = {k: v for k, _, v in pairs if k not in ("_", "SHLVL", "PWD", "OLDPWD")}
@@ -63,6 +67,9 @@ class Shell:
 def clean_environ(**extra: str) -> dict[str, str]:
     """This process's environment without what would leak into a site's shell: the project's venv, Airflow and
     leukofhir settings of the test session."""
-    keep = {k: v for k, v in os.environ.items()
-            if not k.startswith(("AIRFLOW", "LEUKOFHIR_", "PYTHON", "VIRTUAL_ENV", "FHIR_"))}
+    keep = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("AIRFLOW", "LEUKOFHIR_", "PYTHON", "VIRTUAL_ENV", "FHIR_"))
+    }
     return dict(keep, **extra)

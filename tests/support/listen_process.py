@@ -21,9 +21,18 @@ from support.processes import stop_group, wait_healthy
 
 
 class ListenProcess:
-    def __init__(self, workdir: Path, port: int, env: dict[str, str], *, fhir_url: str = "http://127.0.0.1:9/fhir",
-                 args: tuple[str, ...] = ("--debounce", "1", "--max-wait", "4", "--retry-max", "1"),
-                 nofile: int | None = None, tls: tuple[Path, Path] | None = None, cwd: Path | None = None):
+    def __init__(
+        self,
+        workdir: Path,
+        port: int,
+        env: dict[str, str],
+        *,
+        fhir_url: str = "http://127.0.0.1:9/fhir",
+        args: tuple[str, ...] = ("--debounce", "1", "--max-wait", "4", "--retry-max", "1"),
+        nofile: int | None = None,
+        tls: tuple[Path, Path] | None = None,
+        cwd: Path | None = None,
+    ):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = port
@@ -35,8 +44,20 @@ class ListenProcess:
         self.queue = self.workdir / "queue.sqlite3"
         self.log = self.workdir / "listen.log"
         self.env = env
-        self.cmd = [sys.executable, "-m", "leukofhir.cli", "-v", "listen", "--port", str(port),
-                    "--queue", str(self.queue), "--fhir-url", fhir_url, *args]
+        self.cmd = [
+            sys.executable,
+            "-m",
+            "leukofhir.cli",
+            "-v",
+            "listen",
+            "--port",
+            str(port),
+            "--queue",
+            str(self.queue),
+            "--fhir-url",
+            fhir_url,
+            *args,
+        ]
         self.nofile = nofile  # the process's descriptor limit (soft and hard), as `prlimit --nofile=N` sets it
         self.cwd = cwd  # `-m leukofhir.cli` imports the package found there first (another checkout's, say)
         self.proc: subprocess.Popen | None = None
@@ -48,9 +69,15 @@ class ListenProcess:
         if is_listening(self.port):  # another server there would answer the health check in its place
             raise RuntimeError(f"port {self.port} is in use: leukofhir listen cannot start there")
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True, preexec_fn=self._limit if self.nofile else None,
-                                         cwd=self.cwd)
+            self.proc = subprocess.Popen(
+                self.cmd,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=self._limit if self.nofile else None,
+                cwd=self.cwd,
+            )
         wait_healthy(self.proc, f"{self.url}/healthz", timeout, self.log, "leukofhir listen", self.verify)
         return self
 
@@ -94,24 +121,47 @@ HOSTILE_SECRET = "hostile-test-secret-0123456789"
 
 
 @contextmanager
-def listen_service(workdir: Path, port: int, *, nofile: int | None = None, args: tuple[str, ...] = (),
-                   fhir_url: str = "http://127.0.0.1:9/fhir", tls: tuple[Path, Path] | None = None,
-                   cwd: Path | None = None) -> Iterator[Target]:
+def listen_service(
+    workdir: Path,
+    port: int,
+    *,
+    nofile: int | None = None,
+    args: tuple[str, ...] = (),
+    fhir_url: str = "http://127.0.0.1:9/fhir",
+    tls: tuple[Path, Path] | None = None,
+    cwd: Path | None = None,
+) -> Iterator[Target]:
     """The receiver as the hostile-client tests see it (tests/support/hostile.py). No Airflow: a notification it
     accepts waits in its queue, which is all these tests look at."""
-    env = dict(os.environ, LEUKOFHIR_HOOK_SECRET=HOSTILE_SECRET,
-               LEUKOFHIR_AIRFLOW_URL="http://127.0.0.1:9", LEUKOFHIR_AIRFLOW_USER="nobody",
-               LEUKOFHIR_AIRFLOW_PASSWORD="nothing")
+    env = dict(
+        os.environ,
+        LEUKOFHIR_HOOK_SECRET=HOSTILE_SECRET,
+        LEUKOFHIR_AIRFLOW_URL="http://127.0.0.1:9",
+        LEUKOFHIR_AIRFLOW_USER="nobody",
+        LEUKOFHIR_AIRFLOW_PASSWORD="nothing",
+    )
 
     def valid() -> tuple[str, str, bytes]:
         oid = f"hostile-{uuid.uuid4().hex[:12]}"
-        body = {"resourceType": "Observation", "id": oid, "status": "final", "code": {"text": "WBC"},
-                "subject": {"reference": f"Patient/p-{oid}"}}
+        body = {
+            "resourceType": "Observation",
+            "id": oid,
+            "status": "final",
+            "code": {"text": "WBC"},
+            "subject": {"reference": f"Patient/p-{oid}"},
+        }
         return "PUT", f"/notify/Observation/{oid}", json.dumps(body).encode()
 
-    with ListenProcess(workdir, port, env, fhir_url=fhir_url, nofile=nofile, tls=tls, cwd=cwd,
-                       args=("--retry-max", "30", *args)) as listener:
-        yield Target(port=port, pid=listener.proc.pid, log=listener.log, scheme="https" if tls else "http",
-                     verify=listener.verify,
-                     auth=lambda: {"Authorization": f"Bearer {HOSTILE_SECRET}"}, valid=valid,
-                     json_target=("PUT", "/notify/Observation/deep"))
+    with ListenProcess(
+        workdir, port, env, fhir_url=fhir_url, nofile=nofile, tls=tls, cwd=cwd, args=("--retry-max", "30", *args)
+    ) as listener:
+        yield Target(
+            port=port,
+            pid=listener.proc.pid,
+            log=listener.log,
+            scheme="https" if tls else "http",
+            verify=listener.verify,
+            auth=lambda: {"Authorization": f"Bearer {HOSTILE_SECRET}"},
+            valid=valid,
+            json_target=("PUT", "/notify/Observation/deep"),
+        )

@@ -74,6 +74,11 @@ def versions(flags: list[dict]) -> dict[str, str]:
 
 def without_patient(flag: dict) -> tuple:
     """A Flag's clinical content, independent of which patient (and so which identifier) it belongs to."""
-    return (flag["status"], flag["code"]["coding"][0]["code"], flag["code"]["text"], flag["period"].get("start"),
-            flag["period"].get("end"),
-            tuple(sorted(e.get("valueInteger", 0) for e in flag.get("extension", []) if "valueInteger" in e)))
+    return (
+        flag["status"],
+        flag["code"]["coding"][0]["code"],
+        flag["code"]["text"],
+        flag["period"].get("start"),
+        flag["period"].get("end"),
+        tuple(sorted(e.get("valueInteger", 0) for e in flag.get("extension", []) if "valueInteger" in e)),
+    )

@@ -103,10 +103,17 @@ class SmartAuthServer:
                 return refusal.status, {"error": refusal.error, "error_description": refusal.description}
             token = random_secrets.token_urlsafe(32)
             self.secrets.append(token)
-            self.tokens[token] = {"client_id": client_id, "expires_at": time.time() + self.token_lifetime,
-                                  "revoked": self.revoke_on_issue}
-            return 200, {"access_token": token, "token_type": "bearer", "expires_in": self.token_lifetime,
-                         "scope": scope}
+            self.tokens[token] = {
+                "client_id": client_id,
+                "expires_at": time.time() + self.token_lifetime,
+                "revoked": self.revoke_on_issue,
+            }
+            return 200, {
+                "access_token": token,
+                "token_type": "bearer",
+                "expires_in": self.token_lifetime,
+                "scope": scope,
+            }
 
     def _verify(self, form: dict) -> tuple[str, str]:
         if form.get("grant_type") != "client_credentials":
@@ -131,14 +138,24 @@ class SmartAuthServer:
         if jwk is None:
             raise _Refusal(401, "invalid_client", f"no key with kid {header.get('kid')!r} in the client's JWKS")
         try:
-            claims = jwt.decode(assertion, jwt.PyJWK(jwk).key, algorithms=[jwk["alg"]], audience=self.token_url,
-                                options={"require": ["iss", "sub", "aud", "exp", "jti"]})
+            claims = jwt.decode(
+                assertion,
+                jwt.PyJWK(jwk).key,
+                algorithms=[jwk["alg"]],
+                audience=self.token_url,
+                options={"require": ["iss", "sub", "aud", "exp", "jti"]},
+            )
         except jwt.InvalidSignatureError:
-            raise _Refusal(401, "invalid_client", "the assertion's signature does not verify with the client's "
-                                                  f"registered key {jwk['kid']!r} (signed with another key?)") from None
+            raise _Refusal(
+                401,
+                "invalid_client",
+                "the assertion's signature does not verify with the client's "
+                f"registered key {jwk['kid']!r} (signed with another key?)",
+            ) from None
         except jwt.ExpiredSignatureError:
-            raise _Refusal(401, "invalid_client", "the client assertion has expired (exp is in the past: "
-                                                  "check the client's clock)") from None
+            raise _Refusal(
+                401, "invalid_client", "the client assertion has expired (exp is in the past: check the client's clock)"
+            ) from None
         except jwt.InvalidAudienceError:
             raise _Refusal(401, "invalid_client", "the assertion's aud is not this token endpoint") from None
         except jwt.MissingRequiredClaimError as exc:
@@ -159,10 +176,13 @@ class SmartAuthServer:
     def gate(self, method: str, path: str, headers: dict):
         """For FaultProxy: None lets the request through; otherwise (status, headers, body)."""
         if path.split("?")[0].endswith("/.well-known/smart-configuration"):
-            config = {"token_endpoint": self.token_url, "grant_types_supported": ["client_credentials"],
-                      "token_endpoint_auth_methods_supported": ["private_key_jwt"],
-                      "token_endpoint_auth_signing_alg_values_supported": ["RS384", "ES384"],
-                      "capabilities": ["client-confidential-asymmetric"]}
+            config = {
+                "token_endpoint": self.token_url,
+                "grant_types_supported": ["client_credentials"],
+                "token_endpoint_auth_methods_supported": ["private_key_jwt"],
+                "token_endpoint_auth_signing_alg_values_supported": ["RS384", "ES384"],
+                "capabilities": ["client-confidential-asymmetric"],
+            }
             return 200, {"Content-Type": "application/json"}, json.dumps(config)
         value = next((v for k, v in headers.items() if k.lower() == "authorization"), "")
         scheme, _, token = value.partition(" ")
@@ -177,8 +197,16 @@ class SmartAuthServer:
             else:
                 return None
         challenge = f'Bearer error="invalid_token", error_description="{why}"'
-        return 401, {"WWW-Authenticate": challenge, "Content-Type": "application/fhir+json"}, json.dumps(
-            {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "login", "diagnostics": why}]})
+        return (
+            401,
+            {"WWW-Authenticate": challenge, "Content-Type": "application/fhir+json"},
+            json.dumps(
+                {
+                    "resourceType": "OperationOutcome",
+                    "issue": [{"severity": "error", "code": "login", "diagnostics": why}],
+                }
+            ),
+        )
 
     def revoke(self, token: str | None = None) -> None:
         """Revoke one token, or every live one."""

@@ -38,6 +38,7 @@ def _deep(depth: int, kind: str) -> str:
 
 # --- 9.1 a line nested ~1,000 levels deep ------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("kind", ["arrays", "objects"])
 @pytest.mark.parametrize("depth", [1000, 150])
 def test_a_deeply_nested_line_is_one_read_error_and_reading_goes_on(tmp_path, kind, depth):
@@ -51,22 +52,33 @@ def test_a_deeply_nested_line_is_one_read_error_and_reading_goes_on(tmp_path, ki
 
 def test_a_deeply_nested_bundle_entry_or_document_is_a_read_error(tmp_path):
     deep = json.loads(_deep(150, "arrays"))
-    bundle = {"resourceType": "Bundle", "type": "collection",
-              "entry": [{"resource": patient("p1")}, {"resource": deep}]}
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "collection",
+        "entry": [{"resource": patient("p1")}, {"resource": deep}],
+    }
     (tmp_path / "bundle.json").write_text(json.dumps(bundle))
     (tmp_path / "doc.json").write_text(_deep(1000, "objects"))
     (tmp_path / "doc150.json").write_text(_deep(150, "arrays"))
     items, errors = _read([tmp_path / "bundle.json", tmp_path / "doc.json", tmp_path / "doc150.json"])
     assert [i.resource["id"] for i in items] == ["p1"]
-    assert [str(e.source) for e in errors] == [f"{tmp_path / 'bundle.json'}#entry[1]", str(tmp_path / "doc.json"),
-                                               str(tmp_path / "doc150.json")]
+    assert [str(e.source) for e in errors] == [
+        f"{tmp_path / 'bundle.json'}#entry[1]",
+        str(tmp_path / "doc.json"),
+        str(tmp_path / "doc150.json"),
+    ]
     assert all("nested deeper than 100 levels" in e.message for e in errors)
 
 
 def test_evaluate_goes_on_past_a_deeply_nested_line(tmp_path, capsys):
     src = tmp_path / "in.ndjson"
-    src.write_text(_lines(patient("p1"), observation("w1", "wbc", 1.5, time=at(0)))
-                   + _deep(1000, "arrays") + "\n" + _deep(1000, "objects") + "\n")
+    src.write_text(
+        _lines(patient("p1"), observation("w1", "wbc", 1.5, time=at(0)))
+        + _deep(1000, "arrays")
+        + "\n"
+        + _deep(1000, "objects")
+        + "\n"
+    )
     out = tmp_path / "out"
     assert main(["evaluate", str(src), "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
@@ -80,13 +92,18 @@ def _limited_file_size(limit: int):
     def apply():  # in the child: a write past `limit` bytes fails with EFBIG instead of killing the process
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
     return apply
 
 
 def _evaluate_process(args, limit=None):
-    return subprocess.run([sys.executable, "-m", "leukofhir.cli", "evaluate", *map(str, args)],
-                          preexec_fn=_limited_file_size(limit) if limit else None,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "leukofhir.cli", "evaluate", *map(str, args)],
+        preexec_fn=_limited_file_size(limit) if limit else None,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -115,9 +132,12 @@ def test_outputs_of_a_failed_run_never_pass_for_a_finished_one(big_input, tmp_pa
 
 # --- 9.4 truncated .gz ---------------------------------------------------------------------------------------------
 
+
 def test_a_truncated_gz_yields_every_recoverable_line_then_says_where_it_ended(tmp_path):
-    lines = [json.dumps(observation(f"o{i}", "wbc", 5.0, time=at(i), note=[{"text": f"{i:08d}" * 20}])) + "\n"
-             for i in range(20000)]
+    lines = [
+        json.dumps(observation(f"o{i}", "wbc", 5.0, time=at(i), note=[{"text": f"{i:08d}" * 20}])) + "\n"
+        for i in range(20000)
+    ]
     whole = gzip.compress("".join(lines).encode(), compresslevel=1)
     cut = whole[: int(len(whole) * 0.6)]
     path = tmp_path / "Observation.ndjson.gz"
@@ -165,6 +185,7 @@ def test_a_truncated_gz_document_is_one_read_error_that_says_truncated(tmp_path)
 
 # --- 9.5 an --out that passes the writability check but fails on write -------------------------------------------
 
+
 def test_an_out_that_fails_on_write_is_a_one_line_error(big_input, tmp_path):
     failed = _evaluate_process([big_input, "--out", tmp_path / "out"], limit=4096)
     assert failed.returncode == 5
@@ -183,6 +204,7 @@ def test_sys_fs_as_root_is_a_one_line_error(big_input, capsys):
 
 
 # --- 9.8 inputs that do not exist, suffixes in capitals, skipped files --------------------------------------------
+
 
 def test_an_input_that_does_not_exist_is_an_error(tmp_path, capsys):
     good = tmp_path / "in.ndjson"
@@ -220,10 +242,13 @@ def test_suffixes_in_capitals_are_read_and_skipped_files_are_said(tmp_path, capl
 
 # --- smaller: the column of a truncated line; "starting at at" ----------------------------------------------------
 
+
 def test_a_truncated_line_names_its_real_column(tmp_path):
     path = tmp_path / "x.ndjson"
-    path.write_text('{"resourceType":"Observation","id":"o1","status":\n'
-                    '{"resourceType": "Patient", "id": "p1", "name": [{"text": "abc\n')
+    path.write_text(
+        '{"resourceType":"Observation","id":"o1","status":\n'
+        '{"resourceType": "Patient", "id": "p1", "name": [{"text": "abc\n'
+    )
     _, errors = _read([path])
     assert [e.message for e in errors] == [
         "not valid JSON (Expecting value at column 50: the line ends early)",
@@ -233,7 +258,7 @@ def test_a_truncated_line_names_its_real_column(tmp_path):
 
 def test_only_json_whitespace_makes_a_blank_line(tmp_path):
     path = tmp_path / "x.ndjson"
-    path.write_bytes(b' \t\r\n\x0c\n\xc2\xa0\n' + _lines(patient("p1")).encode())
+    path.write_bytes(b" \t\r\n\x0c\n\xc2\xa0\n" + _lines(patient("p1")).encode())
     items, errors = _read([path])
     assert [i.resource["id"] for i in items] == ["p1"]
     assert [e.source.line for e in errors] == [2, 3]  # form feed and no-break space are not JSON whitespace
@@ -254,8 +279,10 @@ def test_a_quarantined_resource_whose_file_changed_since_it_was_read_is_still_li
     path.unlink()  # and now the whole file
     write_quarantine(tmp_path / "q2.ndjson", [(0, "Patient/p1", ["a"])], [], sources)
     first = [json.loads(x) for x in (tmp_path / "q.ndjson").read_text().splitlines()]
-    assert first == [{"resource": patient("p1"), "reasons": ["a"]},
-                     {"source": f"{path}:2", "reasons": ["b", "not found again to copy it here"]}]
+    assert first == [
+        {"resource": patient("p1"), "reasons": ["a"]},
+        {"source": f"{path}:2", "reasons": ["b", "not found again to copy it here"]},
+    ]
     second = [json.loads(x) for x in (tmp_path / "q2.ndjson").read_text().splitlines()]
     assert second == [{"source": f"{path}:1", "reasons": ["a", "not found again to copy it here"]}]
 

@@ -13,9 +13,13 @@ AS_OF = datetime(2025, 3, 5, 12, 0, tzinfo=timezone.utc)  # a Wednesday
 
 
 def _flag(status: str, start: str | None, display: str = "Leukopenia", grade: int = 2) -> dict:
-    flag = {"resourceType": "Flag", "status": status, "subject": {"reference": f"{BASE}/Patient/p-{status}"},
-            "code": {"coding": [{"display": display}]},
-            "extension": [{"url": "https://h.example/StructureDefinition/ctcae-grade", "valueInteger": grade}]}
+    flag = {
+        "resourceType": "Flag",
+        "status": status,
+        "subject": {"reference": f"{BASE}/Patient/p-{status}"},
+        "code": {"coding": [{"display": display}]},
+        "extension": [{"url": "https://h.example/StructureDefinition/ctcae-grade", "valueInteger": grade}],
+    }
     if start:
         flag["period"] = {"start": start}
     return flag
@@ -23,10 +27,14 @@ def _flag(status: str, start: str | None, display: str = "Leukopenia", grade: in
 
 def test_withdrawn_and_undated_flags_are_counted_by_status_but_never_as_new():
     board = Board(as_of=AS_OF)
-    for flag in (_flag("active", "2025-03-05T01:00:00Z"), _flag("inactive", "2025-03-01T00:00:00Z"),
-                 _flag("entered-in-error", "2025-03-05T02:00:00Z"), _flag("active", None, "Neutropenia", 3),
-                 _flag("active", "2025-03-06T00:00:00Z"),  # after the as-of: not new yet
-                 _flag("inactive", "2024-03-03T00:00:00Z")):  # before the chart's first week
+    for flag in (
+        _flag("active", "2025-03-05T01:00:00Z"),
+        _flag("inactive", "2025-03-01T00:00:00Z"),
+        _flag("entered-in-error", "2025-03-05T02:00:00Z"),
+        _flag("active", None, "Neutropenia", 3),
+        _flag("active", "2025-03-06T00:00:00Z"),  # after the as-of: not new yet
+        _flag("inactive", "2024-03-03T00:00:00Z"),
+    ):  # before the chart's first week
         board.add(flag, BASE)
     assert board.total == 6 and dict(board.by_status) == {"active": 3, "inactive": 2, "entered-in-error": 1}
     assert (board.new_24h, board.new_7d, board.unreadable) == (1, 2, 1)

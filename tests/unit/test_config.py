@@ -102,7 +102,7 @@ def test_unreadable_and_not_yaml(tmp_path):
 @pytest.mark.parametrize(
     "change, expected",
     [
-        (None, ("17182001", 4, False)),                                                # shipped: ANC 0.3 < 0.5
+        (None, ("17182001", 4, False)),  # shipped: ANC 0.3 < 0.5
         (lambda d: d["agranulocytosis"].update(below=0.2), ("165517008", 4, False)),  # site: 0.3 is not < 0.2
         (lambda d: d["neutropenia"]["thresholds"][-1].update(threshold=0.25), None),  # site: 0.3 is not low
         (lambda d: d["windows"].update(transient_within="96h"), ("17182001", 4, True)),  # 80 h is now transient

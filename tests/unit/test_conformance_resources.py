@@ -46,13 +46,16 @@ def test_two_bases_get_different_ids(tmp_path):
     assert [r["id"] for r in a] == [r["id"] for r in again]
 
 
-@pytest.mark.parametrize("base, message", [
-    ("fhir.hospital.example/leukofhir", "absolute http(s) URL"),
-    ("https://fhir.hospital.example/leukofhir/", "must not end in '/'"),
-    ("https://fhir.hospital.example/leuko fhir", "must not contain"),
-    ("https://fhir.hospital.example/a|b", "must not contain"),
-    ("https://fhir.hospital.example/x?y=1", "without query"),
-])
+@pytest.mark.parametrize(
+    "base, message",
+    [
+        ("fhir.hospital.example/leukofhir", "absolute http(s) URL"),
+        ("https://fhir.hospital.example/leukofhir/", "must not end in '/'"),
+        ("https://fhir.hospital.example/leuko fhir", "must not contain"),
+        ("https://fhir.hospital.example/a|b", "must not contain"),
+        ("https://fhir.hospital.example/x?y=1", "without query"),
+    ],
+)
 def test_a_bad_base_is_refused_naming_the_key(tmp_path, base, message):
     with pytest.raises(ConfigError, match=r"uris\.base") as err:
         load_config(rules_with_base(tmp_path, base))
@@ -73,12 +76,16 @@ def test_a_flag_and_its_author_use_the_site_base_everywhere(tmp_path):
 
     rules = load_config(rules_with_base(tmp_path, SITE))
     default = load_config().uris.base
-    (spec,) = flags_for([patient(), observation("a", "anc", 0.3), statement("m", "clozapine", point=at(days=-3))],
-                        rules)
+    (spec,) = flags_for(
+        [patient(), observation("a", "anc", 0.3), statement("m", "clozapine", point=at(days=-3))], rules
+    )
     flag = build_flag(spec, rules)
     for resource in (flag, withdrawn({**flag, "id": "x"}, rules), author_device(rules)):
-        own = {s for s in strings_in(resource) if s.startswith("http") and "hl7.org" not in s
-               and "snomed.info" not in s and "w3.org" not in s}
+        own = {
+            s
+            for s in strings_in(resource)
+            if s.startswith("http") and "hl7.org" not in s and "snomed.info" not in s and "w3.org" not in s
+        }
         assert own and all(s.startswith(SITE + "/") for s in own), own
         assert default not in json.dumps(resource)
     assert flag["meta"]["profile"] == [f"{SITE}/StructureDefinition/leukofhir-flag"]

@@ -27,8 +27,15 @@ DEFAULT = RULES.validation
 
 
 def _scope(failed: int, rows: int, patients: int, feed: dict | None = None, suite: str = "observations") -> dict:
-    return {"suite": suite, "feed": feed, "rows": rows, "failed": failed, "patients": patients,
-            "expectations": {"expect_column_values_to_be_in_set(unit)": failed}, "examples": ["Observation/x"]}
+    return {
+        "suite": suite,
+        "feed": feed,
+        "rows": rows,
+        "failed": failed,
+        "patients": patients,
+        "expectations": {"expect_column_values_to_be_in_set(unit)": failed},
+        "examples": ["Observation/x"],
+    }
 
 
 WBC_FURLONG = {"concept": "wbc", "unit": "furlong"}
@@ -45,8 +52,11 @@ CASES = [
     ("many patients, one row under the minimum", [_scope(49, 60, 10)], []),
     ("a feed in an unknown unit, 10 % of all rows", [_scope(100, 1000, 40), _scope(100, 100, 40, WBC_FURLONG)], [1]),
     ("a feed in an unknown unit, one patient", [_scope(100, 1000, 1), _scope(100, 100, 1, WBC_FURLONG)], []),
-    ("a broken medication feed", [_scope(0, 500, 0, suite="exposures"),
-                                  _scope(80, 100, 20, {"type": "MedicationAdministration"}, "exposures")], [1]),
+    (
+        "a broken medication feed",
+        [_scope(0, 500, 0, suite="exposures"), _scope(80, 100, 20, {"type": "MedicationAdministration"}, "exposures")],
+        [1],
+    ),
     ("many Flags refused", [_scope(60, 100, 60, suite="flags")], [0]),
 ]
 
@@ -58,8 +68,10 @@ def test_the_rule(what, scopes, failing):
 
 def test_the_rule_is_off_without_a_rate_and_follows_the_site_settings():
     systemic = [_scope(1000, 1000, 500)]
-    assert contract_breaches(systemic, SimpleNamespace(max_failure_rate=None, min_failing_rows=1,
-                                                       min_failing_patients=1)) == []
+    assert (
+        contract_breaches(systemic, SimpleNamespace(max_failure_rate=None, min_failing_rows=1, min_failing_patients=1))
+        == []
+    )
     strict = SimpleNamespace(max_failure_rate=0.0, min_failing_rows=1, min_failing_patients=1)
     assert contract_breaches([_scope(1, 1000, 1)], strict) == [_scope(1, 1000, 1)]
 
@@ -69,12 +81,15 @@ def test_the_defaults_are_in_the_rules_file():
 
 
 def _rows(n: int, unit: str, patients: int, start: int = 0) -> pd.DataFrame:
-    return pd.DataFrame({
-        "row_id": [str(start + i) for i in range(n)],
-        "resource_id": [f"Observation/o{start + i}" for i in range(n)],
-        "patient_id": [f"Patient/p{i % patients}" for i in range(n)],
-        "concept": ["wbc"] * n, "unit": [unit] * n,
-    })
+    return pd.DataFrame(
+        {
+            "row_id": [str(start + i) for i in range(n)],
+            "resource_id": [f"Observation/o{start + i}" for i in range(n)],
+            "patient_id": [f"Patient/p{i % patients}" for i in range(n)],
+            "concept": ["wbc"] * n,
+            "unit": [unit] * n,
+        }
+    )
 
 
 def test_counts_by_suite_and_feed_add_up_over_batches():
@@ -95,8 +110,9 @@ def test_counts_by_suite_and_feed_add_up_over_batches():
     assert contract_breaches(merge_contract([one]), DEFAULT) == []
     # ...a second batch of other patients with the same fault, and the run's totals do.
     more = _rows(20, "furlong", 4, start=1000).assign(patient_id=lambda f: f["patient_id"] + "-b")
-    two = contract_counts("observations", (more, {r: ["expect_column_values_to_be_in_set(unit): x"]
-                                                  for r in more["row_id"]}))
+    two = contract_counts(
+        "observations", (more, {r: ["expect_column_values_to_be_in_set(unit): x"] for r in more["row_id"]})
+    )
     run = merge_contract([one, two])
     (breach,) = contract_breaches(run, DEFAULT)
     assert breach["feed"] == WBC_FURLONG and (breach["rows"], breach["failed"], breach["patients"]) == (60, 60, 12)
@@ -105,13 +121,22 @@ def test_counts_by_suite_and_feed_add_up_over_batches():
         check_contract(run, DEFAULT)
     assert str(caught.value).startswith(
         "observations feed wbc in 'furlong': 60 of 60 rows (100.0%) from 12 patients fail validation: "
-        "expect_column_values_to_be_in_set(unit) 60 rows, e.g. Observation/o300, Observation/o301, Observation/o302")
+        "expect_column_values_to_be_in_set(unit) 60 rows, e.g. Observation/o300, Observation/o301, Observation/o302"
+    )
 
 
 def test_counts_from_gx_name_rows_without_a_unit_and_medication_feeds():
     parameters = suite_parameters(RULES)
-    rows = _rows(3, "10*9/L", 3).assign(version="1", code="6690-2", value=[5.0, 5.0, 5.0], comparator=None,
-                                        status="final", time=pd.Timestamp(at(days=-1)), lln=float("nan"), panel=None)
+    rows = _rows(3, "10*9/L", 3).assign(
+        version="1",
+        code="6690-2",
+        value=[5.0, 5.0, 5.0],
+        comparator=None,
+        status="final",
+        time=pd.Timestamp(at(days=-1)),
+        lln=float("nan"),
+        panel=None,
+    )
     rows.loc[2, "unit"] = None
     rows.loc[2, "value"] = float("nan")
     result = validate_batch("observations", rows, parameters)
@@ -119,13 +144,22 @@ def test_counts_from_gx_name_rows_without_a_unit_and_medication_feeds():
     assert feeds['{"concept": "wbc", "unit": null}']["failed"] == 1
     assert feeds['{"concept": "wbc", "unit": "10*9/L"}']["failed"] == 0
 
-    exposures = pd.DataFrame({"row_id": ["0", "1"], "resource_id": ["MedicationRequest/m0", "MedicationStatement/m1"],
-                              "patient_id": ["Patient/p0", "Patient/p1"], "drug": [None, "clozapine"],
-                              "agent": [None, None], "start": pd.to_datetime(["2025-01-01"] * 2, utc=True),
-                              "end": pd.to_datetime([None, None], utc=True), "status": ["active", "active"]})
+    exposures = pd.DataFrame(
+        {
+            "row_id": ["0", "1"],
+            "resource_id": ["MedicationRequest/m0", "MedicationStatement/m1"],
+            "patient_id": ["Patient/p0", "Patient/p1"],
+            "drug": [None, "clozapine"],
+            "agent": [None, None],
+            "start": pd.to_datetime(["2025-01-01"] * 2, utc=True),
+            "end": pd.to_datetime([None, None], utc=True),
+            "status": ["active", "active"],
+        }
+    )
     result = validate_batch("exposures", exposures, parameters)
-    feeds = {s["feed"]["type"]: s["failed"] for s in contract_counts("exposures", (exposures, result.reasons))
-             if s["feed"]}
+    feeds = {
+        s["feed"]["type"]: s["failed"] for s in contract_counts("exposures", (exposures, result.reasons)) if s["feed"]
+    }
     assert feeds == {"MedicationRequest": 1, "MedicationStatement": 0}
 
 
@@ -163,12 +197,21 @@ def test_a_feed_sending_strings_counts_as_failing_rows_of_its_feed(tmp_path):
 
 def test_held_flags_are_those_whose_evidence_was_quarantined():
     def flag(value, *refs):
-        return {"resourceType": "Flag", "identifier": [{"system": "s", "value": value}],
-                "extension": [{"url": "http://hl7.org/fhir/StructureDefinition/flag-detail",
-                               "valueReference": {"reference": r}} for r in refs]}
+        return {
+            "resourceType": "Flag",
+            "identifier": [{"system": "s", "value": value}],
+            "extension": [
+                {"url": "http://hl7.org/fhir/StructureDefinition/flag-detail", "valueReference": {"reference": r}}
+                for r in refs
+            ],
+        }
 
-    existing = [flag("a", "Observation/ok", "Observation/bad"), flag("b", "Observation/ok"),
-                flag("c", "MedicationRequest/m"), {"resourceType": "Flag", "extension": "junk"}]
+    existing = [
+        flag("a", "Observation/ok", "Observation/bad"),
+        flag("b", "Observation/ok"),
+        flag("c", "MedicationRequest/m"),
+        {"resourceType": "Flag", "extension": "junk"},
+    ]
     quarantined = [(1, "Observation/bad", ["unit"]), (2, "MedicationRequest/m", ["drug"]), (3, None, ["read error"])]
     assert held_flags(existing, quarantined) == ["a", "c"]
     assert held_flags(existing, []) == []
@@ -179,8 +222,12 @@ def test_the_message_names_the_first_failing_scopes_and_counts_the_rest():
     with pytest.raises(ValidationThresholdError) as caught:
         check_contract(feeds, DEFAULT)
     message = str(caught.value)
-    assert message.count(": 100 of 100 rows (100.0%) from 10 patients") == 3 and "; and 1 more (the contract: " \
-        "at most 20.0% of a suite's or a feed's rows failing, unless fewer than 50 rows or 5 patients)" in message
+    assert (
+        message.count(": 100 of 100 rows (100.0%) from 10 patients") == 3
+        and "; and 1 more (the contract: "
+        "at most 20.0% of a suite's or a feed's rows failing, unless fewer than 50 rows or 5 patients)"
+        in message
+    )
 
 
 def test_held_flags_are_reported_the_same_in_memory_and_partitioned(tmp_path):
@@ -190,12 +237,24 @@ def test_held_flags_are_reported_the_same_in_memory_and_partitioned(tmp_path):
     for n in range(6):
         pid = f"h{n}"
         unit = "furlong" if n % 2 else "10*9/L"  # every other patient's low WBC is now in a unit nobody knows
-        resources += [patient(pid), observation(f"{pid}-w", "wbc", 2.0, time=at(), patient=f"Patient/{pid}",
-                                                unit=unit),
-                      {"resourceType": "Flag", "id": f"f{n}", "status": "active", "code": {"text": "Leukopenia"},
-                       "subject": {"reference": f"Patient/{pid}"}, "identifier": [{"system": "s", "value": f"id{n}"}],
-                       "extension": [{"url": "http://hl7.org/fhir/StructureDefinition/flag-detail",
-                                      "valueReference": {"reference": f"Observation/{pid}-w"}}]}]
+        resources += [
+            patient(pid),
+            observation(f"{pid}-w", "wbc", 2.0, time=at(), patient=f"Patient/{pid}", unit=unit),
+            {
+                "resourceType": "Flag",
+                "id": f"f{n}",
+                "status": "active",
+                "code": {"text": "Leukopenia"},
+                "subject": {"reference": f"Patient/{pid}"},
+                "identifier": [{"system": "s", "value": f"id{n}"}],
+                "extension": [
+                    {
+                        "url": "http://hl7.org/fhir/StructureDefinition/flag-detail",
+                        "valueReference": {"reference": f"Observation/{pid}-w"},
+                    }
+                ],
+            },
+        ]
     folder = _write(tmp_path / "in", resources)
     memory = evaluate_files([folder], tmp_path / "memory", progress=False)
     partitioned = evaluate_files([folder], tmp_path / "partitioned", progress=False, memory_budget="1KB")

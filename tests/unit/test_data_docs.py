@@ -36,8 +36,12 @@ def test_data_docs_site_for_the_runs_validations(tmp_path):
     assert "Expectation Suite: observations" in text
     assert "Evaluated Expectations 12" in text and "Unsuccessful Expectations 0" in text
     # GX renders each expectation in words, under its column: every kind of the suite is named.
-    for words in ("values must never be null", "values must belong to this set", "greater than or equal to",
-                  "Values in plausible_max must always be greater than or equal to those in value"):
+    for words in (
+        "values must never be null",
+        "values must belong to this set",
+        "greater than or equal to",
+        "Values in plausible_max must always be greater than or equal to those in value",
+    ):
         assert words in text
     for column in ("patient_id", "resource_id", "status", "time", "unit", "value"):
         assert f" {column} " in text
@@ -49,8 +53,12 @@ def test_data_docs_site_for_the_runs_validations(tmp_path):
 def test_data_docs_show_failing_values(tmp_path):
     src = tmp_path / "in"
     src.mkdir()
-    resources = [patient(), observation("w1", "wbc", 2.5, time=at(0)), observation("neg", "wbc", -1, time=at(1)),
-                 observation("u", "wbc", 5, unit="mg", time=at(2))]
+    resources = [
+        patient(),
+        observation("w1", "wbc", 2.5, time=at(0)),
+        observation("neg", "wbc", -1, time=at(1)),
+        observation("u", "wbc", 5, unit="mg", time=at(2)),
+    ]
     (src / "r.ndjson").write_text("".join(json.dumps(r) + "\n" for r in resources))
     out = tmp_path / "out"
     assert main(["evaluate", str(src), "--out", str(out), "--data-docs"]) == 0

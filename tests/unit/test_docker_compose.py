@@ -11,8 +11,16 @@ from conftest import ROOT
 
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
-LONG_RUNNING = ["postgres", "redis", "hapi", "airflow-apiserver", "airflow-scheduler", "airflow-dag-processor",
-                "airflow-triggerer", "airflow-worker"]
+LONG_RUNNING = [
+    "postgres",
+    "redis",
+    "hapi",
+    "airflow-apiserver",
+    "airflow-scheduler",
+    "airflow-dag-processor",
+    "airflow-triggerer",
+    "airflow-worker",
+]
 
 
 def _dockerfile_bases(service: dict) -> list[str]:
@@ -150,6 +158,7 @@ def test_env_example_lists_each_secret_empty_with_how_to_generate_it():
 
 
 # --- what the Celery stack needs (issue 11) ---------------------------------------------------------------------
+
 
 def test_the_celery_result_backend_names_the_psycopg2_driver():
     # SQLAlchemy 2.1 maps a bare `postgresql://` to psycopg (v3), which the image does not install (apache/airflow

@@ -29,21 +29,31 @@ def _ndjson(path, resources, extra_lines=()):
 def inputs(tmp_path):
     src = tmp_path / "in"
     src.mkdir()
-    _ndjson(src / "Observation.ndjson", [
-        observation("w1", "wbc", 2.5, time=at(0)),
-        observation("w2", "wbc", 5.0, time=at(days=1)),             # transient: inactive
-        observation("a1", "anc", 0.3, time=at(days=2)),              # agranulocytosis, drug-associated
-        observation("u", "wbc", 5, unit="mg", time=at(days=2)),      # unknown unit -> GX quarantine
-        observation("neg", "wbc", -1, time=at(days=2)),              # negative -> GX quarantine
-        observation("nt", "wbc", 5, time=False),                     # no time -> quarantine
-        observation("o", "wbc", 5, code="30405-5"),                  # out of scope -> skipped
-    ], extra_lines=["{not json"])
+    _ndjson(
+        src / "Observation.ndjson",
+        [
+            observation("w1", "wbc", 2.5, time=at(0)),
+            observation("w2", "wbc", 5.0, time=at(days=1)),  # transient: inactive
+            observation("a1", "anc", 0.3, time=at(days=2)),  # agranulocytosis, drug-associated
+            observation("u", "wbc", 5, unit="mg", time=at(days=2)),  # unknown unit -> GX quarantine
+            observation("neg", "wbc", -1, time=at(days=2)),  # negative -> GX quarantine
+            observation("nt", "wbc", 5, time=False),  # no time -> quarantine
+            observation("o", "wbc", 5, code="30405-5"),  # out of scope -> skipped
+        ],
+        extra_lines=["{not json"],
+    )
     with gzip.open(src / "Patient.ndjson.gz", "wt") as fh:
         fh.write(json.dumps(patient()) + "\n")
-    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
-        {"fullUrl": "urn:uuid:ms1", "resource": statement("ms1", "clozapine", start=at(days=-30),
-                                                          patient_ref="urn:uuid:p1")},
-    ]}
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {
+                "fullUrl": "urn:uuid:ms1",
+                "resource": statement("ms1", "clozapine", start=at(days=-30), patient_ref="urn:uuid:p1"),
+            },
+        ],
+    }
     (src / "meds.json").write_text(json.dumps(bundle))
     return src
 
@@ -79,8 +89,17 @@ def test_evaluate_writes_outputs_that_add_up(inputs, tmp_path, capsys):
 
 def test_identifiers_stable_across_runs(inputs, tmp_path):
     main(["evaluate", str(inputs), "--out", str(tmp_path / "a")])
-    main(["evaluate", str(inputs / "meds.json"), str(inputs / "Patient.ndjson.gz"), str(inputs / "Observation.ndjson"),
-          "--out", str(tmp_path / "b")])
+    main(
+        [
+            "evaluate",
+            str(inputs / "meds.json"),
+            str(inputs / "Patient.ndjson.gz"),
+            str(inputs / "Observation.ndjson"),
+            "--out",
+            str(tmp_path / "b"),
+        ]
+    )
+
     def read(d):
         return sorted(json.loads(x)["identifier"][0]["value"] for x in (tmp_path / d / "Flag.ndjson").open())
 
@@ -127,13 +146,21 @@ def test_the_contract_can_fail_a_run_judged_on_its_files_but_never_offline_evalu
     assert sum(report_["quarantined"].values()) == 3 and report_["flags"]["total"] == 2
     suite = report_["contract"][0]
     assert (suite["suite"], suite["feed"], suite["failed"], suite["rows"], suite["patients"]) == (
-        "observations", None, 3, 6, 1)
+        "observations",
+        None,
+        3,
+        6,
+        1,
+    )
     # A site contract that judges even one patient's few rows (here, to see the message).
     site = tmp_path / "rules.yaml"
     rules_text = DEFAULT_PATH.read_text()
     assert "min_failing_rows: 50" in rules_text and "min_failing_patients: 5" in rules_text
-    site.write_text(rules_text.replace("min_failing_rows: 50", "min_failing_rows: 1")
-                    .replace("min_failing_patients: 5", "min_failing_patients: 1"))
+    site.write_text(
+        rules_text.replace("min_failing_rows: 50", "min_failing_rows: 1").replace(
+            "min_failing_patients: 5", "min_failing_patients: 1"
+        )
+    )
     with pytest.raises(ValidationThresholdError) as caught:
         pipeline.evaluate_files([inputs], tmp_path / "judged", config=site, progress=False, fail_on_threshold=True)
     message = str(caught.value)
@@ -145,10 +172,12 @@ def test_the_contract_can_fail_a_run_judged_on_its_files_but_never_offline_evalu
     report_ = pipeline.evaluate_files([inputs], tmp_path / "offline", config=site, progress=False)
     assert sum(report_["quarantined"].values()) == 3 and report_["reconciled"]
     # The site sets the rate and the minimum: 50 % of the rows, two failing rows at least, passes.
-    site.write_text(site.read_text().replace("max_failure_rate: 0.2", "max_failure_rate: 0.5")
-                    .replace("min_failing_rows: 1", "min_failing_rows: 2"))
-    report_ = pipeline.evaluate_files([inputs], tmp_path / "site", config=site, progress=False,
-                                      fail_on_threshold=True)
+    site.write_text(
+        site.read_text()
+        .replace("max_failure_rate: 0.2", "max_failure_rate: 0.5")
+        .replace("min_failing_rows: 1", "min_failing_rows: 2")
+    )
+    report_ = pipeline.evaluate_files([inputs], tmp_path / "site", config=site, progress=False, fail_on_threshold=True)
     assert report_["flags"]["total"] == 2
 
 
@@ -168,9 +197,20 @@ def test_a_flag_without_subject_fails_validation_and_is_not_written(inputs, tmp_
 
 
 def test_flag_rows_keep_a_missing_value_missing():
-    spec = FlagSpec(identifier="a" * 40, patient_id=None, family="leukocytes", condition="leukopenia",
-                    code="84828003", display="Leukopenia", grade=2, status="active",
-                    start=datetime(2024, 1, 1, tzinfo=timezone.utc), end=None, text="", evidence=[])
+    spec = FlagSpec(
+        identifier="a" * 40,
+        patient_id=None,
+        family="leukocytes",
+        condition="leukopenia",
+        code="84828003",
+        display="Leukopenia",
+        grade=2,
+        status="active",
+        start=datetime(2024, 1, 1, tzinfo=timezone.utc),
+        end=None,
+        text="",
+        evidence=[],
+    )
     rows = stages.flag_frame([spec])
     assert rows["subject"].isna().all()  # pandas 2's `str` dtype made it the text "None"
     assert rows["row_id"].tolist() == ["0"] and rows["identifier"].tolist() == ["a" * 40]
@@ -195,8 +235,10 @@ def test_copies_of_one_id_with_different_content_say_that_they_differ(tmp_path):
     same = {**observation("y", "wbc", 2.0), "meta": {"versionId": "1"}}
     _ndjson(tmp_path / "in.ndjson", [patient(), first, other, same, same])
     report_ = pipeline.evaluate_files([tmp_path / "in.ndjson"], tmp_path / "out", progress=False)
-    reasons = {(q["resource"]["id"], q["resource"]["valueQuantity"]["value"]): q["reasons"]
-               for q in _quarantine(tmp_path / "out")}
+    reasons = {
+        (q["resource"]["id"], q["resource"]["valueQuantity"]["value"]): q["reasons"]
+        for q in _quarantine(tmp_path / "out")
+    }
     assert set(reasons) == {("x", 6.0), ("y", 2.0)}  # the first copy read goes on; the repeats are quarantined
     assert "differ" in reasons[("x", 6.0)][0] and "value" in reasons[("x", 6.0)][0]
     assert "identical" in reasons[("y", 2.0)][0] and not any("differ" in r for r in reasons[("y", 2.0)])
@@ -205,8 +247,10 @@ def test_copies_of_one_id_with_different_content_say_that_they_differ(tmp_path):
 
 def test_simultaneous_results_leave_the_patient_with_a_flag(tmp_path):
     # issue 9.3: WBC 2.1, 6.0, 2.1 at 08:00 once gave two Flags with one identifier, both refused by the Flag suite.
-    _ndjson(tmp_path / "in.ndjson", [patient(), observation("w1", "wbc", 2.1), observation("w2", "wbc", 6.0),
-                                     observation("w3", "wbc", 2.1)])
+    _ndjson(
+        tmp_path / "in.ndjson",
+        [patient(), observation("w1", "wbc", 2.1), observation("w2", "wbc", 6.0), observation("w3", "wbc", 2.1)],
+    )
     report_ = pipeline.evaluate_files([tmp_path / "in.ndjson"], tmp_path / "out", progress=False)
     assert report_["flags_rejected"] == 0 and report_["flags"]["by_code_status"] == {"Leukopenia|active": 1}
 
@@ -232,8 +276,13 @@ def test_the_stages_run_on_their_own_as_an_online_run_would_chain_them(inputs, t
     rules = load_config()
     base = "https://fhir.example/r4"
     extra = tmp_path / "server.ndjson"
-    _ndjson(extra, [observation("abs", "wbc", 1.5, patient=f"{base}/Patient/p1", time=at(days=3)),
-                    observation("far", "wbc", 1.5, patient="https://other.example/fhir/Patient/p1")])
+    _ndjson(
+        extra,
+        [
+            observation("abs", "wbc", 1.5, patient=f"{base}/Patient/p1", time=at(days=3)),
+            observation("far", "wbc", 1.5, patient="https://other.example/fhir/Patient/p1"),
+        ],
+    )
     paths = [inputs, extra]
     read = stages.read_and_normalise(paths, rules, base_url=base, progress=False)
     parameters = suite_parameters(rules)
@@ -259,8 +308,10 @@ def test_as_of_closes_an_episode_without_a_count_for_more_than_90_days(tmp_path)
     texts = {}
     for as_of in (None, "2024-05-30T08:00:00Z", "2024-05-30T08:00:01Z"):  # the latest input; 90 days; a second more
         out = tmp_path / f"out-{as_of}"
-        assert main(["evaluate", str(tmp_path / "in.ndjson"), "--out", str(out)]
-                    + (["--as-of", as_of] if as_of else [])) == 0
+        assert (
+            main(["evaluate", str(tmp_path / "in.ndjson"), "--out", str(out)] + (["--as-of", as_of] if as_of else []))
+            == 0
+        )
         (flag,) = [json.loads(x) for x in (out / "Flag.ndjson").open()]
         texts[as_of] = (flag["status"], flag["period"].get("end"), flag["code"]["text"])
     text = "Leukopenia — WBC 2.5 ×10^9/L on 2024-03-01, CTCAE v5.0 grade 2"
@@ -307,5 +358,6 @@ def test_a_result_newer_than_the_run_start_is_evaluated_not_set_aside(tmp_path):
     evaluate_chunk(load_config(), chunk)
     report_, (flag,) = _evaluated(chunk)
     assert "after the as-of time" not in report_["skipped"] and report_["as_of"] == "2024-03-03T08:00:00+00:00"
-    assert (flag["status"] == "inactive" and flag["period"]["end"] == at(days=2)
-            and "normal again" in flag["code"]["text"])
+    assert (
+        flag["status"] == "inactive" and flag["period"]["end"] == at(days=2) and "normal again" in flag["code"]["text"]
+    )

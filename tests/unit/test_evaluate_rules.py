@@ -37,13 +37,13 @@ def test_leukopenia_grade_boundaries_adult(value, grade):
 @pytest.mark.parametrize(
     "birth, lln",
     [
-        ("2024-02-27", 9.0),   # 3 days old: < 7 days
-        ("2024-02-20", 5.0),   # 10 days: 7 days – < 1 month
-        ("2023-01-01", 6.0),   # 14 months: 1 month – < 2 years
-        ("2020-01-01", 5.0),   # 4 years: 2 – < 7 years
-        ("2010-01-01", 4.5),   # 14 years: 7 – < 18 years
-        ("1990-01-01", 4.0),   # adult
-        (None, 4.0),           # unknown age: adult default
+        ("2024-02-27", 9.0),  # 3 days old: < 7 days
+        ("2024-02-20", 5.0),  # 10 days: 7 days – < 1 month
+        ("2023-01-01", 6.0),  # 14 months: 1 month – < 2 years
+        ("2020-01-01", 5.0),  # 4 years: 2 – < 7 years
+        ("2010-01-01", 4.5),  # 14 years: 7 – < 18 years
+        ("1990-01-01", 4.0),  # adult
+        (None, 4.0),  # unknown age: adult default
     ],
 )
 def test_wbc_lln_age_bands(birth, lln):
@@ -97,8 +97,12 @@ def test_reference_range_bound_without_a_unit_is_read_in_the_value_unit():
     ],
 )
 def test_age_band_edges_are_calendar_birthdays(edge, birth, birthday, concept, value, low_before, low_from):
-    family = {"wbc": "leukocytes", "anc": "granulocytes", "lymphocytes_abs": "lymphocytes",
-              "hemoglobin": "pancytopenia"}[concept]
+    family = {
+        "wbc": "leukocytes",
+        "anc": "granulocytes",
+        "lymphocytes_abs": "lymphocytes",
+        "hemoglobin": "pancytopenia",
+    }[concept]
     for time, low in ((f"{birthday}T00:00:00Z", low_from), (_second_before(birthday), low_before)):
         res = [patient("p1", birth, "female"), observation("x", concept, value, time=time)]
         if concept == "hemoglobin":  # pancytopenia: hemoglobin judged with a low WBC and low platelets
@@ -125,10 +129,29 @@ def test_reference_range_applies_to_sex(gender, applies, expect_flag):
 # §1.2 units: each accepted unit converts to 10^9/L.
 @pytest.mark.parametrize(
     "unit, value",
-    [("10*9/L", 2.5), ("10^9/L", 2.5), ("x10*9/L", 2.5), ("G/L", 2.5), ("/nL", 2.5), ("10*3/uL", 2.5),
-     ("10^3/uL", 2.5), ("x10E3/uL", 2.5), ("10*3/mm3", 2.5), ("10*6/mL", 2.5), ("K/uL", 2.5), ("K/ul", 2.5),
-     ("k/uL", 2.5), ("Tsd/uL", 2.5), ("thou/uL", 2.5), ("/uL", 2500), ("/mm3", 2500), ("{cells}/uL", 2500),
-     ("cells/uL", 2500), ("/µL", 2500), ("/mm^3", 2500)],
+    [
+        ("10*9/L", 2.5),
+        ("10^9/L", 2.5),
+        ("x10*9/L", 2.5),
+        ("G/L", 2.5),
+        ("/nL", 2.5),
+        ("10*3/uL", 2.5),
+        ("10^3/uL", 2.5),
+        ("x10E3/uL", 2.5),
+        ("10*3/mm3", 2.5),
+        ("10*6/mL", 2.5),
+        ("K/uL", 2.5),
+        ("K/ul", 2.5),
+        ("k/uL", 2.5),
+        ("Tsd/uL", 2.5),
+        ("thou/uL", 2.5),
+        ("/uL", 2500),
+        ("/mm3", 2500),
+        ("{cells}/uL", 2500),
+        ("cells/uL", 2500),
+        ("/µL", 2500),
+        ("/mm^3", 2500),
+    ],
 )
 def test_every_count_unit_converts(unit, value):
     (spec,) = one([ADULT, observation("w", "wbc", value, unit=unit)], "leukocytes")
@@ -138,9 +161,15 @@ def test_every_count_unit_converts(unit, value):
 # -- §2 neutropenia / agranulocytosis ------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "anc, condition, grade, word",
-    [(1.5, None, None, None), (1.49, "neutropenia", 2, "mild"), (1.0, "neutropenia", 2, "mild"),
-     (0.99, "neutropenia", 3, "moderate"), (0.5, "neutropenia", 3, "moderate"), (0.49, "agranulocytosis", 4, None),
-     (0.0, "agranulocytosis", 4, None)],
+    [
+        (1.5, None, None, None),
+        (1.49, "neutropenia", 2, "mild"),
+        (1.0, "neutropenia", 2, "mild"),
+        (0.99, "neutropenia", 3, "moderate"),
+        (0.5, "neutropenia", 3, "moderate"),
+        (0.49, "agranulocytosis", 4, None),
+        (0.0, "agranulocytosis", 4, None),
+    ],
 )
 def test_neutropenia_bands_adult(anc, condition, grade, word):
     specs = one([ADULT, observation("a", "anc", anc)], "granulocytes")
@@ -156,11 +185,12 @@ def test_neutropenia_bands_adult(anc, condition, grade, word):
 
 @pytest.mark.parametrize(
     "birth, anc, low",
-    [("2023-09-01", 1.2, False),   # 6 months: threshold 1.0
-     ("2023-09-01", 0.99, True),
-     ("2023-01-01", 1.49, True),   # 14 months: 1.5
-     ("2024-02-25", 0.3, False),   # 5 days, no lab range: not judged
-     ],
+    [
+        ("2023-09-01", 1.2, False),  # 6 months: threshold 1.0
+        ("2023-09-01", 0.99, True),
+        ("2023-01-01", 1.49, True),  # 14 months: 1.5
+        ("2024-02-25", 0.3, False),  # 5 days, no lab range: not judged
+    ],
 )
 def test_neutropenia_age_thresholds(birth, anc, low):
     specs = one([patient("p1", birth, "male"), observation("a", "anc", anc)], "granulocytes")
@@ -188,8 +218,13 @@ def test_comparator_less_than_counts_as_low_and_greater_never():
 
 def test_derived_anc_from_wbc_and_differential_same_panel():
     # ANC = 2.0 × (20 + 5) / 100 = 0.5 -> not < 0.5, so neutropenia G3 (moderate), marked derived.
-    res = [ADULT, observation("w", "wbc", 2.0, time=False), observation("n", "neutrophils_pct", 20, time=False),
-           observation("b", "bands_pct", 5, time=False), report("r1", ["w", "n", "b"], time=at())]
+    res = [
+        ADULT,
+        observation("w", "wbc", 2.0, time=False),
+        observation("n", "neutrophils_pct", 20, time=False),
+        observation("b", "bands_pct", 5, time=False),
+        report("r1", ["w", "n", "b"], time=at()),
+    ]
     (spec,) = one(res, "granulocytes")
     assert spec.condition == "neutropenia" and spec.grade == 3
     assert "(derived" in spec.text and set(spec.evidence) == {"Observation/w", "Observation/n", "Observation/b"}
@@ -201,8 +236,12 @@ def test_reported_anc_wins_over_derived():
 
 
 def test_agranulocytosis_replaces_neutropenia_in_one_episode():
-    res = [ADULT, observation("a1", "anc", 1.2, time=at(0)), observation("a2", "anc", 0.3, time=at(days=2)),
-           observation("a3", "anc", 0.8, time=at(days=4))]
+    res = [
+        ADULT,
+        observation("a1", "anc", 1.2, time=at(0)),
+        observation("a2", "anc", 0.3, time=at(days=2)),
+        observation("a3", "anc", 0.8, time=at(days=4)),
+    ]
     (spec,) = one(res, "granulocytes")
     assert spec.condition == "agranulocytosis" and spec.grade == 4 and spec.status == "active"
     assert spec.start.isoformat().startswith("2024-03-01T08:00")
@@ -211,10 +250,21 @@ def test_agranulocytosis_replaces_neutropenia_in_one_episode():
 # -- §2 lymphopenia: < 1.0 adults / unknown age, < 1.5 (2 – < 18 y), < 3.0 (< 2 y); grades 0.8 / 0.5 / 0.2 -----
 @pytest.mark.parametrize(
     "birth, value, grade",
-    [("1970-01-01", 1.0, None), ("1970-01-01", 0.99, 1), ("1970-01-01", 0.8, 1), ("1970-01-01", 0.79, 2),
-     ("1970-01-01", 0.5, 2), ("1970-01-01", 0.49, 3), ("1970-01-01", 0.2, 3), ("1970-01-01", 0.19, 4),
-     (None, 0.99, 1), ("2015-01-01", 1.49, 1), ("2015-01-01", 1.5, None), ("2023-01-01", 2.99, 1),
-     ("2023-01-01", 3.0, None)],
+    [
+        ("1970-01-01", 1.0, None),
+        ("1970-01-01", 0.99, 1),
+        ("1970-01-01", 0.8, 1),
+        ("1970-01-01", 0.79, 2),
+        ("1970-01-01", 0.5, 2),
+        ("1970-01-01", 0.49, 3),
+        ("1970-01-01", 0.2, 3),
+        ("1970-01-01", 0.19, 4),
+        (None, 0.99, 1),
+        ("2015-01-01", 1.49, 1),
+        ("2015-01-01", 1.5, None),
+        ("2023-01-01", 2.99, 1),
+        ("2023-01-01", 3.0, None),
+    ],
 )
 def test_lymphopenia_age_thresholds_and_grades(birth, value, grade):
     specs = one([patient("p1", birth, "male"), observation("l", "lymphocytes_abs", value)], "lymphocytes")
@@ -228,12 +278,22 @@ def test_lymphopenia_age_thresholds_and_grades(birth, value, grade):
 # -- §2 pancytopenia -----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "gender, hb, plt, expect, grade",
-    [("male", 12.9, 149, True, 2), ("male", 13.0, 149, False, None), ("female", 11.9, 149, True, 2),
-     ("female", 12.0, 100, False, None), ("male", 12.0, 150, False, None), ("male", 7.9, 20, True, 4)],
+    [
+        ("male", 12.9, 149, True, 2),
+        ("male", 13.0, 149, False, None),
+        ("female", 11.9, 149, True, 2),
+        ("female", 12.0, 100, False, None),
+        ("male", 12.0, 150, False, None),
+        ("male", 7.9, 20, True, 4),
+    ],
 )
 def test_pancytopenia_one_blood_count(gender, hb, plt, expect, grade):
-    res = [patient("p1", "1970-01-01", gender), observation("w", "wbc", 2.5),
-           observation("h", "hemoglobin", hb, time=at(hours=3)), observation("p", "platelets", plt, time=at(hours=-3))]
+    res = [
+        patient("p1", "1970-01-01", gender),
+        observation("w", "wbc", 2.5),
+        observation("h", "hemoglobin", hb, time=at(hours=3)),
+        observation("p", "platelets", plt, time=at(hours=-3)),
+    ]
     specs = one(res, "pancytopenia")
     assert bool(specs) is expect
     if expect:
@@ -241,24 +301,32 @@ def test_pancytopenia_one_blood_count(gender, hb, plt, expect, grade):
 
 
 def test_pancytopenia_needs_values_within_24h():
-    res = [ADULT, observation("w", "wbc", 2.5), observation("h", "hemoglobin", 9.0, time=at(hours=25)),
-           observation("p", "platelets", 90)]
+    res = [
+        ADULT,
+        observation("w", "wbc", 2.5),
+        observation("h", "hemoglobin", 9.0, time=at(hours=25)),
+        observation("p", "platelets", 90),
+    ]
     assert one(res, "pancytopenia") == []
 
 
 # clinical-rules v1.1 §4: pancytopenia ends at the first later blood count that is not pancytopenic.
-PANCYTOPENIC = [patient("p1", "1970-01-01", "male"), observation("w", "wbc", 2.5), observation("h", "hemoglobin", 9.0),
-                observation("p", "platelets", 90)]
+PANCYTOPENIC = [
+    patient("p1", "1970-01-01", "male"),
+    observation("w", "wbc", 2.5),
+    observation("h", "hemoglobin", 9.0),
+    observation("p", "platelets", 90),
+]
 
 
 @pytest.mark.parametrize(
     "later, ends",
     [
-        (observation("w2", "wbc", 5.0, time=at(days=5)), True),            # a normal WBC alone closes it
-        (observation("h2", "hemoglobin", 14.0, time=at(days=5)), True),    # so does a normal hemoglobin alone
-        (observation("p2", "platelets", 200, time=at(days=5)), True),      # or a normal platelet count alone
-        (observation("w2", "wbc", 2.0, time=at(days=5)), False),           # a low WBC alone cannot end it
-        (observation("h2", "hemoglobin", 8.0, time=at(days=5)), False),    # nor a low hemoglobin alone
+        (observation("w2", "wbc", 5.0, time=at(days=5)), True),  # a normal WBC alone closes it
+        (observation("h2", "hemoglobin", 14.0, time=at(days=5)), True),  # so does a normal hemoglobin alone
+        (observation("p2", "platelets", 200, time=at(days=5)), True),  # or a normal platelet count alone
+        (observation("w2", "wbc", 2.0, time=at(days=5)), False),  # a low WBC alone cannot end it
+        (observation("h2", "hemoglobin", 8.0, time=at(days=5)), False),  # nor a low hemoglobin alone
     ],
 )
 def test_pancytopenia_ends_at_the_first_count_that_is_not_pancytopenic(later, ends):
@@ -271,8 +339,11 @@ def test_pancytopenia_ends_at_the_first_count_that_is_not_pancytopenic(later, en
 
 
 def test_pancytopenia_normal_wbc_inside_a_low_blood_count_ends_it():
-    later = [observation("w2", "wbc", 4.5, time=at(days=5)), observation("h2", "hemoglobin", 9.0, time=at(days=5)),
-             observation("p2", "platelets", 90, time=at(days=5))]
+    later = [
+        observation("w2", "wbc", 4.5, time=at(days=5)),
+        observation("h2", "hemoglobin", 9.0, time=at(days=5)),
+        observation("p2", "platelets", 90, time=at(days=5)),
+    ]
     (spec,) = one(PANCYTOPENIC + later, "pancytopenia")
     assert spec.status == "inactive" and spec.end.isoformat() == "2024-03-06T08:00:00+00:00"
 
@@ -286,10 +357,12 @@ def test_pancytopenia_child_hemoglobin_lln_11():
 # -- §3 drug association ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "start, end, associated",
-    [(at(days=-100), None, True),            # ongoing since before the look-back
-     (at(days=-120), at(days=-89), True),    # ended inside [t-90 d, t]
-     (at(days=-120), at(days=-91), False),   # ended before the look-back
-     (at(days=1), None, False)],             # started after the finding
+    [
+        (at(days=-100), None, True),  # ongoing since before the look-back
+        (at(days=-120), at(days=-89), True),  # ended inside [t-90 d, t]
+        (at(days=-120), at(days=-91), False),  # ended before the look-back
+        (at(days=1), None, False),
+    ],  # started after the finding
 )
 def test_drug_association_lookback(start, end, associated):
     res = [ADULT, observation("w", "wbc", 2.5), statement("m", "Clozapine 100 MG Oral Tablet", start=start, end=end)]
@@ -300,12 +373,15 @@ def test_drug_association_lookback(start, end, associated):
 
 @pytest.mark.parametrize(
     "coding, text, label",
-    [([{"system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": "11118"}], None, "valproate"),
-     ([{"system": "http://www.whocc.no/atc", "code": "L01XA01"}], None, "antineoplastic chemotherapy"),
-     ([{"system": "http://www.whocc.no/atc", "code": "L03AB07"}], None, "interferon"),
-     (None, "DIVALPROEX sodium 250 mg", "valproate (divalproex)"), (None, "Interferon beta-1a", "interferon"),
-     (None, "Pemetrexed 500 MG Injection", "antineoplastic chemotherapy (pemetrexed)"),
-     (None, "palbociclib 125 MG Oral Capsule", "antineoplastic chemotherapy (palbociclib)")],
+    [
+        ([{"system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": "11118"}], None, "valproate"),
+        ([{"system": "http://www.whocc.no/atc", "code": "L01XA01"}], None, "antineoplastic chemotherapy"),
+        ([{"system": "http://www.whocc.no/atc", "code": "L03AB07"}], None, "interferon"),
+        (None, "DIVALPROEX sodium 250 mg", "valproate (divalproex)"),
+        (None, "Interferon beta-1a", "interferon"),
+        (None, "Pemetrexed 500 MG Injection", "antineoplastic chemotherapy (pemetrexed)"),
+        (None, "palbociclib 125 MG Oral Capsule", "antineoplastic chemotherapy (palbociclib)"),
+    ],
 )
 def test_drug_identified_by_rxnorm_atc_or_name(coding, text, label):
     res = [ADULT, observation("w", "wbc", 2.5), statement("m", text, point=at(days=-5), coding=coding)]
@@ -316,11 +392,13 @@ def test_drug_identified_by_rxnorm_atc_or_name(coding, text, label):
 # clinical-rules v1.1 §1.4: ATC only from the ATC system, RxNorm only from its system.
 @pytest.mark.parametrize(
     "coding, label",
-    [({"system": "http://www.whocc.no/atc", "code": "L01XA01"}, "antineoplastic chemotherapy"),
-     ({"system": "http://pharmacy.example/atc-batch-number", "code": "L01-7781"}, None),  # "atc" in the name only
-     ({"system": "http://example.org/ATC-local", "code": "N05AH02"}, None),
-     ({"system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": "2626"}, "clozapine"),
-     ({"system": "http://example.org/formulary", "code": "2626"}, None)],  # RxNorm's code, another system
+    [
+        ({"system": "http://www.whocc.no/atc", "code": "L01XA01"}, "antineoplastic chemotherapy"),
+        ({"system": "http://pharmacy.example/atc-batch-number", "code": "L01-7781"}, None),  # "atc" in the name only
+        ({"system": "http://example.org/ATC-local", "code": "N05AH02"}, None),
+        ({"system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": "2626"}, "clozapine"),
+        ({"system": "http://example.org/formulary", "code": "2626"}, None),
+    ],  # RxNorm's code, another system
 )
 def test_codes_are_read_only_from_their_own_system(coding, label):
     res = [ADULT, observation("w", "wbc", 2.5), statement("m", None, point=at(days=-5), coding=[coding])]
@@ -331,19 +409,26 @@ def test_codes_are_read_only_from_their_own_system(coding, label):
 def test_the_configured_atc_system_is_the_one_read():
     oid = "urn:oid:2.16.840.1.113883.6.73"  # the HL7 OID of WHO ATC, which a site may use instead
     site = RULES.model_copy(update={"medications": RULES.medications.model_copy(update={"atc_system": oid})})
-    res = [ADULT, observation("w", "wbc", 2.5),
-           statement("m", None, point=at(days=-5), coding=[{"system": oid, "code": "L01XA01"}]),
-           statement("n", None, point=at(days=-5), coding=[{"system": "http://www.whocc.no/atc", "code": "N05AH02"}])]
+    res = [
+        ADULT,
+        observation("w", "wbc", 2.5),
+        statement("m", None, point=at(days=-5), coding=[{"system": oid, "code": "L01XA01"}]),
+        statement("n", None, point=at(days=-5), coding=[{"system": "http://www.whocc.no/atc", "code": "N05AH02"}]),
+    ]
     (spec,) = flags_for(res, rules=site)
     assert spec.drugs == [("antineoplastic chemotherapy", "MedicationStatement/m")]
 
 
 # clinical-rules v1.1 §1.4: a MedicationAdministration `not-done` was not given: no exposure.
-@pytest.mark.parametrize("status, associated", [("completed", True), ("in-progress", True), ("not-done", False),
-                                                ("entered-in-error", False)])
+@pytest.mark.parametrize(
+    "status, associated", [("completed", True), ("in-progress", True), ("not-done", False), ("entered-in-error", False)]
+)
 def test_medication_administration_not_done_is_no_exposure(status, associated):
-    res = [ADULT, observation("w", "wbc", 2.5),
-           statement("m", "clozapine", point=at(days=-5), kind="MedicationAdministration", status=status)]
+    res = [
+        ADULT,
+        observation("w", "wbc", 2.5),
+        statement("m", "clozapine", point=at(days=-5), kind="MedicationAdministration", status=status),
+    ]
     (spec,) = one(res, "leukocytes")
     assert spec.drugs == ([("clozapine", "MedicationAdministration/m")] if associated else [])
 
@@ -359,18 +444,24 @@ def test_lymphopenia_is_never_drug_associated():
 
 
 def test_medication_request_counts_and_cancelled_does_not():
-    res = [ADULT, observation("w", "wbc", 2.5),
-           statement("m1", "cisplatin 50 MG Injection", point=at(days=-10), kind="MedicationRequest"),
-           statement("m2", "clozapine", point=at(days=-10), kind="MedicationRequest", status="cancelled")]
+    res = [
+        ADULT,
+        observation("w", "wbc", 2.5),
+        statement("m1", "cisplatin 50 MG Injection", point=at(days=-10), kind="MedicationRequest"),
+        statement("m2", "clozapine", point=at(days=-10), kind="MedicationRequest", status="cancelled"),
+    ]
     (spec,) = one(res, "leukocytes")
     assert spec.drugs == [("antineoplastic chemotherapy (cisplatin)", "MedicationRequest/m1")]
 
 
 def test_flag_text_names_the_agent_of_a_drug_class():
     # §3: the text names the drug(s); for a class (chemotherapy) the agent is named beside the class.
-    res = [ADULT, observation("w", "wbc", 2.5),
-           statement("m1", "Oxaliplatin 5 MG/ML Injectable Solution", point=at(days=-20)),
-           statement("m2", "clozapine 25 MG Oral Tablet", point=at(days=-20))]
+    res = [
+        ADULT,
+        observation("w", "wbc", 2.5),
+        statement("m1", "Oxaliplatin 5 MG/ML Injectable Solution", point=at(days=-20)),
+        statement("m2", "clozapine 25 MG Oral Tablet", point=at(days=-20)),
+    ]
     (spec,) = one(res, "leukocytes")
     assert sorted(label for label, _ in spec.drugs) == ["antineoplastic chemotherapy (oxaliplatin)", "clozapine"]
     assert "possibly drug-associated: antineoplastic chemotherapy (oxaliplatin), clozapine" in spec.text
@@ -386,23 +477,35 @@ def test_transient_low_within_72h_is_inactive_pseudoleukopenia():
 
 
 def test_resolution_after_72h_is_inactive_with_period_end():
-    res = [ADULT, observation("w1", "wbc", 3.0, time=at(0)), observation("w2", "wbc", 2.2, time=at(days=3)),
-           observation("w3", "wbc", 4.0, time=at(hours=73))]
+    res = [
+        ADULT,
+        observation("w1", "wbc", 3.0, time=at(0)),
+        observation("w2", "wbc", 2.2, time=at(days=3)),
+        observation("w3", "wbc", 4.0, time=at(hours=73)),
+    ]
     (spec,) = one(res, "leukocytes")
     assert spec.status == "inactive" and "transient" not in spec.text and "normal again on 2024-03-04" in spec.text
     assert spec.end.isoformat() == "2024-03-04T09:00:00+00:00" and spec.grade == 2
 
 
 def test_open_episode_is_active_without_end_and_escalates():
-    res = [ADULT, observation("w1", "wbc", 3.5, time=at(0)), observation("w2", "wbc", 0.9, time=at(days=5)),
-           observation("w3", "wbc", 2.5, time=at(days=10))]
+    res = [
+        ADULT,
+        observation("w1", "wbc", 3.5, time=at(0)),
+        observation("w2", "wbc", 0.9, time=at(days=5)),
+        observation("w3", "wbc", 2.5, time=at(days=10)),
+    ]
     (spec,) = one(res, "leukocytes")
     assert spec.status == "active" and spec.end is None and spec.grade == 4 and "WBC 0.9" in spec.text
 
 
 def test_new_episode_after_recovery_has_new_identifier():
-    res = [ADULT, observation("w1", "wbc", 3.5, time=at(0)), observation("w2", "wbc", 5.0, time=at(days=5)),
-           observation("w3", "wbc", 3.0, time=at(days=10))]
+    res = [
+        ADULT,
+        observation("w1", "wbc", 3.5, time=at(0)),
+        observation("w2", "wbc", 5.0, time=at(days=5)),
+        observation("w3", "wbc", 3.0, time=at(days=10)),
+    ]
     first, second = one(res, "leukocytes")
     assert first.status == "inactive" and second.status == "active" and first.identifier != second.identifier
 
@@ -446,8 +549,13 @@ def test_simultaneous_results_never_lose_the_low_one():
 
 
 def test_simultaneous_results_take_the_worst_and_a_later_normal_value_closes():
-    res = [ADULT, observation("w1", "wbc", 3.5), observation("w2", "wbc", 0.8), observation("w3", "wbc", 5.0),
-           observation("w4", "wbc", 5.5, time=at(days=1))]
+    res = [
+        ADULT,
+        observation("w1", "wbc", 3.5),
+        observation("w2", "wbc", 0.8),
+        observation("w3", "wbc", 5.0),
+        observation("w4", "wbc", 5.5, time=at(days=1)),
+    ]
     (spec,) = one(res, "leukocytes")
     assert spec.grade == 4 and "WBC 0.8" in spec.text and spec.status == "inactive"
     assert spec.end.isoformat() == "2024-03-02T08:00:00+00:00" and spec.evidence[-1] == "Observation/w4"
@@ -459,18 +567,31 @@ def test_simultaneous_results_give_unique_identifiers_in_any_order(seed):
     res = [ADULT]
     for i in range(60):  # few instants, many values each: lows, normals, retractions, every family
         concept = rng.choice(["wbc", "anc", "lymphocytes_abs", "hemoglobin", "platelets", "neutrophils_pct"])
-        scale = {"wbc": 4.0, "anc": 1.5, "lymphocytes_abs": 1.0, "hemoglobin": 12.0, "platelets": 150.0,
-                 "neutrophils_pct": 50.0}[concept]
-        res.append(observation(f"o{i}", concept, round(scale * rng.choice([0.2, 0.6, 0.9, 1.1, 1.5]), 2),
-                               time=at(days=rng.choice([0, 0, 0, 1, 10])),
-                               status=rng.choice(["final"] * 5 + ["entered-in-error"])))
+        scale = {
+            "wbc": 4.0,
+            "anc": 1.5,
+            "lymphocytes_abs": 1.0,
+            "hemoglobin": 12.0,
+            "platelets": 150.0,
+            "neutrophils_pct": 50.0,
+        }[concept]
+        res.append(
+            observation(
+                f"o{i}",
+                concept,
+                round(scale * rng.choice([0.2, 0.6, 0.9, 1.1, 1.5]), 2),
+                time=at(days=rng.choice([0, 0, 0, 1, 10])),
+                status=rng.choice(["final"] * 5 + ["entered-in-error"]),
+            )
+        )
     specs = flags_for(res)
     identifiers = [s.identifier for s in specs]
     assert specs and len(identifiers) == len(set(identifiers))
     shuffled = res[:]
     rng.shuffle(shuffled)
     assert [(s.identifier, s.status, s.grade, s.evidence) for s in flags_for(shuffled)] == [
-        (s.identifier, s.status, s.grade, s.evidence) for s in specs]
+        (s.identifier, s.status, s.grade, s.evidence) for s in specs
+    ]
 
 
 def test_preliminary_ignored_by_default():
@@ -478,8 +599,13 @@ def test_preliminary_ignored_by_default():
 
 
 def test_identifiers_stable_across_runs_and_input_order():
-    res = [ADULT, observation("w1", "wbc", 3.5, time=at(0)), observation("w2", "wbc", 5.0, time=at(days=5)),
-           observation("a1", "anc", 0.4, time=at(days=7)), observation("l", "lymphocytes_abs", 0.3, time=at(days=8))]
+    res = [
+        ADULT,
+        observation("w1", "wbc", 3.5, time=at(0)),
+        observation("w2", "wbc", 5.0, time=at(days=5)),
+        observation("a1", "anc", 0.4, time=at(days=7)),
+        observation("l", "lymphocytes_abs", 0.3, time=at(days=8)),
+    ]
     expected = [(s.identifier, s.status, s.code) for s in flags_for(res)]
     for seed in range(5):
         shuffled = res[:]
@@ -488,8 +614,12 @@ def test_identifiers_stable_across_runs_and_input_order():
 
 
 def test_patients_do_not_mix():
-    res = [ADULT, patient("p2"), observation("w1", "wbc", 3.0), observation("w2", "wbc", 5.0, patient="Patient/p2",
-                                                                              time=at(hours=1))]
+    res = [
+        ADULT,
+        patient("p2"),
+        observation("w1", "wbc", 3.0),
+        observation("w2", "wbc", 5.0, patient="Patient/p2", time=at(hours=1)),
+    ]
     (spec,) = one(res, "leukocytes")
     assert spec.patient_id == "Patient/p1" and spec.status == "active"
 
@@ -509,8 +639,15 @@ def _random_cohort(rng: random.Random, patients: int = 60) -> list[dict]:
     resources = []
     births = ["2024-02-25", "2024-01-20", "2023-06-01", "2019-03-03", "2012-07-07", "1950-01-01", None]
     concepts = ["wbc", "anc", "neutrophils_pct", "bands_pct", "lymphocytes_abs", "hemoglobin", "platelets"]
-    scale = {"wbc": 6.0, "anc": 2.0, "neutrophils_pct": 60.0, "bands_pct": 5.0, "lymphocytes_abs": 1.6,
-             "hemoglobin": 13.0, "platelets": 200.0}
+    scale = {
+        "wbc": 6.0,
+        "anc": 2.0,
+        "neutrophils_pct": 60.0,
+        "bands_pct": 5.0,
+        "lymphocytes_abs": 1.6,
+        "hemoglobin": 13.0,
+        "platelets": 200.0,
+    }
     for p in range(patients):
         pid = f"p{p}"
         resources.append(patient(pid, rng.choice(births), rng.choice(["male", "female", None])))
@@ -521,10 +658,18 @@ def _random_cohort(rng: random.Random, patients: int = 60) -> list[dict]:
                 oid = f"o{p}-{panel}-{concept}"
                 value = round(scale[concept] * rng.choice([0.05, 0.3, 0.6, 0.8, 0.95, 1.0, 1.2, 2.0]), 2)
                 low = rng.choice([None, None, round(scale[concept] * rng.uniform(0.3, 1.5), 2)])
-                resources.append(observation(
-                    oid, concept, value, time=when, patient=f"Patient/{pid}", low=low,
-                    comparator=rng.choice([None, None, None, "<", ">", ">=", "<="]),
-                    status=rng.choice(["final"] * 8 + ["amended", "entered-in-error"])))
+                resources.append(
+                    observation(
+                        oid,
+                        concept,
+                        value,
+                        time=when,
+                        patient=f"Patient/{pid}",
+                        low=low,
+                        comparator=rng.choice([None, None, None, "<", ">", ">=", "<="]),
+                        status=rng.choice(["final"] * 8 + ["amended", "entered-in-error"]),
+                    )
+                )
                 ids.append(oid)
             if rng.random() < 0.7:
                 resources.append(report(f"r{p}-{panel}", ids, when, f"Patient/{pid}"))
@@ -540,8 +685,13 @@ def _edge_patients() -> list[dict]:
         out.extend(o | {"subject": {"reference": f"Patient/{pid}"}} for o in observations)
 
     # Derived ANC only: WBC normal, 20 % neutrophils -> ANC 1.0 (§2 derived).
-    add("e-derived", "1970-01-01", observation("ed-w", "wbc", 5.0), observation("ed-n", "neutrophils_pct", 20.0),
-        observation("ed-l", "lymphocytes_abs", 2.0))
+    add(
+        "e-derived",
+        "1970-01-01",
+        observation("ed-w", "wbc", 5.0),
+        observation("ed-n", "neutrophils_pct", 20.0),
+        observation("ed-l", "lymphocytes_abs", 2.0),
+    )
     # Adult ANC 1.2 with a lab range low of 1.0: judged against 1.5 (the lab range does not lower it).
     add("e-anc", "1970-01-01", observation("ea-a", "anc", 1.2, low=1.0))
     # Neonate (5 days): only the lab's range, 1.8 < 2.0.
@@ -562,8 +712,9 @@ def test_patient_preselection_changes_no_flag(seed, monkeypatch):
     kept = engine._patients_with_low_values(done.observations, done.patients, RULES)
     assert 0 < len(set(kept)) < done.observations["patient_id"].nunique()  # it does leave patients out
     fast = engine.evaluate(done.observations, done.patients, done.exposures, RULES)
-    monkeypatch.setattr(engine, "_patients_with_low_values",
-                        lambda frame, patients, rules: frame["patient_id"].to_numpy())
+    monkeypatch.setattr(
+        engine, "_patients_with_low_values", lambda frame, patients, rules: frame["patient_id"].to_numpy()
+    )
     every = engine.evaluate(done.observations, done.patients, done.exposures, RULES)
     assert fast == every and fast
     flagged = {spec.patient_id for spec in fast}
@@ -571,8 +722,9 @@ def test_patient_preselection_changes_no_flag(seed, monkeypatch):
 
 
 # -- §2 lymphopenia (v1.3 wording): below the LLN of §1.3, the lab's own range when present ----------------------------
-@pytest.mark.parametrize("value, lab_low, grade", [(0.9, 0.8, None), (0.79, 0.8, 2), (1.1, 1.3, 1),
-                                                    (1.3, 1.3, None), (0.9, None, 1)])
+@pytest.mark.parametrize(
+    "value, lab_low, grade", [(0.9, 0.8, None), (0.79, 0.8, 2), (1.1, 1.3, 1), (1.3, 1.3, None), (0.9, None, 1)]
+)
 def test_lymphopenia_is_below_the_lab_lln_when_present_above_or_below_one(value, lab_low, grade):
     # A lab LLN of 0.8 spares a 0.9 the adult default (1.0) would call low; one of 1.3 calls a 1.1 low.
     specs = one([ADULT, observation("l", "lymphocytes_abs", value, low=lab_low)], "lymphocytes")
@@ -606,8 +758,12 @@ def test_a_single_low_value_lapses_strictly_more_than_90_days_later(days, lapsed
 
 
 def test_lapse_ends_at_the_last_low_value_and_keeps_the_worst_grade():
-    res = [ADULT, observation("w1", "wbc", 3.5, time=at()), observation("w2", "wbc", 0.9, time=at(days=20)),
-           observation("w3", "wbc", 2.5, time=at(days=40))]
+    res = [
+        ADULT,
+        observation("w1", "wbc", 3.5, time=at()),
+        observation("w2", "wbc", 0.9, time=at(days=20)),
+        observation("w3", "wbc", 2.5, time=at(days=40)),
+    ]
     assert _lapse_case(res, 130, "leukocytes")[0].status == "active"  # 90 days after the last value, not the first
     (spec,) = _lapse_case(res, 131, "leukocytes")
     assert (spec.status, spec.end, spec.grade) == ("inactive", _as_of(40), 4)
@@ -644,8 +800,12 @@ def test_a_recovery_is_not_a_lapse_however_late():
 
 def test_without_an_as_of_the_lapse_is_measured_at_the_latest_input_time():
     # p1's low WBC and, 100 days later, another patient's normal count: the input ends 100 days after p1's value.
-    res = [ADULT, patient("p2"), observation("w1", "wbc", 3.0, time=at()),
-           observation("w2", "wbc", 6.0, time=at(days=100), patient="Patient/p2")]
+    res = [
+        ADULT,
+        patient("p2"),
+        observation("w1", "wbc", 3.0, time=at()),
+        observation("w2", "wbc", 6.0, time=at(days=100), patient="Patient/p2"),
+    ]
     (spec,) = flags_for(res)
     assert spec.status == "inactive" and spec.text.endswith(LAPSED)
     (spec,) = flags_for(res[:-1] + [observation("w2", "wbc", 6.0, time=at(days=60), patient="Patient/p2")])
@@ -655,8 +815,11 @@ def test_without_an_as_of_the_lapse_is_measured_at_the_latest_input_time():
 def test_pancytopenia_lapses_without_a_complete_blood_count_while_leukopenia_goes_on():
     # A pancytopenic count, then monthly low WBCs without hemoglobin or platelets: leukopenia is followed, the
     # pancytopenia cannot be judged without all three, so it lapses 90 days after the last complete count.
-    count = [observation("w0", "wbc", 2.0, time=at()), observation("h0", "hemoglobin", 9.0, time=at()),
-             observation("p0", "platelets", 80, time=at())]
+    count = [
+        observation("w0", "wbc", 2.0, time=at()),
+        observation("h0", "hemoglobin", 9.0, time=at()),
+        observation("p0", "platelets", 80, time=at()),
+    ]
     monthly = [observation(f"w{i}", "wbc", 2.5, time=at(days=30 * i)) for i in range(1, 5)]
     specs = flags_for([ADULT] + count + monthly, as_of=_as_of(121))
     (pancytopenia,) = [s for s in specs if s.family == "pancytopenia"]
@@ -664,10 +827,13 @@ def test_pancytopenia_lapses_without_a_complete_blood_count_while_leukopenia_goe
     assert (pancytopenia.status, pancytopenia.end) == ("inactive", _as_of(0)) and pancytopenia.text.endswith(LAPSED)
     assert leukopenia.status == "active"
     # A second complete count (all three low) on day 60 keeps the pancytopenia followed until day 150.
-    second = [observation("h2", "hemoglobin", 9.1, time=at(days=60)),
-              observation("p2", "platelets", 81, time=at(days=60))]
-    (pancytopenia,) = [s for s in flags_for([ADULT] + count + monthly + second, as_of=_as_of(121))
-                       if s.family == "pancytopenia"]
+    second = [
+        observation("h2", "hemoglobin", 9.1, time=at(days=60)),
+        observation("p2", "platelets", 81, time=at(days=60)),
+    ]
+    (pancytopenia,) = [
+        s for s in flags_for([ADULT] + count + monthly + second, as_of=_as_of(121)) if s.family == "pancytopenia"
+    ]
     assert pancytopenia.status == "active"
 
 
@@ -675,8 +841,10 @@ def test_pancytopenia_lapses_without_a_complete_blood_count_while_leukopenia_goe
 def test_granulocytes_lapse_and_a_derived_anc_is_a_value_of_theirs(derived_day, status):
     res = [ADULT, observation("a1", "anc", 0.4, time=at())]
     if derived_day is not None:  # WBC 3.0 × 30 % = ANC 0.9: a granulocyte value without a reported ANC
-        res += [observation("w", "wbc", 3.0, time=at(days=derived_day)),
-                observation("n", "neutrophils_pct", 30.0, time=at(days=derived_day))]
+        res += [
+            observation("w", "wbc", 3.0, time=at(days=derived_day)),
+            observation("n", "neutrophils_pct", 30.0, time=at(days=derived_day)),
+        ]
     (spec,) = _lapse_case(res, 121, "granulocytes")
     assert spec.status == status and (spec.text.endswith(LAPSED) is (status == "inactive"))
     assert spec.condition == "agranulocytosis" and spec.grade == 4
@@ -720,8 +888,12 @@ def test_a_retracted_episode_stays_entered_in_error_when_it_would_lapse():
 def test_lapse_horizon_is_when_the_first_open_episode_would_lapse():
     from leukofhir.evaluate import lapse_horizon
 
-    res = [ADULT, patient("p2"), observation("w1", "wbc", 3.0, time=at()),
-           observation("w2", "wbc", 3.0, time=at(days=10), patient="Patient/p2")]
+    res = [
+        ADULT,
+        patient("p2"),
+        observation("w1", "wbc", 3.0, time=at()),
+        observation("w2", "wbc", 3.0, time=at(days=10), patient="Patient/p2"),
+    ]
     specs = flags_for(res, as_of=_as_of(20))
     assert lapse_horizon(specs, RULES) == _as_of(90)
     assert lapse_horizon(flags_for(res, as_of=_as_of(95)), RULES) == _as_of(100)  # p1 lapsed: p2's is next

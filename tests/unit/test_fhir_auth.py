@@ -19,8 +19,9 @@ SECRET = "s3cr3t-Value"
 
 
 def _pem(key) -> str:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption()).decode()
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
 
 
 @pytest.mark.parametrize("raw", [f"{SECRET}\n", f"  {SECRET}\r\n", f"\t{SECRET}"])
@@ -28,9 +29,14 @@ def test_surrounding_whitespace_is_stripped(raw):
     assert clean_secret(raw, "X") == SECRET and check_token(raw, "X") == SECRET
 
 
-@pytest.mark.parametrize("raw, message", [
-    (f"{SECRET}\nmore", "line break"), (f"{SECRET}\x00", "control character"), ("  \n", "empty"),
-])
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        (f"{SECRET}\nmore", "line break"),
+        (f"{SECRET}\x00", "control character"),
+        ("  \n", "empty"),
+    ],
+)
 def test_bad_secrets_are_refused_by_name_only(raw, message):
     with pytest.raises(UsageError, match=message) as err:
         clean_secret(raw, "LEUKOFHIR_FHIR_TOKEN")
@@ -68,8 +74,15 @@ def test_auth_from_environment_and_files(tmp_path):
     assert make_auth(None, environ={}) is None
 
 
-@pytest.mark.parametrize("kind, environ", [("bearer", {}), ("basic", {"LEUKOFHIR_FHIR_USER": "u"}), ("kerberos", {}),
-                                           ("smart", {"LEUKOFHIR_SMART_CLIENT_ID": "c"})])
+@pytest.mark.parametrize(
+    "kind, environ",
+    [
+        ("bearer", {}),
+        ("basic", {"LEUKOFHIR_FHIR_USER": "u"}),
+        ("kerberos", {}),
+        ("smart", {"LEUKOFHIR_SMART_CLIENT_ID": "c"}),
+    ],
+)
 def test_auth_refuses_incomplete_settings(kind, environ):
     with pytest.raises(UsageError):
         make_auth(kind, environ=environ, base_url="https://h/fhir")
@@ -77,10 +90,12 @@ def test_auth_refuses_incomplete_settings(kind, environ):
 
 def test_rfc7638_thumbprint_example():
     # RFC 7638 §3.1: this RSA key's thumbprint is NzbLsXh8uDCcd-6MNwXF4W_7noWXFZAfHkxZsRGC9Xs.
-    n = ("0vx7agoebGcQSuuPiLJXZptN9nndrQmbXEps2aiAFbWhM78LhWx4cbbfAAtVT86zwu1RK7aPFFxuhDR1L6tSoc_BJECPebWKRXjBZCiFV4n3"
-         "oknjhMs"
-         "tn64tZ_2W-5JsGY4Hc5n9yBXArwl93lqt7_RN5w6Cf0h4QyQ5v-65YGjQR0_FDW2QvzqY368QQMicAtaSqzs8KJZgnYb9c7d0zgdAZHzu6qMQvRL"
-         "5hajrn1n91CbOpbISD08qNLyrdkt-bFTWhAI4vMQFh6WeZu0fM4lFd2NcRwr3XPksINHaQ-G_xBniIqbw0Ls1jF44-csFCur-kEgU8awapJzKnqDKgw")
+    n = (
+        "0vx7agoebGcQSuuPiLJXZptN9nndrQmbXEps2aiAFbWhM78LhWx4cbbfAAtVT86zwu1RK7aPFFxuhDR1L6tSoc_BJECPebWKRXjBZCiFV4n3"
+        "oknjhMs"
+        "tn64tZ_2W-5JsGY4Hc5n9yBXArwl93lqt7_RN5w6Cf0h4QyQ5v-65YGjQR0_FDW2QvzqY368QQMicAtaSqzs8KJZgnYb9c7d0zgdAZHzu6qMQvRL"
+        "5hajrn1n91CbOpbISD08qNLyrdkt-bFTWhAI4vMQFh6WeZu0fM4lFd2NcRwr3XPksINHaQ-G_xBniIqbw0Ls1jF44-csFCur-kEgU8awapJzKnqDKgw"
+    )
     number = int.from_bytes(jwt.utils.base64url_decode(n), "big")
     key = rsa.RSAPublicNumbers(65537, number).public_key()
     assert jwk_thumbprint(key) == "NzbLsXh8uDCcd-6MNwXF4W_7noWXFZAfHkxZsRGC9Xs"

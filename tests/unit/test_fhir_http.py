@@ -41,71 +41,92 @@ def test_delay_backs_off_and_is_bounded():
 
 
 def test_outcome_text():
-    body = {"resourceType": "OperationOutcome", "issue": [
-        {"severity": "error", "diagnostics": "bad ref"}, {"severity": "warning", "details": {"text": "odd"}}]}
+    body = {
+        "resourceType": "OperationOutcome",
+        "issue": [{"severity": "error", "diagnostics": "bad ref"}, {"severity": "warning", "details": {"text": "odd"}}],
+    }
     assert outcome_text(body) == "error: bad ref; warning: odd"
     assert outcome_text({"resourceType": "Patient"}) == "" and outcome_text(None) == ""
 
 
 def _transaction(*methods_urls):
-    return {"resourceType": "Bundle", "type": "transaction",
-            "entry": [{"request": {"method": m, "url": u}} for m, u in methods_urls]}
+    return {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [{"request": {"method": m, "url": u}} for m, u in methods_urls],
+    }
 
 
-@pytest.mark.parametrize("method, url, body, safe", [
-    ("GET", "https://h/fhir/Observation", None, True),
-    ("PUT", "https://h/fhir/Flag?identifier=s%7Cv", {}, True),
-    ("DELETE", "https://h/fhir/Flag/1", None, True),
-    ("POST", "https://h/fhir/Observation/_search", None, True),
-    ("POST", "https://h/fhir/", _transaction(("PUT", "Flag?identifier=s|v"), ("PUT", "Patient/1")), True),
-    ("POST", "https://h/fhir/", _transaction(("PUT", "Patient/1"), ("POST", "Patient")), False),
-    ("POST", "https://h/fhir/", _transaction(), False),
-    ("POST", "https://h/fhir/Patient", {"resourceType": "Patient"}, False),
-    ("POST", "https://h/fhir/$export", None, False),
-    ("PATCH", "https://h/fhir/Patient/1", None, False),
-])
+@pytest.mark.parametrize(
+    "method, url, body, safe",
+    [
+        ("GET", "https://h/fhir/Observation", None, True),
+        ("PUT", "https://h/fhir/Flag?identifier=s%7Cv", {}, True),
+        ("DELETE", "https://h/fhir/Flag/1", None, True),
+        ("POST", "https://h/fhir/Observation/_search", None, True),
+        ("POST", "https://h/fhir/", _transaction(("PUT", "Flag?identifier=s|v"), ("PUT", "Patient/1")), True),
+        ("POST", "https://h/fhir/", _transaction(("PUT", "Patient/1"), ("POST", "Patient")), False),
+        ("POST", "https://h/fhir/", _transaction(), False),
+        ("POST", "https://h/fhir/Patient", {"resourceType": "Patient"}, False),
+        ("POST", "https://h/fhir/$export", None, False),
+        ("PATCH", "https://h/fhir/Patient/1", None, False),
+    ],
+)
 def test_replay_safe(method, url, body, safe):
     assert replay_safe(method, url, body) is safe
 
 
-@pytest.mark.parametrize("method, url, body, headers, conditional", [
-    ("PUT", "https://h/fhir/Flag?identifier=s%7Cv", None, None, True),
-    ("PUT", "https://h/fhir/Flag/1", None, None, False),
-    ("POST", "https://h/fhir/Flag", None, {"If-None-Exist": "identifier=s|v"}, True),
-    ("POST", "https://h/fhir/", _transaction(("PUT", "Flag?identifier=s|v")), None, True),
-    ("POST", "https://h/fhir/", _transaction(("PUT", "Flag/1")), None, False),
-    ("POST", "https://h/fhir/Flag/_search?identifier=x", None, None, False),
-])
+@pytest.mark.parametrize(
+    "method, url, body, headers, conditional",
+    [
+        ("PUT", "https://h/fhir/Flag?identifier=s%7Cv", None, None, True),
+        ("PUT", "https://h/fhir/Flag/1", None, None, False),
+        ("POST", "https://h/fhir/Flag", None, {"If-None-Exist": "identifier=s|v"}, True),
+        ("POST", "https://h/fhir/", _transaction(("PUT", "Flag?identifier=s|v")), None, True),
+        ("POST", "https://h/fhir/", _transaction(("PUT", "Flag/1")), None, False),
+        ("POST", "https://h/fhir/Flag/_search?identifier=x", None, None, False),
+    ],
+)
 def test_conditional_writes(method, url, body, headers, conditional):
     assert is_conditional_write(method, url, body, headers) is conditional
     assert is_temporary(409, conditional_write=conditional) is conditional
 
 
 def _outcome(diagnostics):
-    return {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "processing",
-                                                           "diagnostics": diagnostics}]}
+    return {
+        "resourceType": "OperationOutcome",
+        "issue": [{"severity": "error", "code": "processing", "diagnostics": diagnostics}],
+    }
 
 
 STALE = _outcome("HAPI-0550: HAPI-0989: Trying to update Flag/x/_history/1 but this is not the current version")
-SAME_ID = _outcome("HAPI-0550: HAPI-0825: Error flushing transaction with resource types: [Flag] - The operation has "
-                   "failed with a client-assigned ID constraint failure.")
-SAME_VERSION = _outcome("HAPI-0550: HAPI-0823: Error flushing transaction with resource types: [Flag] - The operation "
-                        "has failed with a version constraint failure.")
+SAME_ID = _outcome(
+    "HAPI-0550: HAPI-0825: Error flushing transaction with resource types: [Flag] - The operation has "
+    "failed with a client-assigned ID constraint failure."
+)
+SAME_VERSION = _outcome(
+    "HAPI-0550: HAPI-0823: Error flushing transaction with resource types: [Flag] - The operation "
+    "has failed with a version constraint failure."
+)
 IN_USE = _outcome("HAPI-0550: HAPI-0515: Unable to delete Patient/p1 because at least one resource has a reference")
 
 
-@pytest.mark.parametrize("status, outcome, preconditioned, conflict, temporary", [
-    (409, STALE, True, True, False),        # HAPI's answer to a stale If-Match
-    (409, STALE, False, True, False),
-    (412, None, True, True, False),         # the specification's answer to a stale If-Match
-    (412, None, False, False, False),       # a conditional write matching several resources
-    (409, SAME_ID, True, False, True),      # simultaneous creates at one id: the retry meets the winner's version
-    (409, SAME_VERSION, True, False, True),
-    (409, IN_USE, False, False, False),     # referential integrity: retrying cannot help
-    (409, None, False, False, False),
-])
-def test_version_conflicts_are_told_apart_from_simultaneous_writers(status, outcome, preconditioned, conflict,
-                                                                    temporary):
+@pytest.mark.parametrize(
+    "status, outcome, preconditioned, conflict, temporary",
+    [
+        (409, STALE, True, True, False),  # HAPI's answer to a stale If-Match
+        (409, STALE, False, True, False),
+        (412, None, True, True, False),  # the specification's answer to a stale If-Match
+        (412, None, False, False, False),  # a conditional write matching several resources
+        (409, SAME_ID, True, False, True),  # simultaneous creates at one id: the retry meets the winner's version
+        (409, SAME_VERSION, True, False, True),
+        (409, IN_USE, False, False, False),  # referential integrity: retrying cannot help
+        (409, None, False, False, False),
+    ],
+)
+def test_version_conflicts_are_told_apart_from_simultaneous_writers(
+    status, outcome, preconditioned, conflict, temporary
+):
     assert is_version_conflict(status, outcome, preconditioned=preconditioned) is conflict
     assert is_temporary(status, outcome=outcome) is temporary
 

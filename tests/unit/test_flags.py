@@ -21,8 +21,9 @@ def test_flag_has_every_element_of_section_5():
     Flag.model_validate(flag)
     assert flag["status"] == "active"
     assert flag["identifier"][0]["system"] == "https://leukofhir.example/fhir/flag-episode"
-    assert flag["code"]["coding"] == [{"system": "http://snomed.info/sct", "code": "165517008",
-                                       "display": "Neutropenia"}]
+    assert flag["code"]["coding"] == [
+        {"system": "http://snomed.info/sct", "code": "165517008", "display": "Neutropenia"}
+    ]
     assert flag["code"]["text"].startswith("Neutropenia, moderate — ANC 0.9 ×10^9/L on 2024-03-01, CTCAE v5.0 grade 3")
     assert flag["subject"] == {"reference": "Patient/p1"}
     assert flag["period"] == {"start": "2024-03-01T08:00:00Z"}
@@ -39,7 +40,8 @@ def test_flag_has_every_element_of_section_5():
     details = [e["valueReference"]["reference"] for e in by_url["http://hl7.org/fhir/StructureDefinition/flag-detail"]]
     assert details == ["Observation/a", "MedicationStatement/m"]
     assert by_url["https://leukofhir.example/fhir/StructureDefinition/ctcae-grade"] == [
-        {"url": "https://leukofhir.example/fhir/StructureDefinition/ctcae-grade", "valueInteger": 3}]
+        {"url": "https://leukofhir.example/fhir/StructureDefinition/ctcae-grade", "valueInteger": 3}
+    ]
     assert flag["meta"]["tag"] == [{"system": "https://leukofhir.example/fhir/tag", "code": "leukofhir"}]
     assert flag["meta"]["profile"] == ["https://leukofhir.example/fhir/StructureDefinition/leukofhir-flag"]
     assert flag["text"]["status"] == "generated"

@@ -37,15 +37,19 @@ VALID = [
 VALID_LINES = [json.dumps(r).encode() for r in VALID]
 
 # Garbage is made from valid FHIR about other patients, so that a mutation leaves most of a resource standing.
-TEMPLATES = [json.dumps(r).encode() for r in [
-    patient("g1"), patient("g2", birth=None),
-    observation("g-o1", "wbc", 1.1, time=at(days=2), patient="Patient/g1", low=4.0),
-    observation("g-o2", "anc", 0.2, time=at(days=4), patient="Patient/g2", comparator="<"),
-    observation("g-o3", "lymphocytes_abs", 0.5, time=at(days=1), patient="urn:uuid:g1"),
-    observation("g-o4", "neutrophils_pct", 12, time=at(days=1), patient="Patient/g1"),
-    statement("g-m1", "valproate", start=at(days=-10), patient_ref="Patient/g1", kind="MedicationRequest"),
-    report("g-r1", ["g-o1", "g-o4"], time=at(days=2), patient_ref="Patient/g1"),
-]]
+TEMPLATES = [
+    json.dumps(r).encode()
+    for r in [
+        patient("g1"),
+        patient("g2", birth=None),
+        observation("g-o1", "wbc", 1.1, time=at(days=2), patient="Patient/g1", low=4.0),
+        observation("g-o2", "anc", 0.2, time=at(days=4), patient="Patient/g2", comparator="<"),
+        observation("g-o3", "lymphocytes_abs", 0.5, time=at(days=1), patient="urn:uuid:g1"),
+        observation("g-o4", "neutrophils_pct", 12, time=at(days=1), patient="Patient/g1"),
+        statement("g-m1", "valproate", start=at(days=-10), patient_ref="Patient/g1", kind="MedicationRequest"),
+        report("g-r1", ["g-o1", "g-o4"], time=at(days=2), patient_ref="Patient/g1"),
+    ]
+]
 
 
 def _mutate(line: bytes, edits) -> bytes:
@@ -57,37 +61,104 @@ def _mutate(line: bytes, edits) -> bytes:
         elif kind == "insert":
             data[at_:at_] = payload
         elif kind == "delete":
-            del data[at_: at_ + max(1, len(payload))]
+            del data[at_ : at_ + max(1, len(payload))]
         elif kind == "truncate":
             del data[at_:]
         elif kind == "repeat":
-            data[at_:at_] = data[at_: at_ + len(payload) + 1]
+            data[at_:at_] = data[at_ : at_ + len(payload) + 1]
     return bytes(data)
 
 
-edits = st.lists(st.tuples(st.sampled_from(["replace", "insert", "delete", "truncate", "repeat"]),
-                           st.floats(0, 1), st.binary(min_size=1, max_size=6)), min_size=1, max_size=4)
+edits = st.lists(
+    st.tuples(
+        st.sampled_from(["replace", "insert", "delete", "truncate", "repeat"]),
+        st.floats(0, 1),
+        st.binary(min_size=1, max_size=6),
+    ),
+    min_size=1,
+    max_size=4,
+)
 mutated_lines = st.builds(_mutate, st.sampled_from(TEMPLATES), edits)
 
-scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**20, 10**20), st.floats(),
-                    st.text(max_size=10), st.sampled_from(["Patient/g1", "urn:uuid:g2", "2024-03-02", "final",
-                                                            "10*9/L", "%", "<", "6690-2", "751-8", "http://loinc.org",
-                                                            "Observation/g-o1", "Medication/g"]))
-json_values = st.recursive(scalars, lambda c: st.one_of(st.lists(c, max_size=4),
-                                                        st.dictionaries(st.text(max_size=8), c, max_size=4)),
-                           max_leaves=16)
-fhir_keys = st.sampled_from(["id", "status", "code", "subject", "effectiveDateTime", "effectivePeriod",
-                             "valueQuantity", "referenceRange", "meta", "result", "birthDate", "gender",
-                             "medicationCodeableConcept", "medicationReference", "authoredOn", "dataAbsentReason",
-                             "hasMember", "component", "issued", "valueString"])
-shaped = st.builds(lambda kind, body: json.dumps({"resourceType": kind, **body}, allow_nan=True).encode(),
-                   st.sampled_from(["Observation", "Patient", "DiagnosticReport", "MedicationStatement",
-                                    "MedicationRequest", "MedicationAdministration", "Medication", "Condition",
-                                    "Flag", "Specimen", "observation", ""]),
-                   st.dictionaries(fhir_keys, json_values, max_size=6))
-deep = st.builds(lambda depth, brackets: b'{"resourceType":"Observation","id":"g-d","x":'
-                 + brackets[0] * depth + b"0" + brackets[1] * depth + b"}",
-                 st.integers(90, 1200), st.sampled_from([(b"[", b"]"), (b'{"a":', b"}")]))
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**20), 10**20),
+    st.floats(),
+    st.text(max_size=10),
+    st.sampled_from(
+        [
+            "Patient/g1",
+            "urn:uuid:g2",
+            "2024-03-02",
+            "final",
+            "10*9/L",
+            "%",
+            "<",
+            "6690-2",
+            "751-8",
+            "http://loinc.org",
+            "Observation/g-o1",
+            "Medication/g",
+        ]
+    ),
+)
+json_values = st.recursive(
+    scalars,
+    lambda c: st.one_of(st.lists(c, max_size=4), st.dictionaries(st.text(max_size=8), c, max_size=4)),
+    max_leaves=16,
+)
+fhir_keys = st.sampled_from(
+    [
+        "id",
+        "status",
+        "code",
+        "subject",
+        "effectiveDateTime",
+        "effectivePeriod",
+        "valueQuantity",
+        "referenceRange",
+        "meta",
+        "result",
+        "birthDate",
+        "gender",
+        "medicationCodeableConcept",
+        "medicationReference",
+        "authoredOn",
+        "dataAbsentReason",
+        "hasMember",
+        "component",
+        "issued",
+        "valueString",
+    ]
+)
+shaped = st.builds(
+    lambda kind, body: json.dumps({"resourceType": kind, **body}, allow_nan=True).encode(),
+    st.sampled_from(
+        [
+            "Observation",
+            "Patient",
+            "DiagnosticReport",
+            "MedicationStatement",
+            "MedicationRequest",
+            "MedicationAdministration",
+            "Medication",
+            "Condition",
+            "Flag",
+            "Specimen",
+            "observation",
+            "",
+        ]
+    ),
+    st.dictionaries(fhir_keys, json_values, max_size=6),
+)
+deep = st.builds(
+    lambda depth, brackets: (
+        b'{"resourceType":"Observation","id":"g-d","x":' + brackets[0] * depth + b"0" + brackets[1] * depth + b"}"
+    ),
+    st.integers(90, 1200),
+    st.sampled_from([(b"[", b"]"), (b'{"a":', b"}")]),
+)
 garbage_lines = st.one_of(mutated_lines, mutated_lines, shaped, st.binary(max_size=40), deep)
 
 
@@ -131,11 +202,15 @@ def valid_flags(tmp_path_factory):
     return flags
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                                                   HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
+)
 @given(garbage=st.lists(st.tuples(st.integers(0, len(VALID_LINES)), garbage_lines), min_size=1, max_size=12))
 def test_garbage_beside_valid_data_crashes_nothing_loses_nothing_and_changes_no_valid_flag(
-        tmp_path_factory, valid_flags, garbage):
+    tmp_path_factory, valid_flags, garbage
+):
     for _, line in garbage:
         mentions, bundle = _mentions(line)
         assume(not mentions and not bundle)

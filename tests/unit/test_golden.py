@@ -18,15 +18,23 @@ def _run(tmp_path, *paths):
     flags = [json.loads(line) for line in (tmp_path / "Flag.ndjson").read_text().splitlines()]
     assert report["reconciled"]
     assert report["read_total"] == report["evaluated"] + sum(report["skipped"].values()) + sum(
-        report["quarantined"].values())
+        report["quarantined"].values()
+    )
     return report, flags
 
 
 def _summary(flag):
     grade = next(e["valueInteger"] for e in flag["extension"] if e["url"].endswith("/ctcae-grade"))
     drug = any(c["coding"][0]["code"] == "drug" for c in flag["category"])
-    return (flag["subject"]["reference"], flag["code"]["coding"][0]["code"], flag["status"], flag["period"]["start"],
-            flag["period"].get("end"), grade, drug)
+    return (
+        flag["subject"]["reference"],
+        flag["code"]["coding"][0]["code"],
+        flag["status"],
+        flag["period"]["start"],
+        flag["period"].get("end"),
+        grade,
+        drug,
+    )
 
 
 def test_hl7_general_health_panel(tmp_path):
@@ -40,10 +48,12 @@ def test_hl7_general_health_panel(tmp_path):
     The MedicationStatement/Request/Administration examples name no drug of §1.4 (example005 is entered-in-error)."""
     report, flags = _run(tmp_path, HL7)
     start = "2015-08-16T06:40:17Z"
-    assert sorted(_summary(f) for f in flags) == sorted([
-        ("Patient/pat2", "165517008", "active", start, None, 3, False),
-        ("Patient/pat2", "1156294003", "active", start, None, 1, False),
-    ])
+    assert sorted(_summary(f) for f in flags) == sorted(
+        [
+            ("Patient/pat2", "165517008", "active", start, None, 3, False),
+            ("Patient/pat2", "1156294003", "active", start, None, 1, False),
+        ]
+    )
     neutropenia = next(f for f in flags if f["code"]["coding"][0]["code"] == "165517008")
     assert neutropenia["code"]["text"] == "Neutropenia, moderate — ANC 0.9 ×10^9/L on 2015-08-16, CTCAE v5.0 grade 3"
     assert report["quarantined"] == {}
@@ -70,15 +80,17 @@ def test_synthea_patient_bundles(tmp_path):
     micah, granville = "Patient/720b9118-3153-40c8-b162-cd963506be0e", "Patient/c2128e3c-1970-4f69-94c2-ac4f5de8b53b"
     sherman, suzi = "Patient/ffb8ae8f-8c7f-4475-8c42-d38419108e94", "Patient/95efed54-0648-4faf-a179-9a2b3c45e92d"
     leuko = "84828003"
-    assert got == sorted([
-        (micah, leuko, "inactive", "2012-04-30T07:21:10Z", "2017-05-29T07:21:10Z", 1, False),
-        (micah, leuko, "inactive", "2018-01-26T07:21:10Z", "2018-05-31T07:21:10Z", 4, True),
-        (suzi, leuko, "inactive", "2014-12-16T00:24:54Z", "2014-12-16T00:24:54Z", 1, False),
-        (suzi, leuko, "active", "2020-12-22T00:24:54Z", None, 1, False),
-        (granville, leuko, "inactive", "2004-05-07T04:59:42Z", "2005-01-23T04:59:42Z", 4, True),
-        (sherman, leuko, "inactive", "2003-01-07T06:01:37Z", "2003-04-07T06:01:37Z", 2, True),
-        (sherman, leuko, "inactive", "2004-01-13T06:01:37Z", "2009-09-22T06:01:37Z", 1, False),
-    ])
+    assert got == sorted(
+        [
+            (micah, leuko, "inactive", "2012-04-30T07:21:10Z", "2017-05-29T07:21:10Z", 1, False),
+            (micah, leuko, "inactive", "2018-01-26T07:21:10Z", "2018-05-31T07:21:10Z", 4, True),
+            (suzi, leuko, "inactive", "2014-12-16T00:24:54Z", "2014-12-16T00:24:54Z", 1, False),
+            (suzi, leuko, "active", "2020-12-22T00:24:54Z", None, 1, False),
+            (granville, leuko, "inactive", "2004-05-07T04:59:42Z", "2005-01-23T04:59:42Z", 4, True),
+            (sherman, leuko, "inactive", "2003-01-07T06:01:37Z", "2003-04-07T06:01:37Z", 2, True),
+            (sherman, leuko, "inactive", "2004-01-13T06:01:37Z", "2009-09-22T06:01:37Z", 1, False),
+        ]
+    )
     (lapsed,) = [f for f in flags if f["period"]["start"] == "2018-01-26T07:21:10Z"]
     assert lapsed["code"]["text"].endswith("; no follow-up count for more than 90 days")
 
@@ -89,8 +101,12 @@ def test_synthea_ndjson_needs_patients_for_urn_uuid_subjects(tmp_path):
     indices are out of scope) can be tied to a Patient -> quarantined; with Patient.ndjson.gz they resolve."""
     report, flags = _run(tmp_path / "a", SYNTHEA / "Observation.cbc.ndjson.gz")
     assert flags == [] and report["quarantined"] == {"subject does not resolve to a Patient in the input": 3707}
-    report, flags = _run(tmp_path / "b", SYNTHEA / "Observation.cbc.ndjson.gz", SYNTHEA / "Patient.ndjson.gz",
-                         SYNTHEA / "MedicationRequest.ndjson.gz")
+    report, flags = _run(
+        tmp_path / "b",
+        SYNTHEA / "Observation.cbc.ndjson.gz",
+        SYNTHEA / "Patient.ndjson.gz",
+        SYNTHEA / "MedicationRequest.ndjson.gz",
+    )
     assert report["quarantined"] == {} and flags
     assert report["read"] == {"MedicationRequest": 4712, "Observation": 13526, "Patient": 615}
     drug_flags = [f for f in flags if any(c["coding"][0]["code"] == "drug" for c in f["category"])]

@@ -52,4 +52,4 @@ def test_text_is_escaped_as_hapi_writes_it_back():
     assert "ANC &lt;0.1" in flag["text"]["div"] and "<0.1" not in flag["text"]["div"]
     assert _cells(flag)["Finding"] == flag["code"]["text"] and "ANC <0.1" in flag["code"]["text"]
     # HAPI 8.8 answers `"` as &quot; and `'` as it is (tests/integration/test_flag_on_server.py reads Flags back).
-    assert _escaped('a "b" <c> & \'d\'\n e') == "a &quot;b&quot; &lt;c&gt; &amp; 'd' e"
+    assert _escaped("a \"b\" <c> & 'd'\n e") == "a &quot;b&quot; &lt;c&gt; &amp; 'd' e"

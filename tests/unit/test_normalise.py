@@ -45,20 +45,26 @@ def test_unknown_unit_keeps_raw_unit_and_nan_for_the_gx_step():
 
 def test_ucum_code_preferred_over_unit_text():
     obs = observation("w", "wbc", 5)
-    obs["valueQuantity"] = {"value": 5, "unit": "thousand per microlitre", "system": "http://unitsofmeasure.org",
-                            "code": "10*3/uL"}
+    obs["valueQuantity"] = {
+        "value": 5,
+        "unit": "thousand per microlitre",
+        "system": "http://unitsofmeasure.org",
+        "code": "10*3/uL",
+    }
     assert normalise_all([obs]).observations.value[0] == 5
 
 
 @pytest.mark.parametrize(
     "resource, reason",
     [
-        (observation("x", "wbc", 5, code="30405-5"), SKIP_OUT_OF_SCOPE),   # urine leukocytes: a look-alike
+        (observation("x", "wbc", 5, code="30405-5"), SKIP_OUT_OF_SCOPE),  # urine leukocytes: a look-alike
         (observation("x", "wbc", 5, status="cancelled"), "status cancelled ignored"),
         (observation("x", "wbc", 5, status="registered"), "status registered ignored"),
         (observation("x", "wbc", 5, status="preliminary"), SKIP_PRELIMINARY),
-        ({**observation("x", "wbc", 5), "valueQuantity": None, "dataAbsentReason": {"text": "haemolysed"}},
-         SKIP_DATA_ABSENT),
+        (
+            {**observation("x", "wbc", 5), "valueQuantity": None, "dataAbsentReason": {"text": "haemolysed"}},
+            SKIP_DATA_ABSENT,
+        ),
     ],
 )
 def test_skipped_by_reason_never_quarantined(resource, reason):
@@ -73,11 +79,18 @@ def test_skipped_by_reason_never_quarantined(resource, reason):
         ({**observation("x", "wbc", 5), "subject": None}, Q_SUBJECT),
         (observation("x", "wbc", 5, time=False), Q_NO_TIME),
         (observation("x", "wbc", 5, time="yesterday"), Q_BAD_TIME),
-        ({**{k: v for k, v in observation("x", "wbc", 5).items() if k != "valueQuantity"}, "valueString": "low"},
-         Q_NOT_NUMERIC),
+        (
+            {**{k: v for k, v in observation("x", "wbc", 5).items() if k != "valueQuantity"}, "valueString": "low"},
+            Q_NOT_NUMERIC,
+        ),
         (observation("x", "wbc", 7849, unit="10*9/L", low=3.5), Q_RANGE),
-        ({**observation("x", "wbc", 7.8, unit="/uL"),  # the value mislabelled /uL, the range in 10^9/L
-          "referenceRange": [{"low": {"value": 3.5, "unit": "10*9/L"}}]}, Q_RANGE),
+        (
+            {
+                **observation("x", "wbc", 7.8, unit="/uL"),  # the value mislabelled /uL, the range in 10^9/L
+                "referenceRange": [{"low": {"value": 3.5, "unit": "10*9/L"}}],
+            },
+            Q_RANGE,
+        ),
         (observation("x", "wbc", 5, patient="urn:uuid:nobody"), Q_SUBJECT_UNRESOLVED),
     ],
 )
@@ -93,11 +106,20 @@ def test_true_near_zero_anc_is_not_a_unit_error():
 
 def test_time_and_panel_from_report_and_panel_observation():
     # The HL7 GHP shape: report -> panel Observation p2 (hasMember) -> results without their own time.
-    panel = {"resourceType": "Observation", "id": "p2", "status": "final",
-             "code": {"coding": [{"system": "http://loinc.org", "code": "58410-2"}]},
-             "hasMember": [{"reference": "Observation/w"}]}
-    res = [observation("w", "wbc", 5, time=False), panel, report("ghp", ["p2"], time=at(hours=1)),
-           observation("n", "neutrophils_pct", 40, time=False), report("r2", ["n"], time=at(hours=2))]
+    panel = {
+        "resourceType": "Observation",
+        "id": "p2",
+        "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "58410-2"}]},
+        "hasMember": [{"reference": "Observation/w"}],
+    }
+    res = [
+        observation("w", "wbc", 5, time=False),
+        panel,
+        report("ghp", ["p2"], time=at(hours=1)),
+        observation("n", "neutrophils_pct", 40, time=False),
+        report("r2", ["n"], time=at(hours=2)),
+    ]
     done = normalise_all(res)
     frame = done.observations.set_index("resource_id")
     assert frame.loc["Observation/w", "panel"] == "DiagnosticReport/ghp"
@@ -119,13 +141,27 @@ def test_later_version_supersedes():
 
 
 def test_exposures_from_statement_request_and_contained_medication():
-    contained = {"resourceType": "MedicationStatement", "id": "c", "status": "active",
-                 "contained": [{"resourceType": "Medication", "id": "m1",
-                                "code": {"coding": [{"system": "x", "code": "1", "display": "Clozapine 25 MG"}]}}],
-                 "medicationReference": {"reference": "#m1"}, "subject": {"reference": "Patient/p1"},
-                 "effectivePeriod": {"start": "2024-01-01"}}
-    res = [contained, statement("r", "Valproic Acid 250 MG", point=at(), kind="MedicationRequest"),
-           statement("s", "Amoxicillin", point=at()), statement("e", "clozapine", point=at(), status="not-taken")]
+    contained = {
+        "resourceType": "MedicationStatement",
+        "id": "c",
+        "status": "active",
+        "contained": [
+            {
+                "resourceType": "Medication",
+                "id": "m1",
+                "code": {"coding": [{"system": "x", "code": "1", "display": "Clozapine 25 MG"}]},
+            }
+        ],
+        "medicationReference": {"reference": "#m1"},
+        "subject": {"reference": "Patient/p1"},
+        "effectivePeriod": {"start": "2024-01-01"},
+    }
+    res = [
+        contained,
+        statement("r", "Valproic Acid 250 MG", point=at(), kind="MedicationRequest"),
+        statement("s", "Amoxicillin", point=at()),
+        statement("e", "clozapine", point=at(), status="not-taken"),
+    ]
     done = normalise_all(res)
     rows = done.exposures.set_index("resource_id")
     assert rows.loc["MedicationStatement/c", "drug"] == "clozapine" and rows["end"].isna()["MedicationStatement/c"]
@@ -135,15 +171,20 @@ def test_exposures_from_statement_request_and_contained_medication():
 
 @pytest.mark.parametrize(
     "reference, drugs",
-    [("Medication/m9", ["metronidazole"]),
-     ("http://other.example/fhir/Medication/m9", [])],  # issue 9.14: another server's Medication is not ours
+    [
+        ("Medication/m9", ["metronidazole"]),
+        ("http://other.example/fhir/Medication/m9", []),
+    ],  # issue 9.14: another server's Medication is not ours
 )
 def test_medication_reference_resolved_after_the_fact(reference, drugs):
     ms = statement("s", None, point=at())
     del ms["medicationCodeableConcept"]
     ms["medicationReference"] = {"reference": reference}
-    med = {"resourceType": "Medication", "id": "m9", "code": {"coding": [
-        {"system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": "6922"}]}}
+    med = {
+        "resourceType": "Medication",
+        "id": "m9",
+        "code": {"coding": [{"system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": "6922"}]},
+    }
     done = normalise_all([ms, med])
     assert list(done.exposures.drug) == drugs
     assert done.skipped == ({} if drugs else {"drug not in the rules' drug list": 1})
@@ -208,8 +249,11 @@ def test_subject_is_local_only_under_a_base_the_caller_passes(reference, base, l
 
 
 def test_several_local_bases_may_be_passed():
-    res = [patient(), observation("x", "wbc", 2.0, patient="https://a.example/fhir/Patient/p1"),
-           observation("y", "wbc", 2.0, patient="https://b.example/fhir/Patient/p1")]
+    res = [
+        patient(),
+        observation("x", "wbc", 2.0, patient="https://a.example/fhir/Patient/p1"),
+        observation("y", "wbc", 2.0, patient="https://b.example/fhir/Patient/p1"),
+    ]
     done = normalise_all(res, base_url=["https://a.example/fhir", "https://b.example/fhir"])
     assert done.quarantined == [] and len(done.observations) == 2
 
@@ -221,8 +265,9 @@ def test_an_exposure_of_a_patient_on_another_server_is_quarantined():
 
 
 # -- clinical-rules v1.1 §1.2: a reference-range bound without a unit is read in the value's unit -------------------
-@pytest.mark.parametrize("value, unit, bound, lln", [(4.2, "10*9/L", 4.5, 4.5), (4200, "/uL", 4500, 4.5),
-                                                     (8.0, "g/dL", 12.0, 12.0)])
+@pytest.mark.parametrize(
+    "value, unit, bound, lln", [(4.2, "10*9/L", 4.5, 4.5), (4200, "/uL", 4500, 4.5), (8.0, "g/dL", 12.0, 12.0)]
+)
 def test_range_bound_without_a_unit_is_in_the_value_unit(value, unit, bound, lln):
     concept = "hemoglobin" if unit == "g/dL" else "wbc"
     obs = observation("w", concept, value, unit=unit)
@@ -247,8 +292,8 @@ def _aged_range(high: dict | None = None, low: dict | None = None) -> dict:
 @pytest.mark.parametrize(
     "time, applies",
     [
-        ("2017-09-01T00:00:00Z", True),   # 17 and a half: "17 years" still (completed years <= 17)
-        ("2018-02-28T23:59:59Z", True),   # the last second before the 18th birthday
+        ("2017-09-01T00:00:00Z", True),  # 17 and a half: "17 years" still (completed years <= 17)
+        ("2018-02-28T23:59:59Z", True),  # the last second before the 18th birthday
         ("2018-03-01T00:00:00Z", False),  # 18 from the birthday on
     ],
 )

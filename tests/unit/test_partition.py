@@ -40,8 +40,9 @@ def _run(inputs, out: Path, **options) -> dict:
 def _same_outputs(memory: Path, memory_report: dict, partitioned: Path, partitioned_report: dict) -> None:
     for name in ("Flag.ndjson", "quarantine.ndjson"):
         assert (partitioned / name).read_bytes() == (memory / name).read_bytes(), name
-    assert {k: v for k, v in partitioned_report.items() if k not in EXAMPLE_KEYS} == \
-        {k: v for k, v in memory_report.items() if k not in EXAMPLE_KEYS}
+    assert {k: v for k, v in partitioned_report.items() if k not in EXAMPLE_KEYS} == {
+        k: v for k, v in memory_report.items() if k not in EXAMPLE_KEYS
+    }
     strip = [{k: v for k, v in e.items() if k != "examples"} for e in memory_report["expectations"]]
     assert [{k: v for k, v in e.items() if k != "examples"} for e in partitioned_report["expectations"]] == strip
     strip = [{k: v for k, v in e.items() if k != "examples"} for e in memory_report["contract"]]
@@ -79,8 +80,10 @@ def _crossing_input(folder: Path) -> Path:
     first, later = [], []
     for n in range(40):
         ref = f"Patient/p{n}"
-        first += [observation(f"w{n}-a", "wbc", 2.1 + n / 100, time=at(days=n), patient=ref, meta={"versionId": "1"}),
-                  observation(f"w{n}-b", "wbc", 6.0, time=at(days=n + 3), patient=ref)]
+        first += [
+            observation(f"w{n}-a", "wbc", 2.1 + n / 100, time=at(days=n), patient=ref, meta={"versionId": "1"}),
+            observation(f"w{n}-b", "wbc", 6.0, time=at(days=n + 3), patient=ref),
+        ]
     # A copy of p1's low WBC read again under p2 (another subject): quarantined as a differing copy, p2 unflagged.
     later.append(observation("w1-a", "wbc", 2.11, time=at(days=1), patient="Patient/p2", meta={"versionId": "1"}))
     # A correction that moves a result to the right patient: version 2 under p4 supersedes version 1 under p3.
@@ -93,22 +96,31 @@ def _crossing_input(folder: Path) -> Path:
     medication = {"resourceType": "Medication", "id": "cis", "code": {"text": "Cisplatin 50 MG Injection"}}
     requests = []
     for n in range(0, 40, 3):
-        request = statement(f"mr{n}", None, point=at(days=n - 5), kind="MedicationRequest",
-                            patient_ref=f"Patient/p{n}")
+        request = statement(f"mr{n}", None, point=at(days=n - 5), kind="MedicationRequest", patient_ref=f"Patient/p{n}")
         del request["medicationCodeableConcept"]
         request["medicationReference"] = {"reference": "Medication/cis" if n % 2 else "Medication/clz"}
         requests.append(request)
     late_medication = {"resourceType": "Medication", "id": "clz", "code": {"text": "Clozapine 100 MG Oral Tablet"}}
     # urn:uuid and bare-id subjects resolve to the Patients of the input, wherever those are read.
-    untyped = [observation("x7", "wbc", 1.7, time=at(days=60), patient="urn:uuid:p7"),
-               observation("x8", "wbc", 1.8, time=at(days=61), patient="p8"),
-               observation("x99", "wbc", 1.9, time=at(days=62), patient="urn:uuid:nobody")]
+    untyped = [
+        observation("x7", "wbc", 1.7, time=at(days=60), patient="urn:uuid:p7"),
+        observation("x8", "wbc", 1.8, time=at(days=61), patient="p8"),
+        observation("x99", "wbc", 1.9, time=at(days=62), patient="urn:uuid:nobody"),
+    ]
     # A Bundle whose references name entries by fullUrl.
-    bundle = {"resourceType": "Bundle", "type": "collection", "entry": [
-        {"fullUrl": "urn:uuid:0a0a0a0a-0000-4000-8000-000000000001", "resource": patient("b1", birth="1950-02-02")},
-        {"fullUrl": "urn:uuid:0a0a0a0a-0000-4000-8000-000000000002",
-         "resource": observation("b1-w", "wbc", 1.2, time=at(days=70),
-                                 patient="urn:uuid:0a0a0a0a-0000-4000-8000-000000000001")}]}
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "collection",
+        "entry": [
+            {"fullUrl": "urn:uuid:0a0a0a0a-0000-4000-8000-000000000001", "resource": patient("b1", birth="1950-02-02")},
+            {
+                "fullUrl": "urn:uuid:0a0a0a0a-0000-4000-8000-000000000002",
+                "resource": observation(
+                    "b1-w", "wbc", 1.2, time=at(days=70), patient="urn:uuid:0a0a0a0a-0000-4000-8000-000000000001"
+                ),
+            },
+        ],
+    }
     _write_ndjson(folder / "a-Patient.ndjson", patients[:20])
     _write_ndjson(folder / "b-Observation.ndjson.gz", first, gz=True)
     _write_ndjson(folder / "c-Medication.ndjson", [medication])
@@ -233,16 +245,28 @@ def test_sizes_and_the_plan():
 
 def test_the_command_line_takes_a_budget_and_workers(tmp_path, capsys):
     assert main(["evaluate", str(EXTERNAL / "hl7-fhir-r4-examples"), "--out", str(tmp_path / "a")]) == 0
-    assert main(["evaluate", str(EXTERNAL / "hl7-fhir-r4-examples"), "--out", str(tmp_path / "b"),
-                 "--memory-budget", "8KB", "--workers", "2"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(EXTERNAL / "hl7-fhir-r4-examples"),
+                "--out",
+                str(tmp_path / "b"),
+                "--memory-budget",
+                "8KB",
+                "--workers",
+                "2",
+            ]
+        )
+        == 0
+    )
     assert "partitions by patient" in capsys.readouterr().err
     assert (tmp_path / "a" / "Flag.ndjson").read_bytes() == (tmp_path / "b" / "Flag.ndjson").read_bytes()
     with pytest.raises(SystemExit) as exited:
         main(["evaluate", str(EXTERNAL), "--out", str(tmp_path / "c"), "--memory-budget", "lots"])
     assert exited.value.code == 2 and "not a size" in capsys.readouterr().err
     # Data Docs need every row in memory: refused before anything is written.
-    assert main(["evaluate", str(EXTERNAL), "--out", str(tmp_path / "d"), "--memory-budget", "1MB",
-                 "--data-docs"]) == 2
+    assert main(["evaluate", str(EXTERNAL), "--out", str(tmp_path / "d"), "--memory-budget", "1MB", "--data-docs"]) == 2
     assert "--data-docs needs every row in memory" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
 
@@ -255,8 +279,11 @@ def _cbc_input(folder: Path, patients: int, per_patient: int, *, padding: int = 
     for p in range(patients):
         for n in range(per_patient):
             extra = {"note": [{"text": "x" * padding}]} if padding else {}
-            results.append(observation(f"o{p}-{n}", "wbc", 1.2 if n == 3 else 6.0, time=at(days=n * 2),
-                                       patient=f"Patient/c{p}", **extra))
+            results.append(
+                observation(
+                    f"o{p}-{n}", "wbc", 1.2 if n == 3 else 6.0, time=at(days=n * 2), patient=f"Patient/c{p}", **extra
+                )
+            )
     _write_ndjson(folder / "Patient.ndjson", [patient(f"c{p}") for p in range(patients)])
     _write_ndjson(folder / "Observation.ndjson", results)
     return folder
@@ -275,15 +302,20 @@ def test_the_estimate_counts_rows_whatever_their_bytes(tmp_path):
         assert 400 * 20 * ROW_COST_OBSERVATION <= memory < rows * ROW_COST_OBSERVATION * 1.1
     gz = tmp_path / "gz"
     gz.mkdir()
-    _write_ndjson(gz / "Observation.ndjson.gz",
-                  [json.loads(line) for line in (tmp_path / "compact" / "Observation.ndjson").read_text().splitlines()],
-                  gz=True)
+    _write_ndjson(
+        gz / "Observation.ndjson.gz",
+        [json.loads(line) for line in (tmp_path / "compact" / "Observation.ndjson").read_text().splitlines()],
+        gz=True,
+    )
     estimated_rows, memory = estimate_rows([gz / "Observation.ndjson.gz"])
     assert 8000 <= estimated_rows < 8800 and memory == pytest.approx(estimated_rows * ROW_COST_OBSERVATION, rel=0.01)
     # Kinds the rules never read cost nothing; a Medication is held as context.
     other = tmp_path / "other.ndjson"
-    _write_ndjson(other, [{"resourceType": "Encounter", "id": f"e{n}"} for n in range(50)] +
-                  [{"resourceType": "Medication", "id": "m1"}])
+    _write_ndjson(
+        other,
+        [{"resourceType": "Encounter", "id": f"e{n}"} for n in range(50)]
+        + [{"resourceType": "Medication", "id": "m1"}],
+    )
     assert estimate_rows([other]) == (1, ROW_COSTS["Medication"]) and ROW_COSTS["Medication"] == ROW_COST_OTHER
 
 

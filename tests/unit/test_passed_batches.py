@@ -19,9 +19,25 @@ def parameters():
 
 
 def counts(value: float = 5.0, unit: str = "10*9/L") -> pd.DataFrame:
-    frame = pd.DataFrame([dict(row_id="0", resource_id="Observation/w1", version="1", concept="wbc", code="6690-2",
-                               value=value, patient_id="Patient/p1", comparator=None, unit=unit, status="final",
-                               time=pd.Timestamp("2025-02-01T08:00:00Z"), lln=float("nan"), panel=None)])
+    frame = pd.DataFrame(
+        [
+            dict(
+                row_id="0",
+                resource_id="Observation/w1",
+                version="1",
+                concept="wbc",
+                code="6690-2",
+                value=value,
+                patient_id="Patient/p1",
+                comparator=None,
+                unit=unit,
+                status="final",
+                time=pd.Timestamp("2025-02-01T08:00:00Z"),
+                lln=float("nan"),
+                panel=None,
+            )
+        ]
+    )
     frame["time"] = pd.to_datetime(frame["time"], utc=True)
     return frame
 

@@ -13,30 +13,57 @@ from leukofhir.pipeline import evaluate_files
 from support.fhir_builders import at, normalise_all, observation
 
 RULES = load_config()
-scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=False),
-                    st.text(max_size=12), st.sampled_from(["Patient/p1", "urn:uuid:p1", "2024-01-01", "final",
-                                                            "10*9/L", "/uL", "<", "6690-2", "http://loinc.org"]))
-json_values = st.recursive(scalars, lambda c: st.one_of(st.lists(c, max_size=4),
-                                                        st.dictionaries(st.text(max_size=10), c, max_size=5)),
-                           max_leaves=20)
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**6), 10**6),
+    st.floats(allow_nan=False),
+    st.text(max_size=12),
+    st.sampled_from(
+        ["Patient/p1", "urn:uuid:p1", "2024-01-01", "final", "10*9/L", "/uL", "<", "6690-2", "http://loinc.org"]
+    ),
+)
+json_values = st.recursive(
+    scalars,
+    lambda c: st.one_of(st.lists(c, max_size=4), st.dictionaries(st.text(max_size=10), c, max_size=5)),
+    max_leaves=20,
+)
 
 
 def mutated_observation():
-    keys = st.sampled_from(["status", "code", "subject", "effectiveDateTime", "valueQuantity", "referenceRange",
-                            "effectivePeriod", "dataAbsentReason", "meta", "id"])
-    base = st.builds(lambda c, v, t: observation("o", c, v, time=at(hours=t)),
-                     st.sampled_from(["wbc", "anc", "lymphocytes_abs", "hemoglobin", "platelets", "neutrophils_pct"]),
-                     st.floats(-10, 2000, allow_nan=False), st.integers(-500, 500))
+    keys = st.sampled_from(
+        [
+            "status",
+            "code",
+            "subject",
+            "effectiveDateTime",
+            "valueQuantity",
+            "referenceRange",
+            "effectivePeriod",
+            "dataAbsentReason",
+            "meta",
+            "id",
+        ]
+    )
+    base = st.builds(
+        lambda c, v, t: observation("o", c, v, time=at(hours=t)),
+        st.sampled_from(["wbc", "anc", "lymphocytes_abs", "hemoglobin", "platelets", "neutrophils_pct"]),
+        st.floats(-10, 2000, allow_nan=False),
+        st.integers(-500, 500),
+    )
     return st.builds(lambda b, changes: {**b, **changes}, base, st.dictionaries(keys, json_values, max_size=3))
 
 
 resources = st.one_of(
     mutated_observation(),
     st.dictionaries(st.text(max_size=8), json_values, max_size=5).map(lambda d: {**d, "resourceType": "Observation"}),
-    st.builds(lambda d, kind: {**d, "resourceType": kind},
-              st.dictionaries(st.text(max_size=8), json_values, max_size=4),
-              st.sampled_from(["Patient", "DiagnosticReport", "MedicationStatement", "MedicationRequest", "Medication",
-                               "Specimen"])),
+    st.builds(
+        lambda d, kind: {**d, "resourceType": kind},
+        st.dictionaries(st.text(max_size=8), json_values, max_size=4),
+        st.sampled_from(
+            ["Patient", "DiagnosticReport", "MedicationStatement", "MedicationRequest", "Medication", "Specimen"]
+        ),
+    ),
 )
 
 
@@ -55,8 +82,9 @@ def test_normalise_and_evaluate_never_crash_and_buckets_partition(items):
     assert len({s.identifier for s in specs}) == len(specs)  # one identifier per episode, or the Flag suite refuses
 
 
-@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                  HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
 @given(st.lists(resources, min_size=1, max_size=6), st.lists(st.text(max_size=20), max_size=2))
 def test_pipeline_report_always_reconciles(tmp_path_factory, items, junk_lines):
     folder = tmp_path_factory.mktemp("prop")

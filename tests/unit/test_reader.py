@@ -87,11 +87,14 @@ def test_ndjson_lines_split_at_newline_only_and_bad_utf8_is_one_bad_line(tmp_pat
     path = tmp_path / "x.ndjson"
     odd = "a\u2028b\u0085c\u000bd"
     with open(path, "wb") as fh:
-        fh.write((json.dumps({"resourceType": "Patient", "id": "a", "name": [{"text": odd}]}, ensure_ascii=False)
-                  + "\n").encode("utf-8"))
+        fh.write(
+            (
+                json.dumps({"resourceType": "Patient", "id": "a", "name": [{"text": odd}]}, ensure_ascii=False) + "\n"
+            ).encode("utf-8")
+        )
         fh.write(b'{"resourceType":"Patient","id":"\xff"}\n')
         fh.write(b'{"resourceType":"Observation","id":"o","valueQuantity":{"value":Infinity}}\r\n')
-        fh.write(b'   \n')
+        fh.write(b"   \n")
     items, errors = _read([path])
     assert [(i.resource["id"], i.source.line) for i in items] == [("a", 1), ("o", 3)]
     assert items[0].resource["name"][0]["text"] == odd

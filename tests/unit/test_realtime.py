@@ -45,6 +45,7 @@ class Clock:
 
 # --- subscribe -------------------------------------------------------------------------------------------
 
+
 def test_specs_come_from_the_rules_file():
     rules = load_config()
     specs = {s.resource_type: s for s in subscription_specs(rules)}
@@ -84,8 +85,9 @@ def test_the_subscription_resource():
     assert channel["extension"] == [{"url": SEND_DELETES_EXTENSION, "valueBoolean": True}]
 
 
-@pytest.mark.parametrize("endpoint", ["ftp://x/notify", "/notify", "http:///notify", "http://h/notify?a=1",
-                                      "http://h/notify#f"])
+@pytest.mark.parametrize(
+    "endpoint", ["ftp://x/notify", "/notify", "http:///notify", "http://h/notify?a=1", "http://h/notify#f"]
+)
 def test_unusable_endpoints_are_refused(endpoint):
     with pytest.raises(UsageError):
         check_endpoint(endpoint)
@@ -101,6 +103,7 @@ def test_plain_http_off_loopback_is_warned_about(caplog):
 
 
 # --- the secret ------------------------------------------------------------------------------------------
+
 
 def test_secret_from_environment_or_file(tmp_path):
     assert hook_secret({"LEUKOFHIR_HOOK_SECRET": SECRET}) == SECRET
@@ -118,12 +121,21 @@ def test_secret_from_environment_or_file(tmp_path):
 def test_authorization_is_the_exact_bearer_secret():
     assert authorization_header(SECRET) == f"Authorization: Bearer {SECRET}"
     assert is_authorized(f"Bearer {SECRET}", SECRET)
-    for wrong in (None, "", SECRET, f"Bearer {SECRET[:-1]}", f"Bearer {SECRET}x", f"bearer {SECRET}",
-                  f"Basic {SECRET}", "Bearer ünïcode"):
+    for wrong in (
+        None,
+        "",
+        SECRET,
+        f"Bearer {SECRET[:-1]}",
+        f"Bearer {SECRET}x",
+        f"bearer {SECRET}",
+        f"Basic {SECRET}",
+        "Bearer ünïcode",
+    ):
         assert not is_authorized(wrong, SECRET), wrong
 
 
 # --- the queue -------------------------------------------------------------------------------------------
+
 
 def test_queue_keeps_each_patient_once_and_survives_a_reopen(tmp_path):
     clock = Clock()
@@ -136,8 +148,12 @@ def test_queue_keeps_each_patient_once_and_survives_a_reopen(tmp_path):
     q.close()
 
     q = PatientQueue(tmp_path / "q.sqlite3", clock=clock)
-    assert q.counts() == {"pending_patients": 2, "unaccepted_batches": 0, "patients_in_unaccepted_batches": 0,
-                          "pending_window_requests": 0}
+    assert q.counts() == {
+        "pending_patients": 2,
+        "unaccepted_batches": 0,
+        "patients_in_unaccepted_batches": 0,
+        "pending_window_requests": 0,
+    }
     batch = q.form_batch(10, "leukofhir_realtime")
     assert batch.patients == ["Patient/a", "Patient/b"] and AIRFLOW_RUN_ID.match(batch.run_id)
     assert q.form_batch(10, "leukofhir_realtime") is None
@@ -152,8 +168,12 @@ def test_queue_keeps_each_patient_once_and_survives_a_reopen(tmp_path):
     (later,) = q.due_batches()
     assert later.attempts == 1
     q.accepted(later)
-    assert q.counts() == {"pending_patients": 0, "unaccepted_batches": 0, "patients_in_unaccepted_batches": 0,
-                          "pending_window_requests": 0}
+    assert q.counts() == {
+        "pending_patients": 0,
+        "unaccepted_batches": 0,
+        "patients_in_unaccepted_batches": 0,
+        "pending_window_requests": 0,
+    }
 
 
 def test_window_batches_follow_each_other_and_look_back_a_bounded_time(tmp_path):
@@ -210,6 +230,7 @@ def test_batches_are_bounded_and_run_ids_unique(tmp_path):
 
 # --- the receiver ----------------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def receiver(tmp_path):
     q = PatientQueue(tmp_path / "q.sqlite3", clock=Clock())
@@ -230,13 +251,16 @@ def test_a_put_queues_its_patient(receiver):
     assert _queued(receiver) == ["Patient/p1", "Patient/p2"]
 
 
-@pytest.mark.parametrize("path, body, status", [
-    ("notify/Patient/p1", {"resourceType": "Patient", "id": "p1"}, 404),
-    ("notify/Observation/o1", {"resourceType": "Observation", "id": "other"}, 400),
-    ("notify/Observation/o1", {"resourceType": "MedicationRequest", "id": "o1"}, 400),
-    ("notify/Observation/o1", "not json", 400),
-    ("o1", {"resourceType": "Observation", "id": "o1"}, 404),
-])
+@pytest.mark.parametrize(
+    "path, body, status",
+    [
+        ("notify/Patient/p1", {"resourceType": "Patient", "id": "p1"}, 404),
+        ("notify/Observation/o1", {"resourceType": "Observation", "id": "other"}, 400),
+        ("notify/Observation/o1", {"resourceType": "MedicationRequest", "id": "o1"}, 400),
+        ("notify/Observation/o1", "not json", 400),
+        ("o1", {"resourceType": "Observation", "id": "o1"}, 404),
+    ],
+)
 def test_what_is_not_a_notification_of_ours_is_refused(receiver, path, body, status):
     raw = body.encode() if isinstance(body, str) else json.dumps(body).encode()
     assert receiver.handle("PUT", path, raw).status == status
@@ -255,14 +279,17 @@ def test_nothing_to_evaluate_is_acknowledged_and_not_queued(receiver):
     assert receiver.queue.counts()["pending_window_requests"] == 0
 
 
-@pytest.mark.parametrize("reference, reason", [
-    ("Patient/a b", "'a b' is not a valid FHIR id"),  # the DAG's Param would refuse the run, and hold its batch
-    ("Patient/..", "'..' is not a valid FHIR id"),
-    ("Patient/.", "'.' is not a valid FHIR id"),
-    ("Patient/x?_id=y", "is not a valid FHIR id"),
-    ("https://other.example/fhir/Patient/p", "a Patient of another server than http://fhir.example/fhir/"),
-    ("http://fhir.example/fhirx/Patient/p", "another server"),
-])
+@pytest.mark.parametrize(
+    "reference, reason",
+    [
+        ("Patient/a b", "'a b' is not a valid FHIR id"),  # the DAG's Param would refuse the run, and hold its batch
+        ("Patient/..", "'..' is not a valid FHIR id"),
+        ("Patient/.", "'.' is not a valid FHIR id"),
+        ("Patient/x?_id=y", "is not a valid FHIR id"),
+        ("https://other.example/fhir/Patient/p", "a Patient of another server than http://fhir.example/fhir/"),
+        ("http://fhir.example/fhirx/Patient/p", "another server"),
+    ],
+)
 def test_a_subject_that_is_no_patient_of_this_server_is_refused(receiver, reference, reason):
     obs = observation("o2", "wbc", 1.0, patient=reference)
     answer = receiver.handle("PUT", "notify/Observation/o2", json.dumps(obs).encode())
@@ -270,8 +297,9 @@ def test_a_subject_that_is_no_patient_of_this_server_is_refused(receiver, refere
     assert _queued(receiver) == []
 
 
-@pytest.mark.parametrize("raw_id", [".", "..", "%2E%2E", "%2e", "x%3F_id%3Dvictim", "x%23y", "a%2Fb", "x%0Ay", "",
-                                    "a" * 65])
+@pytest.mark.parametrize(
+    "raw_id", [".", "..", "%2E%2E", "%2e", "x%3F_id%3Dvictim", "x%23y", "a%2Fb", "x%0Ay", "", "a" * 65]
+)
 def test_an_id_that_could_change_a_url_is_refused_before_any_request(raw_id, tmp_path):
     q = PatientQueue(tmp_path / "q.sqlite3")
     receiver = Receiver(q, fhir=None, base_url="http://fhir.example/fhir")
@@ -314,6 +342,7 @@ def test_patient_of():
 
 
 # --- the batching policy ---------------------------------------------------------------------------------
+
 
 def test_a_batch_forms_after_a_quiet_spell_or_the_longest_wait(tmp_path):
     clock = Clock()

@@ -32,13 +32,32 @@ def test_the_report_shows_the_key_numbers_and_sections():
     html = render_report(sample_report())
     text = " ".join(_parse(html).text)
     for expected in (
-        "18,853", "17,901", "917", "35",  # read, evaluated, skipped, quarantined
-        "read 18,853 = evaluated 17,901 + skipped 917 + quarantined 35", "reconciles",
-        "Observation.cbc.ndjson.gz", "2025-03-01T12:00:00+00:00",
-        "Counts per stage", "normalised", "17,948", "validated", "17,913",
-        "out of scope (LOINC code)", "Observation/u1", "Observation/d7",
-        "expect_column_values_to_be_in_set", "failed", "passed", "an unknown unit is quarantined, never guessed",
-        "Leukopenia", "Neutropenia", "Pancytopenia", "active", "inactive", "57",
+        "18,853",
+        "17,901",
+        "917",
+        "35",  # read, evaluated, skipped, quarantined
+        "read 18,853 = evaluated 17,901 + skipped 917 + quarantined 35",
+        "reconciles",
+        "Observation.cbc.ndjson.gz",
+        "2025-03-01T12:00:00+00:00",
+        "Counts per stage",
+        "normalised",
+        "17,948",
+        "validated",
+        "17,913",
+        "out of scope (LOINC code)",
+        "Observation/u1",
+        "Observation/d7",
+        "expect_column_values_to_be_in_set",
+        "failed",
+        "passed",
+        "an unknown unit is quarantined, never guessed",
+        "Leukopenia",
+        "Neutropenia",
+        "Pancytopenia",
+        "active",
+        "inactive",
+        "57",
     ):
         assert expected in text, expected
     assert "does NOT reconcile" not in text
@@ -90,8 +109,10 @@ def test_the_lapse_sweep_says_how_many_patients_it_added():
     report["inputs"] = []
     report["sweep"] = {"candidates": 1204, "flags_read": 30512, "added": 1187}
     text = " ".join(" ".join(_parse(render_report(report)).text).split())
-    assert "Lapse sweep: 1,187 patients added (1,204 whose active Flags may have lapsed, of 30,512 active Flags " \
-           "read)" in text
+    assert (
+        "Lapse sweep: 1,187 patients added (1,204 whose active Flags may have lapsed, of 30,512 active Flags "
+        "read)" in text
+    )
     assert "Input: none recorded" not in text  # the sweep alone is what the run read
     report["window"] = {"since": "2025-01-01T00:00:00Z", "until": "2025-01-01T01:00:00Z", "field": "lastUpdated"}
     text = " ".join(" ".join(_parse(render_report(report)).text).split())
@@ -133,12 +154,33 @@ def test_write_report_html(tmp_path):
 def test_the_data_contract_shows_its_failing_suites_and_feeds_and_the_verdict():
     report = sample_report()
     report["contract"] = [
-        {"suite": "observations", "feed": None, "rows": 1000, "failed": 60, "patients": 12, "expectations": {},
-         "examples": ["Observation/u1"]},
-        {"suite": "observations", "feed": {"concept": "wbc", "unit": "<b>K/uL</b>"}, "rows": 60, "failed": 60,
-         "patients": 12, "expectations": {}, "examples": ["Observation/u1"]},
-        {"suite": "observations", "feed": {"concept": "wbc", "unit": "10*9/L"}, "rows": 940, "failed": 0,
-         "patients": 0, "expectations": {}, "examples": []},
+        {
+            "suite": "observations",
+            "feed": None,
+            "rows": 1000,
+            "failed": 60,
+            "patients": 12,
+            "expectations": {},
+            "examples": ["Observation/u1"],
+        },
+        {
+            "suite": "observations",
+            "feed": {"concept": "wbc", "unit": "<b>K/uL</b>"},
+            "rows": 60,
+            "failed": 60,
+            "patients": 12,
+            "expectations": {},
+            "examples": ["Observation/u1"],
+        },
+        {
+            "suite": "observations",
+            "feed": {"concept": "wbc", "unit": "10*9/L"},
+            "rows": 940,
+            "failed": 0,
+            "patients": 0,
+            "expectations": {},
+            "examples": [],
+        },
     ]
     report["contract_verdict"] = {"passed": False, "message": "observations feed wbc in 'K/uL': 60 of 60 rows"}
     html = render_report(report)

@@ -32,15 +32,19 @@ class Clock:
 
 # --- JSON -------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("body, message", [
-    (b"[" * 100_000 + b"]" * 100_000, "nests deeper than 64 levels"),  # Python's parser: RecursionError
-    (b"[" * 65 + b"]" * 65, "nests deeper than 64 levels"),  # parsed, then measured
-    (b'{"a": ' * 65 + b"1" + b"}" * 65, "nests deeper than 64 levels"),
-    (b"{not json", "is not JSON"),
-    (b"\xff\xfe{}", "is not JSON"),
-    (b"\xc3\x28", "is not UTF-8"),
-    (b"1" * 5000, "is not JSON"),  # more digits than int() takes
-])
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        (b"[" * 100_000 + b"]" * 100_000, "nests deeper than 64 levels"),  # Python's parser: RecursionError
+        (b"[" * 65 + b"]" * 65, "nests deeper than 64 levels"),  # parsed, then measured
+        (b'{"a": ' * 65 + b"1" + b"}" * 65, "nests deeper than 64 levels"),
+        (b"{not json", "is not JSON"),
+        (b"\xff\xfe{}", "is not JSON"),
+        (b"\xc3\x28", "is not UTF-8"),
+        (b"1" * 5000, "is not JSON"),  # more digits than int() takes
+    ],
+)
 def test_bad_json_is_refused_with_its_reason(body, message):
     with pytest.raises(BadBody, match=message):
         parse_json(body)
@@ -52,26 +56,34 @@ def test_json_within_the_depth_is_parsed():
     assert parse_json(b'"just a string"') == "just a string"
 
 
-@pytest.mark.parametrize("text", [
-    '[' * 3 + '"]]]]"' + ']' * 3,  # brackets in a string do not nest
-    '[' * 3 + '"\\"[[[["' + ']' * 3,  # nor after an escaped quote
-    '[' * 3 + '"\\\\", "[[[["' + ']' * 3,  # an escaped backslash ends its string at the quote
-    json.dumps([[["\u00e9[", {"a\\": [1]}]]], ensure_ascii=False),
-    json.dumps([[["x"]]]).encode("utf-16").decode("latin-1"),  # UTF-16: json.loads reads it, its value is walked
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[" * 3 + '"]]]]"' + "]" * 3,  # brackets in a string do not nest
+        "[" * 3 + '"\\"[[[["' + "]" * 3,  # nor after an escaped quote
+        "[" * 3 + '"\\\\", "[[[["' + "]" * 3,  # an escaped backslash ends its string at the quote
+        json.dumps([[["\u00e9[", {"a\\": [1]}]]], ensure_ascii=False),
+        json.dumps([[["x"]]]).encode("utf-16").decode("latin-1"),  # UTF-16: json.loads reads it, its value is walked
+    ],
+)
 def test_the_depth_of_a_body_is_its_nesting_whatever_its_strings_hold(text):
     body = text.encode("latin-1") if "\x00" in text else text.encode()
     value = json.loads(body)
 
     def depth(v):
-        return 1 + max(map(depth, v.values() if isinstance(v, dict) else v), default=0) \
-            if isinstance(v, (dict, list)) else 0
+        return (
+            1 + max(map(depth, v.values() if isinstance(v, dict) else v), default=0)
+            if isinstance(v, (dict, list))
+            else 0
+        )
+
     assert parse_json(body, max_depth=depth(value)) == value
     with pytest.raises(BadBody, match="nests deeper"):
         parse_json(body, max_depth=depth(value) - 1)
 
 
 # --- bodies -----------------------------------------------------------------------------------------------
+
 
 def _app() -> FastAPI:
     app = FastAPI()
@@ -100,9 +112,20 @@ def _call(guard: RequestGuard, path: str, chunks: list[bytes], headers=(), disco
     async def send(message):
         sent.append(message)
 
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "PUT", "path": path,
-             "raw_path": path.encode(), "query_string": b"", "headers": list(headers), "client": ("10.0.0.9", 5000),
-             "server": ("127.0.0.1", 8089), "scheme": "http", "root_path": ""}
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "PUT",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "headers": list(headers),
+        "client": ("10.0.0.9", 5000),
+        "server": ("127.0.0.1", 8089),
+        "scheme": "http",
+        "root_path": "",
+    }
     asyncio.run(guard(scope, receive, send))
     start = next((m for m in sent if m["type"] == "http.response.start"), None)
     body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
@@ -162,6 +185,7 @@ def test_an_answer_before_the_body_closes_the_connection_and_is_logged(refusals,
 
 # --- logs -------------------------------------------------------------------------------------------------
 
+
 def test_records_are_one_line_without_control_characters():
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
@@ -217,11 +241,13 @@ def test_the_count_is_logged_when_no_further_refusal_comes(caplog):
 
 # --- limits -----------------------------------------------------------------------------------------------
 
+
 def test_the_options_give_the_limits():
     parser = argparse.ArgumentParser()
     service_limits.add_arguments(parser)
-    limits = service_limits.from_arguments(parser.parse_args(["--header-timeout", "3", "--max-connections", "50"]),
-                                           Limits(max_body_bytes=99))
+    limits = service_limits.from_arguments(
+        parser.parse_args(["--header-timeout", "3", "--max-connections", "50"]), Limits(max_body_bytes=99)
+    )
     assert (limits.header_timeout, limits.body_timeout) == (3, 20)
     assert (limits.max_connections, limits.max_body_bytes) == (50, 99)
     for bad in (["--body-timeout", "0"], ["--keep-alive-timeout", "-1"], ["--max-connections", "0"]):

@@ -24,8 +24,12 @@ def utc(*args) -> datetime:
 
 def flag(pid: str, *refs: str, status: str = "active", subject: str | None = None) -> dict:
     details = [{"url": DETAIL_URL, "valueReference": {"reference": r}} for r in refs]
-    return {"resourceType": "Flag", "status": status, "subject": {"reference": subject or f"Patient/{pid}"},
-            "extension": [*details, {"url": RULES.uris.ctcae_grade_extension, "valueInteger": 2}]}
+    return {
+        "resourceType": "Flag",
+        "status": status,
+        "subject": {"reference": subject or f"Patient/{pid}"},
+        "extension": [*details, {"url": RULES.uris.ctcae_grade_extension, "valueInteger": 2}],
+    }
 
 
 def ns(moment: datetime) -> int:
@@ -37,35 +41,48 @@ def before(days: float = 0, seconds: float = 0) -> int:
 
 
 def test_evidence_ids_are_the_flag_detail_observations_each_once():
-    f = flag("p", "Observation/a", "MedicationStatement/m", "Observation/b", "Observation/a",
-             f"{BASE}/Observation/c/_history/2", "Observation/bad id")
+    f = flag(
+        "p",
+        "Observation/a",
+        "MedicationStatement/m",
+        "Observation/b",
+        "Observation/a",
+        f"{BASE}/Observation/c/_history/2",
+        "Observation/bad id",
+    )
     f["extension"].append({"url": "http://other/ext", "valueReference": {"reference": "Observation/z"}})
     assert evidence_ids(f) == ["a", "b", "c"]
 
 
-@pytest.mark.parametrize("observation, expected", [
-    ({"status": "final", "effectiveDateTime": "2026-01-02T03:04:05Z"}, utc(2026, 1, 2, 3, 4, 5)),
-    ({"status": "amended", "effectiveInstant": "2026-01-02T03:04:05.5+02:00"}, utc(2026, 1, 2, 1, 4, 5, 500000)),
-    ({"status": "final", "effectivePeriod": {"start": "2026-01-02", "end": "2026-01-09"}}, utc(2026, 1, 2)),
-    ({"status": "final"}, None),  # its time is its report's or panel's: not looked up, so it rests on nothing
-    ({"status": "final", "effectiveDateTime": "not a time"}, None),
-    ({"status": "entered-in-error", "effectiveDateTime": "2026-01-02T03:04:05Z"}, None),  # no value (§1.1)
-])
+@pytest.mark.parametrize(
+    "observation, expected",
+    [
+        ({"status": "final", "effectiveDateTime": "2026-01-02T03:04:05Z"}, utc(2026, 1, 2, 3, 4, 5)),
+        ({"status": "amended", "effectiveInstant": "2026-01-02T03:04:05.5+02:00"}, utc(2026, 1, 2, 1, 4, 5, 500000)),
+        ({"status": "final", "effectivePeriod": {"start": "2026-01-02", "end": "2026-01-09"}}, utc(2026, 1, 2)),
+        ({"status": "final"}, None),  # its time is its report's or panel's: not looked up, so it rests on nothing
+        ({"status": "final", "effectiveDateTime": "not a time"}, None),
+        ({"status": "entered-in-error", "effectiveDateTime": "2026-01-02T03:04:05Z"}, None),  # no value (§1.1)
+    ],
+)
 def test_evidence_time_is_the_time_the_rules_read(observation, expected):
     assert evidence_time(observation) == (ns(expected) if expected else None)
 
 
-@pytest.mark.parametrize("times, candidate", [
-    ({"a": before(days=91)}, True),  # a single count 91 days before: lapses
-    ({"a": before(days=89)}, False),
-    ({"a": before(days=90)}, False),  # exactly the lapse: still followed (strictly more lapses, as in the rules)
-    ({"a": before(days=90, seconds=1)}, True),
-    ({"a": before(days=200), "b": before(days=30)}, False),  # the newest evidence counts
-    ({"a": before(days=200), "b": before(days=120)}, True),
-    ({}, True),  # evidence deleted: nothing to rest on
-    ({"a": None}, True),  # evidence without a time of its own, or entered-in-error
-    ({"a": None, "b": before(days=10)}, False),
-])
+@pytest.mark.parametrize(
+    "times, candidate",
+    [
+        ({"a": before(days=91)}, True),  # a single count 91 days before: lapses
+        ({"a": before(days=89)}, False),
+        ({"a": before(days=90)}, False),  # exactly the lapse: still followed (strictly more lapses, as in the rules)
+        ({"a": before(days=90, seconds=1)}, True),
+        ({"a": before(days=200), "b": before(days=30)}, False),  # the newest evidence counts
+        ({"a": before(days=200), "b": before(days=120)}, True),
+        ({}, True),  # evidence deleted: nothing to rest on
+        ({"a": None}, True),  # evidence without a time of its own, or entered-in-error
+        ({"a": None, "b": before(days=10)}, False),
+    ],
+)
 def test_a_flag_whose_newest_evidence_is_older_than_the_lapse_is_a_candidate(times, candidate):
     found = candidates([flag("p", "Observation/a", "Observation/b")], times, AS_OF, LAPSE, BASE)
     assert found == ({"p"} if candidate else set())
@@ -98,19 +115,26 @@ def test_the_lapse_is_the_sites_setting():
     assert candidates(flags, times, AS_OF, timedelta(days=60), BASE) == set()
 
 
-@pytest.mark.parametrize("since, until, hour, due", [
-    (utc(2026, 1, 2, 0), utc(2026, 1, 2, 1), 0, True),  # the hourly run of 00:00-01:00
-    (utc(2026, 1, 1, 23), utc(2026, 1, 2, 0), 0, False),  # the interval ends at midnight: the next one holds it
-    (utc(2026, 1, 2, 1), utc(2026, 1, 2, 2), 0, False),
-    (utc(2026, 1, 2, 6), utc(2026, 1, 2, 7), 6, True),
-    (utc(2026, 1, 2, 5, 59, 59), utc(2026, 1, 2, 6, 0, 1), 6, True),
-    (utc(2026, 1, 2, 0, 0, 1), utc(2026, 1, 3, 0), 0, False),  # a day-long interval just after it
-    (utc(2026, 1, 2, 1), utc(2026, 1, 3, 1), 0, True),  # a day-long interval holds every hour once
-    (utc(2026, 1, 2, 7), utc(2026, 1, 2, 7, 5), 7, True),  # five-minute runs: the first of the hour
-    (utc(2026, 1, 2, 7, 5), utc(2026, 1, 2, 7, 10), 7, False),
-    (datetime(2026, 1, 2, 1, 0, tzinfo=timezone(timedelta(hours=1))),  # 00:00 UTC, given in another zone
-     datetime(2026, 1, 2, 2, 0, tzinfo=timezone(timedelta(hours=1))), 0, True),
-])
+@pytest.mark.parametrize(
+    "since, until, hour, due",
+    [
+        (utc(2026, 1, 2, 0), utc(2026, 1, 2, 1), 0, True),  # the hourly run of 00:00-01:00
+        (utc(2026, 1, 1, 23), utc(2026, 1, 2, 0), 0, False),  # the interval ends at midnight: the next one holds it
+        (utc(2026, 1, 2, 1), utc(2026, 1, 2, 2), 0, False),
+        (utc(2026, 1, 2, 6), utc(2026, 1, 2, 7), 6, True),
+        (utc(2026, 1, 2, 5, 59, 59), utc(2026, 1, 2, 6, 0, 1), 6, True),
+        (utc(2026, 1, 2, 0, 0, 1), utc(2026, 1, 3, 0), 0, False),  # a day-long interval just after it
+        (utc(2026, 1, 2, 1), utc(2026, 1, 3, 1), 0, True),  # a day-long interval holds every hour once
+        (utc(2026, 1, 2, 7), utc(2026, 1, 2, 7, 5), 7, True),  # five-minute runs: the first of the hour
+        (utc(2026, 1, 2, 7, 5), utc(2026, 1, 2, 7, 10), 7, False),
+        (
+            datetime(2026, 1, 2, 1, 0, tzinfo=timezone(timedelta(hours=1))),  # 00:00 UTC, given in another zone
+            datetime(2026, 1, 2, 2, 0, tzinfo=timezone(timedelta(hours=1))),
+            0,
+            True,
+        ),
+    ],
+)
 def test_the_run_whose_interval_holds_the_sweep_hour_sweeps(since, until, hour, due):
     assert sweep_due(since, until, hour) is due
 

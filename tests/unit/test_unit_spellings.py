@@ -16,8 +16,25 @@ from support.fhir_builders import UCUM, normalise_all, observation, patient
 RULES = load_config()
 
 # clinical-rules v1.3 §1.2, as listed: ×1 and ÷1000 to 10^9/L.
-TIMES_ONE = ["GI/L", "10E9/L", "x10E9/L", "x10^9/L", "x 10^9/L", "10*9/l", "THOU/uL", "Thousand/uL", "THOU/CU MM",
-             "K/mm3", "K/cumm", "K/mcL", "10*3/mcL", "x10(3)/uL", "x10^3/uL", "Tsd/µL", "Tsd/ul"]
+TIMES_ONE = [
+    "GI/L",
+    "10E9/L",
+    "x10E9/L",
+    "x10^9/L",
+    "x 10^9/L",
+    "10*9/l",
+    "THOU/uL",
+    "Thousand/uL",
+    "THOU/CU MM",
+    "K/mm3",
+    "K/cumm",
+    "K/mcL",
+    "10*3/mcL",
+    "x10(3)/uL",
+    "x10^3/uL",
+    "Tsd/µL",
+    "Tsd/ul",
+]
 PER_THOUSAND = ["cells/mm3", "cells/µL", "/cmm", "/mcL", "cells/mcL"]
 LISTED = [(u, 1.0) for u in TIMES_ONE] + [(u, 0.001) for u in PER_THOUSAND]
 
@@ -42,10 +59,27 @@ def test_every_listed_spelling_is_read_from_unit(unit, factor):
 
 
 # Case and spaces ignored (v1.3): upper, lower, spaces inside and around; µ (U+00B5) and μ (U+03BC) are one letter.
-VARIANTS = [("THOU/UL", 1.0), ("thou/ul", 1.0), ("Thou / uL", 1.0), ("x 10^9 / l", 1.0), ("X10E9/L", 1.0),
-            ("gi/l", 1.0), ("thou/cu mm", 1.0), ("THOU/CUMM", 1.0), ("k/MCL", 1.0), (" K/uL ", 1.0),
-            ("TSD/μL", 1.0), ("Tsd/µl", 1.0), ("CELLS/MM3", 0.001), ("Cells/μL", 0.001), ("/CMM", 0.001),
-            ("/μl", 0.001), ("10*9/L", 1.0), ("10^9/l", 1.0), ("G/l", 1.0)]
+VARIANTS = [
+    ("THOU/UL", 1.0),
+    ("thou/ul", 1.0),
+    ("Thou / uL", 1.0),
+    ("x 10^9 / l", 1.0),
+    ("X10E9/L", 1.0),
+    ("gi/l", 1.0),
+    ("thou/cu mm", 1.0),
+    ("THOU/CUMM", 1.0),
+    ("k/MCL", 1.0),
+    (" K/uL ", 1.0),
+    ("TSD/μL", 1.0),
+    ("Tsd/µl", 1.0),
+    ("CELLS/MM3", 0.001),
+    ("Cells/μL", 0.001),
+    ("/CMM", 0.001),
+    ("/μl", 0.001),
+    ("10*9/L", 1.0),
+    ("10^9/l", 1.0),
+    ("G/l", 1.0),
+]
 
 
 @pytest.mark.parametrize("unit, factor", VARIANTS, ids=[u for u, _ in VARIANTS])
@@ -73,9 +107,19 @@ def test_a_code_of_another_system_is_read_like_a_unit_text():
     assert _row("wbc", _quantity(4.5, code="thou/ul", system="http://example.org/units")).value == pytest.approx(4.5)
 
 
-@pytest.mark.parametrize("unit, expected", [("g/dL", 9.0), ("g/L", 0.9), ("mmol/L", 9 * 1.6113438608),
-                                            ("G/L", None), ("g/l", None), ("G/DL", None), ("g / dL", None),
-                                            ("GI/L", None)])
+@pytest.mark.parametrize(
+    "unit, expected",
+    [
+        ("g/dL", 9.0),
+        ("g/L", 0.9),
+        ("mmol/L", 9 * 1.6113438608),
+        ("G/L", None),
+        ("g/l", None),
+        ("G/DL", None),
+        ("g / dL", None),
+        ("GI/L", None),
+    ],
+)
 def test_hemoglobin_units_stay_exact(unit, expected):
     # g/L (grams) and G/L (giga) differ by 10^9: for hemoglobin no case or space is ignored.
     row = _row("hemoglobin", _quantity(9.0, unit=unit))
@@ -119,10 +163,12 @@ def test_an_unknown_unit_is_quarantined_naming_the_unit_and_the_rest_evaluated(t
         "c": "expect_column_values_to_be_in_set(unit): unknown unit 'THOU/UL' for wbc",
         # G/L is a count unit: known, but not one of hemoglobin's, so its value cannot be converted.
         "h": "expect_column_values_to_not_be_null(value): value missing: unit 'G/L' cannot be converted to the unit "
-             "of hemoglobin (§1.2)",
+        "of hemoglobin (§1.2)",
     }
-    assert report["quarantined"] == {"expect_column_values_to_be_in_set(unit)": 1,
-                                     "expect_column_values_to_not_be_null(value)": 1}
+    assert report["quarantined"] == {
+        "expect_column_values_to_be_in_set(unit)": 1,
+        "expect_column_values_to_not_be_null(value)": 1,
+    }
     assert report["flags"]["total"] == 1 and report["reconciled"]  # the THOU/UL WBC of 1.5: leukopenia
 
 

@@ -39,8 +39,15 @@ def observations(**target) -> pd.DataFrame:
         dict(row_id="t", resource_id="Observation/a1", version="1", concept="anc", code="751-8", value=2.0),
     ]
     for row in rows:
-        row.update(patient_id="Patient/p1", comparator=None, unit="10*9/L", status="final",
-                   time=pd.Timestamp("2025-02-01T08:00:00Z"), lln=np.nan, panel="DiagnosticReport/d1")
+        row.update(
+            patient_id="Patient/p1",
+            comparator=None,
+            unit="10*9/L",
+            status="final",
+            time=pd.Timestamp("2025-02-01T08:00:00Z"),
+            lln=np.nan,
+            panel="DiagnosticReport/d1",
+        )
     rows[1].update(target)
     frame = pd.DataFrame(rows)
     frame["time"] = pd.to_datetime(frame["time"], utc=True)
@@ -48,8 +55,15 @@ def observations(**target) -> pd.DataFrame:
 
 
 def exposures(**target) -> pd.DataFrame:
-    row = dict(row_id="t", resource_id="MedicationStatement/m1", patient_id="Patient/p1", drug="clozapine",
-               start=pd.Timestamp("2025-01-01T00:00:00Z"), end=pd.Timestamp("2025-02-01T00:00:00Z"), status="active")
+    row = dict(
+        row_id="t",
+        resource_id="MedicationStatement/m1",
+        patient_id="Patient/p1",
+        drug="clozapine",
+        start=pd.Timestamp("2025-01-01T00:00:00Z"),
+        end=pd.Timestamp("2025-02-01T00:00:00Z"),
+        status="active",
+    )
     row.update(target)
     frame = pd.DataFrame([row])
     for column in ("start", "end"):
@@ -58,8 +72,13 @@ def exposures(**target) -> pd.DataFrame:
 
 
 def flags(**target) -> pd.DataFrame:
-    other = dict(row_id="o", identifier="https://leukofhir.org/fhir/flag-episode|aaa", status="active",
-                 code="165517008", subject="Patient/p1")
+    other = dict(
+        row_id="o",
+        identifier="https://leukofhir.org/fhir/flag-episode|aaa",
+        status="active",
+        code="165517008",
+        subject="Patient/p1",
+    )
     row = dict(other, row_id="t", identifier="https://leukofhir.org/fhir/flag-episode|bbb")
     row.update(target)
     return pd.DataFrame([other, row])
@@ -70,43 +89,102 @@ CASES = [
     ("observations", "expect_column_values_to_not_be_null(resource_id)", {"resource_id": None}, {}, "value missing"),
     ("observations", "expect_column_values_to_not_be_null(patient_id)", {"patient_id": None}, {}, "value missing"),
     ("observations", "expect_column_values_to_not_be_null(time)", {"time": pd.NaT}, {}, "value missing"),
-    ("observations", "expect_column_values_to_not_be_null(value)", {"value": np.nan, "unit": "10*9/L"}, {},
-     "value missing: unit '10*9/L' cannot be converted to the unit of anc (§1.2)"),
-    ("observations", "expect_column_values_to_be_in_set(unit)", {"unit": "10*12/L"}, {"unit": "/uL"},
-     "unknown unit '10*12/L' for anc"),
-    ("observations", "expect_column_values_to_be_in_set(status)", {"status": "preliminary"}, {"status": "corrected"},
-     "value 'preliminary' not accepted"),
-    ("observations", "expect_column_values_to_be_between(time)", {"time": pd.Timestamp("2025-03-01T12:11:00Z")},
-     {"time": pd.Timestamp("2025-03-01T12:09:00Z")}, "value 2025-03-01T12:11:00+00:00 above 2025-03-01T12:10:00+00:00"),
-    ("observations", "expect_column_values_to_be_between(value)", {"value": -0.1}, {"value": 0.0},
-     "value -0.1 below 0.0"),
-    ("observations", "expect_column_pair_values_a_to_be_greater_than_b(plausible_max, value)",
-     {"concept": "wbc", "panel": None, "value": 1000.5}, {"concept": "wbc", "panel": None, "value": 1000.0},
-     "value 1000.5 above plausible_max 1000.0"),
-    ("observations", "expect_column_values_to_be_between(earlier_copies)",
-     {"resource_id": "Observation/w1", "concept": "wbc", "code": "6690-2", "value": 5.0},
-     {"resource_id": "Observation/w1", "concept": "wbc", "code": "6690-2", "value": 5.0, "version": "2"},
-     "an identical copy of this id and version was read before it: the first copy goes on"),
-    ("observations", "expect_column_values_to_be_between(differing_copies)",
-     {"resource_id": "Observation/w1"}, {"resource_id": "Observation/w1", "version": "2"},
-     "another copy of this id and version, read before it, differs in code, value: the first copy read goes on, "
-     "this one is quarantined"),
-    ("observations", "expect_column_pair_values_a_to_be_greater_than_b(panel_wbc, value)", {"value": 5.5},
-     {"value": 5.0}, "value 5.5 above panel_wbc 5.0"),
+    (
+        "observations",
+        "expect_column_values_to_not_be_null(value)",
+        {"value": np.nan, "unit": "10*9/L"},
+        {},
+        "value missing: unit '10*9/L' cannot be converted to the unit of anc (§1.2)",
+    ),
+    (
+        "observations",
+        "expect_column_values_to_be_in_set(unit)",
+        {"unit": "10*12/L"},
+        {"unit": "/uL"},
+        "unknown unit '10*12/L' for anc",
+    ),
+    (
+        "observations",
+        "expect_column_values_to_be_in_set(status)",
+        {"status": "preliminary"},
+        {"status": "corrected"},
+        "value 'preliminary' not accepted",
+    ),
+    (
+        "observations",
+        "expect_column_values_to_be_between(time)",
+        {"time": pd.Timestamp("2025-03-01T12:11:00Z")},
+        {"time": pd.Timestamp("2025-03-01T12:09:00Z")},
+        "value 2025-03-01T12:11:00+00:00 above 2025-03-01T12:10:00+00:00",
+    ),
+    (
+        "observations",
+        "expect_column_values_to_be_between(value)",
+        {"value": -0.1},
+        {"value": 0.0},
+        "value -0.1 below 0.0",
+    ),
+    (
+        "observations",
+        "expect_column_pair_values_a_to_be_greater_than_b(plausible_max, value)",
+        {"concept": "wbc", "panel": None, "value": 1000.5},
+        {"concept": "wbc", "panel": None, "value": 1000.0},
+        "value 1000.5 above plausible_max 1000.0",
+    ),
+    (
+        "observations",
+        "expect_column_values_to_be_between(earlier_copies)",
+        {"resource_id": "Observation/w1", "concept": "wbc", "code": "6690-2", "value": 5.0},
+        {"resource_id": "Observation/w1", "concept": "wbc", "code": "6690-2", "value": 5.0, "version": "2"},
+        "an identical copy of this id and version was read before it: the first copy goes on",
+    ),
+    (
+        "observations",
+        "expect_column_values_to_be_between(differing_copies)",
+        {"resource_id": "Observation/w1"},
+        {"resource_id": "Observation/w1", "version": "2"},
+        "another copy of this id and version, read before it, differs in code, value: the first copy read goes on, "
+        "this one is quarantined",
+    ),
+    (
+        "observations",
+        "expect_column_pair_values_a_to_be_greater_than_b(panel_wbc, value)",
+        {"value": 5.5},
+        {"value": 5.0},
+        "value 5.5 above panel_wbc 5.0",
+    ),
     ("exposures", "expect_column_values_to_not_be_null(patient_id)", {"patient_id": None}, {}, "value missing"),
     ("exposures", "expect_column_values_to_not_be_null(drug)", {"drug": None}, {}, "value missing"),
-    ("exposures", "expect_column_pair_values_a_to_be_greater_than_b(end, start)",
-     {"end": pd.Timestamp("2024-12-31T00:00:00Z")}, {"end": pd.NaT},
-     "start 2025-01-01T00:00:00+00:00 after end 2024-12-31T00:00:00+00:00"),
-    ("flags", "expect_column_values_to_be_in_set(status)", {"status": "resolved"}, {"status": "inactive"},
-     "value 'resolved' not accepted"),
-    ("flags", "expect_column_values_to_be_in_set(code)", {"code": "30405-5"}, {"code": "17182001"},
-     "value '30405-5' not accepted"),
+    (
+        "exposures",
+        "expect_column_pair_values_a_to_be_greater_than_b(end, start)",
+        {"end": pd.Timestamp("2024-12-31T00:00:00Z")},
+        {"end": pd.NaT},
+        "start 2025-01-01T00:00:00+00:00 after end 2024-12-31T00:00:00+00:00",
+    ),
+    (
+        "flags",
+        "expect_column_values_to_be_in_set(status)",
+        {"status": "resolved"},
+        {"status": "inactive"},
+        "value 'resolved' not accepted",
+    ),
+    (
+        "flags",
+        "expect_column_values_to_be_in_set(code)",
+        {"code": "30405-5"},
+        {"code": "17182001"},
+        "value '30405-5' not accepted",
+    ),
     ("flags", "expect_column_values_to_not_be_null(subject)", {"subject": None}, {}, "value missing"),
     ("flags", "expect_column_values_to_not_be_null(identifier)", {"identifier": None}, {}, "value missing"),
-    ("flags", "expect_column_values_to_be_unique(identifier)",
-     {"identifier": "https://leukofhir.org/fhir/flag-episode|aaa"}, {},
-     "value 'https://leukofhir.org/fhir/flag-episode|aaa' occurs more than once"),
+    (
+        "flags",
+        "expect_column_values_to_be_unique(identifier)",
+        {"identifier": "https://leukofhir.org/fhir/flag-episode|aaa"},
+        {},
+        "value 'https://leukofhir.org/fhir/flag-episode|aaa' occurs more than once",
+    ),
 ]
 BUILD = {"observations": observations, "exposures": exposures, "flags": flags}
 
@@ -151,9 +229,16 @@ def test_suites_load_from_the_json_files_and_keep_rule_values_out():
 
 def test_a_suite_with_an_unbuildable_expectation_is_refused(tmp_path):
     path = tmp_path / "broken.json"
-    path.write_text(json.dumps({"name": "broken", "expectations": [
-        {"type": "expect_column_values_to_not_be_null", "kwargs": {}},
-    ]}))
+    path.write_text(
+        json.dumps(
+            {
+                "name": "broken",
+                "expectations": [
+                    {"type": "expect_column_values_to_not_be_null", "kwargs": {}},
+                ],
+            }
+        )
+    )
     with pytest.raises(ConfigError, match="broken.json"):
         load_suite(path)
 
@@ -184,14 +269,23 @@ def test_a_resource_read_twice_goes_on_once(parameters):
     frame = pd.concat([observations(), observations().iloc[[1]].assign(row_id="again")], ignore_index=True)
     result = validate_batch("observations", frame, parameters)
     assert list(result.valid["row_id"]) == ["w", "t"]
-    assert result.reasons == {"again": ["expect_column_values_to_be_between(earlier_copies): an identical copy of "
-                                        "this id and version was read before it: the first copy goes on"]}
+    assert result.reasons == {
+        "again": [
+            "expect_column_values_to_be_between(earlier_copies): an identical copy of "
+            "this id and version was read before it: the first copy goes on"
+        ]
+    }
 
 
 @pytest.mark.parametrize(
     "change, fields",
-    [({"value": 2.5}, "value"), ({"value": 2.5, "time": pd.Timestamp("2025-01-02T00:00:00Z")}, "value, time"),
-     ({"status": "amended"}, "status"), ({"patient_id": "Patient/p2"}, "subject"), ({"lln": 4.5}, "reference range")],
+    [
+        ({"value": 2.5}, "value"),
+        ({"value": 2.5, "time": pd.Timestamp("2025-01-02T00:00:00Z")}, "value, time"),
+        ({"status": "amended"}, "status"),
+        ({"patient_id": "Patient/p2"}, "subject"),
+        ({"lln": 4.5}, "reference range"),
+    ],
 )
 def test_a_copy_with_other_content_says_how_it_differs(parameters, change, fields):
     """Copies of one id and version should be the same resource; when they are not, the reason says so and how."""
@@ -201,15 +295,21 @@ def test_a_copy_with_other_content_says_how_it_differs(parameters, change, field
     assert list(result.valid["row_id"]) == ["w", "t"]
     assert result.reasons["again"][0] == (
         f"expect_column_values_to_be_between(differing_copies): another copy of this id and version, read before it, "
-        f"differs in {fields}: the first copy read goes on, this one is quarantined")
+        f"differs in {fields}: the first copy read goes on, this one is quarantined"
+    )
     assert len(result.reasons["again"]) == 1
-    assert result.reasons["third"] == ["expect_column_values_to_be_between(earlier_copies): an identical copy of "
-                                       "this id and version was read before it: the first copy goes on"]
+    assert result.reasons["third"] == [
+        "expect_column_values_to_be_between(earlier_copies): an identical copy of "
+        "this id and version was read before it: the first copy goes on"
+    ]
 
 
 def test_all_failing_row_ids_are_returned_not_a_sample(parameters):
-    frame = pd.concat([observations(row_id=f"r{i}", resource_id=f"Observation/x{i}", unit="10*12/L")
-                       .iloc[[1]] for i in range(300)] + [observations()], ignore_index=True)
+    frame = pd.concat(
+        [observations(row_id=f"r{i}", resource_id=f"Observation/x{i}", unit="10*12/L").iloc[[1]] for i in range(300)]
+        + [observations()],
+        ignore_index=True,
+    )
     result = validate_batch("observations", frame, parameters)
     assert set(result.reasons) == {f"r{i}" for i in range(300)}
     assert sorted(result.valid["row_id"]) == ["t", "w"]
@@ -218,8 +318,11 @@ def test_all_failing_row_ids_are_returned_not_a_sample(parameters):
 
 
 def test_contract_failure_names_the_expectation_and_resource_ids(parameters):
-    frame = pd.concat([observations(row_id=f"r{i}", resource_id=f"Observation/x{i}", unit="10*12/L")
-                       .iloc[[1]] for i in range(3)] + [observations()], ignore_index=True)
+    frame = pd.concat(
+        [observations(row_id=f"r{i}", resource_id=f"Observation/x{i}", unit="10*12/L").iloc[[1]] for i in range(3)]
+        + [observations()],
+        ignore_index=True,
+    )
     # A batch never raises for its failing rows: they are quarantined, and counted for the contract.
     result = validate_batch("observations", frame, parameters)
     assert len(result.reasons) == 3
@@ -268,9 +371,12 @@ def test_tz_aware_period_check_raises_no_pandas_warning(parameters):
     with warnings.catch_warnings():
         warnings.simplefilter("error", deprecation)
         result = validate_batch("exposures", bad, parameters)
-    assert result.reasons == {"t": [
-        "expect_column_pair_values_a_to_be_greater_than_b(end, start): "
-        "start 2025-01-01T00:00:00+00:00 after end 2024-12-31T00:00:00+00:00"]}
+    assert result.reasons == {
+        "t": [
+            "expect_column_pair_values_a_to_be_greater_than_b(end, start): "
+            "start 2025-01-01T00:00:00+00:00 after end 2024-12-31T00:00:00+00:00"
+        ]
+    }
     assert str(result.valid["start"].dtype) == str(bad["start"].dtype)  # the caller's rows keep their zone
 
 

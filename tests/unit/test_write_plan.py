@@ -8,12 +8,17 @@ from leukofhir.write import NEW, Change, _entry, apply_plan, flag_id, plan_write
 RULES = load_config()
 
 
-def _flag(value: str, status: str = "active", *, version: str | None = None, fid: str | None = None,
-          patient: str = "p1") -> dict:
-    flag = {"resourceType": "Flag",
-            "meta": {"tag": [{"system": RULES.uris.tag_system, "code": RULES.uris.tag_code}]},
-            "identifier": [{"system": RULES.uris.identifier_system, "value": value}], "status": status,
-            "code": {"text": "t"}, "subject": {"reference": f"Patient/{patient}"}}
+def _flag(
+    value: str, status: str = "active", *, version: str | None = None, fid: str | None = None, patient: str = "p1"
+) -> dict:
+    flag = {
+        "resourceType": "Flag",
+        "meta": {"tag": [{"system": RULES.uris.tag_system, "code": RULES.uris.tag_code}]},
+        "identifier": [{"system": RULES.uris.identifier_system, "value": value}],
+        "status": status,
+        "code": {"text": "t"},
+        "subject": {"reference": f"Patient/{patient}"},
+    }
     if version is not None:
         flag["meta"]["versionId"] = version
     if fid is not None:
@@ -22,11 +27,20 @@ def _flag(value: str, status: str = "active", *, version: str | None = None, fid
 
 
 def test_each_decision_names_the_version_and_the_patient_it_was_decided_from():
-    existing = [_flag("same", version="4", fid="a"), _flag("moved", version="7", fid="b"),
-                _flag("gone", version="2", fid="c", patient="p2"), _flag("dup", version="1", fid="d"),
-                _flag("dup", version="3", fid="e")]
-    desired = [_flag("same"), _flag("moved", "inactive"), _flag("new", patient="p3"), _flag("dup"),
-               _flag("never", "entered-in-error")]
+    existing = [
+        _flag("same", version="4", fid="a"),
+        _flag("moved", version="7", fid="b"),
+        _flag("gone", version="2", fid="c", patient="p2"),
+        _flag("dup", version="1", fid="d"),
+        _flag("dup", version="3", fid="e"),
+    ]
+    desired = [
+        _flag("same"),
+        _flag("moved", "inactive"),
+        _flag("new", patient="p3"),
+        _flag("dup"),
+        _flag("never", "entered-in-error"),
+    ]
     plan = plan_writes(desired, existing, RULES)
     decided = {(d.action, d.identifier, d.flag_id, d.version, d.subject) for d in plan.decisions}
     assert decided == {
@@ -44,9 +58,15 @@ def test_each_decision_names_the_version_and_the_patient_it_was_decided_from():
 
 
 def test_every_entry_carries_if_match():
-    plan = plan_writes([_flag("moved", "inactive"), _flag("new")],
-                       [_flag("moved", version="7", fid="b"), _flag("gone", version="2", fid="c"),
-                        _flag("moved", version="9", fid="z")], RULES)
+    plan = plan_writes(
+        [_flag("moved", "inactive"), _flag("new")],
+        [
+            _flag("moved", version="7", fid="b"),
+            _flag("gone", version="2", fid="c"),
+            _flag("moved", version="9", fid="z"),
+        ],
+        RULES,
+    )
     entries = {c.action: _entry(c) for c in plan.changes}
     assert entries["update"]["request"] == {"method": "PUT", "url": "Flag/b", "ifMatch": 'W/"7"'}
     assert entries["withdraw"]["request"] == {"method": "PUT", "url": "Flag/c", "ifMatch": 'W/"2"'}
@@ -80,9 +100,12 @@ def test_a_plan_decided_again_keeps_the_time_its_data_was_read():
 
 def _authored_flag(pid: str, value: str) -> dict:
     return {
-        "resourceType": "Flag", "meta": {"tag": [{"system": RULES.uris.tag_system, "code": RULES.uris.tag_code}]},
-        "identifier": [{"system": RULES.uris.identifier_system, "value": value}], "status": "active",
-        "code": {"text": "test"}, "subject": {"reference": f"Patient/{pid}"},
+        "resourceType": "Flag",
+        "meta": {"tag": [{"system": RULES.uris.tag_system, "code": RULES.uris.tag_code}]},
+        "identifier": [{"system": RULES.uris.identifier_system, "value": value}],
+        "status": "active",
+        "code": {"text": "test"},
+        "subject": {"reference": f"Patient/{pid}"},
         "author": {"reference": RULES.uris.author},
     }
 
@@ -92,17 +115,29 @@ def test_plan_writes_creates_updates_withdraws_and_leaves_alone():
     def flag(value, status="active", text="t"):
         return {**_authored_flag("p", value), "status": status, "code": {"text": text}}
 
-    existing = [{**flag("same"), "id": "1", "meta": {"versionId": "3", "tag": flag("x")["meta"]["tag"]}},
-                {**flag("changed"), "id": "2"}, {**flag("gone"), "id": "3"},
-                # As the write step withdrew it (profile, narrative): nothing more to write.
-                {**withdrawn(flag("gone-before"), RULES), "id": "4"}, {**flag("dup"), "id": "5"},
-                {**flag("dup"), "id": "6"}]
-    desired = [flag("same"), flag("changed", "inactive"), flag("new"), flag("retracted", "entered-in-error"),
-               flag("dup")]
+    existing = [
+        {**flag("same"), "id": "1", "meta": {"versionId": "3", "tag": flag("x")["meta"]["tag"]}},
+        {**flag("changed"), "id": "2"},
+        {**flag("gone"), "id": "3"},
+        # As the write step withdrew it (profile, narrative): nothing more to write.
+        {**withdrawn(flag("gone-before"), RULES), "id": "4"},
+        {**flag("dup"), "id": "5"},
+        {**flag("dup"), "id": "6"},
+    ]
+    desired = [
+        flag("same"),
+        flag("changed", "inactive"),
+        flag("new"),
+        flag("retracted", "entered-in-error"),
+        flag("dup"),
+    ]
     plan = plan_writes(desired, existing, RULES)
     assert {(c.action, c.identifier, c.flag_id) for c in plan.changes} == {
-        ("update", "changed", "2"), ("create", "new", flag_id("new")), ("withdraw", "gone", "3"),
-        ("delete", "dup", "6")}
+        ("update", "changed", "2"),
+        ("create", "new", flag_id("new")),
+        ("withdraw", "gone", "3"),
+        ("delete", "dup", "6"),
+    }
     assert plan.unchanged == 3 and plan.not_created == 1  # same, gone-before, dup (kept one); retracted
     (gone,) = [c.flag for c in plan.changes if c.action == "withdraw"]
     assert gone["status"] == "entered-in-error" and "withdrawn" in gone["code"]["text"]
@@ -129,12 +164,18 @@ def test_a_flag_under_a_previous_base_is_rewritten_in_place_under_the_current_on
         flag["text"] = flag_text(flag, rules)
         return flag
 
-    existing = [under(old, "kept", version="3", fid="a"), under(old, "gone", version="5", fid="b"),
-                under(old, "was-withdrawn", "entered-in-error", version="2", fid="c")]
+    existing = [
+        under(old, "kept", version="3", fid="a"),
+        under(old, "gone", version="5", fid="b"),
+        under(old, "was-withdrawn", "entered-in-error", version="2", fid="c"),
+    ]
     plan = plan_writes([under(new, "kept")], existing, new)
     by_id = {d.flag_id: d for d in plan.decisions}
     assert {i: (d.action, d.version) for i, d in by_id.items()} == {
-        "a": ("update", "3"), "b": ("withdraw", "5"), "c": ("update", "2")}
+        "a": ("update", "3"),
+        "b": ("withdraw", "5"),
+        "c": ("update", "2"),
+    }
     stale = ((old.uris.tag_system, "leukofhir"),)
     assert all(d.stale_tags == stale for d in plan.decisions)  # removed after the write ($meta-delete)
     for decision in plan.decisions:

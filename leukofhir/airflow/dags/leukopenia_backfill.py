@@ -30,15 +30,25 @@ from leukofhir.dag_tasks import (
     params={
         "start": Param(None, type=["null", "string"], description="window start, ISO 8601 (UTC when no zone)"),
         "end": Param(None, type=["null", "string"], description="window end (exclusive)"),
-        "window_field": Param("effective", enum=["effective", "lastUpdated"],
-                              description="select by clinical date (effective) or by server change (lastUpdated)"),
+        "window_field": Param(
+            "effective",
+            enum=["effective", "lastUpdated"],
+            description="select by clinical date (effective) or by server change (lastUpdated)",
+        ),
         "chunks": Param(4, type="integer", minimum=1, description="groups of patients handled by parallel tasks"),
-        "patients": Param(None, type=["null", "array"], items={"type": "string"},
-                          description="evaluate exactly these Patient ids instead of a window"),
+        "patients": Param(
+            None,
+            type=["null", "array"],
+            items={"type": "string"},
+            description="evaluate exactly these Patient ids instead of a window",
+        ),
         "dry_run": Param(False, type="boolean", description="write nothing; report what would be written"),
-        "extract": Param("search", enum=["search", "export", "auto"],
-                         description="histories by searches, or by Bulk Data $export (auto: export when the server "
-                         "offers it and the window spans a year or more)"),
+        "extract": Param(
+            "search",
+            enum=["search", "export", "auto"],
+            description="histories by searches, or by Bulk Data $export (auto: export when the server "
+            "offers it and the window spans a year or more)",
+        ),
     },
     tags=["leukofhir"],
     doc_md=__doc__,

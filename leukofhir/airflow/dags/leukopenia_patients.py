@@ -22,9 +22,12 @@ from leukofhir.dag_tasks import PATIENTS_DEFAULT_ARGS, process_patients
     params={
         # FHIR ids (R4: [A-Za-z0-9\-.]{1,64}; not dots only: `.` and `..` are URL dot-segments, leukofhir/fhir/ids.py),
         # as the receiver sends them; Airflow refuses a run with anything else.
-        "patients": Param(type="array", minItems=1,
-                          items={"type": "string", "pattern": r"^(Patient/)?(?!\.+$)[A-Za-z0-9\-.]{1,64}$"},
-                          description="the patients to evaluate: Patient/<id> or <id>"),
+        "patients": Param(
+            type="array",
+            minItems=1,
+            items={"type": "string", "pattern": r"^(Patient/)?(?!\.+$)[A-Za-z0-9\-.]{1,64}$"},
+            description="the patients to evaluate: Patient/<id> or <id>",
+        ),
     },
     tags=["leukofhir"],
     doc_md=__doc__,
