@@ -33,8 +33,7 @@ browser:
 demo: setup
 	$(BIN)/leukofhir demo
 
-# The linter and the import contract of pyproject.toml (docs/architecture.md: the layers). `ruff format` is not run
-# yet: the code base gets one formatter pass of its own.
+# The linter, the formatter's check and the import contract of pyproject.toml (docs/architecture.md: the layers).
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
