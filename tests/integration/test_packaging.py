@@ -165,12 +165,12 @@ def test_hook_provider_and_dags_import_from_the_installed_wheel(fresh_venv, tmp_
     code = f"""
 import importlib.util, json, sys
 from importlib.metadata import entry_points
-import leukofhir, leukofhir.airflow_hook
+import leukofhir, leukofhir.airflow.hook
 assert "site-packages" in leukofhir.__file__, leukofhir.__file__
 (ep,) = [e for e in entry_points(group="apache_airflow_provider") if e.value.startswith("leukofhir.")]
 info = ep.load()()
-assert info["connection-types"][0]["hook-class-name"] == "leukofhir.airflow_hook.FhirHook"
-from leukofhir.airflow_hook import FhirHook
+assert info["connection-types"][0]["hook-class-name"] == "leukofhir.airflow.hook.FhirHook"
+from leukofhir.airflow.hook import FhirHook
 assert FhirHook.conn_type == "fhir"
 from airflow.sdk import DAG
 dags = 0

@@ -130,7 +130,7 @@ def _local(url: str, *, pull: bool = True, push: bool = True) -> Iterator[Path]:
 
 
 def _client():
-    from leukofhir.airflow_hook import FhirHook
+    from leukofhir.airflow.hook import FhirHook
 
     return FhirHook(FHIR_CONN_ID).get_client()
 
