@@ -21,9 +21,9 @@ def main() -> int:
     import leukofhir.validate as validate
     from leukofhir.config import load_config
     from leukofhir.evaluate import evaluate
+    from leukofhir.extract.reader import iter_located
     from leukofhir.flags import build_flag
     from leukofhir.normalise import Normaliser
-    from leukofhir.reader import iter_located
 
     validate._context()  # GX's import and context: a fixed cost, not a phase
     rules = load_config()

@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from evaluate_bench import generate  # noqa: E402  (the same generated CBCs as the evaluate benchmark)
 
 from leukofhir.config import load_config  # noqa: E402
-from leukofhir.extract import (  # noqa: E402
+from leukofhir.extract.search import (  # noqa: E402
     PAGE_SIZE,
     Window,
     history_searches,

@@ -11,13 +11,13 @@ from typing import Iterable
 from fhir.resources.R4B.communicationrequest import CommunicationRequest
 
 from leukofhir.config import Rules
-from leukofhir.extract import PAGE_SIZE, patient_batches, project_flag_tag
+from leukofhir.extract.reader import reference_target
+from leukofhir.extract.search import PAGE_SIZE, patient_batches, project_flag_tag
 from leukofhir.fhir.client import FhirClient
 from leukofhir.fhir.errors import FatalFhirError, outcome_summary
 from leukofhir.fhir.ids import is_valid_id
 from leukofhir.flags import DETAIL_URL
 from leukofhir.normalise import Normaliser
-from leukofhir.reader import reference_target
 from leukofhir.write import NEW
 
 __all__ = ["request_id", "is_critical", "critical_subjects", "sync_alerts", "ALERT_ACTIONS"]

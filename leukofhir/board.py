@@ -14,7 +14,7 @@ from typing import Any, Iterable
 
 from leukofhir.config import Rules, load_config
 from leukofhir.errors import OutputError, UsageError
-from leukofhir.extract import (
+from leukofhir.extract.search import (
     PAGE_SIZE,
     local_patient_id,
     parse_instant,

@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="Bulk Data $export from a server to NDJSON that `evaluate` reads")
     _add_server_args(p)
-    from leukofhir.export import add_arguments as add_export_arguments
+    from leukofhir.extract.export import add_arguments as add_export_arguments
 
     add_export_arguments(p)
 
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_command(args)
 
         if args.command == "export":
-            from leukofhir.export import export_command
+            from leukofhir.extract.export import export_command
 
             return export_command(args)
         if args.command == "board":

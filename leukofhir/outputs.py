@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from leukofhir.errors import OutputError, UsageError
-from leukofhir.reader import ReadError, Source, iter_resources
+from leukofhir.extract.reader import ReadError, Source, iter_resources
 from leukofhir.report_html import write_report_html
 
 __all__ = [

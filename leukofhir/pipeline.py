@@ -12,9 +12,9 @@ from pathlib import Path
 
 from leukofhir.config import Rules, load_config
 from leukofhir.errors import UsageError
+from leukofhir.extract.reader import expand_paths
 from leukofhir.outputs import finish_outputs, remove_outputs, write_ndjson, write_quarantine
 from leukofhir.partition import evaluate_partitioned, plan_partitions
-from leukofhir.reader import expand_paths
 from leukofhir.stages import ReadResult, read_and_normalise, run_stages
 from leukofhir.validate import check_contract, suite_parameters
 

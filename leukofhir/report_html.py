@@ -128,7 +128,7 @@ def _header(report: dict) -> str:
 
 
 def _sweep(sweep: Any) -> str:
-    """The daily lapse sweep's part of a run (leukofhir.sweep): the patients it added to the run."""
+    """The daily lapse sweep's part of a run (leukofhir.extract.sweep): the patients it added to the run."""
     if not isinstance(sweep, dict):
         return ""
     return (

@@ -3,7 +3,7 @@
 Every step works in a run folder, so the Airflow tasks can run them one by one, and on other machines:
 
     find_patients  → run.json, chunks/NNNN/patients.json
-    extract_chunk  → chunks/NNNN/staged/batch-NNNNN.ndjson         (extract.py: the server's pages, as they came)
+    extract_chunk  → chunks/NNNN/staged/batch-NNNNN.ndjson         (extract/search.py: the server's pages, as they came)
     evaluate_chunk → chunks/NNNN/evaluated/batch-NNNNN/             (pipeline.evaluate_files: the offline stages)
     judge_contract → contract.json                                  (every chunk evaluated: the data contract on the
                                                                      whole run's totals, before any chunk writes)
@@ -29,7 +29,8 @@ from typing import Iterator
 from leukofhir.alerts import critical_subjects, sync_alerts
 from leukofhir.config import Rules
 from leukofhir.errors import LeukofhirError, UsageError
-from leukofhir.extract import (
+from leukofhir.extract.reader import iter_resources
+from leukofhir.extract.search import (
     Window,
     changed_patients,
     local_patient_id,
@@ -42,14 +43,13 @@ from leukofhir.extract import (
     touched_patients,
     write_patient_list,
 )
+from leukofhir.extract.sweep import lapse_candidates
 from leukofhir.fhir.client import FhirClient
 from leukofhir.fhir.ids import is_valid_id, shown
 from leukofhir.pipeline import evaluate_files
-from leukofhir.reader import iter_resources
 from leukofhir.report import merge_reports, write_counts
 from leukofhir.report_html import write_report_html
 from leukofhir.stages import progress_bar
-from leukofhir.sweep import lapse_candidates
 from leukofhir.validate import ValidationThresholdError, check_contract, merge_contract
 from leukofhir.write import Plan, ensure_author, plan_writes, write_plan, write_rejects
 
@@ -116,7 +116,7 @@ def find_patients(
     now: datetime | None = None,
 ) -> list[Path]:
     """Step 1: the touched patients (of the window, or the list given), and with `sweep` the lapse sweep's candidates
-    (leukofhir.sweep: the patients whose active project Flags may have lapsed as of the run's start), split into
+    (leukofhir.extract.sweep: the patients whose active project Flags may have lapsed as of the run's start), split into
     `chunks` folders (or into folders of `chunk_size` patients). `now`: the run's start, the time it evaluates as of
     (default: the clock; tests give another)."""
     if window is not None and patients is not None:
@@ -210,7 +210,7 @@ def _staged(chunk_dir: Path) -> list[Path]:
 
 def extract_chunk(client: FhirClient, rules: Rules, chunk_dir: Path, batch_size: int = BATCH_SIZE) -> dict:
     """Step 2: each batch of the chunk's patients, whole history, staged as NDJSON. Returns counts by type. A chunk
-    staged from a Bulk Data export (bulk_extract.split_export) is left as it is."""
+    staged from a Bulk Data export (extract.bulk.split_export) is left as it is."""
     chunk_dir = Path(chunk_dir)
     listing = json.loads((chunk_dir / "patients.json").read_text(encoding="utf-8"))
     if listing.get("staged_by") == "export":

@@ -16,9 +16,9 @@ import pandas as pd
 
 from leukofhir.config import Rules
 from leukofhir.evaluate import FlagSpec, evaluate, lapse_horizon
+from leukofhir.extract.reader import ReadError, expand_paths, iter_located
 from leukofhir.flags import DETAIL_URL, build_flag, flag_row
 from leukofhir.normalise import Normalised, Normaliser
-from leukofhir.reader import ReadError, expand_paths, iter_located
 from leukofhir.trends import flag_trends
 from leukofhir.validate import contract_counts, merge_contract, validate_batch
 

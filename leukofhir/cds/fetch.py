@@ -7,7 +7,7 @@ from urllib.parse import urlencode
 
 from leukofhir.config import Rules
 from leukofhir.errors import UsageError
-from leukofhir.extract import history_searches, iter_history
+from leukofhir.extract.search import history_searches, iter_history
 from leukofhir.fhir.auth import BearerAuth
 from leukofhir.fhir.client import FhirClient
 from leukofhir.fhir.secrets import check_token

@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 # Searches the pipeline makes, per resource type: each tuple is one need, met by any of its parameters
 # (`subject` or `patient` find a patient's resources alike). Common parameters (_lastUpdated, _tag) may be
 # listed per resource or once for all resources (CapabilityStatement.rest.searchParam); both count. The daily lapse
-# sweep (leukofhir.sweep) finds open Flags by `date` and reads their evidence by `_id`.
+# sweep (leukofhir.extract.sweep) finds open Flags by `date` and reads their evidence by `_id`.
 REQUIRED_SEARCH: dict[str, list[tuple[str, ...]]] = {
     "Observation": [("code",), ("subject", "patient"), ("_lastUpdated",), ("date",), ("_id",)],
     "DiagnosticReport": [("subject", "patient"), ("_lastUpdated",)],

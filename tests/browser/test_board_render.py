@@ -17,7 +17,7 @@ from test_report_render import CHROMIUM, _chromium
 
 from leukofhir.board import Board, render_board
 from leukofhir.config import load_config
-from leukofhir.extract import project_flag_tag
+from leukofhir.extract.search import project_flag_tag
 from leukofhir.load import load_files
 from leukofhir.run import run_pipeline
 

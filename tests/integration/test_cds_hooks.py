@@ -17,7 +17,7 @@ import requests
 from leukofhir.cds.cards import CARD_NAMESPACE
 from leukofhir.cds.fetch import prefetch_templates
 from leukofhir.config import load_config
-from leukofhir.extract import iter_history
+from leukofhir.extract.search import iter_history
 from leukofhir.load import load_files
 from leukofhir.run import run_pipeline
 from support.cds_process import (

@@ -15,7 +15,7 @@ import pytest
 
 from leukofhir.cli import main
 from leukofhir.errors import UsageError
-from leukofhir.reader import ReadError, iter_resources
+from leukofhir.extract.reader import ReadError, iter_resources
 from support.fhir_builders import at, observation, patient
 
 OUTPUTS = ("Flag.ndjson", "quarantine.ndjson", "report.json", "report.html")

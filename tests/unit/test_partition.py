@@ -14,6 +14,7 @@ from conftest import EXTERNAL
 
 from leukofhir.cli import main
 from leukofhir.errors import UsageError
+from leukofhir.extract.reader import expand_paths
 from leukofhir.partition import (
     DEFAULT_MEMORY_BUDGET,
     ROW_COST_OBSERVATION,
@@ -25,7 +26,6 @@ from leukofhir.partition import (
     plan_partitions,
 )
 from leukofhir.pipeline import evaluate_files
-from leukofhir.reader import expand_paths
 from leukofhir.validate import ValidationThresholdError
 from support.fhir_builders import at, observation, patient, report, statement
 

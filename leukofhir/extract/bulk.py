@@ -25,7 +25,8 @@ from urllib.parse import urlencode
 
 from leukofhir.config import Rules
 from leukofhir.errors import UsageError
-from leukofhir.extract import (
+from leukofhir.extract.reader import iter_located
+from leukofhir.extract.search import (
     Subjects,
     Window,
     ben_codes,
@@ -43,7 +44,6 @@ from leukofhir.fhir.client import FhirClient
 from leukofhir.fhir.ids import is_valid_id
 from leukofhir.normalise.context import LocalBases
 from leukofhir.normalise.exposures import medication_key
-from leukofhir.reader import iter_located
 from leukofhir.run import start_run
 
 __all__ = [
