@@ -14,6 +14,7 @@ from typing import Any, Iterable
 
 from leukofhir.config import Rules, load_config
 from leukofhir.errors import OutputError, UsageError
+from leukofhir.evaluate.flag_resource import DETAIL_URL
 from leukofhir.extract.search import (
     PAGE_SIZE,
     local_patient_id,
@@ -23,7 +24,6 @@ from leukofhir.extract.search import (
     subject_of,
 )
 from leukofhir.fhir.client import FhirClient
-from leukofhir.flags import DETAIL_URL
 from leukofhir.svg import STYLE as CHART_STYLE
 from leukofhir.svg import bar_chart
 

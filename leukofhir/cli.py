@@ -36,7 +36,7 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
 
 
 def _memory_budget(value: str) -> int:
-    from leukofhir.partition import parse_size
+    from leukofhir.evaluate.partition import parse_size
 
     try:
         return parse_size(value)
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return load_command(args)
         if args.command == "evaluate":
-            from leukofhir.pipeline import evaluate_command
+            from leukofhir.evaluate.pipeline import evaluate_command
 
             return evaluate_command(args)
         if args.command == "run":

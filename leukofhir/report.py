@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import Iterable
 
+from leukofhir.evaluate.validate import merge_contract
 from leukofhir.trends import merge_trends
-from leukofhir.validate import merge_contract
 
 __all__ = ["merge_reports", "WRITE_ACTIONS"]
 

@@ -274,7 +274,7 @@ def _expectations(results: list[dict]) -> str:
 
 def _contract(report: dict) -> str:
     """The data contract by suite and feed (the counts it is judged on), and its verdict on an online run."""
-    from leukofhir.validate import scope_name  # here: validate imports pandas
+    from leukofhir.evaluate.validate import scope_name  # here: validate imports pandas
 
     verdict = report.get("contract_verdict")
     said = ""

@@ -29,6 +29,9 @@ from typing import Iterator
 from leukofhir.alerts import critical_subjects, sync_alerts
 from leukofhir.config import Rules
 from leukofhir.errors import LeukofhirError, UsageError
+from leukofhir.evaluate.pipeline import evaluate_files
+from leukofhir.evaluate.stages import progress_bar
+from leukofhir.evaluate.validate import ValidationThresholdError, check_contract, merge_contract
 from leukofhir.extract.reader import iter_resources
 from leukofhir.extract.search import (
     Window,
@@ -46,11 +49,8 @@ from leukofhir.extract.search import (
 from leukofhir.extract.sweep import lapse_candidates
 from leukofhir.fhir.client import FhirClient
 from leukofhir.fhir.ids import is_valid_id, shown
-from leukofhir.pipeline import evaluate_files
 from leukofhir.report import merge_reports, write_counts
 from leukofhir.report_html import write_report_html
-from leukofhir.stages import progress_bar
-from leukofhir.validate import ValidationThresholdError, check_contract, merge_contract
 from leukofhir.write import Plan, ensure_author, plan_writes, write_plan, write_rejects
 
 __all__ = [
@@ -238,9 +238,9 @@ def _evaluated(chunk_dir: Path, staged: Path) -> Path:
 
 def evaluate_chunk(rules: Rules, chunk_dir: Path, *, memory_budget=None, workers: int = 1) -> dict:
     """Step 3: the offline stages (normalise → validate → evaluate → Flags) on each staged batch, partitioned by
-    patient when it is larger than the memory budget (leukofhir.partition). A batch never fails on its data: failing
-    rows are quarantined and counted for the contract, judged on the whole run (judge_contract). Returns the desired
-    Flag count and the quarantined count."""
+    patient when it is larger than the memory budget (leukofhir.evaluate.partition). A batch never fails on its data:
+    failing rows are quarantined and counted for the contract, judged on the whole run (judge_contract). Returns the
+    desired Flag count and the quarantined count."""
     chunk_dir = Path(chunk_dir)
     # References to the server the pages came from are local; another server's are quarantined (§1.1 subject).
     meta = json.loads((chunk_dir.parent.parent / "run.json").read_text(encoding="utf-8"))

@@ -10,5 +10,5 @@ from airflow.sdk.execution_time import supervisor, task_runner  # noqa: F401
 
 import leukofhir.airflow.hook  # noqa: F401
 import leukofhir.airflow.tasks  # noqa: F401
+import leukofhir.evaluate.validate  # noqa: F401
 import leukofhir.run  # noqa: F401
-import leukofhir.validate  # noqa: F401

@@ -46,8 +46,8 @@ FHIR_POOL = "fhir_server"  # bounds how many tasks talk to the FHIR server at on
 RUNS_VARIABLE = "leukofhir_runs"
 # The hospital-wide board (leukofhir.board), refreshed by every surveillance run: <runs root>/board/board.html.
 BOARD_FOLDER = "board"
-# The memory a chunk's evaluation may give its rows (leukofhir.partition; default there: a 2-core 4 GB worker); a site
-# with larger workers sets it in the workers' environment, e.g. LEUKOFHIR_MEMORY_BUDGET=2GB.
+# The memory a chunk's evaluation may give its rows (leukofhir.evaluate.partition; default there: a 2-core 4 GB worker);
+# a site with larger workers sets it in the workers' environment, e.g. LEUKOFHIR_MEMORY_BUDGET=2GB.
 MEMORY_BUDGET_ENV = "LEUKOFHIR_MEMORY_BUDGET"
 # The hour of the day (UTC, 0-23) whose surveillance run also does the daily lapse sweep (leukofhir.extract.sweep);
 # read when the run starts, so a change needs no new DAG file.
@@ -190,7 +190,7 @@ def _sweeps(context, window) -> bool:
 
 
 def _fail(exc: Exception):
-    from leukofhir.validate import ValidationThresholdError
+    from leukofhir.evaluate.validate import ValidationThresholdError
 
     # A one-line reason in the task log instead of a traceback through the library. Data that failed its contract
     # fails the same way on every try: no retry (half an hour of them) for it.
@@ -322,8 +322,8 @@ def check_contract(chunks: list[str]) -> list[str]:
     chunk's evaluation reports (leukofhir.run.judge_contract), before any chunk writes. A systemic failure (a
     laboratory that changed its units) fails this task, and no chunk is written; otherwise the chunks to write."""
     from leukofhir.errors import LeukofhirError
+    from leukofhir.evaluate.validate import scope_name
     from leukofhir.run import judge_contract
-    from leukofhir.validate import scope_name
 
     chunks = list(chunks)
     try:

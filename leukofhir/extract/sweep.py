@@ -9,6 +9,7 @@ from typing import Iterable, Mapping
 
 from leukofhir.config import Rules
 from leukofhir.errors import UsageError
+from leukofhir.evaluate.flag_resource import DETAIL_URL
 from leukofhir.extract.reader import reference_target
 from leukofhir.extract.search import (
     PAGE_SIZE,
@@ -20,7 +21,6 @@ from leukofhir.extract.search import (
 )
 from leukofhir.fhir.client import FhirClient
 from leukofhir.fhir.ids import is_valid_id
-from leukofhir.flags import DETAIL_URL
 from leukofhir.normalise.context import parse_time_ns
 
 __all__ = ["Sweep", "lapse_candidates", "candidates", "evidence_ids", "evidence_time", "sweep_due", "sweep_hour"]

@@ -192,7 +192,7 @@ print(json.dumps({{"dag_files": {len(dag_files)}, "dags": dags}}))
 @pytest.mark.packaging
 def test_evaluate_from_the_wheel_finds_the_suites_inside_it(fresh_venv, tmp_path):
     bundle = sorted((EXTERNAL / "smart-generated-sample-data-R4-synthea" / "bundles").glob("*.json.gz"))[0]
-    where = _run(fresh_venv, "from leukofhir.validate import EXPECTATIONS_DIR as d; print(d)", cwd=tmp_path)
+    where = _run(fresh_venv, "from leukofhir.evaluate.validate import EXPECTATIONS_DIR as d; print(d)", cwd=tmp_path)
     suites = Path(where.stdout.strip())
     assert "site-packages" in str(suites) and sorted(p.name for p in suites.glob("*.json")) == [
         "exposures.json",

@@ -9,8 +9,8 @@ import sys
 import pytest
 
 from leukofhir.config import load_config
+from leukofhir.evaluate.pipeline import evaluate_files
 from leukofhir.fhir.client import FhirClient
-from leukofhir.pipeline import evaluate_files
 from leukofhir.run import run_pipeline
 from leukofhir.write import Change, apply_plan, ensure_author, flag_id
 from support.faultproxy import FaultProxy

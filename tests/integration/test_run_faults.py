@@ -7,8 +7,8 @@ import json
 import pytest
 
 from leukofhir.config import load_config
+from leukofhir.evaluate.pipeline import evaluate_files
 from leukofhir.fhir.client import FhirClient
-from leukofhir.pipeline import evaluate_files
 from leukofhir.run import run_pipeline
 from support.faultproxy import Fault, FaultProxy
 from support.fhir_builders import at, observation, patient, report, statement

@@ -265,8 +265,8 @@ def test_only_json_whitespace_makes_a_blank_line(tmp_path):
 
 
 def test_a_quarantined_resource_whose_file_changed_since_it_was_read_is_still_listed(tmp_path):
-    from leukofhir.outputs import write_quarantine
-    from leukofhir.stages import Sources
+    from leukofhir.evaluate.outputs import write_quarantine
+    from leukofhir.evaluate.stages import Sources
 
     path = tmp_path / "in.ndjson"
     path.write_text(_lines(patient("p1"), patient("p2")))

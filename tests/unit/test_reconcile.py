@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 from conftest import EXTERNAL
 
-from leukofhir.pipeline import evaluate_files
+from leukofhir.evaluate.pipeline import evaluate_files
 from leukofhir.report_html import render_report
 
 

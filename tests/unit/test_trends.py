@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 
-from leukofhir.pipeline import evaluate_files
+from leukofhir.evaluate.pipeline import evaluate_files
 from leukofhir.report_html import render_report
 from leukofhir.trends import MAX_POINTS, merge_trends
 from support.fhir_builders import at, observation, patient, statement

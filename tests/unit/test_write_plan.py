@@ -146,7 +146,7 @@ def test_plan_writes_creates_updates_withdraws_and_leaves_alone():
 
 
 def test_a_flag_under_a_previous_base_is_rewritten_in_place_under_the_current_one(tmp_path):
-    from leukofhir.flags import flag_text
+    from leukofhir.evaluate.flag_resource import flag_text
     from leukofhir.write import comparable, withdrawn
     from support.site_rules import rules_with_base
 
@@ -190,7 +190,7 @@ def test_a_flag_under_a_previous_base_is_rewritten_in_place_under_the_current_on
 
 
 def test_a_flag_written_before_it_had_a_profile_and_narrative_is_brought_up_to_date():
-    from leukofhir.flags import flag_text
+    from leukofhir.evaluate.flag_resource import flag_text
 
     bare = _flag("x", version="1", fid="a")
     wanted = {**_flag("x"), "meta": {**_flag("x")["meta"], "profile": [RULES.uris.flag_profile]}}

@@ -15,12 +15,12 @@ from typing import Callable
 import pandas as pd
 
 from leukofhir.config import Rules
-from leukofhir.evaluate import FlagSpec, evaluate, lapse_horizon
+from leukofhir.evaluate.flag_resource import DETAIL_URL, build_flag, flag_row
+from leukofhir.evaluate.rules import FlagSpec, evaluate, lapse_horizon
+from leukofhir.evaluate.validate import contract_counts, merge_contract, validate_batch
 from leukofhir.extract.reader import ReadError, expand_paths, iter_located
-from leukofhir.flags import DETAIL_URL, build_flag, flag_row
 from leukofhir.normalise import Normalised, Normaliser
 from leukofhir.trends import flag_trends
-from leukofhir.validate import contract_counts, merge_contract, validate_batch
 
 __all__ = [
     "run_stages",
