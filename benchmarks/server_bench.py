@@ -36,7 +36,7 @@ from server_costs import cpu, cpu_used, load_average, rss_mb, start_server, stop
 
 from leukofhir.extract.search import Window  # noqa: E402
 from leukofhir.fhir.client import FhirClient  # noqa: E402
-from leukofhir.load import load_files  # noqa: E402
+from leukofhir.write.load import load_files  # noqa: E402
 
 
 def measured(step: str, port: int, action, db: str) -> dict:

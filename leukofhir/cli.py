@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         if args.command == "load":
-            from leukofhir.load import load_command
+            from leukofhir.write.load import load_command
 
             return load_command(args)
         if args.command == "evaluate":

@@ -17,7 +17,7 @@ from leukofhir.conformance.publish import publish
 from leukofhir.errors import UsageError
 from leukofhir.extract.reader import iter_resources
 from leukofhir.fhir.client import FhirClient
-from leukofhir.load import load_files, print_report
+from leukofhir.write.load import load_files, print_report
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout, when the package runs from one
 # Five Synthea patients (their README says where from); links into tests/data/external in a checkout.

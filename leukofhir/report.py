@@ -13,7 +13,7 @@ __all__ = ["merge_reports", "WRITE_ACTIONS"]
 EXAMPLES = 5
 # What became of each Flag decided (`conflict`: its version kept moving, write.VERSION_ROUNDS), and `reevaluated`:
 # the patients read and decided again because a version had moved; `alert_*`: the critical results'
-# CommunicationRequests (leukofhir/alerts.py).
+# CommunicationRequests (leukofhir/write/alerts.py).
 WRITE_ACTIONS = (
     "create",
     "update",

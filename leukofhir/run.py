@@ -7,7 +7,7 @@ Every step works in a run folder, so the Airflow tasks can run them one by one, 
     evaluate_chunk → chunks/NNNN/evaluated/batch-NNNNN/             (pipeline.evaluate_files: the offline stages)
     judge_contract → contract.json                                  (every chunk evaluated: the data contract on the
                                                                      whole run's totals, before any chunk writes)
-    write_chunk    → chunks/NNNN/writes.json, rejects.ndjson        (write.py: diff, then versioned PUTs)
+    write_chunk    → chunks/NNNN/writes.json, rejects.ndjson        (write/flags.py: diff, then versioned PUTs)
     finish_run     → report.json, report.html, quarantine.ndjson, rejects.ndjson (for a failed run too)
 """
 
@@ -26,7 +26,6 @@ from functools import partial
 from pathlib import Path
 from typing import Iterator
 
-from leukofhir.alerts import critical_subjects, sync_alerts
 from leukofhir.config import Rules
 from leukofhir.errors import LeukofhirError, UsageError
 from leukofhir.evaluate.pipeline import evaluate_files
@@ -51,7 +50,8 @@ from leukofhir.fhir.client import FhirClient
 from leukofhir.fhir.ids import is_valid_id, shown
 from leukofhir.report import merge_reports, write_counts
 from leukofhir.report_html import write_report_html
-from leukofhir.write import Plan, ensure_author, plan_writes, write_plan, write_rejects
+from leukofhir.write.alerts import critical_subjects, sync_alerts
+from leukofhir.write.flags import Plan, ensure_author, plan_writes, write_plan, write_rejects
 
 __all__ = [
     "BATCH_SIZE",
@@ -325,7 +325,7 @@ def write_chunk(
     counts: Counter = Counter()
     written: Counter = Counter()  # every write made so far, the batch being written included
     author_ready = dry_run
-    critical: set[str] = set()  # the patients with a grade-4 Flag, wanted or on the server (leukofhir.alerts)
+    critical: set[str] = set()  # the patients with a grade-4 Flag, wanted or on the server (leukofhir.write.alerts)
     try:
         for staged in _staged(chunk_dir):
             plan = _plan_batch(rules, staged, _evaluated(chunk_dir, staged))

@@ -340,7 +340,7 @@ def check_contract(chunks: list[str]) -> list[str]:
 def write_flags(chunk: str) -> str:
     """Diff the wanted Flags with the project's Flags on the server; write what changed (nothing in a dry run), each
     write naming the version it was decided from; the patients whose Flags moved on since extract are read and
-    evaluated again here (leukofhir.write.write_plan)."""
+    evaluated again here (leukofhir.write.flags.write_plan)."""
     from leukofhir.errors import LeukofhirError
     from leukofhir.run import write_chunk
 
@@ -412,7 +412,7 @@ def refresh_board() -> dict:
 def _warn_conflicts(done: dict, url: str) -> None:
     # Another writer kept changing these Flags: what stands is its versioned write, decided from data read after the
     # version this run saw. Not a failure: the next run (or a re-run) of these patients decides them again.
-    from leukofhir.write import VERSION_ROUNDS
+    from leukofhir.write.flags import VERSION_ROUNDS
 
     if done["writes"].get("conflict"):
         log.warning(

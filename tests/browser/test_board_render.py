@@ -18,8 +18,8 @@ from test_report_render import CHROMIUM, _chromium
 from leukofhir.board import Board, render_board
 from leukofhir.config import load_config
 from leukofhir.extract.search import project_flag_tag
-from leukofhir.load import load_files
 from leukofhir.run import run_pipeline
+from leukofhir.write.load import load_files
 
 pytestmark = pytest.mark.skipif(
     CHROMIUM is None, reason="headless Chromium is not installed (Debian package `chromium`; CI installs it)"

@@ -17,7 +17,7 @@ import pytest
 from conftest import EXTERNAL, ROOT
 
 from leukofhir.evaluate.pipeline import evaluate_files
-from leukofhir.load import load_files
+from leukofhir.write.load import load_files
 from support.contract_data import BAD, broken_feed_on, flags_by_place, held_out, held_out_ids
 from support.fhir_builders import at, days_ago, observation, patient, statement
 from support.server_data import (

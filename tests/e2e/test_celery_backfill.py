@@ -18,7 +18,7 @@ from conftest import EXTERNAL
 
 from leukofhir.evaluate.pipeline import evaluate_files
 from leukofhir.fhir.client import FhirClient
-from leukofhir.load import load_files
+from leukofhir.write.load import load_files
 from support.celery_stack import (
     HEARTBEAT_TIMEOUT,
     WORKER1,

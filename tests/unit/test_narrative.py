@@ -6,7 +6,7 @@ from xml.etree import ElementTree
 
 from leukofhir.config import load_config
 from leukofhir.evaluate.flag_resource import build_flag
-from leukofhir.write import withdrawn
+from leukofhir.write.flags import withdrawn
 from support.fhir_builders import at, flags_for, observation, patient, statement
 
 RULES = load_config()

@@ -18,7 +18,7 @@ from leukofhir.fhir.client import FhirClient
 from leukofhir.fhir.errors import FatalFhirError, outcome_summary
 from leukofhir.fhir.ids import is_valid_id
 from leukofhir.normalise import Normaliser
-from leukofhir.write import NEW
+from leukofhir.write.flags import NEW
 
 __all__ = ["request_id", "is_critical", "critical_subjects", "sync_alerts", "ALERT_ACTIONS"]
 
