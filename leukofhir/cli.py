@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return export_command(args)
         if args.command == "board":
-            from leukofhir.board import board_command
+            from leukofhir.report.board import board_command
 
             return board_command(args)
         if args.command == "conformance":

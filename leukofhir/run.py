@@ -48,8 +48,8 @@ from leukofhir.extract.search import (
 from leukofhir.extract.sweep import lapse_candidates
 from leukofhir.fhir.client import FhirClient
 from leukofhir.fhir.ids import is_valid_id, shown
-from leukofhir.report import merge_reports, write_counts
-from leukofhir.report_html import write_report_html
+from leukofhir.report.html import write_report_html
+from leukofhir.report.summary import merge_reports, write_counts
 from leukofhir.write.alerts import critical_subjects, sync_alerts
 from leukofhir.write.flags import Plan, ensure_author, plan_writes, write_plan, write_rejects
 

@@ -44,7 +44,7 @@ FHIR_POOL = "fhir_server"  # bounds how many tasks talk to the FHIR server at on
 # Where run folders go: Airflow Variable `leukofhir_runs` (or AIRFLOW_VAR_LEUKOFHIR_RUNS), e.g. s3://bucket/leukofhir
 # with an Airflow connection; by default a folder beside AIRFLOW_HOME, for a single machine.
 RUNS_VARIABLE = "leukofhir_runs"
-# The hospital-wide board (leukofhir.board), refreshed by every surveillance run: <runs root>/board/board.html.
+# The hospital-wide board (leukofhir.report.board), refreshed by every surveillance run: <runs root>/board/board.html.
 BOARD_FOLDER = "board"
 # The memory a chunk's evaluation may give its rows (leukofhir.evaluate.partition; default there: a 2-core 4 GB worker);
 # a site with larger workers sets it in the workers' environment, e.g. LEUKOFHIR_MEMORY_BUDGET=2GB.
@@ -394,8 +394,8 @@ def report() -> dict:
 def refresh_board() -> dict:
     """The hospital-wide board from the project's Flags on the server, after the run whatever became of it (a run
     that stopped may still have written): <runs root>/board/board.html, replaced whole, one place to serve it from."""
-    from leukofhir.board import read_board, write_board
     from leukofhir.errors import LeukofhirError
+    from leukofhir.report.board import read_board, write_board
 
     url = str(_runs_root() / BOARD_FOLDER)
     try:

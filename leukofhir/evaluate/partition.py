@@ -54,7 +54,7 @@ from leukofhir.normalise import SKIP_NOT_USED, Normaliser
 from leukofhir.normalise.context import FOREIGN, LocalBases, resource_ref
 from leukofhir.normalise.exposures import MEDICATION_KINDS, medication_key
 from leukofhir.normalise.reports import observation_key
-from leukofhir.report import merge_reports
+from leukofhir.report.summary import merge_reports
 
 __all__ = [
     "DEFAULT_MEMORY_BUDGET",

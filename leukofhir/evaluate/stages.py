@@ -20,7 +20,7 @@ from leukofhir.evaluate.rules import FlagSpec, evaluate, lapse_horizon
 from leukofhir.evaluate.validate import contract_counts, merge_contract, validate_batch
 from leukofhir.extract.reader import ReadError, expand_paths, iter_located
 from leukofhir.normalise import Normalised, Normaliser
-from leukofhir.trends import flag_trends
+from leukofhir.report.trends import flag_trends
 
 __all__ = [
     "run_stages",
@@ -321,7 +321,7 @@ def build_report(
     rules: Rules | None = None,
 ) -> tuple[dict, list]:
     """The run report (counts that reconcile: read = evaluated + skipped + quarantined) and every quarantined row;
-    with `rules`, the trend pictures' series of the Flags written too (leukofhir.trends, capped)."""
+    with `rules`, the trend pictures' series of the Flags written too (leukofhir.report.trends, capped)."""
     normalised = read.normalised
     read_total = read.read_total
     skipped: Counter = Counter(normalised.skipped)

@@ -10,7 +10,7 @@ import pytest
 from conftest import EXTERNAL
 
 from leukofhir.evaluate.pipeline import evaluate_files
-from leukofhir.report_html import render_report
+from leukofhir.report.html import render_report
 
 
 def _open(path):

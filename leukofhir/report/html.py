@@ -7,8 +7,8 @@ from html import escape
 from pathlib import Path
 from typing import Any, Iterable
 
-from leukofhir.svg import MAX_BARS, bar_chart, bin_per_day, trend_chart
-from leukofhir.svg import STYLE as CHART_STYLE
+from leukofhir.report.svg import MAX_BARS, bar_chart, bin_per_day, trend_chart
+from leukofhir.report.svg import STYLE as CHART_STYLE
 
 __all__ = ["write_report_html", "render_report", "bin_per_day", "MAX_BARS"]
 
@@ -365,8 +365,8 @@ def _chart(per_day: dict[str, int]) -> str:
 
 
 def _trends(report: dict) -> str:
-    """A picture per Flag (capped, leukofhir.trends): the values it rests on, its thresholds, its episode, its drugs.
-    Named by the Flag's identifier only, as the rest of the report names resources by id."""
+    """A picture per Flag (capped, leukofhir.report.trends): the values it rests on, its thresholds, its episode, its
+    drugs. Named by the Flag's identifier only, as the rest of the report names resources by id."""
     trends = report.get("trends")
     if trends is None:
         return ""

@@ -6,7 +6,7 @@ from collections import Counter
 from typing import Iterable
 
 from leukofhir.evaluate.validate import merge_contract
-from leukofhir.trends import merge_trends
+from leukofhir.report.trends import merge_trends
 
 __all__ = ["merge_reports", "WRITE_ACTIONS"]
 

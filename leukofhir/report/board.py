@@ -24,8 +24,8 @@ from leukofhir.extract.search import (
     subject_of,
 )
 from leukofhir.fhir.client import FhirClient
-from leukofhir.svg import STYLE as CHART_STYLE
-from leukofhir.svg import bar_chart
+from leukofhir.report.svg import STYLE as CHART_STYLE
+from leukofhir.report.svg import bar_chart
 
 __all__ = ["Board", "read_board", "render_board", "write_board", "board_command", "STATUSES", "WEEKS"]
 
