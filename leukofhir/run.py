@@ -312,7 +312,7 @@ def write_chunk(
 ) -> dict:
     """Step 4: per batch, the desired Flags against the project's Flags on the server, then the writes (none in a
     dry run), each naming the version it was decided from; the patients of a write refused because that version
-    moved are read and evaluated again (write.write_plan). Returns the counts by action; refused writes go to the
+    moved are read and evaluated again (write.flags.write_plan). Returns the counts by action; refused writes go to the
     chunk's rejects.ndjson. The staged pages are removed once written (they are a copy of the server's data, every
     resource read) unless `keep_staged`. When it fails (the server gone), writes.json still says what was written
     before, and why it stopped (`error`)."""

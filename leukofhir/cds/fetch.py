@@ -1,5 +1,5 @@
 """A patient's data for a CDS Hooks request: the EHR's prefetch when it is complete, otherwise read from the configured
-FHIR server with the searches a run makes (extract.history_searches), never from another server."""
+FHIR server with the searches a run makes (extract.search.history_searches), never from another server."""
 
 from __future__ import annotations
 

@@ -233,7 +233,7 @@ class Evaluation:
     as_of: datetime | None  # the time evaluated as of: the one given, else the latest input time (or the run's time)
     skipped: Counter  # retracted rows (used only to retract) and rows after the as-of time
     evaluated_rows: int  # Observation rows the rules judged
-    # Evaluated as of any time up to this one, the Flags would be the same (evaluate.lapse_horizon); None: any time.
+    # Evaluated as of any time up to this one, the Flags would be the same (rules.lapse_horizon); None: any time.
     lapse_horizon: datetime | None = None
 
 

@@ -11,7 +11,7 @@ from leukofhir.report.trends import merge_trends
 __all__ = ["merge_reports", "WRITE_ACTIONS"]
 
 EXAMPLES = 5
-# What became of each Flag decided (`conflict`: its version kept moving, write.VERSION_ROUNDS), and `reevaluated`:
+# What became of each Flag decided (`conflict`: its version kept moving, write.flags.VERSION_ROUNDS), and `reevaluated`:
 # the patients read and decided again because a version had moved; `alert_*`: the critical results'
 # CommunicationRequests (leukofhir/write/alerts.py).
 WRITE_ACTIONS = (

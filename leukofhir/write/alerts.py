@@ -41,7 +41,7 @@ _LOWEST_CONCEPT = {
 
 def request_id(identifier: str) -> str:
     """The id of a Flag episode's request, derived from the Flag's identifier (40 hex digits): every run and every
-    writer writes the same resource, as Flags are written (write.flag_id)."""
+    writer writes the same resource, as Flags are written (flags.flag_id)."""
     return ID_PREFIX + identifier
 
 

@@ -632,7 +632,7 @@ def test_as_of_ignores_later_values():
     assert spec.status == "active"
 
 
-# -- the vectorised pre-selection of patients (evaluate._patients_with_low_values) never changes a Flag ---------------
+# -- the vectorised pre-selection of patients (rules._patients_with_low_values) never changes a Flag ------------------
 def _random_cohort(rng: random.Random, patients: int = 60) -> list[dict]:
     """Patients of every age band (neonates included), BEN, lab ranges or none, comparators, bands, derived ANC,
     retractions, values on both sides of every threshold, grouped in reports or not."""
