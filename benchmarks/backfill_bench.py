@@ -38,7 +38,7 @@ from pipeline_bench import start_server, stop_server  # noqa: E402  (the same HA
 
 from leukofhir.config import load_config  # noqa: E402
 from leukofhir.fhir.client import FhirClient  # noqa: E402
-from leukofhir.load import load_files  # noqa: E402
+from leukofhir.write.load import load_files  # noqa: E402
 from support.celery_stack import Api, admin_password, run_stack, stack_processes  # noqa: E402
 
 DAG = "leukopenia_backfill"

@@ -4,11 +4,11 @@ Usage: .venv/bin/python benchmarks/concurrent_create.py --fhir-url URL [--rounds
                                                          [--ways plain,if-none-match,if-match-0]
 
 For each round and each way, `--writers` threads (one HTTP session each, released together by a barrier) send a
-transaction Bundle with one entry, `PUT Flag/<new id>` (the id the Flag's identifier derives, as write.py writes a
+transaction Bundle with one entry, `PUT Flag/<new id>` (the id the Flag's identifier derives, as write/flags.py writes a
 new Flag), each with its own content, and the precondition of the way:
   plain          no precondition (what main did before issue 17);
   if-none-match  `request.ifNoneMatch: *` ("only if there is none": FHIR defines it for reads in a batch, not writes);
-  if-match-0     `request.ifMatch: W/"0"` (version 0: no version the server ever gave; what write.py sends).
+  if-match-0     `request.ifMatch: W/"0"` (version 0: no version the server ever gave; what write/flags.py sends).
 Each answer is counted by status and, for a 409, by HAPI's message code (HAPI-0989: "not the current version";
 HAPI-0825 and others: simultaneous writers). Then the Flag's history says how many writes were applied: a create
 that must not overwrite a Flag that appeared meanwhile applies exactly one per round. A writer whose answer was a

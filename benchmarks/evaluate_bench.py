@@ -4,7 +4,7 @@ Usage: .venv/bin/python benchmarks/evaluate_bench.py [--observations N] [--dir D
                                                       [--workers N] [--skip-loads]
 Prints Observations/s (wall and per CPU second), the ratio to json.loads over the same files in the same run, peak RSS
 of the evaluate process (and of its largest partition process), the peak of the sum of RSS and of PSS over all its
-processes at one instant (sampled), whether and how the input was partitioned (leukofhir.partition),
+processes at one instant (sampled), whether and how the input was partitioned (leukofhir.evaluate.partition),
 and the time spent in Great Expectations validation vs the rest. Not a timed test.
 """
 
@@ -283,8 +283,8 @@ def json_loads_seconds(folder: Path) -> tuple[float, float, int]:
 
 def child(folder: Path, out: Path, memory_budget: str | None = None, workers: int = 1) -> None:
     """Run evaluate in this (fresh) process, timing validation separately; print one JSON line."""
-    import leukofhir.pipeline as pipeline
-    import leukofhir.validate as validate
+    import leukofhir.evaluate.pipeline as pipeline
+    import leukofhir.evaluate.validate as validate
 
     # leukofhir is imported outside the timed run; Great Expectations is not: validate.py imports it on the first
     # validation, inside the run, and that cost is counted as validation (and reported apart as "GX setup").

@@ -35,7 +35,7 @@ from evaluate_bench import generate  # noqa: E402
 from server_costs import cpu, cpu_used, load_average, postmaster_pid, start_server, stop_server  # noqa: E402
 
 from leukofhir.fhir.client import FhirClient  # noqa: E402
-from leukofhir.load import TYPE_ORDER, load_files  # noqa: E402
+from leukofhir.write.load import TYPE_ORDER, load_files  # noqa: E402
 
 
 def population(data: Path, name: str, observations: int) -> Path:

@@ -12,7 +12,7 @@ each for a new patient with one low WBC, so each run creates one Flag. For each 
 (the run's queued_at) to the Flag's meta.lastUpdated, the run's queue wait (queued_at → start_date), the tasks'
 own seconds and the gaps between them (scheduler rounds and task start-up). Configurations: `default` (Airflow's
 defaults: workers forked from the scheduler, each task imports the pipeline), `preload` (support.airflow_server's
-LATENCY_SETTINGS: forkserver with leukofhir.airflow_preload). Prints medians per shape and configuration.
+LATENCY_SETTINGS: forkserver with leukofhir.airflow.preload). Prints medians per shape and configuration.
 Not a timed test."""
 
 from __future__ import annotations

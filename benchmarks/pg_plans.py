@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from leukofhir.config import load_config  # noqa: E402
-from leukofhir.extract import PAGE_SIZE, Window, history_searches, window_searches  # noqa: E402
+from leukofhir.extract.search import PAGE_SIZE, Window, history_searches, window_searches  # noqa: E402
 
 
 def instance(port: int) -> tuple[Path, int]:

@@ -18,12 +18,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", required=True, help="folder of NDJSON input (evaluate_bench.py --dir)")
     args = parser.parse_args()
-    import leukofhir.validate as validate
+    import leukofhir.evaluate.validate as validate
     from leukofhir.config import load_config
-    from leukofhir.evaluate import evaluate
-    from leukofhir.flags import build_flag
+    from leukofhir.evaluate.flag_resource import build_flag
+    from leukofhir.evaluate.rules import evaluate
+    from leukofhir.extract.reader import iter_located
     from leukofhir.normalise import Normaliser
-    from leukofhir.reader import iter_located
 
     validate._context()  # GX's import and context: a fixed cost, not a phase
     rules = load_config()

@@ -21,11 +21,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from evaluate_bench import generate  # noqa: E402
 
-from leukofhir.board import Board, render_board  # noqa: E402
 from leukofhir.config import load_config  # noqa: E402
-from leukofhir.report_html import render_report  # noqa: E402
-from leukofhir.stages import build_flags, build_report, evaluate_rows, read_and_normalise, validate_rows  # noqa: E402
-from leukofhir.validate import suite_parameters  # noqa: E402
+from leukofhir.evaluate.stages import build_flags, build_report, evaluate_rows, read_and_normalise, validate_rows  # noqa: E402
+from leukofhir.evaluate.validate import suite_parameters  # noqa: E402
+from leukofhir.report.board import Board, render_board  # noqa: E402
+from leukofhir.report.html import render_report  # noqa: E402
 
 
 def _best(fn, rounds: int = 3) -> float:

@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from evaluate_bench import generate  # noqa: E402  (the same generated CBCs as the evaluate benchmark)
 
 from leukofhir.config import load_config  # noqa: E402
-from leukofhir.extract import (  # noqa: E402
+from leukofhir.extract.search import (  # noqa: E402
     PAGE_SIZE,
     Window,
     history_searches,
@@ -44,8 +44,8 @@ from leukofhir.extract import (  # noqa: E402
     window_searches,
 )
 from leukofhir.fhir.client import FhirClient  # noqa: E402
-from leukofhir.load import load_files  # noqa: E402
 from leukofhir.run import BATCH_SIZE  # noqa: E402
+from leukofhir.write.load import load_files  # noqa: E402
 
 SMALL = ("s", datetime(2015, 1, 1, tzinfo=timezone.utc), 360, "2015-01-01", "2016-01-01")
 LARGE = ("l", datetime(2016, 1, 1, tzinfo=timezone.utc), 4 * 360, "2015-01-01", "2020-01-01")

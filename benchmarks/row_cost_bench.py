@@ -4,8 +4,8 @@ Usage: .venv/bin/python benchmarks/row_cost_bench.py [--small N] [--large N] [--
 Evaluates, in memory and each in a fresh process, inputs of two sizes of three shapes (benchmarks/evaluate_bench.py's
 generators): compact Observations (only what the rules read), MedicationStatements, and the verbose Synthea-like CBCs
 with their DiagnosticReports. The slope of peak RSS between the two sizes, over the rows added, is the cost of a row;
-the intercept is the process's fixed base. Prints the costs that leukofhir.partition's ROW_COST_* constants hold.
-Not a timed test.
+the intercept is the process's fixed base. Prints the costs that leukofhir.evaluate.partition's ROW_COST_* constants
+hold. Not a timed test.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def child(folder: Path, out: Path) -> None:
     """Evaluate in memory in this fresh process; print the rows read by kind and the peak RSS."""
     import resource
 
-    from leukofhir.pipeline import evaluate_files
+    from leukofhir.evaluate.pipeline import evaluate_files
 
     report = evaluate_files([str(folder)], out, progress=False, memory_budget="1TB")
     assert "partitions" not in report

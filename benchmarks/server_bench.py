@@ -12,7 +12,7 @@ with `--steps pager,export` measures the loaded server again). Steps:
           Observation) and loads them with `leukofhir load`'s loader (--workers, --batch-size);
   pager   pipeline_bench.py's bare `requests` loop over the pipeline's searches for the window 2015-2020 (the
           window's touched patients, then each batch of 100 patients' whole-history searches);
-  export  `leukofhir.bulk_extract.run_exports` over the same window: the window's `$export` and the histories'.
+  export  `leukofhir.extract.bulk.run_exports` over the same window: the window's `$export` and the histories'.
 Each step prints one JSON line: seconds, resources, resources/s, CPU seconds of HAPI's JVM and of PostgreSQL's
 processes (/proc), their CPU milliseconds per resource, the load average before and after, and memory. Not a timed
 test.
@@ -34,9 +34,9 @@ from evaluate_bench import generate  # noqa: E402
 from pipeline_bench import LARGE, SMALL, bare_loop  # noqa: E402
 from server_costs import cpu, cpu_used, load_average, rss_mb, start_server, stop_server  # noqa: E402
 
-from leukofhir.extract import Window  # noqa: E402
+from leukofhir.extract.search import Window  # noqa: E402
 from leukofhir.fhir.client import FhirClient  # noqa: E402
-from leukofhir.load import load_files  # noqa: E402
+from leukofhir.write.load import load_files  # noqa: E402
 
 
 def measured(step: str, port: int, action, db: str) -> dict:
@@ -88,8 +88,8 @@ def pager_step(base_url: str) -> tuple[int, dict]:
 
 
 def export_step(base_url: str, out: Path) -> tuple[int, dict]:
-    from leukofhir.bulk_extract import run_exports
     from leukofhir.config import load_config
+    from leukofhir.extract.bulk import run_exports
 
     window = Window.parse(LARGE[3], LARGE[4], "effective")
     with FhirClient(base_url, timeout=600) as client:

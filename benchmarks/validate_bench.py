@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from leukofhir.config import load_config
-from leukofhir.validate import _context, contract_counts, suite_parameters, validate_batch
+from leukofhir.evaluate.validate import _context, contract_counts, suite_parameters, validate_batch
 
 # One blood count with its differential, as a lab reports it: (concept, LOINC, unit, low, high) in canonical units.
 PANEL = [

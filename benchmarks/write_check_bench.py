@@ -1,5 +1,5 @@
 """What the check of changed data costs a run: `leukofhir run` of new patients who all get a Flag, with the check
-(write.write_plan's `changed`, extract.changed_patients) or without it.
+(write.flags.write_plan's `changed`, extract.search.changed_patients) or without it.
 
 Usage: .venv/bin/python benchmarks/write_check_bench.py --fhir-url URL [--no-check], in alternating pairs, each timed
 as a whole process (e.g. /usr/bin/time -v): the ratio of the pairs is the figure.

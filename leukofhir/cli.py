@@ -36,7 +36,7 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
 
 
 def _memory_budget(value: str) -> int:
-    from leukofhir.partition import parse_size
+    from leukofhir.evaluate.partition import parse_size
 
     try:
         return parse_size(value)
@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="Bulk Data $export from a server to NDJSON that `evaluate` reads")
     _add_server_args(p)
-    from leukofhir.export import add_arguments as add_export_arguments
+    from leukofhir.extract.export import add_arguments as add_export_arguments
 
     add_export_arguments(p)
 
@@ -177,11 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         if args.command == "load":
-            from leukofhir.load import load_command
+            from leukofhir.write.load import load_command
 
             return load_command(args)
         if args.command == "evaluate":
-            from leukofhir.pipeline import evaluate_command
+            from leukofhir.evaluate.pipeline import evaluate_command
 
             return evaluate_command(args)
         if args.command == "run":
@@ -190,11 +190,11 @@ def main(argv: list[str] | None = None) -> int:
             return run_command(args)
 
         if args.command == "export":
-            from leukofhir.export import export_command
+            from leukofhir.extract.export import export_command
 
             return export_command(args)
         if args.command == "board":
-            from leukofhir.board import board_command
+            from leukofhir.report.board import board_command
 
             return board_command(args)
         if args.command == "conformance":

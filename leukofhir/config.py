@@ -446,7 +446,7 @@ class Validation(_Model):
 
 
 class Alerts(_Model):
-    """Critical results told to the care team: a CommunicationRequest per grade-4 Flag episode (write.py)."""
+    """Critical results told to the care team: a CommunicationRequest per grade-4 Flag episode (write/alerts.py)."""
 
     communication_requests: bool = True
 

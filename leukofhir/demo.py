@@ -15,9 +15,9 @@ from leukofhir.airflow.install_dags import install_dags
 from leukofhir.config import load_config
 from leukofhir.conformance.publish import publish
 from leukofhir.errors import UsageError
+from leukofhir.extract.reader import iter_resources
 from leukofhir.fhir.client import FhirClient
-from leukofhir.load import load_files, print_report
-from leukofhir.reader import iter_resources
+from leukofhir.write.load import load_files, print_report
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout, when the package runs from one
 # Five Synthea patients (their README says where from); links into tests/data/external in a checkout.

@@ -3,11 +3,11 @@
 Every step works in a run folder, so the Airflow tasks can run them one by one, and on other machines:
 
     find_patients  → run.json, chunks/NNNN/patients.json
-    extract_chunk  → chunks/NNNN/staged/batch-NNNNN.ndjson         (extract.py: the server's pages, as they came)
+    extract_chunk  → chunks/NNNN/staged/batch-NNNNN.ndjson         (extract/search.py: the server's pages, as they came)
     evaluate_chunk → chunks/NNNN/evaluated/batch-NNNNN/             (pipeline.evaluate_files: the offline stages)
     judge_contract → contract.json                                  (every chunk evaluated: the data contract on the
                                                                      whole run's totals, before any chunk writes)
-    write_chunk    → chunks/NNNN/writes.json, rejects.ndjson        (write.py: diff, then versioned PUTs)
+    write_chunk    → chunks/NNNN/writes.json, rejects.ndjson        (write/flags.py: diff, then versioned PUTs)
     finish_run     → report.json, report.html, quarantine.ndjson, rejects.ndjson (for a failed run too)
 """
 
@@ -26,10 +26,13 @@ from functools import partial
 from pathlib import Path
 from typing import Iterator
 
-from leukofhir.alerts import critical_subjects, sync_alerts
 from leukofhir.config import Rules
 from leukofhir.errors import LeukofhirError, UsageError
-from leukofhir.extract import (
+from leukofhir.evaluate.pipeline import evaluate_files
+from leukofhir.evaluate.stages import progress_bar
+from leukofhir.evaluate.validate import ValidationThresholdError, check_contract, merge_contract
+from leukofhir.extract.reader import iter_resources
+from leukofhir.extract.search import (
     Window,
     changed_patients,
     local_patient_id,
@@ -42,16 +45,13 @@ from leukofhir.extract import (
     touched_patients,
     write_patient_list,
 )
+from leukofhir.extract.sweep import lapse_candidates
 from leukofhir.fhir.client import FhirClient
 from leukofhir.fhir.ids import is_valid_id, shown
-from leukofhir.pipeline import evaluate_files
-from leukofhir.reader import iter_resources
-from leukofhir.report import merge_reports, write_counts
-from leukofhir.report_html import write_report_html
-from leukofhir.stages import progress_bar
-from leukofhir.sweep import lapse_candidates
-from leukofhir.validate import ValidationThresholdError, check_contract, merge_contract
-from leukofhir.write import Plan, ensure_author, plan_writes, write_plan, write_rejects
+from leukofhir.report.html import write_report_html
+from leukofhir.report.summary import merge_reports, write_counts
+from leukofhir.write.alerts import critical_subjects, sync_alerts
+from leukofhir.write.flags import Plan, ensure_author, plan_writes, write_plan, write_rejects
 
 __all__ = [
     "BATCH_SIZE",
@@ -116,7 +116,7 @@ def find_patients(
     now: datetime | None = None,
 ) -> list[Path]:
     """Step 1: the touched patients (of the window, or the list given), and with `sweep` the lapse sweep's candidates
-    (leukofhir.sweep: the patients whose active project Flags may have lapsed as of the run's start), split into
+    (leukofhir.extract.sweep: the patients whose active project Flags may have lapsed as of the run's start), split into
     `chunks` folders (or into folders of `chunk_size` patients). `now`: the run's start, the time it evaluates as of
     (default: the clock; tests give another)."""
     if window is not None and patients is not None:
@@ -210,7 +210,7 @@ def _staged(chunk_dir: Path) -> list[Path]:
 
 def extract_chunk(client: FhirClient, rules: Rules, chunk_dir: Path, batch_size: int = BATCH_SIZE) -> dict:
     """Step 2: each batch of the chunk's patients, whole history, staged as NDJSON. Returns counts by type. A chunk
-    staged from a Bulk Data export (bulk_extract.split_export) is left as it is."""
+    staged from a Bulk Data export (extract.bulk.split_export) is left as it is."""
     chunk_dir = Path(chunk_dir)
     listing = json.loads((chunk_dir / "patients.json").read_text(encoding="utf-8"))
     if listing.get("staged_by") == "export":
@@ -238,9 +238,9 @@ def _evaluated(chunk_dir: Path, staged: Path) -> Path:
 
 def evaluate_chunk(rules: Rules, chunk_dir: Path, *, memory_budget=None, workers: int = 1) -> dict:
     """Step 3: the offline stages (normalise → validate → evaluate → Flags) on each staged batch, partitioned by
-    patient when it is larger than the memory budget (leukofhir.partition). A batch never fails on its data: failing
-    rows are quarantined and counted for the contract, judged on the whole run (judge_contract). Returns the desired
-    Flag count and the quarantined count."""
+    patient when it is larger than the memory budget (leukofhir.evaluate.partition). A batch never fails on its data:
+    failing rows are quarantined and counted for the contract, judged on the whole run (judge_contract). Returns the
+    desired Flag count and the quarantined count."""
     chunk_dir = Path(chunk_dir)
     # References to the server the pages came from are local; another server's are quarantined (§1.1 subject).
     meta = json.loads((chunk_dir.parent.parent / "run.json").read_text(encoding="utf-8"))
@@ -312,7 +312,7 @@ def write_chunk(
 ) -> dict:
     """Step 4: per batch, the desired Flags against the project's Flags on the server, then the writes (none in a
     dry run), each naming the version it was decided from; the patients of a write refused because that version
-    moved are read and evaluated again (write.write_plan). Returns the counts by action; refused writes go to the
+    moved are read and evaluated again (write.flags.write_plan). Returns the counts by action; refused writes go to the
     chunk's rejects.ndjson. The staged pages are removed once written (they are a copy of the server's data, every
     resource read) unless `keep_staged`. When it fails (the server gone), writes.json still says what was written
     before, and why it stopped (`error`)."""
@@ -325,7 +325,7 @@ def write_chunk(
     counts: Counter = Counter()
     written: Counter = Counter()  # every write made so far, the batch being written included
     author_ready = dry_run
-    critical: set[str] = set()  # the patients with a grade-4 Flag, wanted or on the server (leukofhir.alerts)
+    critical: set[str] = set()  # the patients with a grade-4 Flag, wanted or on the server (leukofhir.write.alerts)
     try:
         for staged in _staged(chunk_dir):
             plan = _plan_batch(rules, staged, _evaluated(chunk_dir, staged))

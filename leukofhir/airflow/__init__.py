@@ -1,1 +1,1 @@
-"""What leukofhir gives Airflow: the pipeline's DAGs (`leukofhir.airflow.dags`), shipped in the package."""
+"""What leukofhir gives Airflow: the DAGs (shipped in the package), their tasks, the `fhir` connection and its form."""

@@ -7,7 +7,7 @@ import uuid
 
 from leukofhir.cds.evaluation import Count, PatientState
 from leukofhir.config import Drug, Rules
-from leukofhir.evaluate import FlagSpec
+from leukofhir.evaluate.rules import FlagSpec
 
 SUMMARY_MAX = 140  # CDS Hooks 2.0: "<140 characters"
 GRANULOCYTES = {"neutropenia", "agranulocytosis"}

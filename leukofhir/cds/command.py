@@ -61,9 +61,9 @@ def cds_hooks_command(args) -> int:
     from leukofhir.cds.tokens import TokenChecker, parse_trusted
     from leukofhir.config import load_config
     from leukofhir.errors import UsageError
+    from leukofhir.evaluate.pipeline import parse_as_of
     from leukofhir.fhir.auth import make_auth
     from leukofhir.fhir.client import FhirClient
-    from leukofhir.pipeline import parse_as_of
     from leukofhir.service.logs import Refusals
     from leukofhir.service.server import serve
 

@@ -13,11 +13,11 @@ from datetime import datetime, timezone
 import pandas as pd
 
 from leukofhir.config import Rules
-from leukofhir.evaluate import FlagSpec
+from leukofhir.evaluate.rules import FlagSpec
+from leukofhir.evaluate.stages import build_flags, evaluate_rows, validate_rows
+from leukofhir.evaluate.validate import ValidationResult, suite_parameters, validate_batch
 from leukofhir.normalise import Normaliser
 from leukofhir.normalise.patients import PatientInfo
-from leukofhir.stages import build_flags, evaluate_rows, validate_rows
-from leukofhir.validate import ValidationResult, suite_parameters, validate_batch
 
 COUNTS_SHOWN = ("wbc", "anc", "lymphocytes_abs", "platelets", "hemoglobin")
 UNITS = {"hemoglobin": "g/dL"}  # every other concept shown is a count in 10^9/L (§1.2)

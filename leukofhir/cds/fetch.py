@@ -1,5 +1,5 @@
 """A patient's data for a CDS Hooks request: the EHR's prefetch when it is complete, otherwise read from the configured
-FHIR server with the searches a run makes (extract.history_searches), never from another server."""
+FHIR server with the searches a run makes (extract.search.history_searches), never from another server."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from urllib.parse import urlencode
 
 from leukofhir.config import Rules
 from leukofhir.errors import UsageError
-from leukofhir.extract import history_searches, iter_history
+from leukofhir.extract.search import history_searches, iter_history
 from leukofhir.fhir.auth import BearerAuth
 from leukofhir.fhir.client import FhirClient
 from leukofhir.fhir.secrets import check_token

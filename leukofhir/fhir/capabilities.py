@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 # Searches the pipeline makes, per resource type: each tuple is one need, met by any of its parameters
 # (`subject` or `patient` find a patient's resources alike). Common parameters (_lastUpdated, _tag) may be
 # listed per resource or once for all resources (CapabilityStatement.rest.searchParam); both count. The daily lapse
-# sweep (leukofhir.sweep) finds open Flags by `date` and reads their evidence by `_id`.
+# sweep (leukofhir.extract.sweep) finds open Flags by `date` and reads their evidence by `_id`.
 REQUIRED_SEARCH: dict[str, list[tuple[str, ...]]] = {
     "Observation": [("code",), ("subject", "patient"), ("_lastUpdated",), ("date",), ("_id",)],
     "DiagnosticReport": [("subject", "patient"), ("_lastUpdated",)],
@@ -72,12 +72,12 @@ def missing_capabilities(
             if not params & set(need):
                 missing.append(f"search {rtype} by {' or '.join(need)}")
     for rtype in history_types:
-        # Results deleted since a window began are found in the type's history (extract.deleted_subjects).
+        # Results deleted since a window began are found in the type's history (extract.search.deleted_subjects).
         if "history-type" not in _names((resources.get(rtype) or {}).get("interaction")):
             missing.append(f"history of {rtype} ({rtype}/_history, which lists deletions)")
     if write_flags and (resource_types is None or "Flag" in types):
         flag = resources.get("Flag") or {}
-        # Flags are written with PUT at an id of ours (write.flag_id), which creates them the first time.
+        # Flags are written with PUT at an id of ours (write.flags.flag_id), which creates them the first time.
         if "update" not in _names(flag.get("interaction")):
             missing.append("update of Flag (PUT Flag/[id])")
         # Each write names the version it was decided from (If-Match): a server that ignored it would let a stale

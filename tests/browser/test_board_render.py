@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 from test_report_render import CHROMIUM, _chromium
 
-from leukofhir.board import Board, render_board
 from leukofhir.config import load_config
-from leukofhir.extract import project_flag_tag
-from leukofhir.load import load_files
+from leukofhir.extract.search import project_flag_tag
+from leukofhir.report.board import Board, render_board
 from leukofhir.run import run_pipeline
+from leukofhir.write.load import load_files
 
 pytestmark = pytest.mark.skipif(
     CHROMIUM is None, reason="headless Chromium is not installed (Debian package `chromium`; CI installs it)"
@@ -50,7 +50,7 @@ def test_the_board_of_the_sample_data_shows_the_flags_on_the_server(fhir_base_ur
     rules = load_config()
     done = run_pipeline(fhir_client, rules, tmp_path / "run", patients=ids)
     assert done["reconciled"] and done["flags"]["total"] > 0
-    # The online run's report pictures its Flags too (the batches' series merged, leukofhir.report).
+    # The online run's report pictures its Flags too (the batches' series merged, leukofhir.report.summary).
     assert len(done["trends"]) == min(done["trends_total"], 60) == min(done["flags"]["total"], 60)
     assert (tmp_path / "run" / "report.html").read_text().count('<figure class="trend"') == len(done["trends"])
     # What the server holds, read independently of the board: every project Flag (other tests' too).

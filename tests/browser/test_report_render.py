@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from leukofhir.report_html import write_report_html
+from leukofhir.report.html import write_report_html
 from support.report_sample import sample_report, sample_trends
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -107,7 +107,7 @@ def test_a_failed_dag_run_mails_the_site_with_ids_only(airflow_db, smtp_server, 
 
 def test_without_a_notifier_configured_the_dags_have_no_callback():
     probe = (
-        "import json, sys; from leukofhir.dag_tasks import DEFAULT_ARGS; "
+        "import json, sys; from leukofhir.airflow.tasks import DEFAULT_ARGS; "
         "print(json.dumps([type(n).__name__ for n in DEFAULT_ARGS.get('on_failure_callback', [])]))"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("LEUKOFHIR_NOTIFY_")}

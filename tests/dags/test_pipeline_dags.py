@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from conftest import EXTERNAL, ROOT
 
-from leukofhir.load import load_files
-from leukofhir.pipeline import evaluate_files
+from leukofhir.evaluate.pipeline import evaluate_files
+from leukofhir.write.load import load_files
 from support.contract_data import BAD, broken_feed_on, flags_by_place, held_out, held_out_ids
 from support.fhir_builders import at, days_ago, observation, patient, statement
 from support.server_data import (
@@ -476,7 +476,7 @@ def test_a_broken_feed_fails_the_backfill_before_any_chunk_writes(dags, fhir_cli
 def scheduled_surveillance(logical_date: datetime) -> tuple[dict, list[str]]:
     """A scheduled run of the surveillance DAG (its window: the data interval Airflow gives `logical_date`): its
     report.json, and the patients it read."""
-    from leukofhir.extract import read_patient_list
+    from leukofhir.extract.search import read_patient_list
     from leukofhir.run import chunk_dirs
 
     run = _parse()["leukopenia_surveillance"].test(logical_date=logical_date)

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from conftest import EXTERNAL
 
+from leukofhir.evaluate.pipeline import evaluate_files
 from leukofhir.fhir.client import FhirClient
-from leukofhir.load import load_files
-from leukofhir.pipeline import evaluate_files
+from leukofhir.write.load import load_files
 from support.celery_stack import (
     HEARTBEAT_TIMEOUT,
     WORKER1,

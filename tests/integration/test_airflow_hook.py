@@ -11,7 +11,7 @@ from urllib.parse import quote
 import jsonschema
 import pytest
 
-from leukofhir.airflow_hook import FhirHook
+from leukofhir.airflow.hook import FhirHook
 from leukofhir.fhir.auth import BearerAuth
 from support.faultproxy import Fault, FaultProxy
 
@@ -27,7 +27,7 @@ def test_provider_info_is_complete_and_valid_for_airflow():
     info = _provider_info()
     assert info["package-name"] == "leukofhir" and info["versions"] == [version("leukofhir")]
     (conn,) = info["connection-types"]
-    assert conn["connection-type"] == "fhir" and conn["hook-class-name"] == "leukofhir.airflow_hook.FhirHook"
+    assert conn["connection-type"] == "fhir" and conn["hook-class-name"] == "leukofhir.airflow.hook.FhirHook"
     # Airflow's own schema for provider.yaml describes the connection form fields (conn-fields, ui-field-behaviour).
     with open(f"{airflow.__path__[0]}/provider.yaml.schema.json") as fh:
         schema = json.load(fh)
@@ -49,7 +49,7 @@ def test_airflow_registers_the_connection_type_and_its_form():
     from airflow.providers_manager import ProvidersManager
     from airflow.sdk.providers_manager_runtime import ProvidersManagerTaskRuntime
 
-    assert ProvidersManagerTaskRuntime().hooks["fhir"].hook_class_name == "leukofhir.airflow_hook.FhirHook"
+    assert ProvidersManagerTaskRuntime().hooks["fhir"].hook_class_name == "leukofhir.airflow.hook.FhirHook"
     manager = ProvidersManager()
     widgets = manager.connection_form_widgets
     names = ("smart_client_id", "smart_private_key_path", "scheme", "auth")

@@ -19,7 +19,7 @@ from leukofhir.fhir.auth import BearerAuth
 from leukofhir.fhir.bulk import ERRORS_FILE, STATE_FILE, BulkExport, ExportRequest, export
 from leukofhir.fhir.client import FhirClient
 from leukofhir.fhir.errors import ForeignLinkError, TemporaryFhirError
-from leukofhir.load import load_files
+from leukofhir.write.load import load_files
 from support.faultproxy import Fault, FaultProxy
 
 pytestmark = pytest.mark.fhir

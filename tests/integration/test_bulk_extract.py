@@ -1,4 +1,4 @@
-"""The backfill's extract by Bulk Data `$export` (leukofhir.bulk_extract) against the real HAPI server: the exports a
+"""The backfill's extract by Bulk Data `$export` (leukofhir.extract.bulk) against the real HAPI server: the exports a
 run asks for, and a process killed in the middle of them that resumes the same jobs."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import pytest
 
-from leukofhir.bulk_extract import history_export, run_exports, window_export
 from leukofhir.config import load_config
-from leukofhir.extract import Window, observation_codes, window_searches
+from leukofhir.extract.bulk import history_export, run_exports, window_export
+from leukofhir.extract.search import Window, observation_codes, window_searches
 from leukofhir.fhir.bulk import STATE_FILE
 from leukofhir.fhir.client import FhirClient
 from support.faultproxy import Fault, FaultProxy
@@ -61,9 +61,9 @@ def test_a_process_killed_in_the_middle_of_the_exports_resumes_the_same_jobs(
         script = (
             "import sys\n"
             "from pathlib import Path\n"
-            "from leukofhir.bulk_extract import run_exports\n"
+            "from leukofhir.extract.bulk import run_exports\n"
             "from leukofhir.config import load_config\n"
-            "from leukofhir.extract import Window\n"
+            "from leukofhir.extract.search import Window\n"
             "from leukofhir.fhir.client import FhirClient\n"
             "with FhirClient(sys.argv[1]) as client:\n"
             "    run_exports(client, load_config(), Path(sys.argv[2]), Window.parse('2024-01-01', '2024-06-01', "

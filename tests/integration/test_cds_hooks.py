@@ -17,9 +17,9 @@ import requests
 from leukofhir.cds.cards import CARD_NAMESPACE
 from leukofhir.cds.fetch import prefetch_templates
 from leukofhir.config import load_config
-from leukofhir.extract import iter_history
-from leukofhir.load import load_files
+from leukofhir.extract.search import iter_history
 from leukofhir.run import run_pipeline
+from leukofhir.write.load import load_files
 from support.cds_process import (
     ORDER_SIGN,
     PATIENT_VIEW,

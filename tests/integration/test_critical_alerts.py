@@ -7,10 +7,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from leukofhir.alerts import request_id
 from leukofhir.config import load_config
 from leukofhir.fhir.client import FhirClient
 from leukofhir.run import run_pipeline
+from leukofhir.write.alerts import request_id
 from support.fhir_builders import days_ago, observation, patient
 from support.server_data import project_flags, put
 

@@ -20,7 +20,7 @@ import pytest
 from conftest import EXTERNAL, LAUNCHER, ROOT
 
 from leukofhir.fhir.client import FhirClient
-from leukofhir.load import load_files
+from leukofhir.write.load import load_files
 from support.fhir_builders import at, observation, patient
 from support.ports import session_port
 from support.server_data import flags_by_identifier, project_flags, put, server_now

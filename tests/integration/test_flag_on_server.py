@@ -8,7 +8,7 @@ import re
 import pytest
 
 from leukofhir.config import load_config
-from leukofhir.flags import build_flag
+from leukofhir.evaluate.flag_resource import build_flag
 from support.fhir_builders import at, flags_for, observation, patient, statement
 
 pytestmark = pytest.mark.fhir

@@ -12,9 +12,9 @@ from leukofhir.config import load_config
 from leukofhir.conformance.publish import publish
 from leukofhir.conformance.resources import example_flag
 from leukofhir.demo import SAMPLE_BUNDLES
-from leukofhir.flags import build_flag
-from leukofhir.pipeline import evaluate_files
-from leukofhir.write import ensure_author, withdrawn
+from leukofhir.evaluate.flag_resource import build_flag
+from leukofhir.evaluate.pipeline import evaluate_files
+from leukofhir.write.flags import ensure_author, withdrawn
 from support.fhir_builders import at, flags_for, observation, patient, report, statement
 from support.server_data import put
 

@@ -11,7 +11,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from leukofhir.config import load_config
-from leukofhir.extract import read_patient_list
+from leukofhir.extract.search import read_patient_list
 from leukofhir.run import chunk_dirs, run_pipeline
 from support.fhir_builders import days_ago, observation, patient, report
 from support.server_data import project_flags, put, versions
@@ -108,7 +108,7 @@ def test_the_sweep_closes_a_flag_whose_patient_has_had_no_count_for_longer_than_
 
 
 def test_the_sweep_added_to_a_window_evaluates_each_patient_once(fhir_client, unique, tmp_path, own_tag):
-    from leukofhir.extract import Window
+    from leukofhir.extract.search import Window
     from support.server_data import pause, server_now
 
     config, put_on_server = own_tag

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import EXTERNAL
 
-from leukofhir.load import load_files
+from leukofhir.write.load import load_files
 
 pytestmark = pytest.mark.fhir
 

@@ -15,7 +15,7 @@ import pytest
 from leukofhir.cli import main
 from leukofhir.errors import EXIT_AUTH, EXIT_SERVER
 from leukofhir.fhir.client import FhirClient
-from leukofhir.load import run_load
+from leukofhir.write.load import run_load
 from support.faultproxy import Fault
 
 pytestmark = pytest.mark.fhir

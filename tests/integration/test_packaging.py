@@ -165,12 +165,12 @@ def test_hook_provider_and_dags_import_from_the_installed_wheel(fresh_venv, tmp_
     code = f"""
 import importlib.util, json, sys
 from importlib.metadata import entry_points
-import leukofhir, leukofhir.airflow_hook
+import leukofhir, leukofhir.airflow.hook
 assert "site-packages" in leukofhir.__file__, leukofhir.__file__
 (ep,) = [e for e in entry_points(group="apache_airflow_provider") if e.value.startswith("leukofhir.")]
 info = ep.load()()
-assert info["connection-types"][0]["hook-class-name"] == "leukofhir.airflow_hook.FhirHook"
-from leukofhir.airflow_hook import FhirHook
+assert info["connection-types"][0]["hook-class-name"] == "leukofhir.airflow.hook.FhirHook"
+from leukofhir.airflow.hook import FhirHook
 assert FhirHook.conn_type == "fhir"
 from airflow.sdk import DAG
 dags = 0
@@ -192,7 +192,7 @@ print(json.dumps({{"dag_files": {len(dag_files)}, "dags": dags}}))
 @pytest.mark.packaging
 def test_evaluate_from_the_wheel_finds_the_suites_inside_it(fresh_venv, tmp_path):
     bundle = sorted((EXTERNAL / "smart-generated-sample-data-R4-synthea" / "bundles").glob("*.json.gz"))[0]
-    where = _run(fresh_venv, "from leukofhir.validate import EXPECTATIONS_DIR as d; print(d)", cwd=tmp_path)
+    where = _run(fresh_venv, "from leukofhir.evaluate.validate import EXPECTATIONS_DIR as d; print(d)", cwd=tmp_path)
     suites = Path(where.stdout.strip())
     assert "site-packages" in str(suites) and sorted(p.name for p in suites.glob("*.json")) == [
         "exposures.json",

@@ -9,10 +9,10 @@ import sys
 import pytest
 
 from leukofhir.config import load_config
+from leukofhir.evaluate.pipeline import evaluate_files
 from leukofhir.fhir.client import FhirClient
-from leukofhir.pipeline import evaluate_files
 from leukofhir.run import run_pipeline
-from leukofhir.write import Change, apply_plan, ensure_author, flag_id
+from leukofhir.write.flags import Change, apply_plan, ensure_author, flag_id
 from support.faultproxy import FaultProxy
 from support.fhir_builders import at, days_ago, observation, patient
 from support.server_data import flags_by_identifier, project_flags, put

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from leukofhir.config import load_config
+from leukofhir.evaluate.pipeline import evaluate_files
 from leukofhir.fhir.client import FhirClient
-from leukofhir.pipeline import evaluate_files
 from leukofhir.run import run_pipeline
 from support.faultproxy import Fault, FaultProxy
 from support.fhir_builders import at, observation, patient, report, statement
@@ -47,7 +47,7 @@ def _patients(unique: str) -> tuple[list[str], list[dict]]:
 @pytest.fixture
 def small_pages(monkeypatch):
     """Pages of 10 resources: the faults land on `next` links as well as on first pages."""
-    monkeypatch.setattr("leukofhir.extract.PAGE_SIZE", 10)
+    monkeypatch.setattr("leukofhir.extract.search.PAGE_SIZE", 10)
 
 
 def test_retries_and_lost_answers_end_with_the_flags_of_a_clean_run(

@@ -308,7 +308,7 @@ def test_the_authorization_server_really_verifies_assertions(auth_server, rsa_ke
 
 
 def test_the_airflow_connection_takes_the_smart_settings(guarded, auth_server, key_file, rsa_key, monkeypatch):
-    from leukofhir.airflow_hook import FhirHook
+    from leukofhir.airflow.hook import FhirHook
 
     extra = {
         "scheme": "http",

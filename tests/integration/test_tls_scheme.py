@@ -23,7 +23,7 @@ def test_an_https_url_to_a_plain_http_server_says_to_use_http(fhir_base_url):
 
 
 def test_a_connection_without_scheme_to_a_plain_http_server_names_the_extra_scheme(fhir_base_url, monkeypatch):
-    from leukofhir.airflow_hook import FhirHook
+    from leukofhir.airflow.hook import FhirHook
 
     where = urlsplit(fhir_base_url)
     monkeypatch.setenv("AIRFLOW_CONN_FHIR_DEFAULT", f"fhir://{where.hostname}:{where.port}{where.path}")

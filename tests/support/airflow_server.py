@@ -198,5 +198,5 @@ class LocalAirflow:
 # forkserver that has imported the pipeline once, so a task process does not import it again.
 LATENCY_SETTINGS = {
     "AIRFLOW__SCHEDULER__MP_START_METHOD": "forkserver",
-    "AIRFLOW__CORE__MP_FORKSERVER_PRELOAD": "airflow,airflow.executors.local_executor,leukofhir.airflow_preload",
+    "AIRFLOW__CORE__MP_FORKSERVER_PRELOAD": "airflow,airflow.executors.local_executor,leukofhir.airflow.preload",
 }

@@ -135,7 +135,7 @@ def normalise_all(resources: list[dict], rules=None, **options):
 def flags_for(resources: list[dict], rules=None, as_of=None, **options):
     """FlagSpecs for resources through normalise + evaluate (no GX: the rules alone)."""
     from leukofhir.config import load_config
-    from leukofhir.evaluate import evaluate
+    from leukofhir.evaluate.rules import evaluate
 
     rules = rules or load_config()
     done = normalise_all(resources, rules, **options)

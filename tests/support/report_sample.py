@@ -67,7 +67,7 @@ def sample_report() -> dict:
 
 
 def sample_trends() -> list[dict]:
-    """Three Flags' pictures as leukofhir.trends writes them into report.json: open, recovered, drug-associated."""
+    """Three Flags' pictures as leukofhir.report.trends writes them in report.json: open, recovered, drug-associated."""
     return [
         {
             "flag": "a" * 40,

@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from leukofhir.config import DEFAULT_PATH, load_config
-from leukofhir.write import comparable
+from leukofhir.write.flags import comparable
 
 RULES = load_config()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 
-from leukofhir.airflow_hostname import HOSTNAME_ENV, hostname
+from leukofhir.airflow.hostname import HOSTNAME_ENV, hostname
 
 
 def test_the_worker_s_own_name_when_set(monkeypatch):

@@ -15,7 +15,7 @@ import pytest
 
 from leukofhir.cli import main
 from leukofhir.errors import UsageError
-from leukofhir.reader import ReadError, iter_resources
+from leukofhir.extract.reader import ReadError, iter_resources
 from support.fhir_builders import at, observation, patient
 
 OUTPUTS = ("Flag.ndjson", "quarantine.ndjson", "report.json", "report.html")
@@ -265,8 +265,8 @@ def test_only_json_whitespace_makes_a_blank_line(tmp_path):
 
 
 def test_a_quarantined_resource_whose_file_changed_since_it_was_read_is_still_listed(tmp_path):
-    from leukofhir.outputs import write_quarantine
-    from leukofhir.stages import Sources
+    from leukofhir.evaluate.outputs import write_quarantine
+    from leukofhir.evaluate.stages import Sources
 
     path = tmp_path / "in.ndjson"
     path.write_text(_lines(patient("p1"), patient("p2")))

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from datetime import date, datetime, timezone
 
-from leukofhir.board import WEEKS, Board, render_board
 from leukofhir.cli import main
 from leukofhir.errors import EXIT_USAGE
+from leukofhir.report.board import WEEKS, Board, render_board
 
 BASE = "http://127.0.0.1:1/fhir"
 AS_OF = datetime(2025, 3, 5, 12, 0, tzinfo=timezone.utc)  # a Wednesday

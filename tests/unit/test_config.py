@@ -110,7 +110,7 @@ def test_unreadable_and_not_yaml(tmp_path):
 )
 def test_a_site_rules_file_changes_the_flags(tmp_path, change, expected):
     """The engine uses what a site file says, not only loads it: the same input, other Flags."""
-    from leukofhir.pipeline import evaluate_files
+    from leukofhir.evaluate.pipeline import evaluate_files
     from support.fhir_builders import at, observation, patient
 
     src = tmp_path / "in.ndjson"

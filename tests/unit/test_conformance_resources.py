@@ -70,8 +70,8 @@ def test_a_rules_file_that_still_sets_a_system_is_told_to_set_the_base(tmp_path)
 
 
 def test_a_flag_and_its_author_use_the_site_base_everywhere(tmp_path):
-    from leukofhir.flags import build_flag
-    from leukofhir.write import author_device, withdrawn
+    from leukofhir.evaluate.flag_resource import build_flag
+    from leukofhir.write.flags import author_device, withdrawn
     from support.fhir_builders import at, flags_for, observation, patient, statement
 
     rules = load_config(rules_with_base(tmp_path, SITE))

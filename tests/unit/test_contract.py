@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 
 from leukofhir.config import load_config
-from leukofhir.pipeline import evaluate_files
-from leukofhir.stages import held_flags
-from leukofhir.validate import (
+from leukofhir.evaluate.pipeline import evaluate_files
+from leukofhir.evaluate.stages import held_flags
+from leukofhir.evaluate.validate import (
     ValidationThresholdError,
     check_contract,
     contract_breaches,

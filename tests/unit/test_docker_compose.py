@@ -169,7 +169,7 @@ def test_the_celery_result_backend_names_the_psycopg2_driver():
 
 
 def test_init_creates_the_fhir_server_pool_the_dags_use():
-    from leukofhir.dag_tasks import FHIR_POOL
+    from leukofhir.airflow.tasks import FHIR_POOL
 
     command = " ".join(SERVICES["airflow-init"]["command"])
     steps = [step.strip() for step in command.split("&&")]

@@ -8,12 +8,12 @@ from datetime import datetime, timezone
 
 import pytest
 
-import leukofhir.pipeline as pipeline
-import leukofhir.stages as stages
+import leukofhir.evaluate.pipeline as pipeline
+import leukofhir.evaluate.stages as stages
 from leukofhir.cli import main
 from leukofhir.config import DEFAULT_PATH
-from leukofhir.evaluate import FlagSpec, evaluate
-from leukofhir.validate import ValidationThresholdError
+from leukofhir.evaluate.rules import FlagSpec, evaluate
+from leukofhir.evaluate.validate import ValidationThresholdError
 from support.fhir_builders import at, observation, patient, statement
 
 
@@ -271,7 +271,7 @@ def test_the_stages_run_on_their_own_as_an_online_run_would_chain_them(inputs, t
     """evaluate_files is the five stages in a row; a caller (the online `run`) can chain them itself, passing the
     server's base URL so that its absolute references are local."""
     from leukofhir.config import load_config
-    from leukofhir.validate import suite_parameters
+    from leukofhir.evaluate.validate import suite_parameters
 
     rules = load_config()
     base = "https://fhir.example/r4"

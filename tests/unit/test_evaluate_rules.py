@@ -632,7 +632,7 @@ def test_as_of_ignores_later_values():
     assert spec.status == "active"
 
 
-# -- the vectorised pre-selection of patients (evaluate._patients_with_low_values) never changes a Flag ---------------
+# -- the vectorised pre-selection of patients (rules._patients_with_low_values) never changes a Flag ------------------
 def _random_cohort(rng: random.Random, patients: int = 60) -> list[dict]:
     """Patients of every age band (neonates included), BEN, lab ranges or none, comparators, bands, derived ANC,
     retractions, values on both sides of every threshold, grouped in reports or not."""
@@ -705,7 +705,7 @@ def _edge_patients() -> list[dict]:
 
 @pytest.mark.parametrize("seed", range(4))
 def test_patient_preselection_changes_no_flag(seed, monkeypatch):
-    from leukofhir import evaluate as engine
+    from leukofhir.evaluate import rules as engine
     from support.fhir_builders import normalise_all
 
     done = normalise_all(_random_cohort(random.Random(seed)) + _edge_patients(), RULES)
@@ -886,7 +886,7 @@ def test_a_retracted_episode_stays_entered_in_error_when_it_would_lapse():
 
 
 def test_lapse_horizon_is_when_the_first_open_episode_would_lapse():
-    from leukofhir.evaluate import lapse_horizon
+    from leukofhir.evaluate.rules import lapse_horizon
 
     res = [
         ADULT,

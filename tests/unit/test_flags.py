@@ -5,7 +5,7 @@ from __future__ import annotations
 from fhir.resources.R4B.flag import Flag
 
 from leukofhir.config import load_config
-from leukofhir.flags import build_flag
+from leukofhir.evaluate.flag_resource import build_flag
 from support.fhir_builders import at, flags_for, observation, patient, statement
 
 RULES = load_config()

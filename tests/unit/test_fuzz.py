@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from leukofhir.config import load_config
-from leukofhir.pipeline import evaluate_files
+from leukofhir.evaluate.pipeline import evaluate_files
 from support.fhir_builders import at, observation, patient, report, statement
 
 RULES = load_config()

@@ -6,7 +6,7 @@ import json
 
 from conftest import EXTERNAL
 
-from leukofhir.pipeline import evaluate_files
+from leukofhir.evaluate.pipeline import evaluate_files
 
 HL7 = EXTERNAL / "hl7-fhir-r4-examples"
 SYNTHEA = EXTERNAL / "smart-generated-sample-data-R4-synthea"

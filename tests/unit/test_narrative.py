@@ -5,8 +5,8 @@ from __future__ import annotations
 from xml.etree import ElementTree
 
 from leukofhir.config import load_config
-from leukofhir.flags import build_flag
-from leukofhir.write import withdrawn
+from leukofhir.evaluate.flag_resource import build_flag
+from leukofhir.write.flags import withdrawn
 from support.fhir_builders import at, flags_for, observation, patient, statement
 
 RULES = load_config()
@@ -45,7 +45,7 @@ def test_the_narrative_follows_the_flag_when_it_changes():
 
 
 def test_text_is_escaped_as_hapi_writes_it_back():
-    from leukofhir.narrative import _escaped
+    from leukofhir.evaluate.narrative import _escaped
 
     (spec,) = flags_for([patient(), observation("a", "anc", 0.1, comparator="<")])
     flag = build_flag(spec, RULES)

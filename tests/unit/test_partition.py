@@ -1,5 +1,5 @@
-"""Bounded memory (leukofhir.partition): an input above the memory budget, partitioned by patient, gives the outputs of
-the in-memory path byte for byte, whatever crosses patients; the counts still reconcile."""
+"""Bounded memory (leukofhir.evaluate.partition): an input above the memory budget, partitioned by patient, gives the
+outputs of the in-memory path byte for byte, whatever crosses patients; the counts still reconcile."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from conftest import EXTERNAL
 
 from leukofhir.cli import main
 from leukofhir.errors import UsageError
-from leukofhir.partition import (
+from leukofhir.evaluate.partition import (
     DEFAULT_MEMORY_BUDGET,
     ROW_COST_OBSERVATION,
     ROW_COST_OTHER,
@@ -24,9 +24,9 @@ from leukofhir.partition import (
     parse_size,
     plan_partitions,
 )
-from leukofhir.pipeline import evaluate_files
-from leukofhir.reader import expand_paths
-from leukofhir.validate import ValidationThresholdError
+from leukofhir.evaluate.pipeline import evaluate_files
+from leukofhir.evaluate.validate import ValidationThresholdError
+from leukofhir.extract.reader import expand_paths
 from support.fhir_builders import at, observation, patient, report, statement
 
 # Report entries that may legitimately differ: which ids illustrate a reason, and the partitioning itself.
@@ -181,7 +181,7 @@ def _lapse_input(folder: Path) -> Path:
 def test_without_an_as_of_every_partition_lapses_as_of_the_input_end(tmp_path, workers, caplog):
     inputs = _lapse_input(tmp_path / "in")
     memory = _run([inputs], tmp_path / "memory")
-    with caplog.at_level("INFO", logger="leukofhir.partition"):
+    with caplog.at_level("INFO", logger="leukofhir.evaluate.partition"):
         partitioned = _run([inputs], tmp_path / "partitioned", memory_budget="1KB", workers=workers)
     assert partitioned["partitions"]["evaluated"] >= 4
     assert "evaluated again as of the input's latest time" in caplog.text  # what this test is about did happen
@@ -329,7 +329,7 @@ def test_a_compact_input_is_packed_by_its_rows_not_its_bytes(tmp_path, padding, 
     memory = _run([inputs], tmp_path / "memory")
     held = 8000 * ROW_COST_OBSERVATION + 400 * ROW_COST_OTHER  # what the rows take in memory
     budget = held // 6
-    with caplog.at_level("INFO", logger="leukofhir.partition"):
+    with caplog.at_level("INFO", logger="leukofhir.evaluate.partition"):
         partitioned = _run([inputs], tmp_path / "partitioned", memory_budget=budget, workers=2)
     parts = partitioned["partitions"]
     assert f"{parts['evaluated']} partitions: rows estimated at up to" in caplog.text

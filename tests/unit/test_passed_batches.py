@@ -10,7 +10,7 @@ import pytest
 
 from leukofhir.cds.evaluation import PassedBatches
 from leukofhir.config import load_config
-from leukofhir.validate import suite_parameters, validate_batch
+from leukofhir.evaluate.validate import suite_parameters, validate_batch
 
 
 @pytest.fixture(scope="module")

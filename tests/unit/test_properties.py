@@ -8,8 +8,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from leukofhir.config import load_config
-from leukofhir.evaluate import evaluate
-from leukofhir.pipeline import evaluate_files
+from leukofhir.evaluate.pipeline import evaluate_files
+from leukofhir.evaluate.rules import evaluate
 from support.fhir_builders import at, normalise_all, observation
 
 RULES = load_config()

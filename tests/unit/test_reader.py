@@ -8,7 +8,7 @@ import json
 import pytest
 from conftest import EXTERNAL
 
-from leukofhir.reader import ReadError, Source, iter_resources, reference_target
+from leukofhir.extract.reader import ReadError, Source, iter_resources, reference_target
 
 
 def _read(paths):

@@ -390,7 +390,7 @@ def test_a_window_batch_forms_after_a_quiet_spell_of_empty_notifications(tmp_pat
 
 
 def test_a_base_url_without_its_slash_claims_no_other_servers_patients():
-    from leukofhir.extract import local_patient_id
+    from leukofhir.extract.search import local_patient_id
 
     for base in ("https://fhir.example/r4", "https://fhir.example/r4/"):
         assert local_patient_id("https://fhir.example/r4/Patient/1", base) == "1"

@@ -9,8 +9,8 @@ from collections import Counter
 import pytest
 from conftest import EXTERNAL
 
-from leukofhir.pipeline import evaluate_files
-from leukofhir.report_html import render_report
+from leukofhir.evaluate.pipeline import evaluate_files
+from leukofhir.report.html import render_report
 
 
 def _open(path):

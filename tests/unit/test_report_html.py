@@ -6,7 +6,7 @@ import re
 from datetime import date, timedelta
 from html.parser import HTMLParser
 
-from leukofhir.report_html import bin_per_day, render_report, write_report_html
+from leukofhir.report.html import bin_per_day, render_report, write_report_html
 from support.report_sample import sample_report
 
 

@@ -8,9 +8,9 @@ import pytest
 
 from leukofhir.config import load_config
 from leukofhir.errors import UsageError
-from leukofhir.flags import DETAIL_URL
+from leukofhir.evaluate.flag_resource import DETAIL_URL
+from leukofhir.extract.sweep import candidates, evidence_ids, evidence_time, sweep_due, sweep_hour
 from leukofhir.normalise.context import parse_time_ns
-from leukofhir.sweep import candidates, evidence_ids, evidence_time, sweep_due, sweep_hour
 
 RULES = load_config()
 BASE = "http://fhir.example/fhir"

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import re
 
-from leukofhir.pipeline import evaluate_files
-from leukofhir.report_html import render_report
-from leukofhir.trends import MAX_POINTS, merge_trends
+from leukofhir.evaluate.pipeline import evaluate_files
+from leukofhir.report.html import render_report
+from leukofhir.report.trends import MAX_POINTS, merge_trends
 from support.fhir_builders import at, observation, patient, statement
 
 

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from leukofhir.config import DEFAULT_PATH, load_config
-from leukofhir.pipeline import evaluate_files
+from leukofhir.evaluate.pipeline import evaluate_files
 from support.fhir_builders import UCUM, normalise_all, observation, patient
 
 RULES = load_config()

@@ -14,7 +14,7 @@ import yaml
 
 from leukofhir.config import DEFAULT_PATH, load_config
 from leukofhir.errors import ConfigError
-from leukofhir.validate import (
+from leukofhir.evaluate.validate import (
     EXPECTATIONS_DIR,
     ValidationThresholdError,
     check_contract,
@@ -409,7 +409,7 @@ def test_gx_still_names_expectation_types_through_the_function_we_remember():
     from great_expectations.expectations import expectation
     from great_expectations.util import camel_to_snake
 
-    from leukofhir.validate import prepare
+    from leukofhir.evaluate.validate import prepare
 
     prepare()
     assert "camel_to_snake(self.__class__.__name__)" in inspect.getsource(expectation.Expectation.configuration.fget)

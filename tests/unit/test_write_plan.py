@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from leukofhir.config import load_config
-from leukofhir.write import NEW, Change, _entry, apply_plan, flag_id, plan_writes, withdrawn
+from leukofhir.write.flags import NEW, Change, _entry, apply_plan, flag_id, plan_writes, withdrawn
 
 RULES = load_config()
 
@@ -90,7 +90,7 @@ def test_a_flag_the_server_gave_no_version_is_never_written_blindly():
 def test_a_plan_decided_again_keeps_the_time_its_data_was_read():
     from datetime import datetime, timezone
 
-    from leukofhir.write import Plan, _over_deleted
+    from leukofhir.write.flags import Plan, _over_deleted
 
     read_at = datetime(2026, 12, 6, 12, 0, tzinfo=timezone.utc)
     plan = Plan(plan_writes([_flag("new")], [], RULES).decisions, read_at)
@@ -146,8 +146,8 @@ def test_plan_writes_creates_updates_withdraws_and_leaves_alone():
 
 
 def test_a_flag_under_a_previous_base_is_rewritten_in_place_under_the_current_one(tmp_path):
-    from leukofhir.flags import flag_text
-    from leukofhir.write import comparable, withdrawn
+    from leukofhir.evaluate.flag_resource import flag_text
+    from leukofhir.write.flags import comparable, withdrawn
     from support.site_rules import rules_with_base
 
     old_base, new_base = "https://old.example/leukofhir", "https://fhir.hospital.example/leukofhir"
@@ -190,7 +190,7 @@ def test_a_flag_under_a_previous_base_is_rewritten_in_place_under_the_current_on
 
 
 def test_a_flag_written_before_it_had_a_profile_and_narrative_is_brought_up_to_date():
-    from leukofhir.flags import flag_text
+    from leukofhir.evaluate.flag_resource import flag_text
 
     bare = _flag("x", version="1", fid="a")
     wanted = {**_flag("x"), "meta": {**_flag("x")["meta"], "profile": [RULES.uris.flag_profile]}}

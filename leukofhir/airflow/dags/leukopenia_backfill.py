@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 
 from airflow.sdk import Param, dag
 
-from leukofhir.dag_tasks import (
+from leukofhir.airflow.tasks import (
     DEFAULT_ARGS,
     bulk_export,
     check_contract,

@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 
 from airflow.sdk import Param, dag
 
-from leukofhir.dag_tasks import PATIENTS_DEFAULT_ARGS, process_patients
+from leukofhir.airflow.tasks import PATIENTS_DEFAULT_ARGS, process_patients
 
 
 @dag(

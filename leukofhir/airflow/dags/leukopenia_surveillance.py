@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 
 from airflow.sdk import CronDataIntervalTimetable, Param, dag
 
-from leukofhir.dag_tasks import (
+from leukofhir.airflow.tasks import (
     DEFAULT_ARGS,
     check_contract,
     evaluate,

@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from leukofhir.config import Rules
+from leukofhir.evaluate.flag_resource import flag_text
 from leukofhir.fhir.client import FhirClient
 from leukofhir.fhir.errors import FatalFhirError, VersionConflictError, outcome_summary
 from leukofhir.fhir.ids import is_valid_id
 from leukofhir.fhir.transactions import AUTH_REFUSALS, TransactionWriter
-from leukofhir.flags import flag_text
 
 __all__ = [
     "Change",

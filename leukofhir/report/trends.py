@@ -9,7 +9,7 @@ from typing import Iterable
 import pandas as pd
 
 from leukofhir.config import Rules
-from leukofhir.evaluate import FlagSpec, default_threshold, iso_instant
+from leukofhir.evaluate.rules import FlagSpec, default_threshold, iso_instant
 
 __all__ = ["flag_trends", "merge_trends", "MAX_TRENDS", "MAX_POINTS"]
 

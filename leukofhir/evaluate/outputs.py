@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from leukofhir.errors import OutputError, UsageError
-from leukofhir.reader import ReadError, Source, iter_resources
-from leukofhir.report_html import write_report_html
+from leukofhir.extract.reader import ReadError, Source, iter_resources
+from leukofhir.report.html import write_report_html
 
 __all__ = [
     "OUTPUTS",
@@ -60,7 +60,7 @@ def finish_outputs(
     target = out
     try:
         if data_docs is not None:
-            from leukofhir.data_docs import DATA_DOCS_DIR, write_data_docs
+            from leukofhir.report.data_docs import DATA_DOCS_DIR, write_data_docs
 
             target = out / DATA_DOCS_DIR
             write_data_docs(target, *data_docs)

@@ -15,11 +15,11 @@ from typing import Iterable, Iterator
 from requests.adapters import HTTPAdapter
 
 from leukofhir.errors import LeukofhirError, OutputError, UsageError
+from leukofhir.extract.reader import ReadError, iter_resources
 from leukofhir.fhir.client import FhirClient
 from leukofhir.fhir.errors import AuthError, FatalFhirError, FhirError, outcome_summary
 from leukofhir.fhir.ids import InvalidIdError, resource_path, shown
 from leukofhir.fhir.transactions import IncompleteAnswerError, TransactionWriter, answers
-from leukofhir.reader import ReadError, iter_resources
 
 log = logging.getLogger(__name__)
 

@@ -44,13 +44,13 @@ FHIR_POOL = "fhir_server"  # bounds how many tasks talk to the FHIR server at on
 # Where run folders go: Airflow Variable `leukofhir_runs` (or AIRFLOW_VAR_LEUKOFHIR_RUNS), e.g. s3://bucket/leukofhir
 # with an Airflow connection; by default a folder beside AIRFLOW_HOME, for a single machine.
 RUNS_VARIABLE = "leukofhir_runs"
-# The hospital-wide board (leukofhir.board), refreshed by every surveillance run: <runs root>/board/board.html.
+# The hospital-wide board (leukofhir.report.board), refreshed by every surveillance run: <runs root>/board/board.html.
 BOARD_FOLDER = "board"
-# The memory a chunk's evaluation may give its rows (leukofhir.partition; default there: a 2-core 4 GB worker); a site
-# with larger workers sets it in the workers' environment, e.g. LEUKOFHIR_MEMORY_BUDGET=2GB.
+# The memory a chunk's evaluation may give its rows (leukofhir.evaluate.partition; default there: a 2-core 4 GB worker);
+# a site with larger workers sets it in the workers' environment, e.g. LEUKOFHIR_MEMORY_BUDGET=2GB.
 MEMORY_BUDGET_ENV = "LEUKOFHIR_MEMORY_BUDGET"
-# The hour of the day (UTC, 0-23) whose surveillance run also does the daily lapse sweep (leukofhir.sweep); read when
-# the run starts, so a change needs no new DAG file.
+# The hour of the day (UTC, 0-23) whose surveillance run also does the daily lapse sweep (leukofhir.extract.sweep);
+# read when the run starts, so a change needs no new DAG file.
 LAPSE_SWEEP_HOUR_ENV = "LEUKOFHIR_LAPSE_SWEEP_HOUR"
 
 # The site's notifiers (leukofhir/airflow/notify.py: e-mail, Slack), told when a task has failed for good.
@@ -130,7 +130,7 @@ def _local(url: str, *, pull: bool = True, push: bool = True) -> Iterator[Path]:
 
 
 def _client():
-    from leukofhir.airflow_hook import FhirHook
+    from leukofhir.airflow.hook import FhirHook
 
     return FhirHook(FHIR_CONN_ID).get_client()
 
@@ -150,7 +150,7 @@ def _window(context, window_field: str | None):
     """The window of this run: the data interval (scheduled runs and backfills of the surveillance DAG), else the
     Params `start` and `end` (manual runs, the backfill DAG); None when the Params name patients instead."""
     from leukofhir.errors import UsageError
-    from leukofhir.extract import Window
+    from leukofhir.extract.search import Window
 
     params = context["params"]
     field = params.get("window_field") or window_field or "lastUpdated"
@@ -178,7 +178,7 @@ def _sweeps(context, window) -> bool:
     """Whether this surveillance run does the daily lapse sweep: its data interval holds the sweep hour (UTC,
     LEUKOFHIR_LAPSE_SWEEP_HOUR, read now, at run time; 00:00 by default), so one run a day sweeps. A manual run with
     Params sweeps never (`leukofhir run --lapse-sweep` does it by hand)."""
-    from leukofhir.sweep import sweep_due, sweep_hour
+    from leukofhir.extract.sweep import sweep_due, sweep_hour
 
     if not _by_interval(context, "lastUpdated"):
         return False
@@ -190,7 +190,7 @@ def _sweeps(context, window) -> bool:
 
 
 def _fail(exc: Exception):
-    from leukofhir.validate import ValidationThresholdError
+    from leukofhir.evaluate.validate import ValidationThresholdError
 
     # A one-line reason in the task log instead of a traceback through the library. Data that failed its contract
     # fails the same way on every try: no retry (half an hour of them) for it.
@@ -209,8 +209,8 @@ def bulk_export(window_field: str | None = None) -> dict:
     """Param `extract`: `export` (or `auto`, when the server declares $export and the window is long) runs the Bulk
     Data exports of the window and of the histories into the run folder, resuming them after a crash; `search` (and
     a list of patients) leaves the extract to the searches of the next tasks."""
-    from leukofhir.bulk_extract import EXPORT_DIR, choose_extract, run_exports
     from leukofhir.errors import LeukofhirError
+    from leukofhir.extract.bulk import EXPORT_DIR, choose_extract, run_exports
 
     context = get_current_context()
     url = _run_url(context)
@@ -237,7 +237,7 @@ def find_patients(
     """The touched patients of the window (or the Params' patients), cut into `chunks` folders: their URLs. After an
     export (`exported` from bulk_export), from the window's export, each chunk staged from the histories' export.
     `lapse_sweep` (the surveillance DAG): in the one run a day whose data interval holds the sweep hour, the lapse
-    sweep's patients too (leukofhir.sweep), evaluated and written as every touched patient."""
+    sweep's patients too (leukofhir.extract.sweep), evaluated and written as every touched patient."""
     from leukofhir.errors import LeukofhirError
     from leukofhir.run import check_server
     from leukofhir.run import find_patients as find
@@ -252,7 +252,7 @@ def find_patients(
         rules, dry_run = _rules(), bool(params.get("dry_run"))
         with _client() as client, _local(url, pull=by_export) as run_dir:
             if by_export:
-                from leukofhir.bulk_extract import EXPORT_DIR, split_export
+                from leukofhir.extract.bulk import EXPORT_DIR, split_export
 
                 check_server(client, rules, window=window, dry_run=dry_run, extract="export")
                 chunks = split_export(
@@ -322,8 +322,8 @@ def check_contract(chunks: list[str]) -> list[str]:
     chunk's evaluation reports (leukofhir.run.judge_contract), before any chunk writes. A systemic failure (a
     laboratory that changed its units) fails this task, and no chunk is written; otherwise the chunks to write."""
     from leukofhir.errors import LeukofhirError
+    from leukofhir.evaluate.validate import scope_name
     from leukofhir.run import judge_contract
-    from leukofhir.validate import scope_name
 
     chunks = list(chunks)
     try:
@@ -340,7 +340,7 @@ def check_contract(chunks: list[str]) -> list[str]:
 def write_flags(chunk: str) -> str:
     """Diff the wanted Flags with the project's Flags on the server; write what changed (nothing in a dry run), each
     write naming the version it was decided from; the patients whose Flags moved on since extract are read and
-    evaluated again here (leukofhir.write.write_plan)."""
+    evaluated again here (leukofhir.write.flags.write_plan)."""
     from leukofhir.errors import LeukofhirError
     from leukofhir.run import write_chunk
 
@@ -394,8 +394,8 @@ def report() -> dict:
 def refresh_board() -> dict:
     """The hospital-wide board from the project's Flags on the server, after the run whatever became of it (a run
     that stopped may still have written): <runs root>/board/board.html, replaced whole, one place to serve it from."""
-    from leukofhir.board import read_board, write_board
     from leukofhir.errors import LeukofhirError
+    from leukofhir.report.board import read_board, write_board
 
     url = str(_runs_root() / BOARD_FOLDER)
     try:
@@ -412,7 +412,7 @@ def refresh_board() -> dict:
 def _warn_conflicts(done: dict, url: str) -> None:
     # Another writer kept changing these Flags: what stands is its versioned write, decided from data read after the
     # version this run saw. Not a failure: the next run (or a re-run) of these patients decides them again.
-    from leukofhir.write import VERSION_ROUNDS
+    from leukofhir.write.flags import VERSION_ROUNDS
 
     if done["writes"].get("conflict"):
         log.warning(

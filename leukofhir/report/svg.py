@@ -135,10 +135,10 @@ def _number(value: float) -> str:
 
 
 def trend_chart(trend: dict, ident: str, width: int = 680) -> str:
-    """One Flag's values over its episode and around it (leukofhir.trends): the rule's threshold and the CTCAE grade
-    boundaries as labelled lines (solid, dashed), low values as filled triangles and the others as open circles, the
-    episode's period hatched between two edges, each drug exposure as a labelled bar below. Shapes, dashes and labels
-    carry the meaning, so it reads without colour."""
+    """One Flag's values over its episode and around it (leukofhir.report.trends): the rule's threshold and the CTCAE
+    grade boundaries as labelled lines (solid, dashed), low values as filled triangles and the others as open circles,
+    the episode's period hatched between two edges, each drug exposure as a labelled bar below. Shapes, dashes and
+    labels carry the meaning, so it reads without colour."""
     points = [(_moment(t), float(v), bool(low), c) for t, v, low, c in trend.get("points") or []]
     start, end = _moment(trend.get("start")), _moment(trend.get("end"))
     lines = [(str(label), float(value)) for label, value in trend.get("lines") or []]

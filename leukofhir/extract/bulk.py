@@ -25,7 +25,8 @@ from urllib.parse import urlencode
 
 from leukofhir.config import Rules
 from leukofhir.errors import UsageError
-from leukofhir.extract import (
+from leukofhir.extract.reader import iter_located
+from leukofhir.extract.search import (
     Subjects,
     Window,
     ben_codes,
@@ -43,7 +44,6 @@ from leukofhir.fhir.client import FhirClient
 from leukofhir.fhir.ids import is_valid_id
 from leukofhir.normalise.context import LocalBases
 from leukofhir.normalise.exposures import medication_key
-from leukofhir.reader import iter_located
 from leukofhir.run import start_run
 
 __all__ = [
@@ -97,7 +97,7 @@ def _type_filter(resource_type: str, params: dict) -> str:
 
 
 def window_export(rules: Rules, window: Window) -> ExportRequest:
-    """The resources dated (or changed) in the window: the same searches extract.touched_patients makes, as filters,
+    """The resources dated (or changed) in the window: the same searches search.touched_patients makes, as filters,
     so the server selects the same resources either way; plus, by `_lastUpdated`, the Patients changed in it."""
     searches = window_searches(window, rules)
     if window.field == "lastUpdated":
@@ -109,7 +109,7 @@ def window_export(rules: Rules, window: Window) -> ExportRequest:
 
 
 def history_export(rules: Rules) -> ExportRequest:
-    """Everyone's whole history of what the rules read (the searches of extract.history_searches, without the
+    """Everyone's whole history of what the rules read (the searches of search.history_searches, without the
     patients): the in-scope results and the panel Observations holding results as members, every DiagnosticReport,
     the medication resources and Medications, the BEN Conditions, the Patients, and the project's Flags."""
     types = ["Observation", "DiagnosticReport", *medication_types(rules), _INCLUDED, "Patient", "Flag"]
@@ -163,7 +163,7 @@ def _exported(folder: Path) -> list[Path]:
 
 
 def _touched(folder: Path, rules: Rules, window: Window, base_url: str, client: FhirClient | None) -> list[str]:
-    """The touched patients of extract.touched_patients, from the window's export: the subjects of what it holds,
+    """The touched patients of search.touched_patients, from the window's export: the subjects of what it holds,
     the Patients changed in a `_lastUpdated` window, and the subjects of results deleted since it began."""
     subjects = Subjects(base_url)
     for resource, *_ in iter_located(_exported(folder / "window"), _unreadable):

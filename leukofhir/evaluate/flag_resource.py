@@ -5,8 +5,8 @@ from __future__ import annotations
 from fhir.resources.R4B.flag import Flag
 
 from leukofhir.config import Rules
-from leukofhir.evaluate import FlagSpec, iso_instant
-from leukofhir.narrative import flag_narrative
+from leukofhir.evaluate.narrative import flag_narrative
+from leukofhir.evaluate.rules import FlagSpec, iso_instant
 
 __all__ = ["build_flag", "flag_row", "flag_text"]
 

@@ -22,7 +22,7 @@ from leukofhir.errors import ConfigError, LeukofhirError
 # leukofhir/expectations links to them in a checkout and holds a copy in an installed package. A site with its own
 # suites points LEUKOFHIR_EXPECTATIONS_DIR at them.
 EXPECTATIONS_DIR = Path(
-    os.environ.get("LEUKOFHIR_EXPECTATIONS_DIR") or Path(__file__).resolve().parent / "expectations"
+    os.environ.get("LEUKOFHIR_EXPECTATIONS_DIR") or Path(__file__).resolve().parents[1] / "expectations"
 )
 
 # Which column names a row in messages and examples; ids only, never patient data.

@@ -87,7 +87,7 @@ def get_provider_info() -> dict:
         "connection-types": [
             {
                 "connection-type": "fhir",
-                "hook-class-name": "leukofhir.airflow_hook.FhirHook",
+                "hook-class-name": "leukofhir.airflow.hook.FhirHook",
                 "hook-name": "FHIR server",
                 "ui-field-behaviour": UI_FIELD_BEHAVIOUR,
                 "conn-fields": CONN_FIELDS,

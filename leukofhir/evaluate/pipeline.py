@@ -1,7 +1,8 @@
 """Offline evaluation: FHIR files in; Flag.ndjson, quarantine.ndjson and report.json out (`leukofhir evaluate`).
 
-The driver of the stages (leukofhir.stages) for files: in memory, or partitioned by patient when the input's rows
-would not fit the memory budget (leukofhir.partition, below this module: it runs the same stages per partition)."""
+The driver of the stages (leukofhir.evaluate.stages) for files: in memory, or partitioned by patient when the input's
+rows would not fit the memory budget (leukofhir.evaluate.partition, below this module: it runs the same stages per
+partition)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,11 @@ from pathlib import Path
 
 from leukofhir.config import Rules, load_config
 from leukofhir.errors import UsageError
-from leukofhir.outputs import finish_outputs, remove_outputs, write_ndjson, write_quarantine
-from leukofhir.partition import evaluate_partitioned, plan_partitions
-from leukofhir.reader import expand_paths
-from leukofhir.stages import ReadResult, read_and_normalise, run_stages
-from leukofhir.validate import check_contract, suite_parameters
+from leukofhir.evaluate.outputs import finish_outputs, remove_outputs, write_ndjson, write_quarantine
+from leukofhir.evaluate.partition import evaluate_partitioned, plan_partitions
+from leukofhir.evaluate.stages import ReadResult, read_and_normalise, run_stages
+from leukofhir.evaluate.validate import check_contract, suite_parameters
+from leukofhir.extract.reader import expand_paths
 
 __all__ = ["evaluate_files", "evaluate_command", "write_outputs", "parse_as_of"]
 
@@ -72,8 +73,8 @@ def evaluate_files(
     run_time=None,
 ) -> dict:
     """Read, normalise, validate and evaluate the files; write Flag.ndjson, quarantine.ndjson, report.json and
-    report.html to `out_dir`; return the report. The stages of leukofhir.stages, in order (an online run shares every
-    one of them after its extract).
+    report.html to `out_dir`; return the report. The stages of leukofhir.evaluate.stages, in order (an online run shares
+    every one of them after its extract).
 
     `fail_on_threshold`: whether the data contract is judged on these files' totals (validate.check_contract, the
     rules' `validation` settings): a systemic failure raises ValidationThresholdError (naming the suites or feeds,
@@ -82,7 +83,7 @@ def evaluate_files(
     contract on the whole run's totals, across every batch, before anything is written (run.judge_contract).
 
     `data_docs`: also write GX's own Data Docs site for the run's validations to `out_dir/gx-data-docs/` (an
-    optional extra: its pages load styles from public CDNs; see leukofhir.data_docs). Off, it costs nothing.
+    optional extra: its pages load styles from public CDNs; see leukofhir.report.data_docs). Off, it costs nothing.
 
     `base_url`: the server the files came from (an online run's staged pages), so that references to it are local.
 
@@ -92,7 +93,7 @@ def evaluate_files(
 
     `memory_budget` (bytes, or a size such as "64MB"; default partition.DEFAULT_MEMORY_BUDGET): an input whose rows
     would take more is partitioned by patient and evaluated a partition at a time, in `workers` processes
-    (leukofhir.partition); the outputs are the same.
+    (leukofhir.evaluate.partition); the outputs are the same.
 
     An earlier run's outputs in `out_dir` are removed first: they must never pass for this run's if it fails."""
     rules = config if isinstance(config, Rules) else load_config(config)

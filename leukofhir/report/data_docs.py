@@ -22,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from leukofhir.errors import ConfigError
-from leukofhir.validate import ID_COLUMN, new_context, prepare_frame
+from leukofhir.evaluate.validate import ID_COLUMN, new_context, prepare_frame
 
 DATA_DOCS_DIR = "gx-data-docs"
 SITE_NAME = "leukofhir"

@@ -7,8 +7,8 @@ from html import escape
 from pathlib import Path
 from typing import Any, Iterable
 
-from leukofhir.svg import MAX_BARS, bar_chart, bin_per_day, trend_chart
-from leukofhir.svg import STYLE as CHART_STYLE
+from leukofhir.report.svg import MAX_BARS, bar_chart, bin_per_day, trend_chart
+from leukofhir.report.svg import STYLE as CHART_STYLE
 
 __all__ = ["write_report_html", "render_report", "bin_per_day", "MAX_BARS"]
 
@@ -128,7 +128,7 @@ def _header(report: dict) -> str:
 
 
 def _sweep(sweep: Any) -> str:
-    """The daily lapse sweep's part of a run (leukofhir.sweep): the patients it added to the run."""
+    """The daily lapse sweep's part of a run (leukofhir.extract.sweep): the patients it added to the run."""
     if not isinstance(sweep, dict):
         return ""
     return (
@@ -274,7 +274,7 @@ def _expectations(results: list[dict]) -> str:
 
 def _contract(report: dict) -> str:
     """The data contract by suite and feed (the counts it is judged on), and its verdict on an online run."""
-    from leukofhir.validate import scope_name  # here: validate imports pandas
+    from leukofhir.evaluate.validate import scope_name  # here: validate imports pandas
 
     verdict = report.get("contract_verdict")
     said = ""
@@ -365,8 +365,8 @@ def _chart(per_day: dict[str, int]) -> str:
 
 
 def _trends(report: dict) -> str:
-    """A picture per Flag (capped, leukofhir.trends): the values it rests on, its thresholds, its episode, its drugs.
-    Named by the Flag's identifier only, as the rest of the report names resources by id."""
+    """A picture per Flag (capped, leukofhir.report.trends): the values it rests on, its thresholds, its episode, its
+    drugs. Named by the Flag's identifier only, as the rest of the report names resources by id."""
     trends = report.get("trends")
     if trends is None:
         return ""

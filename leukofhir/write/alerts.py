@@ -11,14 +11,14 @@ from typing import Iterable
 from fhir.resources.R4B.communicationrequest import CommunicationRequest
 
 from leukofhir.config import Rules
-from leukofhir.extract import PAGE_SIZE, patient_batches, project_flag_tag
+from leukofhir.evaluate.flag_resource import DETAIL_URL
+from leukofhir.extract.reader import reference_target
+from leukofhir.extract.search import PAGE_SIZE, patient_batches, project_flag_tag
 from leukofhir.fhir.client import FhirClient
 from leukofhir.fhir.errors import FatalFhirError, outcome_summary
 from leukofhir.fhir.ids import is_valid_id
-from leukofhir.flags import DETAIL_URL
 from leukofhir.normalise import Normaliser
-from leukofhir.reader import reference_target
-from leukofhir.write import NEW
+from leukofhir.write.flags import NEW
 
 __all__ = ["request_id", "is_critical", "critical_subjects", "sync_alerts", "ALERT_ACTIONS"]
 
@@ -41,7 +41,7 @@ _LOWEST_CONCEPT = {
 
 def request_id(identifier: str) -> str:
     """The id of a Flag episode's request, derived from the Flag's identifier (40 hex digits): every run and every
-    writer writes the same resource, as Flags are written (write.flag_id)."""
+    writer writes the same resource, as Flags are written (flags.flag_id)."""
     return ID_PREFIX + identifier
 
 

@@ -8,7 +8,7 @@ docs/near-real-time.md). Importing this module does no I/O and starts no thread,
 import great_expectations  # noqa: F401  (the bulk of the import time: scipy, altair, SQLAlchemy come with it)
 from airflow.sdk.execution_time import supervisor, task_runner  # noqa: F401
 
-import leukofhir.airflow_hook  # noqa: F401
-import leukofhir.dag_tasks  # noqa: F401
+import leukofhir.airflow.hook  # noqa: F401
+import leukofhir.airflow.tasks  # noqa: F401
+import leukofhir.evaluate.validate  # noqa: F401
 import leukofhir.run  # noqa: F401
-import leukofhir.validate  # noqa: F401

@@ -15,12 +15,12 @@ from typing import Callable
 import pandas as pd
 
 from leukofhir.config import Rules
-from leukofhir.evaluate import FlagSpec, evaluate, lapse_horizon
-from leukofhir.flags import DETAIL_URL, build_flag, flag_row
+from leukofhir.evaluate.flag_resource import DETAIL_URL, build_flag, flag_row
+from leukofhir.evaluate.rules import FlagSpec, evaluate, lapse_horizon
+from leukofhir.evaluate.validate import contract_counts, merge_contract, validate_batch
+from leukofhir.extract.reader import ReadError, expand_paths, iter_located
 from leukofhir.normalise import Normalised, Normaliser
-from leukofhir.reader import ReadError, expand_paths, iter_located
-from leukofhir.trends import flag_trends
-from leukofhir.validate import contract_counts, merge_contract, validate_batch
+from leukofhir.report.trends import flag_trends
 
 __all__ = [
     "run_stages",
@@ -233,7 +233,7 @@ class Evaluation:
     as_of: datetime | None  # the time evaluated as of: the one given, else the latest input time (or the run's time)
     skipped: Counter  # retracted rows (used only to retract) and rows after the as-of time
     evaluated_rows: int  # Observation rows the rules judged
-    # Evaluated as of any time up to this one, the Flags would be the same (evaluate.lapse_horizon); None: any time.
+    # Evaluated as of any time up to this one, the Flags would be the same (rules.lapse_horizon); None: any time.
     lapse_horizon: datetime | None = None
 
 
@@ -321,7 +321,7 @@ def build_report(
     rules: Rules | None = None,
 ) -> tuple[dict, list]:
     """The run report (counts that reconcile: read = evaluated + skipped + quarantined) and every quarantined row;
-    with `rules`, the trend pictures' series of the Flags written too (leukofhir.trends, capped)."""
+    with `rules`, the trend pictures' series of the Flags written too (leukofhir.report.trends, capped)."""
     normalised = read.normalised
     read_total = read.read_total
     skipped: Counter = Counter(normalised.skipped)

@@ -9,12 +9,19 @@ from typing import Iterable, Mapping
 
 from leukofhir.config import Rules
 from leukofhir.errors import UsageError
-from leukofhir.extract import PAGE_SIZE, fhir_instant, local_patient_id, patient_batches, project_flag_tag, subject_of
+from leukofhir.evaluate.flag_resource import DETAIL_URL
+from leukofhir.extract.reader import reference_target
+from leukofhir.extract.search import (
+    PAGE_SIZE,
+    fhir_instant,
+    local_patient_id,
+    patient_batches,
+    project_flag_tag,
+    subject_of,
+)
 from leukofhir.fhir.client import FhirClient
 from leukofhir.fhir.ids import is_valid_id
-from leukofhir.flags import DETAIL_URL
 from leukofhir.normalise.context import parse_time_ns
-from leukofhir.reader import reference_target
 
 __all__ = ["Sweep", "lapse_candidates", "candidates", "evidence_ids", "evidence_time", "sweep_due", "sweep_hour"]
 

@@ -55,7 +55,7 @@ class Point:
 
 @dataclass
 class FlagSpec:
-    """A desired Flag as plain data; flags.py turns it into FHIR JSON (§5)."""
+    """A desired Flag as plain data; flag_resource.py turns it into FHIR JSON (§5)."""
 
     identifier: str
     patient_id: str

@@ -28,7 +28,7 @@ class FhirHook(BaseHook):
     Services from extra `smart_client_id`, `smart_key_id`, `smart_scopes`, `smart_token_url` (discovered when
     absent) and the private key from extra `smart_private_key_path` or the password field (so a secrets backend
     can hold it). Resolved lazily, inside the task, never at DAG parse time. The connection form (labels, extra
-    fields) is described in airflow_provider.get_provider_info, where Airflow ≥ 3.2 reads it."""
+    fields) is described in provider.get_provider_info, where Airflow ≥ 3.2 reads it."""
 
     conn_name_attr = "fhir_conn_id"
     default_conn_name = "fhir_default"

@@ -5,15 +5,15 @@ from __future__ import annotations
 from collections import Counter
 from typing import Iterable
 
-from leukofhir.trends import merge_trends
-from leukofhir.validate import merge_contract
+from leukofhir.evaluate.validate import merge_contract
+from leukofhir.report.trends import merge_trends
 
 __all__ = ["merge_reports", "WRITE_ACTIONS"]
 
 EXAMPLES = 5
-# What became of each Flag decided (`conflict`: its version kept moving, write.VERSION_ROUNDS), and `reevaluated`:
+# What became of each Flag decided (`conflict`: its version kept moving, write.flags.VERSION_ROUNDS), and `reevaluated`:
 # the patients read and decided again because a version had moved; `alert_*`: the critical results'
-# CommunicationRequests (leukofhir/alerts.py).
+# CommunicationRequests (leukofhir/write/alerts.py).
 WRITE_ACTIONS = (
     "create",
     "update",

@@ -14,7 +14,8 @@ from typing import Any, Iterable
 
 from leukofhir.config import Rules, load_config
 from leukofhir.errors import OutputError, UsageError
-from leukofhir.extract import (
+from leukofhir.evaluate.flag_resource import DETAIL_URL
+from leukofhir.extract.search import (
     PAGE_SIZE,
     local_patient_id,
     parse_instant,
@@ -23,9 +24,8 @@ from leukofhir.extract import (
     subject_of,
 )
 from leukofhir.fhir.client import FhirClient
-from leukofhir.flags import DETAIL_URL
-from leukofhir.svg import STYLE as CHART_STYLE
-from leukofhir.svg import bar_chart
+from leukofhir.report.svg import STYLE as CHART_STYLE
+from leukofhir.report.svg import bar_chart
 
 __all__ = ["Board", "read_board", "render_board", "write_board", "board_command", "STATUSES", "WEEKS"]
 
