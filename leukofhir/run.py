@@ -32,6 +32,7 @@ from leukofhir.evaluate.pipeline import evaluate_files
 from leukofhir.evaluate.stages import progress_bar
 from leukofhir.evaluate.validate import ValidationThresholdError, check_contract, merge_contract
 from leukofhir.extract.reader import iter_resources
+from leukofhir.extract.run_folder import CONTRACT_FILE, chunk_dirs, run_start, start_run
 from leukofhir.extract.search import (
     Window,
     changed_patients,
@@ -43,7 +44,6 @@ from leukofhir.extract.search import (
     read_time,
     stage_batch,
     touched_patients,
-    write_patient_list,
 )
 from leukofhir.extract.sweep import lapse_candidates
 from leukofhir.fhir.client import FhirClient
@@ -62,14 +62,12 @@ __all__ = [
     "write_chunk",
     "finish_run",
     "run_pipeline",
-    "chunk_dirs",
     "default_run_dir",
 ]
 
 log = logging.getLogger(__name__)
 
 BATCH_SIZE = 100  # patients per set of searches: a bounded page of history in memory, queries of a few KB
-CONTRACT_FILE = "contract.json"  # the verdict of judge_contract, in the run folder
 
 
 class UnevaluatedError(LeukofhirError):
@@ -85,13 +83,6 @@ def default_run_dir(root: str | Path = "out") -> Path:
         n += 1
         candidate = base.with_name(f"{base.name}-{n}")
     return candidate
-
-
-def chunk_dirs(run_dir) -> list:
-    """The chunk folders of a run folder (a local path, or an ObjectStoragePath in the DAGs); none before
-    find_patients made them, or when it found no patient."""
-    folder = (Path(run_dir) if isinstance(run_dir, str) else run_dir) / "chunks"
-    return sorted((p for p in folder.iterdir() if p.is_dir()), key=lambda p: p.name) if folder.exists() else []
 
 
 def _check_patient_ids(patients: list[str]) -> list[str]:
@@ -128,7 +119,7 @@ def find_patients(
     run_dir = Path(run_dir)
     if (run_dir / "chunks").exists():
         shutil.rmtree(run_dir / "chunks")  # a retried task starts its run folder over
-    started = _run_start(now)
+    started = run_start(now)
     if patients is not None:
         ids = _check_patient_ids(patients)
     else:
@@ -151,56 +142,6 @@ def find_patients(
         started=started,
         sweep=swept,
     )
-
-
-def _run_start(now: datetime | None) -> datetime:
-    """The run's start, to the second (as run.json keeps it): the time the run evaluates as of (v1.3 §4)."""
-    return parse_instant(now or datetime.now(timezone.utc)).replace(microsecond=0)
-
-
-def start_run(
-    run_dir: Path,
-    server: str,
-    ids: list[str],
-    *,
-    window: Window | None,
-    patients_given: bool,
-    chunks: int = 1,
-    chunk_size: int | None = None,
-    dry_run: bool = False,
-    extract: str = "search",
-    started: datetime | None = None,
-    sweep: dict | None = None,
-    **chunk_meta,
-) -> list[Path]:
-    """run.json, and the sorted patient ids cut into contiguous chunk folders (`chunks` of them, or of `chunk_size`
-    patients), each with its patients.json (and `chunk_meta`). `extract`: how the histories are read (search,
-    export); `started`: the run's start (default: now); `sweep`: the lapse sweep's counts, when it ran."""
-    log.info("%d patients touched", len(ids))
-    meta = {
-        "server": server,
-        "dry_run": dry_run,
-        "extract": extract,
-        "started": _run_start(started).isoformat(timespec="seconds"),
-        "window": window.as_dict() if window else None,
-        "patients_given": patients_given,
-        "patients_touched": len(ids),
-        "sweep": sweep,
-    }
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "run.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
-    (run_dir / CONTRACT_FILE).unlink(missing_ok=True)  # a retried run is judged again
-    if chunk_size:
-        bounds = list(range(0, len(ids), chunk_size)) + [len(ids)]
-    else:  # `chunks` contiguous slices (fewer when there are fewer patients), their sizes one apart at most
-        count = min(chunks, len(ids))
-        bounds = [len(ids) * n // count for n in range(count + 1)] if count else [0]
-    out = []
-    for number, (start, stop) in enumerate(zip(bounds, bounds[1:]), start=1):
-        folder = run_dir / "chunks" / f"{number:05d}"
-        write_patient_list(folder / "patients.json", ids[start:stop], **chunk_meta)
-        out.append(folder)
-    return out
 
 
 def _staged(chunk_dir: Path) -> list[Path]:

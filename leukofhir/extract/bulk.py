@@ -26,6 +26,7 @@ from urllib.parse import urlencode
 from leukofhir.config import Rules
 from leukofhir.errors import UsageError
 from leukofhir.extract.reader import iter_located
+from leukofhir.extract.run_folder import start_run
 from leukofhir.extract.search import (
     Subjects,
     Window,
@@ -44,7 +45,6 @@ from leukofhir.fhir.client import FhirClient
 from leukofhir.fhir.ids import is_valid_id
 from leukofhir.normalise.context import LocalBases
 from leukofhir.normalise.exposures import medication_key
-from leukofhir.run import start_run
 
 __all__ = [
     "EXTRACT_MODES",

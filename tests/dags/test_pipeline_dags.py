@@ -476,8 +476,8 @@ def test_a_broken_feed_fails_the_backfill_before_any_chunk_writes(dags, fhir_cli
 def scheduled_surveillance(logical_date: datetime) -> tuple[dict, list[str]]:
     """A scheduled run of the surveillance DAG (its window: the data interval Airflow gives `logical_date`): its
     report.json, and the patients it read."""
+    from leukofhir.extract.run_folder import chunk_dirs
     from leukofhir.extract.search import read_patient_list
-    from leukofhir.run import chunk_dirs
 
     run = _parse()["leukopenia_surveillance"].test(logical_date=logical_date)
     assert run.state == "success", f"run {run.run_id} ended {run.state}"

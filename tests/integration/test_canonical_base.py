@@ -8,8 +8,9 @@ import pytest
 
 from leukofhir.config import load_config
 from leukofhir.conformance.publish import publish
+from leukofhir.extract.run_folder import chunk_dirs
 from leukofhir.extract.search import Window, read_patient_list
-from leukofhir.run import chunk_dirs, run_pipeline
+from leukofhir.run import run_pipeline
 from support.fhir_builders import days_ago, observation, patient, statement
 from support.server_data import project_flags, put, versions
 from support.site_rules import rules_with_base, strings_in

@@ -11,8 +11,9 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from leukofhir.config import load_config
+from leukofhir.extract.run_folder import chunk_dirs
 from leukofhir.extract.search import read_patient_list
-from leukofhir.run import chunk_dirs, run_pipeline
+from leukofhir.run import run_pipeline
 from support.fhir_builders import days_ago, observation, patient, report
 from support.server_data import project_flags, put, versions
 
