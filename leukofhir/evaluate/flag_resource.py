@@ -7,6 +7,7 @@ from fhir.resources.R4B.flag import Flag
 from leukofhir.config import Rules
 from leukofhir.evaluate.narrative import flag_narrative
 from leukofhir.evaluate.rules import FlagSpec, iso_instant
+from leukofhir.fhir.references import DETAIL_URL
 
 __all__ = ["build_flag", "flag_row", "flag_text"]
 
@@ -14,7 +15,6 @@ SNOMED = "http://snomed.info/sct"
 CATEGORY_SYSTEM = "http://terminology.hl7.org/CodeSystem/flag-category"
 PRIORITY_URL = "http://hl7.org/fhir/StructureDefinition/flag-priority"
 PRIORITY_SYSTEM = "http://hl7.org/fhir/flag-priority-code"
-DETAIL_URL = "http://hl7.org/fhir/StructureDefinition/flag-detail"
 _PRIORITY_DISPLAY = {"PH": "High priority", "PM": "Medium priority", "PL": "Low priority", "PN": "No alarm"}
 
 

@@ -15,10 +15,11 @@ from typing import Callable
 import pandas as pd
 
 from leukofhir.config import Rules
-from leukofhir.evaluate.flag_resource import DETAIL_URL, build_flag, flag_row
+from leukofhir.evaluate.flag_resource import build_flag, flag_row
 from leukofhir.evaluate.rules import FlagSpec, evaluate, lapse_horizon
 from leukofhir.evaluate.validate import contract_counts, merge_contract, validate_batch
 from leukofhir.extract.reader import ReadError, expand_paths, iter_located
+from leukofhir.fhir.references import DETAIL_URL
 from leukofhir.normalise import Normalised, Normaliser
 from leukofhir.report.trends import flag_trends
 

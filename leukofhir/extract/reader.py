@@ -22,7 +22,6 @@ __all__ = [
     "expand_paths",
     "iter_resources",
     "iter_located",
-    "reference_target",
     "decode_line",
 ]
 
@@ -296,25 +295,6 @@ def decode_line(line: bytes):
 def _is_ndjson(path: Path) -> bool:
     name = path.name.lower().removesuffix(".gz")
     return name.endswith((".ndjson", ".jsonl"))
-
-
-def reference_target(reference: str | None) -> tuple[str | None, str | None]:
-    """Split a reference into (type, id): `Patient/1`, `http://x/fhir/Patient/1/_history/2` or `urn:uuid:x`.
-
-    A `urn:uuid:` reference names no type (Synthea NDJSON uses them with the target's id), so type is None.
-    """
-    if not reference or not isinstance(reference, str):
-        return None, None
-    if reference.startswith("urn:uuid:") or reference.startswith("urn:oid:"):
-        return None, reference.split(":", 2)[2]
-    if reference.startswith("#"):
-        return None, reference
-    parts = reference.rstrip("/").split("/")
-    if "_history" in parts:
-        parts = parts[: parts.index("_history")]
-    if len(parts) >= 2 and parts[-2][:1].isupper():
-        return parts[-2], parts[-1]
-    return None, parts[-1]
 
 
 def _rewrite_references(node, full_urls: dict[str, str]) -> None:

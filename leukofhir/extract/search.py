@@ -11,10 +11,10 @@ from typing import Iterable, Iterator
 
 from leukofhir.config import Rules
 from leukofhir.errors import UsageError
-from leukofhir.extract.reader import reference_target
 from leukofhir.fhir.client import FhirClient
 from leukofhir.fhir.errors import FatalFhirError
 from leukofhir.fhir.ids import is_valid_id, shown
+from leukofhir.fhir.references import reference_target
 
 __all__ = [
     "Window",

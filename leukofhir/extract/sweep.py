@@ -9,8 +9,6 @@ from typing import Iterable, Mapping
 
 from leukofhir.config import Rules
 from leukofhir.errors import UsageError
-from leukofhir.evaluate.flag_resource import DETAIL_URL
-from leukofhir.extract.reader import reference_target
 from leukofhir.extract.search import (
     PAGE_SIZE,
     fhir_instant,
@@ -21,6 +19,7 @@ from leukofhir.extract.search import (
 )
 from leukofhir.fhir.client import FhirClient
 from leukofhir.fhir.ids import is_valid_id
+from leukofhir.fhir.references import DETAIL_URL, reference_target
 from leukofhir.normalise.context import parse_time_ns
 
 __all__ = ["Sweep", "lapse_candidates", "candidates", "evidence_ids", "evidence_time", "sweep_due", "sweep_hour"]

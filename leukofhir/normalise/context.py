@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from leukofhir.config import Rules
-from leukofhir.extract.reader import reference_target
+from leukofhir.fhir.references import reference_target
 
 NAT = np.iinfo(np.int64).min  # NaT as int64 nanoseconds: the "no time yet" marker of a compact row
 # A subject on another server (an absolute URL under no local base): never the local resource of the same id.

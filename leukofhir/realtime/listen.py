@@ -21,11 +21,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from leukofhir.extract.reader import reference_target
 from leukofhir.extract.search import local_patient_id, subject_of
 from leukofhir.fhir.client import FhirClient
 from leukofhir.fhir.errors import FatalFhirError, FhirError
 from leukofhir.fhir.ids import InvalidIdError, is_valid_id, resource_path, shown
+from leukofhir.fhir.references import reference_target
 from leukofhir.realtime.airflow_api import AirflowClient, AirflowError
 from leukofhir.realtime.queue import Batch, PatientQueue
 from leukofhir.realtime.secret import is_authorized

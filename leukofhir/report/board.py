@@ -14,7 +14,6 @@ from typing import Any, Iterable
 
 from leukofhir.config import Rules, load_config
 from leukofhir.errors import OutputError, UsageError
-from leukofhir.evaluate.flag_resource import DETAIL_URL
 from leukofhir.extract.search import (
     PAGE_SIZE,
     local_patient_id,
@@ -24,6 +23,7 @@ from leukofhir.extract.search import (
     subject_of,
 )
 from leukofhir.fhir.client import FhirClient
+from leukofhir.fhir.references import DETAIL_URL
 from leukofhir.report.svg import STYLE as CHART_STYLE
 from leukofhir.report.svg import bar_chart
 

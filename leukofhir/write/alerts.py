@@ -11,12 +11,11 @@ from typing import Iterable
 from fhir.resources.R4B.communicationrequest import CommunicationRequest
 
 from leukofhir.config import Rules
-from leukofhir.evaluate.flag_resource import DETAIL_URL
-from leukofhir.extract.reader import reference_target
 from leukofhir.extract.search import PAGE_SIZE, patient_batches, project_flag_tag
 from leukofhir.fhir.client import FhirClient
 from leukofhir.fhir.errors import FatalFhirError, outcome_summary
 from leukofhir.fhir.ids import is_valid_id
+from leukofhir.fhir.references import DETAIL_URL, reference_target
 from leukofhir.normalise import Normaliser
 from leukofhir.write.flags import NEW
 

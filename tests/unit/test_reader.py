@@ -8,7 +8,8 @@ import json
 import pytest
 from conftest import EXTERNAL
 
-from leukofhir.extract.reader import ReadError, Source, iter_resources, reference_target
+from leukofhir.extract.reader import ReadError, Source, iter_resources
+from leukofhir.fhir.references import reference_target
 
 
 def _read(paths):

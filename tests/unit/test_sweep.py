@@ -8,8 +8,8 @@ import pytest
 
 from leukofhir.config import load_config
 from leukofhir.errors import UsageError
-from leukofhir.evaluate.flag_resource import DETAIL_URL
 from leukofhir.extract.sweep import candidates, evidence_ids, evidence_time, sweep_due, sweep_hour
+from leukofhir.fhir.references import DETAIL_URL
 from leukofhir.normalise.context import parse_time_ns
 
 RULES = load_config()
