@@ -43,12 +43,16 @@ lint: venv
 docs: venv
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
+# Two pytest processes side by side (scripts/test-suite): the tiers that start servers of their own beside the rest,
+# each with its own HAPI server and ports; TEST_SUITE_SERIAL=1 runs one process.
 test: lint docs setup browser
-	$(BIN)/pytest -p no:cacheprovider -m "not airflow_matrix" $(PYTEST_ARGS)
+	scripts/test-suite $(PYTEST_ARGS)
 
+# The pure tests, on UNIT_WORKERS processes (pytest-xdist; they share nothing).
+UNIT_WORKERS ?= 2
 test-unit: venv
-	$(BIN)/pytest -p no:cacheprovider -m "not fhir and not airflow_server and not stack and not airflow_matrix and not packaging \
-	  and not service" $(PYTEST_ARGS)
+	$(BIN)/pytest -p no:cacheprovider -n $(UNIT_WORKERS) -m "not fhir and not airflow_server and not stack \
+	  and not airflow_matrix and not packaging and not service" $(PYTEST_ARGS)
 
 # The wheel installed into fresh venvs with the oldest and the newest supported Airflow, by README "Installing into
 # an existing Airflow", then a backfill against the real HAPI server (tests/matrix; CI runs it after `make test`).
