@@ -30,6 +30,7 @@ from leukofhir.config import Rules
 from leukofhir.errors import LeukofhirError, UsageError
 from leukofhir.evaluate.pipeline import evaluate_files
 from leukofhir.evaluate.stages import progress_bar
+from leukofhir.evaluate.summary import merge_reports, write_counts
 from leukofhir.evaluate.validate import ValidationThresholdError, check_contract, merge_contract
 from leukofhir.extract.reader import iter_resources
 from leukofhir.extract.run_folder import CONTRACT_FILE, chunk_dirs, run_start, start_run
@@ -49,7 +50,6 @@ from leukofhir.extract.sweep import lapse_candidates
 from leukofhir.fhir.client import FhirClient
 from leukofhir.fhir.ids import is_valid_id, shown
 from leukofhir.report.html import write_report_html
-from leukofhir.report.summary import merge_reports, write_counts
 from leukofhir.write.alerts import critical_subjects, sync_alerts
 from leukofhir.write.flags import Plan, ensure_author, plan_writes, write_plan, write_rejects
 

@@ -322,7 +322,7 @@ def check_contract(chunks: list[str]) -> list[str]:
     chunk's evaluation reports (leukofhir.run.judge_contract), before any chunk writes. A systemic failure (a
     laboratory that changed its units) fails this task, and no chunk is written; otherwise the chunks to write."""
     from leukofhir.errors import LeukofhirError
-    from leukofhir.evaluate.validate import scope_name
+    from leukofhir.report.html import scope_name
     from leukofhir.run import judge_contract
 
     chunks = list(chunks)

@@ -60,7 +60,7 @@ def finish_outputs(
     target = out
     try:
         if data_docs is not None:
-            from leukofhir.report.data_docs import DATA_DOCS_DIR, write_data_docs
+            from leukofhir.evaluate.data_docs import DATA_DOCS_DIR, write_data_docs
 
             target = out / DATA_DOCS_DIR
             write_data_docs(target, *data_docs)

@@ -48,13 +48,13 @@ from leukofhir.config import Rules
 from leukofhir.errors import LeukofhirError, OutputError, UsageError
 from leukofhir.evaluate.outputs import finish_outputs, flag_line, pick_quarantined, read_error_line
 from leukofhir.evaluate.stages import ReadResult, Sources, progress_bar, read_error_collector, run_stages
+from leukofhir.evaluate.summary import merge_reports
 from leukofhir.evaluate.validate import check_contract, prepare, suite_parameters
 from leukofhir.extract.reader import ReadError, decode_line, iter_located
 from leukofhir.normalise import SKIP_NOT_USED, Normaliser
 from leukofhir.normalise.context import FOREIGN, LocalBases, resource_ref
 from leukofhir.normalise.exposures import MEDICATION_KINDS, medication_key
 from leukofhir.normalise.reports import observation_key
-from leukofhir.report.summary import merge_reports
 
 __all__ = [
     "DEFAULT_MEMORY_BUDGET",

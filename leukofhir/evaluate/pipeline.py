@@ -83,7 +83,7 @@ def evaluate_files(
     contract on the whole run's totals, across every batch, before anything is written (run.judge_contract).
 
     `data_docs`: also write GX's own Data Docs site for the run's validations to `out_dir/gx-data-docs/` (an
-    optional extra: its pages load styles from public CDNs; see leukofhir.report.data_docs). Off, it costs nothing.
+    optional extra: its pages load styles from public CDNs; see leukofhir.evaluate.data_docs). Off, it costs nothing.
 
     `base_url`: the server the files came from (an online run's staged pages), so that references to it are local.
 

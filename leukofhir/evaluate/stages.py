@@ -17,11 +17,11 @@ import pandas as pd
 from leukofhir.config import Rules
 from leukofhir.evaluate.flag_resource import build_flag, flag_row
 from leukofhir.evaluate.rules import FlagSpec, evaluate, lapse_horizon
+from leukofhir.evaluate.trends import flag_trends
 from leukofhir.evaluate.validate import contract_counts, merge_contract, validate_batch
 from leukofhir.extract.reader import ReadError, expand_paths, iter_located
 from leukofhir.fhir.references import DETAIL_URL
 from leukofhir.normalise import Normalised, Normaliser
-from leukofhir.report.trends import flag_trends
 
 __all__ = [
     "run_stages",
@@ -322,7 +322,7 @@ def build_report(
     rules: Rules | None = None,
 ) -> tuple[dict, list]:
     """The run report (counts that reconcile: read = evaluated + skipped + quarantined) and every quarantined row;
-    with `rules`, the trend pictures' series of the Flags written too (leukofhir.report.trends, capped)."""
+    with `rules`, the trend pictures' series of the Flags written too (leukofhir.evaluate.trends, capped)."""
     normalised = read.normalised
     read_total = read.read_total
     skipped: Counter = Counter(normalised.skipped)

@@ -17,6 +17,7 @@ import pandas as pd
 
 from leukofhir.config import Rules
 from leukofhir.errors import ConfigError, LeukofhirError
+from leukofhir.report.html import scope_name
 
 # The suites live at the top of the repository (the design card fixes the layout) and travel inside the wheel:
 # leukofhir/expectations links to them in a checkout and holds a copy in an installed package. A site with its own
@@ -504,17 +505,6 @@ def contract_message(breaches: list[dict], settings) -> str:
         f"{settings.max_failure_rate:.1%} of a suite's or a feed's rows failing, unless fewer than "
         f"{settings.min_failing_rows} rows or {settings.min_failing_patients} patients)"
     )
-
-
-def scope_name(scope: dict) -> str:
-    """`observations`, `observations feed wbc in 'furlong'`, `exposures feed MedicationRequest`."""
-    feed = scope["feed"]
-    if not feed:
-        return scope["suite"]
-    if scope["suite"] == "observations":
-        unit = feed.get("unit")
-        return f"observations feed {feed.get('concept')} in {'no unit' if unit is None else repr(unit)}"
-    return f"{scope['suite']} feed {', '.join(str(v) for v in feed.values())}"
 
 
 def _breach_text(scope: dict) -> str:

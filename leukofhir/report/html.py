@@ -272,10 +272,19 @@ def _expectations(results: list[dict]) -> str:
     )
 
 
+def scope_name(scope: dict) -> str:
+    """`observations`, `observations feed wbc in 'furlong'`, `exposures feed MedicationRequest`."""
+    feed = scope["feed"]
+    if not feed:
+        return scope["suite"]
+    if scope["suite"] == "observations":
+        unit = feed.get("unit")
+        return f"observations feed {feed.get('concept')} in {'no unit' if unit is None else repr(unit)}"
+    return f"{scope['suite']} feed {', '.join(str(v) for v in feed.values())}"
+
+
 def _contract(report: dict) -> str:
     """The data contract by suite and feed (the counts it is judged on), and its verdict on an online run."""
-    from leukofhir.evaluate.validate import scope_name  # here: validate imports pandas
-
     verdict = report.get("contract_verdict")
     said = ""
     if verdict:
@@ -365,7 +374,7 @@ def _chart(per_day: dict[str, int]) -> str:
 
 
 def _trends(report: dict) -> str:
-    """A picture per Flag (capped, leukofhir.report.trends): the values it rests on, its thresholds, its episode, its
+    """A picture per Flag (capped, leukofhir.evaluate.trends): the values it rests on, its thresholds, its episode, its
     drugs. Named by the Flag's identifier only, as the rest of the report names resources by id."""
     trends = report.get("trends")
     if trends is None:

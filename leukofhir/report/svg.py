@@ -135,7 +135,7 @@ def _number(value: float) -> str:
 
 
 def trend_chart(trend: dict, ident: str, width: int = 680) -> str:
-    """One Flag's values over its episode and around it (leukofhir.report.trends): the rule's threshold and the CTCAE
+    """One Flag's values over its episode and around it (leukofhir.evaluate.trends): the rule's threshold and the CTCAE
     grade boundaries as labelled lines (solid, dashed), low values as filled triangles and the others as open circles,
     the episode's period hatched between two edges, each drug exposure as a labelled bar below. Shapes, dashes and
     labels carry the meaning, so it reads without colour."""

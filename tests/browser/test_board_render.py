@@ -50,7 +50,7 @@ def test_the_board_of_the_sample_data_shows_the_flags_on_the_server(fhir_base_ur
     rules = load_config()
     done = run_pipeline(fhir_client, rules, tmp_path / "run", patients=ids)
     assert done["reconciled"] and done["flags"]["total"] > 0
-    # The online run's report pictures its Flags too (the batches' series merged, leukofhir.report.summary).
+    # The online run's report pictures its Flags too (the batches' series merged, leukofhir.evaluate.summary).
     assert len(done["trends"]) == min(done["trends_total"], 60) == min(done["flags"]["total"], 60)
     assert (tmp_path / "run" / "report.html").read_text().count('<figure class="trend"') == len(done["trends"])
     # What the server holds, read independently of the board: every project Flag (other tests' too).

@@ -67,7 +67,8 @@ def sample_report() -> dict:
 
 
 def sample_trends() -> list[dict]:
-    """Three Flags' pictures as leukofhir.report.trends writes them in report.json: open, recovered, drug-associated."""
+    """Three Flags' pictures as leukofhir.evaluate.trends writes them in report.json: open, recovered,
+    drug-associated."""
     return [
         {
             "flag": "a" * 40,

@@ -6,8 +6,8 @@ import json
 import re
 
 from leukofhir.evaluate.pipeline import evaluate_files
+from leukofhir.evaluate.trends import MAX_POINTS, merge_trends
 from leukofhir.report.html import render_report
-from leukofhir.report.trends import MAX_POINTS, merge_trends
 from support.fhir_builders import at, observation, patient, statement
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import Iterable
 
+from leukofhir.evaluate.trends import merge_trends
 from leukofhir.evaluate.validate import merge_contract
-from leukofhir.report.trends import merge_trends
 
 __all__ = ["merge_reports", "WRITE_ACTIONS"]
 
