@@ -16,7 +16,7 @@ from support.faultproxy import Fault, FaultProxy
 from support.fhir_builders import at, observation, patient
 from support.server_data import project_flags, put
 
-pytestmark = pytest.mark.fhir
+pytestmark = [pytest.mark.fhir, pytest.mark.dag_run]
 
 TRANSACTION = r"/fhir/?$"
 

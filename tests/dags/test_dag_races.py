@@ -22,7 +22,7 @@ from support.faultproxy import Fault, FaultProxy
 from support.fhir_builders import at, observation, patient
 from support.server_data import RULES, flags_by_identifier, pause, project_flags, put, server_now, versions
 
-pytestmark = pytest.mark.fhir
+pytestmark = [pytest.mark.fhir, pytest.mark.dag_run]
 
 TRANSACTION = r"/fhir/?$"
 NOTHING = {"create": 0, "update": 0, "withdraw": 0, "delete": 0, "refused": 0}

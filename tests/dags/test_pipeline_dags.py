@@ -31,7 +31,7 @@ from support.server_data import (
     without_patient,
 )
 
-pytestmark = pytest.mark.fhir
+pytestmark = [pytest.mark.fhir, pytest.mark.dag_run]
 
 SYNTHEA_BUNDLES = sorted((EXTERNAL / "smart-generated-sample-data-R4-synthea" / "bundles").glob("*.json.gz"))
 NOTHING_WRITTEN = {"create": 0, "update": 0, "withdraw": 0, "delete": 0, "refused": 0}

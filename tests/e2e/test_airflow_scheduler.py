@@ -12,7 +12,7 @@ import pytest
 from support.fhir_builders import at, days_ago, observation, patient
 from support.server_data import project_flags, put, server_now
 
-pytestmark = pytest.mark.fhir
+pytestmark = [pytest.mark.fhir, pytest.mark.airflow_server]
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -16,7 +16,7 @@ from support.listen_process import ListenProcess
 from support.ports import session_port
 from support.server_data import project_flags, put
 
-pytestmark = pytest.mark.fhir
+pytestmark = [pytest.mark.fhir, pytest.mark.airflow_server]
 
 SECRET = "e2e-realtime-secret-0123456789"
 CLI = [sys.executable, "-m", "leukofhir.cli"]
