@@ -43,8 +43,8 @@ lint: venv
 docs: venv
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
-# Two pytest processes side by side (scripts/test-suite): the tiers that start servers of their own beside the rest,
-# each with its own HAPI server and ports; TEST_SUITE_SERIAL=1 runs one process.
+# Three pytest processes side by side (scripts/test-suite: the tiers that start servers of their own, the rest of
+# tests/integration, the DAG and pure tests), each with its own HAPI server and ports; TEST_SUITE_SERIAL=1 runs one.
 test: lint docs setup browser
 	scripts/test-suite $(PYTEST_ARGS)
 
