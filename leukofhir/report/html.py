@@ -10,7 +10,7 @@ from typing import Any, Iterable
 from leukofhir.report.svg import MAX_BARS, bar_chart, bin_per_day, trend_chart
 from leukofhir.report.svg import STYLE as CHART_STYLE
 
-__all__ = ["write_report_html", "render_report", "bin_per_day", "MAX_BARS"]
+__all__ = ["write_report_html", "render_report", "scope_name", "bin_per_day", "MAX_BARS"]
 
 # Long tables are cut here; the full data stays in report.json and quarantine.ndjson.
 MAX_ROWS = 50
