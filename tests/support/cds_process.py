@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
-import subprocess
 import sys
 import time
 import uuid
@@ -18,8 +16,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from support.hostile import Target
-from support.ports import is_listening
-from support.processes import stop_group, wait_healthy
+from support.processes import ServiceProcess
 
 ISSUER = "https://ehr.example.org"
 PATIENT_VIEW = "/cds-services/leukopenia-patient-view"
@@ -69,7 +66,9 @@ class EhrKeys:
         return {"Authorization": f"Bearer {self.token(audience, **kwargs)}"}
 
 
-class CdsProcess:
+class CdsProcess(ServiceProcess):
+    name = "leukofhir cds-hooks"
+
     def __init__(
         self,
         workdir: Path,
@@ -82,15 +81,8 @@ class CdsProcess:
         tls: tuple[Path, Path] | None = None,
         env: dict | None = None,
     ):
-        self.workdir = Path(workdir)
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.port, self.keys, self.nofile = port, keys, nofile
-        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
-        self.verify = str(tls[0]) if tls else True
-        if tls:
-            args = (*args, "--ssl-certfile", str(tls[0]), "--ssl-keyfile", str(tls[1]))
-        self.log = self.workdir / "cds-hooks.log"
-        self.env = env or dict(os.environ)
+        super().__init__(workdir, port, "cds-hooks.log", env or dict(os.environ), nofile=nofile, tls=tls)
+        self.keys = keys
         self.cmd = [
             sys.executable,
             "-m",
@@ -106,37 +98,8 @@ class CdsProcess:
             "--trusted-issuer",
             f"{keys.issuer}={keys.jwks}",
             *args,
+            *self.tls_args,
         ]
-        self.proc: subprocess.Popen | None = None
-
-    def _limit(self) -> None:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
-
-    def start(self, timeout: float = 60.0) -> CdsProcess:
-        if is_listening(self.port):
-            raise RuntimeError(f"port {self.port} is in use: leukofhir cds-hooks cannot start there")
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                self.cmd,
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=self._limit if self.nofile else None,
-            )
-        wait_healthy(self.proc, f"{self.url}/healthz", timeout, self.log, "leukofhir cds-hooks", self.verify)
-        return self
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop_group(self.proc)
-            self.proc = None
-
-    def __enter__(self) -> CdsProcess:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
     def auth(self, path: str = PATIENT_VIEW, **kwargs) -> dict[str, str]:
         """Headers with a fresh JWT for the service at `path` (a jti is single-use)."""

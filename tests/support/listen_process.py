@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
-import subprocess
 import sys
 import time
 import uuid
@@ -16,11 +14,12 @@ from typing import Iterator
 import requests
 
 from support.hostile import Target
-from support.ports import is_listening
-from support.processes import stop_group, wait_healthy
+from support.processes import ServiceProcess
 
 
-class ListenProcess:
+class ListenProcess(ServiceProcess):
+    name = "leukofhir listen"
+
     def __init__(
         self,
         workdir: Path,
@@ -33,17 +32,8 @@ class ListenProcess:
         tls: tuple[Path, Path] | None = None,
         cwd: Path | None = None,
     ):
-        self.workdir = Path(workdir)
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.port = port
-        # With `tls` (certificate, key), https: the certificate is also what the tests trust (self-signed).
-        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
-        self.verify = str(tls[0]) if tls else True
-        if tls:
-            args = (*args, "--ssl-certfile", str(tls[0]), "--ssl-keyfile", str(tls[1]))
+        super().__init__(workdir, port, "listen.log", env, nofile=nofile, tls=tls, cwd=cwd)
         self.queue = self.workdir / "queue.sqlite3"
-        self.log = self.workdir / "listen.log"
-        self.env = env
         self.cmd = [
             sys.executable,
             "-m",
@@ -57,40 +47,8 @@ class ListenProcess:
             "--fhir-url",
             fhir_url,
             *args,
+            *self.tls_args,
         ]
-        self.nofile = nofile  # the process's descriptor limit (soft and hard), as `prlimit --nofile=N` sets it
-        self.cwd = cwd  # `-m leukofhir.cli` imports the package found there first (another checkout's, say)
-        self.proc: subprocess.Popen | None = None
-
-    def _limit(self) -> None:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
-
-    def start(self, timeout: float = 60.0) -> ListenProcess:
-        if is_listening(self.port):  # another server there would answer the health check in its place
-            raise RuntimeError(f"port {self.port} is in use: leukofhir listen cannot start there")
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                self.cmd,
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=self._limit if self.nofile else None,
-                cwd=self.cwd,
-            )
-        wait_healthy(self.proc, f"{self.url}/healthz", timeout, self.log, "leukofhir listen", self.verify)
-        return self
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop_group(self.proc)
-            self.proc = None
-
-    def __enter__(self) -> ListenProcess:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
     def health(self) -> dict:
         return requests.get(f"{self.url}/healthz", timeout=5, verify=self.verify).json()
