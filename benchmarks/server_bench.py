@@ -3,7 +3,7 @@ pager over the pipeline's searches, and the server's `$export` of the backfill's
 seconds per resource served.
 
 Usage: .venv/bin/python benchmarks/server_bench.py --db postgres --observations 100000 --data /tmp/i19/pg100k
-           [--port 8510] [--workers 4] [--batch-size 500] [--steps load,pager,export] [--keep]
+           [--port 8510] [--workers 4] [--batch-size 500] [--steps load,pager,run,export] [--keep]
 
 Starts its own server (scripts/fhir-server, FHIR_DB=--db, data under --data/server, kept across runs: a later run
 with `--steps pager,export` measures the loaded server again). Steps:
@@ -12,7 +12,12 @@ with `--steps pager,export` measures the loaded server again). Steps:
           Observation) and loads them with `leukofhir load`'s loader (--workers, --batch-size);
   pager   pipeline_bench.py's bare `requests` loop over the pipeline's searches for the window 2015-2020 (the
           window's touched patients, then each batch of 100 patients' whole-history searches);
-  export  `leukofhir.extract.bulk.run_exports` over the same window: the window's `$export` and the histories'.
+  run     `leukofhir run` over the same window (pipeline_bench.py's, in a process of its own: the touched patients,
+          every history read, evaluated and its Flags written; a later run writes nothing), its ratio to the pager
+          when both ran, and the run's peak RSS;
+  export  `leukofhir.extract.bulk.run_exports` over the same window: the window's `$export` and the histories', both
+          jobs at once (as the backfill DAG runs them);
+  export-serial  the same, one job after the other (as before 2026-12-07).
 Each step prints one JSON line: seconds, resources, resources/s, CPU seconds of HAPI's JVM and of PostgreSQL's
 processes (/proc), their CPU milliseconds per resource, the load average before and after, and memory. Not a timed
 test.
@@ -21,7 +26,9 @@ test.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import resource
 import sys
 import time
 from collections import Counter
@@ -31,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from evaluate_bench import generate  # noqa: E402
-from pipeline_bench import LARGE, SMALL, bare_loop  # noqa: E402
+from pipeline_bench import LARGE, SMALL, bare_loop, pipeline  # noqa: E402
 from server_costs import cpu, cpu_used, load_average, rss_mb, start_server, stop_server  # noqa: E402
 
 from leukofhir.extract.search import Window  # noqa: E402
@@ -87,13 +94,25 @@ def pager_step(base_url: str) -> tuple[int, dict]:
     return sum(types.values()), {"pages": pages, "observations": observations, "types": dict(types)}
 
 
-def export_step(base_url: str, out: Path) -> tuple[int, dict]:
+def run_step(base_url: str, out: Path) -> tuple[int, dict]:
+    report = pipeline(base_url, LARGE[3], LARGE[4], out)
+    read = report["read"]
+    return sum(read.values()), {
+        "read": read,
+        "writes": report["writes"],
+        "steps_seconds": report["seconds"],
+        # the largest child waited for so far: this run's, unless a larger child ran before it in this process
+        "children_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024),
+    }
+
+
+def export_step(base_url: str, out: Path, concurrent: bool = True) -> tuple[int, dict]:
     from leukofhir.config import load_config
     from leukofhir.extract.bulk import run_exports
 
     window = Window.parse(LARGE[3], LARGE[4], "effective")
     with FhirClient(base_url, timeout=600) as client:
-        counts = run_exports(client, load_config(), out, window)
+        counts = run_exports(client, load_config(), out, window, concurrent=concurrent)
     return sum(n for export in counts.values() for n in export.values()), {"exported": counts}
 
 
@@ -112,6 +131,7 @@ def main() -> int:
     data = Path(args.data)
     steps = args.steps.split(",")
     base_url = start_server(args.port, data / "server", args.db, args.heap)
+    pager = None
     try:
         if "load" in steps:
             measured(
@@ -121,10 +141,15 @@ def main() -> int:
                 args.db,
             )
         if "pager" in steps:
-            measured("pager", args.port, lambda: pager_step(base_url), args.db)
-        if "export" in steps:
-            out = data / f"export-{int(time.time())}"
-            measured("export", args.port, lambda: export_step(base_url, out), args.db)
+            pager = measured("pager", args.port, lambda: pager_step(base_url), args.db)
+        if "run" in steps:
+            result = measured("run", args.port, lambda: run_step(base_url, data / f"run-{int(time.time())}"), args.db)
+            if pager:
+                print(json.dumps({"ratio_pager_to_run": round(pager["seconds"] / result["seconds"], 2)}), flush=True)
+        for step in ("export", "export-serial"):
+            if step in steps:
+                out = data / f"{step}-{int(time.time())}"
+                measured(step, args.port, functools.partial(export_step, base_url, out, step == "export"), args.db)
     finally:
         if not args.keep:
             stop_server(args.port)

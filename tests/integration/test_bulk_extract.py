@@ -19,6 +19,7 @@ from leukofhir.extract.bulk import history_export, run_exports, window_export
 from leukofhir.extract.search import Window, observation_codes, window_searches
 from leukofhir.fhir.bulk import STATE_FILE
 from leukofhir.fhir.client import FhirClient
+from leukofhir.fhir.errors import FhirError
 from support.faultproxy import Fault, FaultProxy
 from support.fhir_builders import at, observation, patient
 from support.server_data import put
@@ -77,16 +78,18 @@ def test_a_process_killed_in_the_middle_of_the_exports_resumes_the_same_jobs(
         )
         state = folder / "history" / STATE_FILE
         deadline = time.monotonic() + 300
-        while not state.exists():
+        # Both jobs start at once (run_exports' default); each first poll is answered 3 s late, so both are running.
+        while not (state.exists() and (folder / "window" / STATE_FILE).exists()):
             assert process.poll() is None, process.stderr.read().decode()[-2000:]
-            assert time.monotonic() < deadline, "the histories' export never started"
+            assert time.monotonic() < deadline, "the exports never started"
             time.sleep(0.05)
         process.send_signal(signal.SIGKILL)  # a worker dying: no clean-up of any kind
         process.wait(30)
         process.stderr.close()
         started = json.loads(state.read_text())
         assert not started.get("complete") and started["status_url"]
-        assert json.loads((folder / "window" / STATE_FILE).read_text())["complete"] is True
+        window_started = json.loads((folder / "window" / STATE_FILE).read_text())
+        unfinished = {urlsplit(s["status_url"]).query for s in (started, window_started) if not s.get("complete")}
         before = len(proxy.requests)
 
         with FhirClient(proxy.base_url, backoff=0.01, sleep=lambda s: time.sleep(min(s, 0.5))) as client:
@@ -95,7 +98,7 @@ def test_a_process_killed_in_the_middle_of_the_exports_resumes_the_same_jobs(
     kick_offs = [p for m, p, _ in proxy.requests if m == "GET" and "/$export?" in p]
     assert len(kick_offs) == 2  # the window's and the histories', each once: the second run started nothing
     polled = {urlsplit(p).query for m, p, _ in again if m == "GET" and POLL in p}
-    assert polled == {urlsplit(started["status_url"]).query}  # only the job the killed process had started
+    assert polled == unfinished  # only the jobs the killed process had started and not seen end
     assert counts["window"]["Observation"] >= 1 and counts["history"]["Patient"] >= 1
     finished = json.loads(state.read_text())
     assert finished["complete"] is True and finished["status_url"] == started["status_url"]
@@ -106,3 +109,28 @@ def test_a_process_killed_in_the_middle_of_the_exports_resumes_the_same_jobs(
     ]
     assert f"{pid}-w" in exported
     assert not list(Path(folder).rglob("*.part"))
+
+
+@pytest.mark.fhir
+def test_an_export_the_server_refuses_does_not_stop_the_other(fhir_base_url, fhir_client, unique, tmp_path):
+    pid = f"bulk-refused-{unique}"
+    put(fhir_client, patient(pid), observation(f"{pid}-w", "wbc", 1.4, time=at(), patient=f"Patient/{pid}"))
+    folder = tmp_path / "export"
+    window = Window.parse("2024-01-01", "2024-06-01", "effective")
+    with FaultProxy(fhir_base_url) as proxy:
+        # Only the window's kick-off names a date in its _typeFilter; the server refuses it every time.
+        refusal = json.dumps({"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "invalid"}]})
+        proxy.add(
+            *[Fault("status", status=400, body=refusal, method="GET", path_regex=r"\$export\?.*date") for _ in range(5)]
+        )
+        client = FhirClient(proxy.base_url, backoff=0.01, sleep=lambda s: time.sleep(min(s, 0.5)))
+        with client, pytest.raises(FhirError):
+            run_exports(client, RULES, folder, window)
+    history = json.loads((folder / "history" / STATE_FILE).read_text())
+    assert history["complete"] is True  # the other job ran to its end, kept for the retry
+    exported = [
+        json.loads(line)["id"]
+        for f in (folder / "history").glob("Observation.*.ndjson")
+        for line in f.read_text().splitlines()
+    ]
+    assert f"{pid}-w" in exported
