@@ -7,9 +7,9 @@ Usage: .venv/bin/python benchmarks/touched_bench.py --fhir-url URL --data DIR [-
 --load N first loads N new Patients with one WBC Observation each (ids `t<N>-p<i>`, results dated in 2021, every
 tenth low), so that the window 2021 touches N patients; without it the window is read as the server holds it (the
 1,000,000-Observation server of server_bench.py touches 20,000 patients in 2015-2020). Steps, each a child process:
-  find    leukofhir.run.find_patients over the window (searching), into DIR/run-find;
+  find    leukofhir.run.find_patients over the window (searching), into DIR/run-find-<window>;
   export  leukofhir.extract.bulk.run_exports over the window into DIR/export-<window> (the server's `$export`; kept);
-  split   leukofhir.extract.bulk.split_export of that export into DIR/run-split (the export kept).
+  split   leukofhir.extract.bulk.split_export of that export into DIR/run-split-<window> (the export kept).
 Each prints one JSON line: patients touched, seconds, the process's peak RSS, and its RSS just before the step (the
 imports and the rules), so the step's own share is the difference. Not a timed test.
 """
@@ -110,12 +110,13 @@ def child(step: str, base_url: str, data: Path, since: str, until: str, chunks: 
     rules = load_config()
     window = Window.parse(since, until, "effective")
     export_dir = data / f"export-{since}-{until}"
+    find_dir, split_dir = data / f"run-find-{since}-{until}", data / f"run-split-{since}-{until}"
     before = rss_now_mb()
     begin = time.perf_counter()
     with FhirClient(base_url, timeout=600) as client:
         if step == "find":
-            made = find_patients(client, rules, data / "run-find", window=window, chunks=chunks)
-            touched = json.loads((data / "run-find" / "run.json").read_text())["patients_touched"]
+            made = find_patients(client, rules, find_dir, window=window, chunks=chunks)
+            touched = json.loads((find_dir / "run.json").read_text())["patients_touched"]
             extra = {"chunks": len(made)}
         elif step == "export":
             counts = run_exports(client, rules, export_dir, window)
@@ -124,7 +125,7 @@ def child(step: str, base_url: str, data: Path, since: str, until: str, chunks: 
         else:
             made = split_export(
                 export_dir,
-                data / "run-split",
+                split_dir,
                 client.base_url,
                 rules,
                 window,
@@ -132,7 +133,7 @@ def child(step: str, base_url: str, data: Path, since: str, until: str, chunks: 
                 client=client,
                 keep_export=True,
             )
-            touched = json.loads((data / "run-split" / "run.json").read_text())["patients_touched"]
+            touched = json.loads((split_dir / "run.json").read_text())["patients_touched"]
             extra = {"chunks": len(made)}
     print(
         json.dumps(
