@@ -616,6 +616,17 @@ def _run_units(job: _Job, workers: int, done, numbers: list[int] | None = None) 
     fork = multiprocessing.get_context("fork")
     pending = list(range(len(job.units))) if numbers is None else list(numbers)
     running: dict = {}  # sentinel -> (process, unit number)
+    if multiprocessing.current_process().daemon:
+        # A Celery task runs in a daemonic process, which multiprocessing forbids to have children: the units are
+        # evaluated here one after another (each sized to the budget; the allocator keeps some of the earlier ones).
+        log.info("a daemonic process (a Celery task): %d partitions evaluated one after another in it", len(pending))
+        try:
+            for number in pending:
+                _unit_process(number)
+                done(number, _unit_result(job.folder, number, None))
+        finally:
+            _JOB = None
+        return
     try:
         while pending or running:
             while pending and len(running) < workers:

@@ -144,22 +144,22 @@ def run_exports(
     server's job steps, the polls' back-off, the downloads), so two at once keep the server busier; measured on
     PostgreSQL in docs/speed-and-memory.md. A job that fails does not stop the other: its status URL is kept
     either way, and the first failure is raised once both have ended."""
-    requests = (("window", window_export(rules, window)), ("history", history_export(rules)))
+    jobs = (("window", window_export(rules, window)), ("history", history_export(rules)))
 
     def one(name: str, request: ExportRequest):
         return export(client, Path(folder) / name, request, max_wait=max_wait, reuse_complete=True, on_file=on_file)
 
     if concurrent:
-        with ThreadPoolExecutor(max_workers=len(requests), thread_name_prefix="export") as pool:
-            futures = [pool.submit(one, name, request) for name, request in requests]
+        with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="export") as pool:
+            futures = [pool.submit(one, name, request) for name, request in jobs]
         failures = [f.exception() for f in futures if f.exception() is not None]
         if failures:
             raise failures[0]
         results = [f.result() for f in futures]
     else:
-        results = [one(name, request) for name, request in requests]
+        results = [one(name, request) for name, request in jobs]
     counts = {}
-    for (name, _), result in zip(requests, results):
+    for (name, _), result in zip(jobs, results):
         if result.errors:
             log.warning(
                 "the %s export: the server reported %d errors (%s); see %s",

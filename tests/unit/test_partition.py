@@ -347,3 +347,23 @@ def test_a_compact_input_is_packed_by_its_rows_not_its_bytes(tmp_path, padding, 
     assert all(u["peak_rss"] > 50 << 20 for u in units)
     assert parts["largest_peak_rss"] == max(u["peak_rss"] for u in units)
     _same_outputs(tmp_path / "memory", memory, tmp_path / "partitioned", partitioned)
+
+
+def _evaluate_in_daemon(inputs: list, out: Path) -> None:
+    _run(inputs, out, memory_budget="2MB")
+
+
+def test_a_daemonic_process_such_as_a_celery_task_partitions_in_itself(tmp_path):
+    # Celery's task processes are daemonic, and multiprocessing forbids them children: the units run in the process.
+    import multiprocessing
+
+    memory = _run([EXTERNAL], tmp_path / "memory")
+    process = multiprocessing.get_context("fork").Process(
+        target=_evaluate_in_daemon, args=([EXTERNAL], tmp_path / "partitioned"), daemon=True
+    )
+    process.start()
+    process.join(600)
+    assert process.exitcode == 0
+    partitioned = json.loads((tmp_path / "partitioned" / "report.json").read_text())
+    assert partitioned["partitions"]["evaluated"] >= 4
+    _same_outputs(tmp_path / "memory", memory, tmp_path / "partitioned", partitioned)
