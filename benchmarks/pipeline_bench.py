@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -108,41 +107,44 @@ def bare_loop(base_url: str, window: Window, types: Counter | None = None) -> tu
 
 
 def pipeline(base_url: str, since: str, until: str, out: Path) -> dict:
-    """`leukofhir run` in a fresh process (its peak RSS its own); returns the report and that process's peak."""
+    """`leukofhir run` in a fresh process; returns its report, with its wall time and that process's own peak RSS
+    (`peak_rss_mb`: from its rusage when it is reaped, so no other child of this script's counts)."""
     begin = time.perf_counter()
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "leukofhir.cli",
-            "run",
-            "--fhir-url",
-            base_url,
-            "--since",
-            since,
-            "--until",
-            until,
-            "--window-field",
-            "effective",
-            "--out",
-            str(out),
-            "--timeout",
-            "300",
-        ],
-        capture_output=True,
-        text=True,
-    )
-    seconds = time.perf_counter() - begin
-    if done.returncode:
-        sys.exit(f"leukofhir run failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    with tempfile.TemporaryFile("w+", encoding="utf-8") as errors:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "leukofhir.cli",
+                "run",
+                "--fhir-url",
+                base_url,
+                "--since",
+                since,
+                "--until",
+                until,
+                "--window-field",
+                "effective",
+                "--out",
+                str(out),
+                "--timeout",
+                "300",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=errors,
+        )
+        # wait4, not wait: the rusage of this one child (and what it reaped), where RUSAGE_CHILDREN would give the
+        # largest of every child this script has waited for (a server's start-up script, say).
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
+        seconds = time.perf_counter() - begin
+        if process.returncode:
+            errors.seek(0)
+            sys.exit(f"leukofhir run failed ({process.returncode}):\n{errors.read()[-3000:]}")
     report = json.loads((out / "report.json").read_text())
     report["wall_seconds"] = seconds
+    report["peak_rss_mb"] = usage.ru_maxrss / 1024  # Linux: kilobytes
     return report
-
-
-def rss_mb() -> float:
-    """Peak RSS of the largest child process waited for so far (Linux: kilobytes)."""
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
 
 def main() -> int:
@@ -184,7 +186,7 @@ def main() -> int:
             print(f"window {LARGE[3]} to {LARGE[4]} (effective): {touched:,} patients touched", flush=True)
 
             small = pipeline(base_url, SMALL[3], SMALL[4], work / "run-small")
-            small_rss = rss_mb()
+            small_rss = small["peak_rss_mb"]
             small_obs = small["read"].get("Observation", 0)
             print(
                 f"small window run: {small_obs:,} Observations in {small['wall_seconds']:.1f} s, peak RSS "
@@ -197,7 +199,7 @@ def main() -> int:
             bare2, _, _ = bare_loop(base_url, window)
             print(f"bare requests loop again: {bare2:.1f} s", flush=True)
             again = pipeline(base_url, LARGE[3], LARGE[4], work / "run-again")
-            large_rss = rss_mb()  # the largest of all the runs' peaks
+            large_rss = max(first["peak_rss_mb"], again["peak_rss_mb"])
             for name, run, bare in (
                 ("first run (writes the Flags)", first, bare1),
                 ("converged re-run (writes nothing)", again, bare2),

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import resource
 import sys
 import time
 from collections import Counter
@@ -101,8 +100,7 @@ def run_step(base_url: str, out: Path) -> tuple[int, dict]:
         "read": read,
         "writes": report["writes"],
         "steps_seconds": report["seconds"],
-        # the largest child waited for so far: this run's, unless a larger child ran before it in this process
-        "children_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024),
+        "peak_rss_mb": round(report["peak_rss_mb"]),  # the run's own process (pipeline_bench.pipeline)
     }
 
 
