@@ -136,6 +136,7 @@ def pipeline(base_url: str, since: str, until: str, out: Path) -> dict:
         # wait4, not wait: the rusage of this one child (and what it reaped), where RUSAGE_CHILDREN would give the
         # largest of every child this script has waited for (a server's start-up script, say).
         _, status, usage = os.wait4(process.pid, 0)
+        # Told to the Popen too: it would otherwise try to reap a child that is gone.
         process.returncode = os.waitstatus_to_exitcode(status)
         seconds = time.perf_counter() - begin
         if process.returncode:
